@@ -1,0 +1,78 @@
+"""Lazy access to the compiled extension ``echofast._C``.
+
+Importing this module does not load the extension: :func:`load` imports it on first use and
+caches the outcome. The extension is absent from pure-Python installs (``ECHOFAST_SKIP_EXT=1``)
+and may lack CUDA support (see ``build_info()["cuda"]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from types import ModuleType
+from typing import Any
+
+__all__ = ["EXTENSION", "ExtensionUnavailable", "available", "build_info", "load"]
+
+EXTENSION = "echofast._C"
+
+
+class ExtensionUnavailable(ImportError):
+    """``echofast._C`` cannot be imported; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{EXTENSION} is unavailable: {reason}", name=EXTENSION)
+        self.reason = reason
+
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: BaseException | None = None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name == EXTENSION:
+        return (
+            "echofast is installed without its compiled extension (built with "
+            "ECHOFAST_SKIP_EXT=1?); reinstall without ECHOFAST_SKIP_EXT to build it"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load() -> ModuleType:
+    """Return the extension module, importing it on first call.
+
+    Raises :class:`ExtensionUnavailable` (an :class:`ImportError`) with the original import error
+    as its cause when the extension cannot be imported.
+    """
+    global _module, _failure
+    if _module is None and _failure is None:
+        with _lock:
+            if _module is None and _failure is None:
+                try:
+                    _module = importlib.import_module(EXTENSION)
+                except ImportError as exc:
+                    _failure = exc
+    if _module is not None:
+        return _module
+    assert _failure is not None
+    raise ExtensionUnavailable(_reason(_failure)) from _failure
+
+
+def available() -> bool:
+    """Whether the extension can be imported (it is imported, once, to find out)."""
+    try:
+        load()
+    except ExtensionUnavailable:
+        return False
+    return True
+
+
+def build_info() -> dict[str, Any]:
+    """The extension's build configuration plus ``built: True``, or ``built: False`` and
+    ``reason`` when it cannot be imported."""
+    try:
+        module = load()
+    except ExtensionUnavailable as exc:
+        return {"built": False, "reason": exc.reason}
+    return {"built": True, **module.build_info()}

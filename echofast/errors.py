@@ -1,0 +1,30 @@
+"""Typed errors raised by echofast. Every message names the file, key or value at fault."""
+
+from __future__ import annotations
+
+
+class EchofastError(Exception):
+    """Base class of all echofast errors."""
+
+
+class ConfigError(EchofastError, ValueError):
+    """A model config holds a key or value that echofast does not support, or is malformed."""
+
+
+class WeightsError(EchofastError, ValueError):
+    """A weights file is missing, unreadable, or does not match the model."""
+
+
+class BackendUnavailable(EchofastError, RuntimeError):
+    """An explicitly requested op backend cannot run the given inputs."""
+
+    def __init__(self, op: str, backend: str, reasons: list[str]):
+        self.op = op
+        self.backend = backend
+        self.reasons = list(reasons)
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(f"backend {backend!r} cannot run op {op!r}:\n{lines}")
+
+
+class MissingFileError(WeightsError, FileNotFoundError):
+    """A model folder, config or weights file does not exist."""

@@ -1,0 +1,105 @@
+"""``python -m echofast.info`` / ``echofast info``: versions, the extension, and op backends."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+from typing import Any
+
+PACKAGES = ("torch", "numpy", "safetensors", "av", "tqdm", "triton", "diffusers", "xformers")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``echofast info`` shows, as a JSON-serialisable dict.
+
+    This is the one place that queries the GPU and loads the extension on purpose.
+    """
+    import torch
+
+    from . import __version__, _ext
+    from .ops import registered_ops
+
+    info: dict[str, Any] = {
+        "echofast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "extension": _ext.build_info(),
+    }
+    devices = ["cpu"]
+    if info["cuda_available"]:
+        devices.append("cuda")
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if info["extension"].get("built"):
+        try:
+            info["extension"]["cuda_devices"] = _ext.load().cuda_device_count()
+        except RuntimeError as err:
+            info["extension"]["cuda_devices"] = f"unavailable: {err}"
+    backends: dict[str, dict[str, Any]] = {}
+    for name, op in sorted(registered_ops().items()):
+        backends[name] = {}
+        for device in devices:
+            reasons = op.report(device)
+            chosen = next((b for b, r in reasons.items() if not r), None)
+            backends[name][device] = {
+                "selected": chosen,
+                "unavailable": {b: r for b, r in reasons.items() if r},
+            }
+    info["ops"] = backends
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [f"echofast {info['echofast']}  (python {info['python']}, {info['platform']})", ""]
+    lines.append("packages:")
+    for name, ver in info["packages"].items():
+        lines.append(f"  {name:<12} {ver or 'not installed'}")
+    lines.append(
+        f"  torch CUDA   {info['torch_cuda'] or 'none (CPU build)'}; "
+        f"GPU available: {info['cuda_available']}" + (f" ({info['gpu']})" if "gpu" in info else "")
+    )
+    ext = info["extension"]
+    lines.append("")
+    if ext.get("built"):
+        arches = ", ".join(ext.get("cuda_arches") or []) or "-"
+        lines.append(
+            f"extension echofast._C: built; CUDA: {ext.get('cuda')} (arches: {arches}; "
+            f"nvcc {ext.get('nvcc_version')}, cudart {ext.get('cudart_version')})"
+        )
+        lines.append(f"  CUDA devices: {ext.get('cuda_devices')}")
+    else:
+        lines.append(f"extension echofast._C: not built ({ext.get('reason')})")
+    lines.append("")
+    lines.append("ops (backend chosen automatically; others and why they cannot run):")
+    for name, per_device in info["ops"].items():
+        for device, entry in per_device.items():
+            lines.append(f"  {name:<12} {device:<5} -> {entry['selected']}")
+            for backend, reasons in entry["unavailable"].items():
+                lines.append(f"      {backend}: {'; '.join(reasons)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="echofast info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Config recording and diffusers-format folders (``config.json`` + safetensors weights).
+
+A model's config is exactly its ``__init__`` keyword arguments, recorded at construction. Folders
+written by :meth:`ModelBase.save_pretrained` load in diffusers, and folders written by diffusers'
+``save_pretrained`` load here. Weights load through safetensors; a pickled ``.bin``/``.pt`` loads
+only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ConfigError, MissingFileError, WeightsError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+DIFFUSERS_FORMAT_VERSION = "0.27.0"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class Config(dict):
+    """A read-only-by-convention dict with attribute access (``model.config.scaling_factor``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def require(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(
+            f"config key {key!r}: value {value!r} is not supported (supported: {allowed})"
+        )
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelBase(nn.Module):
+    """Shared loading/saving for echofast's models.
+
+    Subclasses set ``diffusers_class`` and call ``self.register_config(locals())`` first thing in
+    ``__init__``; ``__init__``'s keyword arguments are the config keys.
+    """
+
+    diffusers_class: ClassVar[str]
+
+    @classmethod
+    def config_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if name != "self" and p.kind in kinds
+        }
+
+    def register_config(self, init_locals: dict[str, Any]) -> None:
+        nn.Module.__init__(self)
+        keys = self.config_defaults()
+        self.config = Config({k: init_locals[k] for k in keys})
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, source: str = "config") -> ModelBase:
+        """Build from a config dict; ``_``-prefixed metadata is ignored, unknown keys raise."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        name = config.get("_class_name")
+        if name is not None and name not in (cls.diffusers_class, cls.__name__):
+            raise ConfigError(
+                f"{source}: describes a {name!r}, but {cls.__name__} loads {cls.diffusers_class!r}"
+            )
+        params = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(params) - set(cls.config_defaults()))
+        if unknown:
+            raise ConfigError(
+                f"{source}: config key(s) {unknown} not supported by {cls.__name__} "
+                f"(known keys: {sorted(cls.config_defaults())})"
+            )
+        try:
+            return cls(**params)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- folders ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+    ) -> ModelBase:
+        """Load a diffusers ``save_pretrained`` folder.
+
+        Args:
+            path: the folder (or its parent, with ``subfolder``).
+            device: where the weights go (default CPU).
+            dtype: floating-point dtype of the weights (default float32, as diffusers).
+            variant: load ``diffusion_pytorch_model.<variant>.safetensors``.
+            allow_pickle: also accept a pickled ``.bin`` (read with ``weights_only=True``).
+        """
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        if not folder.is_dir():
+            raise MissingFileError(f"{folder}: model folder does not exist")
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise MissingFileError(f"{config_path}: config file is missing")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        with torch.device("meta"):
+            model = cls.from_config(config, source=str(config_path))
+        weights_path = cls._find_weights(folder, variant, allow_pickle)
+        state = _read_state_dict(weights_path)
+        model._assign_state_dict(state, weights_path, dtype or torch.float32)
+        model.to(device or "cpu")
+        leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if leftover:
+            raise WeightsError(f"{weights_path}: no values for {_clip(leftover)}")
+        return model.eval()
+
+    @staticmethod
+    def _find_weights(folder: Path, variant: str | None, allow_pickle: bool) -> Path:
+        stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+        safe = folder / f"{stem}.safetensors"
+        if safe.is_file():
+            return safe
+        pickled = [
+            folder / f"{stem}{s}" for s in PICKLE_SUFFIXES if (folder / f"{stem}{s}").is_file()
+        ]
+        if pickled and not allow_pickle:
+            raise WeightsError(
+                f"{pickled[0]}: pickled weights are not loaded by default (a pickle can run code); "
+                f"convert to {safe.name} or pass allow_pickle=True"
+            )
+        if pickled:
+            return pickled[0]
+        raise MissingFileError(f"{safe}: weights file is missing")
+
+    def _assign_state_dict(
+        self, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype
+    ) -> None:
+        expected = self.state_dict(keep_vars=True)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {_clip(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys {_clip(unexpected)}")
+            raise WeightsError(
+                f"{source}: weights do not match {type(self).__name__}: " + "; ".join(parts)
+            )
+        for key, ref in expected.items():
+            tensor = state[key]
+            if tuple(tensor.shape) != tuple(ref.shape):
+                raise WeightsError(
+                    f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                    f"{type(self).__name__} expects {tuple(ref.shape)}"
+                )
+            if tensor.is_floating_point():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise WeightsError(
+                        f"{source}: key {key!r} holds non-finite values (NaN or inf)"
+                    )
+                state[key] = tensor.to(dtype)
+        self.load_state_dict(state, strict=True, assign=True)
+
+    def save_pretrained(self, path: str | os.PathLike, *, variant: str | None = None) -> None:
+        """Write ``config.json`` and the safetensors weights into ``path``, each atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "_class_name": self.diffusers_class,
+            "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "_echofast_version": __version__,
+            **{k: _jsonable(v) for k, v in self.config.items()},
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+        _atomic_write(
+            folder / f"{stem}.safetensors",
+            lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+        )
+        _atomic_write(
+            folder / CONFIG_NAME,
+            lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+        )
+
+
+def _clip(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file
+        raise WeightsError(
+            f"{path}: cannot read pickled weights ({type(err).__name__}: {err})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors")
+    return dict(state)

@@ -1,0 +1,194 @@
+"""``LIDM``: echofast's latent image diffusion UNet (diffusers ``UNet2DModel`` keys and state dict).
+
+EchoNet-Synthetic's LIDM denoises 4×14×14 heart-image latents (padded to 16×16 by the sampler)
+with [128, 256, 256, 512] channels, attention at the first three levels and "resnet" resampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
+from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
+from .base import ModelBase, require
+from .outputs import SampleOutput
+
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+
+
+class LIDM(ModelBase):
+    """Time-conditioned 2D UNet, a drop-in for diffusers' ``UNet2DModel``.
+
+    ``model(sample, timestep).sample`` with sample (N, in_channels, H, W) and a scalar or (N,)
+    timestep. Supported: positional time embedding, ``DownBlock2D``/``AttnDownBlock2D`` and
+    ``UpBlock2D``/``AttnUpBlock2D`` stages, "conv" or "resnet" resampling, no class embedding.
+    """
+
+    diffusers_class = "UNet2DModel"
+
+    def __init__(
+        self,
+        sample_size: int | Sequence[int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: Sequence[str] = (
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: Sequence[str] = (
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "UpBlock2D",
+        ),
+        block_out_channels: Sequence[int] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+    ):
+        self.register_config(locals())
+        require("time_embedding_type", time_embedding_type, ["positional"])
+        require("class_embed_type", class_embed_type, [None])
+        require("num_class_embeds", num_class_embeds, [None])
+        require("mid_block_type", mid_block_type, ["UNetMidBlock2D", None])
+        require("downsample_type", downsample_type, ["conv", "resnet"])
+        require("upsample_type", upsample_type, ["conv", "resnet"])
+        require("act_fn", act_fn, ["silu", "swish"])
+        require("resnet_time_scale_shift", resnet_time_scale_shift, ["default", "scale_shift"])
+        n = len(block_out_channels)
+        require("len(down_block_types)", len(down_block_types), [n])
+        require("len(up_block_types)", len(up_block_types), [n])
+        for i, t in enumerate(down_block_types):
+            require(f"down_block_types[{i}]", t, DOWN_TYPES)
+        for i, t in enumerate(up_block_types):
+            require(f"up_block_types[{i}]", t, UP_TYPES)
+
+        chans = list(block_out_channels)
+        temb_dim = time_embedding_dim or chans[0] * 4
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        common = dict(
+            temb_channels=temb_dim,
+            eps=norm_eps,
+            groups=norm_num_groups,
+            time_embedding_norm=resnet_time_scale_shift,
+            dropout=dropout,
+        )
+
+        def head_dim(c: int) -> int:
+            return attention_head_dim if attention_head_dim is not None else c
+
+        self.down_blocks = nn.ModuleList()
+        for i, (kind, c) in enumerate(zip(down_block_types, chans)):
+            attn = kind == "AttnDownBlock2D"
+            last = i == n - 1
+            self.down_blocks.append(
+                DownStage2D(
+                    chans[max(i - 1, 0)],
+                    c,
+                    num_layers=layers_per_block,
+                    attention_head_dim=head_dim(c) if attn else None,
+                    downsample=None if last else (downsample_type if attn else "conv"),
+                    downsample_padding=downsample_padding,
+                    **common,
+                )
+            )
+        self.mid_block = None
+        if mid_block_type is not None:
+            self.mid_block = MidStage2D(
+                chans[-1],
+                attention_head_dim=head_dim(chans[-1]),
+                attention_groups=(
+                    attn_norm_num_groups
+                    if attn_norm_num_groups is not None
+                    else norm_num_groups
+                    if resnet_time_scale_shift == "default"
+                    else None
+                ),
+                add_attention=add_attention,
+                output_scale_factor=mid_block_scale_factor,
+                **common,
+            )
+        rev = list(reversed(chans))
+        self.up_blocks = nn.ModuleList()
+        for i, (kind, c) in enumerate(zip(up_block_types, rev)):
+            attn = kind == "AttnUpBlock2D"
+            last = i == n - 1
+            self.up_blocks.append(
+                UpStage2D(
+                    rev[min(i + 1, n - 1)],
+                    c,
+                    prev_output_channels=rev[max(i - 1, 0)],
+                    num_layers=layers_per_block + 1,
+                    attention_head_dim=head_dim(c) if attn else None,
+                    upsample=None if last else (upsample_type if attn else "conv"),
+                    **common,
+                )
+            )
+        self.conv_norm_out = GroupNorm(norm_num_groups, chans[0], eps=norm_eps, activation="silu")
+        self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
+
+    def time_embed(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(N,) timesteps → (N, time_embed_dim) embedding in the model's dtype."""
+        feats = timestep_features(
+            timesteps,
+            self.config.block_out_channels[0],
+            flip_sin_to_cos=self.config.flip_sin_to_cos,
+            freq_shift=self.config.freq_shift,
+        )
+        return self.time_embedding(feats.to(self.conv_in.weight.dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SampleOutput | tuple[torch.Tensor]:
+        if class_labels is not None:
+            raise ValueError("class_labels given, but this LIDM has no class embedding")
+        if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"sample must be (N, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
+            )
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self.time_embed(batch_timesteps(timestep, sample.shape[0], sample.device))
+        x = self.conv_in(sample)
+        skips: tuple[torch.Tensor, ...] = (x,)
+        for block in self.down_blocks:
+            x, res = block(x, emb)
+            skips += res
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb)
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            x = block(x, skips[-k:], emb)
+            skips = skips[:-k]
+        x = self.conv_out(self.conv_norm_out(x))
+        return SampleOutput(sample=x) if return_dict else (x,)

@@ -1,0 +1,22 @@
+"""Ops with a plain-PyTorch reference and pluggable fast backends.
+
+Every op is one function here; its module holds the reference implementation (the spec and the
+test oracle) and registers its backends with the dispatcher in :mod:`echofast.ops._dispatch`.
+Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
+"""
+
+from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
+from .attention import attention, attention_reference
+from .group_norm import group_norm, group_norm_reference
+
+__all__ = [
+    "ENV_VAR",
+    "Backend",
+    "Op",
+    "attention",
+    "attention_reference",
+    "group_norm",
+    "group_norm_reference",
+    "registered_ops",
+    "use_backend",
+]

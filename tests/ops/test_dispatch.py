@@ -1,0 +1,106 @@
+"""Backend selection: automatic fallback is quiet, forcing is loud and lists every reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echofast.errors import BackendUnavailable
+from echofast.ops import ENV_VAR, Backend, Op, registered_ops, use_backend
+
+
+def _fake_op() -> Op:
+    def fast(x):
+        return x + 1
+
+    def fast_reasons(x):
+        reasons = []
+        if x.device.type != "cuda":
+            reasons.append(f"needs a CUDA tensor, got device {x.device}")
+        if x.dtype != torch.float16:
+            reasons.append(f"needs float16, got {x.dtype}")
+        return reasons
+
+    return Op(
+        "fake",
+        [Backend("fast", fast, fast_reasons), Backend("torch", lambda x: x, lambda x: [])],
+        lambda device: ((torch.empty(1, device=device),), {}),
+        register=False,
+    )
+
+
+def test_auto_falls_back_quietly():
+    op = _fake_op()
+    x = torch.zeros(2)
+    assert op.select(x).name == "torch"
+    assert torch.equal(op(x), x)
+    assert op.reference.name == "torch"
+
+
+def test_forced_backend_lists_every_reason():
+    op = _fake_op()
+    with pytest.raises(BackendUnavailable) as err:
+        op(torch.zeros(2), backend="fast")
+    msg = str(err.value)
+    assert "needs a CUDA tensor, got device cpu" in msg
+    assert "needs float16, got torch.float32" in msg
+    assert "backend= argument" in msg
+    assert err.value.reasons[:2] == [
+        "needs a CUDA tensor, got device cpu",
+        "needs float16, got torch.float32",
+    ]
+
+
+def test_unknown_backend_named():
+    with pytest.raises(BackendUnavailable, match="no such backend.*known: \\['fast', 'torch'\\]"):
+        _fake_op()(torch.zeros(1), backend="nope")
+
+
+def test_context_manager_forces_and_nests():
+    op = _fake_op()
+    x = torch.zeros(1)
+    with use_backend("fast"):
+        with pytest.raises(BackendUnavailable, match="use_backend"):
+            op(x)
+        with use_backend("torch"):
+            assert op.select(x).name == "torch"
+    assert op.select(x).name == "torch"
+
+
+def test_per_op_context_and_unknown_op():
+    x = torch.randn(1, 2, 3, 4)
+    with use_backend(attention="torch"):
+        assert registered_ops()["attention"].select(x, x, x).name == "torch"
+    assert registered_ops()["attention"].select(x, x, x).name == "sdpa"
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        with use_backend(nope="torch"):
+            pass
+
+
+def test_env_var(monkeypatch):
+    op = _fake_op()
+    x = torch.zeros(1)
+    monkeypatch.setenv(ENV_VAR, "fast")
+    with pytest.raises(BackendUnavailable, match=ENV_VAR):
+        op(x)
+    monkeypatch.setenv(ENV_VAR, "attention=torch")
+    assert op.select(x).name == "torch"
+    q = torch.randn(1, 1, 3, 8)
+    assert registered_ops()["attention"].select(q, q, q).name == "torch"
+    monkeypatch.setenv(ENV_VAR, "sdpa")
+    assert registered_ops()["group_norm"].select(q, 1).name == "torch"
+    monkeypatch.setenv(ENV_VAR, "bogus=torch")
+    with pytest.raises(ValueError, match="unknown op 'bogus'"):
+        op(x)
+
+
+def test_argument_beats_context():
+    x = torch.randn(1, 1, 3, 8)
+    with use_backend(attention="torch"):
+        out = registered_ops()["attention"](x, x, x, backend="sdpa")
+    assert out.shape == x.shape
+
+
+def test_report_for_info():
+    report = registered_ops()["attention"].report("cpu")
+    assert report == {"sdpa": [], "torch": []}

@@ -1,0 +1,102 @@
+"""group_norm reference vs an independent fp64 computation; shapes, layouts, dtypes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echofast.ops import group_norm, group_norm_reference
+
+
+def _oracle(x, g, weight, bias, eps, activation, scale, shift):
+    """Mean/variance written out in fp64 — no F.group_norm."""
+    n, c = x.shape[:2]
+    xd = x.double().reshape(n, g, -1)
+    mean = xd.mean(-1, keepdim=True)
+    var = ((xd - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xd - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    extra = (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(c, *extra) + bias.double().reshape(c, *extra)
+    if scale is not None:
+        y = y * (1 + scale.double().reshape(n, c, *extra)) + shift.double().reshape(n, c, *extra)
+    if activation == "silu":
+        y = y * torch.sigmoid(y)
+    return y
+
+
+SHAPES = [
+    ((1, 2, 1, 1), 1),
+    ((2, 63, 5, 7), 21),
+    ((3, 32, 9, 11), 8),
+    ((2, 64, 1, 4, 4), 32),
+    ((1, 64, 8, 16, 16), 32),
+    ((2, 12, 3, 5, 7), 4),
+]
+
+
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_matches_fp64_oracle(shape, groups, activation, modulated):
+    g = torch.Generator().manual_seed(hash((shape, activation, modulated)) % 2**31)
+    n, c = shape[:2]
+    x = torch.randn(shape, generator=g) * 3 + 1
+    w = torch.randn(c, generator=g)
+    b = torch.randn(c, generator=g)
+    scale = torch.randn(n, c, generator=g) if modulated else None
+    shift = torch.randn(n, c, generator=g) if modulated else None
+    out = group_norm(x, groups, w, b, 1e-5, activation=activation, scale=scale, shift=shift)
+    ref = _oracle(x, groups, w, b, 1e-5, activation, scale, shift)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
+def test_memory_format_preserved(fmt):
+    shape = (2, 16, 5, 6) if fmt == torch.channels_last else (2, 16, 3, 5, 6)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    out = group_norm(x, 4, activation="silu")
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, group_norm(x.contiguous(), 4, activation="silu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_rounding(dtype):
+    x = torch.randn(2, 32, 6, 6).to(dtype)
+    w, b = torch.randn(32).to(dtype), torch.randn(32).to(dtype)
+    out = group_norm(x, 8, w, b, activation="silu")
+    assert out.dtype == dtype
+    ref = _oracle(x, 8, w, b, 1e-5, "silu", None, None)
+    eps = torch.finfo(dtype).eps
+    assert (out.double() - ref).abs().max().item() <= 2 * eps * ref.abs().max().item()
+
+
+def test_gradients_flow_to_every_input():
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b, s, t):
+        return group_norm_reference(x, 3, w, b, 1e-5, activation="silu", scale=s, shift=t)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, s, t))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(x=torch.randn(4, 6)), r"\(N, C, \*spatial\), got shape \(4, 6\)"),
+        (dict(num_groups=4), "num_groups=4 must divide C=6"),
+        (dict(weight=torch.ones(5)), r"weight must have shape \(6,\), got \(5,\)"),
+        (dict(scale=torch.ones(6)), r"scale must have shape \(2, 6\), got \(6,\)"),
+        (dict(activation="gelu"), "activation must be one of"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    args = dict(x=torch.randn(2, 6, 3, 3), num_groups=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        group_norm(**args)

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite (importable because pytest puts ``tests/`` on sys.path)."""

@@ -1,0 +1,211 @@
+"""The compiled extension echofast._C: build configuration and CUDA device queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from echofast import _ext
+
+CUDA_ERROR_NAME = re.compile(r"cudaError\w+")
+VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if _env_flag("ECHOFAST_SKIP_EXT"):
+        pytest.skip("ECHOFAST_SKIP_EXT is set: pure-Python install without echofast._C")
+    return _ext.load()
+
+
+@pytest.fixture(scope="module")
+def info(ext) -> dict:
+    return ext.build_info()
+
+
+@pytest.fixture(scope="module")
+def cuda_ext(ext, info):
+    if not info["cuda"]:
+        pytest.skip("echofast._C was built without CUDA (no usable CUDA toolkit at build time)")
+    return ext
+
+
+def test_ext_wrapper_reports_the_build(ext, info):
+    assert _ext.available()
+    assert _ext.load() is ext
+    assert _ext.build_info() == {"built": True, **info}
+
+
+def test_ext_wrapper_without_extension():
+    if not _env_flag("ECHOFAST_SKIP_EXT"):
+        pytest.skip("ECHOFAST_SKIP_EXT is not set: the extension is expected to be built")
+    if _ext.available():
+        pytest.skip("echofast._C is installed although ECHOFAST_SKIP_EXT is set")
+    info = _ext.build_info()
+    assert info["built"] is False
+    assert "ECHOFAST_SKIP_EXT" in info["reason"]
+    with pytest.raises(ImportError) as excinfo:
+        _ext.load()
+    assert isinstance(excinfo.value, _ext.ExtensionUnavailable)
+    assert isinstance(excinfo.value.__cause__, ImportError)
+
+
+def test_build_info_fields(info):
+    assert set(info) == {
+        "cuda",
+        "cuda_arches",
+        "nvcc_version",
+        "cudart_version",
+        "cxx_standard",
+        "compiler",
+        "pybind11_version",
+    }
+    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda_arches"], list)
+    assert all(isinstance(arch, str) for arch in info["cuda_arches"])
+    assert info["cxx_standard"] == "c++17"
+    assert isinstance(info["compiler"], str) and info["compiler"]
+    assert VERSION.match(info["pybind11_version"])
+    if info["cuda"]:
+        assert VERSION.match(info["nvcc_version"])
+        assert VERSION.match(info["cudart_version"])
+        assert info["nvcc_version"].startswith(info["cudart_version"])
+    else:
+        assert info["cuda_arches"] == []
+        assert info["nvcc_version"] is None
+        assert info["cudart_version"] is None
+
+
+def test_cuda_build_when_nvcc_is_available(info):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    if not info["cuda"] and not _env_flag("ECHOFAST_FORCE_CUDA"):
+        pytest.skip(
+            f"nvcc is on PATH ({nvcc}) but echofast._C was built without CUDA; "
+            "reinstall with ECHOFAST_FORCE_CUDA=1 to require the CUDA build"
+        )
+    assert info["cuda"], "ECHOFAST_FORCE_CUDA is set but echofast._C was built without CUDA"
+    assert {"sm_80", "sm_90", "compute_90"} <= set(info["cuda_arches"])
+
+
+def test_cuda_error_is_a_runtime_error(ext):
+    assert issubclass(ext.CudaError, RuntimeError)
+    assert ext.CudaError.__module__ == "echofast._C"
+
+
+def test_without_cuda_the_device_query_raises(ext, info):
+    if info["cuda"]:
+        pytest.skip("echofast._C was built with CUDA")
+    for call in (ext.cuda_device_count, lambda: ext.cuda_device_properties(0)):
+        with pytest.raises(ext.CudaError, match="built without CUDA"):
+            call()
+
+
+def test_device_query(cuda_ext):
+    try:
+        count = cuda_ext.cuda_device_count()
+    except cuda_ext.CudaError as exc:
+        assert CUDA_ERROR_NAME.search(str(exc)), str(exc)
+        with pytest.raises(cuda_ext.CudaError, match=CUDA_ERROR_NAME):
+            cuda_ext.cuda_device_properties(0)
+        return
+
+    assert isinstance(count, int) and count >= 1
+    for index in range(count):
+        props = cuda_ext.cuda_device_properties(index)
+        assert props["index"] == index
+        assert isinstance(props["name"], str) and props["name"]
+        assert props["major"] >= 7 and props["minor"] >= 0
+        assert props["total_memory"] > 2**30
+        assert props["multi_processor_count"] > 0
+        assert VERSION.match(props["driver_version"])
+        assert VERSION.match(props["runtime_version"])
+    for index in (count, count + 7, -1):
+        with pytest.raises(cuda_ext.CudaError) as excinfo:
+            cuda_ext.cuda_device_properties(index)
+        message = str(excinfo.value)
+        assert re.search(rf"index {index}\b", message), message
+        assert re.search(rf"\b{count} CUDA device", message), message
+
+
+def test_device_query_does_not_crash_the_process(cuda_ext, tmp_path):
+    result = _run_python(
+        """
+        import json
+        import echofast._C as C
+
+        out = {}
+        for name, call in [
+            ("count", C.cuda_device_count),
+            ("props0", lambda: C.cuda_device_properties(0)),
+            ("props_big", lambda: C.cuda_device_properties(1 << 20)),
+        ]:
+            try:
+                out[name] = {"ok": call()}
+            except C.CudaError as exc:
+                out[name] = {"error": str(exc)}
+        print(json.dumps(out))
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert "error" in out["props_big"]
+    if "error" in out["count"]:
+        assert CUDA_ERROR_NAME.search(out["count"]["error"])
+
+
+def test_extension_does_not_import_torch(ext, tmp_path):
+    result = _run_python(
+        """
+        import json
+        import sys
+
+        import echofast
+
+        before = set(sys.modules)
+        import echofast._C
+
+        print(json.dumps(sorted(set(sys.modules) - before)))
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    new_modules = json.loads(result.stdout)
+    assert "echofast._C" in new_modules
+    torch_modules = [m for m in new_modules if m == "torch" or m.startswith("torch.")]
+    assert not torch_modules, f"importing echofast._C imported {torch_modules}"
+
+
+def test_cuda_runtime_is_linked_statically(cuda_ext):
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd is not available")
+    result = subprocess.run([ldd, cuda_ext.__file__], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "libcudart" not in result.stdout
+    assert "libcuda.so" not in result.stdout
+    assert "libtorch" not in result.stdout and "libc10" not in result.stdout
