@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .errors import EchofastError
+
 Command = Callable[[list[str]], int]
 
 
@@ -14,8 +16,111 @@ def _info(argv: list[str]) -> int:
     return main(argv)
 
 
+def _generate(argv: list[str]) -> int:
+    import argparse
+
+    import torch
+
+    from .pipelines.dataset import GenerateConfig, Shard, generate_dataset
+
+    p = argparse.ArgumentParser(
+        prog="echofast generate",
+        description="Generate a synthetic EchoNet-Dynamic-layout dataset (resumable: re-run the "
+        "same command after an interruption).",
+    )
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="weights root with vae/, lidm_<dataset>/ and lvdm/ (diffusers folders)",
+    )
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--dataset", default="dynamic", choices=["dynamic", "ped_a4c", "ped_psax"])
+    p.add_argument("--num-videos", type=int, required=True)
+    p.add_argument("--frames", type=int, default=192, help="frames per video (default 192)")
+    p.add_argument("--fps", type=float, default=32.0, help="frame rate written in AVI and CSV")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per UNet batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--splits",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        help="TRAIN,VAL,TEST counts (default: the reference's proportions)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--ef-range",
+        type=float,
+        nargs=2,
+        default=(10, 90),
+        metavar=("LO", "HI"),
+        help="requested EF drawn as a uniform integer in [LO, HI] (default 10 90)",
+    )
+    group.add_argument("--ef-from", help="draw requested EFs from this FileList.csv's EF column")
+    p.add_argument("--steps", type=int, default=64, help="denoising steps (default 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--shard",
+        help="i/N: generate samples with index %% N == i (default: "
+        "torchrun's RANK/WORLD_SIZE, else all)",
+    )
+    p.add_argument("--name-prefix", default="synthetic_")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.num_videos < 1 or a.frames < 1 or a.fps <= 0 or a.batch_size < 1 or a.steps < 1:
+        p.error("--num-videos, --frames, --batch-size, --steps must be >= 1 and --fps > 0")
+    cfg = GenerateConfig(
+        weights=a.weights,
+        out=a.out,
+        num_videos=a.num_videos,
+        dataset=a.dataset,
+        frames=a.frames,
+        fps=a.fps,
+        seed=a.seed,
+        splits=a.splits,
+        ef_range=tuple(a.ef_range),
+        ef_from=a.ef_from,
+        steps=a.steps,
+        dtype=a.dtype,
+        name_prefix=a.name_prefix,
+        batch_size=a.batch_size,
+        device=a.device,
+        shard=Shard.parse(a.shard),
+        progress=not a.no_progress,
+    )
+    summary = generate_dataset(cfg)
+    rate = summary["generated"] / summary["seconds"] if summary["seconds"] else 0.0
+    print(
+        f"{summary['folder']}: generated {summary['generated']} video(s) in "
+        f"{summary['seconds']:.1f} s ({rate:.2f} videos/s); {summary['already_done']} were "
+        f"already done; dataset holds {summary['in_dataset']} of {summary['expected']}"
+        + ("" if summary["complete"] else " (other shards pending)")
+    )
+    return 0
+
+
+def _merge(argv: list[str]) -> int:
+    import argparse
+
+    from .pipelines.dataset import merge_datasets
+
+    p = argparse.ArgumentParser(
+        prog="echofast merge", description="Combine shard folders of one generation job."
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("shards", nargs="+")
+    a = p.parse_args(argv)
+    summary = merge_datasets(a.out, a.shards)
+    print(
+        f"{summary['folder']}: {summary['in_dataset']} of {summary['expected']} videos"
+        + ("" if summary["complete"] else " (incomplete: shards missing)")
+    )
+    return 0 if summary["complete"] else 1
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "info": (_info, "versions, the compiled extension, and which backend each op uses"),
+    "generate": (_generate, "generate a synthetic dataset (EchoNet-Dynamic layout), resumably"),
+    "merge": (_merge, "combine shard folders of one generation job into one dataset"),
 }
 
 
@@ -33,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"echofast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return COMMANDS[name][0](rest)
+    try:
+        return COMMANDS[name][0](rest)
+    except (EchofastError, ValueError, OSError) as err:
+        print(f"echofast {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,3 +28,7 @@ class BackendUnavailable(EchofastError, RuntimeError):
 
 class MissingFileError(WeightsError, FileNotFoundError):
     """A model folder, config or weights file does not exist."""
+
+
+class NonFiniteError(EchofastError, FloatingPointError):
+    """A latent or frame became NaN or infinite; the message names the sample and the step."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -32,3 +34,20 @@ def randn_tensor(
     rand_device = generator.device if generator is not None else device
     out = torch.randn(shape, generator=generator, device=rand_device, dtype=dtype)
     return out.to(device)
+
+
+def sample_seed(base_seed: int, index: int, stream: str) -> int:
+    """The seed of sample ``index`` of a job seeded with ``base_seed``, for one random ``stream``.
+
+    Rule: the first 8 bytes (big-endian) of ``sha256(f"echofast:{stream}:{base_seed}:{index}")``,
+    masked to 63 bits. Streams in use: ``"lidm"`` (heart image), ``"lvdm"`` (video noise),
+    ``"ef"`` (requested ejection fraction). A sample's numbers therefore depend only on
+    (base_seed, index), never on batch size, batch position or sharding.
+    """
+    digest = hashlib.sha256(f"echofast:{stream}:{base_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def sample_generators(base_seed: int, indices: list[int], stream: str) -> list[torch.Generator]:
+    """One CPU generator per sample index, seeded by :func:`sample_seed`."""
+    return [torch.Generator().manual_seed(sample_seed(base_seed, i, stream)) for i in indices]

@@ -2,11 +2,13 @@
 
 from .base import Config, ModelBase
 from .lidm import LIDM
+from .lvdm import LVDM
 from .outputs import DiagonalGaussian, EncoderOutput, SampleOutput
 from .vae import VAE
 
 __all__ = [
     "LIDM",
+    "LVDM",
     "VAE",
     "Config",
     "DiagonalGaussian",

@@ -11,8 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,22 +18,14 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..config import Config, require  # noqa: F401 - require is re-exported for the models
 from ..errors import ConfigError, MissingFileError, WeightsError
+from ..fsutil import atomic_write, atomic_write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 DIFFUSERS_FORMAT_VERSION = "0.27.0"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-class Config(dict):
-    """A read-only-by-convention dict with attribute access (``model.config.scaling_factor``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -44,28 +34,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
-
-
-def require(key: str, value: Any, allowed: Iterable[Any]) -> None:
-    """Raise :class:`ConfigError` naming ``key`` unless ``value`` is one of ``allowed``."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(
-            f"config key {key!r}: value {value!r} is not supported (supported: {allowed})"
-        )
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ModelBase(nn.Module):
@@ -230,14 +198,11 @@ class ModelBase(nn.Module):
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
-        _atomic_write(
+        atomic_write(
             folder / f"{stem}.safetensors",
             lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
         )
-        _atomic_write(
-            folder / CONFIG_NAME,
-            lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-        )
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _clip(keys: list[str], n: int = 8) -> str:

@@ -11,9 +11,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
+from ..config import require
+from ..nn import (
+    GroupNorm,
+    TimestepEmbedding,
+    batch_timesteps,
+    distinct_timesteps,
+    timestep_features,
+)
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
-from .base import ModelBase, require
+from .base import ModelBase
 from .outputs import SampleOutput
 
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -178,7 +185,8 @@ class LIDM(ModelBase):
             )
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.time_embed(batch_timesteps(timestep, sample.shape[0], sample.device))
+        timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
+        emb = self.time_embed(distinct_timesteps(timesteps))
         x = self.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:

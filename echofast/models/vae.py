@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import require
 from ..nn import GroupNorm
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
-from .base import ModelBase, require
+from .base import ModelBase
 from .outputs import DiagonalGaussian, EncoderOutput, SampleOutput
 
 ACTIVATIONS = ("silu", "swish")

@@ -1,7 +1,12 @@
 """Building blocks (fused where it pays) with diffusers-compatible parameter names."""
 
 from .attention import Attention
-from .embeddings import TimestepEmbedding, batch_timesteps, timestep_features
+from .embeddings import (
+    TimestepEmbedding,
+    batch_timesteps,
+    distinct_timesteps,
+    timestep_features,
+)
 from .norm import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -13,5 +18,6 @@ __all__ = [
     "TimestepEmbedding",
     "Upsample2D",
     "batch_timesteps",
+    "distinct_timesteps",
     "timestep_features",
 ]

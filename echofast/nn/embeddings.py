@@ -28,6 +28,18 @@ def batch_timesteps(
     return timestep
 
 
+def distinct_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
+    """``timesteps[:1]`` when every sample of the batch has the same timestep, else all of them.
+
+    Embedding one shared timestep once (and broadcasting it) is cheaper, and keeps a sample's
+    result independent of its batch: small-batch matrix products take batch-size-dependent
+    code paths whose rounding differs.
+    """
+    if timesteps.shape[0] > 1 and bool((timesteps == timesteps[0]).all()):
+        return timesteps[:1]
+    return timesteps
+
+
 def timestep_features(
     timesteps: torch.Tensor,
     dim: int,

@@ -105,6 +105,7 @@ class ResnetBlock2D(nn.Module):
         return self.time_emb_proj(F.silu(temb))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C_in, H, W); temb (N, temb_channels), or (1, temb_channels) shared by the batch."""
         h = self.norm1(x)
         if self.resample is not None:
             x = self.resample(x)
@@ -116,7 +117,7 @@ class ResnetBlock2D(nn.Module):
             if self.time_embedding_norm == "default":
                 h = h + t[:, :, None, None]
             else:
-                scale, shift = t.chunk(2, dim=1)
+                scale, shift = (c.expand(h.shape[0], -1) for c in t.chunk(2, dim=1))
         elif self.time_embedding_norm == "scale_shift":
             raise ValueError("temb is required when time_embedding_norm is 'scale_shift'")
         h = self.norm2(h, scale=scale, shift=shift)

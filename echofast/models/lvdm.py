@@ -1,0 +1,217 @@
+"""``LVDM``: echofast's latent video diffusion UNet (diffusers ``UNetSpatioTemporalConditionModel``
+config keys and state dict).
+
+EchoNet-Synthetic's LVDM turns a conditioning latent (repeated over frames, concatenated on
+channels to the noisy latents) and an ejection fraction (a single cross-attention token) into a
+64-frame latent video; see the project spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
+from ..nn.spatiotemporal import (
+    SpatioTemporalDownStage,
+    SpatioTemporalMidStage,
+    SpatioTemporalUpStage,
+)
+from .base import ModelBase, require
+from .outputs import SampleOutput
+
+DOWN_TYPES = ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
+UP_TYPES = ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")
+
+
+def _per_block(key: str, value, n: int) -> list[int]:
+    """An int (every block) or a list of n ints, as diffusers accepts them."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        values = [value] * n
+    elif isinstance(value, (list, tuple)):
+        require(f"len({key})", len(value), [n])
+        values = list(value)
+    else:
+        raise ConfigError(f"config key {key!r}: value {value!r} is not supported "
+                          "(an int or a list of ints, one per block)")
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"config key {key!r}: value {value!r} is not supported "
+                              f"(entry {i} = {v!r} is not a positive int)")
+    return values
+
+
+class LVDM(ModelBase):
+    """Spatio-temporal UNet, a drop-in for diffusers' ``UNetSpatioTemporalConditionModel``.
+
+    ``model(sample, timestep, encoder_hidden_states, added_time_ids).sample`` with sample
+    (B, T, in_channels, H, W) → (B, T, out_channels, H, W). T is free (not tied to
+    ``num_frames``); H and W need not be multiples of 2^(levels-1): the up path then resizes to
+    the skips' sizes, as diffusers does. ``encoder_hidden_states`` is (B, L, cross_attention_dim),
+    ``added_time_ids`` (B, n) with n·addition_time_embed_dim = projection_class_embeddings_input_dim.
+    """
+
+    diffusers_class = "UNetSpatioTemporalConditionModel"
+
+    def __init__(
+        self,
+        sample_size: int | None = None,
+        in_channels: int = 8,
+        out_channels: int = 4,
+        down_block_types: Sequence[str] = (
+            "CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types: Sequence[str] = (
+            "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
+        addition_time_embed_dim: int = 256,
+        projection_class_embeddings_input_dim: int = 768,
+        layers_per_block: int | Sequence[int] = 2,
+        cross_attention_dim: int | Sequence[int] = 1024,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        num_attention_heads: int | Sequence[int] = (5, 10, 20, 20),
+        num_frames: int = 25,
+    ):
+        self.register_config(locals())
+        chans = list(block_out_channels)
+        n = len(chans)
+        if n < 1:
+            raise ConfigError("config key 'block_out_channels': value [] is not supported")
+        require("len(down_block_types)", len(down_block_types), [n])
+        require("len(up_block_types)", len(up_block_types), [n])
+        for i, kind in enumerate(down_block_types):
+            require(f"down_block_types[{i}]", kind, DOWN_TYPES)
+        for i, kind in enumerate(up_block_types):
+            require(f"up_block_types[{i}]", kind, UP_TYPES)
+        for i, c in enumerate(chans):
+            if not isinstance(c, int) or c <= 0 or c % 32:
+                raise ConfigError(f"config key 'block_out_channels': entry {i} = {c!r} is not a "
+                                  "positive multiple of 32 (the norm group count)")
+        heads = _per_block("num_attention_heads", num_attention_heads, n)
+        layers = _per_block("layers_per_block", layers_per_block, n)
+        xdim = _per_block("cross_attention_dim", cross_attention_dim, n)
+        depth = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
+        for i, (c, h) in enumerate(zip(chans, heads)):
+            if c % h:
+                raise ConfigError(f"config key 'num_attention_heads': entry {i} = {h} does not "
+                                  f"divide block_out_channels[{i}] = {c}")
+
+        temb = chans[0] * 4
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], temb)
+        self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(down_block_types):
+            attn = kind == "CrossAttnDownBlockSpatioTemporal"
+            self.down_blocks.append(SpatioTemporalDownStage(
+                chans[max(i - 1, 0)], chans[i], temb_channels=temb, num_layers=layers[i],
+                downsample=i < n - 1, heads=heads[i] if attn else None,
+                transformer_layers=depth[i], cross_attention_dim=xdim[i]))
+        self.mid_block = SpatioTemporalMidStage(
+            chans[-1], temb_channels=temb, heads=heads[-1], transformer_layers=depth[-1],
+            cross_attention_dim=xdim[-1])
+        rev = list(reversed(chans))
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(up_block_types):
+            attn = kind == "CrossAttnUpBlockSpatioTemporal"
+            j = n - 1 - i
+            self.up_blocks.append(SpatioTemporalUpStage(
+                rev[min(i + 1, n - 1)], rev[i], rev[max(i - 1, 0)], temb_channels=temb,
+                num_layers=layers[j] + 1, upsample=i < n - 1, heads=heads[j] if attn else None,
+                transformer_layers=depth[j], cross_attention_dim=xdim[j]))
+        self.num_upsamplers = n - 1
+        self.conv_norm_out = GroupNorm(32, chans[0], eps=1e-5, activation="silu")
+        self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
+        self._relayout_convs()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._relayout_convs())
+
+    # ---- memory layout ------------------------------------------------------------------------
+
+    #: Layout of the (B·T, C, H, W) activations. Channels-last makes CPU convolutions faster and
+    #: turns the transformers' (B·T, H·W, C) token layout and the temporal resnets'
+    #: (B, C, T, H, W) layout into views of the activations (no permute copies).
+    memory_format: torch.memory_format = torch.channels_last
+
+    def _relayout_convs(self) -> None:
+        """Store conv kernels in the activations' layout, so no call re-lays them out."""
+        fmt4, fmt5 = ((torch.channels_last, torch.channels_last_3d)
+                      if self.memory_format == torch.channels_last
+                      else (torch.contiguous_format, torch.contiguous_format))
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                    fmt = fmt4 if m.weight.dim() == 4 else fmt5
+                    if not m.weight.is_contiguous(memory_format=fmt):
+                        m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+
+    # ---- embeddings ---------------------------------------------------------------------------
+
+    def time_embed(self, timesteps: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps and (B, n) added time ids → (B, 4·C0) embedding in the model's dtype."""
+        dtype = self.conv_in.weight.dtype
+        b = timesteps.shape[0]
+        emb = self.time_embedding(timestep_features(
+            timesteps, self.config.block_out_channels[0], flip_sin_to_cos=True, freq_shift=0
+        ).to(dtype))
+        add = timestep_features(added_time_ids.flatten(), self.config.addition_time_embed_dim,
+                                flip_sin_to_cos=True, freq_shift=0).reshape(b, -1)
+        return emb + self.add_embedding(add.to(emb.dtype))
+
+    @staticmethod
+    def _timesteps(timestep: torch.Tensor | float | int, batch: int,
+                   device: torch.device) -> torch.Tensor:
+        if not torch.is_tensor(timestep):
+            # as diffusers' SVD UNet: a Python float stays fractional (float64), an int is int64
+            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            if dtype == torch.float64 and device.type == "mps":
+                dtype = torch.float32
+            timestep = torch.tensor([timestep], dtype=dtype, device=device)
+        return batch_timesteps(timestep, batch, device)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        added_time_ids: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SampleOutput | tuple[torch.Tensor]:
+        cfg = self.config
+        if sample.dim() != 5 or sample.shape[2] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, T, {cfg.in_channels}, H, W), "
+                             f"got {tuple(sample.shape)}")
+        b, t = sample.shape[:2]
+        ctx = encoder_hidden_states
+        if ctx.dim() != 3 or ctx.shape[0] != b:
+            raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
+        if added_time_ids.dim() != 2 or added_time_ids.shape[0] != b:
+            raise ValueError(f"added_time_ids must be ({b}, n), got {tuple(added_time_ids.shape)}")
+
+        factor = 2 ** self.num_upsamplers
+        forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
+        emb = self.time_embed(self._timesteps(timestep, b, sample.device), added_time_ids)
+
+        # activations stay channels-last (NHWC): faster CPU convs, token views without copies
+        x = self.conv_in(sample.flatten(0, 1).contiguous(memory_format=self.memory_format))
+        skips: tuple[torch.Tensor, ...] = (x,)
+        for block in self.down_blocks:
+            x, res = block(x, emb, ctx, t)
+            skips += res
+        x = self.mid_block(x, emb, ctx, t)
+        upsample_size = None
+        for i, block in enumerate(self.up_blocks):
+            k = len(block.resnets)
+            res, skips = skips[-k:], skips[:-k]
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = tuple(skips[-1].shape[2:])
+            x = block(x, res, emb, ctx, t, upsample_size)
+        x = self.conv_out(self.conv_norm_out(x))
+        x = x.reshape(b, t, *x.shape[1:]).contiguous()
+        return SampleOutput(sample=x) if return_dict else (x,)

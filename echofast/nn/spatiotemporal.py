@@ -1,0 +1,402 @@
+"""Spatio-temporal (video) UNet pieces with the state-dict layout of diffusers' SVD UNet.
+
+Activations move between modules as frames ``(B·T, C, H, W)`` (batch-major, frame-minor), as in
+diffusers' ``UNetSpatioTemporalConditionModel``; every module also takes the frame count ``T``.
+The time embedding ``temb`` (B, E) and the conditioning ``context`` (B, L, D) are per video, not
+repeated per frame: whatever depends only on them is computed once per video and broadcast.
+
+Exact rewrites of diffusers' computation (same values up to fp rounding):
+
+* Temporal mixing ``a·x + (1 - a)·(x + h)`` of the resnet is ``x + (1 - a)·h``.
+* Cross-attention of frame tokens against a per-video context is done per video, with the frames'
+  tokens as one query sequence (queries are independent); with a single context token
+  :class:`~echofast.nn.attention.Attention` returns ``to_out(to_v(context))`` without touching the
+  queries, so their LayerNorm is skipped too.
+* The frame-position embedding is computed once per transformer call for ``T`` frames.
+
+Without autograd, residual sums reuse the storage of freshly computed temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .embeddings import TimestepEmbedding, timestep_features
+from .norm import GroupNorm
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+GROUPS = 32
+
+
+#: CPU inference runs per-token residual branches on chunks of about this many bytes of the
+#: feed-forward's widest temporary (rows × 8·C floats), so temporaries stay in cache and in the
+#: allocator's heap instead of being mapped and faulted in afresh. 0 disables chunking.
+CPU_CHUNK_BYTES = 8 << 20
+
+
+def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, in place in ``fresh`` (a temporary of the full shape) without autograd."""
+    if torch.is_grad_enabled():
+        return fresh + other
+    return fresh.add_(other)
+
+
+def _residual(x: torch.Tensor, branch, *, inplace: bool) -> torch.Tensor:
+    """``x + branch(x)`` for a branch that treats each ``x[i]`` (dim 0) independently.
+
+    CPU inference evaluates it on chunks of dim 0, writing into x when ``inplace`` (x must then be
+    a temporary of the caller) or into a new tensor. Otherwise one call on the whole of x.
+    """
+    if torch.is_grad_enabled() or x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0:
+        return _add(branch(x), x)
+    rows = CPU_CHUNK_BYTES // (8 * x.shape[-1] * x.element_size())
+    step = max(1, rows // (x[0].numel() // x.shape[-1]))
+    if step >= x.shape[0]:
+        return x.add_(branch(x)) if inplace else branch(x).add_(x)
+    out = x if inplace else torch.empty_like(x)
+    for i in range(0, x.shape[0], step):
+        torch.add(x[i:i + step], branch(x[i:i + step]), out=out[i:i + step])
+    return out
+
+
+# ---- transformer pieces ---------------------------------------------------------------------
+
+class GEGLU(nn.Module):
+    """``x·gelu(gate)`` where ``[x, gate] = proj(input)`` (key ``proj``)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        g = F.gelu(gate)
+        return x * g if torch.is_grad_enabled() else g.mul_(x)
+
+
+class FeedForward(nn.Module):
+    """GEGLU (dim → 4·dim) then Linear (→ dim_out); keys ``net.0.proj``, ``net.2``."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[1](self.net[0](x)))
+
+
+def _cross_attend(attn: Attention, norm: nn.LayerNorm, x: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+    """``x + attn(norm(x), context)`` for tokens x (B, N, C) of B videos; context (B, L, D)."""
+    if context.shape[1] == 1:
+        # softmax over one key is 1: the output is to_out(to_v(context)) whatever the queries are
+        return _add(x, attn(x, context))
+    return _add(attn(norm(x), context), x)
+
+
+class SpatialTransformerBlock(nn.Module):
+    """diffusers' ``BasicTransformerBlock`` (LayerNorm, GEGLU, no attention bias).
+
+    Self-attention over each frame's H·W tokens, cross-attention to the video's context,
+    feed-forward; keys norm1/attn1, norm2/attn2, norm3/ff.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim_head,
+                               cross_attention_dim=cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B·T, S, C) frame tokens, context (B, L, D) → (B·T, S, C)."""
+        bt, s, c = x.shape
+        x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=False)
+        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)
+        return _residual(x.view(bt, s, c), lambda v: self.ff(self.norm3(v)), inplace=True)
+
+
+class TemporalTransformerBlock(nn.Module):
+    """diffusers' ``TemporalBasicTransformerBlock`` with ``time_mix_inner_dim == dim``.
+
+    On (B·S, T, C) sequences (one per spatial position): ``x + ff_in(norm_in(x))``, then
+    self-attention over the T frames, cross-attention to the context, feed-forward.
+    Keys norm_in/ff_in, norm1/attn1, norm2/attn2, norm3/ff.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff_in = FeedForward(dim, dim_out=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim_head,
+                               cross_attention_dim=cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B·S, T, C) sequences over frames, context (B, L, D) → (B·S, T, C)."""
+        n, t, c = x.shape
+        x = _residual(x, lambda v: self.ff_in(self.norm_in(v)), inplace=False)
+        x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=True)
+        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)
+        return _residual(x.view(n, t, c), lambda v: self.ff(self.norm3(v)), inplace=True)
+
+
+class AlphaBlender(nn.Module):
+    """The learned spatial/temporal mix: ``a·spatial + (1 - a)·temporal``, ``a = sigmoid(mix_factor)``.
+
+    diffusers' ``AlphaBlender(merge_strategy="learned_with_images")`` with an all-zero
+    ``image_only_indicator`` (videos only), which is what its UNet always passes.
+    """
+
+    def __init__(self, alpha: float = 0.5):
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.tensor([float(alpha)]))
+
+    def temporal_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``1 - a`` as a (1,) tensor of ``dtype`` (rounded like diffusers: a in dtype first)."""
+        return 1.0 - torch.sigmoid(self.mix_factor).to(dtype)
+
+
+# ---- resnets --------------------------------------------------------------------------------
+
+class TemporalResnetBlock(nn.Module):
+    """diffusers' ``TemporalResnetBlock``: GN+SiLU, Conv3d (3,1,1), +temb, GN+SiLU, Conv3d.
+
+    Works on (B, C, T, H, W); GroupNorm statistics span each group's channels over all T·H·W.
+    Returns the residual branch only (the caller adds or mixes the input).
+    """
+
+    def __init__(self, channels: int, temb_channels: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(GROUPS, channels, eps=eps, activation="silu")
+        self.conv1 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.time_emb_proj = nn.Linear(temb_channels, channels)
+        self.norm2 = GroupNorm(GROUPS, channels, eps=eps, activation="silu")
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+    @staticmethod
+    def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        # a (3,1,1) Conv3d is a (3,1) Conv2d over (T, H·W): same sums, and the 2D kernels are
+        # much faster on CPU (channels-last (B, C, T, H, W) stays channels-last)
+        b, c, t, h, w = x.shape
+        if x.stride(3) == w * x.stride(4):
+            # explicit strides: flatten() may rewrite a size-1 batch's stride, which makes a
+            # channels-last input look channels-first to the convolution
+            x4 = x.as_strided((b, c, t, h * w), (*x.stride()[:3], x.stride(4)))
+        else:
+            x4 = x.flatten(3)
+        k = conv.weight
+        y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias, padding=(1, 0))
+        return y.unflatten(3, (h, w))
+
+    def branch(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W)."""
+        h = self._conv(self.conv1, self.norm1(x))
+        h = _add(h, self.time_emb_proj(F.silu(temb))[:, :, None, None, None])
+        return self._conv(self.conv2, self.dropout(self.norm2(h)))
+
+
+class SpatioTemporalResBlock(nn.Module):
+    """diffusers' ``SpatioTemporalResBlock``: a 2D resnet per frame, then a temporal resnet
+    mixed in by an :class:`AlphaBlender`. Keys spatial_res_block, temporal_res_block, time_mixer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, eps: float):
+        super().__init__()
+        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels,
+                                               temb_channels=temb_channels, eps=eps)
+        self.temporal_res_block = TemporalResnetBlock(out_channels, temb_channels, eps)
+        self.time_mixer = AlphaBlender(0.5)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x (B·T, C_in, H, W), temb (B, E) → (B·T, C_out, H, W)."""
+        sp = self.spatial_res_block
+        b = temb.shape[0]
+        h = sp.conv1(sp.norm1(x))
+        bt, c, hh, ww = h.shape
+        h5 = h.view(b, num_frames, c, hh, ww)
+        h5 = _add(h5, sp.time_projection(temb)[:, None, :, None, None])
+        h = sp.conv2(sp.dropout(sp.norm2(h5.view(bt, c, hh, ww))))
+        s = _add(h, x if sp.conv_shortcut is None else sp.conv_shortcut(x))
+        # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
+        s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)
+        g = self.temporal_res_block.branch(s5, temb)
+        w = self.time_mixer.temporal_weight(s.dtype)
+        if torch.is_grad_enabled():
+            return (s5 + g * w).transpose(1, 2).reshape(bt, c, hh, ww)
+        s5.addcmul_(g, w)
+        return s
+
+
+# ---- transformer model ----------------------------------------------------------------------
+
+class TransformerSpatioTemporalModel(nn.Module):
+    """diffusers' ``TransformerSpatioTemporalModel``: GroupNorm, proj_in, then per layer a spatial
+    block and a temporal block (on spatial output + frame-position embedding) mixed by an
+    :class:`AlphaBlender`; proj_out and a residual connection.
+    """
+
+    def __init__(self, heads: int, dim_head: int, in_channels: int, num_layers: int,
+                 cross_attention_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        if inner != in_channels:
+            raise ValueError(f"heads·dim_head = {inner} must equal in_channels = {in_channels}")
+        self.in_channels = in_channels
+        self.norm = GroupNorm(GROUPS, in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(in_channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            SpatialTransformerBlock(inner, heads, dim_head, cross_attention_dim)
+            for _ in range(num_layers))
+        self.temporal_transformer_blocks = nn.ModuleList(
+            TemporalTransformerBlock(inner, heads, dim_head, cross_attention_dim)
+            for _ in range(num_layers))
+        self.time_pos_embed = TimestepEmbedding(in_channels, 4 * in_channels, out_dim=in_channels)
+        self.time_mixer = AlphaBlender(0.5)
+        self.proj_out = nn.Linear(inner, in_channels)
+
+    def frame_embedding(self, num_frames: int, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """Frame-position embedding (T, C) of frames 0..T-1."""
+        pos = torch.arange(num_frames, device=device)
+        feats = timestep_features(pos, self.in_channels, flip_sin_to_cos=True, freq_shift=0)
+        return self.time_pos_embed(feats.to(dtype))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x (B·T, C, H, W), context (B, L, D) → (B·T, C, H, W)."""
+        bt, c, hh, ww = x.shape
+        b, t, s = context.shape[0], num_frames, hh * ww
+        # (B·T, C, H, W) → (B·T, H·W, C) tokens: a view when x is channels-last
+        tok = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(bt, s, c))
+        pos = self.frame_embedding(t, x.device, tok.dtype)
+        w = self.time_mixer.temporal_weight(tok.dtype)
+        for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
+            tok = spatial(tok, context)                                   # (B·T, S, C)
+            seq = _to_sequences(tok.view(b, t, s, c), pos)                # (B·S, T, C)
+            seq = temporal(seq, context)
+            seq = seq.view(b, s, t, c).transpose(1, 2)                    # (B, T, S, C) view
+            # a·spatial + (1 - a)·temporal, reading the temporal output through a view
+            if torch.is_grad_enabled():
+                tok = torch.lerp(tok.view(b, t, s, c), seq, w).reshape(bt, s, c)
+            else:
+                tok = tok.view(b, t, s, c).lerp_(seq, w).view(bt, s, c)
+        out = self.proj_out(tok).view(bt, hh, ww, c).permute(0, 3, 1, 2)  # channels-last view
+        return x + out
+
+
+def _to_sequences(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(B, T, S, C) tokens + (T, C) → (B·S, T, C) contiguous per-position sequences, one pass."""
+    b, t, s, c = tok.shape
+    if torch.is_grad_enabled():
+        return (tok + pos[:, None]).transpose(1, 2).reshape(b * s, t, c)
+    seq = tok.new_empty(b, s, t, c)
+    torch.add(tok, pos[:, None], out=seq.transpose(1, 2))
+    return seq.view(b * s, t, c)
+
+
+# ---- UNet stages ----------------------------------------------------------------------------
+
+class SpatioTemporalDownStage(nn.Module):
+    """``DownBlockSpatioTemporal`` (``heads=None``) or ``CrossAttnDownBlockSpatioTemporal``:
+    resnets (each followed by a spatio-temporal transformer when attending), then an optional
+    stride-2 conv. ``forward`` returns ``(x, skips)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int,
+                 num_layers: int, downsample: bool, heads: int | None = None,
+                 transformer_layers: int = 1, cross_attention_dim: int | None = None):
+        super().__init__()
+        eps = 1e-5 if heads is None else 1e-6
+        self.resnets = nn.ModuleList(
+            SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels,
+                                   temb_channels, eps)
+            for i in range(num_layers))
+        self.attentions = None
+        if heads is not None:
+            self.attentions = nn.ModuleList(
+                TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
+                                               transformer_layers, cross_attention_dim)
+                for _ in range(num_layers))
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=1)])
+            if downsample else None)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                num_frames: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb, num_frames)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context, num_frames)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, tuple(skips)
+
+
+class SpatioTemporalMidStage(nn.Module):
+    """``UNetMidBlockSpatioTemporal``: resnet, then (transformer, resnet); eps 1e-5."""
+
+    def __init__(self, channels: int, *, temb_channels: int, heads: int,
+                 transformer_layers: int, cross_attention_dim: int):
+        super().__init__()
+        self.attentions = nn.ModuleList([TransformerSpatioTemporalModel(
+            heads, channels // heads, channels, transformer_layers, cross_attention_dim)])
+        self.resnets = nn.ModuleList(
+            SpatioTemporalResBlock(channels, channels, temb_channels, 1e-5) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                num_frames: int) -> torch.Tensor:
+        x = self.resnets[0](x, temb, num_frames)
+        x = self.attentions[0](x, context, num_frames)
+        return self.resnets[1](x, temb, num_frames)
+
+
+class SpatioTemporalUpStage(nn.Module):
+    """``UpBlockSpatioTemporal`` (``heads=None``) or ``CrossAttnUpBlockSpatioTemporal``:
+    per layer, concatenate a skip and run a resnet (eps 1e-6) (+ transformer); then an optional
+    nearest upsampling + conv to ``upsample_size`` (or 2×).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, prev_output_channels: int, *,
+                 temb_channels: int, num_layers: int, upsample: bool, heads: int | None = None,
+                 transformer_layers: int = 1, cross_attention_dim: int | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        for i in range(num_layers):
+            skip = in_channels if i == num_layers - 1 else out_channels
+            cin = prev_output_channels if i == 0 else out_channels
+            self.resnets.append(
+                SpatioTemporalResBlock(cin + skip, out_channels, temb_channels, 1e-6))
+        self.attentions = None
+        if heads is not None:
+            self.attentions = nn.ModuleList(
+                TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
+                                               transformer_layers, cross_attention_dim)
+                for _ in range(num_layers))
+        self.upsamplers = (
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if upsample else None)
+
+    def forward(self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor,
+                context: torch.Tensor, num_frames: int,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context, num_frames)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x

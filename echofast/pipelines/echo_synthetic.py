@@ -1,0 +1,122 @@
+"""The whole EchoNet-Synthetic chain from a weights root: LIDM image → LVDM video → VAE frames."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MissingFileError
+from ..models import LIDM, LVDM, VAE
+from ..outputs import ModelOutput
+from .common import check_precision, reference_scheduler
+from .lidm import LIDMPipeline
+from .lvdm import LVDMPipeline
+
+DATASETS = {"dynamic": "lidm_dynamic", "ped_a4c": "lidm_ped_a4c", "ped_psax": "lidm_ped_psax"}
+"""Dataset name → the reference's LIDM folder name under the weights root."""
+
+
+@dataclass
+class EchoSyntheticOutput(ModelOutput):
+    """``videos`` uint8 (B, T, H, W); ``image_latents`` (B, C, h, w) × scaling_factor."""
+
+    videos: torch.Tensor
+    image_latents: torch.Tensor
+
+
+class EchoSyntheticPipeline:
+    """LIDM → LVDM → VAE with the reference's folder layout and sampler.
+
+    ``from_pretrained(root, dataset="dynamic")`` reads ``root/vae``, ``root/lidm_<dataset>`` and
+    ``root/lvdm`` (diffusers folders). Randomness is per sample and global index, so a video
+    depends only on (seed, index): batch size and sharding do not change it.
+    """
+
+    def __init__(self, lidm: LIDM, lvdm: LVDM, vae: VAE, scheduler=None):
+        self.scheduler = scheduler if scheduler is not None else reference_scheduler()
+        self.lidm_pipe = LIDMPipeline(lidm, vae, self.scheduler)
+        self.lvdm_pipe = LVDMPipeline(lvdm, vae, self.scheduler)
+
+    @property
+    def lidm(self) -> LIDM:
+        return self.lidm_pipe.lidm
+
+    @property
+    def lvdm(self) -> LVDM:
+        return self.lvdm_pipe.lvdm
+
+    @property
+    def vae(self) -> VAE:
+        return self.lvdm_pipe.vae
+
+    @staticmethod
+    def folders(root: str | os.PathLike, dataset: str) -> dict[str, Path]:
+        """The model folders the pipeline reads for ``dataset`` (checked to exist)."""
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+        root = Path(root)
+        folders = {"vae": root / "vae", "lidm": root / DATASETS[dataset], "lvdm": root / "lvdm"}
+        missing = [str(p) for p in folders.values() if not p.is_dir()]
+        if missing:
+            raise MissingFileError(f"{root}: weights root lacks model folder(s) {missing}")
+        return folders
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        root: str | os.PathLike,
+        *,
+        dataset: str = "dynamic",
+        device: torch.device | str | None = None,
+    ) -> EchoSyntheticPipeline:
+        f = cls.folders(root, dataset)
+        return cls(
+            LIDM.from_pretrained(f["lidm"], device=device),
+            LVDM.from_pretrained(f["lvdm"], device=device),
+            VAE.from_pretrained(f["vae"], device=device),
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        ef: Sequence[float] | torch.Tensor,
+        *,
+        seed: int,
+        sample_indices: Sequence[int] | None = None,
+        num_frames: int = 192,
+        num_inference_steps: int = 64,
+        batch_size: int = 8,
+        decode_chunk_size: int = 64,
+        dtype: torch.dtype | str = torch.float32,
+        progress: bool = False,
+    ) -> EchoSyntheticOutput:
+        """One video per EF value (percent); sample i uses global index ``sample_indices[i]``."""
+        ef = torch.as_tensor(ef, dtype=torch.float32).reshape(-1)
+        indices = list(range(ef.numel())) if sample_indices is None else list(sample_indices)
+        check_precision(dtype, self.lidm.device)
+        images = self.lidm_pipe(
+            len(indices),
+            seed=seed,
+            sample_indices=indices,
+            num_inference_steps=num_inference_steps,
+            batch_size=batch_size,
+            dtype=dtype,
+            progress=progress,
+        ).latents
+        videos = self.lvdm_pipe(
+            images,
+            ef,
+            num_frames=num_frames,
+            seed=seed,
+            sample_indices=indices,
+            num_inference_steps=num_inference_steps,
+            batch_size=batch_size,
+            decode_chunk_size=decode_chunk_size,
+            dtype=dtype,
+            progress=progress,
+        ).videos
+        return EchoSyntheticOutput(videos=videos, image_latents=images)

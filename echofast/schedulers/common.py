@@ -1,0 +1,403 @@
+"""What DDPM and DDIM share: config handling, beta schedules, timestep spacing, forward process.
+
+A scheduler's config is exactly its ``__init__`` keyword arguments (diffusers' names and
+defaults), recorded at construction, so ``scheduler_config.json`` files move both ways between
+echofast and diffusers. All schedule arithmetic is float32, as in diffusers; every method
+returns tensors in the dtype of the sample it was given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..config import Config, require
+from ..errors import ConfigError, MissingFileError
+from ..fsutil import atomic_write_text
+from ..outputs import ModelOutput
+
+CONFIG_NAME = "scheduler_config.json"
+DIFFUSERS_FORMAT_VERSION = "0.27.0"
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+TimestepLike = int | torch.Tensor | Sequence[int]
+GeneratorLike = torch.Generator | list[torch.Generator] | None
+
+
+def _require_number(key: str, value: Any, *, integer: bool = False, minimum: float = 0) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"config key {key!r}: value {value!r} must be {what} >= {minimum}")
+
+
+@dataclass
+class SchedulerOutput(ModelOutput):
+    """Result of ``step``: ``out.prev_sample``, ``out["prev_sample"]`` or ``out[0]``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+# ---- beta schedules and timestep spacings --------------------------------------------------------
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule (s = 0.008), betas capped at ``max_beta``."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(
+    schedule: str, n: int, beta_start: float, beta_end: float, trained: list[float] | None
+) -> torch.Tensor:
+    """The float32 betas of the training noise schedule (``n`` of them)."""
+    if trained is not None:
+        return torch.tensor(trained, dtype=torch.float32)
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if schedule == "scaled_linear":  # linear in sqrt(beta): the latent-diffusion schedule
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise ConfigError(f"config key 'beta_schedule': value {schedule!r} is not supported")
+
+
+def spaced_timesteps(spacing: str, num_train: int, num_steps: int, offset: int) -> list[int]:
+    """``num_steps`` descending training timesteps (Table 2 of arXiv:2305.08891).
+
+    leading: multiples of ``num_train // num_steps`` from 0, plus ``offset``.
+    trailing: ``round(num_train - i * num_train / num_steps) - 1`` for i = 0..num_steps-1.
+    linspace: ``round(i * (num_train - 1) / (num_steps - 1))``, reversed.
+
+    Rounding is numpy's float64 round-half-to-even on the float64 grid values (``np.arange`` /
+    ``np.linspace``), so the steps equal diffusers' bit for bit; e.g. 1000 trailing 64 steps
+    gives 999, 983, 968, 952, ... (15.625 apart). Where float rounding makes ``np.arange`` yield
+    one value too many (trailing, 62 step counts of 1..1000 such as 61 and 103, whose diffusers
+    schedule ends in a bogus timestep -1), the schedule stops after ``num_steps`` values.
+    """
+    if spacing == "leading":
+        ratio = num_train // num_steps
+        return [i * ratio + offset for i in reversed(range(num_steps))]
+    if spacing == "trailing":
+        grid = np.arange(num_train, 0, -num_train / num_steps)[:num_steps]
+        return [int(v) - 1 for v in np.round(grid)]
+    if spacing == "linspace":
+        grid = np.linspace(0, num_train - 1, num_steps).round()
+        return [int(v) for v in grid[::-1]]
+    raise ConfigError(f"config key 'timestep_spacing': value {spacing!r} is not supported")
+
+
+def per_sample(coeffs: Sequence[torch.Tensor], sample: torch.Tensor) -> list[torch.Tensor]:
+    """(k,) float32 coefficients → (k, 1, ..., 1) on the sample's device, in one transfer."""
+    stacked = torch.stack(list(coeffs)).to(sample.device)
+    shape = (stacked.shape[1],) + (1,) * (sample.dim() - 1)
+    return [c.reshape(shape) for c in stacked.unbind(0)]
+
+
+# ---- the base class ------------------------------------------------------------------------------
+
+
+class SchedulerBase:
+    """Config, training schedule, timesteps and forward process of a discrete-time scheduler.
+
+    Subclasses set ``diffusers_class`` and call ``self._setup(locals())`` first thing in
+    ``__init__``; ``__init__``'s keyword arguments are the config keys.
+    """
+
+    diffusers_class: ClassVar[str]
+    #: diffusers scheduler classes whose configs this class also loads, dropping the keys that
+    #: only that class has (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom).
+    convertible_from: ClassVar[tuple[str, ...]] = ()
+    _registry: ClassVar[dict[str, type[SchedulerBase]]] = {}
+    order: ClassVar[int] = 1
+    init_noise_sigma: float = 1.0
+
+    config: Config
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    timesteps: torch.Tensor
+    num_inference_steps: int | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "diffusers_class" in cls.__dict__:
+            SchedulerBase._registry[cls.diffusers_class] = cls
+
+    # ---- config ----------------------------------------------------------------------------
+
+    @classmethod
+    def config_defaults(cls) -> dict[str, Any]:
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items() if k != "self"}
+
+    def _setup(self, init_locals: dict[str, Any]) -> None:
+        config = {k: init_locals[k] for k in self.config_defaults()}
+        trained = config.get("trained_betas")
+        if trained is not None:
+            if isinstance(trained, (torch.Tensor, np.ndarray)):
+                trained = trained.tolist()
+            config["trained_betas"] = [float(b) for b in trained]
+        self.config = Config(config)
+        self._check_config()
+
+        c = self.config
+        self.betas = make_betas(
+            c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._alphas_cumprod_on: dict[torch.device, torch.Tensor] = {}
+        self.num_inference_steps = None
+        self._set_schedule(list(reversed(range(c.num_train_timesteps))), device=None)
+
+    def _check_config(self) -> None:
+        c = self.config
+        _require_number("num_train_timesteps", c.num_train_timesteps, integer=True, minimum=1)
+        _require_number("beta_start", c.beta_start)
+        _require_number("beta_end", c.beta_end)
+        require("beta_schedule", c.beta_schedule, BETA_SCHEDULES)
+        if c.trained_betas is not None and len(c.trained_betas) != c.num_train_timesteps:
+            raise ConfigError(
+                f"config key 'trained_betas': {len(c.trained_betas)} values, but "
+                f"num_train_timesteps is {c.num_train_timesteps}"
+            )
+        require("clip_sample", c.clip_sample, (True, False))
+        _require_number("clip_sample_range", c.clip_sample_range)
+        require("prediction_type", c.prediction_type, PREDICTION_TYPES)
+        require("thresholding", c.thresholding, (False,))
+        _require_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio)
+        _require_number("sample_max_value", c.sample_max_value)
+        require("timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
+        _require_number("steps_offset", c.steps_offset, integer=True)
+        require("rescale_betas_zero_snr", c.rescale_betas_zero_snr, (False,))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, source: str = "scheduler config"):
+        """Build from a config dict (a diffusers ``scheduler_config.json``).
+
+        ``_``-prefixed metadata is ignored; an unknown key or unsupported value raises
+        :class:`ConfigError` naming it. A config of a class in ``convertible_from`` loads with
+        the keys only that class knows dropped.
+        """
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        params = {k: v for k, v in config.items() if not k.startswith("_")}
+        known = cls.config_defaults()
+        name = config.get("_class_name")
+        if name is not None and name not in (cls.diffusers_class, cls.__name__):
+            other = cls._registry.get(name) if name in cls.convertible_from else None
+            if other is None:
+                raise ConfigError(
+                    f"{source}: describes a {name!r}, but {cls.__name__} loads "
+                    f"{cls.diffusers_class!r}" + "".join(f" or {o!r}" for o in cls.convertible_from)
+                )
+            theirs = set(other.config_defaults()) - set(known)
+            params = {k: v for k, v in params.items() if k not in theirs}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{source}: config key(s) {unknown} not supported by {cls.__name__} "
+                f"(known keys: {sorted(known)})"
+            )
+        try:
+            return cls(**params)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str | None = None):
+        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline's ``scheduler/``)."""
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise MissingFileError(f"{config_path}: scheduler config file is missing")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        return cls.from_config(config, source=str(config_path))
+
+    def save_config(self, path: str | os.PathLike) -> Path:
+        """Write ``scheduler_config.json`` into the folder ``path`` (diffusers loads it)."""
+        from .. import __version__
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "_class_name": self.diffusers_class,
+            "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "_echofast_version": __version__,
+            **self.config,
+        }
+        target = folder / CONFIG_NAME
+        atomic_write_text(target, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return target
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(dict(self.config), sort_keys=True)})"
+
+    # ---- inference timesteps ---------------------------------------------------------------
+
+    def _set_schedule(self, steps: list[int], device: torch.device | str | None) -> None:
+        self._steps = steps
+        self._index_of = {t: i for i, t in enumerate(steps)}
+        self.timesteps = torch.tensor(steps, dtype=torch.long, device=device)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> None:
+        """Choose ``num_inference_steps`` timesteps (``self.timesteps``, descending)."""
+        n, num_train = num_inference_steps, self.config.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_train:
+            raise ValueError(
+                f"num_inference_steps must be an integer in 1..{num_train} "
+                f"(num_train_timesteps), got {n!r}"
+            )
+        c = self.config
+        steps = spaced_timesteps(c.timestep_spacing, num_train, n, c.steps_offset)
+        if steps[0] >= num_train:
+            raise ValueError(
+                f"steps_offset {self.config.steps_offset} with {n} leading steps gives timestep "
+                f"{steps[0]}, past the last training timestep {num_train - 1}"
+            )
+        self.num_inference_steps = n
+        self._set_schedule(steps, device)
+
+    def previous_timestep(self, timestep: TimestepLike) -> int | torch.Tensor:
+        """The timestep a step from ``timestep`` lands on (-1: past the end of the chain)."""
+        steps = self._timestep_list(timestep)
+        prev = self._previous(steps)
+        if isinstance(timestep, torch.Tensor):
+            return torch.tensor(prev, dtype=torch.long).reshape(timestep.shape)
+        if isinstance(timestep, Sequence):
+            return prev
+        return prev[0]
+
+    def _previous(self, steps: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: TimestepLike | None = None):
+        """The identity: DDPM and DDIM feed the model the sample as it is."""
+        return sample
+
+    # ---- per-sample timesteps --------------------------------------------------------------
+
+    def _timestep_list(self, timestep: TimestepLike) -> list[int]:
+        """Timesteps as host ints: one (shared by the batch) or one per sample."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.is_floating_point() or timestep.is_complex() or timestep.dim() > 1:
+                raise ValueError(
+                    f"timestep must be an integer scalar or 1-D tensor, got dtype "
+                    f"{timestep.dtype} and shape {tuple(timestep.shape)}"
+                )
+            steps = timestep.reshape(-1).tolist()
+        elif isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
+            steps = [int(timestep)]
+        elif isinstance(timestep, Sequence) and not isinstance(timestep, str):
+            steps = [int(t) for t in timestep]
+        else:
+            raise ValueError(f"timestep must be an int or an integer tensor, got {timestep!r}")
+        if not steps:
+            raise ValueError("timestep is empty")
+        num_train = self.config.num_train_timesteps
+        bad = [t for t in steps if not 0 <= t < num_train]
+        if bad:
+            raise ValueError(f"timestep(s) {bad[:4]} outside the training range 0..{num_train - 1}")
+        return steps
+
+    def _sample_timesteps(self, timestep: TimestepLike, sample: torch.Tensor) -> list[int]:
+        steps = self._timestep_list(timestep)
+        if len(steps) > 1 and len(set(steps)) == 1:
+            steps = steps[:1]
+        if len(steps) > 1 and len(steps) != sample.shape[0]:
+            raise ValueError(
+                f"got {len(steps)} timesteps for a batch of {sample.shape[0]} "
+                f"(sample shape {tuple(sample.shape)})"
+            )
+        return steps
+
+    def _alpha_prod(self, steps: list[int], before_start: torch.Tensor) -> torch.Tensor:
+        """ᾱ at ``steps`` (float32, CPU); ``before_start`` for steps < 0."""
+        idx = torch.tensor(steps, dtype=torch.long)
+        return torch.where(idx >= 0, self.alphas_cumprod[idx.clamp(min=0)], before_start)
+
+    # ---- forward process (training) --------------------------------------------------------
+
+    def _cumprod_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._alphas_cumprod_on.get(device)
+        if cached is None:
+            cached = self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
+        return cached
+
+    def _forward_coeffs(
+        self, timesteps: TimestepLike, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1−ᾱ_t)) per sample, shaped to broadcast against ``like``."""
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor(timesteps, dtype=torch.long)
+        ac = self._cumprod_on(like.device)[timesteps.to(like.device).reshape(-1)]
+        shape = (ac.shape[0],) + (1,) * (like.dim() - 1)
+        return ac.sqrt().reshape(shape), (1 - ac).sqrt().reshape(shape)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: TimestepLike
+    ) -> torch.Tensor:
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, with one timestep per sample (or one for all)."""
+        a, s = self._forward_coeffs(timesteps, original_samples)
+        out = a * original_samples.float() + s * noise.float()
+        return out.to(original_samples.dtype)
+
+    def get_velocity(
+        self, sample: torch.Tensor, noise: torch.Tensor, timesteps: TimestepLike
+    ) -> torch.Tensor:
+        """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0, the v-prediction training target."""
+        a, s = self._forward_coeffs(timesteps, sample)
+        return (a * noise.float() - s * sample.float()).to(sample.dtype)
+
+    # ---- prediction parametrisations -------------------------------------------------------
+
+    def _predict_x0(
+        self, model_output: torch.Tensor, sample: torch.Tensor, a_t: torch.Tensor
+    ) -> torch.Tensor:
+        """x̂_0 from the model output (unclipped); all float32, ``a_t`` broadcastable."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
+        if kind == "v_prediction":
+            return a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+        return model_output
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.config.clip_sample:
+            bound = self.config.clip_sample_range
+            return x0.clamp(-bound, bound)
+        return x0
+
+
+def check_step_inputs(model_output: torch.Tensor, sample: torch.Tensor) -> None:
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"model_output shape {tuple(model_output.shape)} does not match sample shape "
+            f"{tuple(sample.shape)}"
+        )

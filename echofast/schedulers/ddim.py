@@ -1,0 +1,101 @@
+"""Deterministic DDIM sampling (Song et al. 2021, η = 0), step for step as diffusers' DDIM."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (
+    GeneratorLike,
+    SchedulerBase,
+    SchedulerOutput,
+    TimestepLike,
+    check_step_inputs,
+    per_sample,
+    require,
+)
+
+
+class DDIMScheduler(SchedulerBase):
+    """DDIM with η = 0: no noise is ever added, so ``noise`` and ``generator`` are unused.
+
+    One step from t to s = t − ``num_train_timesteps // num_inference_steps`` (diffusers'
+    rule, also for trailing and linspace spacing, where s need not be the next scheduled
+    timestep): x̂_0 and ε̂ from the model output (ε̂ from the *unclipped* x̂_0), x̂_0 clipped if
+    ``clip_sample``, then ``x_s = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂``. For s < 0, ᾱ_s is 1 with
+    ``set_alpha_to_one`` and ᾱ_0 without.
+    """
+
+    diffusers_class = "DDIMScheduler"
+    convertible_from = ("DDPMScheduler",)
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._setup(locals())
+        self.final_alpha_cumprod = (
+            torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0].clone()
+        )
+
+    def _check_config(self) -> None:
+        super()._check_config()
+        require("set_alpha_to_one", self.config.set_alpha_to_one, (True, False))
+
+    def _previous(self, steps: list[int]) -> list[int]:
+        if self.num_inference_steps is None:
+            raise ValueError("DDIMScheduler: call set_timesteps() before stepping")
+        stride = self.config.num_train_timesteps // self.num_inference_steps
+        return [t - stride for t in steps]
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: TimestepLike,
+        sample: torch.Tensor,
+        *,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: GeneratorLike = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One deterministic step from ``timestep`` to ``previous_timestep(timestep)``.
+
+        ``timestep`` is an int or 0-d tensor shared by the batch, or one per sample.
+        ``noise`` and ``generator`` are accepted for a common signature with DDPM and never
+        used (no random numbers are drawn). Only ``eta=0`` is supported.
+        """
+        if eta != 0:
+            raise ValueError(f"DDIMScheduler supports eta=0 only (deterministic), got {eta!r}")
+        check_step_inputs(model_output, sample)
+        steps = self._sample_timesteps(timestep, sample)
+        a_t = self._alpha_prod(steps, self.final_alpha_cumprod)
+        a_s = self._alpha_prod(self._previous(steps), self.final_alpha_cumprod)
+        a_t, a_s = per_sample((a_t, a_s), sample)
+
+        x_t, out = sample.float(), model_output.float()
+        x0 = self._predict_x0(out, x_t, a_t)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            eps = out
+        elif kind == "v_prediction":
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
+        else:
+            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x0 = self._clip(x0)
+        prev = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+        result = (prev.to(sample.dtype), x0.to(sample.dtype))
+        return SchedulerOutput(*result) if return_dict else result

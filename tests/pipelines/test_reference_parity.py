@@ -1,0 +1,145 @@
+"""echofast's pipelines vs the reference algorithm written here with diffusers' own modules and
+diffusers' DDPMScheduler (tiny random models, same per-sample noise order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    UNet2DModel,
+    UNetSpatioTemporalConditionModel,
+)
+from support.models import rel_err
+from support.weights import make_weights_root
+
+from echofast.models import LIDM, LVDM, VAE
+from echofast.pipelines import LIDMPipeline, LVDMPipeline
+from echofast.schedulers import REFERENCE_SCHEDULER_CONFIG
+from echofast.schedulers import DDPMScheduler as OurDDPM
+
+STEPS = 6
+TOL = 1e-5
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _pad(x):
+    """The reference: pad = (8 - 14 % 8) // 2 for a 4-level UNet; (4 - 6 % 4) // 2 = 1 here."""
+    return F.pad(x, (1, 1, 1, 1), mode="replicate")
+
+
+def reference_lidm(unet, seeds):
+    scheduler = DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(STEPS)
+    gens = _gens(seeds)
+    latents = torch.cat([torch.randn(1, 4, 6, 6, generator=g) for g in gens])
+    for t in scheduler.timesteps:
+        out = unet(_pad(latents), t).sample[..., 1:-1, 1:-1]
+        latents = scheduler.step(out, t, latents, generator=gens).prev_sample
+    return latents
+
+
+def reference_lvdm(unet, cond, ef, seeds, num_frames):
+    """Reference stitching: length rounded up to the stride, windows concatenated window-major,
+    window 0 kept whole and the second half of later windows; each window gets its own EF."""
+    scheduler = DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(STEPS)
+    window = unet.config.num_frames
+    stride = window // 2
+    total = -(-num_frames // stride) * stride
+    starts = list(range(0, total - window + 1, stride)) if total > window else [0]
+    window = min(window, total)
+    gens = _gens(seeds)
+    b = cond.shape[0]
+    latents = torch.cat([torch.randn(1, total, 4, 6, 6, generator=g) for g in gens])
+    for t in scheduler.timesteps:
+        wins, efs = [], []
+        for s in starts:
+            x = torch.cat(
+                [latents[:, s : s + window], cond[:, None].repeat(1, window, 1, 1, 1)], dim=2
+            )
+            wins.append(x)
+            efs.append(ef / 100)
+        x = torch.cat(wins)
+        ehs = torch.cat(efs).reshape(-1, 1, 1)
+        ids = torch.zeros(x.shape[0], 1)
+        pad = _pad(x.flatten(0, 1)).reshape(*x.shape[:3], 8, 8)
+        out = unet(pad, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
+        out = out[..., 1:-1, 1:-1]
+        stitched = torch.zeros_like(latents)
+        for k, s in enumerate(starts):
+            part = out[k * b : (k + 1) * b]
+            if k == 0:
+                stitched[:, :window] = part
+            else:
+                stitched[:, s + window - stride : s + window] = part[:, window - stride :]
+        latents = scheduler.step(stitched, t, latents, generator=gens).prev_sample
+    return latents[:, :num_frames]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = make_weights_root(tmp_path_factory.mktemp("weights"))
+    ref = {
+        "vae": AutoencoderKL.from_pretrained(root / "vae").eval(),
+        "lidm": UNet2DModel.from_pretrained(root / "lidm_dynamic").eval(),
+        "lvdm": UNetSpatioTemporalConditionModel.from_pretrained(root / "lvdm").eval(),
+    }
+    ours = {
+        "vae": VAE.from_pretrained(root / "vae"),
+        "lidm": LIDM.from_pretrained(root / "lidm_dynamic"),
+        "lvdm": LVDM.from_pretrained(root / "lvdm"),
+    }
+    return ref, ours
+
+
+def test_lidm_pipeline_matches_reference(models):
+    ref, ours = models
+    seeds = [11, 12, 13]
+    with torch.no_grad():
+        expected = reference_lidm(ref["lidm"], seeds)
+    pipe = LIDMPipeline(ours["lidm"], ours["vae"], OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = pipe(
+        3, generator=_gens(seeds), num_inference_steps=STEPS, batch_size=2, progress=False
+    ).latents
+    assert rel_err(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("num_frames", [8, 12, 16])
+def test_lvdm_pipeline_matches_reference(models, num_frames):
+    """8 frames: one window; 12 → 2 windows (padded length 12); 16 → 3 windows."""
+    ref, ours = models
+    seeds = [21, 22]
+    cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
+    ef = torch.tensor([35.0, 70.0])
+    with torch.no_grad():
+        expected = reference_lvdm(ref["lvdm"], cond, ef, seeds, num_frames)
+    pipe = LVDMPipeline(ours["lvdm"], ours["vae"], OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = pipe(
+        cond,
+        ef,
+        num_frames=num_frames,
+        generator=_gens(seeds),
+        num_inference_steps=STEPS,
+        output_type="latent",
+        progress=False,
+    ).latents
+    assert got.shape == expected.shape == (2, num_frames, 4, 6, 6)
+    assert rel_err(got, expected) <= TOL
+
+
+def test_decode_matches_reference_conversion(models):
+    ref, ours = models
+    latents = torch.randn(1, 3, 4, 6, 6, generator=torch.Generator().manual_seed(9))
+    pipe = LVDMPipeline(ours["lvdm"], ours["vae"])
+    videos = pipe.decode(latents, chunk_size=2)
+    with torch.no_grad():
+        x = ref["vae"].decode(latents[0] / ref["vae"].config.scaling_factor).sample
+    expected = ((x.mean(dim=1) + 1) * 128).clamp(0, 255).to(torch.uint8)
+    assert videos.dtype == torch.uint8 and videos.shape == (1, 3, 12, 12)
+    assert (videos[0].int() - expected.int()).abs().max() <= 1
