@@ -187,7 +187,7 @@ class LIDM(ModelBase):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
         emb = self.time_embed(distinct_timesteps(timesteps))
-        x = self.conv_in(sample)
+        x = self.conv_in(sample.contiguous(memory_format=self.memory_format))
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:
             x, res = block(x, emb)
@@ -198,5 +198,5 @@ class LIDM(ModelBase):
             k = len(block.resnets)
             x = block(x, skips[-k:], emb)
             skips = skips[:-k]
-        x = self.conv_out(self.conv_norm_out(x))
+        x = self.conv_out(self.conv_norm_out(x)).contiguous()
         return SampleOutput(sample=x) if return_dict else (x,)

@@ -124,6 +124,9 @@ class VAE(ModelBase):
     """
 
     diffusers_class = "AutoencoderKL"
+    #: NCHW by default: the decoder's 30 convolutions amplify layout-dependent rounding, and
+    #: channels_last gains little here (see ``use_channels_last``).
+    memory_format = torch.contiguous_format
 
     def __init__(
         self,
@@ -182,19 +185,20 @@ class VAE(ModelBase):
         self, x: torch.Tensor, return_dict: bool = True
     ) -> EncoderOutput | tuple[DiagonalGaussian]:
         """Images (N, in_channels, H, W) in [-1, 1] → posterior over (N, latent, H/f, W/f)."""
-        h = self.encoder(x)
+        h = self.encoder(x.contiguous(memory_format=self.memory_format))
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        dist = DiagonalGaussian(h)
+        dist = DiagonalGaussian(h.contiguous())
         return EncoderOutput(latent_dist=dist) if return_dict else (dist,)
 
     def decode(
         self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
     ) -> SampleOutput | tuple[torch.Tensor]:
         """Latents (N, latent, h, w), unscaled → images (N, out_channels, H, W)."""
+        z = z.contiguous(memory_format=self.memory_format)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        x = self.decoder(z)
+        x = self.decoder(z).contiguous()
         return SampleOutput(sample=x) if return_dict else (x,)
 
     def forward(

@@ -2,7 +2,8 @@
 
 Keys: ``group_norm`` (optional), ``to_q``, ``to_k``, ``to_v``, ``to_out.0``. Q, K and V stay in the
 layout the projections produce: (B, L, heads·D) is viewed as (B, heads, L, D) without a copy, and
-the op's (B, heads, L, D) output is viewed back for ``to_out``.
+the op's (B, heads, L, D) output is viewed back for ``to_out``. Feature maps in channels_last are
+token-major already, so they enter and leave the projections without copies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,23 @@ from torch import nn
 
 from .. import ops
 from .norm import GroupNorm
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W, C): a free view for channels_last maps; for NCHW maps the
+    transposed view diffusers feeds its projections (same GEMMs, same rounding)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return x.reshape(b, c, h * w).transpose(1, 2)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Attention(nn.Module):
@@ -87,7 +105,7 @@ class Attention(nn.Module):
                 x = self.group_norm(x if spatial else x.transpose(1, 2))
                 x = x if spatial else x.transpose(1, 2)
             if spatial:
-                x = x.view(b, c, h * w).transpose(1, 2)
+                x = _tokens(x)
             ctx = x if encoder_hidden_states is None else encoder_hidden_states
             q = self._heads(self.to_q(x))
             k = self._heads(self.to_k(ctx))
@@ -96,7 +114,8 @@ class Attention(nn.Module):
             o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], self.heads * self.dim_head)
             out = self.to_out[1](self.to_out[0](o))
             if spatial:
-                out = out.transpose(1, 2).reshape(b, c, h, w).contiguous()
+                out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+                out = out.contiguous(memory_format=_memory_format(hidden_states))
         if self.residual_connection:
             out = out + residual
         if self.rescale_output_factor != 1.0:

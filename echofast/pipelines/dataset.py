@@ -138,12 +138,15 @@ class GenerateConfig:
         return ident
 
 
-def _weights_sha(root: str, dataset: str) -> dict[str, str]:
-    out = {}
-    for name, folder in EchoSyntheticPipeline.folders(root, dataset).items():
-        weights = folder / "diffusion_pytorch_model.safetensors"
-        out[name] = sha256_file(weights) + "+" + sha256_file(folder / "config.json")[:16]
-    return out
+def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
+    """SHA-256 of each model folder's weights and config file."""
+    return {
+        name: {
+            "weights": sha256_file(folder / "diffusion_pytorch_model.safetensors"),
+            "config": sha256_file(folder / "config.json"),
+        }
+        for name, folder in EchoSyntheticPipeline.folders(root, dataset).items()
+    }
 
 
 def requested_ef(cfg: GenerateConfig, index: int, pool: Sequence[float] | None) -> float:

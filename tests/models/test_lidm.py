@@ -34,6 +34,22 @@ def test_forward_matches_diffusers(pair, timestep, size):
     assert rel_err(b, a) <= TOL
 
 
+def test_default_layout_is_channels_last_and_nchw_matches_too(pair):
+    ref, ours = pair
+    assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(x, 99).sample
+        fast = ours(x, 99).sample
+        ours.use_channels_last(False)
+        try:
+            nchw = ours(x, 99).sample
+        finally:
+            ours.use_channels_last(True)
+    assert fast.is_contiguous() and rel_err(fast, expected) <= TOL
+    assert rel_err(nchw, expected) <= TOL
+
+
 def test_return_dict_false(pair):
     _, ours = pair
     x = torch.randn(1, 4, 16, 16)

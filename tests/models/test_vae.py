@@ -46,6 +46,23 @@ def test_decode_matches_diffusers(pair, shape):
     assert isinstance(t, tuple) and torch.equal(t[0], b)
 
 
+def test_channels_last_mode(pair):
+    ref, ours = pair
+    z = torch.randn(2, 4, 5, 3, generator=torch.Generator().manual_seed(8))
+    x = torch.rand(2, 3, 24, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    ours.use_channels_last()
+    try:
+        assert ours.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = ours.decode(z).sample
+            assert out.is_contiguous()
+            assert rel_err(out, ref.decode(z).sample) <= TOL
+            assert rel_err(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean) <= TOL
+    finally:
+        ours.use_channels_last(False)
+    assert ours.decoder.conv_in.weight.is_contiguous()
+
+
 def test_save_pretrained_loads_in_diffusers(pair, tmp_path):
     ref, ours = pair
     ours.save_pretrained(tmp_path)
