@@ -231,6 +231,7 @@ with ParallelCompile("ECHOFAST_BUILD_JOBS"):
     setup(
         packages=_packages(),
         package_dir={"echofast.kernels": "kernels"},
+        package_data={"echofast.train": ["configs/*.toml"]},
         ext_modules=_ext_modules(),
         cmdclass={"build_ext": BuildExt},
     )

@@ -117,10 +117,34 @@ def _merge(argv: list[str]) -> int:
     return 0 if summary["complete"] else 1
 
 
+def _phantom(argv: list[str]) -> int:
+    from .data.phantom import main_phantom
+
+    return main_phantom(argv)
+
+
+def _encode(argv: list[str]) -> int:
+    from .data.encode import main_encode
+
+    return main_encode(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main_train
+
+    return main_train(argv)
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "info": (_info, "versions, the compiled extension, and which backend each op uses"),
     "generate": (_generate, "generate a synthetic dataset (EchoNet-Dynamic layout), resumably"),
     "merge": (_merge, "combine shard folders of one generation job into one dataset"),
+    "phantom": (
+        _phantom,
+        "write procedural phantom echo videos with ground truth (EchoNet layout)",
+    ),
+    "encode": (_encode, "encode a video dataset into VAE latents (one safetensors file per video)"),
+    "train": (_train, "train the VAE, LIDM or LVDM from a config file (torchrun for DDP)"),
 }
 
 

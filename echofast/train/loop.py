@@ -1,0 +1,983 @@
+"""The training loop shared by the VAE, LIDM and LVDM trainers.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` samples on each of the
+``world`` ranks: a global batch of ``G = batch_size · world · grad_accum`` samples.
+
+Data order. The run reads an endless stream of dataset indices: the concatenation of one
+permutation per epoch (epoch ``e``'s is ``randperm`` from ``sample_seed(seed, e, "epoch")``).
+Optimizer step ``s`` takes stream positions ``[s·G, (s+1)·G)``; its micro-batch ``a`` on rank
+``r`` takes the ``batch_size`` positions starting at ``s·G + (a·world + r)·batch_size``. So the
+samples of a global batch, and every random number drawn for them (seeded by their position),
+are the same for any split of ``G`` into ranks × accumulation × batch, and the sampler's
+position after ``s`` steps is simply ``s·G``: resuming needs no data-loader state. Items are
+fetched with torch's, NumPy's and Python's global RNGs seeded from the position (stream
+``"data"``), so a dataset that draws random windows/frames from them is reproducible too; a
+dataset with ``set_epoch`` (``echofast.data.datasets``, seeded per (seed, epoch, index)) gets
+epoch ``position // len(dataset)``.
+A batch may straddle two epochs.
+
+Per step: forward/backward per micro-batch (loss / grad_accum; DDP syncs on the last one), fp16
+GradScaler unscale, grad-norm clip of the model's parameters (``optim.max_grad_norm``, 0 = off;
+the VAE's discriminator is not clipped, as in LDM), AdamW step(s), LR schedule
+step (linear warm-up from 0 over ``optim.warmup_steps``, then constant: diffusers'
+``constant_with_warmup``; not stepped when fp16 skips a step), EMA update (every step, as the
+reference). Ranks: ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; the process group
+uses ``env://`` with NCCL on CUDA and Gloo on CPU. Multi-node runs need ``output_dir`` on a
+shared filesystem (every rank reads the checkpoint to resume).
+
+Files in ``output_dir``: ``train_config.json`` (resolved config), ``checkpoints/step-N.pt``
+(written atomically: model, EMA, optimizer(s), LR schedule(s), GradScaler, step, every rank's
+RNG states, sampler position, config), ``log.csv`` (step, loss, lr, time [s], extra terms; loss
+is the mean over the ``log_every`` steps ending at ``step``, over all ranks), ``loss.png`` (loss
+curve, written at the end) and ``export/`` (the released weights, a diffusers folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+import re
+import struct
+import sys
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
+
+from .. import __version__
+from ..errors import ConfigError, EchofastError
+from ..fsutil import atomic_write
+from ..rng import sample_seed
+from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
+from .ema import EMA
+from .objectives import build_objective
+
+CHECKPOINT_FORMAT = "echofast-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LOG_NAME = "log.csv"
+PLOT_NAME = "loss.png"
+EXPORT_DIR = "export"
+_CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class TrainingConflict(EchofastError, RuntimeError):
+    """``output_dir`` holds another run, or a checkpoint does not fit the config."""
+
+
+def model_class(model_type: str):
+    from ..models import LIDM, LVDM, VAE
+
+    return {"vae": VAE, "lidm": LIDM, "lvdm": LVDM}[model_type]
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+class StreamBatchSampler:
+    """Micro-batches of ``(position, index)`` pairs for one rank, from ``start_step`` on, forever.
+
+    See the module docstring for the layout of the stream.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        batch_size: int,
+        world: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+    ):
+        if num_items < 1:
+            raise ValueError("the training dataset is empty")
+        self.n = num_items
+        self.batch, self.world, self.rank, self.accum = batch_size, world, rank, grad_accum
+        self.seed, self.start_step = seed, start_step
+        self.global_batch = batch_size * world * grad_accum
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, "epoch"))
+            perm = torch.randperm(self.n, generator=g)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return int(perm[offset])
+
+    def positions(self, step: int, micro: int) -> range:
+        start = step * self.global_batch + (micro * self.world + self.rank) * self.batch
+        return range(start, start + self.batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            for micro in range(self.accum):
+                yield [(p, self.index(p)) for p in self.positions(step, micro)]
+            step += 1
+
+
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    """``dataset.set_epoch(epoch)`` where it has one (also inside a ``ConcatDataset``)."""
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            set_epoch(part, epoch)
+    elif hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+class PositionedDataset(Dataset):
+    """``dataset[idx]`` for stream position ``p``: the dataset's epoch is set to ``p // len``
+    (datasets seeded per ``(seed, epoch, index)``, as ``echofast.data.datasets``), and torch's,
+    NumPy's and Python's global RNGs are seeded from ``p`` (datasets that use those)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        position, index = key
+        set_epoch(self.dataset, position // len(self.dataset))
+        s = sample_seed(self.seed, position, "data")
+        np_state, py_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(s)
+            np.random.seed(s % 2**32)
+            random.seed(s)
+            try:
+                item = self.dataset[index]
+            finally:
+                np.random.set_state(np_state)
+                random.setstate(py_state)
+        return position, item
+
+
+def collate(items: list) -> tuple[torch.Tensor, Any]:
+    positions = torch.tensor([p for p, _ in items], dtype=torch.long)
+    return positions, default_collate([item for _, item in items])
+
+
+class RandomItems(Dataset):
+    """Random items with the structure of the real datasets (``data.source = "random"``).
+
+    Item ``i`` depends only on (seed, i). VAE: smooth grayscale frames in [-1, 1] (C, s, s);
+    LIDM: smooth latents (C, s, s); LVDM: dict(latents (T, C, s, s), ef, cond, valid, name) with a
+    per-video pattern moving over time.
+    """
+
+    def __init__(self, model_type: str, length: int, arch: dict, frames: int, seed: int):
+        self.kind, self.length, self.frames, self.seed = model_type, length, frames, seed
+        size = arch.get("sample_size") or 14
+        self.size = size if isinstance(size, int) else int(size[0])
+        self.channels = arch["in_channels"] if model_type != "lvdm" else arch["out_channels"]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(sample_seed(self.seed, int(i), "random-items"))
+        s, c = self.size, self.channels
+        if self.kind == "vae":
+            low = torch.randn(1, 1, 3, 3, generator=g)
+            img = torch.nn.functional.interpolate(
+                low, size=(s, s), mode="bilinear", align_corners=False
+            )
+            return torch.tanh(img[0]).expand(c, s, s).contiguous()
+        if self.kind == "lidm":  # smooth latents: learnable spatial structure
+            low = torch.randn(1, c, 3, 3, generator=g)
+            return torch.nn.functional.interpolate(
+                low, size=(s, s), mode="bilinear", align_corners=False
+            )[0]
+        base = torch.randn(c, s, s, generator=g)
+        phase = torch.rand(1, generator=g) * 2 * math.pi
+        t = torch.arange(self.frames, dtype=torch.float32)[:, None, None, None]
+        wave = torch.sin(2 * math.pi * t / 16 + phase)
+        latents = base[None] * (1 + 0.3 * wave) + 0.1 * torch.randn(
+            self.frames, c, s, s, generator=g
+        )
+        valid = int(torch.randint(self.frames // 2, self.frames + 1, (1,), generator=g))
+        latents[valid:] = 0
+        j = int(torch.randint(0, valid, (1,), generator=g))
+        return {
+            "latents": latents,
+            "ef": float(torch.rand(1, generator=g)),
+            "cond": latents[j].clone(),
+            "valid": valid,
+            "name": f"random_{i}",
+        }
+
+
+def build_dataset(cfg: TrainConfig, arch: dict) -> Dataset:
+    """The training set of the config's ``data`` section (``echofast.data.datasets``)."""
+    d = cfg.data
+    if d.source == "random":
+        return RandomItems(cfg.model.type, d.random_items, arch, d.frames, cfg.seed)
+    try:
+        from ..data import datasets as D
+    except ImportError as err:
+        raise ConfigError(f"data.source = 'files' needs echofast.data.datasets ({err})") from None
+    roots = [d.root] if isinstance(d.root, str) else list(d.root)
+    parts: list[Dataset] = []
+    for k, root in enumerate(roots):
+        # item randomness from (seed_k, epoch, index); the loader sets the epoch per position
+        seed = sample_seed(cfg.seed, k, "dataset")
+        if cfg.model.type == "vae":
+            parts.append(
+                D.FrameDataset(
+                    root,
+                    split=d.split,
+                    size=d.size,
+                    frames_per_video=d.frames_per_video or None,
+                    seed=seed,
+                )
+            )
+        elif cfg.model.type == "lidm":
+            parts.append(D.LatentFrameDataset(root, split=d.split, seed=seed))
+        else:
+            parts.append(
+                D.LatentVideoDataset(
+                    root,
+                    split=d.split,
+                    frames=d.frames,
+                    target_fps=d.target_fps,
+                    random_window=d.random_window,
+                    seed=seed,
+                )
+            )
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+# ---- distributed -----------------------------------------------------------------------------
+
+
+class Dist:
+    """Rank/world from torchrun's environment; initialises (and owns) the process group."""
+
+    def __init__(self, device_pref: str):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+        if device_pref == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "config key 'train.device': 'cuda' requested, but CUDA is not available"
+            )
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+            self.owns_group = True
+        if self.world > 1:
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ---- RNG states ------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors/ints (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file
+        raise TrainingConflict(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingConflict(f"{path}: not an echofast training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise TrainingConflict(
+            f"{path}: checkpoint version {state.get('version')} (this echofast reads "
+            f"{CHECKPOINT_VERSION})"
+        )
+    return state
+
+
+def resolve_resume(resume: str | os.PathLike | None, output_dir: str) -> Path | None:
+    """``"latest"`` → the newest checkpoint in ``output_dir`` (None when there is none)."""
+    if resume is None:
+        return None
+    if str(resume) == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    return Path(resume)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    cls = model_class(cfg.model.type)
+    if cfg.model.init_from:
+        return cls.from_pretrained(cfg.model.init_from)
+    return cls.from_config(cfg.architecture(), source="training config (model)")
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema"
+) -> Path:
+    """Write a checkpoint's weights as a diffusers folder (``config.json`` + safetensors).
+
+    ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
+    had no EMA) or ``"model"`` (the raw trained weights).
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = load_checkpoint(checkpoint)
+    cls = model_class(state["config"]["model"]["type"])
+    model = cls.from_config(state["model_config"], source=f"{checkpoint} (model config)")
+    model.load_state_dict(state["model"])
+    if weights == "ema" and state.get("ema") is not None:
+        shadow = state["ema"]["shadow"]
+        model.load_state_dict({**state["model"], **shadow})
+    model.save_pretrained(out)
+    return Path(out)
+
+
+# ---- logging ---------------------------------------------------------------------------------
+
+
+class CSVLog:
+    def __init__(self, path: Path, columns: Sequence[str], resume_step: int | None):
+        self.path, self.columns = path, list(columns)
+        rows: list[list[str]] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, None)
+                if header == self.columns:
+                    rows = [r for r in reader if r and int(r[0]) <= resume_step]
+        self.fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.writer = csv.writer(self.fh)
+        self.writer.writerow(self.columns)
+        self.writer.writerows(rows)
+        self.fh.flush()
+
+    def write(self, values: dict[str, float]) -> None:
+        self.writer.writerow([_fmt(values.get(c, "")) for c in self.columns])
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def read_log(path: str | os.PathLike) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            steps.append(int(row["step"]))
+            losses.append(float(row["loss"]))
+    return steps, losses
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if mp == "no":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(
+            f"config key 'train.mixed_precision': {mp!r} needs a CUDA device; on "
+            f'{device.type} use "no" or "auto" (fp32)'
+        )
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+
+
+def _lr_lambda(warmup: int):
+    def fn(step: int) -> float:  # diffusers' get_constant_schedule_with_warmup
+        return step / max(1.0, warmup) if step < warmup else 1.0
+
+    return fn
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    dataset: Dataset | None = None,
+    resume: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) a training job; returns a summary dict.
+
+    ``dataset``: any map-style dataset whose items have the structure of the model type's
+    dataset (default: built from ``cfg.data``). ``resume``: a checkpoint path or ``"latest"``
+    (``"latest"`` with no checkpoint yet starts from scratch).
+    """
+    dist = Dist(cfg.train.device)
+    try:
+        return _train(cfg, dist, dataset, resume)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dict[str, Any]:
+    device = dist.device
+    amp_dtype = _precision(cfg, device)
+    out = Path(cfg.output_dir)
+    ckpt_path = resolve_resume(resume, cfg.output_dir)
+    if ckpt_path is None and list_checkpoints(out):
+        raise TrainingConflict(
+            f"{out}: holds checkpoints of a run; continue it with --resume (or resume="
+            f"'latest'), or choose another output_dir"
+        )
+    state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if state is not None:
+        changed = [
+            k for k in config_changes(state["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES
+        ]
+        if changed:
+            raise TrainingConflict(
+                f"{ckpt_path}: the config differs from the checkpoint's in {changed} (only "
+                f"{sorted(RESUMABLE_CHANGES)} may change when resuming)"
+            )
+    dist.barrier()
+    if device.type == "cuda" and cfg.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # model, objective, optimizers (identical initialisation on every rank)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    arch = dict(model.config)
+    model.to(device).train()
+    objective = build_objective(cfg, model)
+    aux = objective.aux_modules()
+    for m in aux.values():
+        m.to(device).train()
+    o = cfg.optim
+    opt_kw = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, **opt_kw)
+    aux_lr = (cfg.vae.disc_lr or o.lr) if cfg.vae is not None else o.lr
+    aux_opts = {k: torch.optim.AdamW(m.parameters(), lr=aux_lr, **opt_kw) for k, m in aux.items()}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    ema = None
+    if cfg.ema.enabled:
+        e = cfg.ema
+        ema = EMA(
+            model,
+            decay=e.decay,
+            min_decay=e.min_decay,
+            update_after_step=e.update_after_step,
+            use_warmup=e.use_warmup,
+            inv_gamma=e.inv_gamma,
+            power=e.power,
+        )
+
+    # seed the global RNGs per rank (dropout etc.); a checkpoint's states replace these
+    rank_seed = sample_seed(cfg.seed, dist.rank, "global")
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+    start_step, elapsed0 = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        for k, m in aux.items():
+            m.load_state_dict(state["aux"][k])
+            aux_opts[k].load_state_dict(state["aux_optimizers"][k])
+        scaler.load_state_dict(state["scaler"])
+        start_step, elapsed0 = int(state["step"]), float(state["elapsed"])
+
+    net: nn.Module = objective.module
+    if cfg.train.compile:
+        net = torch.compile(net)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # data
+    if dataset is None:
+        dataset = build_dataset(cfg, arch)
+    t = cfg.train
+    sampler = StreamBatchSampler(
+        len(dataset),
+        batch_size=t.batch_size,
+        world=dist.world,
+        rank=dist.rank,
+        grad_accum=t.grad_accum,
+        seed=cfg.seed,
+        start_step=start_step,
+    )
+    loader = DataLoader(
+        PositionedDataset(dataset, cfg.seed),
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring
+
+    if state is not None:
+        rngs = state["rng"]
+        if len(rngs) == dist.world:
+            set_rng_state(rngs[dist.rank])
+        elif dist.main:
+            warnings.warn(
+                f"{ckpt_path}: saved by {len(rngs)} rank(s), resumed on {dist.world}: "
+                "global RNG states are not restored (data and noise still are)",
+                stacklevel=2,
+            )
+
+    # outputs (rank 0)
+    log = None
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_config.json")
+        log = CSVLog(
+            out / LOG_NAME,
+            ("step", "loss", "lr", "time", *objective.columns),
+            start_step if state is not None else None,
+        )
+
+    def checkpoint(step: int, elapsed: float) -> Path:
+        rngs = dist.gather_objects(rng_state())
+        path = out / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+        if dist.main:
+            payload = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "echofast_version": __version__,
+                "step": step,
+                "elapsed": elapsed,
+                "config": cfg.to_dict(),
+                "model_config": _plain(arch),
+                "model": _cpu(model.state_dict()),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "aux": {k: _cpu(m.state_dict()) for k, m in aux.items()},
+                "aux_optimizers": {k: v.state_dict() for k, v in aux_opts.items()},
+                "scaler": scaler.state_dict(),
+                "rng": rngs,
+                "world_size": dist.world,
+                "sampler": {
+                    "position": step * sampler.global_batch,
+                    "global_batch": sampler.global_batch,
+                    "seed": cfg.seed,
+                },
+            }
+            atomic_write(path, lambda tmp: torch.save(payload, tmp))
+            if t.keep_checkpoints:
+                for _, old in list_checkpoints(out)[: -t.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+        dist.barrier()
+        return path
+
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype))
+        if amp_dtype is not None
+        else contextlib.nullcontext
+    )
+    bar = None
+    if dist.main and t.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=t.max_steps,
+            initial=start_step,
+            desc=f"train {cfg.model.type}",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    step = start_step
+    t_start = time.time()
+    last_ckpt: Path | None = ckpt_path
+    interval_sum = torch.zeros(1 + len(objective.columns), dtype=torch.float64, device=device)
+    interval_n = 0
+    last_loss = float("nan")
+    try:
+        while step < t.max_steps:
+            lr = optimizer.param_groups[0]["lr"]
+            step_sum = torch.zeros_like(interval_sum)
+            for micro in range(t.grad_accum):
+                positions, batch = next(batches)
+                sync = micro == t.grad_accum - 1
+                ctx = net.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast():
+                        loss, logs = objective.loss(net, batch, positions, step, device)
+                    scaler.scale(loss / t.grad_accum).backward()
+                step_sum[0] += loss.detach().double()
+                for i, c in enumerate(objective.columns):
+                    step_sum[1 + i] += logs.get(c, 0.0)
+            _sync_aux_grads(aux, dist)
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                for k, v in aux_opts.items():
+                    if _has_grads(aux[k]):
+                        scaler.unscale_(v)
+            if o.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(optimizer)
+            for k, v in aux_opts.items():
+                if _has_grads(aux[k]):
+                    scaler.step(v)
+            scaler.update()
+            skipped = scaler.is_enabled() and scaler.get_scale() < scale
+            optimizer.zero_grad(set_to_none=True)
+            for v in aux_opts.values():
+                v.zero_grad(set_to_none=True)
+            if not skipped:
+                scheduler.step()
+            if ema is not None:
+                ema.step(model.parameters())
+            _sync_aux_buffers(aux, dist)
+            step += 1
+            interval_sum += step_sum / t.grad_accum
+            interval_n += 1
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                mean = dist.all_reduce_mean(interval_sum / interval_n).tolist()
+                interval_sum.zero_()
+                interval_n = 0
+                last_loss = mean[0]
+                elapsed = elapsed0 + time.time() - t_start
+                if log is not None:
+                    row = {"step": step, "loss": mean[0], "lr": lr, "time": round(elapsed, 3)}
+                    row.update(zip(objective.columns, mean[1:]))
+                    log.write(row)
+                if bar is not None:
+                    rate = (step - start_step) / max(time.time() - t_start, 1e-9)
+                    bar.set_postfix(
+                        loss=f"{mean[0]:.4g}",
+                        lr=f"{lr:.3g}",
+                        steps_per_s=f"{rate:.3g}",
+                        refresh=False,
+                    )
+                if not math.isfinite(last_loss) and not scaler.is_enabled():
+                    raise FloatingPointError(
+                        f"training loss is not finite ({last_loss}) in the {t.log_every} "
+                        f"step(s) up to step {step}"
+                    )
+            if bar is not None:
+                bar.update(1)
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                last_ckpt = checkpoint(step, elapsed0 + time.time() - t_start)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        del batches
+
+    summary: dict[str, Any] = {
+        "step": step,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "loss": last_loss,
+        "log": str(out / LOG_NAME),
+        "seconds": time.time() - t_start,
+        "world_size": dist.world,
+        "global_batch": sampler.global_batch,
+    }
+    if dist.main:
+        steps, losses = read_log(out / LOG_NAME)
+        write_loss_plot(out / PLOT_NAME, steps, losses)
+        summary["plot"] = str(out / PLOT_NAME)
+        if t.export_at_end and last_ckpt is not None:
+            summary["export"] = str(export_checkpoint(last_ckpt, out / EXPORT_DIR))
+    dist.barrier()
+    return summary
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _has_grads(module: nn.Module) -> bool:
+    return any(p.grad is not None for p in module.parameters())
+
+
+def _sync_aux_grads(aux: dict[str, nn.Module], dist: Dist) -> None:
+    """Average the auxiliary modules' gradients over ranks (they are not DDP-wrapped)."""
+    if dist.world == 1:
+        return
+    for m in aux.values():
+        for p in m.parameters():
+            if p.grad is not None:
+                dist.all_reduce_mean(p.grad)
+
+
+def _sync_aux_buffers(aux: dict[str, nn.Module], dist: Dist) -> None:
+    """Rank 0's BatchNorm statistics everywhere (as DDP's ``broadcast_buffers``)."""
+    if dist.world == 1:
+        return
+    import torch.distributed as tdist
+
+    for m in aux.values():
+        for b in m.buffers():
+            tdist.broadcast(b, 0)
+
+
+def config_of_checkpoint(path: str | os.PathLike) -> TrainConfig:
+    state = load_checkpoint(path)
+    return config_from_dict(state["config"], source=f"{path} (config)")
+
+
+# ---- loss plot (PNG, no dependencies) --------------------------------------------------------
+
+# 3×5 glyphs, rows top to bottom, 3 bits per row (MSB = left column)
+_GLYPHS = {
+    "0": (7, 5, 5, 5, 7),
+    "1": (2, 6, 2, 2, 7),
+    "2": (7, 1, 7, 4, 7),
+    "3": (7, 1, 7, 1, 7),
+    "4": (5, 5, 7, 1, 1),
+    "5": (7, 4, 7, 1, 7),
+    "6": (7, 4, 7, 5, 7),
+    "7": (7, 1, 1, 1, 1),
+    "8": (7, 5, 7, 5, 7),
+    "9": (7, 5, 7, 1, 7),
+    ".": (0, 0, 0, 0, 2),
+    "-": (0, 0, 7, 0, 0),
+    "+": (0, 2, 7, 2, 0),
+    "e": (0, 7, 7, 4, 7),
+    " ": (0, 0, 0, 0, 0),
+}
+
+
+class _Canvas:
+    def __init__(self, width: int, height: int):
+        self.w, self.h = width, height
+        self.px = bytearray(b"\xff" * (width * height * 3))
+
+    def dot(self, x: int, y: int, rgb: tuple[int, int, int]) -> None:
+        if 0 <= x < self.w and 0 <= y < self.h:
+            i = (y * self.w + x) * 3
+            self.px[i : i + 3] = bytes(rgb)
+
+    def line(self, x0: float, y0: float, x1: float, y1: float, rgb, width: int = 1) -> None:
+        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+        for k in range(n + 1):
+            x = round(x0 + (x1 - x0) * k / n)
+            y = round(y0 + (y1 - y0) * k / n)
+            for dx in range(width):
+                for dy in range(width):
+                    self.dot(x + dx - width // 2, y + dy - width // 2, rgb)
+
+    def text(self, x: int, y: int, s: str, rgb=(0, 0, 0), scale: int = 2) -> None:
+        for ch in s:
+            for r, bits in enumerate(_GLYPHS.get(ch, _GLYPHS[" "])):
+                for c in range(3):
+                    if bits >> (2 - c) & 1:
+                        for dx in range(scale):
+                            for dy in range(scale):
+                                self.dot(x + c * scale + dx, y + r * scale + dy, rgb)
+            x += 4 * scale
+
+    def png(self, text: dict[str, str] | None = None) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            body = kind + data
+            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+        stride = self.w * 3
+        raw = b"".join(
+            b"\x00" + bytes(self.px[y * stride : (y + 1) * stride]) for y in range(self.h)
+        )
+        parts = [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)),
+        ]
+        for k, v in (text or {}).items():
+            parts.append(chunk(b"tEXt", k.encode("latin-1") + b"\x00" + v.encode("latin-1")))
+        parts += [chunk(b"IDAT", zlib.compress(raw, 9)), chunk(b"IEND", b"")]
+        return b"".join(parts)
+
+
+def loss_plot_png(
+    steps: Sequence[int], losses: Sequence[float], width: int = 800, height: int = 480
+) -> bytes:
+    """A PNG line plot of loss against step: raw (light) and smoothed (dark) curves, y on a log
+    scale when the losses span more than a decade, tick labels on both axes."""
+    canvas = _Canvas(width, height)
+    pts = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+    left, right, top, bottom = 70, width - 20, 20, height - 40
+    grid, axis = (225, 225, 225), (90, 90, 90)
+    if pts:
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x_lo, x_hi = min(xs), max(xs)
+        y_lo, y_hi = min(ys), max(ys)
+        log_y = y_lo > 0 and y_hi / y_lo > 10
+        fy = math.log10 if log_y else (lambda v: v)
+        a, b = fy(y_lo), fy(y_hi)
+        if b - a < 1e-12:
+            a, b = a - 0.5, b + 0.5
+        x_span = max(x_hi - x_lo, 1)
+
+        def px(x: float) -> float:
+            return left + (x - x_lo) / x_span * (right - left)
+
+        def py(y: float) -> float:
+            return bottom - (fy(y) - a) / (b - a) * (bottom - top)
+
+        for k in range(5):
+            gy = bottom - k / 4 * (bottom - top)
+            gx = left + k / 4 * (right - left)
+            canvas.line(left, gy, right, gy, grid)
+            canvas.line(gx, top, gx, bottom, grid)
+            value = 10 ** (a + k / 4 * (b - a)) if log_y else a + k / 4 * (b - a)
+            canvas.text(4, int(gy) - 5, f"{value:.3g}")
+            label = str(round(x_lo + k / 4 * (x_hi - x_lo)))
+            canvas.text(int(gx) - 4 * len(label), bottom + 10, label)
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            canvas.line(px(x0), py(y0), px(x1), py(y1), (170, 195, 240))
+        if len(pts) > 2:  # centred moving average over ~2% of the points (no lag)
+            half = len(pts) // 100
+            csum = [0.0]
+            for y in ys:
+                csum.append(csum[-1] + y)
+            smooth = []
+            for i in range(len(ys)):
+                lo, hi = max(0, i - half), min(len(ys), i + half + 1)
+                smooth.append((csum[hi] - csum[lo]) / (hi - lo))
+            for i in range(len(pts) - 1):
+                canvas.line(
+                    px(xs[i]),
+                    py(smooth[i]),
+                    px(xs[i + 1]),
+                    py(smooth[i + 1]),
+                    (25, 55, 190),
+                    width=2,
+                )
+        desc = f"training loss vs step; x {x_lo}..{x_hi}; y {y_lo:.6g}..{y_hi:.6g}" + (
+            " (log scale)" if log_y else ""
+        )
+    else:
+        desc = "training loss vs step; no finite values"
+    canvas.line(left, top, left, bottom, axis)
+    canvas.line(left, bottom, right, bottom, axis)
+    return canvas.png({"Title": "loss", "Description": desc, "Software": f"echofast {__version__}"})
+
+
+def write_loss_plot(
+    path: str | os.PathLike,
+    steps: Sequence[int],
+    losses: Sequence[float],
+    width: int = 800,
+    height: int = 480,
+) -> Path:
+    data = loss_plot_png(steps, losses, width, height)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -1,0 +1,286 @@
+"""Dataset readers: FileList parsing, fps resampling, windows, padding, latent datasets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from echofast.data import (
+    DatasetError,
+    EchoVideoDataset,
+    FrameDataset,
+    LatentFrameDataset,
+    LatentVideoDataset,
+    read_records,
+    resample_indices,
+    window_indices,
+    write_filelist,
+)
+from echofast.data.datasets import normalize_split, phase_offsets, to_model_pixels
+from echofast.io import read_video, write_video
+
+
+def reference_indices(n: int, fps: float, target: float) -> np.ndarray:
+    """echosyn/common/datasets.py (Latent): new count, then linspace(0, n, m, endpoint=False)."""
+    m = int(np.floor(target / fps * n))
+    return np.linspace(0, n, m, endpoint=False).round().astype(int)
+
+
+@pytest.mark.parametrize(
+    "n, fps, target", [(100, 50, 32), (211, 50, 32), (64, 32, 32), (30, 30, 32), (97, 47, 32)]
+)
+def test_resample_indices_match_reference(n, fps, target):
+    ours = resample_indices(n, fps, target)
+    np.testing.assert_array_equal(ours, reference_indices(n, fps, target))
+    assert len(ours) == math.floor(target / fps * n)
+    assert ours.min() >= 0 and ours.max() < n
+    # "nearest frame at time i / target": within one source frame of i * fps / target
+    assert np.abs(ours - np.arange(len(ours)) * fps / target).max() <= 1.0
+
+
+def test_resample_edge_cases():
+    np.testing.assert_array_equal(resample_indices(10, 32, 32), np.arange(10))
+    assert len(resample_indices(1, 50, 32)) == 1  # floor gives 0: keep one frame
+    assert len(resample_indices(0, 50, 32)) == 0
+    np.testing.assert_array_equal(resample_indices(10, 50, 32, offset=1), [1, 3, 4, 6, 8, 9])
+    with pytest.raises(ValueError):
+        resample_indices(10, 0, 32)
+
+
+def test_windows_eval_train_and_short():
+    idx, valid = window_indices(200, 50, 32, 64)
+    np.testing.assert_array_equal(idx, reference_indices(200, 50, 32)[:64])
+    assert valid == 64
+    idx, valid = window_indices(40, 50, 32, 64)  # 25 resampled frames: padded later
+    assert valid == 25 and len(idx) == 25
+    m = len(reference_indices(200, 50, 32))  # 128
+    starts, offsets = set(), set()
+    for s in range(300):
+        idx, valid = window_indices(200, 50, 32, 64, np.random.default_rng(s))
+        assert valid == 64 and idx.max() < 200
+        assert np.all(np.diff(idx) >= 1)
+        base = reference_indices(200, 50, 32)
+        hits = [
+            (st, off)
+            for st in range(m - 64 + 1)
+            for off in range(phase_offsets(200, 50, 32))
+            if np.array_equal(base[st : st + 64] + off, idx)
+        ]
+        assert hits
+        starts.add(hits[0][0])
+        offsets.add(hits[0][1])
+    assert 0 in starts and m - 64 in starts  # the last start is reachable (reference: never)
+    assert offsets == {0, 1}
+
+
+def test_normalize_split():
+    assert [normalize_split(s) for s in ("train", " Val ", "TEST", "3", "8", "9")] == [
+        "TRAIN",
+        "VAL",
+        "TEST",
+        "TRAIN",
+        "VAL",
+        "TEST",
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Video datasets (constant frames of value 4·t identify the decoded frame)
+# ------------------------------------------------------------------------------------------
+
+
+def _video_dataset(root: Path, spec: list[tuple[str, int, float, str]]) -> Path:
+    rows = []
+    for name, n, fps, split in spec:
+        frames = (np.arange(n, dtype=np.uint8)[:, None, None] * 4).repeat(16, 1).repeat(16, 2)
+        write_video(root / "Videos" / f"{Path(name).stem}.avi", frames, fps)
+        rows.append(
+            {
+                "FileName": name,
+                "EF": 40 + len(rows),
+                "FPS": fps,
+                "NumberOfFrames": n,
+                "FrameHeight": 16,
+                "FrameWidth": 16,
+                "Split": split,
+            }
+        )
+    write_filelist(root, rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    return _video_dataset(
+        root,
+        [("a", 50, 50.0, "train"), ("b.avi", 20, 25.0, "TRAIN"), ("c", 12, 30.0, "VAL")],
+    )
+
+
+def _frame_ids(video: torch.Tensor) -> np.ndarray:
+    return np.rint(video.float().mean((1, 2)).numpy() / 4).astype(int)
+
+
+def test_records(videos, tmp_path):
+    recs = read_records(videos, "TRAIN")
+    assert [r.name for r in recs] == ["a", "b"]
+    assert recs[1].path == videos / "Videos" / "b.avi" and recs[1].fps == 25.0
+    assert recs[0].ef == 40.0 and recs[0].num_frames == 50 and recs[0].split == "TRAIN"
+    assert [r.name for r in read_records(videos, ["val", "test"])] == ["c"]
+    assert len(read_records(videos, "ALL")) == len(read_records(videos, None)) == 3
+    (videos / "Videos" / "c.avi").rename(tmp_path / "c.avi")
+    try:
+        assert [r.name for r in read_records(videos, None)] == ["a", "b"]
+    finally:
+        (tmp_path / "c.avi").rename(videos / "Videos" / "c.avi")
+    with pytest.raises(DatasetError, match="FileList"):
+        read_records(tmp_path)
+    with pytest.raises(DatasetError, match="no videos"):
+        EchoVideoDataset(videos, "TEST")
+
+
+def test_video_dataset_windows(videos):
+    ds = EchoVideoDataset(videos, "TRAIN", frames=16, target_fps=32, random_window=False)
+    item = ds[0]
+    assert item["video"].shape == (16, 16, 16) and item["video"].dtype == torch.uint8
+    assert item["valid"] == 16 and item["name"] == "a" and item["fps"] == 32.0
+    assert item["ef"].dtype == torch.float32 and float(item["ef"]) == pytest.approx(0.40)
+    np.testing.assert_array_equal(_frame_ids(item["video"]), reference_indices(50, 50, 32)[:16])
+    short = ds[1]  # 20 frames at 25 fps → 25 resampled frames (upsampled)
+    np.testing.assert_array_equal(
+        _frame_ids(short["video"][: short["valid"]]), reference_indices(20, 25, 32)[:16]
+    )
+    ds = EchoVideoDataset(videos, "VAL", frames=16, target_fps=32, random_window=False)
+    item = ds[0]  # 12 frames at 30 fps → 12 resampled frames, padded with 4 zeros
+    assert item["valid"] == 12
+    assert item["video"][12:].abs().sum() == 0
+    np.testing.assert_array_equal(_frame_ids(item["video"][:12]), reference_indices(12, 30, 32))
+    train = EchoVideoDataset(videos, "TRAIN", frames=16, seed=3)
+    first = train[0]["video"]
+    assert torch.equal(train[0]["video"], first)  # seeded: reproducible
+    seen = set()
+    for epoch in range(8):
+        train.set_epoch(epoch)
+        seen.add(tuple(_frame_ids(train[0]["video"])))
+    assert len(seen) > 1
+    kept = EchoVideoDataset(videos, "TRAIN", frames=30, drop_short=True).records
+    assert [r.name for r in kept] == ["a"]  # b lasts 0.8 s < 30 frames at 32 fps
+
+
+def test_frame_dataset(videos):
+    ds = FrameDataset(videos, "TRAIN", size=None)
+    assert len(ds) == 50 + 20
+    x = ds[53]  # video b, frame 3
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    frames, _ = read_video(videos / "Videos" / "b.avi")
+    torch.testing.assert_close(x, frames[3].float().div(128).sub(1).expand(3, 16, 16))
+    assert -1 <= x.min() and x.max() < 1
+    resized = FrameDataset(videos, "TRAIN", size=8)[0]
+    assert resized.shape == (3, 8, 8)
+    sampled = FrameDataset(videos, "TRAIN", size=16, frames_per_video=3, seed=0)
+    assert len(sampled) == 6 and sampled[4].shape == (3, 16, 16)
+    assert torch.equal(sampled[4], sampled[4])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)))
+    assert batch.shape == (4, 3, 16, 16)
+
+
+def test_to_model_pixels():
+    x = to_model_pixels(torch.tensor([[[0, 128, 255]]], dtype=torch.uint8))
+    assert x.shape == (1, 3, 1, 3)
+    torch.testing.assert_close(x[0, :, 0], torch.tensor([[-1.0, 0.0, 255 / 128 - 1]] * 3))
+
+
+# ------------------------------------------------------------------------------------------
+# Latent datasets (latents[t] = t identifies the frame)
+# ------------------------------------------------------------------------------------------
+
+
+def _latent_dataset(root: Path, spec: list[tuple[str, int, float, str]]) -> Path:
+    (root / "Latents").mkdir(parents=True)
+    rows = []
+    for i, (name, n, fps, split) in enumerate(spec):
+        lat = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 4, 3, 3)
+        save_file(
+            {"latents": lat.contiguous()},
+            str(root / "Latents" / f"{name}.safetensors"),
+            metadata={"fps": repr(fps)},
+        )
+        rows.append({"FileName": name, "EF": 10 * (i + 1), "FPS": fps, "Split": split})
+    write_filelist(root, rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    return _latent_dataset(
+        root, [("x", 100, 50.0, "TRAIN"), ("y", 30, 32.0, "TRAIN"), ("z", 70, 32.0, "VAL")]
+    )
+
+
+def test_latent_video_dataset(latents):
+    ds = LatentVideoDataset(latents, "TRAIN", frames=32, random_window=False)
+    assert len(ds) == 2
+    item = ds[0]
+    assert set(item) == {"latents", "ef", "cond", "valid", "name"}
+    assert item["latents"].shape == (32, 4, 3, 3) and item["latents"].dtype == torch.float32
+    assert item["cond"].shape == (4, 3, 3) and item["valid"] == 32 and item["name"] == "x"
+    assert float(item["ef"]) == pytest.approx(0.1)
+    ids = item["latents"][:, 0, 0, 0].numpy()
+    np.testing.assert_array_equal(ids, reference_indices(100, 50, 32)[:32])
+    assert 0 <= float(item["cond"][0, 0, 0]) < 100  # drawn from the whole video
+    assert torch.equal(ds[0]["cond"], item["cond"])  # evaluation: deterministic
+    short = ds[1]  # 30 frames at 32 fps: 30 valid, 2 zero frames
+    assert short["valid"] == 30 and short["latents"][30:].abs().sum() == 0
+    np.testing.assert_array_equal(short["latents"][:30, 0, 0, 0].numpy(), np.arange(30))
+
+    train = LatentVideoDataset(latents, "TRAIN", frames=32, seed=1)
+    a, b = train[0], train[0]
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["cond"], b["cond"])
+    conds, starts = set(), set()
+    for epoch in range(20):
+        train.set_epoch(epoch)
+        it = train[0]
+        conds.add(float(it["cond"][0, 0, 0]))
+        starts.add(float(it["latents"][0, 0, 0, 0]))
+        assert it["valid"] == 32
+    assert len(conds) > 5 and len(starts) > 3
+    assert max(conds) > float(train[0]["latents"][-1, 0, 0, 0]) or min(conds) < 30
+    unseeded = LatentVideoDataset(latents, "TRAIN", frames=32)
+    assert len({float(unseeded[0]["cond"][0, 0, 0]) for _ in range(20)}) > 1
+
+    loader = torch.utils.data.DataLoader(train, batch_size=2)
+    batch = next(iter(loader))
+    assert batch["latents"].shape == (2, 32, 4, 3, 3) and batch["cond"].shape == (2, 4, 3, 3)
+    assert batch["ef"].dtype == torch.float32 and batch["ef"].shape == (2,)
+    assert batch["valid"].tolist() == [32, 30] and batch["name"] == ["x", "y"]
+
+
+def test_latent_frame_dataset(latents):
+    ds = LatentFrameDataset(latents, "TRAIN", seed=0)
+    assert len(ds) == 2
+    x = ds[0]
+    assert x.shape == (4, 3, 3) and x.dtype == torch.float32
+    assert torch.equal(ds[0], x)
+    values = set()
+    for epoch in range(30):
+        ds.set_epoch(epoch)
+        values.add(float(ds[1][0, 0, 0]))
+    assert len(values) > 5 and all(0 <= v < 30 for v in values)
+    assert len(LatentFrameDataset(latents, "VAL")) == 1
+    with pytest.raises(DatasetError):
+        LatentFrameDataset(latents, "TEST")
+
+
+def test_latent_dataset_fps_from_metadata(tmp_path):
+    root = _latent_dataset(tmp_path / "m", [("v", 64, 64.0, "TRAIN")])
+    text = (root / "FileList.csv").read_text().replace(",64.0,", ",,")
+    (root / "FileList.csv").write_text(text)
+    item = LatentVideoDataset(root, "TRAIN", frames=32, random_window=False)[0]
+    np.testing.assert_array_equal(item["latents"][:, 0, 0, 0].numpy(), np.arange(0, 64, 2))

@@ -1,0 +1,156 @@
+"""``echofast encode``: latents equal the VAE's posterior mean × scaling_factor, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from support.models import rel_err, save_diffusers
+from support.weights import TINY_VAE
+
+from echofast.data import LatentFrameDataset, LatentVideoDataset, write_filelist
+from echofast.data.encode import EncodeConflict, main_encode
+from echofast.io import read_video, write_video
+
+SPEC = [("v0", 7, 50.0, "TRAIN"), ("v1.avi", 5, 32.0, "TRAIN"), ("v2", 6, 30.0, "VAL")]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae")
+    model = save_diffusers(AutoencoderKL, TINY_VAE, folder)
+    return folder, model
+
+
+@pytest.fixture
+def videos(tmp_path):
+    root = tmp_path / "videos"
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, n, fps, split in SPEC:
+        frames = rng.integers(0, 256, (n, 16, 16), dtype=np.uint8)
+        frames = np.cumsum(frames, axis=2, dtype=np.uint8)  # some structure for MJPEG
+        write_video(root / "Videos" / f"{name.removesuffix('.avi')}.avi", frames, fps)
+        rows.append({"FileName": name, "EF": 50 + len(rows), "FPS": fps, "Split": split})
+    write_filelist(root, rows)
+    return root
+
+
+def _encode(vae_dir, src, out, *extra) -> int:
+    args = ["--vae", str(vae_dir), "--input", str(src), "--out", str(out), "--no-progress"]
+    return main_encode([*args, "--batch-size", "3", "--device", "cpu", *extra])
+
+
+def _latents(path):
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("latents"), fh.metadata()
+
+
+def test_latents_match_vae_posterior_mean(tiny_vae, videos, tmp_path):
+    vae_dir, ref = tiny_vae
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 0
+    for name, n, fps, _ in SPEC:
+        stem = name.removesuffix(".avi")
+        got, meta = _latents(out / "Latents" / f"{stem}.safetensors")
+        frames, _ = read_video(videos / "Videos" / f"{stem}.avi")
+        x = (frames.float() / 128 - 1)[:, None].repeat(1, 3, 1, 1)
+        with torch.no_grad():
+            want = ref.encode(x).latent_dist.mean * ref.config.scaling_factor
+        assert got.dtype == torch.float32 and got.shape == (n, 4, 8, 8) == want.shape
+        assert rel_err(got, want) <= 1e-5
+        assert float(meta["fps"]) == fps and int(meta["frames"]) == n
+    with open(out / "FileList.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["FileName"] for r in rows] == ["v0", "v1.avi", "v2"]
+    assert [int(r["NumberOfFrames"]) for r in rows] == [7, 5, 6]
+    assert [float(r["FPS"]) for r in rows] == [50.0, 32.0, 30.0]
+    manifest = json.loads((out / "encode.json").read_text())
+    assert manifest["scaling_factor"] == TINY_VAE["scaling_factor"]
+    # the trainers' readers load it
+    item = LatentVideoDataset(out, "TRAIN", frames=4, random_window=False)[1]
+    assert item["latents"].shape == (4, 4, 8, 8) and item["name"] == "v1"
+    assert float(item["ef"]) == pytest.approx(0.51)
+    assert LatentFrameDataset(out, "VAL")[0].shape == (4, 8, 8)
+
+
+def test_resume_skips_finished_videos(tiny_vae, videos, tmp_path, capsys):
+    vae_dir, _ = tiny_vae
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 0
+    files = sorted((out / "Latents").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    capsys.readouterr()
+    assert _encode(vae_dir, videos, out) == 0
+    assert "encoded 0 video(s)" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in files} == stamps
+    (out / "Latents" / "v1.safetensors").unlink()
+    (out / "Latents" / "v2.safetensors").write_bytes(b"torn")  # not a finished file
+    assert _encode(vae_dir, videos, out) == 0
+    assert "encoded 2 video(s)" in capsys.readouterr().out
+    assert (out / "Latents" / "v0.safetensors").stat().st_mtime_ns == stamps["v0.safetensors"]
+    assert _latents(out / "Latents" / "v2.safetensors")[0].shape == (6, 4, 8, 8)
+    assert not list((out / "Latents").glob(".*.tmp"))
+
+
+def test_corrupt_video_is_reported_and_others_encoded(tiny_vae, videos, tmp_path, capsys):
+    vae_dir, _ = tiny_vae
+    (videos / "Videos" / "v1.avi").write_bytes(b"RIFF not really a video")
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 1
+    err = capsys.readouterr().err
+    assert "1 video(s) failed" in err and "v1" in err and "v1.avi" in err
+    assert sorted(p.name for p in (out / "Latents").iterdir()) == [
+        "v0.safetensors",
+        "v2.safetensors",
+    ]
+    with open(out / "FileList.csv", newline="") as fh:
+        assert [r["FileName"] for r in csv.DictReader(fh)] == ["v0", "v2"]
+
+
+def test_refusals(tiny_vae, videos, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae_dir, _ = tiny_vae
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(EncodeConflict, match="not an echofast latent dataset"):
+        _encode(vae_dir, videos, foreign)
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 0
+    other = tmp_path / "other_vae"
+    save_diffusers(AutoencoderKL, TINY_VAE, other, seed=5)
+    with pytest.raises(EncodeConflict, match="another VAE"):
+        _encode(other, videos, out)
+    with pytest.raises(EncodeConflict, match="differ"):
+        _encode(vae_dir, videos, videos)
+
+
+def test_weights_root_and_real_size(tmp_path):
+    """A weights root (holding vae/) is accepted, and 112×112 frames give 4×14×14 latents with
+    the reference's 4-block layout (here with few channels)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(TINY_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=4)
+    config["down_block_types"] = ["DownEncoderBlock2D"] * 4
+    config["up_block_types"] = ["UpDecoderBlock2D"] * 4
+    ref = save_diffusers(AutoencoderKL, config, tmp_path / "weights" / "vae")
+    src = tmp_path / "big"
+    frames = np.random.default_rng(1).integers(0, 256, (2, 112, 112), dtype=np.uint8)
+    write_video(src / "Videos" / "big.avi", frames, 32)
+    write_filelist(src, [{"FileName": "big", "EF": 60, "FPS": 32, "Split": "TEST"}])
+    assert _encode(tmp_path / "weights", src, tmp_path / "lat") == 0
+    got, _ = _latents(tmp_path / "lat" / "Latents" / "big.safetensors")
+    assert got.shape == (2, 4, 14, 14)
+    decoded, _ = read_video(src / "Videos" / "big.avi")
+    x = (decoded.float() / 128 - 1)[:, None].repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean * ref.config.scaling_factor
+    assert rel_err(got, want) <= 1e-5

@@ -1,0 +1,81 @@
+"""EMA: the decay schedule and the update match diffusers' EMAModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echofast.train.ema import EMA, ema_decay
+
+EMAModel = pytest.importorskip("diffusers.training_utils").EMAModel
+
+SETTINGS = [
+    dict(decay=0.9999, use_warmup=True, inv_gamma=1.0, power=2 / 3),
+    dict(decay=0.999, use_warmup=True, inv_gamma=10.0, power=0.75, min_decay=0.1),
+    dict(decay=0.9999, use_warmup=False, update_after_step=5),
+]
+
+
+def _diffusers_kwargs(settings: dict) -> dict:
+    out = dict(settings)
+    out["use_ema_warmup"] = out.pop("use_warmup")
+    return out
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_decay_matches_diffusers(settings):
+    ref = EMAModel(_net().parameters(), **_diffusers_kwargs(settings))
+    for step in [1, 2, 3, 4, 6, 7, 10, 100, 1000, 31_622, 100_000, 10**6, 10**7]:
+        assert ema_decay(step, **settings) == ref.get_decay(step), step
+
+
+def test_reference_schedule_formula():
+    assert ema_decay(1) == 0.0  # the first update copies the weights
+    for step in (2, 50, 5000, 500_000):
+        t = step - 1
+        assert ema_decay(step) == pytest.approx(min(0.9999, 1 - (1 + t) ** (-2 / 3)), rel=1e-15)
+    assert ema_decay(5 * 10**6) == 0.9999
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:2])
+def test_updates_match_diffusers(settings):
+    net = _net()
+    ours = EMA(net, **settings)
+    theirs = EMAModel(net.parameters(), foreach=True, **_diffusers_kwargs(settings))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        loss = net(torch.randn(5, 3, generator=g)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ours.step(net.parameters())
+        theirs.step(net.parameters())
+        assert ours.cur_decay_value == theirs.cur_decay_value
+    for a, b in zip(ours.shadow, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_dict_and_copy_to():
+    net = _net()
+    ema = EMA(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.step(net.parameters())
+    ema.step(net.parameters())
+    state = ema.state_dict()
+    other = EMA(_net(1))
+    other.load_state_dict(state)
+    assert other.optimization_step == 2
+    target = _net(2)
+    other.copy_to(target)
+    for (name, p), s in zip(target.named_parameters(), ema.shadow):
+        torch.testing.assert_close(p, s, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict({**state, "shadow": {"x": torch.zeros(1)}})

@@ -1,0 +1,298 @@
+"""End-to-end training runs on tiny models: files, exact resume, accumulation, export, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from support.weights import TINY_LIDM, TINY_LVDM, TINY_VAE
+
+from echofast.errors import ConfigError
+from echofast.train import config_from_dict, main_train, train
+from echofast.train.loop import (
+    TrainingConflict,
+    list_checkpoints,
+    load_checkpoint,
+    read_log,
+)
+
+ARCH = {"vae": TINY_VAE, "lidm": TINY_LIDM, "lvdm": TINY_LVDM}
+DIFFUSERS = {
+    "vae": "AutoencoderKL",
+    "lidm": "UNet2DModel",
+    "lvdm": "UNetSpatioTemporalConditionModel",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is fastest, and much faster on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_config(out, kind, *, steps=4, batch=2, accum=1, **sections):
+    data = {
+        "model": {"type": kind, "config": ARCH[kind]},
+        "output_dir": str(out),
+        "data": {"source": "random", "num_workers": 0, "random_items": 12, "frames": 8},
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "grad_accum": accum,
+            "checkpoint_every": 2,
+            "progress": False,
+        },
+        "optim": {"warmup_steps": 2, "lr": 1e-3},
+    }
+    if kind == "vae":
+        data["vae"] = {"disc_start": 2, "disc_layers": 1, "disc_channels": 8}
+        data["ema"] = {"enabled": True}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+def _assert_states_close(a, b, atol, path="state"):
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=path)
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_states_close(a[k], b[k], atol, f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_states_close(x, y, atol, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def _rows(out):
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("kind", ["vae", "lidm", "lvdm"])
+def test_run_writes_everything_and_export_loads(tmp_path, kind):
+    from diffusers import AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
+
+    from echofast.models import LIDM, LVDM, VAE
+
+    out = tmp_path / "run"
+    cfg = make_config(out, kind, train={"keep_checkpoints": 1})
+    summary = train(cfg)
+    assert summary["step"] == 4 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert [s for s, _ in list_checkpoints(out)] == [4]  # step 2 was rotated out
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[0]["lr"]) == 0.0 and float(rows[2]["lr"]) == 1e-3  # warm-up, constant
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "train_config.json").read_text()) == cfg.to_dict()
+
+    state = load_checkpoint(out / "checkpoints" / "step-00000004.pt")
+    assert state["config"] == cfg.to_dict() and state["step"] == 4
+    assert state["sampler"]["position"] == 4 * summary["global_batch"]
+    assert {"torch", "numpy", "python"} <= set(state["rng"][0])
+    ema = state["ema"]["shadow"]
+    assert any(not torch.equal(ema[k], state["model"][k]) for k in ema)
+
+    ours = {"vae": VAE, "lidm": LIDM, "lvdm": LVDM}[kind].from_pretrained(out / "export")
+    theirs_cls = {
+        "vae": AutoencoderKL,
+        "lidm": UNet2DModel,
+        "lvdm": UNetSpatioTemporalConditionModel,
+    }[kind]
+    theirs = theirs_cls.from_pretrained(out / "export")
+    assert (
+        json.loads((out / "export" / "config.json").read_text())["_class_name"] == DIFFUSERS[kind]
+    )
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name], rtol=0, atol=0, msg=name)
+    for name, tensor in theirs.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name], rtol=0, atol=0, msg=name)
+    if kind == "lidm":
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, t).sample, theirs(x, t).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_loss_decreases_with_progress_bar(tmp_path, capsys):
+    cfg = make_config(
+        tmp_path / "run",
+        "vae",
+        steps=16,
+        batch=4,
+        train={"checkpoint_every": 16, "progress": True, "export_at_end": False},
+        vae={"disc_start": 100},
+    )
+    train(cfg)
+    _, losses = read_log(tmp_path / "run" / "log.csv")
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    err = capsys.readouterr().err
+    assert "train vae" in err and "16/16" in err and "steps_per_s" in err
+
+
+@pytest.mark.parametrize(
+    "kind, k, batch, accum", [("lidm", 3, 2, 2), ("vae", 2, 2, 1), ("lvdm", 2, 1, 1)]
+)
+def test_resume_is_exact(tmp_path, kind, k, batch, accum):
+    straight = make_config(
+        tmp_path / "a",
+        kind,
+        steps=2 * k,
+        batch=batch,
+        accum=accum,
+        train={"checkpoint_every": k, "export_at_end": False},
+    )
+    train(straight)
+    first = make_config(
+        tmp_path / "b",
+        kind,
+        steps=k,
+        batch=batch,
+        accum=accum,
+        train={"checkpoint_every": k, "export_at_end": False},
+    )
+    train(first)
+    second = make_config(
+        tmp_path / "b",
+        kind,
+        steps=2 * k,
+        batch=batch,
+        accum=accum,
+        train={"checkpoint_every": k, "export_at_end": False},
+    )
+    summary = train(second, resume="latest")
+    assert summary["step"] == 2 * k
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / f"step-{2 * k:08d}.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / f"step-{2 * k:08d}.pt")
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "lr_scheduler",
+        "aux",
+        "aux_optimizers",
+        "scaler",
+        "sampler",
+    ):
+        _assert_states_close(a[key], b[key], atol=1e-6, path=key)
+    assert read_log(tmp_path / "a" / "log.csv") == read_log(tmp_path / "b" / "log.csv")
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path):
+    class Latents(torch.utils.data.Dataset):  # any dataset with the item structure works
+        def __init__(self):
+            self.x = torch.randn(10, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    results = []
+    for name, batch, accum in [("b4", 4, 1), ("b2a2", 2, 2), ("b1a4", 1, 4)]:
+        cfg = make_config(
+            tmp_path / name,
+            "lidm",
+            steps=3,
+            batch=batch,
+            accum=accum,
+            train={"export_at_end": False},
+        )
+        train(cfg, dataset=Latents())
+        state = load_checkpoint(tmp_path / name / "checkpoints" / "step-00000003.pt")
+        results.append((read_log(tmp_path / name / "log.csv")[1], state["model"]))
+    for losses, model in results[1:]:
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(results[0][0]), rtol=1e-5, atol=1e-6
+        )
+        _assert_states_close(
+            without_key_biases(model), without_key_biases(results[0][1]), atol=1e-5
+        )
+
+
+def without_key_biases(state: dict) -> dict:
+    """Attention key biases get a zero gradient in exact arithmetic (softmax ignores a constant
+    added to every score): their float gradients are rounding noise, which Adam's normalisation
+    turns into lr-sized steps in arbitrary directions. Compare everything else."""
+    return {k: v for k, v in state.items() if not k.endswith("to_k.bias")}
+
+
+def test_guards(tmp_path):
+    cfg = make_config(tmp_path / "run", "lidm", steps=2)
+    train(cfg)
+    with pytest.raises(TrainingConflict, match="--resume"):
+        train(cfg)
+    changed = make_config(tmp_path / "run", "lidm", steps=3, optim={"lr": 5e-4})
+    with pytest.raises(TrainingConflict, match="optim.lr"):
+        train(changed, resume="latest")
+    fp16 = make_config(
+        tmp_path / "other", "lidm", train={"mixed_precision": "fp16", "device": "cpu"}
+    )
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        train(fp16)
+    with pytest.raises(FileNotFoundError):
+        train(make_config(tmp_path / "x", "lidm"), resume=tmp_path / "none.pt")
+
+
+def test_cli(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    config = tmp_path / "lidm.toml"
+    arch = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_LIDM.items())
+    config.write_text(
+        f'output_dir = "{tmp_path / "run"}"\n[model]\ntype = "lidm"\n[model.config]\n{arch}\n'
+        '[data]\nsource = "random"\nnum_workers = 0\nrandom_items = 8\n'
+        "[train]\nmax_steps = 2\nbatch_size = 2\ncheckpoint_every = 1\n"
+    )
+    assert main_train(["lidm", "--config", str(config), "--no-progress"]) == 0
+    assert "step 2" in capsys.readouterr().out
+    assert (
+        main_train(
+            [
+                "lidm",
+                "--config",
+                str(config),
+                "--resume",
+                "--no-progress",
+                "--set",
+                "train.max_steps=3",
+            ]
+        )
+        == 0
+    )
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2, 3]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003.pt"
+    assert main_train(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 0
+    assert (
+        main_train(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "raw"),
+                "--weights",
+                "model",
+            ]
+        )
+        == 0
+    )
+    state = load_checkpoint(ckpt)
+    ema = UNet2DModel.from_pretrained(tmp_path / "x").state_dict()
+    raw = UNet2DModel.from_pretrained(tmp_path / "raw").state_dict()
+    for name in state["model"]:
+        assert torch.equal(ema[name], state["ema"]["shadow"][name])
+        assert torch.equal(raw[name], state["model"][name])
+    with pytest.raises(ConfigError, match="trains 'vae'"):
+        main_train(["vae", "--config", str(config)])
+    with pytest.raises(SystemExit):
+        main_train(["gan", "--config", str(config)])
