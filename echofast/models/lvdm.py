@@ -50,8 +50,9 @@ class LVDM(ModelBase):
     ``model(sample, timestep, encoder_hidden_states, added_time_ids).sample`` with sample
     (B, T, in_channels, H, W) → (B, T, out_channels, H, W). T is free (not tied to
     ``num_frames``); H and W need not be multiples of 2^(levels-1): the up path then resizes to
-    the skips' sizes, as diffusers does. ``encoder_hidden_states`` is (B, L, cross_attention_dim),
-    ``added_time_ids`` (B, n) with n·addition_time_embed_dim = projection_class_embeddings_input_dim.
+    the skips' sizes, as diffusers does. ``encoder_hidden_states`` is (B, L, cross_attention_dim)
+    and ``added_time_ids`` (B, n) with n·addition_time_embed_dim equal to
+    projection_class_embeddings_input_dim.
     """
 
     diffusers_class = "UNetSpatioTemporalConditionModel"
@@ -95,7 +96,12 @@ class LVDM(ModelBase):
         layers = _per_block("layers_per_block", layers_per_block, n)
         xdim = _per_block("cross_attention_dim", cross_attention_dim, n)
         depth = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
-        for i, (c, h) in enumerate(zip(chans, heads)):
+        # heads of the levels with transformers (cross-attention stages, and the mid block)
+        attending = ({i for i, k in enumerate(down_block_types) if k == DOWN_TYPES[0]}
+                     | {n - 1 - i for i, k in enumerate(up_block_types) if k == UP_TYPES[1]}
+                     | {n - 1})
+        for i in sorted(attending):
+            c, h = chans[i], heads[i]
             if c % h:
                 raise ConfigError(f"config key 'num_attention_heads': entry {i} = {h} does not "
                                   f"divide block_out_channels[{i}] = {c}")
@@ -127,27 +133,7 @@ class LVDM(ModelBase):
         self.num_upsamplers = n - 1
         self.conv_norm_out = GroupNorm(32, chans[0], eps=1e-5, activation="silu")
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
-        self._relayout_convs()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._relayout_convs())
-
-    # ---- memory layout ------------------------------------------------------------------------
-
-    #: Layout of the (B·T, C, H, W) activations. Channels-last makes CPU convolutions faster and
-    #: turns the transformers' (B·T, H·W, C) token layout and the temporal resnets'
-    #: (B, C, T, H, W) layout into views of the activations (no permute copies).
-    memory_format: torch.memory_format = torch.channels_last
-
-    def _relayout_convs(self) -> None:
-        """Store conv kernels in the activations' layout, so no call re-lays them out."""
-        fmt4, fmt5 = ((torch.channels_last, torch.channels_last_3d)
-                      if self.memory_format == torch.channels_last
-                      else (torch.contiguous_format, torch.contiguous_format))
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                    fmt = fmt4 if m.weight.dim() == 4 else fmt5
-                    if not m.weight.is_contiguous(memory_format=fmt):
-                        m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self.relayout_convs()  # conv kernels in the activations' layout (ModelBase.memory_format)
 
     # ---- embeddings ---------------------------------------------------------------------------
 
@@ -191,14 +177,19 @@ class LVDM(ModelBase):
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
-        if added_time_ids.dim() != 2 or added_time_ids.shape[0] != b:
-            raise ValueError(f"added_time_ids must be ({b}, n), got {tuple(added_time_ids.shape)}")
+        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+        if added_time_ids.shape != (b, n_ids) or n_ids * cfg.addition_time_embed_dim != (
+                cfg.projection_class_embeddings_input_dim):
+            raise ValueError(
+                f"added_time_ids must be ({b}, {n_ids}) (projection_class_embeddings_input_dim / "
+                f"addition_time_embed_dim ids per sample), got {tuple(added_time_ids.shape)}")
 
         factor = 2 ** self.num_upsamplers
         forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
         emb = self.time_embed(self._timesteps(timestep, b, sample.device), added_time_ids)
 
-        # activations stay channels-last (NHWC): faster CPU convs, token views without copies
+        # channels-last activations (ModelBase.memory_format): faster CPU convs, and the token and
+        # (B, C, T, H, W) layouts of the transformers and temporal resnets become views
         x = self.conv_in(sample.flatten(0, 1).contiguous(memory_format=self.memory_format))
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:

@@ -14,7 +14,12 @@ Exact rewrites of diffusers' computation (same values up to fp rounding):
   queries, so their LayerNorm is skipped too.
 * The frame-position embedding is computed once per transformer call for ``T`` frames.
 
-Without autograd, residual sums reuse the storage of freshly computed temporaries.
+Layout and CPU speed (same values): the UNet keeps activations channels-last, so a frame map
+(B·T, C, H, W) is physically (B·T, H·W, C) tokens and its (B, C, T, H, W) view, used by the
+temporal resnet, is channels-last-3d: no permute copies at the transformers or temporal resnets.
+The temporal (3,1,1) Conv3d runs as a (3,1) Conv2d over (T, H·W). Without autograd, residual sums
+reuse the storage of fresh temporaries, and on CPU per-token branches (feed-forwards, self-
+attention) run in chunks of rows (:data:`CPU_CHUNK_BYTES`).
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
         super().__init__()
         inner = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
+        self.net = nn.ModuleList(
+            [GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[1](self.net[0](x)))
@@ -153,7 +159,7 @@ class TemporalTransformerBlock(nn.Module):
 
 
 class AlphaBlender(nn.Module):
-    """The learned spatial/temporal mix: ``a·spatial + (1 - a)·temporal``, ``a = sigmoid(mix_factor)``.
+    """Learned mix ``a·spatial + (1 - a)·temporal`` with ``a = sigmoid(mix_factor)``.
 
     diffusers' ``AlphaBlender(merge_strategy="learned_with_images")`` with an all-zero
     ``image_only_indicator`` (videos only), which is what its UNet always passes.

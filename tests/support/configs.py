@@ -50,3 +50,26 @@ LIDM_SMALL_CONFIG = {
     "layers_per_block": 1,
     "norm_num_groups": 8,
 }
+
+LVDM_FULL_CONFIG = {
+    "sample_size": 14,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
+    "block_out_channels": [128, 256, 256, 512],
+    "addition_time_embed_dim": 1,
+    "projection_class_embeddings_input_dim": 1,
+    "layers_per_block": 2,
+    "cross_attention_dim": 1,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": [8, 16, 16, 32],
+    "num_frames": 64,
+}
+
+LVDM_SMALL_CONFIG = {
+    **LVDM_FULL_CONFIG,
+    "block_out_channels": [32, 64, 64, 64],
+    "num_attention_heads": [2, 4, 4, 4],
+    "num_frames": 8,
+}
