@@ -124,9 +124,6 @@ class VAE(ModelBase):
     """
 
     diffusers_class = "AutoencoderKL"
-    #: NCHW by default: the decoder's 30 convolutions amplify layout-dependent rounding, and
-    #: channels_last gains little here (see ``use_channels_last``).
-    memory_format = torch.contiguous_format
 
     def __init__(
         self,
