@@ -153,7 +153,7 @@ def run_case(case: Case, repeats: int) -> dict:
 def _git_sha() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
