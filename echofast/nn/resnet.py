@@ -124,7 +124,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        out = h.add_(x) if not torch.is_grad_enabled() else x + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
