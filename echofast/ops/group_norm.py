@@ -4,10 +4,14 @@
     y = y * (1 + scale) + shift               (optional; scale, shift: (N, C))
     y = silu(y)                               (optional)
 
-Backends: ``torch`` (the reference below). Fused Triton kernels plug in ahead of it.
+Backends: ``triton`` (fused kernels in :mod:`echofast.kernels.group_norm`, forward and backward;
+CUDA, or CPU under ``TRITON_INTERPRET=1``), then ``torch`` (the reference below).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +92,130 @@ def _torch_reasons(x: torch.Tensor, *args, **kwargs) -> list[str]:
     return []
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def _interpret() -> bool:
+    """``TRITON_INTERPRET`` as Triton reads it, looked up at call time."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def _triton_reasons(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> list[str]:
+    reasons = []
+    interpret = _interpret()
+    if not x.is_cuda and not interpret:
+        reasons.append(f"x is on {x.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
+    if x.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {x.dtype} unsupported (float32/float16/bfloat16 only)")
+    for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
+        if p is None:
+            continue
+        if p.dtype not in _TRITON_DTYPES:
+            reasons.append(f"{name} dtype {p.dtype} unsupported (float32/float16/bfloat16 only)")
+        if p.device != x.device:
+            reasons.append(f"{name} is on {p.device}, x on {x.device}")
+    if x.dim() not in (3, 4, 5):
+        reasons.append(f"x must be 3D, 4D or 5D, got {x.dim()}D")
+    elif not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
+        reasons.append(
+            f"x layout (strides {x.stride()}) is neither contiguous nor "
+            "channels_last (4D) / channels_last_3d (5D)"
+        )
+    if x.numel() == 0:
+        reasons.append("x is empty")
+    if x.dim() >= 2 and num_groups > 0 and x.shape[1] // num_groups > 1024:
+        reasons.append(f"C/G = {x.shape[1] // num_groups} channels per group > 1024")
+    if activation not in ACTIVATIONS:
+        reasons.append(f"activation {activation!r} unsupported")
+    if reasons:  # cheap check only: do not import triton for a call that cannot use it
+        if importlib.util.find_spec("triton") is None:
+            reasons.insert(0, "triton is not installed")
+        return reasons
+    try:
+        from echofast.kernels import group_norm as kernels
+    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
+        return [f"triton not importable ({type(e).__name__}: {e})"]
+    interpreted = type(kernels._gn_fwd_stats_kernel).__name__ == "InterpretedFunction"
+    if not x.is_cuda and not interpreted:
+        reasons.append(
+            "echofast.kernels.group_norm was imported without TRITON_INTERPRET=1, so its "
+            "kernels cannot run on CPU"
+        )
+    return reasons
+
+
+class _GroupNormTriton(torch.autograd.Function):
+    """Forward: the fused Triton kernels; backward: the Triton backward kernels (dx, and the
+    per-(n, c) sums from which the parameter gradients are formed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, activation):
+        from echofast.kernels.group_norm import group_norm_fwd
+
+        y, mean, rstd = group_norm_fwd(
+            x, num_groups, weight, bias, eps, activation, scale, shift, _memory_format(x)
+        )
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups = num_groups
+        ctx.activation = activation
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _drstd):
+        from echofast.kernels.group_norm import group_norm_bwd
+
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        if not (dy.is_contiguous() or dy.is_contiguous(memory_format=_memory_format(dy))):
+            dy = dy.contiguous(memory_format=_memory_format(x))  # e.g. expanded or permuted
+        dx, ds, dg = group_norm_bwd(
+            dy, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation, scale, shift
+        )
+        need = ctx.needs_input_grad
+        one_plus = None if scale is None else 1 + scale.float()
+        dw = db = dsc = dsh = None
+        if need[1]:
+            dw = (dg if one_plus is None else dg * one_plus).sum(0).to(weight.dtype)
+        if need[2]:
+            db = (ds if one_plus is None else ds * one_plus).sum(0).to(bias.dtype)
+        if need[3]:
+            dsc = dg if weight is None else dg * weight.float()
+            if bias is not None:
+                dsc = dsc + ds * bias.float()
+            dsc = dsc.to(scale.dtype)
+        if need[4]:
+            dsh = ds.to(shift.dtype)
+        return (dx if need[0] else None), dw, db, dsc, dsh, None, None, None
+
+
+def group_norm_triton(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``triton`` backend: same contract as :func:`group_norm_reference`, differentiable."""
+    y, _, _ = _GroupNormTriton.apply(x, weight, bias, scale, shift, num_groups, eps, activation)
+    return y
+
+
 def _example(device: str) -> tuple[tuple, dict]:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     x = torch.empty(1, 64, 8, 8, device=device, dtype=dtype)
@@ -97,6 +225,12 @@ def _example(device: str) -> tuple[tuple, dict]:
 _op = Op(
     "group_norm",
     [
+        Backend(
+            "triton",
+            group_norm_triton,
+            _triton_reasons,
+            "fused Triton GroupNorm + modulation + SiLU, fp32 statistics, forward and backward",
+        ),
         Backend(
             "torch",
             group_norm_reference,

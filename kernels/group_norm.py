@@ -1,0 +1,445 @@
+"""Triton GroupNorm (+ ``y * (1 + scale) + shift``) (+ SiLU), forward and backward, 3D/4D/5D.
+
+Design
+------
+* Indexing. x (N, C, *spatial) is viewed as (N, C, S), S = prod(spatial), with one stride per
+  axis: contiguous -> (C*S, S, 1), channels_last(_3d) -> (S*C, 1, C). Group g of sample n is the
+  (C/G, S) slab ``x[n, g*CG:(g+1)*CG, :]``; a program works on [BLOCK_C, BLOCK_S] tiles of it
+  (BLOCK_C = next_pow2(CG) covers every channel of the group, BLOCK_S spans spatial positions).
+  Triton specialises integer arguments equal to 1, so the unit stride (s for contiguous, c for
+  channels_last) is a compile-time constant and loads vectorise along it in both layouts.
+* Work split (two-stage reduction). The grid is (N*G, num_chunks): the spatial axis of every group
+  is cut into ``num_chunks`` chunks of ``chunk_s`` positions (a multiple of BLOCK_S). When N*G is
+  small -- the LVDM's temporal GroupNorm has N*G = 32 (or 64) groups of (C/32)*T*H*W elements --
+  the launcher picks num_chunks so that about 4 programs per SM exist and the GPU fills. Stage 1
+  writes one partial result per (group, chunk); stage 2 (the elementwise pass) first finalises
+  the group's statistics from those partials in its prologue (a tiny [BLOCK_K] reduction that every
+  program of the group repeats, so no separate finalize launch), then processes its chunk.
+  Forward = 2 launches (stats, apply); backward = 2 launches (per-channel partial sums, dx).
+* Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
+  are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
+  formula. This reads x once for the statistics (a global two-pass would read it twice) while
+  keeping the accuracy of two-pass: no E[x^2] - E[x]^2 cancellation when |mean| >> std.
+* Precision. Every load is converted to fp32 and all arithmetic is fp32; y/dx are rounded to the
+  output dtype (fp32/fp16/bf16) once, at the store. mean and rstd are stored fp32 (N*G,) for the
+  backward, which recomputes xhat (and the SiLU input) from x instead of keeping activations.
+* Forward per element: y = act((x - mean) * A[c] + B[c]) with A = rstd * w * (1 + scale),
+  B = b * (1 + scale) + shift (per (n, c), computed once per program).
+* Backward: with gamma = w * (1 + scale), z the pre-activation and dz = dy * act'(z):
+  stage 1 stores per-channel partials ds = sum_s dz and dg = sum_s dz * xhat per chunk;
+  stage 2 sums them over chunks (and stores ds, dg as (N, C) fp32 for the parameter gradients,
+  which the caller forms from these tiny tensors), then
+  dx = rstd * (gamma * dz - mean_group(gamma * dz) - xhat * mean_group(gamma * dz * xhat)).
+* Block sizes: tiles of at most ``MAX_TILE`` = 4096 elements (BLOCK_S = 4096 // BLOCK_C, capped at
+  next_pow2(S)); 4 warps up to 2048 elements, 8 above. CG must be <= ``MAX_GROUP_CHANNELS``.
+  Offsets are int64 so tensors above 2**31 elements index correctly.
+
+Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs made here):
+  x_ptr, dy_ptr        input / upstream gradient, (N, C, S) with strides (s*n, s*c, s*s)
+  y_ptr, dx_ptr        output / input gradient, (N, C, S), x's dtype, own strides
+  w_ptr, b_ptr         (C,) affine weight / bias, any float dtype (read if HAS_W / HAS_B)
+  scale_ptr, shift_ptr (N, C) contiguous modulation (read if HAS_SCALE / HAS_SHIFT)
+  mean_part_ptr, m2_part_ptr  fp32 (N*G, num_chunks): per-chunk mean and M2
+  mean_ptr, rstd_ptr   fp32 (N*G,): group mean and 1/sqrt(var + eps)
+  ds_part_ptr, dg_part_ptr    fp32 (N*C, num_chunks): per-chunk sum dz, sum dz*xhat
+  ds_ptr, dg_ptr       fp32 (N, C): the same summed over chunks
+  C, S, G, CG          channels, spatial size, groups, channels per group (CG = C // G)
+  chunk_s, num_chunks  spatial positions per chunk (multiple of BLOCK_S) and chunk count
+  inv_count            1 / (CG * S) as a float
+  eps                  variance epsilon
+  BLOCK_C, BLOCK_S, BLOCK_K   tile sizes (powers of two); BLOCK_K = next_pow2(num_chunks)
+  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT_SILU   constexpr switches
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TILE = 4096
+MAX_GROUP_CHANNELS = 1024
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _group_coeffs(
+    w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
+    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    """Per channel of the group: gamma = w * (1 + scale), beta = b * (1 + scale) + shift (fp32)."""
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    b = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=mask_c, other=0.0).to(tl.float32)
+        w = w * s1
+        b = b * s1
+    if HAS_SHIFT:
+        b = b + tl.load(shift_ptr + n * C + c, mask=mask_c, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def _gn_fwd_stats_kernel(
+    x_ptr, mean_part_ptr, m2_part_ptr,
+    S, G, CG, chunk_s, num_chunks,
+    sxn, sxc, sxs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Stage 1: mean and M2 of chunk ``program_id(1)`` of group ``program_id(0)`` (= n*G + g)."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    n = pid // G
+    g = pid % G
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CG
+    row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    mean = 0.0
+    m2 = 0.0
+    cnt = 0.0
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(row + s.to(tl.int64)[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
+        m_t = tl.sum(xv) / n_t
+        d = tl.where(mask, xv - m_t, 0.0)
+        m2_t = tl.sum(d * d)
+        cnt_new = cnt + n_t
+        delta = m_t - mean
+        mean = mean + delta * (n_t / cnt_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
+        cnt = cnt_new
+    tl.store(mean_part_ptr + pid * num_chunks + k, mean)
+    tl.store(m2_part_ptr + pid * num_chunks + k, m2)
+
+
+@triton.jit
+def _gn_fwd_apply_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+    mean_part_ptr, m2_part_ptr, mean_ptr, rstd_ptr,
+    C, S, G, CG, chunk_s, num_chunks, inv_count, eps,
+    sxn, sxc, sxs, syn, syc, sys,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """Stage 2: finalise the group's statistics from the chunk partials, then write y."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    n = pid // G
+    g = pid % G
+    # finalize (Chan's merge of all chunks; repeated by every program of the group)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < num_chunks
+    pm = tl.load(mean_part_ptr + pid * num_chunks + offs_k, mask=mask_k, other=0.0)
+    pm2 = tl.load(m2_part_ptr + pid * num_chunks + offs_k, mask=mask_k, other=0.0)
+    cnt_k = (tl.minimum(S - offs_k * chunk_s, chunk_s) * CG).to(tl.float32)
+    cnt_k = tl.where(mask_k, cnt_k, 0.0)
+    mean = tl.sum(cnt_k * pm) * inv_count
+    dm = pm - mean
+    var = tl.maximum(tl.sum(pm2 + cnt_k * dm * dm) * inv_count, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if k == 0:
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CG
+    c = g * CG + offs_c
+    gamma, beta = _group_coeffs(
+        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
+        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+    )
+    a = (gamma * rstd)[:, None]
+    bb = beta[:, None]
+    c64 = c.to(tl.int64)[:, None]
+    xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
+    yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[None, :]
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = (xv - mean) * a + bb
+        if ACT_SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(yrow + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_partial_kernel(
+    x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    ds_part_ptr, dg_part_ptr,
+    C, S, G, CG, chunk_s, num_chunks,
+    sxn, sxc, sxs, sdn, sdc, sds,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """Backward stage 1: per channel, sum over the chunk of dz and dz * xhat."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    n = pid // G
+    g = pid % G
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CG
+    c = g * CG + offs_c
+    gamma, beta = _group_coeffs(
+        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
+        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+    )
+    gm = gamma[:, None]
+    bt = beta[:, None]
+    c64 = c.to(tl.int64)[:, None]
+    xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
+    drow = dy_ptr + n.to(tl.int64) * sdn + c64 * sdc
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    ds = tl.zeros([BLOCK_C], tl.float32)
+    dg = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[None, :]
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(drow + s64 * sds, mask=mask, other=0.0).to(tl.float32)
+        xhat = (xv - mean) * rstd
+        if ACT_SILU:
+            z = xhat * gm + bt
+            sig = tl.sigmoid(z)
+            dz = dz * (sig * (1.0 + z * (1.0 - sig)))
+        dz = tl.where(mask, dz, 0.0)
+        ds += tl.sum(dz, axis=1)
+        dg += tl.sum(dz * xhat, axis=1)
+    out = (n * C + c) * num_chunks + k
+    tl.store(ds_part_ptr + out, ds, mask=mask_c)
+    tl.store(dg_part_ptr + out, dg, mask=mask_c)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    ds_part_ptr, dg_part_ptr, ds_ptr, dg_ptr,
+    C, S, G, CG, chunk_s, num_chunks, inv_count,
+    sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """Backward stage 2: reduce the partials over chunks, then write dx for this chunk."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    n = pid // G
+    g = pid % G
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_c = offs_c < CG
+    c = g * CG + offs_c
+    part = (n * C + c)[:, None] * num_chunks + offs_k[None, :]
+    pmask = mask_c[:, None] & (offs_k < num_chunks)[None, :]
+    ds = tl.sum(tl.load(ds_part_ptr + part, mask=pmask, other=0.0), axis=1)
+    dg = tl.sum(tl.load(dg_part_ptr + part, mask=pmask, other=0.0), axis=1)
+    if k == 0:
+        tl.store(ds_ptr + n * C + c, ds, mask=mask_c)
+        tl.store(dg_ptr + n * C + c, dg, mask=mask_c)
+    gamma, beta = _group_coeffs(
+        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
+        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+    )
+    c1 = tl.sum(tl.where(mask_c, gamma * ds, 0.0)) * inv_count
+    c2 = tl.sum(tl.where(mask_c, gamma * dg, 0.0)) * inv_count
+    gm = gamma[:, None]
+    bt = beta[:, None]
+    c64 = c.to(tl.int64)[:, None]
+    xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
+    drow = dy_ptr + n.to(tl.int64) * sdn + c64 * sdc
+    grow = dx_ptr + n.to(tl.int64) * sgn + c64 * sgc
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[None, :]
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(drow + s64 * sds, mask=mask, other=0.0).to(tl.float32)
+        xhat = (xv - mean) * rstd
+        if ACT_SILU:
+            z = xhat * gm + bt
+            sig = tl.sigmoid(z)
+            dz = dz * (sig * (1.0 + z * (1.0 - sig)))
+        dx = rstd * (gm * dz - c1 - xhat * c2)
+        tl.store(grow + s64 * sgs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def ncs_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(stride_n, stride_c, stride_s) of ``t`` (N, C, *spatial) viewed as (N, C, S).
+
+    ``t`` must be contiguous, or channels_last (4D) / channels_last_3d (5D).
+    """
+    n, c = t.shape[:2]
+    s = t.numel() // max(n * c, 1)
+    if t.is_contiguous():
+        return c * s, s, 1
+    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return s * c, 1, c
+    raise ValueError(
+        f"group_norm (triton): tensor of shape {tuple(t.shape)} and strides {t.stride()} is "
+        "neither contiguous nor channels_last(_3d)"
+    )
+
+
+class Plan:
+    """Tile sizes and the chunking of the spatial axis for one (N, C, S, G) problem."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        num_groups: int,
+        *,
+        block_s: int | None = None,
+        num_chunks: int | None = None,
+    ):
+        n, c = x.shape[:2]
+        self.N, self.C, self.G = n, c, num_groups
+        self.CG = c // num_groups
+        self.S = x.numel() // (n * c)
+        self.BLOCK_C = triton.next_power_of_2(self.CG)
+        if block_s is None:
+            block_s = min(triton.next_power_of_2(self.S), max(1, MAX_TILE // self.BLOCK_C))
+        self.BLOCK_S = block_s
+        max_chunks = triton.cdiv(self.S, block_s)
+        if num_chunks is None:
+            if x.is_cuda:
+                props = torch.cuda.get_device_properties(x.device)
+                target = props.multi_processor_count * PROGRAMS_PER_SM
+            else:  # the interpreter pays per program: one chunk per group
+                target = 1
+            num_chunks = triton.cdiv(target, n * num_groups)
+        num_chunks = max(1, min(num_chunks, max_chunks))
+        self.chunk_s = triton.cdiv(triton.cdiv(self.S, num_chunks), block_s) * block_s
+        self.num_chunks = triton.cdiv(self.S, self.chunk_s)
+        self.BLOCK_K = triton.next_power_of_2(self.num_chunks)
+        self.inv_count = 1.0 / (self.CG * self.S)
+        self.num_warps = 4 if self.BLOCK_C * self.BLOCK_S <= 2048 else 8
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.N * self.G, self.num_chunks)
+
+
+def _flags(weight, bias, scale, shift, activation) -> dict:
+    return {
+        "HAS_W": weight is not None,
+        "HAS_B": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "ACT_SILU": activation == "silu",
+    }
+
+
+def _ptrs(x, weight, bias, scale, shift):
+    """Absent parameters are passed as ``x`` (never read: their HAS_* flag is off)."""
+    return tuple(x if p is None else p.contiguous() for p in (weight, bias, scale, shift))
+
+
+def group_norm_fwd(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    out_format: torch.memory_format,
+    *,
+    block_s: int | None = None,
+    num_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (x's shape/dtype, ``out_format``), mean and rstd (fp32, (N, G))."""
+    p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    mean_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
+    m2_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
+    mean = torch.empty(p.N, p.G, **f32)
+    rstd = torch.empty(p.N, p.G, **f32)
+    sx, sy = ncs_strides(x), ncs_strides(y)
+    _gn_fwd_stats_kernel[p.grid](
+        x, mean_part, m2_part,
+        p.S, p.G, p.CG, p.chunk_s, p.num_chunks, *sx,
+        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, num_warps=p.num_warps,
+    )
+    _gn_fwd_apply_kernel[p.grid](
+        x, y, *_ptrs(x, weight, bias, scale, shift), mean_part, m2_part, mean, rstd,
+        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, p.inv_count, float(eps), *sx, *sy,
+        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, BLOCK_K=p.BLOCK_K,
+        **_flags(weight, bias, scale, shift, activation), num_warps=p.num_warps,
+    )
+    return y, mean, rstd
+
+
+def group_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    *,
+    block_s: int | None = None,
+    num_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's dtype and layout), ds = sum_s dz and dg = sum_s dz * xhat (fp32, (N, C)).
+
+    ``dy`` must be contiguous or channels_last(_3d); dz is dy times the activation's derivative.
+    """
+    p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
+    dx = torch.empty_like(x)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    ds_part = torch.empty(p.N * p.C, p.num_chunks, **f32)
+    dg_part = torch.empty(p.N * p.C, p.num_chunks, **f32)
+    ds = torch.empty(p.N, p.C, **f32)
+    dg = torch.empty(p.N, p.C, **f32)
+    sx, sd, sg = ncs_strides(x), ncs_strides(dy), ncs_strides(dx)
+    params = _ptrs(x, weight, bias, scale, shift)
+    flags = _flags(weight, bias, scale, shift, activation)
+    _gn_bwd_partial_kernel[p.grid](
+        x, dy, *params, mean, rstd, ds_part, dg_part,
+        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, *sx, *sd,
+        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, **flags, num_warps=p.num_warps,
+    )
+    _gn_bwd_dx_kernel[p.grid](
+        x, dy, dx, *params, mean, rstd, ds_part, dg_part, ds, dg,
+        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, p.inv_count, *sx, *sd, *sg,
+        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, BLOCK_K=p.BLOCK_K, **flags,
+        num_warps=p.num_warps,
+    )
+    return dx, ds, dg
