@@ -252,6 +252,15 @@ def _require(records: list, root: Path, split, what: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def _long_enough(records: list, frames: int, target_fps: float | None, drop_short: bool) -> list:
+    """With ``drop_short``, only clips longer than one window at ``target_fps`` (the reference)."""
+    if not (drop_short and target_fps):
+        return records
+    return [
+        r for r in records if r.fps and r.num_frames and r.num_frames / r.fps > frames / target_fps
+    ]
+
+
 class EchoVideoDataset(_Seeded, torch.utils.data.Dataset):
     """Clips of an EchoNet-layout video dataset, resampled to ``target_fps``, in windows.
 
@@ -273,13 +282,7 @@ class EchoVideoDataset(_Seeded, torch.utils.data.Dataset):
         self.root = Path(root)
         self.frames, self.target_fps = int(frames), target_fps
         self.random_window, self.seed = random_window, seed
-        records = read_records(self.root, split)
-        if drop_short and target_fps:
-            records = [
-                r
-                for r in records
-                if r.fps and r.num_frames and r.num_frames / r.fps > self.frames / target_fps
-            ]
+        records = _long_enough(read_records(self.root, split), self.frames, target_fps, drop_short)
         _require(records, self.root, split, "videos")
         self.records = records
 
@@ -426,13 +429,9 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
         self.root = Path(root)
         self.frames, self.target_fps = int(frames), target_fps
         self.random_window, self.seed = random_window, seed
-        records = read_latent_records(self.root, split)
-        if drop_short and target_fps:
-            records = [
-                r
-                for r in records
-                if r.fps and r.num_frames and r.num_frames / r.fps > self.frames / target_fps
-            ]
+        records = _long_enough(
+            read_latent_records(self.root, split), self.frames, target_fps, drop_short
+        )
         _require(records, self.root, split, "encoded videos")
         self.records = records
 

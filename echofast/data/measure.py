@@ -99,7 +99,8 @@ def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     return x
 
 
-def _blur_axis(x: np.ndarray, axis: int, kernel: np.ndarray) -> np.ndarray:
+def blur_axis(x: np.ndarray, axis: int, kernel: np.ndarray) -> np.ndarray:
+    """Same-size 1-D convolution along ``axis`` with edge replication."""
     r = len(kernel) // 2
     pad = [(0, 0)] * x.ndim
     pad[axis] = (r, r)
@@ -116,7 +117,7 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     r = max(1, int(math.ceil(3 * sigma)))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
-    return _blur_axis(_blur_axis(x, 1, k), 2, k)
+    return blur_axis(blur_axis(x, 1, k), 2, k)
 
 
 def _dilate(m: np.ndarray, n: int = 1) -> np.ndarray:

@@ -48,6 +48,7 @@ from ..errors import EchofastError
 from ..fsutil import atomic_write_text
 from ..rng import sample_seed
 from .echonet import SPLITS, TRACINGS_COLUMNS, split_counts, split_of, write_filelist
+from .measure import blur_axis
 
 PIXEL_CM = 0.18
 """Stated pixel size of a 112-pixel phantom (cm): volumes in mL are pixel³ × PIXEL_CM³
@@ -166,26 +167,13 @@ def _egg_coverage(x, y, ox, oy, ux, uy, a_ap, a_b, b) -> np.ndarray:
     return np.clip(0.5 - (f - 1.0) * ratio, 0.0, 1.0).astype(np.float32)
 
 
-def _blur_axis(a: np.ndarray, axis: int, kernel: np.ndarray) -> np.ndarray:
-    """Same-size 1-D convolution along ``axis`` with edge replication."""
-    r = len(kernel) // 2
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (r, r)
-    padded = np.pad(a, pad, mode="edge")
-    n = a.shape[axis]
-    out = np.zeros_like(a)
-    for i, w in enumerate(kernel):
-        out += w * np.take(padded, np.arange(i, i + n), axis=axis)
-    return out
-
-
 def _speckle(rng: np.random.Generator, t: int, h: int, w: int, rho: float) -> np.ndarray:
     """(T, H, W) float32 speckle amplitude with mean ≈ 1: |smoothed complex Gaussian|, the
     field an AR(1) process in time with coefficient ``rho``."""
     noise = rng.standard_normal((2, t, h, w), dtype=np.float32)
     for i in range(1, t):
         noise[:, i] = rho * noise[:, i - 1] + math.sqrt(1 - rho * rho) * noise[:, i]
-    noise = _blur_axis(_blur_axis(noise, 2, _SPECKLE_KERNEL), 3, _SPECKLE_KERNEL)
+    noise = blur_axis(blur_axis(noise, 2, _SPECKLE_KERNEL), 3, _SPECKLE_KERNEL)
     kappa = float((_SPECKLE_KERNEL**2).sum()) ** 2
     amp = np.sqrt(noise[0] ** 2 + noise[1] ** 2)
     return amp / np.float32(math.sqrt(kappa) * math.sqrt(math.pi / 2))
