@@ -53,6 +53,8 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -64,9 +66,19 @@ PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _group_coeffs(
-    w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    n,
+    c,
+    mask_c,
+    C,
     BLOCK_C: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     """Per channel of the group: gamma = w * (1 + scale), beta = b * (1 + scale) + shift (fp32)."""
     w = tl.full([BLOCK_C], 1.0, tl.float32)
@@ -86,10 +98,19 @@ def _group_coeffs(
 
 @triton.jit
 def _gn_fwd_stats_kernel(
-    x_ptr, mean_part_ptr, m2_part_ptr,
-    S, G, CG, chunk_s, num_chunks,
-    sxn, sxc, sxs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    mean_part_ptr,
+    m2_part_ptr,
+    S,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    sxn,
+    sxc,
+    sxs,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Stage 1: mean and M2 of chunk ``program_id(1)`` of group ``program_id(0)`` (= n*G + g)."""
     pid = tl.program_id(0)
@@ -124,12 +145,37 @@ def _gn_fwd_stats_kernel(
 
 @triton.jit
 def _gn_fwd_apply_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-    mean_part_ptr, m2_part_ptr, mean_ptr, rstd_ptr,
-    C, S, G, CG, chunk_s, num_chunks, inv_count, eps,
-    sxn, sxc, sxs, syn, syc, sys,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_part_ptr,
+    m2_part_ptr,
+    mean_ptr,
+    rstd_ptr,
+    C,
+    S,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    inv_count,
+    eps,
+    sxn,
+    sxc,
+    sxs,
+    syn,
+    syc,
+    sys,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
     """Stage 2: finalise the group's statistics from the chunk partials, then write y."""
@@ -157,8 +203,19 @@ def _gn_fwd_apply_kernel(
     mask_c = offs_c < CG
     c = g * CG + offs_c
     gamma, beta = _group_coeffs(
-        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
-        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        c,
+        mask_c,
+        C,
+        BLOCK_C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
     )
     a = (gamma * rstd)[:, None]
     bb = beta[:, None]
@@ -180,12 +237,34 @@ def _gn_fwd_apply_kernel(
 
 @triton.jit
 def _gn_bwd_partial_kernel(
-    x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    ds_part_ptr, dg_part_ptr,
-    C, S, G, CG, chunk_s, num_chunks,
-    sxn, sxc, sxs, sdn, sdc, sds,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    ds_part_ptr,
+    dg_part_ptr,
+    C,
+    S,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    sxn,
+    sxc,
+    sxs,
+    sdn,
+    sdc,
+    sds,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
     """Backward stage 1: per channel, sum over the chunk of dz and dz * xhat."""
@@ -200,8 +279,19 @@ def _gn_bwd_partial_kernel(
     mask_c = offs_c < CG
     c = g * CG + offs_c
     gamma, beta = _group_coeffs(
-        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
-        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        c,
+        mask_c,
+        C,
+        BLOCK_C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
     )
     gm = gamma[:, None]
     bt = beta[:, None]
@@ -233,12 +323,42 @@ def _gn_bwd_partial_kernel(
 
 @triton.jit
 def _gn_bwd_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    ds_part_ptr, dg_part_ptr, ds_ptr, dg_ptr,
-    C, S, G, CG, chunk_s, num_chunks, inv_count,
-    sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    ds_part_ptr,
+    dg_part_ptr,
+    ds_ptr,
+    dg_ptr,
+    C,
+    S,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    inv_count,
+    sxn,
+    sxc,
+    sxs,
+    sdn,
+    sdc,
+    sds,
+    sgn,
+    sgc,
+    sgs,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
     """Backward stage 2: reduce the partials over chunks, then write dx for this chunk."""
@@ -261,8 +381,19 @@ def _gn_bwd_dx_kernel(
         tl.store(ds_ptr + n * C + c, ds, mask=mask_c)
         tl.store(dg_ptr + n * C + c, dg, mask=mask_c)
     gamma, beta = _group_coeffs(
-        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C,
-        BLOCK_C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        c,
+        mask_c,
+        C,
+        BLOCK_C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
     )
     c1 = tl.sum(tl.where(mask_c, gamma * ds, 0.0)) * inv_count
     c2 = tl.sum(tl.where(mask_c, gamma * dg, 0.0)) * inv_count
@@ -311,6 +442,11 @@ def ncs_strides(t: torch.Tensor) -> tuple[int, int, int]:
     )
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 class Plan:
     """Tile sizes and the chunking of the spatial axis for one (N, C, S, G) problem."""
 
@@ -333,8 +469,7 @@ class Plan:
         max_chunks = triton.cdiv(self.S, block_s)
         if num_chunks is None:
             if x.is_cuda:
-                props = torch.cuda.get_device_properties(x.device)
-                target = props.multi_processor_count * PROGRAMS_PER_SM
+                target = _sm_count(x.device.index) * PROGRAMS_PER_SM
             else:  # the interpreter pays per program: one chunk per group
                 target = 1
             num_chunks = triton.cdiv(target, n * num_groups)
@@ -389,15 +524,42 @@ def group_norm_fwd(
     rstd = torch.empty(p.N, p.G, **f32)
     sx, sy = ncs_strides(x), ncs_strides(y)
     _gn_fwd_stats_kernel[p.grid](
-        x, mean_part, m2_part,
-        p.S, p.G, p.CG, p.chunk_s, p.num_chunks, *sx,
-        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, num_warps=p.num_warps,
+        x,
+        mean_part,
+        m2_part,
+        p.S,
+        p.G,
+        p.CG,
+        p.chunk_s,
+        p.num_chunks,
+        *sx,
+        BLOCK_C=p.BLOCK_C,
+        BLOCK_S=p.BLOCK_S,
+        num_warps=p.num_warps,
     )
     _gn_fwd_apply_kernel[p.grid](
-        x, y, *_ptrs(x, weight, bias, scale, shift), mean_part, m2_part, mean, rstd,
-        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, p.inv_count, float(eps), *sx, *sy,
-        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, BLOCK_K=p.BLOCK_K,
-        **_flags(weight, bias, scale, shift, activation), num_warps=p.num_warps,
+        x,
+        y,
+        *_ptrs(x, weight, bias, scale, shift),
+        mean_part,
+        m2_part,
+        mean,
+        rstd,
+        p.C,
+        p.S,
+        p.G,
+        p.CG,
+        p.chunk_s,
+        p.num_chunks,
+        p.inv_count,
+        float(eps),
+        *sx,
+        *sy,
+        BLOCK_C=p.BLOCK_C,
+        BLOCK_S=p.BLOCK_S,
+        BLOCK_K=p.BLOCK_K,
+        **_flags(weight, bias, scale, shift, activation),
+        num_warps=p.num_warps,
     )
     return y, mean, rstd
 
@@ -432,14 +594,51 @@ def group_norm_bwd(
     params = _ptrs(x, weight, bias, scale, shift)
     flags = _flags(weight, bias, scale, shift, activation)
     _gn_bwd_partial_kernel[p.grid](
-        x, dy, *params, mean, rstd, ds_part, dg_part,
-        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, *sx, *sd,
-        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, **flags, num_warps=p.num_warps,
+        x,
+        dy,
+        *params,
+        mean,
+        rstd,
+        ds_part,
+        dg_part,
+        p.C,
+        p.S,
+        p.G,
+        p.CG,
+        p.chunk_s,
+        p.num_chunks,
+        *sx,
+        *sd,
+        BLOCK_C=p.BLOCK_C,
+        BLOCK_S=p.BLOCK_S,
+        **flags,
+        num_warps=p.num_warps,
     )
     _gn_bwd_dx_kernel[p.grid](
-        x, dy, dx, *params, mean, rstd, ds_part, dg_part, ds, dg,
-        p.C, p.S, p.G, p.CG, p.chunk_s, p.num_chunks, p.inv_count, *sx, *sd, *sg,
-        BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, BLOCK_K=p.BLOCK_K, **flags,
+        x,
+        dy,
+        dx,
+        *params,
+        mean,
+        rstd,
+        ds_part,
+        dg_part,
+        ds,
+        dg,
+        p.C,
+        p.S,
+        p.G,
+        p.CG,
+        p.chunk_s,
+        p.num_chunks,
+        p.inv_count,
+        *sx,
+        *sd,
+        *sg,
+        BLOCK_C=p.BLOCK_C,
+        BLOCK_S=p.BLOCK_S,
+        BLOCK_K=p.BLOCK_K,
+        **flags,
         num_warps=p.num_warps,
     )
     return dx, ds, dg

@@ -10,6 +10,7 @@ CUDA, or CPU under ``TRITON_INTERPRET=1``), then ``torch`` (the reference below)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -96,6 +97,11 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _interpret() -> bool:
     """``TRITON_INTERPRET`` as Triton reads it, looked up at call time."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
@@ -139,7 +145,7 @@ def _triton_reasons(
     if activation not in ACTIVATIONS:
         reasons.append(f"activation {activation!r} unsupported")
     if reasons:  # cheap check only: do not import triton for a call that cannot use it
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             reasons.insert(0, "triton is not installed")
         return reasons
     try:
@@ -236,7 +242,7 @@ _op = Op(
             group_norm_reference,
             _torch_reasons,
             "F.group_norm in fp32 + modulation + activation (reference)",
-        )
+        ),
     ],
     _example,
 )

@@ -1,0 +1,240 @@
+"""The ``triton`` group_norm backend, run by the Triton interpreter on CPU.
+
+Forward and every gradient (x, weight, bias, scale, shift) against the torch reference
+(``group_norm_reference``) in fp32 and against an fp64 oracle in fp16; the dispatcher's choice with
+and without ``TRITON_INTERPRET``. Shapes are small: the interpreter pays per program and per op.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Triton decides at decoration time whether a @triton.jit function is interpreted, so the
+# variable must be set before the kernel module is first imported. It is set only while this
+# module imports the kernels, then restored, so that other test modules keep the CPU default
+# (automatic dispatch picks ``torch`` on CPU unless TRITON_INTERPRET is set at call time).
+_had_interpret = "TRITON_INTERPRET" in os.environ
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    triton = pytest.importorskip("triton", reason="triton is not importable")
+    try:
+        from echofast.kernels import group_norm as kernels  # noqa: E402
+    except ModuleNotFoundError as e:  # pragma: no cover - source tree on PYTHONPATH
+        pytest.skip(
+            f"echofast.kernels is not importable ({e}): it exists only in the installed package "
+            "(kernels/ is mapped to echofast.kernels at install time); pip install the repo",
+            allow_module_level=True,
+        )
+finally:
+    if not _had_interpret:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+from echofast.errors import BackendUnavailable  # noqa: E402
+from echofast.ops import group_norm, group_norm_reference  # noqa: E402
+from echofast.ops.group_norm import _op  # noqa: E402
+
+if type(kernels._gn_fwd_stats_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
+    pytest.skip(
+        "echofast.kernels.group_norm was imported before TRITON_INTERPRET=1 was set",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _inputs(
+    shape, groups, dtype=torch.float32, fmt=None, affine=(True, True), mod=(True, True), seed=0
+):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w = torch.randn(c, generator=g) if affine[0] else None
+    b = torch.randn(c, generator=g) if affine[1] else None
+    scale = torch.randn(n, c, generator=g) * 0.5 if mod[0] else None
+    shift = torch.randn(n, c, generator=g) if mod[1] else None
+    dy = torch.randn(shape, generator=g)
+    return [None if t is None else t.to(dtype) for t in (x, w, b, scale, shift)], dy.to(dtype)
+
+
+def _run(fn, tensors, groups, activation, dy, **kw):
+    """Output and the gradients of <y, dy> wrt every tensor input (None where absent)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    x, w, b, scale, shift = leaves
+    y = fn(x, groups, w, b, 1e-5, activation=activation, scale=scale, shift=shift, **kw)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, dy))
+    return y.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def _rel(a, ref, floor=0.0):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).abs().max() / max(ref.abs().max().item(), floor)).item()
+
+
+def _dx_floor(x, dy):
+    """Natural scale of dx (|dy| / std(x)): dx of a 2-element group is pure cancellation."""
+    return dy.double().abs().max().item() / max(x.double().std().item(), 1e-12)
+
+
+SHAPES = [
+    ((1, 2, 1, 1), 1),
+    ((2, 63, 5, 7), 21),  # odd H*W, 3 channels per group
+    ((2, 12, 1, 3, 5), 4),  # 5D with T=1
+    ((1, 64, 4, 6, 6), 32),  # echo-like temporal GroupNorm (C/32 = 2 channels, T*H*W spatial)
+]
+NAMES = ("x", "weight", "bias", "scale", "shift")
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_fp32_forward_and_grads_match_reference(shape, groups, activation):
+    tensors, dy = _inputs(shape, groups, seed=len(shape) * 100 + groups)
+    y, grads = _run(group_norm, tensors, groups, activation, dy, backend="triton")
+    y_ref, grads_ref = _run(group_norm_reference, tensors, groups, activation, dy)
+    assert y.dtype == torch.float32 and y.shape == tensors[0].shape and y.is_contiguous()
+    assert _rel(y, y_ref) <= 1e-5
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        floor = _dx_floor(tensors[0], dy) if name == "x" else 0.0
+        assert _rel(gr, gr_ref, floor) <= 1e-5, name
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    ("shape", "groups", "fmt"),
+    [((2, 16, 5, 7), 4, torch.channels_last), ((1, 32, 3, 4, 5), 8, torch.channels_last_3d)],
+)
+def test_channels_last(shape, groups, fmt):
+    tensors, dy = _inputs(shape, groups, fmt=fmt, seed=7)
+    y, grads = _run(group_norm, tensors, groups, "silu", dy, backend="triton")
+    y_ref, grads_ref = _run(group_norm_reference, tensors, groups, "silu", dy)
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    assert _rel(y, y_ref) <= 1e-5
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        assert _rel(gr, gr_ref) <= 1e-5, name
+
+
+def _reference_unit_weight(x, groups, w, b, eps, **kw):
+    """The reference with weight=None replaced by constant ones: torch's CPU autograd of
+    F.group_norm(weight=None, bias=b) fails ("tensor does not have a device")."""
+    if w is None and b is not None:
+        w = torch.ones_like(b)
+    return group_norm_reference(x, groups, w, b, eps, **kw)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    ("affine", "mod"),
+    [
+        ((False, False), (False, False)),
+        ((True, False), (False, True)),
+        ((False, True), (True, False)),
+    ],
+)
+def test_optional_parameters(affine, mod):
+    shape, groups = (2, 8, 3, 5), 2
+    tensors, dy = _inputs(shape, groups, affine=affine, mod=mod, seed=3)
+    y, grads = _run(group_norm, tensors, groups, "silu", dy, backend="triton")
+    y_ref, grads_ref = _run(_reference_unit_weight, tensors, groups, "silu", dy)
+    assert _rel(y, y_ref) <= 1e-5
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        assert (gr is None) == (gr_ref is None), name
+        if gr is not None:
+            assert _rel(gr, gr_ref) <= 1e-5, name
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_multi_chunk_two_stage_reduction(fmt):
+    """Several chunks per group and several tiles per chunk (the GPU's split for small N*G)."""
+    shape, groups = (1, 8, 3, 7, 9), 2
+    tensors, dy = _inputs(shape, groups, fmt=fmt, seed=11)
+    x, w, b, scale, shift = tensors
+    x = x * 10 + 100  # |mean| >> std: the chunk merge must not lose the variance
+    plan = {"block_s": 16, "num_chunks": 5}
+    p = kernels.Plan(x, groups, **plan)
+    assert p.num_chunks == 4 and p.chunk_s == 48  # S = 189: 4 chunks of 3 tiles (last: 2, ragged)
+    y, mean, rstd = kernels.group_norm_fwd(x, groups, w, b, 1e-5, "silu", scale, shift, fmt, **plan)
+    y_ref = group_norm_reference(x, groups, w, b, activation="silu", scale=scale, shift=shift)
+    assert _rel(y, y_ref) <= 1e-5
+    xg = x.double().reshape(1, groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0
+    )
+    dx, ds, dg = kernels.group_norm_bwd(
+        dy, x, mean, rstd, groups, w, b, "silu", scale, shift, **plan
+    )
+    _, grads_ref = _run(group_norm_reference, [x, w, b, scale, shift], groups, "silu", dy)
+    assert _rel(dx, grads_ref[0]) <= 1e-5
+    assert _rel(ds, grads_ref[4]) <= 1e-5  # d shift = sum_s dz
+
+
+def _fp16_torch(x, groups, w, b, eps, *, activation, scale, shift):
+    """Plain PyTorch with every op in fp16 arithmetic (F.group_norm on fp16 inputs)."""
+    y = F.group_norm(x, groups, w, b, eps)
+    y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+    return F.silu(y) if activation == "silu" else y
+
+
+@pytest.mark.usefixtures("interpret")
+def test_fp16_error_within_twice_torch_fp16():
+    """Kernel (fp16 in/out, fp32 math) vs torch in fp16 arithmetic, both against fp64."""
+    shape, groups = (1, 64, 4, 6, 6), 32
+    tensors, dy = _inputs(shape, groups, dtype=torch.float16, seed=5)
+    y, grads = _run(group_norm, tensors, groups, "silu", dy, backend="triton")
+    y16, grads16 = _run(_fp16_torch, tensors, groups, "silu", dy)
+    y64, grads64 = _run(
+        group_norm_reference, [t.double() for t in tensors], groups, "silu", dy.double()
+    )
+    assert y.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    assert _rel(y, y64) <= 2 * _rel(y16, y64)
+    for name, gr, gr16, gr64 in zip(NAMES, grads, grads16, grads64):
+        assert _rel(gr, gr64) <= 2 * _rel(gr16, gr64), name
+
+
+def test_automatic_choice_on_cpu_without_interpreter_is_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 8, 4, 4)
+    assert _op.select(x, 4, activation="silu").name == "torch"
+    out = group_norm(x, 4, activation="silu")
+    torch.testing.assert_close(out, group_norm_reference(x, 4, activation="silu"))
+
+
+def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64).permute(0, 1, 3, 2)
+    with pytest.raises(BackendUnavailable) as err:
+        group_norm(x, 4, backend="triton")
+    text = str(err.value)
+    assert "not CUDA" in text and "TRITON_INTERPRET" in text
+    assert "float64" in text and "channels_last" in text
+    assert err.value.backend == "triton"
+
+
+@pytest.mark.usefixtures("interpret")
+def test_interpreter_allows_cpu_and_auto_picks_triton():
+    x = torch.randn(1, 8, 4, 4)
+    assert _op.select(x, 4).name == "triton"
+    assert _op.select(x.double(), 4).name == "torch"  # fp64: falls back quietly
+    out = group_norm(x, 4, activation="silu", backend="triton")
+    torch.testing.assert_close(out, group_norm_reference(x, 4, activation="silu"))
+
+
+def test_import_echofast_does_not_import_triton():
+    import subprocess
+
+    code = "import sys, echofast, echofast.ops, echofast.nn; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
