@@ -7,43 +7,18 @@ and without ``TRITON_INTERPRET``. Shapes are small: the interpreter pays per pro
 
 from __future__ import annotations
 
-import os
 import sys
 
-# Triton decides at decoration time whether a @triton.jit function is interpreted, so the
-# variable must be set before the kernel module is first imported. It is set only while this
-# module imports the kernels, then restored, so that other test modules keep the CPU default
-# (automatic dispatch picks ``torch`` on CPU unless TRITON_INTERPRET is set at call time).
-_had_interpret = "TRITON_INTERPRET" in os.environ
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from support.triton_interp import interpreted_kernels
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from echofast.errors import BackendUnavailable
+from echofast.ops import group_norm, group_norm_reference
+from echofast.ops.group_norm import _op
 
-try:
-    triton = pytest.importorskip("triton", reason="triton is not importable")
-    try:
-        from echofast.kernels import group_norm as kernels  # noqa: E402
-    except ModuleNotFoundError as e:  # pragma: no cover - source tree on PYTHONPATH
-        pytest.skip(
-            f"echofast.kernels is not importable ({e}): it exists only in the installed package "
-            "(kernels/ is mapped to echofast.kernels at install time); pip install the repo",
-            allow_module_level=True,
-        )
-finally:
-    if not _had_interpret:
-        os.environ.pop("TRITON_INTERPRET", None)
-
-from echofast.errors import BackendUnavailable  # noqa: E402
-from echofast.ops import group_norm, group_norm_reference  # noqa: E402
-from echofast.ops.group_norm import _op  # noqa: E402
-
-if type(kernels._gn_fwd_stats_kernel).__name__ != "InterpretedFunction":  # pragma: no cover
-    pytest.skip(
-        "echofast.kernels.group_norm was imported before TRITON_INTERPRET=1 was set",
-        allow_module_level=True,
-    )
+kernels = interpreted_kernels("group_norm", "_gn_fwd_stats_kernel")
 
 
 @pytest.fixture

@@ -1,0 +1,44 @@
+"""Import echofast's Triton kernels under the Triton interpreter (CPU) for tests.
+
+Triton decides at decoration time whether a ``@triton.jit`` function is interpreted, so
+``TRITON_INTERPRET=1`` must be set when a kernel module is first imported. It is set only for
+that import, then restored: other test modules keep the CPU default, where automatic dispatch
+picks ``torch`` unless ``TRITON_INTERPRET`` is set at call time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+
+
+def interpreted_kernels(name: str, probe: str) -> ModuleType:
+    """``echofast.kernels.<name>``, imported interpreted; skips the calling module otherwise.
+
+    ``probe`` names a ``@triton.jit`` function of the module used to check interpretation.
+    """
+    had = "TRITON_INTERPRET" in os.environ
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        pytest.importorskip("triton", reason="triton is not importable")
+        try:
+            module = importlib.import_module(f"echofast.kernels.{name}")
+        except ModuleNotFoundError as e:
+            pytest.skip(
+                f"echofast.kernels is not importable ({e}): it exists only in the installed "
+                "package (kernels/ is mapped to echofast.kernels at install time); pip install "
+                "the repo",
+                allow_module_level=True,
+            )
+    finally:
+        if not had:
+            os.environ.pop("TRITON_INTERPRET", None)
+    if type(getattr(module, probe)).__name__ != "InterpretedFunction":
+        pytest.skip(
+            f"echofast.kernels.{name} was imported before TRITON_INTERPRET=1 was set",
+            allow_module_level=True,
+        )
+    return module
