@@ -1,0 +1,189 @@
+"""GroupNorm(+SiLU) on a CUDA GPU: echofast's Triton kernel vs eager PyTorch vs torch.compile.
+
+    python bench/bench_group_norm.py [--dtype float16] [--csv bench/results/group_norm.csv]
+
+Shapes: every GroupNorm call site of one full-config LVDM step (16×16 latents, T=64) recorded by
+forward hooks, at 1 and 8 windows, plus one >= 64 MiB tensor. Modes: forward, forward+backward.
+Bandwidth = bytes read and written once (fwd: x + y; fwd+bwd: adds dy, x again and dx) / median
+time, reported against a device-to-device copy measured in the same run. Times are
+``triton.testing.do_bench`` medians with p20/p80; inputs are random (never zeros). Goals
+(issue 6): >= 80 % of copy bandwidth on the large tensor, >= 3x eager on the model's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def lvdm_call_sites(windows: int) -> Counter:
+    """(shape, groups, eps, activation, channels_last) of every GroupNorm call, with counts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.configs import LVDM_FULL_CONFIG
+
+    from echofast.models import LVDM
+    from echofast.nn import GroupNorm
+
+    model = LVDM.from_config(LVDM_FULL_CONFIG).cuda().eval()
+    sites: Counter = Counter()
+
+    def hook(module, args, _out):
+        x = args[0]
+        cl = x.dim() > 3 and not x.is_contiguous()
+        sites[(tuple(x.shape), module.num_groups, module.eps, module.activation, cl)] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GroupNorm)]
+    x = torch.randn(windows, 64, 8, 16, 16, device="cuda")
+    with torch.no_grad():
+        model(
+            x,
+            500,
+            encoder_hidden_states=torch.rand(windows, 1, 1, device="cuda"),
+            added_time_ids=torch.zeros(windows, 1, device="cuda"),
+        )
+    for h in handles:
+        h.remove()
+    del model
+    torch.cuda.empty_cache()
+    return sites
+
+
+def _bench(fn) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return med, p20, p80
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(64 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    med, _, _ = _bench(lambda: dst.copy_(src))
+    return 2 * src.nbytes / (med * 1e-3) / 1e9
+
+
+def providers(groups: int, eps: float, activation: str | None):
+    from echofast.ops import group_norm
+
+    def eager(x, w, b):
+        y = F.group_norm(x, groups, w, b, eps)
+        return F.silu(y) if activation == "silu" else y
+
+    def fused(x, w, b):
+        return group_norm(x, groups, w, b, eps, activation=activation, backend="triton")
+
+    return {"echofast_triton": fused, "eager": eager, "torch_compile": torch.compile(eager)}
+
+
+def _forward(fn, x, w, b):
+    return lambda: fn(x, w, b)
+
+
+def _backward(fn, x, w, b, dy):
+    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+    return lambda: fn(xg, wg, bg).backward(dy)
+
+
+def run(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    copy_gbps = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device copy {copy_gbps:.0f} GB/s", flush=True)
+    cases: Counter = Counter()
+    for windows in (1, 8):
+        for key, n in lvdm_call_sites(windows).items():
+            cases[key + (f"lvdm x{windows}",)] += n
+    cases[((2, 256, 64, 32, 32), 32, 1e-6, "silu", False, "large 64 MiB (fp16)")] = 1
+    rows = []
+    for (shape, groups, eps, act, cl, origin), count in sorted(cases.items(), key=str):
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        if cl:
+            x = x.contiguous(
+                memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            )
+        w = torch.randn(shape[1], device="cuda", dtype=dtype)
+        b = torch.randn(shape[1], device="cuda", dtype=dtype)
+        dy = torch.randn_like(x)
+        for mode in ("forward", "forward+backward"):
+            for name, fn in providers(groups, eps, act).items():
+                call = _forward(fn, x, w, b) if mode == "forward" else _backward(fn, x, w, b, dy)
+                moved = (2 if mode == "forward" else 5) * x.nbytes
+                med, p20, p80 = _bench(call)
+                gbps = moved / (med * 1e-3) / 1e9
+                rows.append(
+                    {
+                        "card": torch.cuda.get_device_name(),
+                        "torch": torch.__version__,
+                        "cuda": torch.version.cuda,
+                        "git_sha": _git_sha(),
+                        "origin": origin,
+                        "calls_per_step": count,
+                        "shape": "x".join(map(str, shape)),
+                        "groups": groups,
+                        "activation": act or "",
+                        "channels_last": cl,
+                        "dtype": args.dtype,
+                        "mode": mode,
+                        "backend": name,
+                        "median_ms": med,
+                        "p20_ms": p20,
+                        "p80_ms": p80,
+                        "gbps": gbps,
+                        "frac_copy": gbps / copy_gbps,
+                    }
+                )
+                print(
+                    f"{origin:<20} {rows[-1]['shape']:<18} G={groups:<3} {mode:<16} "
+                    f"{name:<15} {med * 1e3:8.1f} us {gbps:7.0f} GB/s "
+                    f"({gbps / copy_gbps:.0%} of copy)",
+                    flush=True,
+                )
+    return rows
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "bench_group_norm.py needs a CUDA GPU (the CPU path is the torch reference)",
+            file=sys.stderr,
+        )
+        return 2
+    rows = run(args)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        new = not args.csv.exists()
+        with args.csv.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
