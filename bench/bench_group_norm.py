@@ -13,14 +13,13 @@ time, reported against a device-to-device copy measured in the same run. Times a
 from __future__ import annotations
 
 import argparse
-import csv
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchutil import append_csv, git_sha
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -123,7 +122,7 @@ def run(args) -> list[dict]:
                         "card": torch.cuda.get_device_name(),
                         "torch": torch.__version__,
                         "cuda": torch.version.cuda,
-                        "git_sha": _git_sha(),
+                        "git_sha": git_sha(),
                         "origin": origin,
                         "calls_per_step": count,
                         "shape": "x".join(map(str, shape)),
@@ -149,19 +148,6 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
@@ -175,13 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = run(args)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(args.csv, rows)
     return 0
 
 

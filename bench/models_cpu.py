@@ -12,10 +12,8 @@ are noisy: compare ratios, not absolute times.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from benchutil import append_csv, git_sha
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -150,19 +149,6 @@ def run_case(case: Case, repeats: int) -> dict:
     }
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="vae_decode,vae_encode,lidm,lvdm")
@@ -181,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             device=f"cpu: {platform.processor() or platform.machine()}",
             threads=args.threads,
             torch=torch.__version__,
-            git_sha=_git_sha(),
+            git_sha=git_sha(),
         )
         rows.append(row)
         print(
@@ -191,13 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(args.csv, rows)
     return 0
 
 
