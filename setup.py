@@ -231,7 +231,16 @@ with ParallelCompile("ECHOFAST_BUILD_JOBS"):
     setup(
         packages=_packages(),
         package_dir={"echofast.kernels": "kernels"},
-        package_data={"echofast.train": ["configs/*.toml"]},
+        package_data={
+            "echofast.train": ["configs/*.toml"],
+            "echofast.weights": [
+                "demo/*.json",
+                "demo/*.md",
+                "demo/*.png",
+                "demo/*/*.json",
+                "demo/*/*.safetensors",
+            ],
+        },
         ext_modules=_ext_modules(),
         cmdclass={"build_ext": BuildExt},
     )

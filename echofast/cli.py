@@ -16,6 +16,15 @@ def _info(argv: list[str]) -> int:
     return main(argv)
 
 
+_WEIGHTS_DEFAULTS = {"frames": 192, "fps": 32.0, "batch_size": 8, "steps": 64}
+"""Generation defaults with user weights (the reference's); the demo weights bring their own."""
+
+
+def _defaults_help(key: str) -> str:
+    ref = _WEIGHTS_DEFAULTS.get(key)
+    return ("with --weights: " + str(ref) + "; " if ref is not None else "") + "demo: see demo.json"
+
+
 def _generate(argv: list[str]) -> int:
     import argparse
 
@@ -30,15 +39,19 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument(
         "--weights",
-        required=True,
-        help="weights root with vae/, lidm_<dataset>/ and lvdm/ (diffusers folders)",
+        help="weights root with vae/, lidm_<dataset>/ and lvdm/ (diffusers folders); default: the "
+        "demo models shipped with echofast (trained on phantom echoes, see MODEL_CARD.md)",
     )
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--dataset", default="dynamic", choices=["dynamic", "ped_a4c", "ped_psax"])
-    p.add_argument("--num-videos", type=int, required=True)
-    p.add_argument("--frames", type=int, default=192, help="frames per video (default 192)")
-    p.add_argument("--fps", type=float, default=32.0, help="frame rate written in AVI and CSV")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per UNet batch")
+    p.add_argument("--num-videos", type=int, help=f"default {_defaults_help('num_videos')}")
+    p.add_argument(
+        "--frames", type=int, help=f"frames per video (default {_defaults_help('frames')})"
+    )
+    p.add_argument("--fps", type=float, help=f"frame rate in AVI and CSV ({_defaults_help('fps')})")
+    p.add_argument(
+        "--batch-size", type=int, help=f"videos per UNet batch ({_defaults_help('batch_size')})"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--splits",
@@ -55,7 +68,7 @@ def _generate(argv: list[str]) -> int:
         help="requested EF drawn as a uniform integer in [LO, HI] (default 10 90)",
     )
     group.add_argument("--ef-from", help="draw requested EFs from this FileList.csv's EF column")
-    p.add_argument("--steps", type=int, default=64, help="denoising steps (default 64)")
+    p.add_argument("--steps", type=int, help=f"denoising steps ({_defaults_help('steps')})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
@@ -66,6 +79,19 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("--name-prefix", default="synthetic_")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.weights is None:
+        from .weights import DEMO_DATASET, demo_defaults, demo_root
+
+        if a.dataset != DEMO_DATASET:
+            p.error(f"the demo weights cover --dataset {DEMO_DATASET} only; pass --weights")
+        a.weights, defaults = str(demo_root()), demo_defaults()
+    else:
+        defaults = dict(_WEIGHTS_DEFAULTS)
+        if a.num_videos is None:
+            p.error("--num-videos is required with --weights")
+    for key, value in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     if a.num_videos < 1 or a.frames < 1 or a.fps <= 0 or a.batch_size < 1 or a.steps < 1:
         p.error("--num-videos, --frames, --batch-size, --steps must be >= 1 and --fps > 0")
     cfg = GenerateConfig(
