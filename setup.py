@@ -218,10 +218,10 @@ def _ext_modules() -> list[Pybind11Extension]:
     return [
         Pybind11Extension(
             "echofast._C",
-            sources=["csrc/module.cpp", "csrc/cpu/build_info.cpp"],
+            sources=["csrc/module.cpp", "csrc/cpu/build_info.cpp", "csrc/cpu/video.cpp"],
             include_dirs=["csrc/include"],
             depends=depends,
-            extra_compile_args=list(CXX_WARNINGS),
+            extra_compile_args=["-O3", "-ffp-contract=off", *CXX_WARNINGS],
             cxx_std=CXX_STD,
         )
     ]

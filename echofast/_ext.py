@@ -2,12 +2,15 @@
 
 Importing this module does not load the extension: :func:`load` imports it on first use and
 caches the outcome. The extension is absent from pure-Python installs (``ECHOFAST_SKIP_EXT=1``)
-and may lack CUDA support (see ``build_info()["cuda"]``).
+and may lack CUDA support (see ``build_info()["cuda"]``). Setting ``ECHOFAST_SKIP_EXT=1`` at run
+time (before the first :func:`load`) also treats an installed extension as unavailable, so that
+the pure-Python fallbacks can be used and tested with the same installation.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from types import ModuleType
 from typing import Any
@@ -30,7 +33,20 @@ _module: ModuleType | None = None
 _failure: BaseException | None = None
 
 
+SKIP_ENV = "ECHOFAST_SKIP_EXT"
+
+
+class _SkippedByEnvironment(ImportError):
+    pass
+
+
+def _skip_requested() -> bool:
+    return os.environ.get(SKIP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, _SkippedByEnvironment):
+        return str(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name == EXTENSION:
         return (
             "echofast is installed without its compiled extension (built with "
@@ -50,6 +66,12 @@ def load() -> ModuleType:
         with _lock:
             if _module is None and _failure is None:
                 try:
+                    if _skip_requested():
+                        raise _SkippedByEnvironment(
+                            f"{SKIP_ENV}=1 is set: the extension is not loaded (unset it to use "
+                            "echofast._C)",
+                            name=EXTENSION,
+                        )
                     _module = importlib.import_module(EXTENSION)
                 except ImportError as exc:
                     _failure = exc

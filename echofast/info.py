@@ -37,6 +37,9 @@ def collect() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "extension": _ext.build_info(),
     }
+    from .io import video_backend
+
+    info["video"] = video_backend()
     devices = ["cpu"]
     if info["cuda_available"]:
         devices.append("cuda")
@@ -80,6 +83,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  CUDA devices: {ext.get('cuda_devices')}")
     else:
         lines.append(f"extension echofast._C: not built ({ext.get('reason')})")
+    video = info["video"]
+    if video["backend"] == "native":
+        where = "CPU + CUDA" if video["cuda"] else f"CPU only ({video['reason']})"
+        lines.append(f"video pixel path: native, echofast._C ({where})")
+    else:
+        lines.append(f"video pixel path: PyAV fallback ({video['reason']})")
     lines.append("")
     lines.append("ops (backend chosen automatically; others and why they cannot run):")
     for name, per_device in info["ops"].items():

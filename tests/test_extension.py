@@ -209,3 +209,89 @@ def test_cuda_runtime_is_linked_statically(cuda_ext):
     assert "libcudart" not in result.stdout
     assert "libcuda.so" not in result.stdout
     assert "libtorch" not in result.stdout and "libc10" not in result.stdout
+
+
+# ---- video pixel path entry points (validation only; conversions: tests/io/) ----------------
+
+
+def _planes(data: int, **changes) -> dict:
+    planes = {
+        "data": (data, data, data),
+        "frame_stride": (0, 0, 0),
+        "row_stride": (4, 2, 2),
+        "table": 0,
+        "frames": 1,
+        "height": 4,
+        "width": 4,
+        "layout": 0,
+        "channels": 3,
+        "full_range": True,
+        "chroma_shift": (1, 1),
+    }
+    planes.update(changes)
+    return planes
+
+
+def _frames(data: int, **changes) -> dict:
+    frames = {
+        "data": data,
+        "dtype": 0,
+        "frames": 1,
+        "height": 4,
+        "width": 4,
+        "channels": 1,
+        "stride": (16, 4, 1, 0),
+    }
+    frames.update(changes)
+    return frames
+
+
+def test_video_entry_points_validate_descriptors(ext):
+    import numpy as np
+
+    src = np.full(64, 128, np.uint8)
+    dst = np.zeros(64, np.uint8)
+    ext.planes_to_frames(_planes(src.ctypes.data), _frames(dst.ctypes.data), 0, 1, -1, 0)
+    assert (dst[:16] == 128).all()
+    bad = [
+        ({"src": _planes(1, layout=7)}, "layout = 7"),
+        ({"src": _planes(1, chroma_shift=(2, 1))}, "chroma shift = 2"),
+        ({"src": _planes(1, layout=1, channels=2)}, "packed channels = 2"),
+        ({"src": _planes(1, height=0)}, "height = 0"),
+        ({"src": _planes(0)}, "null data pointer of plane"),
+        ({"src": _planes(1, frames=2)}, "source has 2 frames, destination 1"),
+        ({"dst": _frames(1, dtype=9)}, "dtype code = 9"),
+        ({"dst": _frames(1, channels=2)}, "channels = 2"),
+        ({"dst": _frames(1, stride=(16, -4, 1, 0))}, "negative frame stride in dimension = 1"),
+        ({"resize": 5}, "resize = 5"),
+        ({"device": -2}, "got -2"),
+        ({"src": _planes(1, table=1), "device": 0}, "CPU-only"),
+        ({"src": {**_planes(1), "extra": 1}}, "unknown key 'extra'"),
+        ({"src": {k: v for k, v in _planes(1).items() if k != "width"}}, "missing key 'width'"),
+        ({"src": {**_planes(1), "data": (1, 1)}}, "'data' needs 3 values, got 2"),
+    ]
+    for change, message in bad:
+        args = {"src": _planes(1), "dst": _frames(1), "resize": 0, "device": -1, **change}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ext.planes_to_frames(args["src"], args["dst"], args["resize"], 1, args["device"], 0)
+    with pytest.raises(ValueError, match="full-range 4:2:0"):
+        ext.frames_to_planes(_frames(1), _planes(1, chroma_shift=(0, 0)), 1, -1, 0)
+    with pytest.raises(ValueError, match="source is 2x4x4, destination 1x4x4"):
+        ext.frames_to_planes(_frames(1, frames=2), _planes(1), 1, -1, 0)
+
+
+def test_video_cuda_entry_points_fail_cleanly_without_a_gpu(ext, info):
+    if info["cuda"]:
+        try:
+            ext.cuda_device_count()
+        except ext.CudaError:
+            pass
+        else:
+            pytest.skip("a CUDA device is usable: tests/io/test_video_cuda.py covers it")
+        message = CUDA_ERROR_NAME
+    else:
+        message = "built without CUDA"
+    with pytest.raises(ext.CudaError, match=message):
+        ext.planes_to_frames(_planes(1), _frames(1), 0, 1, 0, 0)
+    with pytest.raises(ext.CudaError, match=message):
+        ext.frames_to_planes(_frames(1), _planes(1), 1, 0, 0)

@@ -1,19 +1,33 @@
-"""Video input/output."""
+"""Video input/output: PyAV (FFmpeg) for containers and codecs, the extension for pixels."""
 
+from .batch import VideoResult, read_videos
+from .pixels import PixelFormatError, frames_to_yuv, packed_to_frames, yuv_to_frames
 from .video import (
     MJPEG_QSCALE,
     READ_CODECS,
     VideoDecodeError,
     VideoEncodeError,
+    convert_frames,
     read_video,
+    reference_uint8,
+    video_backend,
     write_video,
 )
 
 __all__ = [
     "MJPEG_QSCALE",
     "READ_CODECS",
+    "PixelFormatError",
     "VideoDecodeError",
     "VideoEncodeError",
+    "VideoResult",
+    "convert_frames",
+    "frames_to_yuv",
+    "packed_to_frames",
     "read_video",
+    "read_videos",
+    "reference_uint8",
+    "video_backend",
     "write_video",
+    "yuv_to_frames",
 ]
