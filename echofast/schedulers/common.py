@@ -388,6 +388,43 @@ class SchedulerBase:
             return a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
         return model_output
 
+    def _x0_affine(self, a_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c0, c1) with x̂_0 = c0·x_t + c1·m for the configured prediction type."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return 1 / a_t.sqrt(), -(1 - a_t).sqrt() / a_t.sqrt()
+        if kind == "v_prediction":
+            return a_t.sqrt(), -(1 - a_t).sqrt()
+        return torch.zeros_like(a_t), torch.ones_like(a_t)
+
+    def _affine_step(self, steps: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step_coefficients(self, timestep: TimestepLike, batch_size: int) -> torch.Tensor:
+        """The step as an affine map, for fused step kernels: float32 (batch_size, 6) on the CPU,
+        one row ``(c0, c1, c2, c3, c4, c5)`` per sample, such that ::
+
+            x̂_0 = clip(c0·x_t + c1·m)        (clip: ``clip_bound``, or none)
+            x_prev = c2·x̂_0 + c3·x_t + c4·m + c5·z
+
+        with m the model output and z the step's noise; ``step`` computes the same map."""
+        steps = self._timestep_list(timestep)
+        if len(steps) == 1:
+            steps = steps * batch_size
+        if len(steps) != batch_size:
+            raise ValueError(f"got {len(steps)} timesteps for a batch of {batch_size}")
+        return self._affine_step(steps)
+
+    @property
+    def clip_bound(self) -> float | None:
+        """|x̂_0| bound applied by ``step`` (``clip_sample_range``), or None without clipping."""
+        return float(self.config.clip_sample_range) if self.config.clip_sample else None
+
+    def step_needs_noise(self, timestep: TimestepLike) -> bool:
+        """Whether ``step`` at ``timestep`` draws noise (then one float32 randn of the sample's
+        shape from the generator(s))."""
+        return False
+
     def _clip(self, x0: torch.Tensor) -> torch.Tensor:
         if self.config.clip_sample:
             bound = self.config.clip_sample_range

@@ -61,6 +61,20 @@ class DDIMScheduler(SchedulerBase):
         stride = self.config.num_train_timesteps // self.num_inference_steps
         return [t - stride for t in steps]
 
+    def _affine_step(self, steps: list[int]) -> torch.Tensor:
+        a_t = self._alpha_prod(steps, self.final_alpha_cumprod)
+        a_s = self._alpha_prod(self._previous(steps), self.final_alpha_cumprod)
+        c0, c1 = self._x0_affine(a_t)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            e0, e1 = torch.zeros_like(a_t), torch.ones_like(a_t)
+        elif kind == "v_prediction":
+            e0, e1 = (1 - a_t).sqrt(), a_t.sqrt()
+        else:
+            e0, e1 = 1 / (1 - a_t).sqrt(), -a_t.sqrt() / (1 - a_t).sqrt()
+        b = (1 - a_s).sqrt()
+        return torch.stack([c0, c1, a_s.sqrt(), b * e0, b * e1, torch.zeros_like(a_t)], dim=1)
+
     def step(
         self,
         model_output: torch.Tensor,

@@ -92,6 +92,14 @@ class DDPMScheduler(SchedulerBase):
         xt_coeff = alpha.sqrt() * (1 - a_s) / one_minus_a_t
         return a_t, x0_coeff, xt_coeff, std
 
+    def _affine_step(self, steps: list[int]) -> torch.Tensor:
+        a_t, x0_coeff, xt_coeff, std = self._coefficients(steps)
+        c0, c1 = self._x0_affine(a_t)
+        return torch.stack([c0, c1, x0_coeff, xt_coeff, torch.zeros_like(a_t), std], dim=1)
+
+    def step_needs_noise(self, timestep: TimestepLike) -> bool:
+        return max(self._timestep_list(timestep)) > 0
+
     def step(
         self,
         model_output: torch.Tensor,

@@ -40,11 +40,9 @@ import math
 import os
 import random
 import re
-import struct
 import sys
 import time
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +55,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from .. import __version__
 from ..errors import ConfigError, EchofastError
 from ..fsutil import atomic_write
+from ..png import encode_png
 from ..rng import sample_seed
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
 from .ema import EMA
@@ -889,22 +888,8 @@ class _Canvas:
             x += 4 * scale
 
     def png(self, text: dict[str, str] | None = None) -> bytes:
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            body = kind + data
-            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-        stride = self.w * 3
-        raw = b"".join(
-            b"\x00" + bytes(self.px[y * stride : (y + 1) * stride]) for y in range(self.h)
-        )
-        parts = [
-            b"\x89PNG\r\n\x1a\n",
-            chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)),
-        ]
-        for k, v in (text or {}).items():
-            parts.append(chunk(b"tEXt", k.encode("latin-1") + b"\x00" + v.encode("latin-1")))
-        parts += [chunk(b"IDAT", zlib.compress(raw, 9)), chunk(b"IEND", b"")]
-        return b"".join(parts)
+        pixels = np.frombuffer(bytes(self.px), np.uint8).reshape(self.h, self.w, 3)
+        return encode_png(pixels, text)
 
 
 def loss_plot_png(

@@ -1,0 +1,108 @@
+"""The ``triton`` window_step backend (Triton interpreter on CPU) against the torch reference,
+and on CUDA tensors when a GPU is present (bf16/fp16 predictions and next-input buffers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.triton_interp import interpreted_kernels
+
+from echofast.ops.window_step import window_step, window_tables
+from echofast.schedulers import DDIMScheduler, DDPMScheduler
+
+kernels = interpreted_kernels("window_step", "_window_step_kernel")
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def case(b, total, num_frames, c, h, w, pad, device, pred_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    window = min(num_frames, total)
+    overlap = window - num_frames // 2
+    stride = max(1, num_frames // 2)
+    starts = list(range(0, max(1, total - window + 1), stride))
+    if starts[-1] + window < total:
+        starts.append(total - window)
+    n_win = len(starts)
+    fw, fo = window_tables(total, starts, window, overlap)
+    pred = torch.randn(b * n_win, window, c, h + 2 * pad, w + 2 * pad, generator=g)
+    latents = torch.randn(b, total, c, h, w, generator=g)
+    noise = torch.randn(b, total, c, h, w, generator=g)
+    tables = [torch.tensor(v, dtype=torch.int32, device=device) for v in (fw, fo, starts)]
+    return (
+        pred.to(device, pred_dtype),
+        latents.to(device),
+        noise.to(device),
+        tables,
+        (b * n_win, window, 2 * c, h + 2 * pad, w + 2 * pad),
+    )
+
+
+SHAPES = [
+    # b, total, num_frames, c, h, w, pad: tiny, odd sizes, long video with wide padding
+    (1, 1, 4, 1, 1, 1, 0),
+    (2, 11, 6, 3, 5, 7, 1),
+    (1, 20, 8, 2, 3, 5, 2),
+]
+CASES = [(shape, "ddpm_v_clip", torch.float32) for shape in SHAPES] + [
+    (SHAPES[1], "ddim_eps", torch.float32),
+    (SHAPES[1], "ddpm_v_clip", torch.float16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,scheduler,pred_dtype", CASES)
+def test_matches_reference(device, shape, scheduler, pred_dtype):
+    if scheduler == "ddpm_v_clip":
+        s = DDPMScheduler(prediction_type="v_prediction", clip_sample=True)
+    else:
+        s = DDIMScheduler(prediction_type="epsilon", clip_sample=False)
+    s.set_timesteps(10)
+    t = int(s.timesteps[3])
+    pred, latents, noise, tables, nxt_shape = case(*shape, device, pred_dtype)
+    noise = noise if s.step_needs_noise(t) else None
+    coeffs = s.step_coefficients(t, latents.shape[0]).to(device)
+    results = {}
+    for backend in ("torch", "triton"):
+        nxt = torch.full(nxt_shape, 3.0, device=device, dtype=pred_dtype)
+        out = window_step(
+            pred,
+            latents,
+            coeffs,
+            noise,
+            *tables,
+            pad=shape[-1],
+            clip=s.clip_bound,
+            next_input=nxt,
+            backend=backend,
+        )
+        results[backend] = (out, nxt)
+    (want, want_next), (got, got_next) = results["torch"], results["triton"]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs on the GPU only")
+def test_bf16_prediction_on_gpu():
+    pred, latents, noise, tables, nxt_shape = case(2, 24, 16, 4, 14, 14, 1, "cuda", torch.bfloat16)
+    s = DDPMScheduler(prediction_type="v_prediction")
+    s.set_timesteps(16)
+    coeffs = s.step_coefficients(int(s.timesteps[0]), 2).cuda()
+    outs = [
+        window_step(pred, latents, coeffs, noise, *tables, pad=1, clip=1.0, backend=b)
+        for b in ("torch", "triton")
+    ]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_triton_when_interpreting():
+    from echofast.ops.window_step import _op
+
+    pred, latents, noise, tables, _ = case(1, 4, 4, 1, 3, 3, 0, "cpu", torch.float32)
+    chosen = _op.select(pred, latents, torch.zeros(1, 6), None, *tables, pad=0)
+    assert chosen.name == "triton"
