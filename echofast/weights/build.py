@@ -217,7 +217,7 @@ def model_card(quality: dict) -> str:
         "Trained on TRAIN only.",
         "",
         "## Models and training",
-        "| folder | weights (fp16) | steps × batch | final loss | CPU hours | config |",
+        "| folder | weights (fp16) | steps × batch | final training loss | CPU hours | config |",
         "|---|---|---|---|---|---|",
     ]
     for name, run in RUNS.items():
@@ -239,7 +239,8 @@ def model_card(quality: dict) -> str:
         f"- EF conditioning: {ev['num_clips']} clips generated with requested EF evenly spread "
         f"over {min(ev['requested_ef']):g}–{max(ev['requested_ef']):g} % "
         f"({ev['settings']['frames']} frames at {ev['settings']['fps']:g} fps, "
-        f"{ev['settings']['steps']} DDIM steps, seed {ev['settings']['seed']}); "
+        f"{ev['settings']['steps']} steps of the reference DDPM sampler, seed "
+        f"{ev['settings']['seed']}); "
         "`echofast.data.measure_ef` on each generated clip vs the requested EF: "
         f"**Pearson r = {ev['pearson_r']:.3f}, MAE = {ev['mae']:.1f} EF points** "
         f"(mean error {ev['mean_error']:+.1f}; {len(ev['measure_failures'])} clip(s) where the "

@@ -1,0 +1,432 @@
+"""The EF downstream task: clip sampling, metrics, learning on phantoms, resuming, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import echofast
+from echofast.data.echonet import write_filelist
+from echofast.data.phantom import PhantomDatasetConfig, write_phantom_dataset
+from echofast.eval import downstream
+from echofast.eval.downstream import (
+    EFConfig,
+    EFVideos,
+    EvaluationConflict,
+    bootstrap,
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+    regression_report,
+    run_ef_evaluation,
+)
+from echofast.eval.plots import bland_altman_png, save_png, scatter_png
+from echofast.eval.r2plus1d import R2Plus1D, load_backbone
+from echofast.eval.weights import save_weights
+from echofast.io import write_video
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metrics_match_reference_formulas():
+    rng = np.random.default_rng(0)
+    y = rng.uniform(10, 90, 57)
+    p = y + rng.normal(0, 6, 57)
+    # scikit-learn's definitions, written out
+    assert r2_score(y, p) == pytest.approx(1 - np.mean((y - p) ** 2) / np.var(y), rel=1e-12)
+    assert mean_absolute_error(y, p) == pytest.approx(np.mean(np.abs(y - p)), rel=1e-12)
+    assert mean_squared_error(y, p) == pytest.approx(np.mean((y - p) ** 2), rel=1e-12)
+    rep = regression_report(y, p, samples=500)
+    assert rep["rmse"]["value"] == pytest.approx(math.sqrt(np.mean((y - p) ** 2)))
+    for k in ("r2", "mae", "rmse"):
+        assert rep[k]["ci_low"] <= rep[k]["value"] <= rep[k]["ci_high"]
+    assert rep["n"] == 57
+    assert r2_score(y, y) == 1.0 and r2_score(y, np.full_like(y, y.mean())) == 0.0
+    flat = np.full(4, 50.0)  # constant truth: scikit-learn's finite convention
+    assert r2_score(flat, flat) == 1.0 and r2_score(flat, flat + 1) == 0.0
+
+
+def test_bootstrap_is_echonets():
+    y = np.arange(40, dtype=float)
+    # a constant error: every resample has MAE 3, so the interval collapses
+    assert bootstrap(y, y + 3, mean_absolute_error, samples=300) == (3.0, 3.0, 3.0)
+    value, lo, hi = bootstrap(y, y + np.linspace(-5, 5, 40), mean_absolute_error, samples=2000)
+    draws = sorted(
+        mean_absolute_error(y[i], (y + np.linspace(-5, 5, 40))[i])
+        for i in np.random.default_rng(0).integers(0, 40, (2000, 40))
+    )
+    assert (lo, hi) == (draws[100], draws[1900])  # positions round(0.05·n), round(0.95·n)
+
+
+def _flat_video_dataset(root, lengths):
+    """Videos whose frame t is flat grey 8·(t+1) (MJPEG keeps flat frames to ±1)."""
+    rows = []
+    for i, n in enumerate(lengths):
+        frames = np.stack([np.full((32, 32), 8 * (t + 1), np.uint8) for t in range(n)])
+        write_video(root / "Videos" / f"c{i}.avi", frames, 25)
+        rows.append(
+            {"FileName": f"c{i}", "EF": 40 + i, "Split": "TRAIN", "FPS": 25, "NumberOfFrames": n}
+        )
+    rows.append({"FileName": "noef", "EF": "", "Split": "TRAIN"})
+    write_filelist(root, rows)
+    return root
+
+
+def test_clips_follow_echonet_sampling(tmp_path):
+    root = _flat_video_dataset(tmp_path, [20, 5])
+    ds = EFVideos(root, "TRAIN", frames=4, period=3, mean=(0, 0, 0), std=(8, 8, 8), seed=1)
+    assert [r.name for r in ds.records] == ["c0", "c1"]  # the row without EF is left out
+    item = ds[0]
+    levels = item["video"][0, :, 5, 5].round()  # frame t has level t+1
+    start = int(levels[0]) - 1
+    assert 0 <= start < 20 - 3 * 3
+    assert levels.tolist() == [start + 1 + 3 * k for k in range(4)]
+    assert item["video"].shape == (3, 4, 32, 32) and item["ef"] == 40
+    ds.set_epoch(1)
+    starts = {int(ds[0]["video"][0, 0, 5, 5].round()) for _ in range(3)}
+    assert len(starts) == 1  # same (seed, epoch, index): same clip
+    # a 5-frame video is zero-padded to frames·period = 12 before sampling
+    short = EFVideos(root, "TRAIN", frames=4, period=3, mean=(0, 0, 0), std=(8, 8, 8), mode="all")
+    whole = short[1]
+    assert whole["video"].shape[1] == 12 and len(whole["starts"]) == 12 - 3 * 3
+    assert (whole["video"][:, 5:] == 0).all()
+    # the pad-and-crop augmentation shifts the picture by at most `pad` pixels
+    padded = EFVideos(root, "TRAIN", frames=4, period=3, mean=(0, 0, 0), std=(8, 8, 8), pad=6)
+    for index in range(2):
+        clip = padded[index]["video"]
+        border = (clip[0, 0] == 0).float()
+        assert border.sum() > 0 and (clip[0, 0] != 0).float().sum() >= 26 * 26
+
+
+def test_backbone_from_torchvision_layout(tmp_path):
+    kinetics = R2Plus1D(400, width=4, layers=(1, 1, 1, 1))
+    path = tmp_path / "r2plus1d.safetensors"
+    save_weights(kinetics, path)
+    model = R2Plus1D(1, width=4, layers=(1, 1, 1, 1), output_bias=55.6)
+    assert sorted(load_backbone(model, path)) == ["fc.bias", "fc.weight"]
+    assert torch.equal(
+        model.state_dict()["layer3.0.conv1.0.3.weight"],
+        kinetics.state_dict()["layer3.0.conv1.0.3.weight"],
+    )
+    assert float(model.fc.bias.detach()) == pytest.approx(55.6)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_figures_decode(tmp_path):
+    av = pytest.importorskip("av")
+    y = np.linspace(15, 80, 30)
+    p = y + np.sin(y)
+    for name, data in (("s.png", scatter_png(y, p, "TEST")), ("b.png", bland_altman_png(y, p))):
+        path = save_png(tmp_path / name, data)
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        assert frame.shape[:2][::-1] == _png_size(data)
+        dark = (frame.sum(-1) < 100).sum()
+        assert dark > 200  # axes labels, ticks and the 30 dots
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms") / "ph"
+    write_phantom_dataset(
+        PhantomDatasetConfig(
+            out=str(root),
+            num_videos=150,
+            seed=0,
+            frames=(24, 26),
+            fps=(24, 24),
+            splits=(120, 8, 22),
+            size=32,
+            hr_range=(60.0, 110.0),
+            progress=False,
+        )
+    )
+    return root
+
+
+def test_regressor_learns_ef_on_phantoms(phantoms, tmp_path):
+    """Tiny R(2+1)D, 5 epochs of AdamW on 120 phantom clips; held-out TEST split of 22."""
+    cfg = EFConfig(
+        train=str(phantoms),
+        test=str(phantoms),
+        out=str(tmp_path / "ef"),
+        epochs=5,
+        batch_size=8,
+        optimizer="adamw",
+        lr=3e-3,
+        lr_step_epochs=4,
+        frames=8,
+        period=3,
+        test_period=3,
+        pad=2,
+        normalization="train",
+        width=8,
+        layers=(1, 1, 1, 1),
+        output_bias=50.0,
+        bootstrap=500,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
+    result = run_ef_evaluation(cfg)
+    test = result["results"]["test"]["all_clips"]
+    efs = np.array([r["EF"] for r in _rows(phantoms) if r["Split"] == "TEST"], float)
+    chance_mae = np.abs(efs - efs.mean()).mean()
+    print(
+        f"phantom EF regression: TEST R2 {test['r2']['value']:.3f}, MAE "
+        f"{test['mae']['value']:.2f} (chance MAE {chance_mae:.2f})"
+    )
+    assert test["n"] == 22 and test["r2"]["value"] > 0.3
+    assert test["mae"]["value"] < 0.75 * chance_mae
+    out = tmp_path / "ef"
+    for name in (
+        "results.json",
+        "best.pt",
+        "log.csv",
+        "test_predictions.csv",
+        "val_predictions.csv",
+        "test_scatter.png",
+        "test_bland_altman.png",
+    ):
+        assert (out / name).is_file(), name
+    assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == 1
+    assert json.loads((out / "results.json").read_text())["best_epoch"] == result["best_epoch"]
+
+
+def _rows(root):
+    import csv
+
+    with open(root / "FileList.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def small_phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small") / "ph"
+    write_phantom_dataset(
+        PhantomDatasetConfig(
+            out=str(root),
+            num_videos=14,
+            seed=1,
+            frames=(12, 14),
+            fps=(12, 12),
+            splits=(8, 3, 3),
+            size=16,
+            hr_range=(60.0, 110.0),
+            progress=False,
+        )
+    )
+    return root
+
+
+def _small_cfg(root, out, **kw) -> EFConfig:
+    base = dict(
+        train=str(root),
+        test=str(root),
+        out=str(out),
+        epochs=3,
+        batch_size=3,
+        lr=1e-3,
+        lr_step_epochs=2,
+        frames=4,
+        period=2,
+        test_period=2,
+        pad=1,
+        width=2,
+        layers=(1, 1, 1, 1),
+        bootstrap=50,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return EFConfig(**base)
+
+
+def test_resume_after_interruption_matches(small_phantoms, tmp_path, monkeypatch):
+    whole = run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "a"))
+
+    calls = {"n": 0}
+    original = downstream._Log.add
+
+    def crash_on_second_epoch(self, row):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        original(self, row)
+
+    monkeypatch.setattr(downstream._Log, "add", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b"))
+    monkeypatch.setattr(downstream._Log, "add", original)
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b"))
+    assert resumed["results"] == whole["results"]
+    assert (tmp_path / "a" / "test_predictions.csv").read_text() == (
+        tmp_path / "b" / "test_predictions.csv"
+    ).read_text()
+    log = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["0", "1", "2"]
+    # finished: re-running returns the stored results; another configuration is refused
+    assert run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b")) == json.loads(
+        (tmp_path / "b" / "results.json").read_text()
+    )
+    with pytest.raises(EvaluationConflict, match="epochs"):
+        run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b", epochs=4))
+
+
+def test_cli_ef(small_phantoms, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = [
+        "ef",
+        "--train",
+        str(small_phantoms),
+        "--test",
+        str(small_phantoms),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--frames",
+        "4",
+        "--width",
+        "2",
+        "--layers",
+        "1,1,1,1",
+        "--bootstrap",
+        "20",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert downstream.main_evaluate(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed["test_all_clips"]) == {"r2", "mae", "rmse"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["layers"] == [1, 1, 1, 1] and saved["config"]["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="4 comma-separated"):
+        downstream.main_evaluate([*argv[:-1], "--layers", "1,1"])
+
+
+SCRIPT = (
+    "import sys\n"
+    "from echofast.eval.downstream import main_evaluate\n"
+    "sys.exit(main_evaluate(sys.argv[1:]))\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks(small_phantoms, tmp_path):
+    """Two Gloo ranks (env:// as under torchrun) train one epoch; the sharded, gathered TEST
+    predictions equal a single-process evaluation of the saved best weights."""
+    script = tmp_path / "ef_main.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "ddp"
+    args = [
+        "ef",
+        "--train",
+        str(small_phantoms),
+        "--test",
+        str(small_phantoms),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--frames",
+        "4",
+        "--width",
+        "2",
+        "--layers",
+        "1,1,1,1",
+        "--bootstrap",
+        "20",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    root = str(Path(echofast.__file__).resolve().parents[1])
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+    )
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    procs = []
+    for rank in range(2):
+        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(script), *args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                ),
+                log,
+            )
+        )
+    try:
+        codes = [p.wait(timeout=240) for p, _ in procs]
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(2))
+    assert codes == [0, 0], logs
+    result = json.loads((out / "results.json").read_text())
+    assert result["world_size"] == 2 and result["results"]["test"]["all_clips"]["n"] == 3
+    assert len((out / "log.csv").read_text().splitlines()) == 2
+    state = torch.load(out / "best.pt", weights_only=True)
+    model = R2Plus1D(1, width=2, layers=(1, 1, 1, 1))
+    model.load_state_dict(state["model"])
+    model.eval()
+    ds = EFVideos(
+        small_phantoms,
+        "TEST",
+        frames=4,
+        period=2,
+        mode="all",
+        mean=tuple(state["mean"]),
+        std=tuple(state["std"]),
+    )
+    single = downstream._predict_all(model, ds, list(range(len(ds))), 3, "cpu", 0, False, "")
+    rows = (out / "test_predictions.csv").read_text().splitlines()[1:]
+    gathered = [float(r.split(",")[2]) for r in rows]
+    assert gathered == pytest.approx([single[i][0] for i in range(len(ds))], abs=1e-4)

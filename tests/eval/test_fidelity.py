@@ -1,0 +1,279 @@
+"""The FID/IS/FVD protocol (selection, resampling, clips, statistics, CLI) with tiny stand-in
+feature networks (the real ones are tested in test_extractors.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from echofast.data.echonet import write_filelist
+from echofast.eval import fidelity
+from echofast.eval.fidelity import (
+    Extractors,
+    MetricsError,
+    ReferenceStats,
+    build_reference,
+    compute_metrics,
+    load_frames,
+    main_metrics,
+    select_reference_videos,
+)
+from echofast.io import write_video
+
+SIZE = 32
+
+
+class TinyImages:
+    """Stand-in for the Inception: 3×3 average-pooled grey levels, probabilities over 5 classes."""
+
+    weight = torch.linspace(-2, 2, 45).reshape(9, 5)
+
+    def extract(self, images: torch.Tensor):
+        x = images.float() / 255
+        if x.ndim == 4:
+            x = x.mean(1)
+        f = F.adaptive_avg_pool2d(x[:, None], 3).flatten(1)
+        return f, torch.softmax(4 * f @ self.weight, 1)
+
+
+class TinyClips:
+    """Stand-in for the I3D: per clip the mean, spread and motion, and a 2×2 mean image."""
+
+    def extract(self, clips: torch.Tensor):
+        x = clips.float() / 255
+        motion = (x[:, 1:] - x[:, :-1]).abs().mean((1, 2, 3))
+        pooled = F.adaptive_avg_pool2d(x.mean(1)[:, None], 2).flatten(1)
+        return torch.cat(
+            [x.mean((1, 2, 3))[:, None], x.std((1, 2, 3))[:, None], motion[:, None], pooled], 1
+        )
+
+
+def extractors(batch=5, clip_frames=40) -> Extractors:
+    return Extractors(TinyImages(), TinyClips(), "inc-fp", "i3d-fp", batch, clip_frames)
+
+
+def clip_frames(seed: int, frames: int, shift: float = 0.0) -> np.ndarray:
+    """A bright blob that moves and breathes; ``shift`` brightens everything."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    cx, cy, r0 = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(4, 8)
+    t = np.arange(frames)[:, None, None]
+    r = r0 * (1 + 0.3 * np.sin(2 * np.pi * t / rng.uniform(12, 30)))
+    img = 40 + 150 * (((xx - cx - 0.1 * t) ** 2 + (yy - cy) ** 2) < r**2) + shift
+    img = img + rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root, specs, shift: float = 0.0):
+    """``specs``: list of (frames, fps, split); writes Videos/ and FileList.csv."""
+    rows = []
+    for i, (frames, fps, split) in enumerate(specs):
+        name = f"v{i:03d}"
+        write_video(root / "Videos" / f"{name}.avi", clip_frames(i, frames, shift), fps)
+        rows.append(
+            {
+                "FileName": name,
+                "EF": 50 + i,
+                "FPS": fps,
+                "NumberOfFrames": frames,
+                "FrameHeight": SIZE,
+                "FrameWidth": SIZE,
+                "Split": split,
+            }
+        )
+    write_filelist(root, rows)
+    return root
+
+
+def test_reference_selection_follows_the_reference_script(tmp_path):
+    specs = [
+        (40, 50, "TRAIN"),
+        (20, 50, "TRAIN"),
+        (30, 50, "VAL"),
+        (26, 50, "TRAIN"),
+        (60, 50, "TRAIN"),
+        (24, 50, "TRAIN"),
+        (50, 50, "TEST"),
+        (25, 50, "TRAIN"),
+    ]
+    root = make_dataset(tmp_path / "real", specs)
+    chosen = select_reference_videos(root, 16, max_videos=3)
+    # pandas' sample(frac=1, random_state=42) order, TRAIN rows lasting >= 16/32 s = 25 frames
+    order = np.random.RandomState(42).permutation(len(specs))
+    expected = [f"v{i:03d}" for i in order if specs[i][2] == "TRAIN" and specs[i][0] >= 25][:3]
+    assert [r.name for r in chosen] == expected
+    with pytest.raises(MetricsError, match="lasts 4 s"):
+        select_reference_videos(root, 128)
+
+
+def test_frames_are_resampled_to_32_fps(tmp_path):
+    root = make_dataset(tmp_path / "d", [(50, 50, "TRAIN")])
+    frames = load_frames(root / "Videos" / "v000.avi", 50, size=SIZE)
+    assert len(frames) == math.floor(32 / 50 * 50) == 32
+    resized = load_frames(root / "Videos" / "v000.avi", 50, size=16)
+    assert resized.shape == (32, 16, 16) and resized.dtype == torch.uint8
+
+
+def test_reference_statistics_equal_direct_computation(tmp_path):
+    specs = [(48, 50, "TRAIN"), (30, 50, "TRAIN"), (40, 40, "TRAIN"), (64, 60, "TRAIN")]
+    root = make_dataset(tmp_path / "real", specs)
+    ref = build_reference(root, 16, extractors(), size=SIZE, progress=False)
+    names = sorted(r.name for r in select_reference_videos(root, 16))
+    videos = [
+        load_frames(root / "Videos" / f"{n}.avi", specs[int(n[1:])][1], size=SIZE)[:16]
+        for n in names
+    ]
+    feats = TinyImages().extract(torch.cat(videos))[0].double().numpy()
+    mu, sigma = ref.stats["fid"]
+    np.testing.assert_allclose(mu.numpy(), feats.mean(0), atol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(feats.T, bias=True), atol=1e-12)
+    clips = TinyClips().extract(torch.stack(videos)).double().numpy()
+    np.testing.assert_allclose(ref.stats["fvd16"][0].numpy(), clips.mean(0), atol=1e-12)
+    assert ref.protocol["counts"] == {"fid": 64, "fvd16": 4}
+    assert ref.protocol["videos"] == 4 and ref.protocol["inception"] == "inc-fp"
+
+
+def test_fvd16_windows_of_a_128_frame_set(tmp_path):
+    root = make_dataset(tmp_path / "real", [(130, 32, "TRAIN"), (140, 32, "TRAIN")])
+    ref = build_reference(root, 128, extractors(clip_frames=128), size=SIZE, seed=3, progress=False)
+    assert set(ref.stats) == {"fid", "fvd16", "fvd128"}
+    clips = []
+    for k, name in enumerate(["v000", "v001"]):
+        video = load_frames(root / "Videos" / f"{name}.avi", 32, size=SIZE)[:128]
+        start = int(np.random.default_rng([3, k]).integers(128 - 16 + 1))
+        clips.append(video[start : start + 16])
+    expected = TinyClips().extract(torch.stack(clips)).double().mean(0)
+    torch.testing.assert_close(ref.stats["fvd16"][0], expected, atol=1e-12, rtol=0)
+    assert ref.protocol["counts"]["fid"] == 256
+
+
+def test_identical_sets_give_zero_and_shifts_grow(tmp_path):
+    specs = [(16, 32, "TRAIN")] * 12
+    real = make_dataset(tmp_path / "real", specs)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    same = compute_metrics(real, ref, extractors(), is_splits=4, progress=False)
+    assert abs(same["metrics"]["fid"]) < 1e-9 and abs(same["metrics"]["fvd16"]) < 1e-9
+    assert same["counts"]["fid_images"] == 192 and same["counts"]["fvd16_videos"] == 12
+    assert same["metrics"]["is_mean"] >= 1.0
+    values = []
+    for shift in (15, 60):
+        gen = make_dataset(tmp_path / f"gen{shift}", specs, shift=shift)
+        values.append(compute_metrics(gen, ref, extractors(), is_splits=4, progress=False))
+    assert 0 < values[0]["metrics"]["fid"] < values[1]["metrics"]["fid"]
+    assert 0 < values[0]["metrics"]["fvd16"] < values[1]["metrics"]["fvd16"]
+
+
+def test_generated_side_limits_and_short_videos(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 4)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    gen = make_dataset(tmp_path / "gen", [(20, 32, "TRAIN"), (10, 32, "TEST"), (30, 32, "VAL")])
+    out = compute_metrics(
+        gen, ref, extractors(), fid_images=35, fvd_videos=5, is_splits=5, progress=False
+    )
+    assert out["counts"]["fid_images"] == 35  # 20 + 10 + 5: first frames in file-name order
+    assert out["counts"]["fvd16_videos"] == 2 and out["counts"]["fvd16_skipped_short"] == 1
+    wrong = Extractors(TinyImages(), None, "other-weights", None)
+    with pytest.raises(MetricsError, match="inception weights differ"):
+        compute_metrics(gen, ref, wrong, progress=False)
+
+
+def test_cli_reference_cache_and_compute(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ECHOFAST_CACHE", str(tmp_path / "cache"))
+
+    def fake_load(inception, i3d, **kw):
+        return Extractors(
+            TinyImages() if inception else None,
+            TinyClips() if i3d else None,
+            "inc-fp" if inception else None,
+            "i3d-fp" if i3d else None,
+        )
+
+    monkeypatch.setattr(fidelity, "load_extractors", fake_load)
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 5)
+    gen = make_dataset(tmp_path / "gen", [(16, 32, "TRAIN")] * 5, shift=30)
+    args = [
+        "reference",
+        "--dataset",
+        str(real),
+        "--frames",
+        "16",
+        "--size",
+        str(SIZE),
+        "--inception-weights",
+        "x",
+        "--i3d-weights",
+        "y",
+        "--no-progress",
+        "--workers",
+        "1",
+    ]
+    assert main_metrics(args) == 0
+    cached = list((tmp_path / "cache" / "reference").glob("real-16f-*.safetensors"))
+    assert len(cached) == 1
+    capsys.readouterr()
+    assert main_metrics(args) == 0
+    assert "cached" in capsys.readouterr().out
+    ref = ReferenceStats.load(cached[0])
+    assert ref.protocol["counts"] == {"fid": 80, "fvd16": 5}
+    compute = [
+        "compute",
+        "--dataset",
+        str(gen),
+        "--reference",
+        str(cached[0]),
+        "--inception-weights",
+        "x",
+        "--i3d-weights",
+        "y",
+        "--is-splits",
+        "5",
+        "--no-progress",
+        "--workers",
+        "0",
+    ]
+    assert main_metrics(compute) == 0
+    result = json.loads((gen / "metrics.json").read_text())
+    assert set(result["metrics"]) == {"fid", "is_mean", "is_std", "fvd16"}
+    assert result["metrics"]["fid"] > 0 and result["reference_file"] == str(cached[0])
+    with pytest.raises(MetricsError, match="exists"):
+        main_metrics(compute)
+    assert main_metrics([*compute, "--overwrite"]) == 0
+    # FVD only: a reference without FID statistics cannot give FID
+    fvd_only = [
+        "reference",
+        "--dataset",
+        str(real),
+        "--frames",
+        "16",
+        "--size",
+        str(SIZE),
+        "--i3d-weights",
+        "y",
+        "--no-progress",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "fvd.st"),
+    ]
+    assert main_metrics(fvd_only) == 0
+    only = ReferenceStats.load(tmp_path / "fvd.st")
+    assert set(only.stats) == {"fvd16"} and only.protocol["inception"] is None
+    with pytest.raises(MetricsError, match="nothing to compute"):
+        main_metrics(
+            [
+                "compute",
+                "--dataset",
+                str(gen),
+                "--reference",
+                str(tmp_path / "fvd.st"),
+                "--inception-weights",
+                "x",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
