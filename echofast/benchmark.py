@@ -1,0 +1,1491 @@
+"""``echofast bench``: dataset-generation speed of echofast against the reference's way, one card.
+
+Measured in one process, on one device, with the same weights and the same shapes:
+
+* ``pipeline/echofast``: echofast's LIDM → LVDM → VAE pipelines (``EchoSyntheticPipeline``'s
+  stages), then writing the AVIs (phase ``avi``, echofast only);
+* ``pipeline/reference``: the reference's way, written here from the project spec with diffusers'
+  modules only (``UNet2DModel``, ``UNetSpatioTemporalConditionModel``, ``AutoencoderKL``,
+  ``DDPMScheduler``): fp16 autocast around the UNets with fp32 weights, replicate padding 14 → 16
+  every step, all windows of a step in one UNet call (EF repeated with ``repeat_interleave``, as the
+  reference does), fp32 VAE decode 8 frames per call with a CPU round trip per chunk;
+* ``pipeline/reference+compile``: the same loop with ``torch.compile`` of the diffusers UNets;
+* ``unet/*``: one LVDM UNet call at the pipeline's shape (all windows of a batch) for echofast,
+  echofast replayed as a CUDA graph (``--graphs``), diffusers and compiled diffusers: seconds per
+  call, achieved TFLOP/s, its fraction of a large bf16 GEMM timed in the same run
+  (``gemm/*`` row), and the kernels launched per call (profiler);
+* per pipeline: seconds per video, generated frames/s, videos/s, phase times, peak memory.
+
+FLOPs are counted once per window by ``torch.utils.flop_counter.FlopCounterMode`` on the diffusers
+LVDM (the nominal work; attention counted under ``sdpa_kernel(SDPBackend.MATH)``) and scaled by
+the number of windows. Without CUDA the command runs a small configuration (``--smoke``, tiny
+models, a few frames and steps) in seconds so that CI exercises every code path; CPU numbers are
+then only a smoke test, kernel counts become counts of dispatched ATen ops, and the GEMM ceiling
+is an fp32 CPU product.
+
+Rows are appended to a CSV (``bench/results/echofast_bench_<card>.csv`` by default) with the card,
+versions and git revision; ``--compare OLD.csv`` flags rows more than ``--threshold`` percent
+slower than the same measurement (card, config, shape, path, phase) in an earlier CSV and then
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib.metadata
+import inspect
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import EchofastError
+
+# ---- configurations ----------------------------------------------------------------------------
+
+#: Tiny models for ``--smoke`` (CPU CI): 12×12 frames ↔ 4×6×6 latents, padded 6 → 8 by the
+#: samplers (as the reference pads 14 → 16); LVDM windows of 8 frames (stride 4).
+SMOKE_CONFIGS: dict[str, dict[str, Any]] = {
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 12,
+        "scaling_factor": 0.5,
+    },
+    "lidm": {
+        "sample_size": 6,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"],
+        "block_out_channels": [32, 32, 32],
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "norm_num_groups": 8,
+    },
+    "lvdm": {
+        "sample_size": 6,
+        "in_channels": 8,
+        "out_channels": 4,
+        "down_block_types": [
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ],
+        "up_block_types": [
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ],
+        "block_out_channels": [32, 32, 32],
+        "addition_time_embed_dim": 1,
+        "projection_class_embeddings_input_dim": 1,
+        "layers_per_block": 1,
+        "cross_attention_dim": 1,
+        "transformer_layers_per_block": 1,
+        "num_attention_heads": [2, 2, 2],
+        "num_frames": 8,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ``echofast bench`` run measures (defaults per mode, overridden by flags)."""
+
+    config: str  # "full" (the reference architectures) or "smoke" (SMOKE_CONFIGS)
+    frames: int
+    steps: int
+    batch_sizes: tuple[int, ...]
+    repeats: int
+    warmup: int
+    unet_repeats: int
+
+
+FULL_PLAN = Plan(
+    "full", frames=192, steps=64, batch_sizes=(1, 8), repeats=3, warmup=1, unet_repeats=10
+)
+SMOKE_PLAN = Plan(
+    "smoke", frames=12, steps=2, batch_sizes=(1, 2), repeats=1, warmup=1, unet_repeats=1
+)
+
+#: The reference decodes 8 frames per VAE call and moves each chunk to the CPU.
+REFERENCE_DECODE_CHUNK = 8
+
+CSV_FIELDS = [
+    "timestamp",
+    "card",
+    "device",
+    "torch",
+    "triton",
+    "cuda",
+    "diffusers",
+    "echofast",
+    "git_sha",
+    "config",
+    "dtype",
+    "frames",
+    "steps",
+    "batch",
+    "path",
+    "phase",
+    "repeats",
+    "median_s",
+    "p20_s",
+    "p80_s",
+    "s_per_video",
+    "frames_per_s",
+    "videos_per_s",
+    "gflop",
+    "tflops",
+    "gemm_tflops",
+    "gemm_fraction",
+    "peak_mem_mib",
+    "kernels",
+    "speedup_vs_reference",
+    "speedup_vs_compiled",
+    "note",
+]
+
+#: Row identity for ``--compare`` (besides the card).
+COMPARE_KEY = ("config", "dtype", "frames", "steps", "batch", "path", "phase")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+
+def git_sha() -> str:
+    """``git describe --always --dirty`` of the working directory's checkout, else of the package's
+    source tree, else "unknown"."""
+    for cwd in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                cwd=cwd,
+                timeout=20,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return "unknown"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where it exists)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def card_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu: <model>``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {cpu_name()}"
+
+
+def card_slug(card: str) -> str:
+    """A file-name-safe card name: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The columns every row carries: card, device, versions, git revision."""
+    return {
+        "card": card_name(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda or "",
+        "diffusers": _version("diffusers"),
+        "echofast": __version__,
+        "git_sha": git_sha(),
+    }
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (linear interpolation between order statistics)."""
+    if not values:
+        raise ValueError("quantile of no values")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Seconds of repeated runs: median, 20th and 80th percentiles."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return quantile(self.samples, 0.5)
+
+    @property
+    def p20(self) -> float:
+        return quantile(self.samples, 0.2)
+
+    @property
+    def p80(self) -> float:
+        return quantile(self.samples, 0.8)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
+    """Seconds per ``fn(i)`` call (``i`` counts calls, to rotate inputs): CUDA events on a GPU,
+    ``perf_counter`` around a synchronised call on CPU; ``warmup`` untimed calls first."""
+    for i in range(warmup):
+        fn(i)
+    synchronize(device)
+    samples = []
+    for i in range(warmup, warmup + repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            samples.append(time.perf_counter() - t0)
+    return Timing(samples)
+
+
+class PhaseClock:
+    """Wall time of consecutive phases of one run, the device synchronised at each boundary."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, float] = {}
+        synchronize(device)
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+# ---- FLOPs, kernels, GEMM ceiling --------------------------------------------------------------
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` by ``FlopCounterMode``, attention decomposed by SDPA's MATH backend (the
+    fused CPU/GPU attention kernels are not counted otherwise)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def count_kernels(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
+    """(count, what) for one ``fn()`` call: on a GPU the CUDA kernels it launches (profiler;
+    memcpy/memset not counted); on CPU the ATen ops it dispatches (each runs one CPU kernel),
+    counted by a dispatch mode, which is much cheaper than parsing a CPU profile."""
+    if device.type != "cuda":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _OpCounter(TorchDispatchMode):
+            count = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.count += 1
+                return func(*args, **(kwargs or {}))
+
+        with _OpCounter() as counter:
+            fn()
+        return counter.count, "ATen ops dispatched (CPU: no CUDA kernels)"
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    n = sum(
+        1
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    )
+    if n:
+        return n, "CUDA kernels"
+    # no device activity recorded (CUPTI unavailable): count the launches on the host side
+    launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    n = sum(1 for e in events if e.name in launches)
+    return n, "CUDA kernel launches (runtime API; no device trace)"
+
+
+def gemm_ceiling(device: torch.device, repeats: int = 10) -> tuple[Timing, float, str]:
+    """A large matrix product on random data: (timing, FLOPs per product, label). bf16
+    8192×8192×8192 on a GPU (the spec's ceiling); fp32 512³ on CPU (smoke only)."""
+    if device.type == "cuda":
+        n, dtype, label = 8192, torch.bfloat16, "gemm/bf16-8192"
+    else:
+        n, dtype, label = 512, torch.float32, "gemm/fp32-512-cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    mats = [torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(4)]
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    timing = time_call(
+        lambda i: torch.mm(mats[i % 2], mats[2 + i % 2], out=out), device, 3, repeats
+    )
+    return timing, 2.0 * n**3, label
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """echofast's models and, when diffusers is installed, diffusers' with the same weights."""
+
+    vae: Any
+    lidm: Any
+    lvdm: Any
+    d_vae: Any = None
+    d_lidm: Any = None
+    d_lvdm: Any = None
+    source: str = ""
+    diffusers_missing: str = ""
+
+
+def _diffusers_classes() -> tuple[Any, Any, Any] | str:
+    try:
+        from diffusers import AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
+    except ImportError as err:
+        return f"diffusers is not importable ({err}); pip install diffusers for the baselines"
+    return AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
+
+
+def build_models(
+    configs: dict[str, dict[str, Any]] | None,
+    device: torch.device,
+    *,
+    weights: str | None = None,
+    dataset: str = "dynamic",
+    seed: int = 0,
+    with_diffusers: bool = True,
+) -> Models:
+    """echofast VAE/LIDM/LVDM from ``configs`` with random weights (seeded), or from a weights
+    root; diffusers' models get the same weights (their state-dict keys are echofast's)."""
+    from .models import LIDM, LVDM, VAE
+
+    classes = _diffusers_classes() if with_diffusers else "baselines not requested"
+    if weights is not None:
+        from .pipelines import EchoSyntheticPipeline
+
+        folders = EchoSyntheticPipeline.folders(weights, dataset)
+        ours = {
+            "vae": VAE.from_pretrained(folders["vae"]),
+            "lidm": LIDM.from_pretrained(folders["lidm"]),
+            "lvdm": LVDM.from_pretrained(folders["lvdm"]),
+        }
+        source = f"weights {weights} ({dataset})"
+    else:
+        if configs is None:
+            raise ValueError("build_models needs configs or weights")
+        torch.manual_seed(seed)
+        ours = {
+            "vae": VAE.from_config(configs["vae"]),
+            "lidm": LIDM.from_config(configs["lidm"]),
+            "lvdm": LVDM.from_config(configs["lvdm"]),
+        }
+        source = f"random weights (seed {seed})"
+    theirs: dict[str, Any] = {}
+    if not isinstance(classes, str):
+        for name, cls in zip(("vae", "lidm", "lvdm"), classes):
+            model = cls.from_config(dict(ours[name].config))
+            model.load_state_dict(ours[name].state_dict())
+            theirs[name] = model.to(device).eval()
+    return Models(
+        vae=ours["vae"].to(device).eval(),
+        lidm=ours["lidm"].to(device).eval(),
+        lvdm=ours["lvdm"].to(device).eval(),
+        d_vae=theirs.get("vae"),
+        d_lidm=theirs.get("lidm"),
+        d_lvdm=theirs.get("lvdm"),
+        source=source,
+        diffusers_missing=classes if isinstance(classes, str) else "",
+    )
+
+
+# ---- the reference's way (diffusers modules only) ----------------------------------------------
+
+
+def _randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | Sequence[torch.Generator],
+    device: torch.device,
+) -> torch.Tensor:
+    """Standard normal fp32 on ``device``; a list of generators draws one sample each."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _reference_pad(size: int, levels: int) -> int:
+    """The reference's ``(m - size % m) // 2`` for a UNet downsampling by ``m = 2**(levels-1)``."""
+    m = 2 ** (levels - 1)
+    return (m - size % m) // 2 if size % m else 0
+
+
+def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad == 0:
+        return x
+    lead = x.shape[:-3]
+    out = F.pad(x.reshape(-1, *x.shape[-3:]), (pad,) * 4, mode="replicate")
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def _unpad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return x[..., pad:-pad, pad:-pad] if pad else x
+
+
+def reference_lidm(
+    unet: Any,
+    scheduler: Any,
+    num_images: int,
+    steps: int,
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    autocast_dtype: torch.dtype | None = torch.float16,
+) -> torch.Tensor:
+    """The reference's LIDM sampling: randn latents, then per step replicate pad, UNet under
+    autocast (fp32 weights), unpad, ``scheduler.step``. Returns (N, C, h, w) fp32 latents."""
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    device = unet.device
+    pad = _reference_pad(size, len(cfg.block_out_channels))
+    latents = _randn((num_images, cfg.in_channels, size, size), generator, device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        with _autocast(device, autocast_dtype):
+            pred = unet(_pad(latents, pad), t).sample
+        pred = _unpad(pred, pad)
+        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+    return latents.float()
+
+
+def reference_lvdm(
+    unet: Any,
+    scheduler: Any,
+    cond: torch.Tensor,
+    ef: torch.Tensor,
+    num_frames: int,
+    steps: int,
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    autocast_dtype: torch.dtype | None = torch.float16,
+) -> torch.Tensor:
+    """The reference's LVDM sampling and window stitching (spec, "LVDM sampling and stitching").
+
+    The length is rounded up to a multiple of half the window; windows overlap by half and are
+    concatenated window-major into one UNet call; the conditioning latent is repeated over frames
+    and concatenated on channels; EF/100 is ``repeat_interleave``d over windows (the reference's
+    pairing); the step keeps window 0 whole and the second half of later windows. Returns
+    (B, T, C, h, w) fp32 latents, T = ``num_frames``.
+    """
+    cfg = unet.config
+    device = unet.device
+    b, c, h, w = cond.shape
+    window = cfg.num_frames
+    stride = window // 2
+    total = -(-num_frames // stride) * stride
+    starts = list(range(0, total - window + 1, stride)) if total > window else [0]
+    window = min(window, total)
+    n_win = len(starts)
+    pad = _reference_pad(h, len(cfg.block_out_channels))
+    latents = _randn((b, total, c, h, w), generator, device)
+    cond_frames = cond[:, None].repeat(1, window, 1, 1, 1).repeat(n_win, 1, 1, 1, 1)
+    ehs = (ef.to(device) / 100).repeat_interleave(n_win).reshape(b * n_win, 1, 1)
+    ids = torch.zeros(b * n_win, 1, device=device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        wins = torch.cat([latents[:, s : s + window] for s in starts])
+        x = _pad(torch.cat([wins, cond_frames], dim=2), pad)
+        with _autocast(device, autocast_dtype):
+            pred = unet(x, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
+        pred = _unpad(pred, pad).reshape(n_win, b, window, c, h, w)
+        stitched = torch.empty_like(latents, dtype=pred.dtype)
+        stitched[:, :window] = pred[0]
+        for k, s in enumerate(starts[1:], start=1):
+            stitched[:, s + stride : s + window] = pred[k, :, stride:]
+        latents = scheduler.step(stitched, t, latents, generator=generator).prev_sample
+    return latents[:, :num_frames].float()
+
+
+def reference_decode(
+    vae: Any, latents: torch.Tensor, chunk: int = REFERENCE_DECODE_CHUNK
+) -> torch.Tensor:
+    """The reference's decode: latents / scaling_factor, fp32 VAE decode ``chunk`` frames per call,
+    each chunk moved to the CPU, then ``uint8(clamp((x + 1) * 128))``. Returns (B, T, 3, H, W)
+    uint8 on the CPU (the reference keeps three channels)."""
+    b, t = latents.shape[:2]
+    flat = (latents.reshape(b * t, *latents.shape[2:]) / vae.config.scaling_factor).cpu()
+    frames = []
+    for s in range(0, flat.shape[0], chunk):
+        decoded = vae.decode(flat[s : s + chunk].to(vae.device)).sample
+        frames.append(decoded.cpu())
+    video = torch.cat(frames)
+    pixels = ((video + 1) * 128).clamp(0, 255).to(torch.uint8)
+    return pixels.reshape(b, t, *pixels.shape[1:])
+
+
+def diffusers_scheduler() -> Any:
+    """diffusers' ``DDPMScheduler`` with the reference's config."""
+    from diffusers import DDPMScheduler
+
+    from .schedulers import REFERENCE_SCHEDULER_CONFIG
+
+    return DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
+
+
+# ---- one benchmark run -------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything a measurement needs (resolved from the command line)."""
+
+    device: torch.device
+    plan: Plan
+    dtype: torch.dtype
+    env: dict[str, str]
+    models: Models
+    seed: int = 0
+    decode_chunk: int = 64
+    reference: bool = True
+    compile: bool = False
+    graphs: bool = False
+    avi: bool = True
+    profile: bool = True
+    progress: bool = True
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    gemm_tflops: float | None = None
+    gflop_per_window: float | None = None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _row(
+    setup: Setup, batch: int | str, path: str, phase: str, timing: Timing | None, **extra
+) -> dict:
+    plan = setup.plan
+    row: dict[str, Any] = {k: "" for k in CSV_FIELDS}
+    row.update(setup.env)
+    row.update(
+        timestamp=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        config=plan.config,
+        dtype=extra.pop("dtype", _dtype_name(setup.dtype)),
+        frames=plan.frames,
+        steps=plan.steps,
+        batch=batch,
+        path=path,
+        phase=phase,
+    )
+    if timing is not None:
+        row.update(
+            repeats=len(timing.samples),
+            median_s=timing.median,
+            p20_s=timing.p20,
+            p80_s=timing.p80,
+        )
+    row.update(extra)
+    return row
+
+
+def _window_plan(num_frames: int, window: int) -> tuple[int, list[int]]:
+    from .pipelines import window_plan
+
+    return window_plan(num_frames, window)
+
+
+def _efs(batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 91, (batch,), generator=g).float()
+
+
+def _graph_kwargs(setup: Setup, pipe: Any) -> dict[str, Any]:
+    """``cuda_graphs=True`` for a pipeline whose ``__call__`` takes it (once integrated)."""
+    if not setup.graphs:
+        return {}
+    if "cuda_graphs" in inspect.signature(type(pipe).__call__).parameters:
+        return {"cuda_graphs": True}
+    return {}
+
+
+def _weights_bytes(*modules: Any) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window; returns the bytes allocated now."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_mib(device: torch.device, base: int, weights: int) -> float | str:
+    """Peak memory of a path: what it allocated beyond ``base`` (which holds every model of the
+    run) plus its own models' ``weights``. Empty on CPU."""
+    if device.type != "cuda":
+        return ""
+    return round((torch.cuda.max_memory_allocated(device) - base + weights) / 2**20, 1)
+
+
+def _runs(
+    setup: Setup, desc: str, run: Callable[[], dict[str, float]], weights: int
+) -> tuple[dict[str, Timing], float | str, float]:
+    """Warm-up + repeated runs of ``run`` (returns phase seconds): per-phase timings, peak memory
+    (``weights``: bytes of the path's models) and the first warm-up's seconds (compilation,
+    autotuning)."""
+    from tqdm.auto import tqdm
+
+    plan = setup.plan
+    total = plan.warmup + plan.repeats
+    first = 0.0
+    samples: dict[str, list[float]] = {}
+    base = _reset_peak(setup.device)
+    with tqdm(total=total, desc=desc, unit="run", disable=not setup.progress, leave=False) as bar:
+        for i in range(total):
+            phases = run()
+            if i == 0:
+                first = sum(phases.values())
+            if i >= plan.warmup:
+                for name, sec in phases.items():
+                    samples.setdefault(name, []).append(sec)
+            bar.update(1)
+    peak = _peak_mib(setup.device, base, weights)
+    return {k: Timing(v) for k, v in samples.items()}, peak, first
+
+
+def _pipeline_rows(
+    setup: Setup,
+    batch: int,
+    path: str,
+    timings: dict[str, Timing],
+    peak: float | str,
+    common: Sequence[str],
+    lvdm_flop: float | None,
+    note: str,
+) -> list[dict]:
+    """Rows of one pipeline path: its total over the ``common`` phases, each phase, and (echofast)
+    the end-to-end total with the AVI phase."""
+    frames = setup.plan.frames
+    n = len(next(iter(timings.values())).samples)
+    totals = Timing([sum(timings[p].samples[i] for p in common) for i in range(n)])
+    rows = []
+
+    def throughput(t: Timing) -> dict[str, float]:
+        return {
+            "s_per_video": t.median / batch,
+            "frames_per_s": batch * frames / t.median,
+            "videos_per_s": batch / t.median,
+        }
+
+    rows.append(
+        _row(
+            setup, batch, path, "total", totals, peak_mem_mib=peak, note=note, **throughput(totals)
+        )
+    )
+    if "avi" in timings:
+        e2e = Timing([totals.samples[i] + timings["avi"].samples[i] for i in range(n)])
+        rows.append(
+            _row(
+                setup, batch, path, "end_to_end", e2e, note="total + AVI writing", **throughput(e2e)
+            )
+        )
+    for phase, t in timings.items():
+        extra: dict[str, Any] = {"s_per_video": t.median / batch}
+        if phase == "lvdm" and lvdm_flop:
+            extra.update(gflop=lvdm_flop / 1e9, tflops=lvdm_flop / t.median / 1e12)
+            if setup.gemm_tflops:
+                extra["gemm_fraction"] = extra["tflops"] / setup.gemm_tflops
+        rows.append(_row(setup, batch, path, phase, t, **extra))
+    return rows
+
+
+def _lvdm_shapes(setup: Setup, batch: int) -> tuple[int, int, tuple[int, ...]]:
+    """(windows per video, window length, UNet input shape) of the LVDM at ``batch`` videos."""
+    cfg = setup.models.lvdm.config
+    total, starts = _window_plan(setup.plan.frames, cfg.num_frames)
+    window = min(cfg.num_frames, total)
+    lat = setup.models.lidm.config.sample_size
+    size = lat if isinstance(lat, int) else lat[0]
+    pad = _reference_pad(size, len(cfg.block_out_channels))
+    shape = (batch * len(starts), window, cfg.in_channels, size + 2 * pad, size + 2 * pad)
+    return len(starts), window, shape
+
+
+def run_echofast(setup: Setup, batch: int, lvdm_flop: float | None) -> list[dict]:
+    """echofast's pipelines (LIDM → LVDM → decode) on ``batch`` videos, then the AVIs."""
+    from .io import write_video
+    from .pipelines import EchoSyntheticPipeline
+
+    m = setup.models
+    pipe = EchoSyntheticPipeline(m.lidm, m.lvdm, m.vae)
+    ef = _efs(batch, setup.seed)
+    dtype = _dtype_name(setup.dtype)
+    plan = setup.plan
+    lidm_kw = _graph_kwargs(setup, pipe.lidm_pipe)
+    lvdm_kw = _graph_kwargs(setup, pipe.lvdm_pipe)
+
+    def run() -> dict[str, float]:
+        clock = PhaseClock(setup.device)
+        images = pipe.lidm_pipe(
+            batch,
+            seed=setup.seed,
+            num_inference_steps=plan.steps,
+            batch_size=batch,
+            dtype=dtype,
+            progress=False,
+            **lidm_kw,
+        ).latents
+        clock.lap("lidm")
+        latents = pipe.lvdm_pipe(
+            images,
+            ef,
+            num_frames=plan.frames,
+            seed=setup.seed,
+            num_inference_steps=plan.steps,
+            batch_size=batch,
+            output_type="latent",
+            dtype=dtype,
+            progress=False,
+            **lvdm_kw,
+        ).latents
+        clock.lap("lvdm")
+        videos = pipe.lvdm_pipe.decode(latents, setup.decode_chunk)
+        clock.lap("decode")
+        if setup.avi:
+            with tempfile.TemporaryDirectory(prefix="echofast_bench_") as tmp:
+                for i in range(batch):
+                    write_video(Path(tmp) / f"video_{i}.avi", videos[i], 32.0)
+                clock.lap("avi")
+        return clock.phases
+
+    timings, peak, first = _runs(
+        setup, f"echofast b={batch}", run, _weights_bytes(m.lidm, m.lvdm, m.vae)
+    )
+    graphs = "cuda_graphs=True" if lvdm_kw else "eager UNet calls"
+    note = (
+        f"{setup.models.source}; {graphs}; decode chunk {setup.decode_chunk}; "
+        f"first run {first:.2f} s"
+    )
+    return _pipeline_rows(
+        setup,
+        batch,
+        "pipeline/echofast",
+        timings,
+        peak,
+        ("lidm", "lvdm", "decode"),
+        lvdm_flop,
+        note,
+    )
+
+
+def run_reference(
+    setup: Setup, batch: int, lvdm_flop: float | None, unets: tuple[Any, Any], path: str
+) -> list[dict]:
+    """The reference's way with diffusers' modules (``unets``: the LIDM and LVDM UNets to call,
+    eager or compiled)."""
+    m = setup.models
+    device = setup.device
+    autocast = torch.float16 if device.type == "cuda" else None
+    scheduler = diffusers_scheduler()
+    ef = _efs(batch, setup.seed)
+    plan = setup.plan
+    d_lidm, d_lvdm = unets
+
+    def run() -> dict[str, float]:
+        gen = torch.Generator(device=device).manual_seed(setup.seed)
+        clock = PhaseClock(device)
+        with torch.no_grad():
+            images = reference_lidm(
+                d_lidm, scheduler, batch, plan.steps, generator=gen, autocast_dtype=autocast
+            )
+            clock.lap("lidm")
+            latents = reference_lvdm(
+                d_lvdm,
+                scheduler,
+                images,
+                ef,
+                plan.frames,
+                plan.steps,
+                generator=gen,
+                autocast_dtype=autocast,
+            )
+            clock.lap("lvdm")
+            reference_decode(m.d_vae, latents)
+            clock.lap("decode")
+        return clock.phases
+
+    weights = _weights_bytes(m.d_lidm, m.d_lvdm, m.d_vae)
+    timings, peak, first = _runs(setup, f"{path.split('/')[1]} b={batch}", run, weights)
+    precision = "fp16 autocast, fp32 weights" if autocast else "fp32 (CPU: no autocast)"
+    note = (
+        f"diffusers {setup.env['diffusers']}; {precision}; decode fp32, "
+        f"{REFERENCE_DECODE_CHUNK} frames per call via CPU; first run {first:.2f} s"
+    )
+    rows = _pipeline_rows(
+        setup, batch, path, timings, peak, ("lidm", "lvdm", "decode"), lvdm_flop, note
+    )
+    for row in rows:
+        row["dtype"] = "float16" if autocast else "float32"
+    return rows
+
+
+def _unet_inputs(setup: Setup, batch: int, sets: int = 2) -> list[tuple]:
+    """Random LVDM inputs at the pipeline's shape (``sets`` of them, rotated between calls)."""
+    _, _, shape = _lvdm_shapes(setup, batch)
+    g = torch.Generator(device=setup.device).manual_seed(setup.seed + 1)
+    out = []
+    for i in range(sets):
+        x = torch.randn(shape, device=setup.device, generator=g)
+        ehs = torch.rand(shape[0], 1, 1, device=setup.device, generator=g)
+        ids = torch.zeros(shape[0], 1, device=setup.device)
+        t = torch.tensor(900 - 400 * i)  # a CPU int64 timestep, as the samplers pass them
+        out.append((x, t, ehs, ids))
+    return out
+
+
+def run_unet_calls(
+    setup: Setup, batch: int, flop: float | None, unets: dict[str, Any]
+) -> list[dict]:
+    """One LVDM UNet call per path at the pipeline's shape: time, TFLOP/s, kernels per call."""
+    inputs = _unet_inputs(setup, batch)
+    device = setup.device
+    # the first call of a graph path captures; on a GPU one more settles autotuning and clocks
+    warmup = max(1, setup.plan.warmup) + (device.type == "cuda")
+    rows = []
+    for path, unet in unets.items():
+
+        def call(i: int, unet=unet) -> Any:
+            x, t, ehs, ids = inputs[i % len(inputs)]
+            with _autocast(device, setup.dtype):
+                return unet(x, t, encoder_hidden_states=ehs, added_time_ids=ids)
+
+        try:
+            with torch.no_grad():
+                timing = time_call(call, device, warmup, setup.plan.unet_repeats)
+                kernels, what = (
+                    count_kernels(lambda: call(0), device) if setup.profile else ("", "")
+                )
+        except Exception as err:  # noqa: BLE001 - one failing path must not stop the others
+            setup.failures.append(f"{path} b={batch}: {type(err).__name__}: {err}")
+            continue
+        extra: dict[str, Any] = {"kernels": kernels}
+        reasons = getattr(unet, "last_reasons", None)
+        if reasons:
+            extra["note"] = "ran eagerly: " + "; ".join(reasons)
+        elif what:
+            extra["note"] = f"kernels = {what}"
+        if flop:
+            extra.update(gflop=flop / 1e9, tflops=flop / timing.median / 1e12)
+            if setup.gemm_tflops:
+                extra["gemm_fraction"] = extra["tflops"] / setup.gemm_tflops
+        rows.append(_row(setup, batch, path, "call", timing, **extra))
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """``speedup_vs_reference`` / ``speedup_vs_compiled`` on echofast's rows, per batch and phase
+    (baseline median / echofast median)."""
+    med = {(r["batch"], r["path"], r["phase"]): r["median_s"] for r in rows if r["median_s"] != ""}
+    pairs = {
+        "pipeline/echofast": ("pipeline/reference", "pipeline/reference+compile"),
+        "unet/echofast": ("unet/diffusers", "unet/diffusers+compile"),
+        "unet/echofast+graphs": ("unet/diffusers", "unet/diffusers+compile"),
+    }
+    for r in rows:
+        if r["path"] not in pairs or r["median_s"] == "":
+            continue
+        ref, comp = pairs[r["path"]]
+        for col, base in (("speedup_vs_reference", ref), ("speedup_vs_compiled", comp)):
+            other = med.get((r["batch"], base, r["phase"]))
+            if other:
+                r[col] = other / r["median_s"]
+
+
+# ---- CSV and comparison ------------------------------------------------------------------------
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` (``CSV_FIELDS`` columns) to ``path``, writing the header when it is new.
+
+    A file whose header differs is refused (never rewritten): pass another ``--out``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != CSV_FIELDS:
+            raise EchofastError(
+                f"{path}: existing CSV has other columns ({len(header)}); not appending — "
+                "write to a new file with --out"
+            )
+        new = False
+    else:
+        new = True
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_FIELDS})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of an earlier ``echofast bench`` CSV (a missing or foreign file raises)."""
+    if not path.is_file():
+        raise EchofastError(f"{path}: --compare file does not exist")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [
+            k for k in ("card", "median_s", *COMPARE_KEY) if k not in (reader.fieldnames or [])
+        ]
+        if missing:
+            raise EchofastError(f"{path}: not an echofast bench CSV (no column(s) {missing})")
+        return list(reader)
+
+
+def compare(
+    new_rows: list[dict], old_rows: list[dict[str, str]], threshold_pct: float
+) -> tuple[list[str], list[str]]:
+    """(report lines, regressions): each new timing row against the latest old row with the same
+    card and key; a regression is a median more than ``threshold_pct`` percent slower. GEMM rows
+    (the card's ceiling, not echofast's code) are reported but never flagged."""
+
+    def key(r: dict) -> tuple:
+        return (str(r["card"]), *(str(r[k]) for k in COMPARE_KEY))
+
+    old = {key(r): r for r in old_rows if r.get("median_s")}
+    lines, regressions = [], []
+    for r in new_rows:
+        if r.get("median_s") in ("", None):
+            continue
+        o = old.get(key(r))
+        if o is None:
+            continue
+        before, after = float(o["median_s"]), float(r["median_s"])
+        change = 100 * (after / before - 1) if before > 0 else 0.0
+        flag = change > threshold_pct and not str(r["path"]).startswith("gemm/")
+        line = (
+            f"{'REGRESSION' if flag else 'ok':<10} b={r['batch']} {r['path']} {r['phase']}: "
+            f"{before:.4g} s -> {after:.4g} s ({change:+.1f}%, {o.get('git_sha', '?')} -> "
+            f"{r.get('git_sha', '?')})"
+        )
+        lines.append(line)
+        if flag:
+            regressions.append(line)
+    return lines, regressions
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def _g(value: Any, spec: str = ".3g") -> str:
+    return "-" if value in ("", None) else format(float(value), spec)
+
+
+def _cells(row: dict, columns: Sequence[tuple[str, str, int]]) -> str:
+    """One table line: ``(column, format spec, width)`` per cell; "-" where a value is absent."""
+    cells = []
+    for col, spec, width in columns:
+        value = row.get(col, "")
+        if spec in ("s", "i"):
+            text = "-" if value == "" else str(value)
+        elif col == "gemm_fraction" and value != "":
+            text = f"{100 * float(value):.1f}%"
+        elif col == "median_s" and spec == "ms":
+            text = f"{1e3 * float(value):.3f}"
+        else:
+            text = _g(value, spec)
+        cells.append(text.ljust(width) if spec == "s" else text.rjust(width))
+    return " ".join(cells)
+
+
+_PIPELINE_COLUMNS = [
+    ("batch", "s", 5),
+    ("path", "s", 27),
+    ("phase", "s", 10),
+    ("s_per_video", ".4g", 9),
+    ("p20_s", ".4g", 9),
+    ("p80_s", ".4g", 9),
+    ("frames_per_s", ".4g", 9),
+    ("videos_per_s", ".3g", 8),
+    ("tflops", ".3g", 8),
+    ("peak_mem_mib", ".0f", 9),
+    ("speedup_vs_reference", ".2f", 7),
+    ("speedup_vs_compiled", ".2f", 7),
+]
+_CALL_COLUMNS = [
+    ("batch", "s", 5),
+    ("path", "s", 27),
+    ("median_s", "ms", 9),
+    ("tflops", ".3g", 8),
+    ("gemm_fraction", "", 8),
+    ("kernels", "i", 8),
+    ("speedup_vs_reference", ".2f", 7),
+    ("speedup_vs_compiled", ".2f", 7),
+]
+_PIPELINE_HEADER = {
+    "batch": "batch",
+    "path": "path",
+    "phase": "phase",
+    "s_per_video": "s/video",
+    "p20_s": "p20",
+    "p80_s": "p80",
+    "frames_per_s": "frames/s",
+    "videos_per_s": "videos/s",
+    "tflops": "TFLOP/s",
+    "peak_mem_mib": "peak MiB",
+    "speedup_vs_reference": "vs ref",
+    "speedup_vs_compiled": "vs comp",
+}
+_CALL_HEADER = {
+    "batch": "batch",
+    "path": "path (1 LVDM call)",
+    "median_s": "ms/call",
+    "tflops": "TFLOP/s",
+    "gemm_fraction": "of GEMM",
+    "kernels": "kernels",
+    "speedup_vs_reference": "vs ref",
+    "speedup_vs_compiled": "vs comp",
+}
+
+
+def _header(names: dict[str, str], columns: Sequence[tuple[str, str, int]]) -> str:
+    return " ".join(
+        names[c].ljust(w) if spec == "s" else names[c].rjust(w) for c, spec, w in columns
+    )
+
+
+def _per_video(row: dict) -> dict:
+    """A pipeline row with p20/p80 per video (the CSV keeps seconds per batch)."""
+    out = dict(row)
+    for col in ("p20_s", "p80_s"):
+        if out[col] != "":
+            out[col] = float(out[col]) / int(out["batch"])
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The table printed at the end of a run: pipelines (p20/p80 of the whole batch, s/video of the
+    median), then single LVDM calls. Ratios are baseline median / echofast median."""
+    pipe = [_per_video(r) for r in rows if r["path"].startswith("pipeline/")]
+    calls = [r for r in rows if not r["path"].startswith("pipeline/")]
+    out = []
+    if pipe:
+        out.append(_header(_PIPELINE_HEADER, _PIPELINE_COLUMNS))
+        out.extend(_cells(r, _PIPELINE_COLUMNS) for r in pipe)
+    if calls:
+        out.append("")
+        out.append(_header(_CALL_HEADER, _CALL_COLUMNS))
+        out.extend(_cells(r, _CALL_COLUMNS) for r in calls)
+    return "\n".join(out)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="echofast bench",
+        description="Generation speed of echofast vs the reference's way (diffusers eager, fp16 "
+        "autocast, the reference's sampling and decode loops) and vs compiled diffusers UNets, "
+        "same card, same run. Real configs and 192 frames x 64 steps at batch 1 and 8 on a GPU; "
+        "without CUDA a small smoke configuration (seconds). Rows go to a CSV; see --compare.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models, few frames/steps (the default without CUDA)",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="the reference architectures even without CUDA (slow on CPU)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="ROOT",
+        help="weights root (vae/, lidm_<dataset>/, lvdm/); default: random weights",
+    )
+    p.add_argument("--dataset", default="dynamic", help="LIDM folder lidm_<dataset> with --weights")
+    p.add_argument("--frames", type=int, help="frames per video (full: 192, smoke: 12)")
+    p.add_argument("--steps", type=int, help="denoising steps (full: 64, smoke: 2)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        metavar="B",
+        help="videos per batch, one measurement each (full: 1 8, smoke: 1 2)",
+    )
+    p.add_argument("--repeats", type=int, help="timed pipeline runs per path (full: 3, smoke: 1)")
+    p.add_argument("--warmup", type=int, help="untimed pipeline runs first (1)")
+    p.add_argument("--unet-repeats", type=int, help="timed UNet calls per path (full: 10)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="echofast's UNet precision (default float16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument("--decode-chunk", type=int, default=64, help="echofast VAE frames per call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", action="store_true", help="skip the diffusers baselines")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="time torch.compile'd diffusers UNets (default on CUDA, not in smoke)",
+    )
+    comp.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="CUDA-graph UNet calls (echofast.pipelines.graphs): a unet row, and the "
+        "pipelines' cuda_graphs=True once they take it",
+    )
+    p.add_argument("--no-avi", action="store_true", help="do not time writing the AVIs")
+    p.add_argument("--no-profile", action="store_true", help="skip the kernel counts")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="CSV to append to (default bench/results/echofast_bench_<card>.csv)",
+    )
+    p.add_argument("--no-csv", action="store_true", help="write no CSV")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="OLD.csv",
+        help="flag rows slower than in this earlier CSV (exit status 1 if any)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=10.0,
+        help="percent slower that counts as a regression for --compare",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _resolve(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[torch.device, Plan, dict]:
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but CUDA is not available")
+    smoke = a.smoke or (not a.full and device.type != "cuda")
+    base = SMOKE_PLAN if smoke else FULL_PLAN
+    plan = Plan(
+        base.config,
+        frames=base.frames if a.frames is None else a.frames,
+        steps=base.steps if a.steps is None else a.steps,
+        batch_sizes=tuple(base.batch_sizes if a.batch_size is None else a.batch_size),
+        repeats=base.repeats if a.repeats is None else a.repeats,
+        warmup=base.warmup if a.warmup is None else a.warmup,
+        unet_repeats=base.unet_repeats if a.unet_repeats is None else a.unet_repeats,
+    )
+    if min(plan.frames, plan.steps, plan.repeats, plan.unet_repeats, *plan.batch_sizes) < 1:
+        p.error("--frames, --steps, --repeats, --unet-repeats, --batch-size must be >= 1")
+    if plan.warmup < 0 or a.decode_chunk < 1:
+        p.error("--warmup must be >= 0 and --decode-chunk >= 1")
+    if a.weights:
+        plan = dataclasses.replace(plan, config="weights")
+    configs = SMOKE_CONFIGS if smoke else _reference_configs()
+    return device, plan, configs
+
+
+def _reference_configs() -> dict[str, dict[str, Any]]:
+    from .train.config import REFERENCE_ARCHITECTURES
+
+    return REFERENCE_ARCHITECTURES
+
+
+def main_bench(argv: list[str]) -> int:
+    """``echofast bench``: see the module docstring and ``--help``."""
+    p = _parser()
+    a = p.parse_args(argv)
+    device, plan, configs = _resolve(a, p)
+    dtype = (
+        DTYPES[a.dtype] if a.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    if dtype != torch.float32 and device.type != "cuda":
+        p.error(f"--dtype {a.dtype} needs CUDA (echofast samples in float32 on CPU)")
+    old_rows = read_csv(a.compare) if a.compare else None
+    env = environment(device)
+    _say(
+        f"echofast bench: {env['card']} | torch {env['torch']} (CUDA {env['cuda'] or '-'}) | "
+        f"triton {env['triton'] or '-'} | diffusers {env['diffusers'] or '-'} | "
+        f"git {env['git_sha']}"
+    )
+    if plan.config == "smoke":
+        _say("smoke configuration (tiny models; CPU numbers are a code-path check, not a result)")
+    _say(
+        f"config {plan.config}: {plan.frames} frames, {plan.steps} steps, batch "
+        f"{list(plan.batch_sizes)}, {plan.warmup} warm-up + {plan.repeats} timed runs per path, "
+        f"echofast dtype {_dtype_name(dtype)}"
+    )
+
+    with torch.no_grad():
+        models = build_models(
+            configs if not a.weights else None,
+            device,
+            weights=a.weights,
+            dataset=a.dataset,
+            seed=a.seed,
+            with_diffusers=not a.no_reference,
+        )
+    do_compile = (
+        a.compile if a.compile is not None else (device.type == "cuda" and plan.config != "smoke")
+    )
+    setup = Setup(
+        device=device,
+        plan=plan,
+        dtype=dtype,
+        env=env,
+        models=models,
+        seed=a.seed,
+        decode_chunk=a.decode_chunk,
+        reference=not a.no_reference,
+        compile=do_compile,
+        graphs=a.graphs,
+        avi=not a.no_avi,
+        profile=not a.no_profile,
+        progress=not a.no_progress,
+    )
+    if models.diffusers_missing and not a.no_reference:
+        setup.notes.append(f"baselines skipped: {models.diffusers_missing}")
+        setup.reference = False
+    if a.compile is None and not do_compile:
+        setup.notes.append("torch.compile baseline skipped on CPU/smoke (--compile to force)")
+    if a.graphs:
+        _graph_notes(setup)
+    for note in setup.notes:
+        _say(f"note: {note}")
+
+    _measure(setup)
+    _add_ratios(setup.rows)
+    _say("")
+    _say(summary_table(setup.rows))
+    for note in setup.notes:
+        _say(f"note: {note}")
+    status = 0
+    if setup.failures:
+        status = 1
+        for f in setup.failures:
+            _say(f"FAILED: {f}")
+    if not a.no_csv and setup.rows:
+        out = a.out or Path("bench/results") / f"echofast_bench_{card_slug(env['card'])}.csv"
+        append_csv(out, setup.rows)
+        _say(f"{len(setup.rows)} rows appended to {out}")
+    if old_rows is not None:
+        lines, regressions = compare(setup.rows, old_rows, a.threshold)
+        _say(
+            f"\ncompared with {a.compare} (threshold {a.threshold:g}%): {len(lines)} matching rows"
+        )
+        for line in lines:
+            _say("  " + line)
+        if regressions:
+            _say(f"{len(regressions)} regression(s)")
+            status = 1
+    return status
+
+
+def _graph_notes(setup: Setup) -> None:
+    from .pipelines import LIDMPipeline, LVDMPipeline
+
+    integrated = [
+        cls.__name__
+        for cls in (LIDMPipeline, LVDMPipeline)
+        if "cuda_graphs" in inspect.signature(cls.__call__).parameters
+    ]
+    if len(integrated) < 2:
+        setup.notes.append(
+            "--graphs: no effect on the pipelines: "
+            + (
+                "only " + ", ".join(integrated)
+                if integrated
+                else "neither LIDMPipeline nor LVDMPipeline"
+            )
+            + " takes cuda_graphs= yet (echofast.pipelines.graphs is not integrated); the "
+            "unet/echofast+graphs row still measures CUDAGraphUNet on one LVDM call"
+        )
+
+
+def _measure(setup: Setup) -> None:
+    """Every measurement of the plan, appending rows to ``setup.rows``."""
+    device, m = setup.device, setup.models
+    timing, flop, label = gemm_ceiling(device)
+    setup.gemm_tflops = flop / timing.median / 1e12
+    setup.rows.append(
+        _row(
+            setup,
+            "",
+            label,
+            "call",
+            timing,
+            dtype=label.split("/")[1].split("-")[0],
+            gflop=flop / 1e9,
+            tflops=setup.gemm_tflops,
+            note="ceiling: random inputs, CUDA events"
+            if device.type == "cuda"
+            else "CPU smoke ceiling (not a GPU number)",
+        )
+    )
+    _say(f"GEMM ceiling {label}: {setup.gemm_tflops:.1f} TFLOP/s")
+    setup.gflop_per_window = _flop_per_window(setup) / 1e9
+    _say(
+        f"LVDM UNet: {setup.gflop_per_window:.1f} GFLOP per window per step "
+        f"({'diffusers' if m.d_lvdm is not None else 'echofast, torch backends'} count; "
+        f"spec: ~572 for the reference config)"
+    )
+
+    compiled: dict[str, Any] = {}
+    if setup.reference and setup.compile:
+        compiled = {
+            "lidm": torch.compile(m.d_lidm, dynamic=False),
+            "lvdm": torch.compile(m.d_lvdm, dynamic=False),
+        }
+    for batch in setup.plan.batch_sizes:
+        n_win, _, shape = _lvdm_shapes(setup, batch)
+        call_flop = setup.gflop_per_window * 1e9 * shape[0]
+        run_flop = call_flop * setup.plan.steps
+        _say(f"\nbatch {batch}: {n_win} windows per video, UNet input {tuple(shape)}")
+        paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
+        if setup.reference:
+            paths.append(("pipeline/reference", (m.d_lidm, m.d_lvdm)))
+        if compiled:
+            paths.append(("pipeline/reference+compile", (compiled["lidm"], compiled["lvdm"])))
+        for name, unets in paths:
+            try:
+                if unets is None:
+                    rows = run_echofast(setup, batch, run_flop)
+                else:
+                    rows = run_reference(setup, batch, run_flop, unets, name)
+            except Exception as err:  # noqa: BLE001 - report the path, measure the others
+                setup.failures.append(f"{name} b={batch}: {type(err).__name__}: {err}")
+                _say(f"  {name}: FAILED ({type(err).__name__}: {err})")
+                continue
+            setup.rows.extend(rows)
+            total = rows[0]
+            _say(
+                f"  {name:<28} {total['s_per_video']:.4g} s/video, "
+                f"{total['frames_per_s']:.4g} frames/s, {total['videos_per_s']:.3g} videos/s"
+            )
+        unets: dict[str, Any] = {"unet/echofast": m.lvdm}
+        if setup.graphs:
+            from .pipelines.graphs import CUDAGraphUNet
+
+            unets["unet/echofast+graphs"] = CUDAGraphUNet(m.lvdm)
+        if setup.reference:
+            unets["unet/diffusers"] = m.d_lvdm
+        if compiled:
+            unets["unet/diffusers+compile"] = compiled["lvdm"]
+        for row in run_unet_calls(setup, batch, call_flop, unets):
+            setup.rows.append(row)
+            _say(
+                f"  {row['path']:<28} {1e3 * row['median_s']:.3f} ms/call, "
+                f"{row.get('tflops', 0) or 0:.3g} TFLOP/s, kernels {row['kernels'] or '-'}"
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _flop_per_window(setup: Setup) -> float:
+    """FLOPs of one LVDM UNet call on one window (nominal: diffusers' model when present, else
+    echofast's with the plain-PyTorch backends)."""
+    from .ops import use_backend
+
+    x, t, ehs, ids = _unet_inputs(setup, 1, sets=1)[0]
+    m = setup.models
+    unet = m.d_lvdm if m.d_lvdm is not None else m.lvdm
+    ctx = contextlib.nullcontext() if m.d_lvdm is not None else use_backend("torch")
+    with torch.no_grad(), ctx:
+        return count_flops(
+            lambda: unet(x[:1], t, encoder_hidden_states=ehs[:1], added_time_ids=ids[:1])
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main_bench(sys.argv[1:]))

@@ -1,0 +1,279 @@
+"""``echofast bench`` (echofast.benchmark): the CPU smoke run of every code path, the reference-way
+baseline against echofast's pipelines, and the measurement helpers against independent oracles.
+
+No timing is asserted (speed is reported by the benchmark, never tested): the tests check that
+the rows exist and are consistent with each other, that ``--compare`` flags what is slower, and
+that the baseline computes what the reference computes.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from echofast import benchmark as bench
+from echofast.errors import EchofastError
+from echofast.pipelines import LIDMPipeline, LVDMPipeline
+
+pytest.importorskip("diffusers", reason="the baselines are diffusers' modules")
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
+    """One smoke run (CPU: tiny models, 12 frames = 2 windows, 2 steps) with --graphs and
+    --compare against a planted earlier CSV whose echofast total was impossibly fast."""
+    out, old = tmp_path / "bench.csv", tmp_path / "old.csv"
+    card = bench.card_name(torch.device("cpu"))
+    planted = [
+        {
+            "card": card,
+            "config": "smoke",
+            "dtype": "float32",
+            "frames": 12,
+            "steps": 2,
+            "batch": 2,
+            "path": path,
+            "phase": "total" if path.startswith("pipeline") else "call",
+            "median_s": 1e-9,
+        }
+        for path in ("pipeline/echofast", "unet/diffusers")
+    ]
+    planted.append({**planted[1], "path": "gemm/fp32-512-cpu", "batch": ""})
+    bench.append_csv(old, planted)
+    argv = ["--smoke", "--device", "cpu", "--batch-size", "2", "--graphs", "--no-progress"]
+    argv += ["--out", str(out)]
+    status = bench.main_bench([*argv, "--compare", str(old), "--threshold", "50"])
+    text = capsys.readouterr().out
+    assert status == 1, text  # two planted rows are "regressions"
+    assert "smoke configuration" in text and "2 regression(s)" in text
+    assert text.count("REGRESSION") == 2
+    assert "no effect on the pipelines" in text and "s/video" in text
+
+    rows = _read(out)
+    assert {r["card"] for r in rows} == {card} and {r["config"] for r in rows} == {"smoke"}
+    by = {(r["path"], r["phase"]): r for r in rows}
+    for phase in ("total", "end_to_end", "lidm", "lvdm", "decode", "avi"):
+        assert ("pipeline/echofast", phase) in by
+    for phase in ("total", "lidm", "lvdm", "decode"):
+        assert ("pipeline/reference", phase) in by
+    for path in ("unet/echofast", "unet/echofast+graphs", "unet/diffusers", "gemm/fp32-512-cpu"):
+        assert (path, "call") in by
+    assert all(float(r["median_s"]) > 0 for r in rows)
+
+    ours, ref = by["pipeline/echofast", "total"], by["pipeline/reference", "total"]
+    med = float(ours["median_s"])
+    assert float(ours["s_per_video"]) == pytest.approx(med / 2, rel=1e-5)
+    assert float(ours["frames_per_s"]) == pytest.approx(2 * 12 / med, rel=1e-5)
+    assert float(ours["speedup_vs_reference"]) == pytest.approx(
+        float(ref["median_s"]) / med, rel=1e-4
+    )
+    phases = sum(float(by["pipeline/echofast", p]["median_s"]) for p in ("lidm", "lvdm", "decode"))
+    assert med == pytest.approx(phases, rel=1e-4)  # one timed run: total = sum of its phases
+
+    # FLOPs: 2 videos x 2 windows per call; the diffusers count per window, scaled
+    one_window = bench.count_flops(lambda: _diffusers_lvdm_call())
+    for path in ("unet/echofast", "unet/diffusers"):
+        assert float(by[path, "call"]["gflop"]) == pytest.approx(4 * one_window / 1e9, rel=1e-5)
+        assert int(by[path, "call"]["kernels"]) > 100
+    assert "ran eagerly" in by["unet/echofast+graphs", "call"]["note"]
+    lvdm = by["pipeline/echofast", "lvdm"]
+    assert float(lvdm["gflop"]) == pytest.approx(2 * 4 * one_window / 1e9, rel=1e-5)
+
+
+def _diffusers_lvdm_call():
+    """One window of the smoke LVDM through diffusers (the same random init as the bench)."""
+    models = _models()
+    x = torch.randn(1, 8, 8, 8, 8)
+    with torch.no_grad():
+        return models.d_lvdm(
+            x, 500, encoder_hidden_states=torch.rand(1, 1, 1), added_time_ids=torch.zeros(1, 1)
+        )
+
+
+_MODELS = {}
+
+
+def _models():
+    if "smoke" not in _MODELS:
+        _MODELS["smoke"] = bench.build_models(bench.SMOKE_CONFIGS, torch.device("cpu"), seed=3)
+    return _MODELS["smoke"]
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@torch.no_grad()
+def test_reference_way_matches_echofast_pipelines():
+    """The baseline loops (diffusers modules and scheduler) compute what echofast's pipelines
+    compute on the same weights and per-sample noise: sampling, stitching, padding, decode."""
+    m = _models()
+    steps = 3
+    ours = LIDMPipeline(m.lidm)(
+        2, generator=_gens([1, 2]), num_inference_steps=steps, progress=False
+    )
+    theirs = bench.reference_lidm(
+        m.d_lidm,
+        bench.diffusers_scheduler(),
+        2,
+        steps,
+        generator=_gens([1, 2]),
+        autocast_dtype=None,
+    )
+    assert _rel(theirs, ours.latents) <= 1e-5
+
+    cond, ef = ours.latents, torch.tensor([40.0, 40.0])  # equal EFs: the reference pairing agrees
+    pipe = LVDMPipeline(m.lvdm, m.vae)
+    video = pipe(
+        cond,
+        ef,
+        num_frames=11,
+        generator=_gens([5, 6]),
+        num_inference_steps=steps,
+        output_type="latent",
+        progress=False,
+    ).latents
+    ref = bench.reference_lvdm(
+        m.d_lvdm,
+        bench.diffusers_scheduler(),
+        cond,
+        ef,
+        11,
+        steps,
+        generator=_gens([5, 6]),
+        autocast_dtype=None,
+    )
+    assert ref.shape == video.shape == (2, 11, 4, 6, 6)
+    assert _rel(ref, video) <= 1e-5
+
+    pixels = bench.reference_decode(m.d_vae, ref)
+    assert pixels.shape == (2, 11, 3, 12, 12) and pixels.dtype == torch.uint8
+    gray = pipe.decode(video)
+    # echofast averages the channels before the uint8 truncation, the reference after; where no
+    # channel saturates the two differ by less than one level
+    inside = ((pixels > 0) & (pixels < 255)).all(dim=2)
+    assert inside.float().mean() > 0.3
+    assert (pixels.float().mean(dim=2) - gray.float())[inside].abs().max() < 1.0
+
+
+def test_reference_pairs_ef_like_the_reference():
+    """With different EFs the baseline repeats them with repeat_interleave over window-major
+    batches (the reference's bug, kept: it costs the same): window 0 of sample 1 gets sample 0's
+    EF. Checked through the conditioning the UNet receives."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+        def forward(self, x, t, encoder_hidden_states, added_time_ids):
+            seen.append(encoder_hidden_states.flatten().tolist())
+            return self.inner(
+                x, t, encoder_hidden_states=encoder_hidden_states, added_time_ids=added_time_ids
+            )
+
+    m = _models()
+    with torch.no_grad():
+        bench.reference_lvdm(
+            Spy(m.d_lvdm),
+            bench.diffusers_scheduler(),
+            torch.randn(2, 4, 6, 6),
+            torch.tensor([20.0, 80.0]),
+            12,
+            1,
+            generator=torch.Generator(),
+            autocast_dtype=None,
+        )
+    assert seen == [pytest.approx([0.2, 0.2, 0.8, 0.8])]
+
+
+def test_compare_flags_only_slower_rows_of_the_same_card():
+    key = {"config": "full", "dtype": "float16", "frames": 192, "steps": 64, "batch": 1}
+    old = [
+        {**key, "card": "A", "path": "pipeline/echofast", "phase": "total", "median_s": "1.0"},
+        {**key, "card": "A", "path": "pipeline/reference", "phase": "total", "median_s": "1.0"},
+        {**key, "card": "A", "path": "unet/echofast", "phase": "call", "median_s": "1.0"},
+        {**key, "card": "A", "path": "gemm/bf16-8192", "phase": "call", "median_s": "1.0"},
+        {**key, "card": "B", "path": "unet/diffusers", "phase": "call", "median_s": "1.0"},
+    ]
+    new = [
+        {**key, "card": "A", "path": "pipeline/echofast", "phase": "total", "median_s": 1.2},
+        {**key, "card": "A", "path": "pipeline/reference", "phase": "total", "median_s": 1.05},
+        {**key, "card": "A", "path": "unet/echofast", "phase": "call", "median_s": 0.5},
+        {**key, "card": "A", "path": "gemm/bf16-8192", "phase": "call", "median_s": 3.0},
+        {**key, "card": "A", "path": "unet/diffusers", "phase": "call", "median_s": 9.0},
+    ]
+    lines, regressions = bench.compare(new, old, threshold_pct=10)
+    assert len(lines) == 4  # the card-B row matches nothing
+    assert len(regressions) == 1 and "pipeline/echofast total" in regressions[0]
+    assert "+20.0%" in regressions[0]
+    assert bench.compare(new, old, threshold_pct=25)[1] == []
+
+
+def test_csv_files_are_checked(tmp_path):
+    with pytest.raises(EchofastError, match="does not exist"):
+        bench.read_csv(tmp_path / "missing.csv")
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("a,b\n1,2\n")
+    with pytest.raises(EchofastError, match="not an echofast bench CSV"):
+        bench.read_csv(foreign)
+    with pytest.raises(EchofastError, match="other columns"):
+        bench.append_csv(foreign, [{"card": "x"}])
+    assert foreign.read_text() == "a,b\n1,2\n"  # never rewritten
+
+
+def test_quantiles_match_numpy():
+    values = list(np.random.default_rng(0).normal(size=17))
+    for q in (0.2, 0.5, 0.8):
+        assert bench.quantile(values, q) == pytest.approx(np.quantile(values, q), rel=1e-12)
+    t = bench.Timing([3.0, 1.0, 2.0])
+    assert (t.median, t.p20, t.p80) == (2.0, pytest.approx(1.4), pytest.approx(2.6))
+
+
+def test_flop_count_includes_attention():
+    """Attention FLOPs are counted (SDPA decomposed by the MATH backend): 4·L²·D per head for
+    QKᵀ and PV, plus a matmul's 2·M·N·K."""
+    n, heads, length, d = 2, 3, 10, 16
+    q, k, v = (torch.randn(n, heads, length, d) for _ in range(3))
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == (
+        n * heads * 4 * length * length * d
+    )
+    a, b = torch.randn(5, 7), torch.randn(7, 11)
+    assert bench.count_flops(lambda: a @ b) == 2 * 5 * 7 * 11
+
+
+def test_kernel_count_on_cpu_counts_dispatched_ops():
+    x = torch.randn(8, 8)
+    count, what = bench.count_kernels(lambda: ((x + 1) * 2).sum(), torch.device("cpu"))
+    assert count == 3 and "ATen ops" in what  # add, mul, sum
+
+
+def test_command_line_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main_bench(["--help"])
+    assert info.value.code == 0 and "--compare" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as info:
+            bench.main_bench(["--dtype", "float16", "--no-csv"])
+        assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.main_bench(["--frames", "0", "--no-csv"])
+    assert bench.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
