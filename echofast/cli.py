@@ -78,7 +78,55 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument("--name-prefix", default="synthetic_")
     p.add_argument("--no-progress", action="store_true")
+    priv = p.add_argument_group(
+        "privacy",
+        "filter near copies of real patients (see README, Privacy); without --privacy the "
+        "dataset's privacy_report.json says it is NOT privacy-filtered",
+    )
+    priv.add_argument("--privacy", metavar="DIR", help="re-identification model folder")
+    priv.add_argument(
+        "--reference-latents",
+        metavar="LATENTS",
+        help="the real training data encoded with these weights' VAE (echofast encode)",
+    )
+    priv.add_argument(
+        "--oversample",
+        type=float,
+        default=2.0,
+        help="LIDM candidates per requested video (2)",
+    )
+    priv.add_argument(
+        "--auc-threshold",
+        type=float,
+        default=0.9,
+        help="refuse a re-identification model whose test AUC is below this (0.9)",
+    )
+    priv.add_argument(
+        "--allow-weak-privacy",
+        action="store_true",
+        help="run with a model below --auc-threshold (recorded in the report)",
+    )
+    priv.add_argument("--privacy-percentile", type=float, default=95.0, help="tau percentile (95)")
+    priv.add_argument(
+        "--privacy-frame-step",
+        type=int,
+        default=8,
+        help="reference frames per real clip and re-encoded frames per generated video: every "
+        "k-th (8); 0 = frame 0 only",
+    )
+    priv.add_argument(
+        "--privacy-normalization",
+        choices=["frame", "clip"],
+        help="override the re-identification model's input normalisation",
+    )
+    priv.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a pickled reidentification_*_best_network.pth (weights_only=True)",
+    )
     a = p.parse_args(argv)
+    if (a.privacy is None) != (a.reference_latents is None):
+        p.error("--privacy and --reference-latents go together")
     if a.weights is None:
         from .weights import DEMO_DATASET, demo_defaults, demo_root
 
@@ -112,6 +160,15 @@ def _generate(argv: list[str]) -> int:
         device=a.device,
         shard=Shard.parse(a.shard),
         progress=not a.no_progress,
+        privacy=a.privacy,
+        reference_latents=a.reference_latents,
+        oversample=a.oversample,
+        auc_threshold=a.auc_threshold,
+        allow_weak_privacy=a.allow_weak_privacy,
+        privacy_percentile=a.privacy_percentile,
+        privacy_frame_step=a.privacy_frame_step,
+        privacy_normalization=a.privacy_normalization,
+        allow_pickle=a.allow_pickle,
     )
     summary = generate_dataset(cfg)
     rate = summary["generated"] / summary["seconds"] if summary["seconds"] else 0.0
@@ -121,7 +178,28 @@ def _generate(argv: list[str]) -> int:
         f"already done; dataset holds {summary['in_dataset']} of {summary['expected']}"
         + ("" if summary["complete"] else " (other shards pending)")
     )
+    if "privacy" in summary:
+        pr = summary["privacy"]
+        print(
+            f"privacy: {pr['status']}; tau {pr['tau']:.5f}, re-id test AUC {pr['test_auc']:.4f}; "
+            f"{pr['kept']} of {pr['candidates']} candidates kept, {pr['dropped_video_level']} "
+            f"of {pr['video_attempts']} videos dropped by the video check"
+        )
+    else:
+        print("privacy: NOT privacy-filtered (no --privacy); see privacy_report.json")
     return 0
+
+
+def _privacy_filter(argv: list[str]) -> int:
+    from .privacy.cli import main_privacy_filter
+
+    return main_privacy_filter(argv)
+
+
+def _privacy_audit(argv: list[str]) -> int:
+    from .privacy.cli import main_privacy_audit
+
+    return main_privacy_audit(argv)
 
 
 def _merge(argv: list[str]) -> int:
@@ -170,12 +248,20 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         "write procedural phantom echo videos with ground truth (EchoNet layout)",
     ),
     "encode": (_encode, "encode a video dataset into VAE latents (one safetensors file per video)"),
-    "train": (_train, "train the VAE, LIDM or LVDM from a config file (torchrun for DDP)"),
+    "train": (_train, "train the VAE, LIDM, LVDM or re-id model from a config (torchrun: DDP)"),
+    "privacy-filter": (
+        _privacy_filter,
+        "keep candidate latents that are not near copies of real training frames",
+    ),
+    "privacy-audit": (
+        _privacy_audit,
+        "measure the privacy filter: planted copies caught, held-out real frames flagged",
+    ),
 }
 
 
 def _usage() -> str:
-    rows = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items())
     return f"usage: echofast <command> [options]\n\ncommands:\n{rows}\n"
 
 

@@ -6,6 +6,8 @@ Layout written into the output folder::
     FileList.csv                 FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split
     VolumeTracings.csv           header only (synthetic videos have no tracings)
     generation.json              arguments, seed rule, weights' SHA-256, package versions
+    privacy_report.json/.png     the privacy report (with ``--privacy``), or a report saying the
+                                 dataset is NOT privacy-filtered
     .echofast/journal-<shard>.jsonl   one fsynced line per finished video
 
 Crash safety: a video is written to a temporary file, synced and renamed; only then is its journal
@@ -15,6 +17,27 @@ files are removed, and the rest are generated again. Every sample's randomness d
 interrupted chunk is recomputed whole), so a resumed run writes the same bytes as an
 uninterrupted one with the same batch size. ``FileList.csv`` is rebuilt from the journals.
 A folder made with different arguments is refused, never overwritten.
+
+Privacy (``privacy`` = a re-identification model folder, ``reference_latents`` = the real
+training data encoded with the generator's VAE; see :mod:`echofast.privacy`):
+
+1. the fail-closed rule (the model's test AUC must reach ``auc_threshold`` unless
+   ``allow_weak_privacy``) and the τ calibration (cached in ``.echofast/privacy/``) run before
+   anything is generated;
+2. the LIDM draws ``M = ceil(oversample · num_videos)`` candidate images, candidate ``j`` from the
+   ``"lidm"`` stream of index ``j`` (in chunks of ``batch_size``, each saved atomically);
+3. the filter keeps the candidates whose max correlation with every real TRAIN reference frame is
+   below τ, in index order: ``K = [k_0, k_1, ...]``;
+4. attempt ``r`` animates candidate ``k_r`` with the EF and LVDM noise of index ``k_r`` (streams
+   ``"ef"`` and ``"lvdm"``), in chunks of ``batch_size`` attempts; every ``privacy_frame_step``-th
+   frame of the decoded uint8 video is re-encoded with the VAE and checked; a video with any
+   frame at or above τ is dropped, and the next attempt fills its place. Video ``i`` of the
+   dataset is the ``i``-th attempt that passed; its split follows ``i``.
+
+Every outcome depends only on (seed, indices), and attempts are journaled
+(``.echofast/privacy/attempts.jsonl``), so a resumed run gives the same dataset and report. Too
+few kept candidates fail closed (:class:`~echofast.privacy.PrivacyError`). Sharding is not
+supported with ``privacy`` (the replacement order is sequential).
 """
 
 from __future__ import annotations
@@ -24,6 +47,7 @@ import dataclasses
 import fcntl
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import time
@@ -31,6 +55,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -117,6 +142,20 @@ class GenerateConfig:
     device: str = "cpu"
     shard: Shard = field(default_factory=Shard)
     progress: bool = True
+    privacy: str | None = None
+    """Re-identification model folder: filter the dataset (see the module docstring)."""
+    reference_latents: str | None = None
+    """The real latent dataset (``echofast encode`` with this job's VAE): TRAIN + TEST splits."""
+    oversample: float = 2.0
+    auc_threshold: float = 0.9
+    allow_weak_privacy: bool = False
+    privacy_percentile: float = 95.0
+    privacy_frame_step: int = 8
+    """Reference frames per real clip and checked frames per generated video: every k-th
+    (0: frame 0 only)."""
+    privacy_normalization: str | None = None
+    """Override of the model's input normalisation ("frame" or "clip")."""
+    allow_pickle: bool = False
 
     NON_IDENTITY = (
         "out",
@@ -126,10 +165,33 @@ class GenerateConfig:
         "shard",
         "progress",
         "weights",
+        "allow_pickle",
+    )
+    PRIVACY_KEYS = (
+        "privacy",
+        "reference_latents",
+        "oversample",
+        "auc_threshold",
+        "allow_weak_privacy",
+        "privacy_percentile",
+        "privacy_frame_step",
+        "privacy_normalization",
     )
 
-    def identity(self, weights_sha: dict[str, str], ef_source_sha: str | None) -> dict:
-        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NON_IDENTITY}
+    def identity(
+        self,
+        weights_sha: dict[str, str],
+        ef_source_sha: str | None,
+        privacy: dict | None = None,
+    ) -> dict:
+        """What defines the dataset. Privacy keys appear only with ``privacy`` (the model and
+        reference by digest, not by path)."""
+        skip = set(self.NON_IDENTITY) | set(self.PRIVACY_KEYS)
+        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if self.privacy is not None:
+            ident.update({k: getattr(self, k) for k in self.PRIVACY_KEYS})
+            ident["privacy"] = privacy
+            ident.pop("reference_latents")
         ident["splits"] = list(split_counts(self.num_videos, self.splits, self.dataset))
         ident["ef_range"] = list(self.ef_range)
         ident["ef_from"] = ef_source_sha
@@ -282,6 +344,8 @@ def _prepare(folder: Path, manifest: dict) -> None:
 
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:
     """Run (or resume) a generation job; returns a summary dict."""
+    if cfg.privacy is not None or cfg.reference_latents is not None:
+        return _generate_private(cfg, pipe)
     folder = Path(cfg.out)
     counts = split_counts(cfg.num_videos, cfg.splits, cfg.dataset)
     pool = _ef_pool(cfg.ef_from)
@@ -350,6 +414,7 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
     bar.close()
     with _locked(folder):
         written = rebuild_filelist(folder)
+        _write_not_filtered(folder, cfg.seed)
     elapsed = time.perf_counter() - start
     return {
         "folder": str(folder),
@@ -407,10 +472,379 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
                     if e["index"] not in existing:
                         _append(target, e)
         written = rebuild_filelist(out)
+        _write_not_filtered(out, first.get("seed"))
     expected = first["num_videos"]
     return {
         "folder": str(out),
         "in_dataset": written,
         "expected": expected,
         "complete": written == expected,
+    }
+
+
+# ---- privacy -------------------------------------------------------------------------------
+
+PRIVACY_DIR = "privacy"
+PRIVACY_RULE = (
+    "candidate j = LIDM sample of index j (j < ceil(oversample * num_videos)); kept iff its max "
+    "re-identification correlation with every real TRAIN reference frame < tau; attempt r "
+    "animates the r-th kept candidate k_r with the 'ef' and 'lvdm' streams of index k_r; every "
+    "privacy_frame_step-th decoded frame is re-encoded and checked, any frame >= tau drops the "
+    "video; video i is the i-th attempt that passed"
+)
+NOT_FILTERED_REASON = (
+    "generated without --privacy: no re-identification filter was applied; do not share this "
+    "dataset as privacy-preserving"
+)
+
+
+def _write_not_filtered(folder: Path, seed: int | None) -> None:
+    from ..privacy.report import not_filtered_report, write_report
+
+    write_report(folder, not_filtered_report(NOT_FILTERED_REASON, {"seed": seed}))
+
+
+def _check_reference_vae(reference: str, vae_dir: Path) -> str:
+    """The reference latents must come from this job's VAE (else correlations mean nothing)."""
+    from ..data.encode import MANIFEST as ENCODE_MANIFEST
+    from ..data.encode import _vae_digest
+    from ..privacy.filter import PrivacyError
+
+    path = Path(reference) / ENCODE_MANIFEST
+    if not path.is_file():
+        raise PrivacyError(
+            f"{path} is missing: cannot verify that {reference} was encoded with {vae_dir} "
+            "(encode the real data with `echofast encode --vae` of these weights)"
+        )
+    theirs = json.loads(path.read_text()).get("vae_sha256")
+    ours = _vae_digest(vae_dir)
+    if theirs != ours:
+        raise PrivacyError(
+            f"{reference} was encoded with another VAE ({theirs}) than {vae_dir} ({ours}); "
+            "latents of different VAEs cannot be compared"
+        )
+    return ours
+
+
+def _load_chunk(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor("latents")
+    except Exception:  # noqa: BLE001 - a torn file is regenerated
+        return None
+
+
+def _candidates(cfg: GenerateConfig, pipe, state: Path, count: int, progress: bool) -> torch.Tensor:
+    """LIDM candidates 0..count-1 in chunks of ``batch_size`` (each chunk saved atomically)."""
+    from safetensors.torch import save_file
+
+    from ..fsutil import atomic_write
+
+    out = []
+    bar = tqdm(total=count, unit="image", desc="LIDM candidates", disable=not progress)
+    for s in range(0, count, cfg.batch_size):
+        idx = list(range(s, min(s + cfg.batch_size, count)))
+        path = state / f"candidates-{s:07d}-{len(idx)}.safetensors"
+        lat = _load_chunk(path)
+        if lat is None:
+            lat = (
+                pipe.lidm_pipe(
+                    len(idx),
+                    seed=cfg.seed,
+                    sample_indices=idx,
+                    num_inference_steps=cfg.steps,
+                    batch_size=cfg.batch_size,
+                    dtype=cfg.dtype,
+                    progress=False,
+                )
+                .latents.cpu()
+                .contiguous()
+            )
+            atomic_write(path, lambda tmp, t=lat: save_file({"latents": t}, tmp))
+        out.append(lat)
+        bar.update(len(idx))
+    bar.close()
+    return torch.cat(out)
+
+
+def _check_videos(flt, vae, videos: torch.Tensor, step: int) -> list[tuple[float, str, int, int]]:
+    """Per uint8 video (T, H, W): re-encode every ``step``-th frame (frame 0 only for 0) with the
+    VAE, normalise that clip as the model's reference clips, score: (max correlation, nearest
+    real clip, its frame, the video frame)."""
+    from ..data.encode import encode_frames
+    from ..privacy.data import frames_from_clips, select_frames
+
+    out = []
+    for video in videos:
+        idx = select_frames(video.shape[0], step)
+        lat = encode_frames(vae, video[idx], batch_size=len(idx), device=vae.device)
+        fs = frames_from_clips(
+            [lat], ["video"], frame_step=1, normalization=flt.model.normalization
+        )
+        s = flt.score_frame_set(fs)
+        out.append(
+            (
+                float(s.max_corr[0]),
+                s.nearest_clip[0],
+                int(s.nearest_frame[0]),
+                idx[int(s.candidate_frame[0])],
+            )
+        )
+    return out
+
+
+def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -> dict:
+    from ..privacy.data import select_frames
+    from ..privacy.filter import PrivacyError, model_digest, reference_digest
+    from ..privacy.report import build_report, not_filtered_report, setup_filter, write_report
+
+    if cfg.privacy is None or cfg.reference_latents is None:
+        raise ValueError("privacy filtering needs both --privacy and --reference-latents")
+    if cfg.shard.count != 1:
+        raise ValueError(
+            "--privacy does not support sharding (dropped videos are replaced in order); run "
+            "one process per dataset"
+        )
+    if cfg.oversample < 1:
+        raise ValueError(f"--oversample must be >= 1, got {cfg.oversample}")
+    if cfg.privacy_frame_step < 0:
+        raise ValueError(f"the privacy frame step must be >= 0, got {cfg.privacy_frame_step}")
+    folder = Path(cfg.out)
+    counts = split_counts(cfg.num_videos, cfg.splits, cfg.dataset)
+    pool = _ef_pool(cfg.ef_from)
+    vae_dir = EchoSyntheticPipeline.folders(cfg.weights, cfg.dataset)["vae"]
+    vae_digest = _check_reference_vae(cfg.reference_latents, vae_dir)
+    privacy_ident = {
+        "model": model_digest(cfg.privacy, cfg.allow_pickle),
+        "reference_latents_digest": reference_digest(cfg.reference_latents),
+        "reference_vae": vae_digest,
+    }
+    manifest = {
+        "echofast_version": __version__,
+        "arguments": cfg.identity(
+            _weights_sha(cfg.weights, cfg.dataset),
+            sha256_file(cfg.ef_from) if cfg.ef_from else None,
+            privacy_ident,
+        ),
+        "weights_root": str(Path(cfg.weights).resolve()),
+        "seed_rule": SEED_RULE,
+        "privacy_rule": PRIVACY_RULE,
+        "packages": _versions(),
+        "file_names": f"{cfg.name_prefix}<index, 6 digits>",
+        "esv_edv": "empty: synthetic videos have no measured volumes",
+    }
+    _refuse_foreign(folder)
+    state = folder / STATE_DIR / PRIVACY_DIR
+    cache = state / "reference.safetensors"
+    start = time.perf_counter()
+    # the fail-closed check and the calibration come first: a refused job leaves no folder
+    setup = setup_filter(
+        cfg.privacy,
+        cfg.reference_latents,
+        percentile=cfg.privacy_percentile,
+        frame_step=cfg.privacy_frame_step,
+        auc_threshold=cfg.auc_threshold,
+        allow_weak_privacy=cfg.allow_weak_privacy,
+        normalization=cfg.privacy_normalization,
+        allow_pickle=cfg.allow_pickle,
+        device=cfg.device,
+        progress=cfg.progress,
+        cache=cache if cache.is_file() else None,
+    )
+    with _locked(folder):
+        _prepare(folder, manifest)
+        for tmp in (folder / "Videos").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    if not cache.is_file():
+        setup.filter.save(cache)
+    flt = setup.filter
+    journal = folder / STATE_DIR / f"journal-{cfg.shard.tag}.jsonl"
+    attempts_path = state / "attempts.jsonl"
+    with _locked(folder):
+        attempts = {e["attempt"]: e for e in read_journal(attempts_path)}
+    done = {e["index"] for j in _journals(folder) for e in read_journal(j) if _intact(folder, e)}
+
+    n_cand = math.ceil(cfg.oversample * cfg.num_videos - 1e-9)
+    passed_known = sum(1 for e in attempts.values() if e["passed"])
+    need_work = passed_known < cfg.num_videos or len(done) < cfg.num_videos
+    if need_work and pipe is None:
+        pipe = EchoSyntheticPipeline.from_pretrained(
+            cfg.weights, dataset=cfg.dataset, device=cfg.device
+        )
+    if pipe is None:
+        cands = torch.cat([_load_chunk(p) for p in sorted(state.glob("candidates-*.safetensors"))])
+    else:
+        cands = _candidates(cfg, pipe, state, n_cand, cfg.progress)
+    if cands.shape[0] != n_cand:
+        raise PrivacyError(f"{state}: holds {cands.shape[0]} candidates, expected {n_cand}")
+    cand_scores = flt.score_clips(
+        list(cands), [f"candidate_{j:06d}" for j in range(n_cand)], frame_step=0
+    )
+    kept = [j for j in range(n_cand) if cand_scores.kept[j]]
+
+    step = cfg.privacy_frame_step
+    slot = 0
+    bar = tqdm(
+        total=cfg.num_videos, unit="video", desc="generate (private)", disable=not cfg.progress
+    )
+    failure = None
+    for c0 in range(0, len(kept), cfg.batch_size):
+        if slot >= cfg.num_videos:
+            break
+        chunk = list(range(c0, min(c0 + cfg.batch_size, len(kept))))
+        slots = [attempts[r]["slot"] for r in chunk if r in attempts and attempts[r]["passed"]]
+        if all(r in attempts for r in chunk) and all(
+            i in done for i in slots if i < cfg.num_videos
+        ):
+            slot += sum(1 for r in chunk if attempts[r]["passed"])
+            bar.update(min(slot, cfg.num_videos) - bar.n)
+            continue
+        idx = [kept[r] for r in chunk]
+        efs = [requested_ef(cfg, j, pool) for j in idx]
+        videos = pipe.lvdm_pipe(
+            cands[idx],
+            efs,
+            num_frames=cfg.frames,
+            seed=cfg.seed,
+            sample_indices=idx,
+            num_inference_steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            decode_chunk_size=cfg.decode_chunk_size,
+            dtype=cfg.dtype,
+            progress=False,
+        ).videos
+        checks = _check_videos(flt, pipe.vae, videos, step)
+        for r, j, ef, video, (v, near, near_f, vid_f) in zip(chunk, idx, efs, videos, checks):
+            ok = v < flt.tau
+            entry = {
+                "attempt": r,
+                "candidate": j,
+                "max_correlation": v,
+                "nearest_real_clip": near,
+                "nearest_real_frame": near_f,
+                "video_frame": vid_f,
+                "passed": ok,
+                "slot": slot if ok else None,
+                "EF": f"{ef:g}",
+            }
+            if ok and slot < cfg.num_videos and slot not in done:
+                name = f"{cfg.name_prefix}{slot:06d}"
+                path = write_video(folder / "Videos" / f"{name}.avi", video, cfg.fps)
+                row = {
+                    "FileName": name,
+                    "EF": f"{ef:g}",
+                    "ESV": None,
+                    "EDV": None,
+                    "FrameHeight": video.shape[1],
+                    "FrameWidth": video.shape[2],
+                    "FPS": f"{cfg.fps:g}",
+                    "NumberOfFrames": video.shape[0],
+                    "Split": split_of(slot, counts),
+                }
+                _append(
+                    journal,
+                    {"index": slot, "FileName": name, "bytes": path.stat().st_size, "row": row},
+                )
+            if r not in attempts:
+                _append(attempts_path, entry)
+                attempts[r] = entry
+            if ok:
+                slot += 1
+        bar.update(min(slot, cfg.num_videos) - bar.n)
+    bar.close()
+    if slot < cfg.num_videos:
+        failure = (
+            f"the candidate pool is exhausted: {len(kept)} of {n_cand} LIDM candidates passed the "
+            f"image filter and {slot} of {cfg.num_videos} videos passed the video check; use a "
+            "larger --oversample (in a new --out)"
+        )
+
+    # the report covers the attempts up to the num_videos-th pass (later ones are surplus)
+    used, passes = [], 0
+    for r in sorted(attempts):
+        if passes >= cfg.num_videos:
+            break
+        used.append(attempts[r])
+        passes += attempts[r]["passed"]
+    dropped = [e for e in used if not e["passed"]]
+    video_frames = len(select_frames(cfg.frames, step))
+    report_counts = {
+        "real_train_clips": setup.reference_info["train_clips"],
+        "real_test_clips": setup.reference_info["test_clips"],
+        "candidates": n_cand,
+        "kept": len(kept),
+        "dropped_image_level": n_cand - len(kept),
+        "video_attempts": len(used),
+        "dropped_video_level": len(dropped),
+        "videos": passes,
+        "videos_requested": cfg.num_videos,
+        "frames_checked_per_video": video_frames,
+    }
+    extra = {
+        "video_check": {
+            "frame_step": step,
+            "rule": "every frame_step-th frame of each decoded uint8 video re-encoded with the "
+            "job's VAE (posterior mean x scaling_factor), normalised as a clip, compared with "
+            "every real TRAIN reference frame; any frame >= tau drops the video",
+            "dropped": [
+                {
+                    k: e[k]
+                    for k in (
+                        "candidate",
+                        "max_correlation",
+                        "nearest_real_clip",
+                        "nearest_real_frame",
+                        "video_frame",
+                    )
+                }
+                for e in dropped
+            ],
+        },
+        "oversample": cfg.oversample,
+        "complete": failure is None,
+        "generator_weights_sha256": manifest["arguments"]["weights_sha256"],
+    }
+    seeds = {
+        "seed": cfg.seed,
+        "seed_rule": SEED_RULE,
+        "candidates": "candidate j: LIDM stream index j",
+        "videos": "attempt r animates kept candidate k_r with the 'ef' and 'lvdm' streams of "
+        "index k_r",
+    }
+    with _locked(folder):
+        written = rebuild_filelist(folder)
+        if failure is None:
+            report = build_report(
+                setup,
+                candidate_scores=cand_scores,
+                counts=report_counts,
+                seeds=seeds,
+                video_scores=np.array([e["max_correlation"] for e in used]),
+                extra=extra,
+            )
+        else:
+            report = not_filtered_report(f"INCOMPLETE: {failure}", seeds)
+            report["counts"] = report_counts
+        write_report(folder, report)
+    if failure is not None:
+        raise PrivacyError(f"{folder}: {failure}")
+    return {
+        "folder": str(folder),
+        "generated": max(0, written - len(done)),
+        "already_done": len(done),
+        "in_dataset": written,
+        "expected": cfg.num_videos,
+        "seconds": time.perf_counter() - start,
+        "complete": written == cfg.num_videos,
+        "privacy": {
+            "status": report["status"],
+            "tau": flt.tau,
+            "test_auc": setup.model_info["test_auc"]["auc"],
+            **report_counts,
+        },
     }

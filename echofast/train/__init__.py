@@ -7,6 +7,7 @@ Usage::
     echofast train lvdm --config lvdm.toml --set train.max_steps=1000 --set seed=1
     torchrun --nproc_per_node 8 -m echofast train lvdm --config lvdm.toml   # DDP
     echofast train export --checkpoint runs/lidm/checkpoints/step-00500000.pt --out lidm_dynamic
+    echofast train reid --config reid.toml [--resume]      # privacy re-identification model
 
 The config schema and the reference defaults are in :mod:`echofast.train.config`; examples are
 in ``echofast/train/configs/``. The loop (data order, checkpoints, DDP) is described in
@@ -55,16 +56,24 @@ __all__ = [
 
 
 def main_train(argv: list[str]) -> int:
-    """``echofast train {vae,lidm,lvdm} --config FILE`` and ``echofast train export``."""
+    """``echofast train {vae,lidm,lvdm,reid} --config FILE`` and ``echofast train export``."""
     import argparse
     import os
+
+    if argv and argv[0] == "reid":
+        from .reid import main_train_reid
+
+        return main_train_reid(argv[1:])
 
     p = argparse.ArgumentParser(
         prog="echofast train",
         description="Train EchoNet-Synthetic's models with the reference recipes (resumable, "
         "multi-GPU with torchrun), or export a checkpoint's EMA weights as a diffusers folder.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{vae,lidm,lvdm,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{vae,lidm,lvdm,reid,export}")
+    sub.add_parser(
+        "reid", help="train the privacy filter's re-identification model (see: train reid -h)"
+    )
     for kind in MODEL_TYPES:
         s = sub.add_parser(kind, help=f"train the {kind.upper()}")
         s.add_argument("--config", required=True, help="TOML, JSON or YAML config file")

@@ -1,0 +1,248 @@
+"""Latent clips for the privacy filter and the re-identification trainer.
+
+A latent dataset is what ``echofast encode`` writes (``FileList.csv`` + ``Latents/<name>
+.safetensors``, key ``latents``: float32 (T, C, h, w) × scaling_factor). A candidate set is a
+folder of such files (with or without ``FileList.csv``); a file may hold one image (C, h, w) or a
+clip (T, C, h, w).
+
+Normalisation (:func:`echofast.privacy.model.normalize_clip`) is applied to a whole clip before
+frames are picked, the same way for real and synthetic clips: ``"clip"`` uses the clip's min and
+max (an image is a one-frame clip), ``"frame"`` each frame's own.
+
+Frame selection: ``frame_step = 0`` takes frame 0 of every clip (the reference's
+``first_frame``), ``k > 0`` takes frames 0, k, 2k, ... .
+
+Re-identification pairs (the reference's ``SiameseUSDataset``): for video ``a``, with probability
+1/2 a different video ``b = (a + U{1..n−1}) mod n`` (label 0), else ``b = a`` (label 1); frame
+``f_a`` uniform, ``f_b = (f_a + U{1..len_b − 1}) mod len_b`` (always another frame index).
+Each pair draws from ``numpy.random.default_rng([seed, epoch, position])``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.datasets import (
+    LATENT_KEY,
+    LATENT_SUFFIX,
+    DatasetError,
+    latent_folder,
+    load_latents,
+    read_latent_records,
+)
+from .model import normalize_clip
+
+
+def select_frames(length: int, frame_step: int) -> list[int]:
+    """Frame indices checked in a clip of ``length`` frames (see the module docstring)."""
+    if frame_step < 0:
+        raise ValueError(f"frame_step must be >= 0, got {frame_step}")
+    if length < 1:
+        return []
+    return [0] if frame_step == 0 else list(range(0, length, frame_step))
+
+
+@dataclass
+class FrameSet:
+    """Normalised frames of a collection of clips, with where each frame came from."""
+
+    frames: torch.Tensor
+    """(N, C, h, w) float32, normalised."""
+    clip_index: torch.Tensor
+    """(N,) long: index into ``names``."""
+    frame_index: torch.Tensor
+    """(N,) long: frame number within its clip."""
+    names: list[str] = field(default_factory=list)
+    """Clip names."""
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.names)
+
+
+def frames_from_clips(
+    clips: Sequence[torch.Tensor],
+    names: Sequence[str],
+    *,
+    frame_step: int,
+    normalization: str,
+) -> FrameSet:
+    """Normalise each clip (T, C, h, w) or image (C, h, w) and pick its frames."""
+    frames, cidx, fidx = [], [], []
+    shape = None
+    for i, clip in enumerate(clips):
+        if clip.dim() == 3:
+            clip = clip[None]
+        if clip.dim() != 4:
+            raise DatasetError(f"{names[i]}: expected (T, C, h, w) or (C, h, w) latents")
+        if shape is not None and tuple(clip.shape[1:]) != shape:
+            raise DatasetError(
+                f"{names[i]}: latent frames of shape {tuple(clip.shape[1:])}, others have {shape}"
+            )
+        shape = tuple(clip.shape[1:])
+        if not bool(torch.isfinite(clip).all()):
+            raise DatasetError(f"{names[i]}: latents hold NaN or inf")
+        idx = select_frames(clip.shape[0], frame_step)
+        frames.append(normalize_clip(clip, normalization)[idx])
+        cidx += [i] * len(idx)
+        fidx += idx
+    if not frames:
+        return FrameSet(
+            torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), []
+        )
+    return FrameSet(
+        torch.cat(frames),
+        torch.tensor(cidx, dtype=torch.long),
+        torch.tensor(fidx, dtype=torch.long),
+        list(names),
+    )
+
+
+def load_split_frames(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    frame_step: int,
+    normalization: str,
+    progress: bool = False,
+) -> FrameSet:
+    """Frames of every clip of ``split`` of a latent dataset (FileList order)."""
+    from tqdm.auto import tqdm
+
+    records = read_latent_records(root, split)
+    if not records:
+        raise DatasetError(f"{root}: no encoded videos in split {split!r}")
+    clips = [
+        load_latents(r.path)[0]
+        for r in tqdm(records, desc=f"read {split}", unit="clip", disable=not progress)
+    ]
+    return frames_from_clips(
+        clips, [r.name for r in records], frame_step=frame_step, normalization=normalization
+    )
+
+
+def candidate_files(folder: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(name, file) of every candidate latent file: the FileList rows when ``FileList.csv``
+    exists, else every ``*.safetensors`` in ``Latents/`` (or the folder itself), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: candidate folder does not exist")
+    if (folder / "FileList.csv").is_file():
+        records = read_latent_records(folder, None)
+        return [(r.name, r.path) for r in records]
+    files = sorted(latent_folder(folder).glob(f"*{LATENT_SUFFIX}"))
+    return [(p.name[: -len(LATENT_SUFFIX)], p) for p in files]
+
+
+def load_candidates(folder: str | os.PathLike) -> tuple[list[str], list[torch.Tensor]]:
+    items = candidate_files(folder)
+    if not items:
+        raise DatasetError(f"{folder}: no candidate latent files (*{LATENT_SUFFIX})")
+    names, clips = [], []
+    for name, path in items:
+        try:
+            clips.append(load_latents(path)[0])
+        except Exception as err:  # noqa: BLE001 - any unreadable file is named
+            raise DatasetError(
+                f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
+            ) from None
+        names.append(name)
+    return names, clips
+
+
+class LatentClips:
+    """The clips of one split, held in memory, normalised once: ``frame(v, f)``."""
+
+    def __init__(
+        self, root: str | os.PathLike, split: str, *, normalization: str, min_frames: int = 2
+    ):
+        self.root, self.split = Path(root), split
+        records = read_latent_records(root, split)
+        self.names: list[str] = []
+        self.clips: list[torch.Tensor] = []
+        self.skipped: list[str] = []
+        for r in records:
+            x = load_latents(r.path)[0]
+            if x.dim() != 4 or x.shape[0] < min_frames:
+                self.skipped.append(r.name)
+                continue
+            if not bool(torch.isfinite(x).all()):
+                raise DatasetError(f"{r.path}: latents hold NaN or inf")
+            self.names.append(r.name)
+            self.clips.append(normalize_clip(x, normalization))
+        if len(self.clips) < 2:
+            raise DatasetError(
+                f"{root}: split {split!r} has {len(self.clips)} clip(s) with >= {min_frames} "
+                "frames; re-identification pairs need at least 2"
+            )
+        self.lengths = np.array([len(c) for c in self.clips], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def frame(self, video: int, index: int) -> torch.Tensor:
+        return self.clips[video][index]
+
+
+def sample_pair(
+    rng: np.random.Generator, video: int, lengths: np.ndarray
+) -> tuple[int, int, int, int, float]:
+    """(a, f_a, b, f_b, label) for anchor video ``a = video`` (see the module docstring)."""
+    n = len(lengths)
+    if rng.uniform() < 0.5:
+        b, label = (video + int(rng.integers(1, n))) % n, 0.0
+    else:
+        b, label = video, 1.0
+    fa = int(rng.integers(lengths[video]))
+    fb = (fa + int(rng.integers(1, lengths[b]))) % int(lengths[b])
+    return video, fa, b, fb, label
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs for positions ``0 .. len·pairs_per_video − 1`` of an epoch: position ``p`` anchors
+    video ``order[p mod len]`` and draws from ``default_rng([seed, epoch, p])``. ``order`` is a
+    permutation per epoch when ``shuffle`` (seeded by ``[seed, epoch]``), else the file order.
+    Items: ``(x1, x2, label)``."""
+
+    def __init__(
+        self, clips: LatentClips, *, seed: int, pairs_per_video: int = 1, shuffle: bool = True
+    ):
+        self.clips, self.seed = clips, int(seed)
+        self.pairs_per_video, self.shuffle = int(pairs_per_video), shuffle
+        self.epoch = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.pairs_per_video
+
+    def order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            n = len(self.clips)
+            perm = (
+                np.random.default_rng([self.seed, self.epoch, 2**31]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            self._order = (self.epoch, perm)
+        return self._order[1]
+
+    def pair(self, position: int) -> tuple[int, int, int, int, float]:
+        video = int(self.order()[position % len(self.clips)])
+        rng = np.random.default_rng([self.seed, self.epoch, int(position)])
+        return sample_pair(rng, video, self.clips.lengths)
+
+    def __getitem__(self, position: int):
+        a, fa, b, fb, y = self.pair(position)
+        return self.clips.frame(a, fa), self.clips.frame(b, fb), torch.tensor(y)

@@ -1,0 +1,201 @@
+"""`echofast generate --privacy`: candidates filtered, videos checked and replaced, the report,
+fail-closed refusals, and resume after kill -9 giving the same dataset and report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from privacy.phantom_latents import write_phantom_latents
+
+from echofast.pipelines.dataset import GenerateConfig, generate_dataset, read_journal, requested_ef
+from echofast.privacy import PrivacyError, ReIdentificationModel
+
+N, FRAMES, STEPS = 4, 8, 3
+
+
+@pytest.fixture(scope="module")
+def reference(weights_root, tmp_path_factory):
+    """Phantom clips encoded with the weights root's VAE: 24 TRAIN / 4 VAL / 24 TEST."""
+    return write_phantom_latents(tmp_path_factory.mktemp("ref"), weights_root / "vae", (24, 4, 24))
+
+
+@pytest.fixture(scope="module")
+def reid_dir(tmp_path_factory):
+    """A random tiny re-identification model without evaluation.json: its test AUC is computed
+    on the reference's TEST split at filter time (near 0.5, so tests pass auc_threshold=0)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "reidentification_tiny"
+    ReIdentificationModel(layers=(1, 1, 1, 1), width=8, n_features=32).save_pretrained(folder)
+    return folder
+
+
+PERCENTILE = 50.0
+
+
+def _cfg(weights_root, out, reid_dir, reference, **kw) -> GenerateConfig:
+    base = dict(
+        weights=str(weights_root),
+        out=str(out),
+        num_videos=N,
+        frames=FRAMES,
+        fps=16.0,
+        steps=STEPS,
+        seed=2,
+        batch_size=2,
+        progress=False,
+        privacy=str(reid_dir),
+        reference_latents=str(reference),
+        auc_threshold=0.0,
+        privacy_percentile=PERCENTILE,
+        privacy_frame_step=4,
+        oversample=3.0,
+    )
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _cli(weights_root, out, reid_dir, reference, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "echofast", "generate", "--weights", str(weights_root),
+        "--out", str(out), "--num-videos", str(N), "--frames", str(FRAMES), "--fps", "16",
+        "--steps", str(STEPS), "--seed", "2", "--batch-size", "2", "--device", "cpu",
+        "--no-progress", "--privacy", str(reid_dir), "--reference-latents", str(reference),
+        "--auc-threshold", "0", "--privacy-percentile", str(PERCENTILE),
+        "--privacy-frame-step", "4", "--oversample", "3", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def private_run(weights_root, reid_dir, reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("priv") / "ds"
+    summary = generate_dataset(_cfg(weights_root, out, reid_dir, reference))
+    return out, summary
+
+
+def test_private_dataset_is_consistent(private_run, weights_root, reid_dir, reference):
+    out, summary = private_run
+    assert summary["complete"] and summary["in_dataset"] == N
+    report = json.loads((out / "privacy_report.json").read_text())
+    c, tau = report["counts"], report["threshold"]["tau"]
+    assert report["privacy_filtered"] and report["status"] == "privacy-filtered"
+    assert c["candidates"] == 3 * N and c["kept"] + c["dropped_image_level"] == c["candidates"]
+    assert c["videos"] == N and c["video_attempts"] == N + c["dropped_video_level"]
+    assert c["frames_checked_per_video"] == 2 and c["real_train_clips"] == 24
+    assert sum(report["histograms"]["train_synthetic"]) == c["candidates"]
+    assert sum(report["histograms"]["train_video"]) == c["video_attempts"]
+    assert len(report["video_check"]["dropped"]) == c["dropped_video_level"]
+    attempts = read_journal(out / ".echofast" / "privacy" / "attempts.jsonl")
+    cfg = _cfg(weights_root, out, reid_dir, reference)
+    rows = [r for r in (out / "FileList.csv").read_text().splitlines()[1:]]
+    assert len(rows) == N
+    slot = 0
+    for e in attempts[: c["video_attempts"]]:
+        assert e["passed"] == (e["max_correlation"] < tau)
+        assert float(e["EF"]) == requested_ef(cfg, e["candidate"], None)
+        if e["passed"]:
+            assert e["slot"] == slot and rows[slot].startswith(f"synthetic_{slot:06d},{e['EF']},")
+            slot += 1
+    kept = [e["candidate"] for e in attempts]
+    assert kept == sorted(kept) and len(set(kept)) == len(kept)
+    closest = report["closest_synthetic"]
+    assert all((e["max_correlation"] < tau) == e["kept"] for e in closest)
+    args = json.loads((out / "generation.json").read_text())["arguments"]
+    assert args["privacy"]["model"]["weights_sha256"] and args["oversample"] == 3.0
+    assert "reference_latents" not in args  # by digest, not by path
+    assert (out / "privacy_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kill_9_then_resume_gives_same_dataset_and_report(
+    private_run, weights_root, reid_dir, reference, tmp_path
+):
+    ref_out, _ = private_run
+    out = tmp_path / "ds"
+    proc = subprocess.Popen(
+        _cli(weights_root, out, reid_dir, reference),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    journal = out / ".echofast" / "journal-0of1.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(
+        _cli(weights_root, out, reid_dir, reference), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "privacy: privacy-filtered" in done.stdout
+    for name in ("FileList.csv", "privacy_report.json", "privacy_report.png"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+    videos = sorted(p.name for p in (out / "Videos").iterdir())
+    assert videos == sorted(p.name for p in (ref_out / "Videos").iterdir())
+    for v in videos:
+        assert (out / "Videos" / v).read_bytes() == (ref_out / "Videos" / v).read_bytes()
+
+
+def test_without_privacy_the_report_says_not_filtered(weights_root, tmp_path):
+    out = tmp_path / "plain"
+    generate_dataset(
+        GenerateConfig(
+            weights=str(weights_root),
+            out=str(out),
+            num_videos=1,
+            frames=4,
+            fps=16.0,
+            steps=2,
+            progress=False,
+        )
+    )
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["privacy_filtered"] is False and report["status"] == "NOT privacy-filtered"
+    assert (out / "privacy_report.png").is_file()
+
+
+def test_fail_closed_refusals(weights_root, reid_dir, reference, tmp_path):
+    from echofast.pipelines.dataset import Shard
+
+    with pytest.raises(PrivacyError, match=r"test AUC 0\.\d+ is below the threshold 0\.9"):
+        generate_dataset(
+            _cfg(weights_root, tmp_path / "weak", reid_dir, reference, auc_threshold=0.9)
+        )
+    assert not (tmp_path / "weak").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="does not support sharding"):
+        generate_dataset(
+            _cfg(weights_root, tmp_path / "sh", reid_dir, reference, shard=Shard(0, 2))
+        )
+    other = tmp_path / "other_ref"
+    other.mkdir()
+    for f in ("FileList.csv",):
+        (other / f).write_bytes((reference / f).read_bytes())
+    (other / "encode.json").write_text(json.dumps({"vae_sha256": "0" * 16}))
+    with pytest.raises(PrivacyError, match="encoded with another VAE"):
+        generate_dataset(_cfg(weights_root, tmp_path / "ov", reid_dir, other))
+    with pytest.raises(PrivacyError, match="candidate pool is exhausted"):
+        generate_dataset(
+            _cfg(
+                weights_root,
+                tmp_path / "ex",
+                reid_dir,
+                reference,
+                oversample=1.0,
+                privacy_percentile=1.0,
+            )
+        )
+    report = json.loads((tmp_path / "ex" / "privacy_report.json").read_text())
+    assert report["privacy_filtered"] is False and report["reason"].startswith("INCOMPLETE")
+    bad = subprocess.run(
+        [sys.executable, "-m", "echofast", "generate", "--weights", str(weights_root),
+         "--out", str(tmp_path / "c"), "--num-videos", "1", "--privacy", str(reid_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--privacy and --reference-latents go together" in bad.stderr

@@ -1,0 +1,35 @@
+"""Session fixtures of the privacy tests: a tiny VAE, phantom latent datasets encoded with it,
+and a small re-identification model trained on them with ``echofast train reid``."""
+
+from __future__ import annotations
+
+import pytest
+from privacy.phantom_latents import reid_config, write_phantom_latents
+from support.models import save_diffusers
+from support.weights import TINY_VAE
+
+from echofast.train.reid import reid_config_from_dict, train_reid
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """The tiny random VAE of the test weights root (diffusers AutoencoderKL, seed 0)."""
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae")
+    save_diffusers(AutoencoderKL, TINY_VAE, folder, 0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_latents(tmp_path_factory, vae_dir):
+    """48 TRAIN / 16 VAL / 24 TEST phantom clips of 8 frames, latents 4×6×6."""
+    return write_phantom_latents(tmp_path_factory.mktemp("latents"), vae_dir, (48, 16, 24))
+
+
+@pytest.fixture(scope="session")
+def trained_reid(tmp_path_factory, phantom_latents):
+    """(summary, model folder) of a tiny re-id model trained 25 epochs on the phantom latents."""
+    out = tmp_path_factory.mktemp("reid")
+    summary = train_reid(reid_config_from_dict(reid_config(phantom_latents, out)))
+    return summary, out / "reidentification_phantom"
