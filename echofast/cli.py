@@ -239,6 +239,30 @@ def _train(argv: list[str]) -> int:
     return main_train(argv)
 
 
+def _metrics(argv: list[str]) -> int:
+    from .eval.fidelity import main_metrics
+
+    return main_metrics(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from .eval.downstream import main_evaluate
+
+    return main_evaluate(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from .eval.report import main_report
+
+    return main_report(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from .benchmark import main_bench
+
+    return main_bench(argv)
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "info": (_info, "versions, the compiled extension, and which backend each op uses"),
     "generate": (_generate, "generate a synthetic dataset (EchoNet-Dynamic layout), resumably"),
@@ -257,6 +281,13 @@ COMMANDS: dict[str, tuple[Command, str]] = {
         _privacy_audit,
         "measure the privacy filter: planted copies caught, held-out real frames flagged",
     ),
+    "metrics": (_metrics, "FID / IS / FVD16 / FVD128 on the reference protocol (no downloads)"),
+    "evaluate": (
+        _evaluate,
+        "downstream EF regression: R(2+1)D trained on one dataset, tested on another",
+    ),
+    "report": (_report, "one Markdown/HTML page: manifest, privacy, metrics, downstream results"),
+    "bench": (_bench, "generation speed vs the reference's way and compiled diffusers (CSV rows)"),
 }
 
 
