@@ -56,61 +56,12 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import EchofastError
+from .models.tiny import TINY_CONFIGS
 
 # ---- configurations ----------------------------------------------------------------------------
 
-#: Tiny models for ``--smoke`` (CPU CI): 12×12 frames ↔ 4×6×6 latents, padded 6 → 8 by the
-#: samplers (as the reference pads 14 → 16); LVDM windows of 8 frames (stride 4).
-SMOKE_CONFIGS: dict[str, dict[str, Any]] = {
-    "vae": {
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "block_out_channels": [32, 32],
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "sample_size": 12,
-        "scaling_factor": 0.5,
-    },
-    "lidm": {
-        "sample_size": 6,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"],
-        "block_out_channels": [32, 32, 32],
-        "layers_per_block": 1,
-        "attention_head_dim": 8,
-        "downsample_type": "resnet",
-        "upsample_type": "resnet",
-        "norm_num_groups": 8,
-    },
-    "lvdm": {
-        "sample_size": 6,
-        "in_channels": 8,
-        "out_channels": 4,
-        "down_block_types": [
-            "CrossAttnDownBlockSpatioTemporal",
-            "CrossAttnDownBlockSpatioTemporal",
-            "DownBlockSpatioTemporal",
-        ],
-        "up_block_types": [
-            "UpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal",
-        ],
-        "block_out_channels": [32, 32, 32],
-        "addition_time_embed_dim": 1,
-        "projection_class_embeddings_input_dim": 1,
-        "layers_per_block": 1,
-        "cross_attention_dim": 1,
-        "transformer_layers_per_block": 1,
-        "num_attention_heads": [2, 2, 2],
-        "num_frames": 8,
-    },
-}
+#: Tiny models for ``--smoke`` (CPU CI), see :mod:`echofast.models.tiny`.
+SMOKE_CONFIGS: dict[str, dict[str, Any]] = TINY_CONFIGS
 
 
 @dataclass(frozen=True)

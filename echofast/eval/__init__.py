@@ -5,7 +5,7 @@
 - :mod:`.inception`, :mod:`.i3d` — the feature networks (FID InceptionV3, Kinetics-400 I3D);
 - :mod:`.stats` — feature statistics, Fréchet distance, Inception Score (float64);
 - :mod:`.r2plus1d`, :mod:`.downstream` — the R(2+1)D EF regressor and ``echofast evaluate ef``;
-- :mod:`.plots`, :mod:`.report` — figures and ``echofast report``;
+- :mod:`.report` — ``echofast report`` (figures are drawn by :mod:`echofast.figures`);
 - :mod:`.weights` — safe weight reading and conversion (safetensors; pickles only on request).
 
 Submodules are imported on first use.

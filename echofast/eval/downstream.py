@@ -632,7 +632,7 @@ def _run(cfg: EFConfig, ident: dict[str, Any], dist, out: Path) -> dict[str, Any
         ]
         atomic_write_text(out / f"{split}_predictions.csv", "\n".join(rows) + "\n")
         if split == "test":
-            from .plots import bland_altman_png, save_png, scatter_png
+            from ..figures import bland_altman_png, save_png, scatter_png
 
             r2 = results[split]["all_clips"]["r2"]["value"]
             title = f"TEST, ALL CLIPS: R² {r2:.3f}, N {len(y)}"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import MissingFileError, WeightsError
+from ..weights_io import check_state_dict
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
 """numpy's array reconstructor (``numpy.core.multiarray._reconstruct`` in numpy 1,
@@ -145,11 +146,6 @@ def tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _clip(keys: list[str], n: int = 6) -> str:
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
-
-
 def assign_weights(
     module: nn.Module,
     state: dict[str, torch.Tensor],
@@ -161,28 +157,9 @@ def assign_weights(
     """Load ``state`` into ``module`` strictly: every key present with the right shape and finite
     values. Keys for which ``ignore(key)`` holds are dropped from ``state``; module keys for which
     ``optional(key)`` holds may be missing (they keep their current value)."""
-    expected = module.state_dict()
     state = {k: v for k, v in state.items() if not ignore(k)}
-    missing = sorted(k for k in set(expected) - set(state) if not optional(k))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_clip(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_clip(unexpected)}")
-        raise WeightsError(
-            f"{source}: weights do not match {type(module).__name__}: " + "; ".join(parts)
-        )
-    for key, tensor in state.items():
-        ref = expected[key]
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise WeightsError(
-                f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                f"{type(module).__name__} expects {tuple(ref.shape)}"
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WeightsError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")
+    check_state_dict(module, state, source, optional=optional)
+    expected = module.state_dict()
     module.load_state_dict({k: state.get(k, v) for k, v in expected.items()}, strict=True)
 
 

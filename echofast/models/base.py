@@ -21,6 +21,13 @@ from .. import __version__
 from ..config import Config, require  # noqa: F401 - require is re-exported for the models
 from ..errors import ConfigError, MissingFileError, WeightsError
 from ..fsutil import atomic_write, atomic_write_text
+from ..weights_io import (
+    allowed_pickle,
+    check_state_dict,
+    clip_keys,
+    read_folder_config,
+    read_state_dict,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -143,24 +150,16 @@ class ModelBase(nn.Module):
             allow_pickle: also accept a pickled ``.bin`` (read with ``weights_only=True``).
         """
         folder = Path(path) / subfolder if subfolder else Path(path)
-        if not folder.is_dir():
-            raise MissingFileError(f"{folder}: model folder does not exist")
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise MissingFileError(f"{config_path}: config file is missing")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        config = read_folder_config(folder, CONFIG_NAME)
         with torch.device("meta"):
-            model = cls.from_config(config, source=str(config_path))
+            model = cls.from_config(config, source=str(folder / CONFIG_NAME))
         weights_path = cls._find_weights(folder, variant, allow_pickle)
-        state = _read_state_dict(weights_path)
+        state = read_state_dict(weights_path)
         model._assign_state_dict(state, weights_path, dtype or torch.float32)
         model.to(device or "cpu")
         leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         if leftover:
-            raise WeightsError(f"{weights_path}: no values for {_clip(leftover)}")
+            raise WeightsError(f"{weights_path}: no values for {clip_keys(leftover)}")
         return model.eval()
 
     @staticmethod
@@ -169,45 +168,17 @@ class ModelBase(nn.Module):
         safe = folder / f"{stem}.safetensors"
         if safe.is_file():
             return safe
-        pickled = [
-            folder / f"{stem}{s}" for s in PICKLE_SUFFIXES if (folder / f"{stem}{s}").is_file()
-        ]
-        if pickled and not allow_pickle:
-            raise WeightsError(
-                f"{pickled[0]}: pickled weights are not loaded by default (a pickle can run code); "
-                f"convert to {safe.name} or pass allow_pickle=True"
-            )
-        if pickled:
-            return pickled[0]
-        raise MissingFileError(f"{safe}: weights file is missing")
+        found = allowed_pickle(safe, [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES], allow_pickle)
+        if found is None:
+            raise MissingFileError(f"{safe}: weights file is missing")
+        return found
 
     def _assign_state_dict(
         self, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype
     ) -> None:
-        expected = self.state_dict(keep_vars=True)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {_clip(missing)}")
-            if unexpected:
-                parts.append(f"unexpected keys {_clip(unexpected)}")
-            raise WeightsError(
-                f"{source}: weights do not match {type(self).__name__}: " + "; ".join(parts)
-            )
-        for key, ref in expected.items():
-            tensor = state[key]
-            if tuple(tensor.shape) != tuple(ref.shape):
-                raise WeightsError(
-                    f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                    f"{type(self).__name__} expects {tuple(ref.shape)}"
-                )
+        check_state_dict(self, state, source)
+        for key, tensor in state.items():
             if tensor.is_floating_point():
-                if not bool(torch.isfinite(tensor).all()):
-                    raise WeightsError(
-                        f"{source}: key {key!r} holds non-finite values (NaN or inf)"
-                    )
                 state[key] = tensor.to(dtype)
         self.load_state_dict(state, strict=True, assign=True)
 
@@ -230,30 +201,3 @@ class ModelBase(nn.Module):
             lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
         )
         atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _clip(keys: list[str], n: int = 8) -> str:
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file
-        raise WeightsError(
-            f"{path}: cannot read pickled weights ({type(err).__name__}: {err})"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors")
-    return dict(state)

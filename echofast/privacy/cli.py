@@ -16,7 +16,14 @@ import torch
 
 from ..errors import EchofastError
 from ..fsutil import atomic_write_text
-from .report import DEFAULT_AUC_THRESHOLD, REPORT_JSON, build_report, setup_filter, write_report
+from .report import (
+    DEFAULT_AUC_THRESHOLD,
+    REPORT_JSON,
+    FilterSetup,
+    build_report,
+    setup_filter,
+    write_report,
+)
 
 
 class OutputConflict(EchofastError, RuntimeError):
@@ -86,6 +93,22 @@ def _csv(rows: list[list], header: list[str]) -> str:
     return buf.getvalue()
 
 
+def _setup(a: argparse.Namespace) -> FilterSetup:
+    """The calibrated filter from the options added by :func:`_common`."""
+    return setup_filter(
+        a.model,
+        a.reference,
+        percentile=a.percentile,
+        frame_step=a.frame_step,
+        auc_threshold=a.auc_threshold,
+        allow_weak_privacy=a.allow_weak_privacy,
+        normalization=a.normalization,
+        allow_pickle=a.allow_pickle,
+        device=a.device,
+        progress=not a.no_progress,
+    )
+
+
 def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     """Filter candidate latents against a real latent dataset."""
     from .data import candidate_files, load_candidates
@@ -113,18 +136,7 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     if a.frame_step < 0 or a.candidate_frame_step < 1:
         p.error("--frame-step must be >= 0 and --candidate-frame-step >= 1")
     out = Path(a.out)
-    setup = setup_filter(
-        a.model,
-        a.reference,
-        percentile=a.percentile,
-        frame_step=a.frame_step,
-        auc_threshold=a.auc_threshold,
-        allow_weak_privacy=a.allow_weak_privacy,
-        normalization=a.normalization,
-        allow_pickle=a.allow_pickle,
-        device=a.device,
-        progress=not a.no_progress,
-    )
+    setup = _setup(a)
     names, clips = load_candidates(a.candidates)
     scores = setup.filter.score_clips(clips, names, frame_step=a.candidate_frame_step)
     files = dict(candidate_files(a.candidates))
@@ -195,8 +207,8 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
 
 def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     """Positive (planted copies) and negative (held-out real frames) controls of the filter."""
+    from ..figures import BLUE, GREEN, ORANGE, RED, histogram_png, save_png
     from .audit import DEFAULT_STRENGTHS, run_audit
-    from .plot import BLUE, GREEN, ORANGE, RED, histogram_png, write_png
     from .report import histogram_edges
 
     p = argparse.ArgumentParser(
@@ -223,18 +235,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     if a.num_planted < 1 or any(not 0 < s <= 1 for s in a.strengths):
         p.error("--num-planted must be >= 1 and strengths in (0, 1]")
     out = Path(a.out)
-    setup = setup_filter(
-        a.model,
-        a.reference,
-        percentile=a.percentile,
-        frame_step=a.frame_step,
-        auc_threshold=a.auc_threshold,
-        allow_weak_privacy=a.allow_weak_privacy,
-        normalization=a.normalization,
-        allow_pickle=a.allow_pickle,
-        device=a.device,
-        progress=not a.no_progress,
-    )
+    setup = _setup(a)
     audit, scores = run_audit(
         setup,
         a.reference,
@@ -276,7 +277,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
             f"HELD-OUT FLAGGED {neg['fraction_flagged'] * 100:.1f}% "
             f"(EXPECTED {neg['expected_fraction'] * 100:.1f}%)",
         ]
-        write_png(tmp / "privacy_audit.png", histogram_png(series, edges, tau=tau, title=title))
+        save_png(tmp / "privacy_audit.png", histogram_png(series, edges, tau=tau, title=title))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

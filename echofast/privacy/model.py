@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, weights_io
 from ..errors import ConfigError, MissingFileError, WeightsError
 from ..fsutil import atomic_write, atomic_write_text
 
@@ -298,15 +298,9 @@ class ReIdentificationModel(nn.Module):
         pickled = [folder / f"{stem}{s}" for s in _PICKLE_SUFFIXES] + sorted(
             p for s in _PICKLE_SUFFIXES for p in folder.glob(f"*{WEIGHTS_SUFFIX}{s}")
         )
-        pickled = [p for p in pickled if p.is_file()]
-        if pickled and not allow_pickle:
-            raise WeightsError(
-                f"{pickled[0]}: pickled weights are not loaded by default (a pickle can run "
-                "code); convert them to safetensors or pass allow_pickle=True "
-                "(--allow-pickle), which reads them with torch.load(weights_only=True)"
-            )
-        if pickled:
-            return pickled[0]
+        found = weights_io.allowed_pickle(safe[0], pickled, allow_pickle)
+        if found is not None:
+            return found
         raise MissingFileError(
             f"{folder}: no re-identification weights ({stem}.safetensors or {stem}.pth)"
         )
@@ -321,16 +315,8 @@ class ReIdentificationModel(nn.Module):
     ) -> ReIdentificationModel:
         """Load a ``reidentification_*`` folder (the published layout or echofast's)."""
         folder = Path(path)
-        if not folder.is_dir():
-            raise MissingFileError(f"{folder}: re-identification model folder does not exist")
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise MissingFileError(f"{config_path}: config file is missing")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-        model = cls.from_config(config, source=str(config_path))
+        config = weights_io.read_folder_config(folder, CONFIG_NAME, "re-identification model")
+        model = cls.from_config(config, source=str(folder / CONFIG_NAME))
         weights = cls.find_weights(folder, allow_pickle)
         model.load_weights(weights)
         return model.to(device or "cpu").eval()
@@ -338,11 +324,9 @@ class ReIdentificationModel(nn.Module):
     def load_weights(self, path: str | os.PathLike) -> None:
         """Strictly load a state dict file: every key present, no extra key, same shapes,
         finite values; errors name the file and the key."""
-        from ..models.base import _read_state_dict
-
         path = Path(path)
-        state = _read_state_dict(path)
-        check_state_dict(self, state, path)
+        state = weights_io.read_state_dict(path)
+        weights_io.check_state_dict(self, state, path)
         self.load_state_dict(state, strict=True)
 
     def save_pretrained(
@@ -361,35 +345,6 @@ class ReIdentificationModel(nn.Module):
         return weights
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Raise :class:`WeightsError` naming ``source`` and the key for missing/unexpected keys,
-    shape mismatches and non-finite values."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_clip(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_clip(unexpected)}")
-        raise WeightsError(f"{source}: weights do not match the model: " + "; ".join(parts))
-    for key, ref in expected.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise WeightsError(
-                f"{source}: key {key!r} has shape {tuple(t.shape)}, the model expects "
-                f"{tuple(ref.shape)}"
-            )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise WeightsError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")
-
-
-def _clip(keys: list[str], n: int = 6) -> str:
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
-
-
 def load_init_weights(model: ReIdentificationModel, path: str | os.PathLike) -> list[str]:
     """Initialise from a user-supplied safetensors file (e.g. ImageNet ResNet-50 weights
     converted to safetensors): keys as in this model, or torchvision ResNet keys without the
@@ -397,12 +352,10 @@ def load_init_weights(model: ReIdentificationModel, path: str | os.PathLike) -> 
     weights), ``conv1``/``fc``/``fc_end`` entries whose shapes differ are skipped and keep their
     random initialisation; every other key must be present with the right shape. Returns the
     keys left at random initialisation."""
-    from ..models.base import _read_state_dict
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: initial weights must be a .safetensors file")
-    raw = _read_state_dict(path)
+    raw = weights_io.read_state_dict(path)
     state = {
         (k if k.startswith(("model.", "fc_end.")) else f"model.{k}"): v for k, v in raw.items()
     }
@@ -424,6 +377,6 @@ def load_init_weights(model: ReIdentificationModel, path: str | os.PathLike) -> 
         kept[key] = t
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise WeightsError(f"{path}: unexpected keys {_clip(unexpected)}")
+        raise WeightsError(f"{path}: unexpected keys {weights_io.clip_keys(unexpected)}")
     model.load_state_dict({**expected, **kept}, strict=True)
     return skipped

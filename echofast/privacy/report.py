@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..figures import BLUE, GREEN, ORANGE, histogram_png, save_png, text_png
 from ..fsutil import atomic_write_text
 from .filter import (
     ClipScores,
@@ -33,7 +34,6 @@ from .filter import (
     reference_digest,
 )
 from .model import ReIdentificationModel
-from .plot import BLUE, GREEN, ORANGE, histogram_png, text_png, write_png
 
 REPORT_JSON = "privacy_report.json"
 REPORT_PNG = "privacy_report.png"
@@ -277,7 +277,7 @@ def write_report(folder: str | os.PathLike, report: dict[str, Any]) -> tuple[Pat
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
     js = atomic_write_text(folder / REPORT_JSON, text)
-    return js, write_png(folder / REPORT_PNG, report_png(report))
+    return js, save_png(folder / REPORT_PNG, report_png(report))
 
 
 def report_png(report: dict[str, Any]) -> bytes:

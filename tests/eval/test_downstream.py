@@ -29,9 +29,9 @@ from echofast.eval.downstream import (
     regression_report,
     run_ef_evaluation,
 )
-from echofast.eval.plots import bland_altman_png, save_png, scatter_png
 from echofast.eval.r2plus1d import R2Plus1D, load_backbone
 from echofast.eval.weights import save_weights
+from echofast.figures import bland_altman_png, save_png, scatter_png
 from echofast.io import write_video
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from echofast.data.echonet import write_filelist
-from echofast.eval.plots import save_png, scatter_png
 from echofast.eval.report import ReportError, main_report
+from echofast.figures import save_png, scatter_png
 
 
 def _dataset(root):

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from echofast.train.loop import loss_plot_png, write_loss_plot
+from echofast.figures import loss_plot_png, write_loss_plot
 
 
 def decode_png(data: bytes):

@@ -1,0 +1,112 @@
+"""Reading model folders and state-dict files, and loading state dicts strictly.
+
+Shared by :mod:`echofast.models` (diffusers folders), :mod:`echofast.privacy` (the
+re-identification model) and :mod:`echofast.eval` (feature networks). Every error is a
+:class:`~echofast.errors.WeightsError` (or :class:`~echofast.errors.MissingFileError` /
+:class:`~echofast.errors.ConfigError`) naming the file and, where one is at fault, the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MissingFileError, WeightsError
+
+
+def clip_keys(keys: list[str], n: int = 8) -> str:
+    """``keys`` for an error message: the first ``n`` and how many there are in all."""
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
+
+
+def read_folder_config(
+    folder: Path, config_name: str = "config.json", what: str = "model"
+) -> dict[str, Any]:
+    """The JSON config of a model folder; ``what`` names the folder kind in errors."""
+    if not folder.is_dir():
+        raise MissingFileError(f"{folder}: {what} folder does not exist")
+    config_path = folder / config_name
+    if not config_path.is_file():
+        raise MissingFileError(f"{config_path}: config file is missing")
+    try:
+        return json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+
+
+def allowed_pickle(safe: str | os.PathLike, pickled: list[Path], allow_pickle: bool) -> Path | None:
+    """The first existing file of ``pickled`` (used when the safetensors file ``safe`` is not
+    there) if ``allow_pickle``, else a :class:`WeightsError` refusing it; None when none exists."""
+    pickled = [p for p in pickled if p.is_file()]
+    if pickled and not allow_pickle:
+        raise WeightsError(
+            f"{pickled[0]}: pickled weights are not loaded by default (a pickle can run code); "
+            f"convert them to {Path(safe).name} or pass allow_pickle=True (--allow-pickle), "
+            "which reads them with torch.load(weights_only=True)"
+        )
+    return pickled[0] if pickled else None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` from a safetensors file, or a pickle read with
+    ``torch.load(weights_only=True)`` (a ``state_dict`` wrapper is unwrapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file
+        raise WeightsError(
+            f"{path}: cannot read pickled weights ({type(err).__name__}: {err})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors")
+    return dict(state)
+
+
+def check_state_dict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Raise :class:`WeightsError` naming ``source`` (and the key) unless ``state`` fits
+    ``module`` strictly: no missing key (except those for which ``optional(key)`` holds), no
+    unexpected key, the module's shapes, finite floating-point values. Works on meta modules."""
+    expected = module.state_dict(keep_vars=True)
+    name = type(module).__name__
+    missing = sorted(k for k in set(expected) - set(state) if not optional(k))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {clip_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {clip_keys(unexpected)}")
+        raise WeightsError(f"{source}: weights do not match {name}: " + "; ".join(parts))
+    for key, ref in expected.items():
+        tensor = state.get(key)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise WeightsError(
+                f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                f"{name} expects {tuple(ref.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")
