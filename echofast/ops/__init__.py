@@ -8,6 +8,7 @@ Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
 from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
 from .group_norm import group_norm, group_norm_reference
+from .window_step import window_step, window_step_reference, window_tables
 
 __all__ = [
     "ENV_VAR",
@@ -19,4 +20,7 @@ __all__ = [
     "group_norm_reference",
     "registered_ops",
     "use_backend",
+    "window_step",
+    "window_step_reference",
+    "window_tables",
 ]
