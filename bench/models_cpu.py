@@ -1,17 +1,20 @@
 """echofast vs diffusers forward on CPU, fp32, same weights and inputs, alternating in one process.
 
     python bench/models_cpu.py [--models vae_decode,vae_encode,lidm,lvdm] [--repeats 7]
-                               [--frames 16] [--csv bench/results/models_cpu.csv]
+                               [--frames 16] [--attention auto|sdpa|torch]
+                               [--csv bench/results/models_cpu.csv]
 
 Full EchoNet-Synthetic configs with random weights. Each round times diffusers then echofast (the
 order alternates between rounds); the reported number is the median over rounds of the per-round
 ratio diffusers_time / echofast_time (> 1 means echofast is faster). CPU timings on shared machines
-are noisy: compare ratios, not absolute times.
+are noisy: compare ratios, not absolute times. ``--attention`` forces echofast's attention backend
+(default: automatic, i.e. sdpa on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -125,8 +128,11 @@ def _timed(fn: Callable[[], torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: Case, repeats: int) -> dict:
-    with torch.no_grad():
+def run_case(case: Case, repeats: int, attention: str = "auto") -> dict:
+    from echofast.ops import use_backend
+
+    forced = contextlib.nullcontext() if attention == "auto" else use_backend(attention=attention)
+    with torch.no_grad(), forced:
         a, b = case.reference(), case.candidate()
         err = ((a - b).abs().max() / a.abs().max()).item()
         ref_t, ours_t, ratios = [], [], []
@@ -156,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, default=16, help="LVDM window length T")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--attention", default="auto", help="echofast attention backend (auto, sdpa, torch, ...)"
+    )
     parser.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     rows = []
     for case in make_cases(names, args.batch, args.frames):
-        row = run_case(case, args.repeats)
+        row = run_case(case, args.repeats, args.attention)
+        if args.attention != "auto":
+            row["shape"] += f", attention={args.attention}"
         row.update(
             device=f"cpu: {platform.processor() or platform.machine()}",
             threads=args.threads,

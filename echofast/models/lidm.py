@@ -6,7 +6,8 @@ with [128, 256, 256, 512] channels, attention at the first three levels and "res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from ..nn import (
     timestep_features,
 )
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
+from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
 from .base import ModelBase
 from .outputs import SampleOutput
 
@@ -159,6 +161,23 @@ class LIDM(ModelBase):
             )
         self.conv_norm_out = GroupNorm(norm_num_groups, chans[0], eps=norm_eps, activation="silu")
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
+        self._run_memo: RunMemo | None = None
+
+    @contextlib.contextmanager
+    def sampling_cache(self) -> Iterator[RunMemo]:
+        """Reuse timestep-only work across the calls of one sampling run (inference only).
+
+        Inside the block the time embedding and every resblock's time-embedding projection are
+        computed once per distinct (timestep, autocast state) and reused: exactly the
+        values a call computes. Entries are checked against the weights' storage and version
+        counters (never stale), dropped when the block ends, and not used under autograd.
+        """
+        previous = self._run_memo
+        self._run_memo = memo = RunMemo()
+        try:
+            yield memo
+        finally:
+            self._run_memo = previous
 
     def time_embed(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(N,) timesteps → (N, time_embed_dim) embedding in the model's dtype."""
@@ -186,7 +205,21 @@ class LIDM(ModelBase):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
-        emb = self.time_embed(distinct_timesteps(timesteps))
+        memo = self._run_memo
+        if memo is None or torch.is_grad_enabled():
+            emb = TimeEmbedding(self.time_embed(distinct_timesteps(timesteps)))
+        else:
+            # a shared timestep is embedded once, (1, E), whatever the batch size
+            key = (value_key(timestep), sample.device)
+            deps = (self.time_embedding,)
+            emb = TimeEmbedding(
+                memo.get(
+                    deps, ("emb", key), lambda: self.time_embed(distinct_timesteps(timesteps))
+                ),
+                memo,
+                key,
+                deps,
+            )
         x = self.conv_in(sample.contiguous(memory_format=self.memory_format))
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:

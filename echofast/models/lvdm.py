@@ -8,13 +8,15 @@ channels to the noisy latents) and an ejection fraction (a single cross-attentio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
+from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
 from ..nn.spatiotemporal import (
     SpatioTemporalDownStage,
     SpatioTemporalMidStage,
@@ -35,12 +37,16 @@ def _per_block(key: str, value, n: int) -> list[int]:
         require(f"len({key})", len(value), [n])
         values = list(value)
     else:
-        raise ConfigError(f"config key {key!r}: value {value!r} is not supported "
-                          "(an int or a list of ints, one per block)")
+        raise ConfigError(
+            f"config key {key!r}: value {value!r} is not supported "
+            "(an int or a list of ints, one per block)"
+        )
     for i, v in enumerate(values):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"config key {key!r}: value {value!r} is not supported "
-                              f"(entry {i} = {v!r} is not a positive int)")
+            raise ConfigError(
+                f"config key {key!r}: value {value!r} is not supported "
+                f"(entry {i} = {v!r} is not a positive int)"
+            )
     return values
 
 
@@ -63,11 +69,17 @@ class LVDM(ModelBase):
         in_channels: int = 8,
         out_channels: int = 4,
         down_block_types: Sequence[str] = (
-            "CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
-            "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ),
         up_block_types: Sequence[str] = (
-            "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
-            "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ),
         block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
         addition_time_embed_dim: int = 256,
         projection_class_embeddings_input_dim: int = 768,
@@ -90,21 +102,27 @@ class LVDM(ModelBase):
             require(f"up_block_types[{i}]", kind, UP_TYPES)
         for i, c in enumerate(chans):
             if not isinstance(c, int) or c <= 0 or c % 32:
-                raise ConfigError(f"config key 'block_out_channels': entry {i} = {c!r} is not a "
-                                  "positive multiple of 32 (the norm group count)")
+                raise ConfigError(
+                    f"config key 'block_out_channels': entry {i} = {c!r} is not a "
+                    "positive multiple of 32 (the norm group count)"
+                )
         heads = _per_block("num_attention_heads", num_attention_heads, n)
         layers = _per_block("layers_per_block", layers_per_block, n)
         xdim = _per_block("cross_attention_dim", cross_attention_dim, n)
         depth = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
         # heads of the levels with transformers (cross-attention stages, and the mid block)
-        attending = ({i for i, k in enumerate(down_block_types) if k == DOWN_TYPES[0]}
-                     | {n - 1 - i for i, k in enumerate(up_block_types) if k == UP_TYPES[1]}
-                     | {n - 1})
+        attending = (
+            {i for i, k in enumerate(down_block_types) if k == DOWN_TYPES[0]}
+            | {n - 1 - i for i, k in enumerate(up_block_types) if k == UP_TYPES[1]}
+            | {n - 1}
+        )
         for i in sorted(attending):
             c, h = chans[i], heads[i]
             if c % h:
-                raise ConfigError(f"config key 'num_attention_heads': entry {i} = {h} does not "
-                                  f"divide block_out_channels[{i}] = {c}")
+                raise ConfigError(
+                    f"config key 'num_attention_heads': entry {i} = {h} does not "
+                    f"divide block_out_channels[{i}] = {c}"
+                )
 
         temb = chans[0] * 4
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
@@ -114,26 +132,67 @@ class LVDM(ModelBase):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(down_block_types):
             attn = kind == "CrossAttnDownBlockSpatioTemporal"
-            self.down_blocks.append(SpatioTemporalDownStage(
-                chans[max(i - 1, 0)], chans[i], temb_channels=temb, num_layers=layers[i],
-                downsample=i < n - 1, heads=heads[i] if attn else None,
-                transformer_layers=depth[i], cross_attention_dim=xdim[i]))
+            self.down_blocks.append(
+                SpatioTemporalDownStage(
+                    chans[max(i - 1, 0)],
+                    chans[i],
+                    temb_channels=temb,
+                    num_layers=layers[i],
+                    downsample=i < n - 1,
+                    heads=heads[i] if attn else None,
+                    transformer_layers=depth[i],
+                    cross_attention_dim=xdim[i],
+                )
+            )
         self.mid_block = SpatioTemporalMidStage(
-            chans[-1], temb_channels=temb, heads=heads[-1], transformer_layers=depth[-1],
-            cross_attention_dim=xdim[-1])
+            chans[-1],
+            temb_channels=temb,
+            heads=heads[-1],
+            transformer_layers=depth[-1],
+            cross_attention_dim=xdim[-1],
+        )
         rev = list(reversed(chans))
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(up_block_types):
             attn = kind == "CrossAttnUpBlockSpatioTemporal"
             j = n - 1 - i
-            self.up_blocks.append(SpatioTemporalUpStage(
-                rev[min(i + 1, n - 1)], rev[i], rev[max(i - 1, 0)], temb_channels=temb,
-                num_layers=layers[j] + 1, upsample=i < n - 1, heads=heads[j] if attn else None,
-                transformer_layers=depth[j], cross_attention_dim=xdim[j]))
+            self.up_blocks.append(
+                SpatioTemporalUpStage(
+                    rev[min(i + 1, n - 1)],
+                    rev[i],
+                    rev[max(i - 1, 0)],
+                    temb_channels=temb,
+                    num_layers=layers[j] + 1,
+                    upsample=i < n - 1,
+                    heads=heads[j] if attn else None,
+                    transformer_layers=depth[j],
+                    cross_attention_dim=xdim[j],
+                )
+            )
         self.num_upsamplers = n - 1
         self.conv_norm_out = GroupNorm(32, chans[0], eps=1e-5, activation="silu")
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
         self.relayout_convs()  # conv kernels in the activations' layout (ModelBase.memory_format)
+        self._run_memo: RunMemo | None = None
+
+    @contextlib.contextmanager
+    def sampling_cache(self) -> Iterator[RunMemo]:
+        """Reuse timestep-only work across the calls of one sampling run (inference only).
+
+        Inside the block, the time embedding, every resblock's time-embedding projections and the
+        frame-position embeddings are computed once per distinct (timestep, ``added_time_ids``,
+        batch size, autocast state) and reused by later calls: the values are exactly those a call
+        would compute. Entries are checked against the weights' storage and version counters, so
+        changed weights are never served stale; the memo is dropped when the block ends, and
+        nothing is reused under autograd. Keys read the timestep and ``added_time_ids`` values
+        (a host copy of the small ids tensor, i.e. a device sync, per call).
+        """
+        previous = self._run_memo
+        self._run_memo = memo = RunMemo()
+        try:
+            yield memo
+        finally:
+            self._run_memo = previous
 
     # ---- embeddings ---------------------------------------------------------------------------
 
@@ -141,16 +200,38 @@ class LVDM(ModelBase):
         """(B,) timesteps and (B, n) added time ids → (B, 4·C0) embedding in the model's dtype."""
         dtype = self.conv_in.weight.dtype
         b = timesteps.shape[0]
-        emb = self.time_embedding(timestep_features(
-            timesteps, self.config.block_out_channels[0], flip_sin_to_cos=True, freq_shift=0
-        ).to(dtype))
-        add = timestep_features(added_time_ids.flatten(), self.config.addition_time_embed_dim,
-                                flip_sin_to_cos=True, freq_shift=0).reshape(b, -1)
+        emb = self.time_embedding(
+            timestep_features(
+                timesteps, self.config.block_out_channels[0], flip_sin_to_cos=True, freq_shift=0
+            ).to(dtype)
+        )
+        add = timestep_features(
+            added_time_ids.flatten(),
+            self.config.addition_time_embed_dim,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        ).reshape(b, -1)
         return emb + self.add_embedding(add.to(emb.dtype))
 
+    def _time_conditioning(
+        self,
+        timestep: torch.Tensor | float | int,
+        timesteps: torch.Tensor,
+        added_time_ids: torch.Tensor,
+    ) -> TimeEmbedding:
+        """The call's :class:`TimeEmbedding`, taken from the sampling run's memo when active."""
+        memo = self._run_memo
+        if memo is None or torch.is_grad_enabled():
+            return TimeEmbedding(self.time_embed(timesteps, added_time_ids))
+        key = (value_key(timestep), value_key(added_time_ids), timesteps.shape[0], timesteps.device)
+        deps = (self.time_embedding, self.add_embedding)
+        emb = memo.get(deps, ("emb", key), lambda: self.time_embed(timesteps, added_time_ids))
+        return TimeEmbedding(emb, memo, key, deps)
+
     @staticmethod
-    def _timesteps(timestep: torch.Tensor | float | int, batch: int,
-                   device: torch.device) -> torch.Tensor:
+    def _timesteps(
+        timestep: torch.Tensor | float | int, batch: int, device: torch.device
+    ) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             # as diffusers' SVD UNet: a Python float stays fractional (float64), an int is int64
             dtype = torch.float64 if isinstance(timestep, float) else torch.int64
@@ -171,22 +252,26 @@ class LVDM(ModelBase):
     ) -> SampleOutput | tuple[torch.Tensor]:
         cfg = self.config
         if sample.dim() != 5 or sample.shape[2] != cfg.in_channels:
-            raise ValueError(f"sample must be (B, T, {cfg.in_channels}, H, W), "
-                             f"got {tuple(sample.shape)}")
+            raise ValueError(
+                f"sample must be (B, T, {cfg.in_channels}, H, W), got {tuple(sample.shape)}"
+            )
         b, t = sample.shape[:2]
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
         if added_time_ids.shape != (b, n_ids) or n_ids * cfg.addition_time_embed_dim != (
-                cfg.projection_class_embeddings_input_dim):
+            cfg.projection_class_embeddings_input_dim
+        ):
             raise ValueError(
                 f"added_time_ids must be ({b}, {n_ids}) (projection_class_embeddings_input_dim / "
-                f"addition_time_embed_dim ids per sample), got {tuple(added_time_ids.shape)}")
+                f"addition_time_embed_dim ids per sample), got {tuple(added_time_ids.shape)}"
+            )
 
-        factor = 2 ** self.num_upsamplers
+        factor = 2**self.num_upsamplers
         forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
-        emb = self.time_embed(self._timesteps(timestep, b, sample.device), added_time_ids)
+        timesteps = self._timesteps(timestep, b, sample.device)
+        emb = self._time_conditioning(timestep, timesteps, added_time_ids)
 
         # channels-last activations (ModelBase.memory_format): faster CPU convs, and the token and
         # (B, C, T, H, W) layouts of the transformers and temporal resnets become views

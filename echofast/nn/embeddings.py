@@ -1,8 +1,14 @@
-"""Sinusoidal timestep features and the timestep MLP (diffusers' Timesteps/TimestepEmbedding)."""
+"""Sinusoidal timestep features and the timestep MLP (diffusers' Timesteps/TimestepEmbedding),
+and the exact memo of timestep-only work used during sampling (:class:`RunMemo`,
+:class:`TimeEmbedding`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +86,109 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ---- exact memo of timestep-only work -------------------------------------------------------
+
+
+def weights_signature(modules: Iterable[nn.Module]) -> tuple | None:
+    """Identity of the current values of the modules' parameters: per parameter its storage
+    address, in-place version counter, dtype and device. Any in-place update (optimizer step,
+    ``load_state_dict``, ``copy_``) bumps the version; ``.to()``/``.half()``/``assign`` loading
+    replace the storage. None when a parameter has no version counter (inference tensors)."""
+    sig = []
+    for module in modules:
+        for p in module.parameters():
+            try:
+                version = p._version
+            except RuntimeError:  # inference tensors do not track versions
+                return None
+            sig.append((p.data_ptr(), version, p.dtype, p.device))
+    return tuple(sig)
+
+
+def value_key(x: torch.Tensor | float | int) -> tuple:
+    """A hashable key of a number's or a small tensor's type, shape and values (a tensor on a
+    device is copied to the host)."""
+    if torch.is_tensor(x):
+        return (x.dtype, tuple(x.shape), tuple(x.detach().reshape(-1).tolist()))
+    return (type(x).__name__, x)
+
+
+def _autocast_state() -> tuple:
+    return tuple(
+        (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else (dev, None)
+        for dev in ("cpu", "cuda")
+    )
+
+
+class RunMemo:
+    """Values that depend only on some modules' weights and a small key, reused across the UNet
+    calls of one sampling run (see ``LVDM.sampling_cache`` / ``LIDM.sampling_cache``).
+
+    An entry is reused only while the weights signature of its modules, the autocast state and
+    grad mode (off) are unchanged; a changed weight recomputes it. With ``enabled=False`` nothing
+    is kept (one UNet call outside a sampling run, or under autograd).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._entries: dict[tuple, tuple[tuple[nn.Module, ...], tuple, Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, modules: tuple[nn.Module, ...], key: Hashable, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or the value an earlier call stored for the same modules, key and weights."""
+        if not self.enabled or torch.is_grad_enabled():
+            return fn()
+        sig = weights_signature(modules)
+        if sig is None:
+            return fn()
+        full = (tuple(id(m) for m in modules), key, _autocast_state())
+        hit = self._entries.get(full)
+        if hit is not None and all(a is b for a, b in zip(hit[0], modules)) and hit[1] == sig:
+            self.hits += 1
+            return hit[2]
+        self.misses += 1
+        value = fn()
+        self._entries[full] = (modules, sig, value)
+        return value
+
+
+class TimeEmbedding:
+    """The time embedding ``emb`` (B, E) of one UNet call, with the memo of the per-block
+    projections ``linear(silu(emb))``: within a sampling run (a shared :class:`RunMemo`, the
+    ``key`` of this call's timestep and conditioning, and the modules ``deps`` that computed
+    ``emb``) each block projects a timestep once."""
+
+    def __init__(
+        self,
+        emb: torch.Tensor,
+        memo: RunMemo | None = None,
+        key: Hashable = (),
+        deps: tuple[nn.Module, ...] = (),
+    ):
+        self.emb = emb
+        self.memo = memo if memo is not None else RunMemo(enabled=False)
+        self.key = key
+        self.deps = deps
+
+    def project(self, linear: nn.Module) -> torch.Tensor:
+        """``linear(silu(emb))``, memoised per (linear, timestep key, weights of linear, deps)."""
+        return self.memo.get(
+            (linear, *self.deps), ("temb", self.key), lambda: linear(F.silu(self.emb))
+        )
+
+
+def project_time(temb: torch.Tensor | TimeEmbedding, linear: nn.Module) -> torch.Tensor:
+    """``linear(silu(temb))`` for a plain embedding tensor or a :class:`TimeEmbedding`."""
+    if isinstance(temb, TimeEmbedding):
+        return temb.project(linear)
+    return linear(F.silu(temb))
+
+
+def sampling_cache(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``model.sampling_cache()`` for echofast UNets (see ``LVDM.sampling_cache``); a no-op context
+    for other models (e.g. a diffusers UNet passed to a pipeline)."""
+    enter = getattr(model, "sampling_cache", None)
+    return enter() if callable(enter) else contextlib.nullcontext()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embeddings import TimeEmbedding, project_time
 from .norm import GroupNorm
 
 
@@ -100,12 +101,16 @@ class ResnetBlock2D(nn.Module):
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
 
-    def time_projection(self, temb: torch.Tensor) -> torch.Tensor:
-        """``time_emb_proj(silu(temb))``: (N, temb_channels) -> (N, k·C_out); depends only on t."""
-        return self.time_emb_proj(F.silu(temb))
+    def time_projection(self, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
+        """``time_emb_proj(silu(temb))``: (N, temb_channels) -> (N, k·C_out); depends only on t
+        (memoised within a sampling run when ``temb`` is a :class:`TimeEmbedding`)."""
+        return project_time(temb, self.time_emb_proj)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, C_in, H, W); temb (N, temb_channels), or (1, temb_channels) shared by the batch."""
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding | None = None
+    ) -> torch.Tensor:
+        """x (N, C_in, H, W); temb (N, temb_channels), or (1, temb_channels) shared by the batch,
+        or a :class:`TimeEmbedding` holding it."""
         h = self.norm1(x)
         if self.resample is not None:
             x = self.resample(x)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .embeddings import TimestepEmbedding, timestep_features
+from .embeddings import RunMemo, TimeEmbedding, TimestepEmbedding, project_time, timestep_features
 from .norm import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -63,11 +63,12 @@ def _residual(x: torch.Tensor, branch, *, inplace: bool) -> torch.Tensor:
         return x.add_(branch(x)) if inplace else branch(x).add_(x)
     out = x if inplace else torch.empty_like(x)
     for i in range(0, x.shape[0], step):
-        torch.add(x[i:i + step], branch(x[i:i + step]), out=out[i:i + step])
+        torch.add(x[i : i + step], branch(x[i : i + step]), out=out[i : i + step])
     return out
 
 
 # ---- transformer pieces ---------------------------------------------------------------------
+
 
 class GEGLU(nn.Module):
     """``x·gelu(gate)`` where ``[x, gate] = proj(input)`` (key ``proj``)."""
@@ -89,14 +90,16 @@ class FeedForward(nn.Module):
         super().__init__()
         inner = dim * mult
         self.net = nn.ModuleList(
-            [GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
+            [GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[1](self.net[0](x)))
 
 
-def _cross_attend(attn: Attention, norm: nn.LayerNorm, x: torch.Tensor,
-                  context: torch.Tensor) -> torch.Tensor:
+def _cross_attend(
+    attn: Attention, norm: nn.LayerNorm, x: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
     """``x + attn(norm(x), context)`` for tokens x (B, N, C) of B videos; context (B, L, D)."""
     if context.shape[1] == 1:
         # softmax over one key is 1: the output is to_out(to_v(context)) whatever the queries are
@@ -116,8 +119,9 @@ class SpatialTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads=heads, dim_head=dim_head,
-                               cross_attention_dim=cross_attention_dim)
+        self.attn2 = Attention(
+            dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim
+        )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -144,8 +148,9 @@ class TemporalTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads=heads, dim_head=dim_head,
-                               cross_attention_dim=cross_attention_dim)
+        self.attn2 = Attention(
+            dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim
+        )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -175,6 +180,7 @@ class AlphaBlender(nn.Module):
 
 
 # ---- resnets --------------------------------------------------------------------------------
+
 
 class TemporalResnetBlock(nn.Module):
     """diffusers' ``TemporalResnetBlock``: GN+SiLU, Conv3d (3,1,1), +temb, GN+SiLU, Conv3d.
@@ -207,10 +213,10 @@ class TemporalResnetBlock(nn.Module):
         y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias, padding=(1, 0))
         return y.unflatten(3, (h, w))
 
-    def branch(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
         """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W)."""
         h = self._conv(self.conv1, self.norm1(x))
-        h = _add(h, self.time_emb_proj(F.silu(temb))[:, :, None, None, None])
+        h = _add(h, project_time(temb, self.time_emb_proj)[:, :, None, None, None])
         return self._conv(self.conv2, self.dropout(self.norm2(h)))
 
 
@@ -221,19 +227,22 @@ class SpatioTemporalResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, eps: float):
         super().__init__()
-        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels,
-                                               temb_channels=temb_channels, eps=eps)
+        self.spatial_res_block = ResnetBlock2D(
+            in_channels, out_channels, temb_channels=temb_channels, eps=eps
+        )
         self.temporal_res_block = TemporalResnetBlock(out_channels, temb_channels, eps)
         self.time_mixer = AlphaBlender(0.5)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding, num_frames: int
+    ) -> torch.Tensor:
         """x (B·T, C_in, H, W), temb (B, E) → (B·T, C_out, H, W)."""
         sp = self.spatial_res_block
-        b = temb.shape[0]
+        b = x.shape[0] // num_frames
         h = sp.conv1(sp.norm1(x))
         bt, c, hh, ww = h.shape
         h5 = h.view(b, num_frames, c, hh, ww)
-        h5 = _add(h5, sp.time_projection(temb)[:, None, :, None, None])
+        h5 = _add(h5, project_time(temb, sp.time_emb_proj)[:, None, :, None, None])
         h = sp.conv2(sp.dropout(sp.norm2(h5.view(bt, c, hh, ww))))
         s = _add(h, x if sp.conv_shortcut is None else sp.conv_shortcut(x))
         # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
@@ -248,14 +257,16 @@ class SpatioTemporalResBlock(nn.Module):
 
 # ---- transformer model ----------------------------------------------------------------------
 
+
 class TransformerSpatioTemporalModel(nn.Module):
     """diffusers' ``TransformerSpatioTemporalModel``: GroupNorm, proj_in, then per layer a spatial
     block and a temporal block (on spatial output + frame-position embedding) mixed by an
     :class:`AlphaBlender`; proj_out and a residual connection.
     """
 
-    def __init__(self, heads: int, dim_head: int, in_channels: int, num_layers: int,
-                 cross_attention_dim: int):
+    def __init__(
+        self, heads: int, dim_head: int, in_channels: int, num_layers: int, cross_attention_dim: int
+    ):
         super().__init__()
         inner = heads * dim_head
         if inner != in_channels:
@@ -265,34 +276,47 @@ class TransformerSpatioTemporalModel(nn.Module):
         self.proj_in = nn.Linear(in_channels, inner)
         self.transformer_blocks = nn.ModuleList(
             SpatialTransformerBlock(inner, heads, dim_head, cross_attention_dim)
-            for _ in range(num_layers))
+            for _ in range(num_layers)
+        )
         self.temporal_transformer_blocks = nn.ModuleList(
             TemporalTransformerBlock(inner, heads, dim_head, cross_attention_dim)
-            for _ in range(num_layers))
+            for _ in range(num_layers)
+        )
         self.time_pos_embed = TimestepEmbedding(in_channels, 4 * in_channels, out_dim=in_channels)
         self.time_mixer = AlphaBlender(0.5)
         self.proj_out = nn.Linear(inner, in_channels)
 
-    def frame_embedding(self, num_frames: int, device: torch.device,
-                        dtype: torch.dtype) -> torch.Tensor:
+    def frame_embedding(
+        self, num_frames: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Frame-position embedding (T, C) of frames 0..T-1."""
         pos = torch.arange(num_frames, device=device)
         feats = timestep_features(pos, self.in_channels, flip_sin_to_cos=True, freq_shift=0)
         return self.time_pos_embed(feats.to(dtype))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x (B·T, C, H, W), context (B, L, D) → (B·T, C, H, W)."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, num_frames: int, memo: RunMemo | None = None
+    ) -> torch.Tensor:
+        """x (B·T, C, H, W), context (B, L, D) → (B·T, C, H, W).
+
+        ``memo``: a sampling run's :class:`RunMemo`; the frame embedding (which depends only on
+        T and the weights) is then computed once per run instead of once per call.
+        """
         bt, c, hh, ww = x.shape
         b, t, s = context.shape[0], num_frames, hh * ww
         # (B·T, C, H, W) → (B·T, H·W, C) tokens: a view when x is channels-last
         tok = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(bt, s, c))
-        pos = self.frame_embedding(t, x.device, tok.dtype)
+        pos = (memo or RunMemo(enabled=False)).get(
+            (self.time_pos_embed,),
+            ("frames", t, x.device, tok.dtype),
+            lambda: self.frame_embedding(t, x.device, tok.dtype),
+        )
         w = self.time_mixer.temporal_weight(tok.dtype)
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            tok = spatial(tok, context)                                   # (B·T, S, C)
-            seq = _to_sequences(tok.view(b, t, s, c), pos)                # (B·S, T, C)
+            tok = spatial(tok, context)  # (B·T, S, C)
+            seq = _to_sequences(tok.view(b, t, s, c), pos)  # (B·S, T, C)
             seq = temporal(seq, context)
-            seq = seq.view(b, s, t, c).transpose(1, 2)                    # (B, T, S, C) view
+            seq = seq.view(b, s, t, c).transpose(1, 2)  # (B, T, S, C) view
             # a·spatial + (1 - a)·temporal, reading the temporal output through a view
             if torch.is_grad_enabled():
                 tok = torch.lerp(tok.view(b, t, s, c), seq, w).reshape(bt, s, c)
@@ -314,38 +338,67 @@ def _to_sequences(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 # ---- UNet stages ----------------------------------------------------------------------------
 
+
+def _memo(temb: torch.Tensor | TimeEmbedding) -> RunMemo | None:
+    return temb.memo if isinstance(temb, TimeEmbedding) else None
+
+
 class SpatioTemporalDownStage(nn.Module):
     """``DownBlockSpatioTemporal`` (``heads=None``) or ``CrossAttnDownBlockSpatioTemporal``:
     resnets (each followed by a spatio-temporal transformer when attending), then an optional
     stride-2 conv. ``forward`` returns ``(x, skips)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int,
-                 num_layers: int, downsample: bool, heads: int | None = None,
-                 transformer_layers: int = 1, cross_attention_dim: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int,
+        num_layers: int,
+        downsample: bool,
+        heads: int | None = None,
+        transformer_layers: int = 1,
+        cross_attention_dim: int | None = None,
+    ):
         super().__init__()
         eps = 1e-5 if heads is None else 1e-6
         self.resnets = nn.ModuleList(
-            SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels,
-                                   temb_channels, eps)
-            for i in range(num_layers))
+            SpatioTemporalResBlock(
+                in_channels if i == 0 else out_channels, out_channels, temb_channels, eps
+            )
+            for i in range(num_layers)
+        )
         self.attentions = None
         if heads is not None:
             self.attentions = nn.ModuleList(
-                TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
-                                               transformer_layers, cross_attention_dim)
-                for _ in range(num_layers))
+                TransformerSpatioTemporalModel(
+                    heads,
+                    out_channels // heads,
+                    out_channels,
+                    transformer_layers,
+                    cross_attention_dim,
+                )
+                for _ in range(num_layers)
+            )
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=1)])
-            if downsample else None)
+            if downsample
+            else None
+        )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                num_frames: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | TimeEmbedding,
+        context: torch.Tensor,
+        num_frames: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb, num_frames)
             if self.attentions is not None:
-                x = self.attentions[i](x, context, num_frames)
+                x = self.attentions[i](x, context, num_frames, _memo(temb))
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -356,18 +409,36 @@ class SpatioTemporalDownStage(nn.Module):
 class SpatioTemporalMidStage(nn.Module):
     """``UNetMidBlockSpatioTemporal``: resnet, then (transformer, resnet); eps 1e-5."""
 
-    def __init__(self, channels: int, *, temb_channels: int, heads: int,
-                 transformer_layers: int, cross_attention_dim: int):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        temb_channels: int,
+        heads: int,
+        transformer_layers: int,
+        cross_attention_dim: int,
+    ):
         super().__init__()
-        self.attentions = nn.ModuleList([TransformerSpatioTemporalModel(
-            heads, channels // heads, channels, transformer_layers, cross_attention_dim)])
+        self.attentions = nn.ModuleList(
+            [
+                TransformerSpatioTemporalModel(
+                    heads, channels // heads, channels, transformer_layers, cross_attention_dim
+                )
+            ]
+        )
         self.resnets = nn.ModuleList(
-            SpatioTemporalResBlock(channels, channels, temb_channels, 1e-5) for _ in range(2))
+            SpatioTemporalResBlock(channels, channels, temb_channels, 1e-5) for _ in range(2)
+        )
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                num_frames: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | TimeEmbedding,
+        context: torch.Tensor,
+        num_frames: int,
+    ) -> torch.Tensor:
         x = self.resnets[0](x, temb, num_frames)
-        x = self.attentions[0](x, context, num_frames)
+        x = self.attentions[0](x, context, num_frames, _memo(temb))
         return self.resnets[1](x, temb, num_frames)
 
 
@@ -377,32 +448,56 @@ class SpatioTemporalUpStage(nn.Module):
     nearest upsampling + conv to ``upsample_size`` (or 2×).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, prev_output_channels: int, *,
-                 temb_channels: int, num_layers: int, upsample: bool, heads: int | None = None,
-                 transformer_layers: int = 1, cross_attention_dim: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channels: int,
+        *,
+        temb_channels: int,
+        num_layers: int,
+        upsample: bool,
+        heads: int | None = None,
+        transformer_layers: int = 1,
+        cross_attention_dim: int | None = None,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList()
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
             cin = prev_output_channels if i == 0 else out_channels
             self.resnets.append(
-                SpatioTemporalResBlock(cin + skip, out_channels, temb_channels, 1e-6))
+                SpatioTemporalResBlock(cin + skip, out_channels, temb_channels, 1e-6)
+            )
         self.attentions = None
         if heads is not None:
             self.attentions = nn.ModuleList(
-                TransformerSpatioTemporalModel(heads, out_channels // heads, out_channels,
-                                               transformer_layers, cross_attention_dim)
-                for _ in range(num_layers))
+                TransformerSpatioTemporalModel(
+                    heads,
+                    out_channels // heads,
+                    out_channels,
+                    transformer_layers,
+                    cross_attention_dim,
+                )
+                for _ in range(num_layers)
+            )
         self.upsamplers = (
-            nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if upsample else None)
+            nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if upsample else None
+        )
 
-    def forward(self, x: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor,
-                context: torch.Tensor, num_frames: int,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        temb: torch.Tensor | TimeEmbedding,
+        context: torch.Tensor,
+        num_frames: int,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
             if self.attentions is not None:
-                x = self.attentions[i](x, context, num_frames)
+                x = self.attentions[i](x, context, num_frames, _memo(temb))
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x

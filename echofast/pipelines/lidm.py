@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import LIDM, VAE
+from ..nn.embeddings import sampling_cache
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
@@ -97,20 +98,22 @@ class LIDMPipeline:
         bar = tqdm(
             total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
         )
-        for start in range(0, num_images, batch_size):
-            g = gens[start : start + batch_size]
-            idx = indices[start : start + batch_size]
-            latents = randn_tensor(
-                (len(g), *shape), generator=g, device=device, dtype=torch.float32
-            )
-            for step, t in enumerate(timesteps):
-                with unet_precision(device, dtype):
-                    pred = self.lidm(pad_replicate(latents, pad), t).sample
-                pred = unpad(pred, pad).float()
-                latents = self.scheduler.step(pred, t, latents, generator=g).prev_sample
-                check_finite(latents, "LIDM latent", idx, step)
-                bar.update(len(g))
-            out.append(latents)
+        # timestep-only work (time embedding and its per-block projections) once per run
+        with sampling_cache(self.lidm):
+            for start in range(0, num_images, batch_size):
+                g = gens[start : start + batch_size]
+                idx = indices[start : start + batch_size]
+                latents = randn_tensor(
+                    (len(g), *shape), generator=g, device=device, dtype=torch.float32
+                )
+                for step, t in enumerate(timesteps):
+                    with unet_precision(device, dtype):
+                        pred = self.lidm(pad_replicate(latents, pad), t).sample
+                    pred = unpad(pred, pad).float()
+                    latents = self.scheduler.step(pred, t, latents, generator=g).prev_sample
+                    check_finite(latents, "LIDM latent", idx, step)
+                    bar.update(len(g))
+                out.append(latents)
         bar.close()
         latents = torch.cat(out)
         images = None if output_type == "latent" else self._previews(latents, output_type)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import LVDM, VAE
+from ..nn.embeddings import sampling_cache
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
@@ -132,23 +133,25 @@ class LVDMPipeline:
         timesteps = self.scheduler.timesteps
         bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
         latents_out, videos_out = [], []
-        for s in range(0, b, batch_size):
-            sl = slice(s, s + batch_size)
-            latents = self._sample(
-                cond_latents[sl].to(device, torch.float32),
-                ef[sl].to(device),
-                gens[sl],
-                indices[sl],
-                total,
-                starts,
-                pad,
-                timesteps,
-                dtype,
-                bar,
-            )[:, :num_frames]
-            latents_out.append(latents)
-            if output_type == "uint8":
-                videos_out.append(self.decode(latents, decode_chunk_size, indices[sl]))
+        # timestep-only work (time embeddings and their per-block projections) once per run
+        with sampling_cache(self.lvdm):
+            for s in range(0, b, batch_size):
+                sl = slice(s, s + batch_size)
+                latents = self._sample(
+                    cond_latents[sl].to(device, torch.float32),
+                    ef[sl].to(device),
+                    gens[sl],
+                    indices[sl],
+                    total,
+                    starts,
+                    pad,
+                    timesteps,
+                    dtype,
+                    bar,
+                )[:, :num_frames]
+                latents_out.append(latents)
+                if output_type == "uint8":
+                    videos_out.append(self.decode(latents, decode_chunk_size, indices[sl]))
         bar.close()
         result = LVDMPipelineOutput(
             videos=torch.cat(videos_out) if videos_out else None, latents=torch.cat(latents_out)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import UNet2DModel
 from support.configs import LIDM_FULL_CONFIG, LIDM_SMALL_CONFIG
 from support.models import build_diffusers, rel_err, save_diffusers
 
+import echofast.nn.attention as attention_nn
 from echofast.models import LIDM
+from echofast.nn import Attention
+from echofast.ops import registered_ops, use_backend
+from echofast.pipelines import LIDMPipeline
 
 TOL = 1e-5
 
@@ -97,3 +103,71 @@ def test_full_config_parameter_count_and_parity():
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert rel_err(ours(x, 945).sample, ref(x, 945).sample) <= TOL
+
+
+# ---- attention backends, fused QKV (with biases), sampling cache -------------------------------
+
+
+def _runnable_attention_backends() -> list[str]:
+    op = registered_ops()["attention"]
+    q = torch.empty(2, 2, 8, 8)
+    return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend", _runnable_attention_backends())
+def test_parity_with_every_runnable_attention_backend(pair, backend, fused, monkeypatch):
+    """(triton runs in tests/triton under the interpreter; xformers needs CUDA.) ``fused``: the
+    one-GEMM QKV projection (the CUDA default) forced on CPU."""
+    if fused:
+        monkeypatch.setattr(attention_nn, "FUSED_QKV_DEVICES", frozenset({"cpu", "cuda"}))
+    ref, ours = pair
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = ref(x, 321).sample
+        with use_backend(attention=backend):
+            got = ours(x, 321).sample
+    assert rel_err(got, expected) <= TOL
+    attns = [m for m in ours.modules() if isinstance(m, Attention)]
+    assert attns and {a.last_qkv for a in attns} == {"fused" if fused else "separate"}
+    with torch.no_grad():
+        for a in attns:
+            w, b = a.fused_qkv()
+            assert torch.equal(b, torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]))
+            assert w.data_ptr() == a.to_q.weight.data_ptr()
+
+
+def test_pipeline_sampling_cache_is_exact(pair, monkeypatch):
+    _, ours = pair
+    memos = []
+    enter = ours.sampling_cache
+
+    @contextlib.contextmanager
+    def spy():
+        with enter() as memo:
+            memos.append(memo)
+            yield memo
+
+    kw = dict(num_images=3, seed=1, num_inference_steps=3, batch_size=2, progress=False)
+    monkeypatch.setattr(ours, "sampling_cache", spy)
+    cached = LIDMPipeline(ours)(**kw).latents
+    monkeypatch.setattr(ours, "sampling_cache", contextlib.nullcontext)
+    uncached = LIDMPipeline(ours)(**kw).latents
+    assert len(memos) == 1 and memos[0].hits > 0  # the second batch reused the first's work
+    assert torch.equal(cached, uncached)
+    assert ours._run_memo is None
+
+
+def test_sampling_cache_sees_weight_changes():
+    ref = build_diffusers(UNet2DModel, LIDM_SMALL_CONFIG, seed=4)
+    ours = LIDM.from_config(LIDM_SMALL_CONFIG).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), ours.sampling_cache() as memo:
+        ours(x, 500)
+        for model in (ours, ref):
+            model.time_embedding.linear_1.bias.add_(0.5)
+            model.up_blocks[1].resnets[0].time_emb_proj.weight.mul_(0.5)
+        got = ours(x, 500).sample
+        assert memo.misses > 0
+        assert rel_err(got, ref(x, 500).sample) <= TOL

@@ -3,15 +3,22 @@ EchoNet-Synthetic config, the exact fast paths and config errors."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 from support.models import build_diffusers, randomize_norms, rel_err
+from support.weights import TINY_LVDM
 
+import echofast.nn.attention as attention_nn
 import echofast.nn.spatiotemporal as st
 from echofast.errors import ConfigError
 from echofast.models import LVDM
+from echofast.nn import Attention
+from echofast.ops import registered_ops, use_backend
+from echofast.pipelines import LVDMPipeline
 
 TOL = 1e-5
 
@@ -19,10 +26,16 @@ TOL = 1e-5
 GENERAL_CONFIG = {
     **LVDM_SMALL_CONFIG,
     "block_out_channels": [32, 64, 64],
-    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal",
-                         "CrossAttnDownBlockSpatioTemporal"],
-    "up_block_types": ["CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal",
-                       "CrossAttnUpBlockSpatioTemporal"],
+    "down_block_types": [
+        "CrossAttnDownBlockSpatioTemporal",
+        "DownBlockSpatioTemporal",
+        "CrossAttnDownBlockSpatioTemporal",
+    ],
+    "up_block_types": [
+        "CrossAttnUpBlockSpatioTemporal",
+        "UpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+    ],
     "num_attention_heads": [2, 4, 2],
     "layers_per_block": [1, 2, 1],
     "transformer_layers_per_block": [2, 1, 2],
@@ -43,17 +56,23 @@ def _randomized(config: dict, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _inputs(b: int, t: int, hw: int, ctx_len: int = 1, ctx_dim: int = 1, ids: int = 1,
-            seed: int = 0):
+def _inputs(
+    b: int, t: int, hw: int, ctx_len: int = 1, ctx_dim: int = 1, ids: int = 1, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, t, 8, hw, hw, generator=g),
-            torch.rand(b, ctx_len, ctx_dim, generator=g),
-            torch.randn(b, ids, generator=g))
+    return (
+        torch.randn(b, t, 8, hw, hw, generator=g),
+        torch.rand(b, ctx_len, ctx_dim, generator=g),
+        torch.randn(b, ids, generator=g),
+    )
 
 
 def _cross_attention_paths(model: LVDM) -> set[str]:
-    return {m.attn2.last_path for m in model.modules()
-            if isinstance(m, (st.SpatialTransformerBlock, st.TemporalTransformerBlock))}
+    return {
+        m.attn2.last_path
+        for m in model.modules()
+        if isinstance(m, (st.SpatialTransformerBlock, st.TemporalTransformerBlock))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +116,9 @@ def test_forward_matches_diffusers_general_context(general_pair, hw):
     assert _cross_attention_paths(ours) == {"general"}
 
 
-@pytest.mark.parametrize("timestep", [0, 15.7, torch.tensor(500), torch.tensor([7]),
-                                      torch.tensor([3.5, 999.0])])
+@pytest.mark.parametrize(
+    "timestep", [0, 15.7, torch.tensor(500), torch.tensor([7]), torch.tensor([3.5, 999.0])]
+)
 def test_timestep_forms(pair, timestep):
     ref, ours = pair
     x, ef, ids = _inputs(2, 4, 16, seed=1)
@@ -151,16 +171,24 @@ def test_full_config_parameter_count_and_parity():
         assert rel_err(ours(x, 945, ef, ids).sample, ref(x, 945, ef, ids).sample) <= TOL
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"down_block_types": ["CrossAttnDownBlock3D"] + LVDM_SMALL_CONFIG["down_block_types"][1:]},
-     "CrossAttnDownBlock3D"),
-    ({"up_block_types": ["UpBlock2D"] + LVDM_SMALL_CONFIG["up_block_types"][1:]}, "UpBlock2D"),
-    ({"num_attention_heads": [3, 4, 4, 4]}, "num_attention_heads"),
-    ({"layers_per_block": [2, 2]}, "layers_per_block"),
-    ({"block_out_channels": [32, 64, 64, 48]}, "block_out_channels"),
-    ({"transformer_layers_per_block": [[1, 1]] * 4}, "transformer_layers_per_block"),
-    ({"resnet_eps": 1e-6}, "resnet_eps"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (
+            {
+                "down_block_types": ["CrossAttnDownBlock3D"]
+                + LVDM_SMALL_CONFIG["down_block_types"][1:]
+            },
+            "CrossAttnDownBlock3D",
+        ),
+        ({"up_block_types": ["UpBlock2D"] + LVDM_SMALL_CONFIG["up_block_types"][1:]}, "UpBlock2D"),
+        ({"num_attention_heads": [3, 4, 4, 4]}, "num_attention_heads"),
+        ({"layers_per_block": [2, 2]}, "layers_per_block"),
+        ({"block_out_channels": [32, 64, 64, 48]}, "block_out_channels"),
+        ({"transformer_layers_per_block": [[1, 1]] * 4}, "transformer_layers_per_block"),
+        ({"resnet_eps": 1e-6}, "resnet_eps"),
+    ],
+)
 def test_config_errors_name_the_key_and_value(change, named):
     with pytest.raises(ConfigError, match=named):
         LVDM.from_config({**LVDM_SMALL_CONFIG, **change})
@@ -175,3 +203,163 @@ def test_bad_inputs_raise_value_errors(pair):
         ours(x, 1, ef[:1], ids)
     with pytest.raises(ValueError, match="added_time_ids"):
         ours(x, 1, ef, torch.zeros(2, 2))
+
+
+# ---- attention backends, fused QKV, sampling cache --------------------------------------------
+
+
+def _runnable_attention_backends() -> list[str]:
+    op = registered_ops()["attention"]
+    q = torch.empty(2, 2, 8, 16)
+    return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
+
+
+@pytest.mark.parametrize("backend", _runnable_attention_backends())
+def test_parity_with_every_runnable_attention_backend(general_pair, backend):
+    """(triton runs in tests/triton under the interpreter; xformers needs CUDA.)"""
+    ref, ours = general_pair
+    x, ctx, ids = _inputs(1, 5, 14, ctx_len=2, ctx_dim=8, ids=2, seed=21)
+    with torch.no_grad():
+        a = ref(x, 640, ctx, ids).sample
+        with use_backend(attention=backend):
+            b = ours(x, 640, ctx, ids).sample
+    assert rel_err(b, a) <= TOL
+
+
+def _self_attentions(model) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention) and m.is_self_attention]
+
+
+@pytest.fixture
+def fuse_on_cpu(monkeypatch):
+    """Run the fused-QKV path (the CUDA default) on CPU."""
+    monkeypatch.setattr(attention_nn, "FUSED_QKV_DEVICES", frozenset({"cpu", "cuda"}))
+
+
+def test_cpu_default_projects_separately(pair):
+    _, ours = pair
+    x, ef, ids = _inputs(1, 3, 16, seed=10)
+    with torch.no_grad():
+        ours(x, 99, ef, ids)
+    assert {a.last_qkv for a in _self_attentions(ours)} == {"separate"}
+    assert attention_nn.FUSED_QKV_DEVICES == {"cuda"}
+
+
+def test_fused_qkv_is_a_view_of_the_live_weights(pair, fuse_on_cpu):
+    ref, ours = pair
+    attns = _self_attentions(ours)
+    assert len(attns) == 2 * 16  # spatial + temporal self-attention of 16 transformers
+    with torch.no_grad():
+        for a in attns:
+            w, b = a.fused_qkv()
+            assert b is None  # the LVDM's projections have no bias
+            assert torch.equal(w, torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]))
+            assert w.data_ptr() == a.to_q.weight.data_ptr()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x, ef, ids = _inputs(1, 4, 16, seed=11)
+    with torch.no_grad():
+        ours(x, 99, ef, ids)
+    assert {a.last_qkv for a in attns} == {"fused"}
+    # under autograd the three projections run (gradients reach each parameter)
+    ours(x, 99, ef, ids).sample.sum().backward()
+    assert {a.last_qkv for a in attns} == {"separate"}
+    assert all(a.to_k.weight.grad is not None for a in attns)
+    ours.zero_grad(set_to_none=True)
+
+
+def test_fused_qkv_parity_follows_weight_changes_and_conversions(tmp_path, fuse_on_cpu):
+    ref = _randomized(LVDM_SMALL_CONFIG, seed=5)
+    ours = LVDM.from_config(LVDM_SMALL_CONFIG).eval()
+    ours.load_state_dict(ref.state_dict())
+    x, ef, ids = _inputs(1, 4, 16, seed=12)
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        fused = ours(x, 12, ef, ids).sample
+        # unpacked weights (e.g. a deep copy) run the separate projections, same values
+        for a in _self_attentions(ours):
+            a.to_k.weight.data = a.to_k.weight.data.clone()
+        separate = ours(x, 12, ef, ids).sample
+        assert {a.last_qkv for a in _self_attentions(ours)} == {"separate"}
+        assert rel_err(fused, separate) <= 1e-6
+        ours.float()  # any conversion repacks
+        assert ours(x, 12, ef, ids).sample is not None
+        assert {a.last_qkv for a in _self_attentions(ours)} == {"fused"}
+        # in-place updates (optimizer steps, load_state_dict) are seen by the fused view
+        for name, p in ref.named_parameters():
+            if ".attn1.to_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ours.load_state_dict(ref.state_dict())
+        assert rel_err(ours(x, 12, ef, ids).sample, ref(x, 12, ef, ids).sample) <= TOL
+        ref64, ours64 = ref.double(), ours.double()
+        out = ours64(x.double(), 12, ef.double(), ids.double()).sample
+        assert {a.last_qkv for a in _self_attentions(ours64)} == {"fused"}
+        assert rel_err(out, ref64(x.double(), 12, ef.double(), ids.double()).sample) <= 1e-12
+    ours64.float().save_pretrained(tmp_path)
+    back = LVDM.from_pretrained(tmp_path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours64.state_dict().values())
+    )
+
+
+def test_sampling_cache_is_exact_and_never_stale():
+    ref = _randomized(LVDM_SMALL_CONFIG, seed=6)
+    ours = LVDM.from_config(LVDM_SMALL_CONFIG).eval()
+    ours.load_state_dict(ref.state_dict())
+    x, ef, ids = _inputs(2, 4, 16, seed=14)
+    with torch.no_grad():
+        plain = {t: ours(x, t, ef, ids).sample for t in (700, 300)}
+        with ours.sampling_cache() as memo:
+            first = ours(x, torch.tensor(700), ef, ids).sample
+            misses = memo.misses
+            again = ours(x, torch.tensor(700), ef, ids).sample
+            assert memo.misses == misses and memo.hits >= misses  # all reused
+            other = ours(x, 300, ef, ids).sample
+            transformers = sum(
+                isinstance(m, st.TransformerSpatioTemporalModel) for m in ours.modules()
+            )
+            assert memo.misses == 2 * misses - transformers  # frame embeddings do not depend on t
+            # a weight changed in place inside the run is seen at once
+            proj = ours.down_blocks[0].resnets[0].temporal_res_block.time_emb_proj
+            proj.weight.mul_(1.5)
+            ref.down_blocks[0].resnets[0].temporal_res_block.time_emb_proj.weight.mul_(1.5)
+            changed = ours(x, torch.tensor(700), ef, ids).sample
+            # other conditioning values are other keys
+            ids2 = ids + 1
+            shifted = ours(x, torch.tensor(700), ef, ids2).sample
+        assert ours._run_memo is None
+        assert torch.equal(first, plain[700]) and torch.equal(again, plain[700])
+        assert torch.equal(other, plain[300])
+        assert rel_err(changed, ref(x, 700, ef, ids).sample) <= TOL
+        assert rel_err(shifted, ref(x, 700, ef, ids2).sample) <= TOL
+    with ours.sampling_cache() as memo:  # under autograd nothing is reused
+        ours(x, 700, ef, ids)
+        ours(x, 700, ef, ids)
+    assert memo.hits == memo.misses == 0
+
+
+def test_pipeline_runs_inside_the_cache_and_matches_uncached(monkeypatch):
+    ours = LVDM.from_config(TINY_LVDM).eval()
+    cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(15))
+    memos = []
+    enter = ours.sampling_cache
+
+    @contextlib.contextmanager
+    def spy():
+        with enter() as memo:
+            memos.append(memo)
+            yield memo
+
+    kw = dict(
+        num_frames=8,
+        seed=3,
+        num_inference_steps=3,
+        batch_size=1,
+        output_type="latent",
+        progress=False,
+    )
+    monkeypatch.setattr(ours, "sampling_cache", spy)
+    cached = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
+    monkeypatch.setattr(ours, "sampling_cache", contextlib.nullcontext)
+    uncached = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
+    assert len(memos) == 1 and memos[0].hits > 0  # the second video reused the first's work
+    assert torch.equal(cached, uncached)

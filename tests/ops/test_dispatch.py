@@ -103,4 +103,7 @@ def test_argument_beats_context():
 
 def test_report_for_info():
     report = registered_ops()["attention"].report("cpu")
-    assert report == {"sdpa": [], "torch": []}
+    assert list(report) == ["triton", "xformers", "sdpa", "torch"]
+    assert report["sdpa"] == [] and report["torch"] == []
+    assert any("not CUDA" in r for r in report["triton"])
+    assert any("xformers needs CUDA" in r for r in report["xformers"])
