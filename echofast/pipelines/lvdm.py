@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models import LVDM, VAE
 from ..nn.embeddings import sampling_cache
+from ..ops.window_step import window_step, window_tables
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
@@ -31,7 +32,6 @@ from .common import (
     reference_scheduler,
     resolve_generators,
     unet_precision,
-    unpad,
 )
 
 
@@ -71,6 +71,12 @@ class LVDMPipeline:
         self.lvdm = lvdm
         self.vae = vae
         self.scheduler = scheduler if scheduler is not None else reference_scheduler()
+        if not hasattr(self.scheduler, "step_coefficients"):
+            raise TypeError(
+                f"LVDMPipeline needs an echofast scheduler (echofast.schedulers.DDPMScheduler or "
+                f"DDIMScheduler: the fused window step uses step_coefficients), got "
+                f"{type(self.scheduler).__name__}"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -168,27 +174,35 @@ class LVDMPipeline:
         latents = randn_tensor(
             (b, total, c, h, w), generator=gens, device=device, dtype=torch.float32
         )
-        cond_in = (
-            cond[:, None, None]
-            .expand(b, n_win, window, c, h, w)
-            .reshape(b * n_win, window, c, h, w)
-        )
         ehs = (ef / 100).repeat_interleave(n_win).reshape(b * n_win, 1, 1)
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
         ids = torch.zeros(b * n_win, n_ids, device=device)
+        # The UNet input of every window, replicate-padded, kept between steps: the conditioning
+        # channels are written once, the latent channels by window_step after every step.
+        hp, wp = h + 2 * pad, w + 2 * pad
+        x = torch.empty(b * n_win, window, 2 * c, hp, wp, device=device)
+        cond_in = cond[:, None, None].expand(b, n_win, window, c, h, w)
+        x[:, :, c:] = pad_replicate(cond_in.reshape(b * n_win, window, c, h, w), pad)
+        wins = torch.stack([latents[:, s : s + window] for s in starts], dim=1)
+        x[:, :, :c] = pad_replicate(wins.reshape(b * n_win, window, c, h, w), pad)
+        frame_window, frame_offset = window_tables(total, starts, window, overlap)
+        tables = [
+            torch.tensor(v, dtype=torch.int32, device=device)
+            for v in (frame_window, frame_offset, starts)
+        ]
+        clip = self.scheduler.clip_bound
         for step, t in enumerate(timesteps):
-            wins = torch.stack([latents[:, s : s + window] for s in starts], dim=1)
-            x = torch.cat([wins.reshape(b * n_win, window, c, h, w), cond_in], dim=2)
             with unet_precision(device, dtype):
-                pred = self.lvdm(
-                    pad_replicate(x, pad), t, encoder_hidden_states=ehs, added_time_ids=ids
-                ).sample
-            pred = unpad(pred, pad).float().reshape(b, n_win, window, c, h, w)
-            stitched = torch.empty_like(latents)
-            stitched[:, :window] = pred[:, 0]
-            for k, s in enumerate(starts[1:], start=1):
-                stitched[:, s + overlap : s + window] = pred[:, k, overlap:]
-            latents = self.scheduler.step(stitched, t, latents, generator=gens).prev_sample
+                pred = self.lvdm(x, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
+            noise = None
+            if self.scheduler.step_needs_noise(t):  # the scheduler's own draw (seed contract)
+                noise = randn_tensor(
+                    tuple(latents.shape), generator=gens, device=device, dtype=torch.float32
+                )
+            coeffs = self.scheduler.step_coefficients(t, b).to(device)
+            latents = window_step(
+                pred, latents, coeffs, noise, *tables, pad=pad, clip=clip, next_input=x
+            )
             check_finite(latents, "LVDM latent", indices, step)
             bar.update(b)
         return latents
