@@ -41,6 +41,8 @@ def distinct_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     result independent of its batch: small-batch matrix products take batch-size-dependent
     code paths whose rounding differs.
     """
+    if timesteps.shape[0] > 1 and timesteps.dim() == 1 and timesteps.stride(0) == 0:
+        return timesteps[:1]  # an expanded scalar: shared by construction, no host sync
     if timesteps.shape[0] > 1 and bool((timesteps == timesteps[0]).all()):
         return timesteps[:1]
     return timesteps
