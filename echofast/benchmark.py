@@ -10,8 +10,12 @@ Measured in one process, on one device, with the same weights and the same shape
   every step, all windows of a step in one UNet call (EF repeated with ``repeat_interleave``, as the
   reference does), fp32 VAE decode 8 frames per call with a CPU round trip per chunk;
 * ``pipeline/reference+compile``: the same loop with ``torch.compile`` of the diffusers UNets;
+* ``pipeline/echofast+compile``: echofast's pipelines with ``torch.compile`` of echofast's LIDM
+  and LVDM (``--compile``; ``--compile-backend`` picks the backend, e.g. ``eager`` to test the
+  tracing path quickly on a CPU);
 * ``unet/*``: one LVDM UNet call at the pipeline's shape (all windows of a batch) for echofast,
-  echofast replayed as a CUDA graph (``--graphs``), diffusers and compiled diffusers: seconds per
+  echofast replayed as a CUDA graph (``--graphs``; the pipelines then pass ``cuda_graphs=True``,
+  else ``False``), compiled echofast, diffusers and compiled diffusers: seconds per
   call, achieved TFLOP/s, its fraction of a large bf16 GEMM timed in the same run
   (``gemm/*`` row), and the kernels launched per call (profiler);
 * per pipeline: seconds per video, generated frames/s, videos/s, phase times, peak memory.
@@ -36,7 +40,6 @@ import contextlib
 import csv
 import dataclasses
 import importlib.metadata
-import inspect
 import math
 import os
 import platform
@@ -568,6 +571,7 @@ class Setup:
     decode_chunk: int = 64
     reference: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"
     graphs: bool = False
     avi: bool = True
     profile: bool = True
@@ -621,13 +625,10 @@ def _efs(batch: int, seed: int) -> torch.Tensor:
     return torch.randint(10, 91, (batch,), generator=g).float()
 
 
-def _graph_kwargs(setup: Setup, pipe: Any) -> dict[str, Any]:
-    """``cuda_graphs=True`` for a pipeline whose ``__call__`` takes it (once integrated)."""
-    if not setup.graphs:
-        return {}
-    if "cuda_graphs" in inspect.signature(type(pipe).__call__).parameters:
-        return {"cuda_graphs": True}
-    return {}
+def _graph_kwargs(setup: Setup) -> dict[str, Any]:
+    """The pipelines' ``cuda_graphs``: forced with ``--graphs`` on CUDA, else eager calls (so the
+    plain ``pipeline/echofast`` row always measures eager UNet calls)."""
+    return {"cuda_graphs": setup.graphs and setup.device.type == "cuda"}
 
 
 def _weights_bytes(*modules: Any) -> int:
@@ -735,18 +736,25 @@ def _lvdm_shapes(setup: Setup, batch: int) -> tuple[int, int, tuple[int, ...]]:
     return len(starts), window, shape
 
 
-def run_echofast(setup: Setup, batch: int, lvdm_flop: float | None) -> list[dict]:
-    """echofast's pipelines (LIDM → LVDM → decode) on ``batch`` videos, then the AVIs."""
+def run_echofast(
+    setup: Setup,
+    batch: int,
+    lvdm_flop: float | None,
+    unets: tuple[Any, Any] | None = None,
+    path: str = "pipeline/echofast",
+) -> list[dict]:
+    """echofast's pipelines (LIDM → LVDM → decode) on ``batch`` videos, then the AVIs
+    (``unets``: the LIDM and LVDM to use instead of the plain models, e.g. compiled ones)."""
     from .io import write_video
     from .pipelines import EchoSyntheticPipeline
 
     m = setup.models
-    pipe = EchoSyntheticPipeline(m.lidm, m.lvdm, m.vae)
+    lidm, lvdm = unets if unets is not None else (m.lidm, m.lvdm)
+    pipe = EchoSyntheticPipeline(lidm, lvdm, m.vae)
     ef = _efs(batch, setup.seed)
     dtype = _dtype_name(setup.dtype)
     plan = setup.plan
-    lidm_kw = _graph_kwargs(setup, pipe.lidm_pipe)
-    lvdm_kw = _graph_kwargs(setup, pipe.lvdm_pipe)
+    lidm_kw = lvdm_kw = _graph_kwargs(setup)
 
     def run() -> dict[str, float]:
         clock = PhaseClock(setup.device)
@@ -783,9 +791,11 @@ def run_echofast(setup: Setup, batch: int, lvdm_flop: float | None) -> list[dict
         return clock.phases
 
     timings, peak, first = _runs(
-        setup, f"echofast b={batch}", run, _weights_bytes(m.lidm, m.lvdm, m.vae)
+        setup, f"{path.split('/')[1]} b={batch}", run, _weights_bytes(m.lidm, m.lvdm, m.vae)
     )
-    graphs = "cuda_graphs=True" if lvdm_kw else "eager UNet calls"
+    graphs = "cuda_graphs=True" if lvdm_kw["cuda_graphs"] else "eager UNet calls"
+    if unets is not None:
+        graphs += f"; torch.compile backend {setup.compile_backend}"
     note = (
         f"{setup.models.source}; {graphs}; decode chunk {setup.decode_chunk}; "
         f"first run {first:.2f} s"
@@ -793,7 +803,7 @@ def run_echofast(setup: Setup, batch: int, lvdm_flop: float | None) -> list[dict
     return _pipeline_rows(
         setup,
         batch,
-        "pipeline/echofast",
+        path,
         timings,
         peak,
         ("lidm", "lvdm", "decode"),
@@ -912,7 +922,9 @@ def _add_ratios(rows: list[dict]) -> None:
     med = {(r["batch"], r["path"], r["phase"]): r["median_s"] for r in rows if r["median_s"] != ""}
     pairs = {
         "pipeline/echofast": ("pipeline/reference", "pipeline/reference+compile"),
+        "pipeline/echofast+compile": ("pipeline/reference", "pipeline/reference+compile"),
         "unet/echofast": ("unet/diffusers", "unet/diffusers+compile"),
+        "unet/echofast+compile": ("unet/diffusers", "unet/diffusers+compile"),
         "unet/echofast+graphs": ("unet/diffusers", "unet/diffusers+compile"),
     }
     for r in rows:
@@ -1165,14 +1177,20 @@ def _parser() -> argparse.ArgumentParser:
         dest="compile",
         action="store_true",
         default=None,
-        help="time torch.compile'd diffusers UNets (default on CUDA, not in smoke)",
+        help="time torch.compile'd diffusers UNets and echofast models (default on CUDA, not "
+        "in smoke)",
     )
     comp.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile (inductor; 'eager' traces without codegen)",
+    )
     p.add_argument(
         "--graphs",
         action="store_true",
         help="CUDA-graph UNet calls (echofast.pipelines.graphs): a unet row, and the "
-        "pipelines' cuda_graphs=True once they take it",
+        "pipelines' cuda_graphs=True (CUDA only)",
     )
     p.add_argument("--no-avi", action="store_true", help="do not time writing the AVIs")
     p.add_argument("--no-profile", action="store_true", help="skip the kernel counts")
@@ -1280,6 +1298,7 @@ def main_bench(argv: list[str]) -> int:
         decode_chunk=a.decode_chunk,
         reference=not a.no_reference,
         compile=do_compile,
+        compile_backend=a.compile_backend,
         graphs=a.graphs,
         avi=not a.no_avi,
         profile=not a.no_profile,
@@ -1290,8 +1309,11 @@ def main_bench(argv: list[str]) -> int:
         setup.reference = False
     if a.compile is None and not do_compile:
         setup.notes.append("torch.compile baseline skipped on CPU/smoke (--compile to force)")
-    if a.graphs:
-        _graph_notes(setup)
+    if a.graphs and device.type != "cuda":
+        setup.notes.append(
+            f"--graphs: CUDA graphs need CUDA; on {device.type} the pipelines and the "
+            "unet/echofast+graphs row run eagerly"
+        )
     for note in setup.notes:
         _say(f"note: {note}")
 
@@ -1323,27 +1345,6 @@ def main_bench(argv: list[str]) -> int:
     return status
 
 
-def _graph_notes(setup: Setup) -> None:
-    from .pipelines import LIDMPipeline, LVDMPipeline
-
-    integrated = [
-        cls.__name__
-        for cls in (LIDMPipeline, LVDMPipeline)
-        if "cuda_graphs" in inspect.signature(cls.__call__).parameters
-    ]
-    if len(integrated) < 2:
-        setup.notes.append(
-            "--graphs: no effect on the pipelines: "
-            + (
-                "only " + ", ".join(integrated)
-                if integrated
-                else "neither LIDMPipeline nor LVDMPipeline"
-            )
-            + " takes cuda_graphs= yet (echofast.pipelines.graphs is not integrated); the "
-            "unet/echofast+graphs row still measures CUDAGraphUNet on one LVDM call"
-        )
-
-
 def _measure(setup: Setup) -> None:
     """Every measurement of the plan, appending rows to ``setup.rows``."""
     device, m = setup.device, setup.models
@@ -1373,25 +1374,31 @@ def _measure(setup: Setup) -> None:
     )
 
     compiled: dict[str, Any] = {}
-    if setup.reference and setup.compile:
-        compiled = {
-            "lidm": torch.compile(m.d_lidm, dynamic=False),
-            "lvdm": torch.compile(m.d_lvdm, dynamic=False),
-        }
+    if setup.compile:
+
+        def compile_(module: Any) -> Any:
+            return torch.compile(module, dynamic=False, backend=setup.compile_backend)
+
+        compiled = {"echofast_lidm": compile_(m.lidm), "echofast_lvdm": compile_(m.lvdm)}
+        if setup.reference:
+            compiled.update(lidm=compile_(m.d_lidm), lvdm=compile_(m.d_lvdm))
     for batch in setup.plan.batch_sizes:
         n_win, _, shape = _lvdm_shapes(setup, batch)
         call_flop = setup.gflop_per_window * 1e9 * shape[0]
         run_flop = call_flop * setup.plan.steps
         _say(f"\nbatch {batch}: {n_win} windows per video, UNet input {tuple(shape)}")
         paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
+        if compiled:
+            mine = (compiled["echofast_lidm"], compiled["echofast_lvdm"])
+            paths.append(("pipeline/echofast+compile", mine))
         if setup.reference:
             paths.append(("pipeline/reference", (m.d_lidm, m.d_lvdm)))
-        if compiled:
+        if "lvdm" in compiled:
             paths.append(("pipeline/reference+compile", (compiled["lidm"], compiled["lvdm"])))
         for name, unets in paths:
             try:
-                if unets is None:
-                    rows = run_echofast(setup, batch, run_flop)
+                if name.startswith("pipeline/echofast"):
+                    rows = run_echofast(setup, batch, run_flop, unets, name)
                 else:
                     rows = run_reference(setup, batch, run_flop, unets, name)
             except Exception as err:  # noqa: BLE001 - report the path, measure the others
@@ -1409,9 +1416,11 @@ def _measure(setup: Setup) -> None:
             from .pipelines.graphs import CUDAGraphUNet
 
             unets["unet/echofast+graphs"] = CUDAGraphUNet(m.lvdm)
+        if compiled:
+            unets["unet/echofast+compile"] = compiled["echofast_lvdm"]
         if setup.reference:
             unets["unet/diffusers"] = m.d_lvdm
-        if compiled:
+        if "lvdm" in compiled:
             unets["unet/diffusers+compile"] = compiled["lvdm"]
         for row in run_unet_calls(setup, batch, call_flop, unets):
             setup.rows.append(row)

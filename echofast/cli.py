@@ -77,6 +77,28 @@ def _generate(argv: list[str]) -> int:
         "torchrun's RANK/WORLD_SIZE, else all)",
     )
     p.add_argument("--name-prefix", default="synthetic_")
+    p.add_argument(
+        "--decode-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="VAE decode precision (float32; reduced precision changes pixels by about one level, "
+        "see README)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="replay UNet calls as CUDA graphs: auto = when supported (default), on = required "
+        "(fails with the reasons), off = eager; same outputs",
+    )
+    p.add_argument(
+        "--writer-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="threads that encode and write videos while the next batch is generated (default "
+        "1; 0: write inline in the generating thread, same files)",
+    )
     p.add_argument("--no-progress", action="store_true")
     priv = p.add_argument_group(
         "privacy",
@@ -142,6 +164,8 @@ def _generate(argv: list[str]) -> int:
             setattr(a, key, value)
     if a.num_videos < 1 or a.frames < 1 or a.fps <= 0 or a.batch_size < 1 or a.steps < 1:
         p.error("--num-videos, --frames, --batch-size, --steps must be >= 1 and --fps > 0")
+    if a.writer_threads < 0:
+        p.error("--writer-threads must be >= 0")
     cfg = GenerateConfig(
         weights=a.weights,
         out=a.out,
@@ -169,6 +193,9 @@ def _generate(argv: list[str]) -> int:
         privacy_frame_step=a.privacy_frame_step,
         privacy_normalization=a.privacy_normalization,
         allow_pickle=a.allow_pickle,
+        decode_dtype=a.decode_dtype,
+        cuda_graphs={"auto": None, "on": True, "off": False}[a.cuda_graphs],
+        writer_threads=a.writer_threads,
     )
     summary = generate_dataset(cfg)
     rate = summary["generated"] / summary["seconds"] if summary["seconds"] else 0.0

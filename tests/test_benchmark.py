@@ -28,8 +28,9 @@ def _read(path):
 
 
 def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
-    """One smoke run (CPU: tiny models, 12 frames = 2 windows, 2 steps) with --graphs and
-    --compare against a planted earlier CSV whose echofast total was impossibly fast."""
+    """One smoke run (CPU: tiny models, 12 frames = 2 windows, 2 steps) with --graphs,
+    --compile (eager backend) and --compare against a planted earlier CSV whose echofast total
+    was impossibly fast."""
     out, old = tmp_path / "bench.csv", tmp_path / "old.csv"
     card = bench.card_name(torch.device("cpu"))
     planted = [
@@ -49,13 +50,14 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     planted.append({**planted[1], "path": "gemm/fp32-512-cpu", "batch": ""})
     bench.append_csv(old, planted)
     argv = ["--smoke", "--device", "cpu", "--batch-size", "2", "--graphs", "--no-progress"]
+    argv += ["--compile", "--compile-backend", "eager"]  # the tracing path, without codegen
     argv += ["--out", str(out)]
     status = bench.main_bench([*argv, "--compare", str(old), "--threshold", "50"])
     text = capsys.readouterr().out
     assert status == 1, text  # two planted rows are "regressions"
     assert "smoke configuration" in text and "2 regression(s)" in text
     assert text.count("REGRESSION") == 2
-    assert "no effect on the pipelines" in text and "s/video" in text
+    assert "CUDA graphs need CUDA" in text and "s/video" in text
 
     rows = _read(out)
     assert {r["card"] for r in rows} == {card} and {r["config"] for r in rows} == {"smoke"}
@@ -64,7 +66,10 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
         assert ("pipeline/echofast", phase) in by
     for phase in ("total", "lidm", "lvdm", "decode"):
         assert ("pipeline/reference", phase) in by
-    for path in ("unet/echofast", "unet/echofast+graphs", "unet/diffusers", "gemm/fp32-512-cpu"):
+        assert ("pipeline/echofast+compile", phase) in by
+        assert ("pipeline/reference+compile", phase) in by
+    unet_paths = ("unet/echofast", "unet/echofast+graphs", "unet/echofast+compile")
+    for path in (*unet_paths, "unet/diffusers", "unet/diffusers+compile", "gemm/fp32-512-cpu"):
         assert (path, "call") in by
     assert all(float(r["median_s"]) > 0 for r in rows)
 

@@ -13,6 +13,7 @@ from .video import (
     video_backend,
     write_video,
 )
+from .writer import VideoWriter
 
 __all__ = [
     "MJPEG_QSCALE",
@@ -21,6 +22,7 @@ __all__ = [
     "VideoDecodeError",
     "VideoEncodeError",
     "VideoResult",
+    "VideoWriter",
     "convert_frames",
     "frames_to_yuv",
     "packed_to_frames",

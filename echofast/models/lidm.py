@@ -20,6 +20,7 @@ from ..nn import (
     distinct_timesteps,
     timestep_features,
 )
+from ..nn._mode import eager_inference
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
 from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
 from .base import ModelBase
@@ -206,7 +207,7 @@ class LIDM(ModelBase):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
         memo = self._run_memo
-        if memo is None or torch.is_grad_enabled():
+        if memo is None or not eager_inference():
             emb = TimeEmbedding(self.time_embed(distinct_timesteps(timesteps)))
         else:
             # a shared timestep is embedded once, (1, E), whatever the batch size

@@ -12,10 +12,12 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
+from ..nn._mode import eager_inference
 from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
 from ..nn.spatiotemporal import (
     SpatioTemporalDownStage,
@@ -59,6 +61,13 @@ class LVDM(ModelBase):
     the skips' sizes, as diffusers does. ``encoder_hidden_states`` is (B, L, cross_attention_dim)
     and ``added_time_ids`` (B, n) with n·addition_time_embed_dim equal to
     projection_class_embeddings_input_dim.
+
+    Split input (EchoNet-Synthetic's layout: channels ``[0, c)`` noisy latents, ``[c, 2c)`` a
+    conditioning latent repeated over the frames, c = in_channels / 2): ``conv_in`` is linear, so
+    the conditioning half contributes the same feature map to every frame. Compute it once with
+    :meth:`conditioning_features` and pass it as ``conditioning=``; ``sample`` then holds only the
+    c noisy channels. Same outputs as the full input up to float rounding (the two halves are
+    summed after their convolutions: one more rounding of the ``conv_in`` output).
     """
 
     diffusers_class = "UNetSpatioTemporalConditionModel"
@@ -221,7 +230,7 @@ class LVDM(ModelBase):
     ) -> TimeEmbedding:
         """The call's :class:`TimeEmbedding`, taken from the sampling run's memo when active."""
         memo = self._run_memo
-        if memo is None or torch.is_grad_enabled():
+        if memo is None or not eager_inference():
             return TimeEmbedding(self.time_embed(timesteps, added_time_ids))
         key = (value_key(timestep), value_key(added_time_ids), timesteps.shape[0], timesteps.device)
         deps = (self.time_embedding, self.add_embedding)
@@ -240,6 +249,52 @@ class LVDM(ModelBase):
             timestep = torch.tensor([timestep], dtype=dtype, device=device)
         return batch_timesteps(timestep, batch, device)
 
+    # ---- the conditioning half of conv_in ------------------------------------------------------
+
+    def _split_channels(self) -> int:
+        """c: the noisy latents are input channels ``[0, c)``, the conditioning ``[c, 2c)``."""
+        n = self.config.in_channels
+        if n % 2:
+            raise ValueError(
+                "the conditioning split needs an even in_channels (noisy latents and a "
+                f"conditioning latent of equal size); this LVDM has {n}"
+            )
+        return n // 2
+
+    def conditioning_features(self, cond: torch.Tensor) -> torch.Tensor:
+        """``conv_in``'s response to the conditioning half of its input, bias included.
+
+        Args:
+            cond: (N, c, H, W) conditioning latents, padded as the sample will be (c =
+                in_channels / 2): the frame-constant channels ``[c, 2c)`` of the full input.
+
+        Returns:
+            (N, C0, H, W), C0 = block_out_channels[0], in the activations' layout: pass it as
+            ``conditioning=`` to :meth:`forward` (one per batch item, shared by all its frames).
+            Computed in the weights' dtype, or in autocast's when autocast is on.
+        """
+        c = self._split_channels()
+        if cond.dim() != 4 or cond.shape[1] != c:
+            raise ValueError(f"cond must be (N, {c}, H, W), got {tuple(cond.shape)}")
+        w = self.conv_in.weight[:, c:].contiguous(memory_format=self.memory_format)
+        x = cond.contiguous(memory_format=self.memory_format)
+        return F.conv2d(x, w, self.conv_in.bias, padding=self.conv_in.padding)
+
+    def _conv_in(self, sample: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C, H, W) → (B·T, C0, H, W): the full ``conv_in``, or its noisy half plus the
+        precomputed conditioning features broadcast over the frames (added in place)."""
+        b, t = sample.shape[:2]
+        flat = sample.flatten(0, 1).contiguous(memory_format=self.memory_format)
+        if conditioning is None:
+            return self.conv_in(flat)
+        c = self._split_channels()
+        w = self.conv_in.weight[:, :c].contiguous(memory_format=self.memory_format)
+        x = F.conv2d(flat, w, None, padding=self.conv_in.padding)
+        if eager_inference():
+            x.unflatten(0, (b, t)).add_(conditioning.unsqueeze(1))
+            return x
+        return (x.unflatten(0, (b, t)) + conditioning.unsqueeze(1)).flatten(0, 1)
+
     # ---- forward ------------------------------------------------------------------------------
 
     def forward(
@@ -249,13 +304,30 @@ class LVDM(ModelBase):
         encoder_hidden_states: torch.Tensor,
         added_time_ids: torch.Tensor,
         return_dict: bool = True,
+        *,
+        conditioning: torch.Tensor | None = None,
     ) -> SampleOutput | tuple[torch.Tensor]:
+        """The denoiser's output (B, T, out_channels, H, W).
+
+        ``conditioning``: None (``sample`` is the full (B, T, in_channels, H, W) input), or the
+        (B, C0, H, W) :meth:`conditioning_features` of each sample's conditioning latent; then
+        ``sample`` is (B, T, in_channels / 2, H, W), the noisy channels only.
+        """
         cfg = self.config
-        if sample.dim() != 5 or sample.shape[2] != cfg.in_channels:
+        split = conditioning is not None
+        want = self._split_channels() if split else cfg.in_channels
+        if sample.dim() != 5 or sample.shape[2] != want:
             raise ValueError(
-                f"sample must be (B, T, {cfg.in_channels}, H, W), got {tuple(sample.shape)}"
+                f"sample must be (B, T, {want}, H, W)"
+                + (" with conditioning=" if split else "")
+                + f", got {tuple(sample.shape)}"
             )
         b, t = sample.shape[:2]
+        if split and tuple(conditioning.shape) != (b, cfg.block_out_channels[0], *sample.shape[3:]):
+            raise ValueError(
+                f"conditioning must be {(b, cfg.block_out_channels[0], *sample.shape[3:])} (the "
+                f"conditioning_features of one latent per sample), got {tuple(conditioning.shape)}"
+            )
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
@@ -275,7 +347,7 @@ class LVDM(ModelBase):
 
         # channels-last activations (ModelBase.memory_format): faster CPU convs, and the token and
         # (B, C, T, H, W) layouts of the transformers and temporal resnets become views
-        x = self.conv_in(sample.flatten(0, 1).contiguous(memory_format=self.memory_format))
+        x = self._conv_in(sample, conditioning)
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:
             x, res = block(x, emb, ctx, t)

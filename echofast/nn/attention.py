@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ._mode import eager_inference
 from .norm import GroupNorm
 
 #: device types on which self-attention projects Q, K and V with one GEMM. Not CPU: there the
@@ -165,7 +166,7 @@ class Attention(nn.Module):
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The (3·heads·D, C) weight and (3·heads·D,) bias of one QKV GEMM, as views of the live
         parameters; None under autograd, for cross-attention modules, or when not packed."""
-        if not self.is_self_attention or torch.is_grad_enabled():
+        if not self.is_self_attention or not eager_inference():
             return None
         ws = self._qkv_params("weight")
         if not _adjacent(ws):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mode import eager_inference
+
 
 def batch_timesteps(
     timestep: torch.Tensor | float | int, batch: int, device: torch.device
@@ -141,7 +143,7 @@ class RunMemo:
 
     def get(self, modules: tuple[nn.Module, ...], key: Hashable, fn: Callable[[], Any]) -> Any:
         """``fn()``, or the value an earlier call stored for the same modules, key and weights."""
-        if not self.enabled or torch.is_grad_enabled():
+        if not self.enabled or not eager_inference():
             return fn()
         sig = weights_signature(modules)
         if sig is None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mode import eager_inference
 from .embeddings import TimeEmbedding, project_time
 from .norm import GroupNorm
 
@@ -129,7 +130,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = h.add_(x) if not torch.is_grad_enabled() else x + h
+        out = h.add_(x) if eager_inference() else x + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mode import eager_inference
 from .attention import Attention
 from .embeddings import RunMemo, TimeEmbedding, TimestepEmbedding, project_time, timestep_features
 from .norm import GroupNorm
@@ -44,7 +45,7 @@ CPU_CHUNK_BYTES = 8 << 20
 
 def _add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``fresh + other``, in place in ``fresh`` (a temporary of the full shape) without autograd."""
-    if torch.is_grad_enabled():
+    if not eager_inference():
         return fresh + other
     return fresh.add_(other)
 
@@ -55,7 +56,7 @@ def _residual(x: torch.Tensor, branch, *, inplace: bool) -> torch.Tensor:
     CPU inference evaluates it on chunks of dim 0, writing into x when ``inplace`` (x must then be
     a temporary of the caller) or into a new tensor. Otherwise one call on the whole of x.
     """
-    if torch.is_grad_enabled() or x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0:
+    if not eager_inference() or x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0:
         return _add(branch(x), x)
     rows = CPU_CHUNK_BYTES // (8 * x.shape[-1] * x.element_size())
     step = max(1, rows // (x[0].numel() // x.shape[-1]))
@@ -80,7 +81,7 @@ class GEGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
         g = F.gelu(gate)
-        return x * g if torch.is_grad_enabled() else g.mul_(x)
+        return g.mul_(x) if eager_inference() else x * g
 
 
 class FeedForward(nn.Module):
@@ -249,7 +250,7 @@ class SpatioTemporalResBlock(nn.Module):
         s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)
         g = self.temporal_res_block.branch(s5, temb)
         w = self.time_mixer.temporal_weight(s.dtype)
-        if torch.is_grad_enabled():
+        if not eager_inference():
             return (s5 + g * w).transpose(1, 2).reshape(bt, c, hh, ww)
         s5.addcmul_(g, w)
         return s
@@ -318,7 +319,7 @@ class TransformerSpatioTemporalModel(nn.Module):
             seq = temporal(seq, context)
             seq = seq.view(b, s, t, c).transpose(1, 2)  # (B, T, S, C) view
             # a·spatial + (1 - a)·temporal, reading the temporal output through a view
-            if torch.is_grad_enabled():
+            if not eager_inference():
                 tok = torch.lerp(tok.view(b, t, s, c), seq, w).reshape(bt, s, c)
             else:
                 tok = tok.view(b, t, s, c).lerp_(seq, w).view(bt, s, c)
@@ -329,7 +330,7 @@ class TransformerSpatioTemporalModel(nn.Module):
 def _to_sequences(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(B, T, S, C) tokens + (T, C) → (B·S, T, C) contiguous per-position sequences, one pass."""
     b, t, s, c = tok.shape
-    if torch.is_grad_enabled():
+    if not eager_inference():
         return (tok + pos[:, None]).transpose(1, 2).reshape(b * s, t, c)
     seq = tok.new_empty(b, s, t, c)
     torch.add(tok, pos[:, None], out=seq.transpose(1, 2))

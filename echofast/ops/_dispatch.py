@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..errors import BackendUnavailable
 
 ENV_VAR = "ECHOFAST_BACKEND"
@@ -34,15 +36,23 @@ class Backend:
     """One implementation of an op.
 
     ``fn`` computes the op; ``reasons`` returns why it cannot run the given arguments (empty when it
-    can). ``description`` is shown by ``echofast info``.
+    can). ``description`` is shown by ``echofast info``. ``traceable``: whether ``torch.compile``
+    should trace ``fn``; a backend that launches its own kernels (Triton, xformers) is not, so that
+    inside a compiled region the op runs a PyTorch backend that inductor fuses itself.
     """
 
     name: str
     fn: Callable[..., Any]
     reasons: Callable[..., list[str]]
     description: str = ""
+    traceable: bool = True
 
     def not_supported_reasons(self, *args: Any, **kwargs: Any) -> list[str]:
+        if not self.traceable and torch.compiler.is_compiling():
+            return [
+                "inside torch.compile (its own kernels are not traced: inductor fuses a "
+                "PyTorch backend instead)"
+            ]
         return list(self.reasons(*args, **kwargs))
 
 
@@ -96,7 +106,10 @@ class Op:
     def _forced(self, backend: str | None) -> tuple[str | None, str]:
         if backend is not None:
             return backend, "backend= argument"
-        for spec in reversed(_FORCED.get()):
+        # torch.compile cannot trace a ContextVar: use_backend() blocks are not seen while a
+        # compiled region is traced (backend= and ECHOFAST_BACKEND still are)
+        forced = () if torch.compiler.is_compiling() else _FORCED.get()
+        for spec in reversed(forced):
             if self.name in spec:
                 return spec[self.name], "use_backend()"
             if spec.get("*") in self.backends:

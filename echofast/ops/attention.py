@@ -228,12 +228,14 @@ _op = Op(
             _triton_reasons,
             "Triton: packed short sequences, persistent 1-D grid, fp32 softmax, strided I/O "
             "(backward via the reference)",
+            traceable=False,
         ),
         Backend(
             "xformers",
             _attention_xformers,
             _xformers_reasons,
             "xformers.ops.memory_efficient_attention",
+            traceable=False,
         ),
         Backend(
             "sdpa",

@@ -236,6 +236,7 @@ _op = Op(
             group_norm_triton,
             _triton_reasons,
             "fused Triton GroupNorm + modulation + SiLU, fp32 statistics, forward and backward",
+            traceable=False,
         ),
         Backend(
             "torch",

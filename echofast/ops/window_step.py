@@ -224,6 +224,7 @@ _op = Op(
             window_step_triton,
             _triton_reasons,
             "two Triton kernels: stitched affine step, then padded windows into the next input",
+            traceable=False,
         ),
         Backend(
             "torch",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NonFiniteError
-from ..rng import sample_generators
+from ..rng import randn_tensor, sample_generators
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -87,7 +87,8 @@ def check_precision(dtype: torch.dtype | str, device: torch.device) -> torch.dty
 
 @contextlib.contextmanager
 def unet_precision(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Autocast for the UNets in reduced precision (fp32 weights, as the reference)."""
+    """Autocast for the UNets (and the VAE decode) in reduced precision (fp32 weights, as the
+    reference); nothing for float32."""
     if dtype == torch.float32:
         yield
     else:
@@ -101,6 +102,163 @@ def check_finite(x: torch.Tensor, what: str, indices: Sequence[int], step: int |
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])
         raise NonFiniteError(f"{what} of sample {indices[bad]} is not finite at step {step}")
+
+
+DEFERRED_CHECK_DEVICES = frozenset({"cuda"})
+"""Device types on which :class:`FiniteWatch` records non-finite steps on the device and reports
+them at :meth:`FiniteWatch.check` instead of synchronising with the host at every step."""
+
+
+class FiniteWatch:
+    """The per-step finiteness check of a sampling loop, without a per-step host sync on CUDA.
+
+    ``update(x, step)`` after every step, ``check()`` once the loop is done. On devices in
+    :data:`DEFERRED_CHECK_DEVICES` each update only records, on the device, the first step at
+    which each sample of ``x`` (dim 0) was not finite (three small kernels, no sync, capturable),
+    and ``check`` reads that record once (one sync) and raises the same error as an immediate
+    check would have: the sample that went non-finite at the earliest step (the first such in
+    the batch), and that step. Elsewhere ``update`` checks at once (:func:`check_finite`). A
+    non-finite sample is therefore reported after the loop at the latest, before any output.
+    """
+
+    def __init__(self, what: str, indices: Sequence[int], device: torch.device):
+        self.what = what
+        self.indices = list(indices)
+        self.deferred = torch.device(device).type in DEFERRED_CHECK_DEVICES
+        self._first: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, step: int) -> None:
+        if not self.deferred:
+            check_finite(x, self.what, self.indices, step)
+            return
+        ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if self._first is None:
+            self._first = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+        self._first.masked_fill_(~ok & (self._first < 0), step)
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteError` for what the deferred updates recorded (one sync)."""
+        if self._first is None:
+            return
+        first = self._first.tolist()
+        bad = [(s, i) for i, s in enumerate(first) if s >= 0]
+        if bad:
+            step, i = min(bad)
+            raise NonFiniteError(
+                f"{self.what} of sample {self.indices[i]} is not finite at step {step}"
+            )
+
+
+class NoiseSource:
+    """Each step's noise, float32, drawn from the per-sample CPU generators (the seed contract:
+    one ``randn`` of the per-sample shape per generator, in batch order) and delivered on
+    ``device``.
+
+    On CUDA the draws go into pinned host buffers (a ring of ``depth``) that are copied
+    asynchronously, so the host neither waits for the device nor makes it wait: before a buffer
+    is refilled, the copy made from it ``depth`` draws earlier is waited for (its event), so the
+    host may run up to ``depth`` steps ahead of the device. Elsewhere it is
+    :func:`~echofast.rng.randn_tensor`.
+    """
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator],
+        shape: tuple[int, ...],
+        device: torch.device,
+        depth: int = 2,
+    ):
+        if len(generators) != shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+        self.generators = list(generators)
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        self.staged = self.device.type == "cuda" and all(
+            g.device.type == "cpu" for g in self.generators
+        )
+        self._slot = 0
+        self._host: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = []
+        if self.staged:
+            self._host = [torch.empty(self.shape, pin_memory=True) for _ in range(depth)]
+            self._events = [None] * depth
+
+    def __call__(self) -> torch.Tensor:
+        if not self.staged:
+            return randn_tensor(
+                self.shape, generator=self.generators, device=self.device, dtype=torch.float32
+            )
+        slot = self._slot
+        self._slot = (slot + 1) % len(self._host)
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()
+        buf = draw_noise(self.generators, self._host[slot])
+        out = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._events[slot] = event
+        return out
+
+
+def draw_noise(generators: Sequence[torch.Generator], out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` (B, ...) float32 with ``randn`` from ``generators[i]`` for item i: the same
+    numbers as :func:`~echofast.rng.randn_tensor` with that list of generators."""
+    for i, g in enumerate(generators):
+        torch.randn(out.shape[1:], generator=g, dtype=torch.float32, out=out[i])
+    return out
+
+
+class StaticInputs:
+    """Tensors a pipeline keeps between UNet calls (and between batches and calls of the same
+    shape), so that a graph that borrowed them (``CUDAGraphUNet(borrow_inputs=True)``) replays
+    without copying its inputs. ``get(name, shape, ...)`` returns the same tensor for the same
+    name, shape, dtype, device and strides (contiguous unless ``stride`` is given); the ``keep``
+    most recently used are held. Their values are whatever the caller last wrote."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        stride: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        shape = tuple(shape)
+        key = (name, shape, dtype, torch.device(device), None if stride is None else tuple(stride))
+        t = self._tensors.pop(key, None)
+        if t is None and stride is None:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        elif t is None:
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        self._tensors[key] = t
+        while len(self._tensors) > self.keep:
+            self._tensors.pop(next(iter(self._tensors)))
+        return t
+
+    def clear(self) -> None:
+        self._tensors.clear()
+
+
+def check_cuda_graphs(value: bool | None) -> bool | None:
+    """``cuda_graphs`` argument of the pipelines: None (auto), True (forced) or False."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"cuda_graphs must be None (auto), True or False, got {value!r}")
+    return value
+
+
+def check_decode_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """VAE decode precision: float32, float16 or bfloat16 (autocast; any device)."""
+    if isinstance(dtype, str):
+        if dtype not in PRECISIONS:
+            raise ValueError(f"decode_dtype must be one of {list(PRECISIONS)}, got {dtype!r}")
+        dtype = PRECISIONS[dtype]
+    if dtype not in PRECISIONS.values():
+        raise ValueError(f"decode_dtype must be one of {list(PRECISIONS)}, got {dtype}")
+    return dtype
 
 
 def frames_to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@ files are removed, and the rest are generated again. Every sample's randomness d
 (seed, index), and work is done in fixed chunks of ``batch_size`` consecutive samples (an
 interrupted chunk is recomputed whole), so a resumed run writes the same bytes as an
 uninterrupted one with the same batch size. ``FileList.csv`` is rebuilt from the journals.
+Videos are encoded by a :class:`~echofast.io.VideoWriter` (``writer_threads`` background threads,
+at most two batches queued) while the next batch is generated; it journals in sample order, each
+line after its file, exactly as writing inline does (``writer_threads=0``).
 A folder made with different arguments is refused, never overwritten.
 
 Privacy (``privacy`` = a re-identification model folder, ``reference_latents`` = the real
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import importlib.metadata
 import json
 import math
@@ -67,9 +71,9 @@ from ..data.echonet import (
     write_empty_tracings,
     write_filelist,
 )
-from ..errors import EchofastError
+from ..errors import BackendUnavailable, EchofastError
 from ..fsutil import atomic_write_text, sha256_file
-from ..io import write_video
+from ..io import VideoWriter
 from ..rng import sample_seed
 from .echo_synthetic import EchoSyntheticPipeline
 
@@ -156,6 +160,15 @@ class GenerateConfig:
     privacy_normalization: str | None = None
     """Override of the model's input normalisation ("frame" or "clip")."""
     allow_pickle: bool = False
+    writer_threads: int = 1
+    """Threads that encode and write videos while the next batch is generated (0: write inline
+    in the generating thread; the files are the same)."""
+    decode_dtype: str = "float32"
+    """VAE decode precision (float32, float16, bfloat16): part of the dataset's identity when not
+    float32 (reduced precision changes pixels; see tests/models/test_vae_precision.py)."""
+    cuda_graphs: bool | None = None
+    """UNet calls replayed as CUDA graphs: None = when supported, True = required, False = never
+    (same outputs; not part of the identity)."""
 
     NON_IDENTITY = (
         "out",
@@ -166,6 +179,8 @@ class GenerateConfig:
         "progress",
         "weights",
         "allow_pickle",
+        "writer_threads",
+        "cuda_graphs",
     )
     PRIVACY_KEYS = (
         "privacy",
@@ -197,6 +212,8 @@ class GenerateConfig:
         ident["ef_from"] = ef_source_sha
         ident["weights_sha256"] = weights_sha
         ident["device_type"] = torch.device(self.device).type
+        if self.decode_dtype == "float32":  # datasets from before the option resume unchanged
+            ident.pop("decode_dtype")
         return ident
 
 
@@ -342,8 +359,50 @@ def _prepare(folder: Path, manifest: dict) -> None:
     atomic_write_text(existing, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def _writer(cfg: GenerateConfig) -> VideoWriter:
+    """The job's video writer: ``cfg.writer_threads`` workers, at most two batches queued."""
+    return VideoWriter(cfg.writer_threads, max_pending=2 * max(1, cfg.batch_size))
+
+
+def _row(cfg: GenerateConfig, name: str, ef: float, video: torch.Tensor, split: str) -> dict:
+    """The FileList.csv row of a uint8 (T, H, W) video."""
+    return {
+        "FileName": name,
+        "EF": f"{ef:g}",
+        "ESV": None,
+        "EDV": None,
+        "FrameHeight": video.shape[1],
+        "FrameWidth": video.shape[2],
+        "FPS": f"{cfg.fps:g}",
+        "NumberOfFrames": video.shape[0],
+        "Split": split,
+    }
+
+
+def _journal_video(journal: Path, index: int, row: dict, bar: tqdm | None, path: Path) -> None:
+    """Journal a video whose file ``path`` is in place (the writer's step after the write)."""
+    entry = {"index": index, "FileName": row["FileName"], "bytes": path.stat().st_size, "row": row}
+    _append(journal, entry)
+    if bar is not None:
+        bar.update(1)
+
+
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:
     """Run (or resume) a generation job; returns a summary dict."""
+    if isinstance(cfg.writer_threads, bool) or not isinstance(cfg.writer_threads, int):
+        raise ValueError(f"writer threads must be an int >= 0, got {cfg.writer_threads!r}")
+    if cfg.writer_threads < 0:
+        raise ValueError(f"writer threads must be >= 0, got {cfg.writer_threads}")
+    if cfg.decode_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(
+            f"decode_dtype must be float32, float16 or bfloat16, got {cfg.decode_dtype!r}"
+        )
+    if cfg.cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be None, True or False, got {cfg.cuda_graphs!r}")
+    if cfg.cuda_graphs is True and torch.device(cfg.device).type != "cuda":
+        raise BackendUnavailable(
+            "unet_call", "cuda_graph", [f"device {cfg.device!r} is not a CUDA device"]
+        )
     if cfg.privacy is not None or cfg.reference_latents is not None:
         return _generate_private(cfg, pipe)
     folder = Path(cfg.out)
@@ -378,39 +437,33 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
         )
     start = time.perf_counter()
     bar = tqdm(total=missing, unit="video", desc="generate", disable=not cfg.progress)
-    for chunk in todo:
-        efs = [requested_ef(cfg, i, pool) for i in chunk]
-        out = pipe(
-            efs,
-            seed=cfg.seed,
-            sample_indices=chunk,
-            num_frames=cfg.frames,
-            num_inference_steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            decode_chunk_size=cfg.decode_chunk_size,
-            dtype=cfg.dtype,
-        )
-        for i, ef, video in zip(chunk, efs, out.videos):
-            if i in done:
-                continue
-            name = f"{cfg.name_prefix}{i:06d}"
-            path = write_video(folder / "Videos" / f"{name}.avi", video, cfg.fps)
-            row = {
-                "FileName": name,
-                "EF": f"{ef:g}",
-                "ESV": None,
-                "EDV": None,
-                "FrameHeight": video.shape[1],
-                "FrameWidth": video.shape[2],
-                "FPS": f"{cfg.fps:g}",
-                "NumberOfFrames": video.shape[0],
-                "Split": split_of(i, counts),
-            }
-            _append(
-                journal, {"index": i, "FileName": name, "bytes": path.stat().st_size, "row": row}
+    with _writer(cfg) as writer:
+        for chunk in todo:
+            efs = [requested_ef(cfg, i, pool) for i in chunk]
+            out = pipe(
+                efs,
+                seed=cfg.seed,
+                sample_indices=chunk,
+                num_frames=cfg.frames,
+                num_inference_steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                decode_chunk_size=cfg.decode_chunk_size,
+                dtype=cfg.dtype,
+                decode_dtype=cfg.decode_dtype,
+                cuda_graphs=cfg.cuda_graphs,
             )
-            bar.update(1)
-        bar.set_postfix(videos_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+            for i, ef, video in zip(chunk, efs, out.videos):
+                if i in done:
+                    continue
+                name = f"{cfg.name_prefix}{i:06d}"
+                row = _row(cfg, name, ef, video, split_of(i, counts))
+                writer.write(
+                    folder / "Videos" / f"{name}.avi",
+                    video,
+                    cfg.fps,
+                    then=functools.partial(_journal_video, journal, i, row, bar),
+                )
+            bar.set_postfix(videos_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
     bar.close()
     with _locked(folder):
         written = rebuild_filelist(folder)
@@ -559,6 +612,7 @@ def _candidates(cfg: GenerateConfig, pipe, state: Path, count: int, progress: bo
                     num_inference_steps=cfg.steps,
                     batch_size=cfg.batch_size,
                     dtype=cfg.dtype,
+                    cuda_graphs=cfg.cuda_graphs,
                     progress=False,
                 )
                 .latents.cpu()
@@ -595,6 +649,14 @@ def _check_videos(flt, vae, videos: torch.Tensor, step: int) -> list[tuple[float
             )
         )
     return out
+
+
+def _journal_private(journal: Path, index: int, row: dict, attempt, path: Path) -> None:
+    """Journal a passed video whose file is in place, then its attempt (``attempt()``, or None
+    when the attempt is journaled already)."""
+    _journal_video(journal, index, row, None, path)
+    if attempt is not None:
+        attempt()
 
 
 def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -> dict:
@@ -693,69 +755,66 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         total=cfg.num_videos, unit="video", desc="generate (private)", disable=not cfg.progress
     )
     failure = None
-    for c0 in range(0, len(kept), cfg.batch_size):
-        if slot >= cfg.num_videos:
-            break
-        chunk = list(range(c0, min(c0 + cfg.batch_size, len(kept))))
-        slots = [attempts[r]["slot"] for r in chunk if r in attempts and attempts[r]["passed"]]
-        if all(r in attempts for r in chunk) and all(
-            i in done for i in slots if i < cfg.num_videos
-        ):
-            slot += sum(1 for r in chunk if attempts[r]["passed"])
-            bar.update(min(slot, cfg.num_videos) - bar.n)
-            continue
-        idx = [kept[r] for r in chunk]
-        efs = [requested_ef(cfg, j, pool) for j in idx]
-        videos = pipe.lvdm_pipe(
-            cands[idx],
-            efs,
-            num_frames=cfg.frames,
-            seed=cfg.seed,
-            sample_indices=idx,
-            num_inference_steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            decode_chunk_size=cfg.decode_chunk_size,
-            dtype=cfg.dtype,
-            progress=False,
-        ).videos
-        checks = _check_videos(flt, pipe.vae, videos, step)
-        for r, j, ef, video, (v, near, near_f, vid_f) in zip(chunk, idx, efs, videos, checks):
-            ok = v < flt.tau
-            entry = {
-                "attempt": r,
-                "candidate": j,
-                "max_correlation": v,
-                "nearest_real_clip": near,
-                "nearest_real_frame": near_f,
-                "video_frame": vid_f,
-                "passed": ok,
-                "slot": slot if ok else None,
-                "EF": f"{ef:g}",
-            }
-            if ok and slot < cfg.num_videos and slot not in done:
-                name = f"{cfg.name_prefix}{slot:06d}"
-                path = write_video(folder / "Videos" / f"{name}.avi", video, cfg.fps)
-                row = {
-                    "FileName": name,
+    with _writer(cfg) as writer:
+        for c0 in range(0, len(kept), cfg.batch_size):
+            if slot >= cfg.num_videos:
+                break
+            chunk = list(range(c0, min(c0 + cfg.batch_size, len(kept))))
+            slots = [attempts[r]["slot"] for r in chunk if r in attempts and attempts[r]["passed"]]
+            if all(r in attempts for r in chunk) and all(
+                i in done for i in slots if i < cfg.num_videos
+            ):
+                slot += sum(1 for r in chunk if attempts[r]["passed"])
+                bar.update(min(slot, cfg.num_videos) - bar.n)
+                continue
+            idx = [kept[r] for r in chunk]
+            efs = [requested_ef(cfg, j, pool) for j in idx]
+            videos = pipe.lvdm_pipe(
+                cands[idx],
+                efs,
+                num_frames=cfg.frames,
+                seed=cfg.seed,
+                sample_indices=idx,
+                num_inference_steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                decode_chunk_size=cfg.decode_chunk_size,
+                dtype=cfg.dtype,
+                decode_dtype=cfg.decode_dtype,
+                cuda_graphs=cfg.cuda_graphs,
+                progress=False,
+            ).videos
+            checks = _check_videos(flt, pipe.vae, videos, step)
+            for r, j, ef, video, (v, near, near_f, vid_f) in zip(chunk, idx, efs, videos, checks):
+                ok = v < flt.tau
+                entry = {
+                    "attempt": r,
+                    "candidate": j,
+                    "max_correlation": v,
+                    "nearest_real_clip": near,
+                    "nearest_real_frame": near_f,
+                    "video_frame": vid_f,
+                    "passed": ok,
+                    "slot": slot if ok else None,
                     "EF": f"{ef:g}",
-                    "ESV": None,
-                    "EDV": None,
-                    "FrameHeight": video.shape[1],
-                    "FrameWidth": video.shape[2],
-                    "FPS": f"{cfg.fps:g}",
-                    "NumberOfFrames": video.shape[0],
-                    "Split": split_of(slot, counts),
                 }
-                _append(
-                    journal,
-                    {"index": slot, "FileName": name, "bytes": path.stat().st_size, "row": row},
-                )
-            if r not in attempts:
-                _append(attempts_path, entry)
-                attempts[r] = entry
-            if ok:
-                slot += 1
-        bar.update(min(slot, cfg.num_videos) - bar.n)
+                new_attempt = None
+                if r not in attempts:
+                    new_attempt = functools.partial(_append, attempts_path, entry)
+                    attempts[r] = entry
+                if ok and slot < cfg.num_videos and slot not in done:
+                    name = f"{cfg.name_prefix}{slot:06d}"
+                    row = _row(cfg, name, ef, video, split_of(slot, counts))
+                    writer.write(
+                        folder / "Videos" / f"{name}.avi",
+                        video,
+                        cfg.fps,
+                        then=functools.partial(_journal_private, journal, slot, row, new_attempt),
+                    )
+                elif new_attempt is not None:
+                    writer.call(new_attempt)
+                if ok:
+                    slot += 1
+            bar.update(min(slot, cfg.num_videos) - bar.n)
     bar.close()
     if slot < cfg.num_videos:
         failure = (

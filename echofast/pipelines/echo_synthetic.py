@@ -92,9 +92,15 @@ class EchoSyntheticPipeline:
         batch_size: int = 8,
         decode_chunk_size: int = 64,
         dtype: torch.dtype | str = torch.float32,
+        decode_dtype: torch.dtype | str = torch.float32,
+        cuda_graphs: bool | None = None,
         progress: bool = False,
     ) -> EchoSyntheticOutput:
-        """One video per EF value (percent); sample i uses global index ``sample_indices[i]``."""
+        """One video per EF value (percent); sample i uses global index ``sample_indices[i]``.
+
+        ``decode_dtype`` (VAE decode precision) and ``cuda_graphs`` (None: auto, True: forced,
+        False: eager) are passed to the pipelines (see :class:`LVDMPipeline`).
+        """
         ef = torch.as_tensor(ef, dtype=torch.float32).reshape(-1)
         indices = list(range(ef.numel())) if sample_indices is None else list(sample_indices)
         check_precision(dtype, self.lidm.device)
@@ -105,6 +111,7 @@ class EchoSyntheticPipeline:
             num_inference_steps=num_inference_steps,
             batch_size=batch_size,
             dtype=dtype,
+            cuda_graphs=cuda_graphs,
             progress=progress,
         ).latents
         videos = self.lvdm_pipe(
@@ -117,6 +124,8 @@ class EchoSyntheticPipeline:
             batch_size=batch_size,
             decode_chunk_size=decode_chunk_size,
             dtype=dtype,
+            decode_dtype=decode_dtype,
+            cuda_graphs=cuda_graphs,
             progress=progress,
         ).videos
         return EchoSyntheticOutput(videos=videos, image_latents=images)

@@ -6,6 +6,8 @@ kernels and the GPU waits on the CPU. :class:`CUDAGraphUNet` captures one call p
 signature (shapes, dtypes, devices, strides of every tensor argument, the other arguments'
 values, the autocast state) into a CUDA graph with static input and output buffers and replays
 it: each call copies its inputs into the static buffers and launches the whole UNet at once.
+With ``borrow_inputs=True`` the capturing call's own tensors are the static inputs: a sampling
+loop that keeps its UNet input in one tensor (the pipelines do) replays with no copy at all.
 
 The timestep is an input like the others: it is copied into a static device tensor (a Python int
 becomes an int64 0-d tensor), so one graph serves every step of a run.
@@ -242,6 +244,10 @@ def _static(value: Any) -> Any:
     return value.detach().clone() if torch.is_tensor(value) else value
 
 
+def _borrowed(value: Any) -> Any:
+    return value.detach() if torch.is_tensor(value) else value
+
+
 class CUDAGraphUNet:
     """Replays CUDA graphs of ``module(sample, timestep, *args, **kwargs)``, one per signature.
 
@@ -253,6 +259,12 @@ class CUDAGraphUNet:
         warmup: eager calls on a side stream before each capture.
         max_graphs: captured signatures kept (the oldest is dropped beyond it); each holds its
             own memory pool, about one eager call's peak activation memory.
+        borrow_inputs: ``False`` (default): a capture copies the call's tensor arguments into
+            static buffers of its own and every call copies its inputs into them. ``True``: the
+            capturing call's tensors themselves become the static inputs (the wrapper keeps a
+            reference); a caller that writes each step's inputs into those same tensors and
+            passes them again replays with no copy at all. A later call with other tensors of
+            the signature is copied into the borrowed ones (overwriting them).
 
     Attributes: ``last_reasons`` (why the last call ran eagerly, empty when it replayed),
     ``captures`` and ``replays`` (counts). A signature whose capture raised runs eagerly from
@@ -266,6 +278,7 @@ class CUDAGraphUNet:
         enabled: bool | None = None,
         warmup: int = 2,
         max_graphs: int = 4,
+        borrow_inputs: bool = False,
     ):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels compile before capture), got {warmup}")
@@ -275,6 +288,7 @@ class CUDAGraphUNet:
         self.enabled = enabled
         self.warmup = warmup
         self.max_graphs = max_graphs
+        self.borrow_inputs = borrow_inputs
         self.last_reasons: list[str] = []
         self.captures = 0
         self.replays = 0
@@ -345,11 +359,12 @@ class CUDAGraphUNet:
             t_static = timestep.detach().to(device, copy=True)
         else:
             t_static = torch.full((), timestep, dtype=torch.int64, device=device)
+        static = _borrowed if self.borrow_inputs else _static
         entry = _Entry(
-            sample=_static(sample),
+            sample=static(sample),
             timestep=t_static,
-            args=[_static(v) for v in args],
-            kwargs={k: _static(v) for k, v in kwargs.items()},
+            args=[static(v) for v in args],
+            kwargs={k: static(v) for k, v in kwargs.items()},
             replay=lambda: None,
         )
 

@@ -11,10 +11,14 @@ from tqdm.auto import tqdm
 
 from ..models import LIDM, VAE
 from ..nn.embeddings import sampling_cache
+from ..ops.window_step import window_step
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
-    check_finite,
+    FiniteWatch,
+    NoiseSource,
+    StaticInputs,
+    check_cuda_graphs,
     check_precision,
     frames_to_uint8,
     latent_padding,
@@ -22,8 +26,8 @@ from .common import (
     reference_scheduler,
     resolve_generators,
     unet_precision,
-    unpad,
 )
+from .graphs import CUDAGraphUNet
 
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 
@@ -41,15 +45,42 @@ class LIDMPipeline:
     """Draws latent heart images with the LIDM and a DDPM/DDIM scheduler.
 
     Per sample, in fp32 and in this order, its own generator gives: the initial latents
-    (1, C, h, w), then one noise tensor of that shape per step with t > 0 (drawn by the
-    scheduler). Each step pads the latents (replicate, to a multiple of the UNet's downsampling
-    factor: 14 → 16), runs the UNet, unpads and steps the scheduler on the unpadded latents.
+    (1, C, h, w), then one noise tensor of that shape per step with t > 0 (the scheduler's
+    draw). Each step runs the UNet on the latents padded (replicate, to a multiple of the UNet's
+    downsampling factor: 14 → 16) and applies the scheduler's update to the unpadded latents;
+    the update is the scheduler's affine step (``step_coefficients``), fused with the unpadding
+    and the next step's padding by :func:`~echofast.ops.window_step` (one window of one frame).
+
+    ``cuda_graphs=`` as :class:`~echofast.pipelines.LVDMPipeline`: the UNet call replayed from a
+    CUDA graph that reads the pipeline's persistent padded input in place; on CUDA no per-step
+    host sync (staged noise, finiteness recorded on the device and checked once per batch).
     """
 
     def __init__(self, lidm: LIDM, vae: VAE | None = None, scheduler=None):
         self.lidm = lidm
         self.vae = vae
         self.scheduler = scheduler if scheduler is not None else reference_scheduler()
+        if not hasattr(self.scheduler, "step_coefficients"):
+            raise TypeError(
+                f"LIDMPipeline needs an echofast scheduler (echofast.schedulers.DDPMScheduler or "
+                f"DDIMScheduler: the fused step uses step_coefficients), got "
+                f"{type(self.scheduler).__name__}"
+            )
+        self.graphs = CUDAGraphUNet(lidm, borrow_inputs=True)
+        self._inputs = StaticInputs()
+
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
+        self.graphs.reset()
+        self._inputs.clear()
+
+    def _unet(self, cuda_graphs: bool | None):
+        if cuda_graphs is False:
+            return self.lidm
+        if self.graphs.module is not self.lidm:
+            self.graphs = CUDAGraphUNet(self.lidm, borrow_inputs=True)
+        self.graphs.enabled = cuda_graphs
+        return self.graphs
 
     @torch.no_grad()
     def __call__(
@@ -63,6 +94,7 @@ class LIDMPipeline:
         batch_size: int = 32,
         output_type: str = "latent",
         dtype: torch.dtype | str = torch.float32,
+        cuda_graphs: bool | None = None,
         progress: bool = True,
         return_dict: bool = True,
     ) -> LIDMPipelineOutput | tuple:
@@ -73,6 +105,9 @@ class LIDMPipeline:
         ``"lidm"``). ``output_type``: "latent", or also decoded previews as "pt" (N, 1, H, W)
         float in [0, 1], "np" (N, H, W, 1) float, "pil" (grayscale images, uint8 reference
         rounding). ``dtype``: UNet autocast precision (reduced precision on CUDA only).
+        ``cuda_graphs``: None (default): CUDA graphs where they can be captured, else eager
+        calls; True: graphs or :class:`~echofast.errors.BackendUnavailable` with every reason;
+        False: eager.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -82,6 +117,7 @@ class LIDMPipeline:
             raise ValueError(
                 f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}"
             )
+        unet = self._unet(check_cuda_graphs(cuda_graphs))
         gens = resolve_generators(
             num_images, generator=generator, seed=seed, sample_indices=sample_indices, stream="lidm"
         )
@@ -99,26 +135,55 @@ class LIDMPipeline:
             total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
         )
         # timestep-only work (time embedding and its per-block projections) once per run
-        with sampling_cache(self.lidm):
+        with bar, sampling_cache(self.lidm):
             for start in range(0, num_images, batch_size):
-                g = gens[start : start + batch_size]
-                idx = indices[start : start + batch_size]
-                latents = randn_tensor(
-                    (len(g), *shape), generator=g, device=device, dtype=torch.float32
+                sl = slice(start, start + batch_size)
+                out.append(
+                    self._sample(unet, gens[sl], indices[sl], shape, pad, timesteps, dtype, bar)
                 )
-                for step, t in enumerate(timesteps):
-                    with unet_precision(device, dtype):
-                        pred = self.lidm(pad_replicate(latents, pad), t).sample
-                    pred = unpad(pred, pad).float()
-                    latents = self.scheduler.step(pred, t, latents, generator=g).prev_sample
-                    check_finite(latents, "LIDM latent", idx, step)
-                    bar.update(len(g))
-                out.append(latents)
-        bar.close()
         latents = torch.cat(out)
         images = None if output_type == "latent" else self._previews(latents, output_type)
         result = LIDMPipelineOutput(latents=latents, images=images)
         return result if return_dict else result.to_tuple()
+
+    def _sample(self, unet, gens, indices, shape, pad, timesteps, dtype, bar) -> torch.Tensor:
+        n = len(gens)
+        c, size = shape[0], shape[1]
+        device = self.lidm.device
+        f32 = torch.float32
+        latents = randn_tensor((n, *shape), generator=gens, device=device, dtype=f32)[:, None]
+        # the padded UNet input, kept between steps (a CUDA graph reads it in place); window_step
+        # writes the next step's padded latents into it
+        x = self._inputs.get("x", (n, c, size + 2 * pad, size + 2 * pad), f32, device)
+        x.copy_(pad_replicate(latents[:, 0], pad))
+        one_window = torch.zeros(1, dtype=torch.int32, device=device)
+        coeffs = torch.stack([self.scheduler.step_coefficients(t, n) for t in timesteps])
+        coeffs = coeffs.to(device)
+        needs_noise = [self.scheduler.step_needs_noise(t) for t in timesteps]
+        steps = timesteps.to(device)
+        noise_source = NoiseSource(gens, tuple(latents.shape), device)
+        watch = FiniteWatch("LIDM latent", indices, device)
+        clip = self.scheduler.clip_bound
+        for step in range(len(timesteps)):
+            with unet_precision(device, dtype):
+                pred = unet(x, steps[step]).sample
+            noise = noise_source() if needs_noise[step] else None
+            latents = window_step(
+                pred[:, None],
+                latents,
+                coeffs[step],
+                noise,
+                one_window,
+                one_window,
+                one_window,
+                pad=pad,
+                clip=clip,
+                next_input=x[:, None],
+            )
+            watch.update(latents, step)
+            bar.update(n)
+        watch.check()
+        return latents[:, 0]
 
     def _previews(self, latents: torch.Tensor, output_type: str):
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample

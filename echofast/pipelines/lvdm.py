@@ -24,6 +24,11 @@ from ..ops.window_step import window_step, window_tables
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
+    FiniteWatch,
+    NoiseSource,
+    StaticInputs,
+    check_cuda_graphs,
+    check_decode_dtype,
     check_finite,
     check_precision,
     frames_to_uint8,
@@ -33,6 +38,7 @@ from .common import (
     resolve_generators,
     unet_precision,
 )
+from .graphs import CUDAGraphUNet
 
 
 @dataclass
@@ -65,6 +71,20 @@ class LVDMPipeline:
 
     Per sample, in fp32 and in this order, its generator gives the initial latents
     (1, T_total, C, h, w), then one noise tensor of that shape per step with t > 0.
+
+    Each step runs the UNet on every window of every video of a batch, then the fused
+    :func:`~echofast.ops.window_step` (stitch, scheduler update, padded windows written into the
+    persistent UNet input). With echofast's :class:`~echofast.models.LVDM` the UNet input holds only
+    the noisy latent channels: ``conv_in``'s response to the conditioning latent is computed once
+    per batch (:meth:`~echofast.models.LVDM.conditioning_features`) and added at every step;
+    other modules (e.g. diffusers' UNet) get the full input with the conditioning channels.
+
+    CUDA graphs (``cuda_graphs=``, :mod:`echofast.pipelines.graphs`): the UNet call is captured
+    once per batch shape and replayed at every step, reading the pipeline's persistent input
+    tensors directly (no copies). The graphs and their memory pools, and the input tensors, are
+    kept by the pipeline for its next calls; :meth:`release_graphs` frees them. On CUDA the loop
+    has no per-step host sync: noise is staged through pinned buffers, and the finiteness check
+    is recorded on the device and read once per batch (:class:`~.common.FiniteWatch`, same error).
     """
 
     def __init__(self, lvdm: LVDM, vae: VAE | None = None, scheduler=None):
@@ -77,6 +97,21 @@ class LVDMPipeline:
                 f"DDIMScheduler: the fused window step uses step_coefficients), got "
                 f"{type(self.scheduler).__name__}"
             )
+        self.graphs = CUDAGraphUNet(lvdm, borrow_inputs=True)
+        self._inputs = StaticInputs()
+
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
+        self.graphs.reset()
+        self._inputs.clear()
+
+    def _unet(self, cuda_graphs: bool | None):
+        if cuda_graphs is False:
+            return self.lvdm
+        if self.graphs.module is not self.lvdm:
+            self.graphs = CUDAGraphUNet(self.lvdm, borrow_inputs=True)
+        self.graphs.enabled = cuda_graphs
+        return self.graphs
 
     @torch.no_grad()
     def __call__(
@@ -93,6 +128,8 @@ class LVDMPipeline:
         decode_chunk_size: int = 64,
         output_type: str = "uint8",
         dtype: torch.dtype | str = torch.float32,
+        decode_dtype: torch.dtype | str = torch.float32,
+        cuda_graphs: bool | None = None,
         progress: bool = True,
         return_dict: bool = True,
     ) -> LVDMPipelineOutput | tuple:
@@ -107,7 +144,11 @@ class LVDMPipeline:
             batch_size: videos per UNet call (each contributes all its windows).
             decode_chunk_size: frames per VAE decode call.
             output_type: "uint8" (decoded videos) or "latent".
-            dtype: UNet autocast precision; the VAE decodes in fp32.
+            dtype: UNet autocast precision (reduced precision on CUDA only).
+            decode_dtype: VAE decode precision, see :meth:`decode` (default float32).
+            cuda_graphs: None (default): replay the UNet from CUDA graphs where they can be
+                captured, else eager calls; True: graphs or
+                :class:`~echofast.errors.BackendUnavailable` listing every reason; False: eager.
         """
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -127,6 +168,8 @@ class LVDMPipeline:
             raise ValueError(f"got {ef.numel()} EF values for {b} conditioning latents")
         if batch_size < 1 or decode_chunk_size < 1:
             raise ValueError("batch_size and decode_chunk_size must be >= 1")
+        decode_dtype = check_decode_dtype(decode_dtype)
+        unet = self._unet(check_cuda_graphs(cuda_graphs))
         gens = resolve_generators(
             b, generator=generator, seed=seed, sample_indices=sample_indices, stream="lvdm"
         )
@@ -137,13 +180,14 @@ class LVDMPipeline:
         total, starts = window_plan(num_frames, cfg.num_frames)
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
-        bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
         latents_out, videos_out = [], []
+        bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
         # timestep-only work (time embeddings and their per-block projections) once per run
-        with sampling_cache(self.lvdm):
+        with bar, sampling_cache(self.lvdm):
             for s in range(0, b, batch_size):
                 sl = slice(s, s + batch_size)
                 latents = self._sample(
+                    unet,
                     cond_latents[sl].to(device, torch.float32),
                     ef[sl].to(device),
                     gens[sl],
@@ -157,70 +201,97 @@ class LVDMPipeline:
                 )[:, :num_frames]
                 latents_out.append(latents)
                 if output_type == "uint8":
-                    videos_out.append(self.decode(latents, decode_chunk_size, indices[sl]))
-        bar.close()
+                    videos_out.append(
+                        self.decode(latents, decode_chunk_size, indices[sl], dtype=decode_dtype)
+                    )
         result = LVDMPipelineOutput(
             videos=torch.cat(videos_out) if videos_out else None, latents=torch.cat(latents_out)
         )
         return result if return_dict else result.to_tuple()
 
-    def _sample(self, cond, ef, gens, indices, total, starts, pad, timesteps, dtype, bar):
+    def _sample(self, unet, cond, ef, gens, indices, total, starts, pad, timesteps, dtype, bar):
         b, c, h, w = cond.shape
         cfg = self.lvdm.config
         window = min(cfg.num_frames, total)
         overlap = window - cfg.num_frames // 2
         n_win = len(starts)
+        n = b * n_win
         device = cond.device
-        latents = randn_tensor(
-            (b, total, c, h, w), generator=gens, device=device, dtype=torch.float32
-        )
-        ehs = (ef / 100).repeat_interleave(n_win).reshape(b * n_win, 1, 1)
+        f32 = torch.float32
+        latents = randn_tensor((b, total, c, h, w), generator=gens, device=device, dtype=f32)
+        # The UNet's inputs live in tensors kept between steps (and batches, and calls: a CUDA
+        # graph reads them in place): window_step writes the next step's padded windows into x.
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
-        ids = torch.zeros(b * n_win, n_ids, device=device)
-        # The UNet input of every window, replicate-padded, kept between steps: the conditioning
-        # channels are written once, the latent channels by window_step after every step.
+        ehs = self._inputs.get("ehs", (n, 1, 1), f32, device)
+        ehs.copy_((ef / 100).repeat_interleave(n_win).reshape(n, 1, 1))
+        ids = self._inputs.get("ids", (n, n_ids), f32, device).zero_()
+        kwargs = {"encoder_hidden_states": ehs, "added_time_ids": ids}
+        split = hasattr(self.lvdm, "conditioning_features")
         hp, wp = h + 2 * pad, w + 2 * pad
-        x = torch.empty(b * n_win, window, 2 * c, hp, wp, device=device)
-        cond_in = cond[:, None, None].expand(b, n_win, window, c, h, w)
-        x[:, :, c:] = pad_replicate(cond_in.reshape(b * n_win, window, c, h, w), pad)
+        x = self._inputs.get("x", (n, window, c if split else 2 * c, hp, wp), f32, device)
+        cond = pad_replicate(cond, pad)
+        if split:  # conv_in's conditioning half, once per batch (fp32, bias included)
+            feats = self.lvdm.conditioning_features(cond).repeat_interleave(n_win, dim=0)
+            kwargs["conditioning"] = self._inputs.get(
+                "conditioning", tuple(feats.shape), feats.dtype, device, feats.stride()
+            ).copy_(feats)
+        else:
+            x[:, :, c:] = cond[:, None, None].expand(b, n_win, window, c, hp, wp).flatten(0, 1)
         wins = torch.stack([latents[:, s : s + window] for s in starts], dim=1)
-        x[:, :, :c] = pad_replicate(wins.reshape(b * n_win, window, c, h, w), pad)
+        x[:, :, :c] = pad_replicate(wins.reshape(n, window, c, h, w), pad)
         frame_window, frame_offset = window_tables(total, starts, window, overlap)
         tables = [
             torch.tensor(v, dtype=torch.int32, device=device)
             for v in (frame_window, frame_offset, starts)
         ]
+        # every step's coefficients and timestep on the device at once: no per-step transfers
+        coeffs = torch.stack([self.scheduler.step_coefficients(t, b) for t in timesteps])
+        coeffs = coeffs.to(device)
+        needs_noise = [self.scheduler.step_needs_noise(t) for t in timesteps]
+        steps = timesteps.to(device)
+        noise_source = NoiseSource(gens, tuple(latents.shape), device)
+        watch = FiniteWatch("LVDM latent", indices, device)
         clip = self.scheduler.clip_bound
-        for step, t in enumerate(timesteps):
+        for step in range(len(timesteps)):
             with unet_precision(device, dtype):
-                pred = self.lvdm(x, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
-            noise = None
-            if self.scheduler.step_needs_noise(t):  # the scheduler's own draw (seed contract)
-                noise = randn_tensor(
-                    tuple(latents.shape), generator=gens, device=device, dtype=torch.float32
-                )
-            coeffs = self.scheduler.step_coefficients(t, b).to(device)
+                pred = unet(x, steps[step], **kwargs).sample
+            # the scheduler's own draw (seed contract)
+            noise = noise_source() if needs_noise[step] else None
             latents = window_step(
-                pred, latents, coeffs, noise, *tables, pad=pad, clip=clip, next_input=x
+                pred, latents, coeffs[step], noise, *tables, pad=pad, clip=clip, next_input=x
             )
-            check_finite(latents, "LVDM latent", indices, step)
+            watch.update(latents, step)
             bar.update(b)
+        watch.check()
         return latents
 
     @torch.no_grad()
     def decode(
-        self, latents: torch.Tensor, chunk_size: int = 64, indices: Sequence[int] | None = None
+        self,
+        latents: torch.Tensor,
+        chunk_size: int = 64,
+        indices: Sequence[int] | None = None,
+        *,
+        dtype: torch.dtype | str = torch.float32,
     ) -> torch.Tensor:
-        """Latents (B, T, C, h, w) × scaling_factor → uint8 grayscale videos (B, T, H, W)."""
+        """Latents (B, T, C, h, w) × scaling_factor → uint8 grayscale videos (B, T, H, W).
+
+        ``dtype``: decode precision. float32 (default, the reference's), or float16/bfloat16 by
+        autocast (fp32 weights, GroupNorm statistics in fp32), on any device. Measured error vs
+        fp32 on the real VAE config with random weights and on the demo VAE:
+        ``tests/models/test_vae_precision.py`` (its docstring has the numbers and bounds).
+        """
+        dtype = check_decode_dtype(dtype)
         b, t = latents.shape[:2]
         flat = latents.reshape(b * t, *latents.shape[2:]) / self.vae.config.scaling_factor
         vae_device = self.vae.device
         frames = []
-        for s in range(0, flat.shape[0], chunk_size):
-            decoded = self.vae.decode(
-                flat[s : s + chunk_size].to(vae_device, self.vae.dtype)
-            ).sample
-            frames.append(decoded)
+        with unet_precision(vae_device, dtype):
+            for s in range(0, flat.shape[0], chunk_size):
+                decoded = self.vae.decode(
+                    flat[s : s + chunk_size].to(vae_device, self.vae.dtype)
+                ).sample
+                frames.append(decoded)
         decoded = torch.cat(frames).reshape(b, t, *frames[0].shape[1:])
         check_finite(decoded, "decoded video", indices or list(range(b)), "decode")
         return frames_to_uint8(decoded.flatten(0, 1)).reshape(b, t, *decoded.shape[-2:])

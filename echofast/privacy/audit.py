@@ -37,7 +37,7 @@ import torch
 
 from ..data.datasets import load_latents, read_latent_records
 from ..rng import sample_seed
-from .data import frames_from_clips, select_frames
+from .data import frames_from_clips, select_frames, translate
 from .filter import PrivacyError
 from .metrics import wilson_interval
 from .report import FilterSetup
@@ -54,10 +54,7 @@ def _gen(seed: int, index: int, stream: str) -> torch.Generator:
 def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Move (C, h, w) by one pixel in a random direction (edge replicated)."""
     d = int(torch.randint(4, (1,), generator=g))
-    pad = torch.nn.functional.pad(x[None], (1, 1, 1, 1), mode="replicate")[0]
-    dy, dx = [(0, 1), (0, -1), (1, 0), (-1, 0)][d]
-    h, w = x.shape[-2:]
-    return pad[:, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w].contiguous()
+    return translate(x, *[(0, 1), (0, -1), (1, 0), (-1, 0)][d])
 
 
 def brightness(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -215,7 +215,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
         prog="echofast privacy-audit",
         description="Measure the filter: the fraction of planted copies of real TRAIN frames it "
         "catches (exact, shifted, brightness, noise, re-noised-then-denoised) and the fraction "
-        "of held-out real frames it flags (should be about 100 - percentile %%).",
+        "of held-out real frames it flags (should be about 100 - percentile %).",
     )
     _common(p)
     p.add_argument("--num-planted", type=int, default=200, help="source frames per kind (200)")

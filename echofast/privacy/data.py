@@ -16,6 +16,16 @@ Re-identification pairs (the reference's ``SiameseUSDataset``): for video ``a``,
 1/2 a different video ``b = (a + U{1..n−1}) mod n`` (label 0), else ``b = a`` (label 1); frame
 ``f_a`` uniform, ``f_b = (f_a + U{1..len_b − 1}) mod len_b`` (always another frame index).
 Each pair draws from ``numpy.random.default_rng([seed, epoch, position])``.
+
+Augmented pairs (an echofast addition, off by default: the reference trains without them). The
+filter must catch copies of real frames that were lightly edited, and the reference pairs never
+show the model an edited frame. With :class:`Augmentation` each pair member is independently
+translated, re-scaled per channel and given Gaussian noise, with parameters drawn from the pair's
+generator after the reference draws (so pairs and labels are the reference's), and with
+probability ``copy_positives`` a positive pair's second frame is the anchor frame itself (then
+both members are independently edited copies of one frame). Edits apply to the normalised
+frame; with ``"frame"`` normalisation the edited frame is normalised again, as the filter
+normalises a candidate.
 """
 
 from __future__ import annotations
@@ -37,6 +47,44 @@ from ..data.datasets import (
     read_latent_records,
 )
 from .model import normalize_clip
+
+
+def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(C, h, w) moved by (dy, dx) pixels (down, right), the vacated border edge-replicated."""
+    h, w = x.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return x.clone()
+    pad = torch.nn.functional.pad(x[None], (p, p, p, p), mode="replicate")[0]
+    return pad[:, p - dy : p - dy + h, p - dx : p - dx + w].contiguous()
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Light edits of re-identification training frames (see the module docstring).
+
+    A member is shifted by (dy, dx) uniform in ``[-max_shift, max_shift]``², each channel
+    multiplied by U(1 − gain, 1 + gain) and offset by U(−offset, offset)·std, then
+    N(0, (U(0, noise)·std)²) noise added (std: the frame's, before the edits)."""
+
+    max_shift: int = 2
+    gain: float = 0.2
+    offset: float = 0.2
+    noise: float = 0.1
+    copy_positives: float = 0.25
+
+    def apply(self, x: torch.Tensor, rng: np.random.Generator, normalization: str) -> torch.Tensor:
+        """Edit one normalised (C, h, w) frame with parameters drawn from ``rng``."""
+        c = x.shape[0]
+        dy, dx = (int(v) for v in rng.integers(-self.max_shift, self.max_shift + 1, size=2))
+        gain = torch.from_numpy(rng.uniform(1 - self.gain, 1 + self.gain, (c, 1, 1))).float()
+        off = torch.from_numpy(rng.uniform(-self.offset, self.offset, (c, 1, 1))).float()
+        sigma = float(rng.uniform(0, self.noise))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        std = x.std()
+        y = translate(x, dy, dx) * gain + off * std
+        y = y + sigma * std * torch.randn(x.shape, generator=gen)
+        return normalize_clip(y, "frame") if normalization == "frame" else y
 
 
 def select_frames(length: int, frame_step: int) -> list[int]:
@@ -166,6 +214,7 @@ class LatentClips:
         self, root: str | os.PathLike, split: str, *, normalization: str, min_frames: int = 2
     ):
         self.root, self.split = Path(root), split
+        self.normalization = normalization
         records = read_latent_records(root, split)
         self.names: list[str] = []
         self.clips: list[torch.Tensor] = []
@@ -214,9 +263,16 @@ class PairDataset(torch.utils.data.Dataset):
     Items: ``(x1, x2, label)``."""
 
     def __init__(
-        self, clips: LatentClips, *, seed: int, pairs_per_video: int = 1, shuffle: bool = True
+        self,
+        clips: LatentClips,
+        *,
+        seed: int,
+        pairs_per_video: int = 1,
+        shuffle: bool = True,
+        augmentation: Augmentation | None = None,
     ):
         self.clips, self.seed = clips, int(seed)
+        self.augmentation = augmentation
         self.pairs_per_video, self.shuffle = int(pairs_per_video), shuffle
         self.epoch = 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -238,11 +294,26 @@ class PairDataset(torch.utils.data.Dataset):
             self._order = (self.epoch, perm)
         return self._order[1]
 
+    def _rng(self, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(position)])
+
     def pair(self, position: int) -> tuple[int, int, int, int, float]:
+        return self._draw(self._rng(position), position)
+
+    def _draw(self, rng: np.random.Generator, position: int) -> tuple[int, int, int, int, float]:
         video = int(self.order()[position % len(self.clips)])
-        rng = np.random.default_rng([self.seed, self.epoch, int(position)])
-        return sample_pair(rng, video, self.clips.lengths)
+        a, fa, b, fb, y = sample_pair(rng, video, self.clips.lengths)
+        aug = self.augmentation
+        if aug is not None and y == 1.0 and rng.uniform() < aug.copy_positives:
+            fb = fa
+        return a, fa, b, fb, y
 
     def __getitem__(self, position: int):
-        a, fa, b, fb, y = self.pair(position)
-        return self.clips.frame(a, fa), self.clips.frame(b, fb), torch.tensor(y)
+        rng = self._rng(position)
+        a, fa, b, fb, y = self._draw(rng, position)
+        x1, x2 = self.clips.frame(a, fa), self.clips.frame(b, fb)
+        aug = self.augmentation
+        if aug is not None:
+            norm = self.clips.normalization
+            x1, x2 = aug.apply(x1, rng, norm), aug.apply(x2, rng, norm)
+        return x1, x2, torch.tensor(y)

@@ -28,6 +28,14 @@ Config (TOML/JSON/YAML; only what differs from these defaults)::
     pairs_per_video = 1             # training pairs per TRAIN video per epoch
     eval_pairs_per_video = 1        # VAL and TEST pairs per video (fixed, seeded)
 
+    [augment]                       # echofast addition (the reference has none): edited
+    enabled = false                 #  copies in training pairs, so that the filter also catches
+    max_shift = 2                   #  lightly edited copies of real frames (privacy-audit);
+    gain = 0.2                      #  see echofast.privacy.data.Augmentation
+    offset = 0.2
+    noise = 0.1
+    copy_positives = 0.25           # share of positives that pair a frame with itself (edited)
+
     [optim]
     lr = 1e-4                       # Adam, as the reference
 
@@ -112,6 +120,26 @@ class ReidDataSection:
 
 
 @dataclass
+class ReidAugmentSection:
+    enabled: bool = False
+    max_shift: int = 2
+    gain: float = 0.2
+    offset: float = 0.2
+    noise: float = 0.1
+    copy_positives: float = 0.25
+
+    def augmentation(self):
+        """The :class:`~echofast.privacy.data.Augmentation`, or None when disabled."""
+        from ..privacy.data import Augmentation
+
+        if not self.enabled:
+            return None
+        fields = dataclasses.asdict(self)
+        fields.pop("enabled")
+        return Augmentation(**fields)
+
+
+@dataclass
 class ReidOptimSection:
     lr: float = 1e-4
 
@@ -140,6 +168,7 @@ class ReidConfig:
     name: str = "reidentification"
     model: ReidModelSection = field(default_factory=ReidModelSection)
     data: ReidDataSection = field(default_factory=ReidDataSection)
+    augment: ReidAugmentSection = field(default_factory=ReidAugmentSection)
     optim: ReidOptimSection = field(default_factory=ReidOptimSection)
     train: ReidTrainSection = field(default_factory=ReidTrainSection)
     eval: ReidEvalSection = field(default_factory=ReidEvalSection)
@@ -148,7 +177,7 @@ class ReidConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = ("model", "data", "optim", "train", "eval")
+_SECTIONS = ("model", "data", "augment", "optim", "train", "eval")
 
 
 def reid_config_from_dict(data: dict[str, Any], *, source: str = "config") -> ReidConfig:
@@ -222,6 +251,16 @@ def _validate(cfg: ReidConfig, source: str) -> None:
         fail("train.batch_size", cfg.train.batch_size, "must be >= 2 (batch norm)")
     if cfg.train.patience < 0 or cfg.train.keep_checkpoints < 0:
         fail("train.patience", cfg.train.patience, "and train.keep_checkpoints must be >= 0")
+    a = cfg.augment
+    if a.max_shift < 0:
+        fail("augment.max_shift", a.max_shift, "must be >= 0")
+    for key, value in (("augment.gain", a.gain), ("augment.offset", a.offset)):
+        if not 0 <= value < 1:
+            fail(key, value, "must be in [0, 1)")
+    if not a.noise >= 0:
+        fail("augment.noise", a.noise, "must be >= 0")
+    if not 0 <= a.copy_positives <= 1:
+        fail("augment.copy_positives", a.copy_positives, "must be in [0, 1]")
     if not cfg.optim.lr > 0:
         fail("optim.lr", cfg.optim.lr, "must be positive")
     if not 0 < cfg.eval.ci < 1:
@@ -363,7 +402,12 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
     train_clips = LatentClips(cfg.data.root, "TRAIN", normalization=norm)
     val_clips = LatentClips(cfg.data.root, "VAL", normalization=norm)
     test_clips = LatentClips(cfg.data.root, "TEST", normalization=norm)
-    train_pairs = PairDataset(train_clips, seed=cfg.seed, pairs_per_video=cfg.data.pairs_per_video)
+    train_pairs = PairDataset(
+        train_clips,
+        seed=cfg.seed,
+        pairs_per_video=cfg.data.pairs_per_video,
+        augmentation=cfg.augment.augmentation(),
+    )
     val_pairs = PairDataset(
         val_clips, seed=cfg.seed + 1, pairs_per_video=cfg.data.eval_pairs_per_video, shuffle=False
     )

@@ -107,6 +107,7 @@ def test_full_config_parameter_count_and_parity():
         assert rel_err(zb, za) <= TOL
         expected = ref.decode(za).sample
         ref.to(memory_format=torch.channels_last)
-        floor = rel_err(ref.decode(za.contiguous(memory_format=torch.channels_last)).sample,
-                        expected)
+        floor = rel_err(
+            ref.decode(za.contiguous(memory_format=torch.channels_last)).sample, expected
+        )
         assert rel_err(ours.decode(za).sample, expected) <= max(TOL, 2 * floor)

@@ -4,6 +4,12 @@ On CPU: the availability reasons, the fallback (exactly the plain call), the sig
 graph serves, and the static-buffer plumbing with the capture replaced by an eager re-run (so
 every replay's result must equal a fresh plain call). On CUDA (skipped elsewhere): real captures
 of echofast's LVDM and LIDM against eager calls, in fp32 and under fp16 autocast.
+
+The pipelines' ``cuda_graphs`` option: on CPU auto mode equals eager bit for bit and forced
+graphs raise with the reasons; with the capture stood in by eager re-runs, one capture serves every
+step, batch and later call while reading the pipeline's own input tensors (only the timestep is
+copied). The step loop's CUDA-side parts without host syncs (deferred finiteness check, staged
+noise) are run on CPU where they can be; on CUDA, real graphs vs eager pipelines.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import pytest
 import torch
 from support.weights import TINY_LIDM, TINY_LVDM
 
-from echofast.errors import BackendUnavailable
+from echofast.errors import BackendUnavailable, NonFiniteError
 from echofast.models import LIDM, LVDM
-from echofast.pipelines import graphs
+from echofast.pipelines import LIDMPipeline, LVDMPipeline, common, graphs
 from echofast.pipelines.graphs import CUDAGraphUNet, not_supported_reasons, signature
+from echofast.rng import randn_tensor
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -244,3 +251,218 @@ def test_cuda_lidm_graph_matches_eager(batch):
     # batch > 1: the LIDM may synchronise on the timestep (distinct_timesteps); then the wrapper
     # runs it eagerly and says why
     assert wrapped.captures == 1 or "capture failed" in wrapped.last_reasons[0]
+
+
+# ---- the pipelines' cuda_graphs option ----------------------------------------------------------
+
+PIPE_STEPS = 3
+
+
+def _lvdm_pipe_args(device="cpu"):
+    cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(7)).to(device)
+    kw = dict(
+        num_frames=12,
+        seed=3,
+        num_inference_steps=PIPE_STEPS,
+        batch_size=1,
+        output_type="latent",
+        progress=False,
+    )
+    return cond, [35.0, 70.0], kw
+
+
+def _lidm_pipe_kw(batch_size=2):
+    return dict(seed=5, num_inference_steps=PIPE_STEPS, batch_size=batch_size, progress=False)
+
+
+def _lidm(device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return LIDM.from_config(TINY_LIDM).to(device).eval()
+
+
+def test_pipelines_auto_equals_eager_on_cpu():
+    lvdm_pipe = LVDMPipeline(_lvdm())
+    cond, ef, kw = _lvdm_pipe_args()
+    eager = lvdm_pipe(cond, ef, cuda_graphs=False, **kw).latents
+    auto = lvdm_pipe(cond, ef, **kw).latents
+    assert torch.equal(auto, eager)
+    assert lvdm_pipe.graphs.captures == 0 and lvdm_pipe.graphs.last_reasons
+    lidm_pipe = LIDMPipeline(_lidm())
+    eager = lidm_pipe(3, cuda_graphs=False, **_lidm_pipe_kw()).latents
+    auto = lidm_pipe(3, cuda_graphs=None, **_lidm_pipe_kw()).latents
+    assert torch.equal(auto, eager)
+    if not torch.cuda.is_available():
+        for pipe in (lvdm_pipe, lidm_pipe):
+            assert any("CUDA is not available" in r for r in pipe.graphs.last_reasons)
+
+
+def test_pipelines_forced_graphs_fail_loudly():
+    cond, ef, kw = _lvdm_pipe_args()
+    pipes = [
+        lambda g: LVDMPipeline(_lvdm())(cond, ef, cuda_graphs=g, **kw),
+        lambda g: LIDMPipeline(_lidm())(2, cuda_graphs=g, **_lidm_pipe_kw()),
+    ]
+    for run in pipes:
+        with pytest.raises(BackendUnavailable) as info:
+            run(True)
+        assert "not on a CUDA device" in str(info.value)
+        if not torch.cuda.is_available():
+            assert "CUDA is not available" in str(info.value)
+        with pytest.raises(ValueError, match="cuda_graphs must be"):
+            run("on")
+
+
+@pytest.fixture
+def counted_copies(monkeypatch):
+    """Shapes of the static inputs that a call had to copy into (borrowed ones are not)."""
+    copies = []
+    real = graphs._copy_into
+
+    def spy(static, value):
+        if value.data_ptr() != static.data_ptr():
+            copies.append(tuple(static.shape))
+        real(static, value)
+
+    monkeypatch.setattr(graphs, "_copy_into", spy)
+    return copies
+
+
+@torch.no_grad()
+def test_lvdm_pipeline_replays_its_own_inputs(eager_capture, counted_copies):
+    """Graph plumbing on CPU (capture stood in by eager re-runs): one capture serves every step
+    of both batches and of the next call, and only the timestep is ever copied."""
+    pipe = LVDMPipeline(_lvdm())
+    cond, ef, kw = _lvdm_pipe_args()
+    eager = pipe(cond, ef, cuda_graphs=False, **kw).latents
+    graphed = pipe(cond, ef, cuda_graphs=True, **kw).latents
+    assert torch.equal(graphed, eager)
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 2 * PIPE_STEPS
+    again = pipe(cond, ef, **kw).latents
+    assert torch.equal(again, eager)
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 4 * PIPE_STEPS
+    assert counted_copies and set(counted_copies) == {()}  # 0-d timesteps only
+    pipe.release_graphs()
+    assert pipe.graphs.num_graphs == 0
+
+
+@torch.no_grad()
+def test_lidm_pipeline_replays_its_own_inputs(eager_capture, counted_copies):
+    pipe = LIDMPipeline(_lidm())
+    eager = pipe(4, cuda_graphs=False, **_lidm_pipe_kw()).latents
+    graphed = pipe(4, cuda_graphs=True, **_lidm_pipe_kw()).latents
+    assert torch.equal(graphed, eager)
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 2 * PIPE_STEPS
+    assert set(counted_copies) == {()}
+
+
+# ---- no per-step host sync: deferred finiteness check, staged noise -----------------------------
+
+
+@pytest.fixture
+def deferred_on_cpu(monkeypatch):
+    """Run the CUDA-style deferred finiteness check on CPU."""
+    monkeypatch.setattr(common, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+
+
+def _poison(module, monkeypatch, item, from_call):
+    real, calls = module.forward, []
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > from_call:
+            out.sample[item].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(module, "forward", poisoned)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_non_finite_named_with_sample_and_step(monkeypatch, request, deferred):
+    """The same error whether checked at every step or recorded on the device and checked once:
+    the sample (global index) and the first step at which it went non-finite."""
+    if deferred:
+        request.getfixturevalue("deferred_on_cpu")
+    lidm = _lidm()
+    _poison(lidm, monkeypatch, item=1, from_call=1)
+    with pytest.raises(NonFiniteError, match="LIDM latent of sample 8 is not finite at step 1$"):
+        LIDMPipeline(lidm)(2, seed=0, sample_indices=[7, 8], num_inference_steps=3, progress=False)
+    lvdm = _lvdm()
+    _poison(lvdm, monkeypatch, item=2, from_call=0)  # window 0 of the second video
+    cond, ef, kw = _lvdm_pipe_args()
+    with pytest.raises(NonFiniteError, match="LVDM latent of sample 5 is not finite at step 0$"):
+        LVDMPipeline(lvdm)(cond, ef, **{**kw, "batch_size": 2, "sample_indices": [4, 5]})
+
+
+def test_finite_watch_reports_the_earliest_step(deferred_on_cpu):
+    watch = common.FiniteWatch("x", [10, 11, 12], torch.device("cpu"))
+    assert watch.deferred
+    x = torch.zeros(3, 2)
+    watch.update(x, 0)
+    x[2, 1] = float("inf")
+    watch.update(x, 1)
+    x[0, 0] = float("nan")
+    watch.update(x, 2)
+    with pytest.raises(NonFiniteError, match="x of sample 12 is not finite at step 1"):
+        watch.check()
+    clean = common.FiniteWatch("x", [0], torch.device("cpu"))
+    clean.update(torch.zeros(1, 3), 0)
+    clean.check()
+
+
+def test_staged_noise_draws_the_seed_contract_numbers():
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    same = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    for shape in ((3, 5, 4, 6, 6), (3, 1, 4, 6, 6), (3, 7)):
+        staged = common.draw_noise(gens, torch.empty(shape))
+        assert torch.equal(staged, randn_tensor(shape, generator=same, dtype=torch.float32))
+
+
+@cuda
+def test_cuda_noise_source_and_deferred_watch():
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    same = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    source = common.NoiseSource(gens, (2, 3, 4, 6, 6), torch.device("cuda"))
+    assert source.staged
+    for _ in range(5):  # more draws than ring slots
+        got = source()
+        want = randn_tensor((2, 3, 4, 6, 6), generator=same, dtype=torch.float32)
+        assert got.is_cuda and torch.equal(got.cpu(), want)
+    watch = common.FiniteWatch("v", [3, 4], torch.device("cuda"))
+    assert watch.deferred
+    x = torch.zeros(2, 5, device="cuda")
+    watch.update(x, 0)
+    x[1, 2] = float("nan")
+    watch.update(x, 1)
+    with pytest.raises(NonFiniteError, match="v of sample 4 is not finite at step 1"):
+        watch.check()
+
+
+# ---- CUDA: the pipelines with real graphs ------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_lvdm_pipeline_graphs_match_eager(dtype):
+    pipe = LVDMPipeline(_lvdm("cuda"))
+    cond, ef, kw = _lvdm_pipe_args("cuda")
+    kw["dtype"] = dtype
+    eager = pipe(cond, ef, cuda_graphs=False, **kw).latents
+    graphed = pipe(cond, ef, cuda_graphs=True, **kw).latents
+    assert torch.isfinite(graphed).all()
+    assert _rel(graphed, eager) <= (1e-5 if dtype == torch.float32 else 1e-3)
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 2 * PIPE_STEPS
+    assert pipe.graphs.last_reasons == []
+    pipe(cond, ef, cuda_graphs=True, **kw)  # the next call replays the same graph
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 4 * PIPE_STEPS
+
+
+@cuda
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_cuda_lidm_pipeline_graphs_match_eager(batch_size):
+    pipe = LIDMPipeline(_lidm("cuda"))
+    kw = _lidm_pipe_kw(batch_size)
+    eager = pipe(3, cuda_graphs=False, **kw).latents
+    graphed = pipe(3, cuda_graphs=True, **kw).latents
+    assert _rel(graphed, eager) <= 1e-5
+    assert pipe.graphs.captures == 1 and pipe.graphs.replays == 3 // batch_size * PIPE_STEPS

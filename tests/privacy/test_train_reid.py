@@ -33,10 +33,12 @@ def test_config_errors_name_the_key(phantom_latents, tmp_path):
         reid_config_from_dict({**base, "model": {**base["model"], "normalization": "global"}})
 
 
-def test_resume_equals_an_uninterrupted_run(phantom_latents, tmp_path):
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_equals_an_uninterrupted_run(phantom_latents, tmp_path, augment):
     def cfg(out, epochs):
         c = reid_config(phantom_latents, out, max_epochs=epochs)
         c["data"]["pairs_per_video"] = 1
+        c["augment"] = {"enabled": augment}
         c["eval"]["bootstrap"] = 100
         return reid_config_from_dict(c)
 
