@@ -142,6 +142,13 @@ def _generate(argv: list[str]) -> int:
         help="override the re-identification model's input normalisation",
     )
     priv.add_argument(
+        "--privacy-shift-tolerance",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also match frames moved by up to R latent pixels (0 = exact, the reference)",
+    )
+    priv.add_argument(
         "--allow-pickle",
         action="store_true",
         help="load a pickled reidentification_*_best_network.pth (weights_only=True)",
@@ -192,6 +199,7 @@ def _generate(argv: list[str]) -> int:
         privacy_percentile=a.privacy_percentile,
         privacy_frame_step=a.privacy_frame_step,
         privacy_normalization=a.privacy_normalization,
+        privacy_shift_tolerance=a.privacy_shift_tolerance,
         allow_pickle=a.allow_pickle,
         decode_dtype=a.decode_dtype,
         cuda_graphs={"auto": None, "on": True, "off": False}[a.cuda_graphs],

@@ -243,6 +243,47 @@ class StaticInputs:
         self._tensors.clear()
 
 
+class SamplingPipeline:
+    """What the LIDM and LVDM pipelines share: an echofast scheduler (the fused step reads its
+    ``step_coefficients``), the CUDA graphs they keep between calls, and the persistent UNet
+    inputs those graphs read in place. ``_model`` is the UNet attribute's name."""
+
+    _model = ""
+
+    def __init__(self, unet: torch.nn.Module, vae, scheduler) -> None:
+        from .graphs import CUDAGraphUNet
+
+        setattr(self, self._model, unet)
+        self.vae = vae
+        self.scheduler = scheduler if scheduler is not None else reference_scheduler()
+        if not hasattr(self.scheduler, "step_coefficients"):
+            raise TypeError(
+                f"{type(self).__name__} needs an echofast scheduler (echofast.schedulers."
+                "DDPMScheduler or DDIMScheduler: the fused step uses step_coefficients), got "
+                f"{type(self.scheduler).__name__}"
+            )
+        self.graphs = CUDAGraphUNet(unet, borrow_inputs=True)
+        self._inputs = StaticInputs()
+
+    def release_graphs(self) -> None:
+        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
+        self.graphs.reset()
+        self._inputs.clear()
+
+    def _unet(self, cuda_graphs: bool | None):
+        """The UNet to call: the module itself (``cuda_graphs=False``) or the graph wrapper
+        (re-made when the pipeline's UNet attribute was replaced)."""
+        from .graphs import CUDAGraphUNet
+
+        unet = getattr(self, self._model)
+        if cuda_graphs is False:
+            return unet
+        if self.graphs.module is not unet:
+            self.graphs = CUDAGraphUNet(unet, borrow_inputs=True)
+        self.graphs.enabled = cuda_graphs
+        return self.graphs
+
+
 def check_cuda_graphs(value: bool | None) -> bool | None:
     """``cuda_graphs`` argument of the pipelines: None (auto), True (forced) or False."""
     if value is not None and not isinstance(value, bool):

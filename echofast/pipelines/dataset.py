@@ -159,6 +159,8 @@ class GenerateConfig:
     (0: frame 0 only)."""
     privacy_normalization: str | None = None
     """Override of the model's input normalisation ("frame" or "clip")."""
+    privacy_shift_tolerance: int = 0
+    """Also match frames moved by up to this many latent pixels (0: exact, the reference)."""
     allow_pickle: bool = False
     writer_threads: int = 1
     """Threads that encode and write videos while the next batch is generated (0: write inline
@@ -191,7 +193,21 @@ class GenerateConfig:
         "privacy_percentile",
         "privacy_frame_step",
         "privacy_normalization",
+        "privacy_shift_tolerance",
     )
+
+    def video_kwargs(self) -> dict:
+        """The sampling arguments of the job's video pipeline calls."""
+        return dict(
+            seed=self.seed,
+            num_frames=self.frames,
+            num_inference_steps=self.steps,
+            batch_size=self.batch_size,
+            decode_chunk_size=self.decode_chunk_size,
+            dtype=self.dtype,
+            decode_dtype=self.decode_dtype,
+            cuda_graphs=self.cuda_graphs,
+        )
 
     def identity(
         self,
@@ -212,8 +228,11 @@ class GenerateConfig:
         ident["ef_from"] = ef_source_sha
         ident["weights_sha256"] = weights_sha
         ident["device_type"] = torch.device(self.device).type
-        if self.decode_dtype == "float32":  # datasets from before the option resume unchanged
+        # datasets from before these options existed resume unchanged
+        if self.decode_dtype == "float32":
             ident.pop("decode_dtype")
+        if ident.get("privacy_shift_tolerance") == 0:
+            ident.pop("privacy_shift_tolerance")
         return ident
 
 
@@ -440,18 +459,7 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
     with _writer(cfg) as writer:
         for chunk in todo:
             efs = [requested_ef(cfg, i, pool) for i in chunk]
-            out = pipe(
-                efs,
-                seed=cfg.seed,
-                sample_indices=chunk,
-                num_frames=cfg.frames,
-                num_inference_steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                decode_chunk_size=cfg.decode_chunk_size,
-                dtype=cfg.dtype,
-                decode_dtype=cfg.decode_dtype,
-                cuda_graphs=cfg.cuda_graphs,
-            )
+            out = pipe(efs, sample_indices=chunk, **cfg.video_kwargs())
             for i, ef, video in zip(chunk, efs, out.videos):
                 if i in done:
                     continue
@@ -675,6 +683,10 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         raise ValueError(f"--oversample must be >= 1, got {cfg.oversample}")
     if cfg.privacy_frame_step < 0:
         raise ValueError(f"the privacy frame step must be >= 0, got {cfg.privacy_frame_step}")
+    if cfg.privacy_shift_tolerance < 0:
+        raise ValueError(
+            f"the privacy shift tolerance must be >= 0, got {cfg.privacy_shift_tolerance}"
+        )
     folder = Path(cfg.out)
     counts = split_counts(cfg.num_videos, cfg.splits, cfg.dataset)
     pool = _ef_pool(cfg.ef_from)
@@ -716,6 +728,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         device=cfg.device,
         progress=cfg.progress,
         cache=cache if cache.is_file() else None,
+        shift_tolerance=cfg.privacy_shift_tolerance,
     )
     with _locked(folder):
         _prepare(folder, manifest)
@@ -770,18 +783,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
             idx = [kept[r] for r in chunk]
             efs = [requested_ef(cfg, j, pool) for j in idx]
             videos = pipe.lvdm_pipe(
-                cands[idx],
-                efs,
-                num_frames=cfg.frames,
-                seed=cfg.seed,
-                sample_indices=idx,
-                num_inference_steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                decode_chunk_size=cfg.decode_chunk_size,
-                dtype=cfg.dtype,
-                decode_dtype=cfg.decode_dtype,
-                cuda_graphs=cfg.cuda_graphs,
-                progress=False,
+                cands[idx], efs, sample_indices=idx, progress=False, **cfg.video_kwargs()
             ).videos
             checks = _check_videos(flt, pipe.vae, videos, step)
             for r, j, ef, video, (v, near, near_f, vid_f) in zip(chunk, idx, efs, videos, checks):

@@ -17,17 +17,15 @@ from ..rng import randn_tensor
 from .common import (
     FiniteWatch,
     NoiseSource,
-    StaticInputs,
+    SamplingPipeline,
     check_cuda_graphs,
     check_precision,
     frames_to_uint8,
     latent_padding,
     pad_replicate,
-    reference_scheduler,
     resolve_generators,
     unet_precision,
 )
-from .graphs import CUDAGraphUNet
 
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 
@@ -41,7 +39,7 @@ class LIDMPipelineOutput(ModelOutput):
     images: torch.Tensor | np.ndarray | list | None = None
 
 
-class LIDMPipeline:
+class LIDMPipeline(SamplingPipeline):
     """Draws latent heart images with the LIDM and a DDPM/DDIM scheduler.
 
     Per sample, in fp32 and in this order, its own generator gives: the initial latents
@@ -56,31 +54,11 @@ class LIDMPipeline:
     host sync (staged noise, finiteness recorded on the device and checked once per batch).
     """
 
+    _model = "lidm"
+    lidm: LIDM
+
     def __init__(self, lidm: LIDM, vae: VAE | None = None, scheduler=None):
-        self.lidm = lidm
-        self.vae = vae
-        self.scheduler = scheduler if scheduler is not None else reference_scheduler()
-        if not hasattr(self.scheduler, "step_coefficients"):
-            raise TypeError(
-                f"LIDMPipeline needs an echofast scheduler (echofast.schedulers.DDPMScheduler or "
-                f"DDIMScheduler: the fused step uses step_coefficients), got "
-                f"{type(self.scheduler).__name__}"
-            )
-        self.graphs = CUDAGraphUNet(lidm, borrow_inputs=True)
-        self._inputs = StaticInputs()
-
-    def release_graphs(self) -> None:
-        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
-        self.graphs.reset()
-        self._inputs.clear()
-
-    def _unet(self, cuda_graphs: bool | None):
-        if cuda_graphs is False:
-            return self.lidm
-        if self.graphs.module is not self.lidm:
-            self.graphs = CUDAGraphUNet(self.lidm, borrow_inputs=True)
-        self.graphs.enabled = cuda_graphs
-        return self.graphs
+        super().__init__(lidm, vae, scheduler)
 
     @torch.no_grad()
     def __call__(

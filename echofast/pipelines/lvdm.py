@@ -26,7 +26,7 @@ from ..rng import randn_tensor
 from .common import (
     FiniteWatch,
     NoiseSource,
-    StaticInputs,
+    SamplingPipeline,
     check_cuda_graphs,
     check_decode_dtype,
     check_finite,
@@ -34,11 +34,9 @@ from .common import (
     frames_to_uint8,
     latent_padding,
     pad_replicate,
-    reference_scheduler,
     resolve_generators,
     unet_precision,
 )
-from .graphs import CUDAGraphUNet
 
 
 @dataclass
@@ -66,7 +64,7 @@ def window_plan(num_frames: int, window: int) -> tuple[int, list[int]]:
     return total, list(range(0, total - window + 1, stride))
 
 
-class LVDMPipeline:
+class LVDMPipeline(SamplingPipeline):
     """Animates conditioning latents into videos with requested ejection fractions.
 
     Per sample, in fp32 and in this order, its generator gives the initial latents
@@ -87,31 +85,11 @@ class LVDMPipeline:
     is recorded on the device and read once per batch (:class:`~.common.FiniteWatch`, same error).
     """
 
+    _model = "lvdm"
+    lvdm: LVDM
+
     def __init__(self, lvdm: LVDM, vae: VAE | None = None, scheduler=None):
-        self.lvdm = lvdm
-        self.vae = vae
-        self.scheduler = scheduler if scheduler is not None else reference_scheduler()
-        if not hasattr(self.scheduler, "step_coefficients"):
-            raise TypeError(
-                f"LVDMPipeline needs an echofast scheduler (echofast.schedulers.DDPMScheduler or "
-                f"DDIMScheduler: the fused window step uses step_coefficients), got "
-                f"{type(self.scheduler).__name__}"
-            )
-        self.graphs = CUDAGraphUNet(lvdm, borrow_inputs=True)
-        self._inputs = StaticInputs()
-
-    def release_graphs(self) -> None:
-        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
-        self.graphs.reset()
-        self._inputs.clear()
-
-    def _unet(self, cuda_graphs: bool | None):
-        if cuda_graphs is False:
-            return self.lvdm
-        if self.graphs.module is not self.lvdm:
-            self.graphs = CUDAGraphUNet(self.lvdm, borrow_inputs=True)
-        self.graphs.enabled = cuda_graphs
-        return self.graphs
+        super().__init__(lvdm, vae, scheduler)
 
     @torch.no_grad()
     def __call__(

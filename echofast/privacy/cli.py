@@ -68,6 +68,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load the reference's pickled *_best_network.pth (torch.load weights_only=True)",
     )
+    p.add_argument(
+        "--shift-tolerance",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also match frames moved by up to R latent pixels (calibration included); 0 = exact "
+        "matching, the reference (see README, Privacy)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -104,6 +112,7 @@ def _setup(a: argparse.Namespace) -> FilterSetup:
         allow_weak_privacy=a.allow_weak_privacy,
         normalization=a.normalization,
         allow_pickle=a.allow_pickle,
+        shift_tolerance=a.shift_tolerance,
         device=a.device,
         progress=not a.no_progress,
     )

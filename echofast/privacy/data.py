@@ -50,13 +50,33 @@ from .model import normalize_clip
 
 
 def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """(C, h, w) moved by (dy, dx) pixels (down, right), the vacated border edge-replicated."""
+    """(C, h, w) or (N, C, h, w) moved by (dy, dx) pixels (down, right), the vacated border
+    edge-replicated."""
     h, w = x.shape[-2:]
     p = max(abs(dy), abs(dx))
     if p == 0:
         return x.clone()
-    pad = torch.nn.functional.pad(x[None], (p, p, p, p), mode="replicate")[0]
-    return pad[:, p - dy : p - dy + h, p - dx : p - dx + w].contiguous()
+    batch = x if x.dim() == 4 else x[None]
+    pad = torch.nn.functional.pad(batch, (p, p, p, p), mode="replicate")
+    out = pad[..., p - dy : p - dy + h, p - dx : p - dx + w].contiguous()
+    return out if x.dim() == 4 else out[0]
+
+
+def shift_offsets(tolerance: int) -> list[tuple[int, int]]:
+    """Every (dy, dx) with |dy|, |dx| <= ``tolerance``, the identity first."""
+    if tolerance < 0:
+        raise ValueError(f"shift tolerance must be >= 0, got {tolerance}")
+    r = range(-tolerance, tolerance + 1)
+    return [(0, 0)] + [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
+
+
+def shifted_view(frames: torch.Tensor, dy: int, dx: int, normalization: str) -> torch.Tensor:
+    """Normalised frames (N, C, h, w) moved by (dy, dx), normalised again per frame under
+    ``"frame"`` normalisation (as a moved candidate would be)."""
+    if not (dy or dx):
+        return frames
+    y = translate(frames, dy, dx)
+    return normalize_clip(y, "frame") if normalization == "frame" else y
 
 
 @dataclass(frozen=True)
@@ -67,11 +87,11 @@ class Augmentation:
     multiplied by U(1 − gain, 1 + gain) and offset by U(−offset, offset)·std, then
     N(0, (U(0, noise)·std)²) noise added (std: the frame's, before the edits)."""
 
-    max_shift: int = 2
-    gain: float = 0.2
-    offset: float = 0.2
-    noise: float = 0.1
-    copy_positives: float = 0.25
+    max_shift: int = 0
+    gain: float = 0.1
+    offset: float = 0.1
+    noise: float = 0.05
+    copy_positives: float = 0.0
 
     def apply(self, x: torch.Tensor, rng: np.random.Generator, normalization: str) -> torch.Tensor:
         """Edit one normalised (C, h, w) frame with parameters drawn from ``rng``."""

@@ -12,6 +12,13 @@ Calibration (the reference's): embed the reference frames of every TRAIN and TES
 TRAIN frame take its max correlation with any TEST frame; τ = the ``percentile`` (numpy's linear
 interpolation, default 95) of these values. A candidate is kept iff its max correlation with
 every TRAIN frame is < τ (for a candidate clip: every checked frame).
+
+Shift tolerance (an echofast addition, ``shift_tolerance = r``, default 0 = the reference): a
+query frame (a candidate, or a TRAIN frame during calibration) is also embedded moved by every
+(dy, dx) in [−r, r]² latent pixels (edge replicated, normalised again) and its score is the max
+over those views, so that a copy moved by up to r pixels correlates with its source as an exact
+copy would. The same rule calibrates τ, so τ stays the percentile of what a real TRAIN frame
+scores against the TEST frames. Costs (2r + 1)² embeddings per query frame.
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ import torch
 
 from ..errors import EchofastError
 from ..fsutil import sha256_file
-from .data import FrameSet, LatentClips, PairDataset, frames_from_clips, load_split_frames
+from .data import (
+    FrameSet,
+    LatentClips,
+    PairDataset,
+    frames_from_clips,
+    load_split_frames,
+    shift_offsets,
+    shifted_view,
+)
 from .metrics import AUCResult, bootstrap_auc
 from .model import CONFIG_NAME, EVALUATION_NAME, ReIdentificationModel
 
@@ -151,17 +166,35 @@ class Calibration:
     """Max correlation of each TRAIN reference frame with any TEST reference frame."""
 
 
+def max_correlation_views(
+    views: Sequence[torch.Tensor],
+    gallery: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`max_correlation` of several views of the same queries (a list of (Q, D) unit rows):
+    per query the max over views, and the gallery row of the best view (ties: the first view)."""
+    best, index = max_correlation(views[0], gallery, device=device)
+    for view in views[1:]:
+        v, i = max_correlation(view, gallery, device=device)
+        better = v > best
+        best, index = torch.where(better, v, best), torch.where(better, i, index)
+    return best, index
+
+
 def calibrate(
-    train_unit: torch.Tensor,
+    train_unit: torch.Tensor | Sequence[torch.Tensor],
     test_unit: torch.Tensor,
     percentile: float = 95.0,
     *,
     device: torch.device | str | None = None,
 ) -> Calibration:
-    """τ = ``percentile`` of each TRAIN frame's max correlation with any TEST frame."""
+    """τ = ``percentile`` of each TRAIN frame's max correlation with any TEST frame
+    (``train_unit``: the TRAIN unit rows, or a list of views of them; see shift tolerance)."""
     if not 0 < percentile < 100:
         raise ValueError(f"percentile must be in (0, 100), got {percentile}")
-    values, _ = max_correlation(train_unit, test_unit, device=device)
+    views = [train_unit] if torch.is_tensor(train_unit) else list(train_unit)
+    values, _ = max_correlation_views(views, test_unit, device=device)
     v = values.double().numpy()
     tau = float(np.percentile(v, percentile))
     if not np.isfinite(tau):
@@ -280,7 +313,10 @@ class PrivacyFilter:
         num_train_clips: int,
         num_test_clips: int,
         device: torch.device | str | None = None,
+        shift_tolerance: int = 0,
     ):
+        shift_offsets(shift_tolerance)  # validates
+        self.shift_tolerance = int(shift_tolerance)
         self.model = model
         self.gallery_unit = gallery_unit
         self.gallery_clip = gallery_clip
@@ -308,8 +344,10 @@ class PrivacyFilter:
         test_split: str = "TEST",
         device: torch.device | str | None = None,
         progress: bool = False,
+        shift_tolerance: int = 0,
     ) -> PrivacyFilter:
         norm = model.normalization
+        offsets = shift_offsets(shift_tolerance)
         train = load_split_frames(
             reference, train_split, frame_step=frame_step, normalization=norm, progress=progress
         )
@@ -319,7 +357,11 @@ class PrivacyFilter:
         model = model.to(device or "cpu")
         g = unit_rows(embed(model, train.frames, device=device, progress=progress, desc="TRAIN"))
         t = unit_rows(embed(model, test.frames, device=device, progress=progress, desc="TEST"))
-        cal = calibrate(g, t, percentile, device=device)
+        views = [g] + [
+            unit_rows(embed(model, shifted_view(train.frames, dy, dx, norm), device=device))
+            for dy, dx in offsets[1:]
+        ]
+        cal = calibrate(views, t, percentile, device=device)
         return cls(
             model,
             g,
@@ -331,6 +373,7 @@ class PrivacyFilter:
             num_train_clips=train.num_clips,
             num_test_clips=test.num_clips,
             device=device,
+            shift_tolerance=shift_tolerance,
         )
 
     # ---- cache ------------------------------------------------------------------------------
@@ -353,6 +396,7 @@ class PrivacyFilter:
             "num_test_frames": str(self.num_test_frames),
             "num_train_clips": str(self.num_train_clips),
             "num_test_clips": str(self.num_test_clips),
+            "shift_tolerance": str(self.shift_tolerance),
             "gallery_clip": json.dumps(self.gallery_clip),
         }
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -386,15 +430,20 @@ class PrivacyFilter:
             num_train_clips=int(meta["num_train_clips"]),
             num_test_clips=int(meta["num_test_clips"]),
             device=device,
+            shift_tolerance=int(meta.get("shift_tolerance", "0")),
         )
 
     # ---- scoring ----------------------------------------------------------------------------
 
     def score_frames(self, frames: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Max correlation (float64 of the fp32 value) and nearest gallery row of normalised
-        frames (N, C, h, w)."""
-        emb = unit_rows(embed(self.model, frames, device=self.device))
-        v, i = max_correlation(emb, self.gallery_unit, device=self.device)
+        frames (N, C, h, w); with a shift tolerance, the max over the moved views."""
+        norm = self.model.normalization
+        views = [
+            unit_rows(embed(self.model, shifted_view(frames, dy, dx, norm), device=self.device))
+            for dy, dx in shift_offsets(self.shift_tolerance)
+        ]
+        v, i = max_correlation_views(views, self.gallery_unit, device=self.device)
         return v.double().numpy(), i.numpy()
 
     def score_frame_set(self, fs: FrameSet) -> ClipScores:

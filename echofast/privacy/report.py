@@ -118,6 +118,7 @@ def setup_filter(
     device: torch.device | str | None = None,
     progress: bool = False,
     cache: str | os.PathLike | None = None,
+    shift_tolerance: int = 0,
 ) -> FilterSetup:
     """Load the model, apply the fail-closed rule, calibrate τ on ``reference`` (or read the
     calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same inputs)."""
@@ -135,9 +136,12 @@ def setup_filter(
             f"{auc_threshold} ({strength['auc_source']}); the filter would not protect patients. "
             "Train a stronger model, or pass --allow-weak-privacy (recorded in the report)"
         )
+    flt = None
     if cache is not None and Path(cache).is_file():
         flt = PrivacyFilter.load(cache, model, device=device)
-    else:
+        if flt.shift_tolerance != shift_tolerance:
+            flt = None
+    if flt is None:
         flt = PrivacyFilter.from_reference(
             model,
             reference,
@@ -145,6 +149,7 @@ def setup_filter(
             frame_step=frame_step,
             device=device,
             progress=progress,
+            shift_tolerance=shift_tolerance,
         )
         if cache is not None:
             flt.save(cache)
@@ -248,6 +253,10 @@ def build_report(
             "TEST frame; a candidate is kept iff its max correlation with every TRAIN frame < tau",
             "correlation": CORRELATION_RULE,
             "normalization": setup.filter.model.normalization,
+            "shift_tolerance": setup.filter.shift_tolerance,
+            "shift_rule": "a checked frame (and a TRAIN frame during calibration) scores the max "
+            "over its views moved by up to shift_tolerance latent pixels (0: exact matching, the "
+            "reference)",
         },
         "counts": counts,
         "histograms": histograms,

@@ -29,12 +29,12 @@ Config (TOML/JSON/YAML; only what differs from these defaults)::
     eval_pairs_per_video = 1        # VAL and TEST pairs per video (fixed, seeded)
 
     [augment]                       # echofast addition (the reference has none): edited
-    enabled = false                 #  copies in training pairs, so that the filter also catches
-    max_shift = 2                   #  lightly edited copies of real frames (privacy-audit);
-    gain = 0.2                      #  see echofast.privacy.data.Augmentation
-    offset = 0.2
-    noise = 0.1
-    copy_positives = 0.25           # share of positives that pair a frame with itself (edited)
+    enabled = false                 #  frames in training pairs, so that the filter also catches
+    max_shift = 0                   #  lightly edited copies of real frames (privacy-audit);
+    gain = 0.1                      #  see echofast.privacy.data.Augmentation and README,
+    offset = 0.1                    #  Privacy (shifts are better left to the filter's
+    noise = 0.05                    #  shift tolerance: measured)
+    copy_positives = 0.0            # share of positives that pair a frame with itself (edited)
 
     [optim]
     lr = 1e-4                       # Adam, as the reference
@@ -122,11 +122,11 @@ class ReidDataSection:
 @dataclass
 class ReidAugmentSection:
     enabled: bool = False
-    max_shift: int = 2
-    gain: float = 0.2
-    offset: float = 0.2
-    noise: float = 0.1
-    copy_positives: float = 0.25
+    max_shift: int = 0
+    gain: float = 0.1
+    offset: float = 0.1
+    noise: float = 0.05
+    copy_positives: float = 0.0
 
     def augmentation(self):
         """The :class:`~echofast.privacy.data.Augmentation`, or None when disabled."""
