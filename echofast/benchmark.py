@@ -11,8 +11,8 @@ Measured in one process, on one device, with the same weights and the same shape
   reference does), fp32 VAE decode 8 frames per call with a CPU round trip per chunk;
 * ``pipeline/reference+compile``: the same loop with ``torch.compile`` of the diffusers UNets;
 * ``pipeline/echofast+compile``: echofast's pipelines with ``torch.compile`` of echofast's LIDM
-  and LVDM (``--compile``; ``--compile-backend`` picks the backend, e.g. ``eager`` to test the
-  tracing path quickly on a CPU);
+  and LVDM (``--compile-echofast``; ``--compile-backend`` picks the backend, e.g. ``eager`` to
+  test the tracing path quickly on a CPU);
 * ``unet/*``: one LVDM UNet call at the pipeline's shape (all windows of a batch) for echofast,
   echofast replayed as a CUDA graph (``--graphs``; the pipelines then pass ``cuda_graphs=True``,
   else ``False``), compiled echofast, diffusers and compiled diffusers: seconds per
@@ -571,6 +571,7 @@ class Setup:
     decode_chunk: int = 64
     reference: bool = True
     compile: bool = False
+    compile_echofast: bool = False
     compile_backend: str = "inductor"
     graphs: bool = False
     avi: bool = True
@@ -1177,10 +1178,14 @@ def _parser() -> argparse.ArgumentParser:
         dest="compile",
         action="store_true",
         default=None,
-        help="time torch.compile'd diffusers UNets and echofast models (default on CUDA, not "
-        "in smoke)",
+        help="time torch.compile'd diffusers UNets (default on CUDA, not in smoke)",
     )
     comp.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--compile-echofast",
+        action="store_true",
+        help="also time torch.compile'd echofast models (pipeline and unet rows)",
+    )
     p.add_argument(
         "--compile-backend",
         default="inductor",
@@ -1298,6 +1303,7 @@ def main_bench(argv: list[str]) -> int:
         decode_chunk=a.decode_chunk,
         reference=not a.no_reference,
         compile=do_compile,
+        compile_echofast=a.compile_echofast,
         compile_backend=a.compile_backend,
         graphs=a.graphs,
         avi=not a.no_avi,
@@ -1373,22 +1379,21 @@ def _measure(setup: Setup) -> None:
         f"spec: ~572 for the reference config)"
     )
 
+    def compile_(module: Any) -> Any:
+        return torch.compile(module, dynamic=False, backend=setup.compile_backend)
+
     compiled: dict[str, Any] = {}
-    if setup.compile:
-
-        def compile_(module: Any) -> Any:
-            return torch.compile(module, dynamic=False, backend=setup.compile_backend)
-
-        compiled = {"echofast_lidm": compile_(m.lidm), "echofast_lvdm": compile_(m.lvdm)}
-        if setup.reference:
-            compiled.update(lidm=compile_(m.d_lidm), lvdm=compile_(m.d_lvdm))
+    if setup.compile_echofast:
+        compiled.update(echofast_lidm=compile_(m.lidm), echofast_lvdm=compile_(m.lvdm))
+    if setup.reference and setup.compile:
+        compiled.update(lidm=compile_(m.d_lidm), lvdm=compile_(m.d_lvdm))
     for batch in setup.plan.batch_sizes:
         n_win, _, shape = _lvdm_shapes(setup, batch)
         call_flop = setup.gflop_per_window * 1e9 * shape[0]
         run_flop = call_flop * setup.plan.steps
         _say(f"\nbatch {batch}: {n_win} windows per video, UNet input {tuple(shape)}")
         paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
-        if compiled:
+        if "echofast_lvdm" in compiled:
             mine = (compiled["echofast_lidm"], compiled["echofast_lvdm"])
             paths.append(("pipeline/echofast+compile", mine))
         if setup.reference:
@@ -1416,7 +1421,7 @@ def _measure(setup: Setup) -> None:
             from .pipelines.graphs import CUDAGraphUNet
 
             unets["unet/echofast+graphs"] = CUDAGraphUNet(m.lvdm)
-        if compiled:
+        if "echofast_lvdm" in compiled:
             unets["unet/echofast+compile"] = compiled["echofast_lvdm"]
         if setup.reference:
             unets["unet/diffusers"] = m.d_lvdm

@@ -50,7 +50,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     planted.append({**planted[1], "path": "gemm/fp32-512-cpu", "batch": ""})
     bench.append_csv(old, planted)
     argv = ["--smoke", "--device", "cpu", "--batch-size", "2", "--graphs", "--no-progress"]
-    argv += ["--compile", "--compile-backend", "eager"]  # the tracing path, without codegen
+    argv += ["--compile", "--compile-echofast", "--compile-backend", "eager"]  # no codegen
     argv += ["--out", str(out)]
     status = bench.main_bench([*argv, "--compare", str(old), "--threshold", "50"])
     text = capsys.readouterr().out
