@@ -29,12 +29,13 @@
 #   attention    bench/bench_attention.py                        -> attention_<card>.csv
 #   video        bench/bench_video.py --device cuda              -> video_<card>.csv
 #   patch        bench/bench_patch.py (if present)               -> patch_<card>.csv
+#   precision    bench/bench_precision.py (fp16/bf16 vs fp32, 100 demo videos) -> precision_<card>.csv
 set -uo pipefail
 
-ALL_STEPS="build tests_gpu tests_triton bench_b1 bench_b8 group_norm attention video patch"
+ALL_STEPS="build tests_gpu tests_triton bench_b1 bench_b8 group_norm attention video patch precision"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=420 [tests_gpu]=300 [tests_triton]=300 [bench_b1]=540 [bench_b8]=480
-                [group_norm]=150 [attention]=200 [video]=200 [patch]=300)
+                [group_norm]=150 [attention]=200 [video]=200 [patch]=300 [precision]=300)
 
 for step in "${STEPS[@]}"; do
     if [[ " $ALL_STEPS " != *" $step "* ]]; then
@@ -155,6 +156,10 @@ step_video() {
     bench_script bench_video.py --device cuda --csv "bench/results/video_${SLUG}.csv"
 }
 step_patch() { bench_script bench_patch.py --csv "bench/results/patch_${SLUG}.csv"; }
+step_precision() {
+    bench_script bench_precision.py --num-videos 100 --frames 64 --steps 64 \
+        --csv "bench/results/precision_${SLUG}.csv"
+}
 
 # ---- worker --------------------------------------------------------------------------------
 
