@@ -138,7 +138,7 @@ def _generate(argv: list[str]) -> int:
     )
     priv.add_argument(
         "--privacy-normalization",
-        choices=["frame", "clip"],
+        choices=["frame", "clip", "channel"],
         help="override the re-identification model's input normalisation",
     )
     priv.add_argument(

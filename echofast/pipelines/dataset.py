@@ -158,7 +158,7 @@ class GenerateConfig:
     """Reference frames per real clip and checked frames per generated video: every k-th
     (0: frame 0 only)."""
     privacy_normalization: str | None = None
-    """Override of the model's input normalisation ("frame" or "clip")."""
+    """Override of the model's input normalisation ("frame", "clip" or "channel")."""
     privacy_shift_tolerance: int = 0
     """Also match frames moved by up to this many latent pixels (0: exact, the reference)."""
     allow_pickle: bool = False

@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--normalization",
-        choices=["frame", "clip"],
+        choices=["frame", "clip", "channel"],
         help="override the model's input normalisation (default: the model's own)",
     )
     p.add_argument(

@@ -24,7 +24,8 @@ translated, re-scaled per channel and given Gaussian noise, with parameters draw
 generator after the reference draws (so pairs and labels are the reference's), and with
 probability ``copy_positives`` a positive pair's second frame is the anchor frame itself (then
 both members are independently edited copies of one frame). Edits apply to the normalised
-frame; with ``"frame"`` normalisation the edited frame is normalised again, as the filter
+frame; with per-frame normalisation (``"frame"``, ``"channel"``) the edited frame is normalised
+again, as the filter
 normalises a candidate.
 """
 
@@ -72,11 +73,11 @@ def shift_offsets(tolerance: int) -> list[tuple[int, int]]:
 
 def shifted_view(frames: torch.Tensor, dy: int, dx: int, normalization: str) -> torch.Tensor:
     """Normalised frames (N, C, h, w) moved by (dy, dx), normalised again per frame under
-    ``"frame"`` normalisation (as a moved candidate would be)."""
+    per-frame normalisation (``"frame"``, ``"channel"``), as a moved candidate would be."""
     if not (dy or dx):
         return frames
     y = translate(frames, dy, dx)
-    return normalize_clip(y, "frame") if normalization == "frame" else y
+    return normalize_clip(y, normalization) if normalization != "clip" else y
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Augmentation:
         std = x.std()
         y = translate(x, dy, dx) * gain + off * std
         y = y + sigma * std * torch.randn(x.shape, generator=gen)
-        return normalize_clip(y, "frame") if normalization == "frame" else y
+        return normalize_clip(y, normalization) if normalization != "clip" else y
 
 
 def select_frames(length: int, frame_step: int) -> list[int]:

@@ -22,7 +22,8 @@ echofast writes ``<folder name>_best_network.safetensors`` instead (and ``evalua
 the test AUC when it trained the model), and reads either. Extra echofast config keys:
 ``resnet_layers`` / ``resnet_width`` (only with ``siamese_architecture = "ResNet"``, for small
 test models) and ``normalization`` (``"clip"``: min-max over the whole clip, the reference's
-``"pmone"`` transform; ``"frame"``: each frame on its own).
+``"pmone"`` transform; ``"frame"``: each frame on its own; ``"channel"``: each channel of each
+frame on its own, which makes the input exactly invariant to a per-channel gain and offset).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_SUFFIX = "_best_network"
 EVALUATION_NAME = "evaluation.json"
 RESNET50_LAYERS = (3, 4, 6, 3)
-NORMALIZATIONS = ("clip", "frame")
+NORMALIZATIONS = ("clip", "frame", "channel")
+TRANSFORMS = {"clip": "pmone", "frame": "pmone-frame", "channel": "pmone-channel"}
+"""config.json ``transform`` of each normalisation (``"pmone"``: the reference's)."""
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 
 
@@ -128,13 +131,16 @@ def normalize_clip(x: torch.Tensor, mode: str = "clip") -> torch.Tensor:
     """Min-max normalisation to [−1, 1] (the reference's ``"pmone"`` transform).
 
     ``x``: one clip (T, C, h, w) or one image (C, h, w). ``"clip"``: one min and max over the
-    whole tensor; ``"frame"``: per frame (dim 0 of a clip). Statistics in fp32; a constant
-    input maps to 0 instead of NaN.
+    whole tensor; ``"frame"``: per frame (dim 0 of a clip); ``"channel"``: per channel of each
+    frame (the last two dims). Statistics in fp32; a constant input maps to 0 instead of NaN.
     """
     if mode not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
     x = x.float()
-    if mode == "frame" and x.dim() == 4:
+    if mode == "channel":
+        lo = x.amin(dim=(-2, -1), keepdim=True)
+        hi = x.amax(dim=(-2, -1), keepdim=True)
+    elif mode == "frame" and x.dim() == 4:
         flat = x.reshape(x.shape[0], -1)
         lo = flat.min(dim=1).values.reshape(-1, 1, 1, 1)
         hi = flat.max(dim=1).values.reshape(-1, 1, 1, 1)
@@ -230,7 +236,7 @@ class ReIdentificationModel(nn.Module):
             "siamese_architecture": "ResNet-50" if reference else "ResNet",
             "n_channels": self.n_channels,
             "n_features": self.n_features,
-            "transform": "pmone" if self.normalization == "clip" else "pmone-frame",
+            "transform": TRANSFORMS[self.normalization],
             "normalization": self.normalization,
             "_echofast_version": __version__,
         }
@@ -262,7 +268,7 @@ class ReIdentificationModel(nn.Module):
             )
         transform = config.get("transform", "pmone")
         normalization = config.get(
-            "normalization", {"pmone": "clip", "pmone-frame": "frame"}.get(transform)
+            "normalization", {v: k for k, v in TRANSFORMS.items()}.get(transform)
         )
         if normalization is None:
             raise ConfigError(

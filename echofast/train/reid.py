@@ -19,7 +19,8 @@ Config (TOML/JSON/YAML; only what differs from these defaults)::
     layers = [3, 4, 6, 3]
     width = 64
     n_features = 128
-    normalization = "frame"         # frame | clip (the reference's "pmone" per video)
+    normalization = "frame"         # frame | clip (the reference's "pmone" per video) |
+                                    #  channel (per frame and channel)
     init_weights = ""               # safetensors file to start from (e.g. ImageNet ResNet-50
                                     #  converted); random initialisation otherwise
 
@@ -231,8 +232,8 @@ def _validate(cfg: ReidConfig, source: str) -> None:
             m.architecture,
             "fixes layers [3, 4, 6, 3] and width 64; use 'ResNet'",
         )
-    if m.normalization not in ("frame", "clip"):
-        fail("model.normalization", m.normalization, "is not supported (frame or clip)")
+    if m.normalization not in ("frame", "clip", "channel"):
+        fail("model.normalization", m.normalization, "is not supported (frame, clip, channel)")
     if m.init_weights and not Path(m.init_weights).is_file():
         fail("model.init_weights", m.init_weights, "is not a file")
     for key, value in (
