@@ -270,6 +270,29 @@ class SamplingPipeline:
         self.graphs.reset()
         self._inputs.clear()
 
+    def _step_plan(
+        self,
+        timesteps: torch.Tensor,
+        batch: int,
+        generators: Sequence[torch.Generator],
+        shape: tuple[int, ...],
+        device: torch.device,
+        what: str,
+        indices: Sequence[int],
+    ) -> tuple[torch.Tensor, list[bool], torch.Tensor, NoiseSource, FiniteWatch]:
+        """A run's per-step state, moved to the device once (no per-step transfers): every
+        step's coefficients (S, batch, k), which steps draw noise, the timesteps on the device,
+        the noise source of ``shape`` and the finiteness watch."""
+        coeffs = torch.stack([self.scheduler.step_coefficients(t, batch) for t in timesteps])
+        needs_noise = [self.scheduler.step_needs_noise(t) for t in timesteps]
+        return (
+            coeffs.to(device),
+            needs_noise,
+            timesteps.to(device),
+            NoiseSource(generators, shape, device),
+            FiniteWatch(what, indices, device),
+        )
+
     def _unet(self, cuda_graphs: bool | None):
         """The UNet to call: the module itself (``cuda_graphs=False``) or the graph wrapper
         (re-made when the pipeline's UNet attribute was replaced)."""

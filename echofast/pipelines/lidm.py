@@ -15,8 +15,6 @@ from ..ops.window_step import window_step
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
-    FiniteWatch,
-    NoiseSource,
     SamplingPipeline,
     check_cuda_graphs,
     check_precision,
@@ -135,12 +133,9 @@ class LIDMPipeline(SamplingPipeline):
         x = self._inputs.get("x", (n, c, size + 2 * pad, size + 2 * pad), f32, device)
         x.copy_(pad_replicate(latents[:, 0], pad))
         one_window = torch.zeros(1, dtype=torch.int32, device=device)
-        coeffs = torch.stack([self.scheduler.step_coefficients(t, n) for t in timesteps])
-        coeffs = coeffs.to(device)
-        needs_noise = [self.scheduler.step_needs_noise(t) for t in timesteps]
-        steps = timesteps.to(device)
-        noise_source = NoiseSource(gens, tuple(latents.shape), device)
-        watch = FiniteWatch("LIDM latent", indices, device)
+        coeffs, needs_noise, steps, noise_source, watch = self._step_plan(
+            timesteps, n, gens, tuple(latents.shape), device, "LIDM latent", indices
+        )
         clip = self.scheduler.clip_bound
         for step in range(len(timesteps)):
             with unet_precision(device, dtype):

@@ -24,8 +24,6 @@ from ..ops.window_step import window_step, window_tables
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
 from .common import (
-    FiniteWatch,
-    NoiseSource,
     SamplingPipeline,
     check_cuda_graphs,
     check_decode_dtype,
@@ -222,13 +220,9 @@ class LVDMPipeline(SamplingPipeline):
             torch.tensor(v, dtype=torch.int32, device=device)
             for v in (frame_window, frame_offset, starts)
         ]
-        # every step's coefficients and timestep on the device at once: no per-step transfers
-        coeffs = torch.stack([self.scheduler.step_coefficients(t, b) for t in timesteps])
-        coeffs = coeffs.to(device)
-        needs_noise = [self.scheduler.step_needs_noise(t) for t in timesteps]
-        steps = timesteps.to(device)
-        noise_source = NoiseSource(gens, tuple(latents.shape), device)
-        watch = FiniteWatch("LVDM latent", indices, device)
+        coeffs, needs_noise, steps, noise_source, watch = self._step_plan(
+            timesteps, b, gens, tuple(latents.shape), device, "LVDM latent", indices
+        )
         clip = self.scheduler.clip_bound
         for step in range(len(timesteps)):
             with unet_precision(device, dtype):

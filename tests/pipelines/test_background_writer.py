@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipelines.test_generate import N
+from pipelines.test_generate import _cfg as generate_cfg
 from privacy.phantom_latents import write_phantom_latents
 
 import echofast.io.writer as writer_mod
@@ -24,25 +26,12 @@ from echofast.fsutil import atomic_write
 from echofast.pipelines.dataset import GenerateConfig, generate_dataset, read_journal
 from echofast.privacy import ReIdentificationModel
 
-N, FRAMES, STEPS, FPS = 5, 12, 3, 30.0
 JOURNAL = Path(".echofast") / "journal-0of1.jsonl"
 ATTEMPTS = Path(".echofast") / "privacy" / "attempts.jsonl"
 
 
 def _cfg(weights_root, out, **kw) -> GenerateConfig:
-    base = dict(
-        weights=str(weights_root),
-        out=str(out),
-        num_videos=N,
-        frames=FRAMES,
-        fps=FPS,
-        steps=STEPS,
-        seed=11,
-        batch_size=2,
-        progress=False,
-    )
-    base.update(kw)
-    return GenerateConfig(**base)
+    return generate_cfg(weights_root, out, **{"seed": 11, **kw})
 
 
 def _dataset(folder: Path) -> dict[str, bytes]:
