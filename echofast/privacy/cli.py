@@ -293,13 +293,21 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
         raise
     pos, neg = audit["positive_control"], audit["negative_control"]
     for k, v in pos.items():
+        goal = "" if v["goal"] is None else (" meets" if v["meets_goal"] else " BELOW") + " goal"
         print(
             f"  planted {k:<14} caught {v['caught']}/{v['planted']} "
-            f"({v['fraction_caught'] * 100:.1f}%)"
+            f"({v['fraction_caught'] * 100:.2f}%){goal}"
         )
     print(
         f"  held-out {neg['split']:<13} flagged {neg['flagged']}/{neg['frames']} "
-        f"({neg['fraction_flagged'] * 100:.1f}%, expected ~{neg['expected_fraction'] * 100:.1f}%)"
+        f"({neg['fraction_flagged'] * 100:.1f}%, expected ~{neg['expected_fraction'] * 100:.1f}% "
+        f"for a gallery as large as the TEST set: {neg['gallery_frames']} vs "
+        f"{neg['calibration_test_frames']})"
+    )
+    m = neg["matched_gallery"]
+    print(
+        f"  held-out vs {m['gallery_frames']}-frame gallery flagged {m['flagged']}/{neg['frames']} "
+        f"({m['fraction_flagged'] * 100:.1f}%, expected ~{neg['expected_fraction'] * 100:.1f}%)"
     )
     print(f"{out}: audit in {out / 'privacy_audit.json'}")
     return 0 if audit["light_copies_meet_goal"] else 1

@@ -71,12 +71,26 @@ def shift_offsets(tolerance: int) -> list[tuple[int, int]]:
     return [(0, 0)] + [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
 
 
-def shifted_view(frames: torch.Tensor, dy: int, dx: int, normalization: str) -> torch.Tensor:
-    """Normalised frames (N, C, h, w) moved by (dy, dx), normalised again per frame under
-    per-frame normalisation (``"frame"``, ``"channel"``), as a moved candidate would be."""
-    if not (dy or dx):
+def replace_ring(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., h, w) with its outer ``width``-pixel ring replaced by the edge-replicated interior."""
+    if width == 0:
+        return x
+    inner = x[..., width:-width, width:-width]
+    flat = inner.reshape(-1, 1, *inner.shape[-2:])
+    out = torch.nn.functional.pad(flat, (width,) * 4, mode="replicate")
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
+def shifted_view(
+    frames: torch.Tensor, dy: int, dx: int, normalization: str, ring: int = 0
+) -> torch.Tensor:
+    """Normalised frames (N, C, h, w) moved by (dy, dx), then their outer ``ring`` pixels
+    replaced by the replicated interior, normalised again under per-frame normalisation
+    (``"frame"``, ``"channel"``), as a moved candidate would be. With ``ring`` ≥ |dy|, |dx| a
+    copy moved by (−dy, −dx) gives exactly the source's view with the same ring."""
+    if not (dy or dx or ring):
         return frames
-    y = translate(frames, dy, dx)
+    y = replace_ring(translate(frames, dy, dx), ring)
     return normalize_clip(y, normalization) if normalization != "clip" else y
 
 

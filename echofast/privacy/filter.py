@@ -13,12 +13,14 @@ TRAIN frame take its max correlation with any TEST frame; τ = the ``percentile`
 interpolation, default 95) of these values. A candidate is kept iff its max correlation with
 every TRAIN frame is < τ (for a candidate clip: every checked frame).
 
-Shift tolerance (an echofast addition, ``shift_tolerance = r``, default 0 = the reference): a
-query frame (a candidate, or a TRAIN frame during calibration) is also embedded moved by every
-(dy, dx) in [−r, r]² latent pixels (edge replicated, normalised again) and its score is the max
-over those views, so that a copy moved by up to r pixels correlates with its source as an exact
-copy would. The same rule calibrates τ, so τ stays the percentile of what a real TRAIN frame
-scores against the TEST frames. Costs (2r + 1)² embeddings per query frame.
+Shift tolerance (an echofast addition, ``shift_tolerance = r``, default 0 = the reference): every
+frame's outer r-pixel ring is replaced by its replicated interior before embedding (gallery,
+TEST and query frames alike), and a query frame (a candidate, or a TRAIN frame during
+calibration) is also embedded moved by every (dy, dx) in [−r, r]² latent pixels (then ringed and
+normalised again); its score is the max over those views. A copy moved by up to r pixels then
+has one view identical to its source's embedding input (correlation 1, as an exact copy). The
+same rule calibrates τ, so τ stays the percentile of what a real TRAIN frame scores against the
+TEST frames. Costs (2r + 1)² embeddings per query frame.
 """
 
 from __future__ import annotations
@@ -355,10 +357,27 @@ class PrivacyFilter:
             reference, test_split, frame_step=frame_step, normalization=norm, progress=progress
         )
         model = model.to(device or "cpu")
-        g = unit_rows(embed(model, train.frames, device=device, progress=progress, desc="TRAIN"))
-        t = unit_rows(embed(model, test.frames, device=device, progress=progress, desc="TEST"))
+        r = shift_tolerance
+        g = unit_rows(
+            embed(
+                model,
+                shifted_view(train.frames, 0, 0, norm, r),
+                device=device,
+                progress=progress,
+                desc="TRAIN",
+            )
+        )
+        t = unit_rows(
+            embed(
+                model,
+                shifted_view(test.frames, 0, 0, norm, r),
+                device=device,
+                progress=progress,
+                desc="TEST",
+            )
+        )
         views = [g] + [
-            unit_rows(embed(model, shifted_view(train.frames, dy, dx, norm), device=device))
+            unit_rows(embed(model, shifted_view(train.frames, dy, dx, norm, r), device=device))
             for dy, dx in offsets[1:]
         ]
         cal = calibrate(views, t, percentile, device=device)
@@ -435,15 +454,20 @@ class PrivacyFilter:
 
     # ---- scoring ----------------------------------------------------------------------------
 
-    def score_frames(self, frames: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_frames(
+        self, frames: torch.Tensor, gallery_rows: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Max correlation (float64 of the fp32 value) and nearest gallery row of normalised
-        frames (N, C, h, w); with a shift tolerance, the max over the moved views."""
+        frames (N, C, h, w); with a shift tolerance, the max over the moved views.
+        ``gallery_rows``: score against these gallery rows only (indices into the subset)."""
         norm = self.model.normalization
+        r = self.shift_tolerance
         views = [
-            unit_rows(embed(self.model, shifted_view(frames, dy, dx, norm), device=self.device))
-            for dy, dx in shift_offsets(self.shift_tolerance)
+            unit_rows(embed(self.model, shifted_view(frames, dy, dx, norm, r), device=self.device))
+            for dy, dx in shift_offsets(r)
         ]
-        v, i = max_correlation_views(views, self.gallery_unit, device=self.device)
+        gallery = self.gallery_unit if gallery_rows is None else self.gallery_unit[gallery_rows]
+        v, i = max_correlation_views(views, gallery, device=self.device)
         return v.double().numpy(), i.numpy()
 
     def score_frame_set(self, fs: FrameSet) -> ClipScores:
