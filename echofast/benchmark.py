@@ -28,16 +28,18 @@ then only a smoke test, kernel counts become counts of dispatched ATen ops, and 
 is an fp32 CPU product.
 
 Rows are appended to a CSV (``bench/results/echofast_bench_<card>.csv`` by default) with the card,
-versions and git revision; ``--compare OLD.csv`` flags rows more than ``--threshold`` percent
-slower than the same measurement (card, config, shape, path, phase) in an earlier CSV and then
-exits with status 1.
+versions, git revision and a run id; while a run measures, each finished path's rows are already
+on disk in ``<out>.partial.csv`` (a run stopped by a time limit keeps them; ``--report CSV`` prints
+any such file's table with its ratios). ``--compare OLD.csv`` flags rows more than
+``--threshold`` percent slower than the same measurement (card, config, shape, path, phase) in an
+earlier CSV and then exits with status 1. Paths run cheapest-and-most-wanted first: echofast, the
+reference, the compiled reference, compiled echofast.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import importlib.metadata
 import math
@@ -48,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +60,15 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .errors import EchofastError
+from .benchmark_rows import (
+    CSV_FIELDS,
+    RowJournal,
+    add_ratios,
+    compare,
+    read_csv,
+    report,
+    summary_table,
+)
 from .models.tiny import TINY_CONFIGS
 
 # ---- configurations ----------------------------------------------------------------------------
@@ -89,44 +99,6 @@ SMOKE_PLAN = Plan(
 
 #: The reference decodes 8 frames per VAE call and moves each chunk to the CPU.
 REFERENCE_DECODE_CHUNK = 8
-
-CSV_FIELDS = [
-    "timestamp",
-    "card",
-    "device",
-    "torch",
-    "triton",
-    "cuda",
-    "diffusers",
-    "echofast",
-    "git_sha",
-    "config",
-    "dtype",
-    "frames",
-    "steps",
-    "batch",
-    "path",
-    "phase",
-    "repeats",
-    "median_s",
-    "p20_s",
-    "p80_s",
-    "s_per_video",
-    "frames_per_s",
-    "videos_per_s",
-    "gflop",
-    "tflops",
-    "gemm_tflops",
-    "gemm_fraction",
-    "peak_mem_mib",
-    "kernels",
-    "speedup_vs_reference",
-    "speedup_vs_compiled",
-    "note",
-]
-
-#: Row identity for ``--compare`` (besides the card).
-COMPARE_KEY = ("config", "dtype", "frames", "steps", "batch", "path", "phase")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -582,6 +554,13 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     gemm_tflops: float | None = None
     gflop_per_window: float | None = None
+    journal: RowJournal | None = None
+
+    def record(self, rows: Sequence[dict]) -> None:
+        """Keep finished rows (in memory and, at once, in the run's journal on disk)."""
+        self.rows.extend(rows)
+        if self.journal is not None:
+            self.journal.add(rows)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -880,13 +859,13 @@ def _unet_inputs(setup: Setup, batch: int, sets: int = 2) -> list[tuple]:
 
 def run_unet_calls(
     setup: Setup, batch: int, flop: float | None, unets: dict[str, Any]
-) -> list[dict]:
-    """One LVDM UNet call per path at the pipeline's shape: time, TFLOP/s, kernels per call."""
+) -> Iterator[dict]:
+    """One LVDM UNet call per path at the pipeline's shape: time, TFLOP/s, kernels per call (a
+    row per path as soon as it is measured)."""
     inputs = _unet_inputs(setup, batch)
     device = setup.device
     # the first call of a graph path captures; on a GPU one more settles autotuning and clocks
     warmup = max(1, setup.plan.warmup) + (device.type == "cuda")
-    rows = []
     for path, unet in unets.items():
 
         def call(i: int, unet=unet) -> Any:
@@ -913,213 +892,7 @@ def run_unet_calls(
             extra.update(gflop=flop / 1e9, tflops=flop / timing.median / 1e12)
             if setup.gemm_tflops:
                 extra["gemm_fraction"] = extra["tflops"] / setup.gemm_tflops
-        rows.append(_row(setup, batch, path, "call", timing, **extra))
-    return rows
-
-
-def _add_ratios(rows: list[dict]) -> None:
-    """``speedup_vs_reference`` / ``speedup_vs_compiled`` on echofast's rows, per batch and phase
-    (baseline median / echofast median)."""
-    med = {(r["batch"], r["path"], r["phase"]): r["median_s"] for r in rows if r["median_s"] != ""}
-    pairs = {
-        "pipeline/echofast": ("pipeline/reference", "pipeline/reference+compile"),
-        "pipeline/echofast+compile": ("pipeline/reference", "pipeline/reference+compile"),
-        "unet/echofast": ("unet/diffusers", "unet/diffusers+compile"),
-        "unet/echofast+compile": ("unet/diffusers", "unet/diffusers+compile"),
-        "unet/echofast+graphs": ("unet/diffusers", "unet/diffusers+compile"),
-    }
-    for r in rows:
-        if r["path"] not in pairs or r["median_s"] == "":
-            continue
-        ref, comp = pairs[r["path"]]
-        for col, base in (("speedup_vs_reference", ref), ("speedup_vs_compiled", comp)):
-            other = med.get((r["batch"], base, r["phase"]))
-            if other:
-                r[col] = other / r["median_s"]
-
-
-# ---- CSV and comparison ------------------------------------------------------------------------
-
-
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` (``CSV_FIELDS`` columns) to ``path``, writing the header when it is new.
-
-    A file whose header differs is refused (never rewritten): pass another ``--out``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        with path.open(newline="") as fh:
-            header = next(csv.reader(fh), [])
-        if header != CSV_FIELDS:
-            raise EchofastError(
-                f"{path}: existing CSV has other columns ({len(header)}); not appending — "
-                "write to a new file with --out"
-            )
-        new = False
-    else:
-        new = True
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_FIELDS})
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fmt(value: Any) -> Any:
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of an earlier ``echofast bench`` CSV (a missing or foreign file raises)."""
-    if not path.is_file():
-        raise EchofastError(f"{path}: --compare file does not exist")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [
-            k for k in ("card", "median_s", *COMPARE_KEY) if k not in (reader.fieldnames or [])
-        ]
-        if missing:
-            raise EchofastError(f"{path}: not an echofast bench CSV (no column(s) {missing})")
-        return list(reader)
-
-
-def compare(
-    new_rows: list[dict], old_rows: list[dict[str, str]], threshold_pct: float
-) -> tuple[list[str], list[str]]:
-    """(report lines, regressions): each new timing row against the latest old row with the same
-    card and key; a regression is a median more than ``threshold_pct`` percent slower. GEMM rows
-    (the card's ceiling, not echofast's code) are reported but never flagged."""
-
-    def key(r: dict) -> tuple:
-        return (str(r["card"]), *(str(r[k]) for k in COMPARE_KEY))
-
-    old = {key(r): r for r in old_rows if r.get("median_s")}
-    lines, regressions = [], []
-    for r in new_rows:
-        if r.get("median_s") in ("", None):
-            continue
-        o = old.get(key(r))
-        if o is None:
-            continue
-        before, after = float(o["median_s"]), float(r["median_s"])
-        change = 100 * (after / before - 1) if before > 0 else 0.0
-        flag = change > threshold_pct and not str(r["path"]).startswith("gemm/")
-        line = (
-            f"{'REGRESSION' if flag else 'ok':<10} b={r['batch']} {r['path']} {r['phase']}: "
-            f"{before:.4g} s -> {after:.4g} s ({change:+.1f}%, {o.get('git_sha', '?')} -> "
-            f"{r.get('git_sha', '?')})"
-        )
-        lines.append(line)
-        if flag:
-            regressions.append(line)
-    return lines, regressions
-
-
-# ---- report ------------------------------------------------------------------------------------
-
-
-def _g(value: Any, spec: str = ".3g") -> str:
-    return "-" if value in ("", None) else format(float(value), spec)
-
-
-def _cells(row: dict, columns: Sequence[tuple[str, str, int]]) -> str:
-    """One table line: ``(column, format spec, width)`` per cell; "-" where a value is absent."""
-    cells = []
-    for col, spec, width in columns:
-        value = row.get(col, "")
-        if spec in ("s", "i"):
-            text = "-" if value == "" else str(value)
-        elif col == "gemm_fraction" and value != "":
-            text = f"{100 * float(value):.1f}%"
-        elif col == "median_s" and spec == "ms":
-            text = f"{1e3 * float(value):.3f}"
-        else:
-            text = _g(value, spec)
-        cells.append(text.ljust(width) if spec == "s" else text.rjust(width))
-    return " ".join(cells)
-
-
-_PIPELINE_COLUMNS = [
-    ("batch", "s", 5),
-    ("path", "s", 27),
-    ("phase", "s", 10),
-    ("s_per_video", ".4g", 9),
-    ("p20_s", ".4g", 9),
-    ("p80_s", ".4g", 9),
-    ("frames_per_s", ".4g", 9),
-    ("videos_per_s", ".3g", 8),
-    ("tflops", ".3g", 8),
-    ("peak_mem_mib", ".0f", 9),
-    ("speedup_vs_reference", ".2f", 7),
-    ("speedup_vs_compiled", ".2f", 7),
-]
-_CALL_COLUMNS = [
-    ("batch", "s", 5),
-    ("path", "s", 27),
-    ("median_s", "ms", 9),
-    ("tflops", ".3g", 8),
-    ("gemm_fraction", "", 8),
-    ("kernels", "i", 8),
-    ("speedup_vs_reference", ".2f", 7),
-    ("speedup_vs_compiled", ".2f", 7),
-]
-_PIPELINE_HEADER = {
-    "batch": "batch",
-    "path": "path",
-    "phase": "phase",
-    "s_per_video": "s/video",
-    "p20_s": "p20",
-    "p80_s": "p80",
-    "frames_per_s": "frames/s",
-    "videos_per_s": "videos/s",
-    "tflops": "TFLOP/s",
-    "peak_mem_mib": "peak MiB",
-    "speedup_vs_reference": "vs ref",
-    "speedup_vs_compiled": "vs comp",
-}
-_CALL_HEADER = {
-    "batch": "batch",
-    "path": "path (1 LVDM call)",
-    "median_s": "ms/call",
-    "tflops": "TFLOP/s",
-    "gemm_fraction": "of GEMM",
-    "kernels": "kernels",
-    "speedup_vs_reference": "vs ref",
-    "speedup_vs_compiled": "vs comp",
-}
-
-
-def _header(names: dict[str, str], columns: Sequence[tuple[str, str, int]]) -> str:
-    return " ".join(
-        names[c].ljust(w) if spec == "s" else names[c].rjust(w) for c, spec, w in columns
-    )
-
-
-def _per_video(row: dict) -> dict:
-    """A pipeline row with p20/p80 per video (the CSV keeps seconds per batch)."""
-    out = dict(row)
-    for col in ("p20_s", "p80_s"):
-        if out[col] != "":
-            out[col] = float(out[col]) / int(out["batch"])
-    return out
-
-
-def summary_table(rows: list[dict]) -> str:
-    """The table printed at the end of a run: pipelines (p20/p80 of the whole batch, s/video of the
-    median), then single LVDM calls. Ratios are baseline median / echofast median."""
-    pipe = [_per_video(r) for r in rows if r["path"].startswith("pipeline/")]
-    calls = [r for r in rows if not r["path"].startswith("pipeline/")]
-    out = []
-    if pipe:
-        out.append(_header(_PIPELINE_HEADER, _PIPELINE_COLUMNS))
-        out.extend(_cells(r, _PIPELINE_COLUMNS) for r in pipe)
-    if calls:
-        out.append("")
-        out.append(_header(_CALL_HEADER, _CALL_COLUMNS))
-        out.extend(_cells(r, _CALL_COLUMNS) for r in calls)
-    return "\n".join(out)
+        yield _row(setup, batch, path, "call", timing, **extra)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -1218,6 +991,13 @@ def _parser() -> argparse.ArgumentParser:
         help="percent slower that counts as a regression for --compare",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="CSV",
+        help="measure nothing: print the summary table (with ratios) of every run in this CSV, "
+        "e.g. the <out>.partial.csv journal a stopped run left",
+    )
     return p
 
 
@@ -1260,6 +1040,9 @@ def main_bench(argv: list[str]) -> int:
     """``echofast bench``: see the module docstring and ``--help``."""
     p = _parser()
     a = p.parse_args(argv)
+    if a.report is not None:
+        _say(report(a.report))
+        return 0
     device, plan, configs = _resolve(a, p)
     dtype = (
         DTYPES[a.dtype] if a.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -1268,6 +1051,11 @@ def main_bench(argv: list[str]) -> int:
         p.error(f"--dtype {a.dtype} needs CUDA (echofast samples in float32 on CPU)")
     old_rows = read_csv(a.compare) if a.compare else None
     env = environment(device)
+    env["run"] = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}"
+    out = None
+    if not a.no_csv:
+        out = a.out or Path("bench/results") / f"echofast_bench_{card_slug(env['card'])}.csv"
+    journal = RowJournal(out, env["run"])
     _say(
         f"echofast bench: {env['card']} | torch {env['torch']} (CUDA {env['cuda'] or '-'}) | "
         f"triton {env['triton'] or '-'} | diffusers {env['diffusers'] or '-'} | "
@@ -1309,6 +1097,7 @@ def main_bench(argv: list[str]) -> int:
         avi=not a.no_avi,
         profile=not a.no_profile,
         progress=not a.no_progress,
+        journal=journal,
     )
     if models.diffusers_missing and not a.no_reference:
         setup.notes.append(f"baselines skipped: {models.diffusers_missing}")
@@ -1324,7 +1113,7 @@ def main_bench(argv: list[str]) -> int:
         _say(f"note: {note}")
 
     _measure(setup)
-    _add_ratios(setup.rows)
+    add_ratios(setup.rows)
     _say("")
     _say(summary_table(setup.rows))
     for note in setup.notes:
@@ -1334,9 +1123,8 @@ def main_bench(argv: list[str]) -> int:
         status = 1
         for f in setup.failures:
             _say(f"FAILED: {f}")
-    if not a.no_csv and setup.rows:
-        out = a.out or Path("bench/results") / f"echofast_bench_{card_slug(env['card'])}.csv"
-        append_csv(out, setup.rows)
+    journal.finish(setup.rows)
+    if out is not None and setup.rows:
         _say(f"{len(setup.rows)} rows appended to {out}")
     if old_rows is not None:
         lines, regressions = compare(setup.rows, old_rows, a.threshold)
@@ -1356,21 +1144,20 @@ def _measure(setup: Setup) -> None:
     device, m = setup.device, setup.models
     timing, flop, label = gemm_ceiling(device)
     setup.gemm_tflops = flop / timing.median / 1e12
-    setup.rows.append(
-        _row(
-            setup,
-            "",
-            label,
-            "call",
-            timing,
-            dtype=label.split("/")[1].split("-")[0],
-            gflop=flop / 1e9,
-            tflops=setup.gemm_tflops,
-            note="ceiling: random inputs, CUDA events"
-            if device.type == "cuda"
-            else "CPU smoke ceiling (not a GPU number)",
-        )
+    gemm_row = _row(
+        setup,
+        "",
+        label,
+        "call",
+        timing,
+        dtype=label.split("/")[1].split("-")[0],
+        gflop=flop / 1e9,
+        tflops=setup.gemm_tflops,
+        note="ceiling: random inputs, CUDA events"
+        if device.type == "cuda"
+        else "CPU smoke ceiling (not a GPU number)",
     )
+    setup.record([gemm_row])
     _say(f"GEMM ceiling {label}: {setup.gemm_tflops:.1f} TFLOP/s")
     setup.gflop_per_window = _flop_per_window(setup) / 1e9
     _say(
@@ -1392,14 +1179,15 @@ def _measure(setup: Setup) -> None:
         call_flop = setup.gflop_per_window * 1e9 * shape[0]
         run_flop = call_flop * setup.plan.steps
         _say(f"\nbatch {batch}: {n_win} windows per video, UNet input {tuple(shape)}")
+        # cheapest and most wanted first: a run stopped part way keeps those rows (journal)
         paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
-        if "echofast_lvdm" in compiled:
-            mine = (compiled["echofast_lidm"], compiled["echofast_lvdm"])
-            paths.append(("pipeline/echofast+compile", mine))
         if setup.reference:
             paths.append(("pipeline/reference", (m.d_lidm, m.d_lvdm)))
         if "lvdm" in compiled:
             paths.append(("pipeline/reference+compile", (compiled["lidm"], compiled["lvdm"])))
+        if "echofast_lvdm" in compiled:
+            mine = (compiled["echofast_lidm"], compiled["echofast_lvdm"])
+            paths.append(("pipeline/echofast+compile", mine))
         for name, unets in paths:
             try:
                 if name.startswith("pipeline/echofast"):
@@ -1410,7 +1198,7 @@ def _measure(setup: Setup) -> None:
                 setup.failures.append(f"{name} b={batch}: {type(err).__name__}: {err}")
                 _say(f"  {name}: FAILED ({type(err).__name__}: {err})")
                 continue
-            setup.rows.extend(rows)
+            setup.record(rows)
             total = rows[0]
             _say(
                 f"  {name:<28} {total['s_per_video']:.4g} s/video, "
@@ -1421,14 +1209,14 @@ def _measure(setup: Setup) -> None:
             from .pipelines.graphs import CUDAGraphUNet
 
             unets["unet/echofast+graphs"] = CUDAGraphUNet(m.lvdm)
-        if "echofast_lvdm" in compiled:
-            unets["unet/echofast+compile"] = compiled["echofast_lvdm"]
         if setup.reference:
             unets["unet/diffusers"] = m.d_lvdm
         if "lvdm" in compiled:
             unets["unet/diffusers+compile"] = compiled["lvdm"]
+        if "echofast_lvdm" in compiled:
+            unets["unet/echofast+compile"] = compiled["echofast_lvdm"]
         for row in run_unet_calls(setup, batch, call_flop, unets):
-            setup.rows.append(row)
+            setup.record([row])
             _say(
                 f"  {row['path']:<28} {1e3 * row['median_s']:.3f} ms/call, "
                 f"{row.get('tflops', 0) or 0:.3g} TFLOP/s, kernels {row['kernels'] or '-'}"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from echofast import benchmark as bench
+from echofast import benchmark_rows as bench_rows
 from echofast.errors import EchofastError
 from echofast.pipelines import LIDMPipeline, LVDMPipeline
 
@@ -48,7 +49,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
         for path in ("pipeline/echofast", "unet/diffusers")
     ]
     planted.append({**planted[1], "path": "gemm/fp32-512-cpu", "batch": ""})
-    bench.append_csv(old, planted)
+    bench_rows.append_csv(old, planted)
     argv = ["--smoke", "--device", "cpu", "--batch-size", "2", "--graphs", "--no-progress"]
     argv += ["--compile", "--compile-echofast", "--compile-backend", "eager"]  # no codegen
     argv += ["--out", str(out)]
@@ -226,22 +227,22 @@ def test_compare_flags_only_slower_rows_of_the_same_card():
         {**key, "card": "A", "path": "gemm/bf16-8192", "phase": "call", "median_s": 3.0},
         {**key, "card": "A", "path": "unet/diffusers", "phase": "call", "median_s": 9.0},
     ]
-    lines, regressions = bench.compare(new, old, threshold_pct=10)
+    lines, regressions = bench_rows.compare(new, old, threshold_pct=10)
     assert len(lines) == 4  # the card-B row matches nothing
     assert len(regressions) == 1 and "pipeline/echofast total" in regressions[0]
     assert "+20.0%" in regressions[0]
-    assert bench.compare(new, old, threshold_pct=25)[1] == []
+    assert bench_rows.compare(new, old, threshold_pct=25)[1] == []
 
 
 def test_csv_files_are_checked(tmp_path):
     with pytest.raises(EchofastError, match="does not exist"):
-        bench.read_csv(tmp_path / "missing.csv")
+        bench_rows.read_csv(tmp_path / "missing.csv")
     foreign = tmp_path / "foreign.csv"
     foreign.write_text("a,b\n1,2\n")
     with pytest.raises(EchofastError, match="not an echofast bench CSV"):
-        bench.read_csv(foreign)
+        bench_rows.read_csv(foreign)
     with pytest.raises(EchofastError, match="other columns"):
-        bench.append_csv(foreign, [{"card": "x"}])
+        bench_rows.append_csv(foreign, [{"card": "x"}])
     assert foreign.read_text() == "a,b\n1,2\n"  # never rewritten
 
 
