@@ -1,41 +1,50 @@
 #!/usr/bin/env bash
-# One GPU session of echofast: build, every GPU test and check, every benchmark, one summary.
+# One GPU session of echofast: build, the GPU checks against their references, the benchmarks,
+# one summary. Sized for a device lease of about 15 minutes in all: ONE call of at most 10
+# minutes gets the most wanted results, and a second call (only if the lease has time left and
+# the machine is still warm) carries on where the first stopped.
 #
 # On the dev machine, once (needs pip access; the GPU machine has no network and lacks
 # diffusers and PyAV):
 #     bash bench/gpu_session.sh --fetch-wheels       # -> .whl/ (git-ignored via .git/info/exclude)
-# Then with the device tool, from the repository root, the same command until it prints DONE:
+#     bash bench/gpu_session.sh --plan               # what would run, in order, with time caps
+# Then with the device tool, from the repository root:
 #     run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# Every command may run at most 10 minutes, the whole session about 25. So the steps run in a
-# detached worker (setsid) on the device machine, and each call waits for it (up to
-# GPU_SESSION_WAIT_S, default 570 s), copies what is finished to $OUT and returns. Call again
-# at once: the machine is given back about 30 s after a call returns, and a fresh machine
-# starts over (build included). `SKIP=tests_gpu,attention bash bench/gpu_session.sh` skips steps
-# whose results already came back. Steps carry on past failures; each has a time cap and the
-# worker stops starting steps after GPU_SESSION_DEADLINE_S (default 1440 s).
-# GPU_SESSION_STEPS="bench_b1 bench_b8" runs only those steps (in the order given).
+# The steps run in a detached worker (setsid) that stops starting steps GPU_SESSION_WAIT_S
+# (default 540 s) after the call began; the call waits for it, copies what is finished to $OUT
+# and returns. It prints DONE when every step has run, else MORE: the same command again at once
+# (the machine is given back about 30 s after a call returns) runs the steps not yet run; a fresh
+# machine starts over (build included). Steps carry on past failures and each has a time cap.
+#   GPU_SESSION_STEPS="bench_b8 precision"  only these steps, in this order
+#   SKIP=tests_gpu,attention                skip these (e.g. results that already came back)
+#   GPU_SESSION_DRY_RUN=1                   print each step's commands instead of running them
 #
-# What comes back ($OUT): gpu_session_summary.txt (the table printed last), gpu_session.log
-# (all output), gpu_session_results.tar.gz (bench/results/*_<card>.csv written here, per-step
-# logs). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
+# What comes back ($OUT): gpu_session_summary.txt (printed last: step table, benchmark table),
+# gpu_session.log (all output), gpu_session_results.tar.gz (bench/results/*_<card>.csv written
+# here, a stopped benchmark's *_<card>.partial.csv journal, per-step logs, the GPU tests' JUnit
+# XML). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
 #
-# Steps (name: what, time cap in s):
-#   build        ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network), then echofast info
-#   tests_gpu    pytest on the test files that use CUDA (auto-detected) + tests/test_extension.py
-#   tests_triton pytest tests/triton under TRITON_INTERPRET=1 (its CUDA-tensor cases included)
-#   bench_b1     echofast bench --batch-size 1 (+ --graphs --compile-echofast) -> echofast_bench_<card>.csv
-#   bench_b8     echofast bench --batch-size 8 (+ --graphs)      -> echofast_bench_<card>.csv
-#   group_norm   bench/bench_group_norm.py                       -> group_norm_<card>.csv
-#   attention    bench/bench_attention.py                        -> attention_<card>.csv
-#   video        bench/bench_video.py --device cuda              -> video_<card>.csv
-#   patch        bench/bench_patch.py (if present)               -> patch_<card>.csv
-#   precision    bench/bench_precision.py (fp16/bf16 vs fp32, 100 demo videos) -> precision_<card>.csv
+# Steps, most wanted first (name: what, time cap in s):
+#   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
+#                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
+#   bench_b1      echofast bench --batch-size 1 --graphs --no-compile: s/video, vs the reference's
+#                 way, kernels per UNet call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
+#   tests_gpu     pytest -m gpu: every GPU test (compiled Triton kernels and models vs their
+#                 references, CUDA graphs, video path), then tests/test_extension.py
+#   bench_b8      echofast bench --batch-size 8 --graphs --no-compile: videos/s
+#   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
+#   group_norm    bench/bench_group_norm.py                       -> group_norm_<card>.csv
+#   attention     bench/bench_attention.py                        -> attention_<card>.csv
+#   bench_compile echofast bench --batch-size 1 --graphs --compile --compile-echofast: vs compiled
+#                 diffusers (inductor compiles four UNets: the slowest step)
+#   video         bench/bench_video.py --device cuda              -> video_<card>.csv
+#   patch         bench/bench_patch.py                            -> patch_<card>.csv
 set -uo pipefail
 
-ALL_STEPS="build tests_gpu tests_triton bench_b1 bench_b8 group_norm attention video patch precision"
+ALL_STEPS="build bench_b1 tests_gpu bench_b8 precision group_norm attention bench_compile video patch"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
-declare -A CAP=([build]=420 [tests_gpu]=300 [tests_triton]=300 [bench_b1]=540 [bench_b8]=480
-                [group_norm]=150 [attention]=200 [video]=200 [patch]=300 [precision]=300)
+declare -A CAP=([build]=240 [bench_b1]=240 [tests_gpu]=210 [bench_b8]=210 [precision]=150
+                [group_norm]=90 [attention]=120 [bench_compile]=420 [video]=90 [patch]=150)
 
 for step in "${STEPS[@]}"; do
     if [[ " $ALL_STEPS " != *" $step "* ]]; then
@@ -48,8 +57,9 @@ SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]
 REPO="$(dirname "$(dirname "$SELF")")"
 STATE="${GPU_SESSION_STATE:-/tmp/echofast_gpu_session}"
 PY="${PYTHON:-python3}"
-WAIT_S="${GPU_SESSION_WAIT_S:-570}"
-DEADLINE_S="${GPU_SESSION_DEADLINE_S:-1440}"
+WAIT_S="${GPU_SESSION_WAIT_S:-540}"
+POLL_S="${GPU_SESSION_POLL_S:-5}"
+DRY="${GPU_SESSION_DRY_RUN:-}"
 
 fetch_wheels() {
     # diffusers (pure Python) and PyAV (manylinux) for the device's CPython 3.12, the versions
@@ -75,6 +85,15 @@ now() { date +%s; }
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
+# x CMD...: run a step's command, or with GPU_SESSION_DRY_RUN=1 print it
+x() {
+    if [[ -n "$DRY" ]]; then
+        echo "+ $*"
+    else
+        "$@"
+    fi
+}
+
 card_slug() {
     "$PY" -c "import re, torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() \
 else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower()).strip('-'))"
@@ -88,66 +107,64 @@ source_hash() {
 
 # ---- the steps (run by the worker, cwd = repo root, installed package on the path) ----------
 
+pip_install() {
+    x "$PY" -m pip install -v --no-deps --no-build-isolation --no-index --no-cache-dir . \
+        >"$STATE/logs/pip_install.log" 2>&1
+    local rc=$?
+    grep -E "echofast build|error|Error|Successfully" "$STATE/logs/pip_install.log"
+    return $rc
+}
+
 step_build() {
-    local want
+    local want rc=0
     want="$(source_hash)"
     if [[ -f "$STATE/built" && "$(cat "$STATE/built")" == "$want" ]]; then
         log "build: unchanged sources, already installed"
         return 0
     fi
-    nvidia-smi || true
-    ECHOFAST_FORCE_CUDA=1 "$PY" -m pip install -v --no-deps --no-build-isolation --no-index \
-        --no-cache-dir . 2>&1 | grep -E "echofast build|error|Error|Successfully" || return 1
-    (cd /tmp && "$PY" -m echofast.info) || return 1
+    x nvidia-smi
+    if ! ECHOFAST_FORCE_CUDA=1 pip_install; then
+        log "build: the CUDA build failed (above); installing without forcing CUDA so that the" \
+            "other steps run, and reporting FAIL"
+        pip_install || return 1
+        rc=1
+    fi
+    (cd /tmp && x "$PY" -m echofast.info) || return 1
     echo "$want" >"$STATE/built"
+    return $rc
 }
 
 pytest_cmd() {
     # -P: the source tree must not shadow the installed package (kernels/, the extension)
-    local xdist=()
-    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "${1}"); fi
-    shift
-    "$PY" -P -m pytest -q -p no:cacheprovider "${xdist[@]}" "$@"
+    local opts=(-v -p no:cacheprovider -rfE --junitxml="$STATE/logs/$1.xml")
+    "$PY" -c "import xdist" 2>/dev/null && opts+=(-n "$2")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 150)
+    shift 2
+    x "$PY" -P -m pytest "${opts[@]}" "$@"
 }
 
 step_tests_gpu() {
-    local files
-    mapfile -t files < <(cd "$REPO" && grep -rlE \
-        'torch\.cuda\.|mark\.gpu|"cuda"|\.cuda\(\)|FORCE_CUDA' tests --include='test_*.py' |
-        grep -v '^tests/triton/' | sort)
-    files+=(tests/test_extension.py)
-    mapfile -t files < <(printf '%s\n' "${files[@]}" | sort -u)
-    log "tests_gpu: ${files[*]}"
-    ECHOFAST_FORCE_CUDA=1 pytest_cmd 4 "${files[@]}"
-}
-
-step_tests_triton() {
-    TRITON_INTERPRET=1 pytest_cmd 8 tests/triton
+    # every test marked gpu (tests/conftest.py refuses a CUDA-skipped test without the marker),
+    # then the extension's tests (its build info and device query on a real GPU)
+    ECHOFAST_FORCE_CUDA=1 pytest_cmd tests_gpu 4 -m gpu --ignore=tests/triton tests
+    local rc=$?
+    ECHOFAST_FORCE_CUDA=1 pytest_cmd tests_ext 1 tests/test_extension.py || rc=1
+    return $rc
 }
 
 step_bench() {
-    local batch="$1"
-    shift
-    local cmd=(echofast bench)
-    if ! (cd /tmp && echofast bench --help >/dev/null 2>&1); then
-        log "'echofast bench' is not registered in echofast/cli.py yet: python -m echofast.benchmark"
-        cmd=("$PY" -m echofast.benchmark)
-    fi
-    (cd /tmp && "${cmd[@]}" --device cuda --batch-size "$batch" --graphs --no-progress "$@" \
+    (cd /tmp && x echofast bench --device cuda --graphs --no-progress "$@" \
         --out "$REPO/bench/results/echofast_bench_${SLUG}.csv")
 }
 
-step_bench_b1() { step_bench 1 --compile-echofast; }
-step_bench_b8() { step_bench 8; }
+step_bench_b1() { step_bench --batch-size 1 --no-compile; }
+step_bench_b8() { step_bench --batch-size 8 --no-compile; }
+step_bench_compile() { step_bench --batch-size 1 --compile --compile-echofast; }
 
 bench_script() {
     local script="$1"
     shift
-    if [[ ! -f "$REPO/bench/$script" ]]; then
-        log "bench/$script is not in this tree: skipped"
-        return 3
-    fi
-    "$PY" "bench/$script" "$@"
+    x "$PY" "bench/$script" "$@"
 }
 
 step_group_norm() { bench_script bench_group_norm.py --csv "bench/results/group_norm_${SLUG}.csv"; }
@@ -163,12 +180,20 @@ step_precision() {
 
 # ---- worker --------------------------------------------------------------------------------
 
+# a step is final once it ran (ok, FAIL, TIMEOUT) or was skipped; "not-run" steps (no time was
+# left in an earlier call) run in the next call
+final() { [[ -f "$STATE/status.$1" ]] && [[ "$(cut -d' ' -f1 "$STATE/status.$1")" != not-run ]]; }
+
+all_final() {
+    local step
+    for step in "${STEPS[@]}"; do final "$step" || return 1; done
+}
+
 worker() {
     cd "$REPO" || exit 1
-    local start
-    start="$(now)"
+    local deadline="$1"
     if [[ -d "$REPO/.whl" ]] && compgen -G "$REPO/.whl/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        x "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site "$REPO"/.whl/*.whl && export PYTHONPATH=/tmp/site
     else
         log "no .whl/ carried: diffusers/PyAV may be missing (see --fetch-wheels)"
@@ -181,37 +206,36 @@ worker() {
     mkdir -p "$REPO/bench/results" "$STATE/logs"
     local skip=",${SKIP:-},"
     for step in "${STEPS[@]}"; do
-        [[ -f "$STATE/status.$step" ]] && continue  # finished in an earlier call
+        final "$step" && continue # finished in an earlier call
         if [[ "$skip" == *",$step,"* ]]; then
             echo "skipped 0 SKIP" >"$STATE/status.$step"
             continue
         fi
-        local left=$((DEADLINE_S - ($(now) - start)))
+        local left=$((deadline - $(now)))
         local cap="${CAP[$step]}"
         ((cap > left)) && cap="$left"
-        if ((cap < 60)); then
-            echo "not-run 0 session-deadline" >"$STATE/status.$step"
+        if ((cap < 45)); then
+            echo "not-run 0 no-time-left-in-this-call" >"$STATE/status.$step"
             continue
         fi
         log "=== $step (cap ${cap}s)"
         echo "$step" >"$STATE/current"
         local t0 rc status
         t0="$(now)"
-        timeout --signal=TERM --kill-after=20 "$cap" bash "$SELF" --step "$step" \
+        timeout --signal=TERM --kill-after=15 "$cap" bash "$SELF" --step "$step" \
             >"$STATE/logs/$step.log" 2>&1
         rc=$?
         case "$rc" in
             0) status=ok ;;
-            3) status=skipped ;;
             124 | 137) status=TIMEOUT ;;
             *) status=FAIL ;;
         esac
-        tail -n 40 "$STATE/logs/$step.log"
+        tail -n 25 "$STATE/logs/$step.log"
         echo "$status $(($(now) - t0)) rc=$rc" >"$STATE/status.$step"
         log "=== $step: $status in $(($(now) - t0)) s"
     done
     rm -f "$STATE/current"
-    touch "$STATE/done"
+    touch "$STATE/worker_done"
 }
 
 summary() {
@@ -219,6 +243,7 @@ summary() {
     echo "echofast GPU session: card $(cat "$STATE/slug" 2>/dev/null || echo '?'), git $(cd \
         "$REPO" && git describe --always --dirty 2>/dev/null || echo '?')"
     printf '%-14s %-9s %8s  %s\n' step status seconds note
+    local step status secs note
     for step in "${STEPS[@]}"; do
         if [[ -f "$STATE/status.$step" ]]; then
             read -r status secs note <"$STATE/status.$step"
@@ -229,13 +254,21 @@ summary() {
         fi
         printf '%-14s %-9s %8s  %s\n' "$step" "$status" "$secs" "$note"
     done
-    local slug
+    local slug csv
     slug="$(cat "$STATE/slug" 2>/dev/null)"
-    if [[ -n "$slug" ]]; then
-        echo
-        echo "CSV files for this card:"
-        ls -l "$REPO"/bench/results/*_"$slug".csv 2>/dev/null | awk '{print "  " $NF, $5 " bytes"}'
-    fi
+    [[ -n "$slug" ]] || return 0
+    echo
+    echo "CSV files for this card:"
+    ls -l "$REPO"/bench/results/*_"$slug".csv "$REPO"/bench/results/*_"$slug".partial.csv \
+        2>/dev/null | awk '{print "  " $NF, $5 " bytes"}'
+    for csv in "$REPO/bench/results/echofast_bench_$slug.csv" \
+        "$REPO/bench/results/echofast_bench_$slug.partial.csv"; do
+        if [[ -f "$csv" && -z "$DRY" ]]; then
+            echo
+            echo "echofast bench --report $(basename "$csv"):"
+            (cd /tmp && echofast bench --report "$csv") 2>&1 | cut -c1-160
+        fi
+    done
 }
 
 collect() {
@@ -244,36 +277,36 @@ collect() {
     mkdir -p "$out"
     summary >"$out/gpu_session_summary.txt"
     cp "$STATE/worker.log" "$out/gpu_session.log" 2>/dev/null
-    local slug
+    local slug files=()
     slug="$(cat "$STATE/slug" 2>/dev/null)"
-    local files=()
     if [[ -n "$slug" ]]; then
-        mapfile -t files < <(cd "$REPO" && ls bench/results/*_"$slug".csv 2>/dev/null)
+        mapfile -t files < <(cd "$REPO" &&
+            ls bench/results/*_"$slug".csv bench/results/*_"$slug".partial.csv 2>/dev/null)
     fi
     (cd "$REPO" && tar -czf "$out/gpu_session_results.tar.gz" "${files[@]}" \
         -C "$STATE" logs 2>/dev/null)
 }
 
 attach() {
-    mkdir -p "$STATE"
-    if [[ -f "$STATE/done" ]]; then
-        log "the session's steps are finished on this machine"
-    elif [[ -f "$STATE/pid" ]] && kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
+    local t0
+    t0="$(now)"
+    mkdir -p "$STATE/logs"
+    if [[ -f "$STATE/pid" ]] && kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
         log "attaching to the running worker (pid $(cat "$STATE/pid"))"
+    elif all_final; then
+        log "every step has run on this machine"
     else
-        log "starting the worker (log: $STATE/worker.log)"
-        setsid nohup bash "$SELF" --worker >>"$STATE/worker.log" 2>&1 </dev/null &
+        log "starting a worker (log: $STATE/worker.log); it starts no step after" \
+            "$WAIT_S s from now"
+        rm -f "$STATE/worker_done"
+        setsid nohup bash "$SELF" --worker "$((t0 + WAIT_S))" >>"$STATE/worker.log" 2>&1 \
+            </dev/null &
         echo $! >"$STATE/pid"
     fi
-    local t0 shown=0
-    t0="$(now)"
-    while [[ ! -f "$STATE/done" ]] && (($(now) - t0 < WAIT_S)); do
-        if ! kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
-            log "the worker is gone before finishing (see the log above)"
-            break
-        fi
-        sleep 5
-        local lines
+    local shown=0 lines
+    while ! all_final && [[ ! -f "$STATE/worker_done" ]] && (($(now) - t0 < WAIT_S + 30)); do
+        kill -0 "$(cat "$STATE/pid")" 2>/dev/null || break
+        sleep "$POLL_S"
         lines="$(wc -l <"$STATE/worker.log")"
         if ((lines > shown)); then
             sed -n "$((shown + 1)),${lines}p" "$STATE/worker.log"
@@ -282,20 +315,34 @@ attach() {
     done
     collect
     cat "${OUT:-$STATE/out}/gpu_session_summary.txt"
-    if [[ -f "$STATE/done" ]]; then
+    if all_final; then
         echo "DONE: results in \$OUT/gpu_session_results.tar.gz"
     elif kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
-        echo "NOT DONE: call the same command again now (the worker keeps running)"
+        echo "RUNNING: the worker is still in a step; call the same command again now"
     else
-        echo "STOPPED: the worker ended early; the same command starts it again (finished steps"
-        echo "are kept on this machine)"
-        rm -f "$STATE/pid"
+        echo "MORE: steps are left (not-run/pending above); if the lease has time left, call the"
+        echo "same command again now (GPU_SESSION_STEPS=... to choose), else leave them for a later"
+        echo "session"
     fi
+}
+
+plan() {
+    echo "gpu_session.sh plan: steps in order, time cap each (s); a call starts no step after"
+    echo "GPU_SESSION_WAIT_S=$WAIT_S s and shortens the last one's cap to what is left"
+    local step total=0
+    for step in "${STEPS[@]}"; do
+        printf '  %-14s %5s\n' "$step" "${CAP[$step]}"
+        total=$((total + CAP[$step]))
+    done
+    printf '  %-14s %5s\n' "(sum of caps)" "$total"
+    echo "tests_gpu: pytest -m gpu --ignore=tests/triton tests, then tests/test_extension.py:"
+    (cd "$REPO" && "$PY" -m pytest -q --co -m gpu --ignore=tests/triton tests 2>&1 | tail -n 2)
 }
 
 case "${1:-}" in
     --fetch-wheels) fetch_wheels ;;
-    --worker) mkdir -p "$STATE" && worker ;;
+    --plan) plan ;;
+    --worker) mkdir -p "$STATE/logs" && worker "$2" ;;
     --step)
         cd "$REPO" || exit 1
         SLUG="${SLUG:-$(cat "$STATE/slug")}"
@@ -303,7 +350,7 @@ case "${1:-}" in
         ;;
     "") attach ;;
     *)
-        sed -n '2,31p' "$SELF"
+        sed -n '2,43p' "$SELF"
         exit 2
         ;;
 esac

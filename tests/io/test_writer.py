@@ -222,6 +222,7 @@ def test_invalid_arguments():
             w.call(lambda: None)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_frames_are_staged_in_stream_order(tmp_path):
     """CUDA frames are copied to host on the caller's stream: overwriting them right after

@@ -54,7 +54,7 @@ BOUNDS = {
 
 
 def _params(name: str, cpu_fp16: bool) -> list:
-    need_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+    need_cuda = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
     slow_fp16 = pytest.mark.skipif(
         not cpu_fp16, reason="this CPU has no native fp16: too slow for CI at the real config"
     )

@@ -174,10 +174,14 @@ def test_sdpa_output_is_token_major_for_projection_views():
 
 # ---- GPU: the compiled Triton kernel (skipped without CUDA) ------------------------------------
 
-cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-    reason="needs CUDA and triton",
-)
+
+def cuda(test):
+    """A GPU test: marked ``gpu`` (the GPU session runs those) and skipped without CUDA/triton."""
+    needs = pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+        reason="needs CUDA and triton",
+    )
+    return pytest.mark.gpu(needs(test))
 
 
 def _sdpa_error(q, k, v, ref):

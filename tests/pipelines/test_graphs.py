@@ -24,7 +24,12 @@ from echofast.pipelines import LIDMPipeline, LVDMPipeline, common, graphs
 from echofast.pipelines.graphs import CUDAGraphUNet, not_supported_reasons, signature
 from echofast.rng import randn_tensor
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def cuda(test):
+    """A GPU test: marked ``gpu`` (the GPU session runs those) and skipped without CUDA."""
+    return pytest.mark.gpu(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
+    )
 
 
 def _lvdm(device="cpu", seed=0):

@@ -87,6 +87,7 @@ def test_matches_reference(device, shape, scheduler, pred_dtype):
     torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs on the GPU only")
 def test_bf16_prediction_on_gpu():
     pred, latents, noise, tables, nxt_shape = case(2, 24, 16, 4, 14, 14, 1, "cuda", torch.bfloat16)

@@ -1,0 +1,90 @@
+"""bench/gpu_session.sh, the one-call GPU session, run on CPU with GPU_SESSION_DRY_RUN=1: the
+steps' commands are printed instead of run, so the control flow (detached worker, per-call time
+budget, continuation in a second call, statuses, summary, what comes back in $OUT) is tested
+here; the commands themselves are tested by their own tests (echofast bench, pytest -m gpu)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+STEPS = re.search(r'^ALL_STEPS="([^"]+)"', SCRIPT.read_text(), re.M).group(1).split()
+
+
+def _run(tmp_path, *args, **env):
+    full = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GPU_SESSION_STATE": str(tmp_path / "state"),
+        "OUT": str(tmp_path / "out"),
+        "GPU_SESSION_DRY_RUN": "1",
+        "GPU_SESSION_POLL_S": "1",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=120
+    )
+
+
+def _statuses(text):
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^(\w+)\s+(ok|FAIL|TIMEOUT|not-run|skipped|pending)\s", text, re.M)
+        if m.group(1) in STEPS
+    }
+
+
+def test_syntax_and_plan(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    out = _run(tmp_path, "--plan")
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^  (\w+)\s+\d+$", out.stdout, re.M)
+    assert listed == STEPS
+    # the most wanted results first: the build, the batch-1 benchmark, the GPU tests
+    assert STEPS[:3] == ["build", "bench_b1", "tests_gpu"]
+    assert re.search(r"\d+/\d+ tests collected", out.stdout)  # pytest -m gpu selects some
+
+
+def test_one_call_runs_every_step_in_order(tmp_path):
+    out = _run(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "DONE" in out.stdout
+    assert _statuses(out.stdout) == dict.fromkeys(STEPS, "ok")
+    commands = re.findall(r"^\+ (.*)$", out.stdout, re.M)
+    bench = [c for c in commands if " bench " in f" {c} " and "--out" in c]
+    assert ["--batch-size 1 --no-compile" in bench[0], "--batch-size 8" in bench[1]] == [True] * 2
+    assert "--compile --compile-echofast" in bench[2]
+    assert any("-m gpu --ignore=tests/triton tests" in c for c in commands)
+    with tarfile.open(tmp_path / "out" / "gpu_session_results.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("logs/bench_b1.log") for n in names)
+    assert (tmp_path / "out" / "gpu_session_summary.txt").read_text().count(" ok ") == len(STEPS)
+
+
+def test_a_second_call_runs_what_the_first_had_no_time_for(tmp_path):
+    first = _run(tmp_path, GPU_SESSION_WAIT_S="30")  # under every step's minimum of 45 s
+    assert first.returncode == 0, first.stderr
+    assert "MORE" in first.stdout
+    assert _statuses(first.stdout) == dict.fromkeys(STEPS, "not-run")
+    second = _run(tmp_path, SKIP="tests_gpu,patch")
+    assert "DONE" in second.stdout
+    want = {**dict.fromkeys(STEPS, "ok"), "tests_gpu": "skipped", "patch": "skipped"}
+    assert _statuses(second.stdout) == want
+    third = _run(tmp_path)
+    assert "every step has run on this machine" in third.stdout and "DONE" in third.stdout
+    assert "+ nvidia-smi" not in third.stdout  # nothing ran again
+
+
+@pytest.mark.parametrize("steps", ["bench_b1 nonsense", "tests_triton"])
+def test_unknown_steps_are_refused(tmp_path, steps):
+    out = _run(tmp_path, GPU_SESSION_STEPS=steps)
+    assert out.returncode == 2 and "unknown step" in out.stderr
+    assert not (tmp_path / "state").exists()
