@@ -27,11 +27,12 @@
 # Steps, most wanted first (name: what, time cap in s):
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
-#   bench_b1      echofast bench --batch-size 1 --graphs --no-compile: s/video, vs the reference's
-#                 way, kernels per UNet call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
+#   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
+#                 s/video (fp32 and fp16 VAE decode), vs the reference's way, kernels per UNet
+#                 call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
 #   tests_gpu     pytest -m gpu: every GPU test (compiled Triton kernels and models vs their
 #                 references, CUDA graphs, video path), then tests/test_extension.py
-#   bench_b8      echofast bench --batch-size 8 --graphs --no-compile: videos/s
+#   bench_b8      the same at --batch-size 8: videos/s
 #   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
 #   group_norm    bench/bench_group_norm.py                       -> group_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
@@ -157,8 +158,8 @@ step_bench() {
         --out "$REPO/bench/results/echofast_bench_${SLUG}.csv")
 }
 
-step_bench_b1() { step_bench --batch-size 1 --no-compile; }
-step_bench_b8() { step_bench --batch-size 8 --no-compile; }
+step_bench_b1() { step_bench --batch-size 1 --no-compile --decode-dtype float16; }
+step_bench_b8() { step_bench --batch-size 8 --no-compile --decode-dtype float16; }
 step_bench_compile() { step_bench --batch-size 1 --compile --compile-echofast; }
 
 bench_script() {

@@ -541,6 +541,7 @@ class Setup:
     models: Models
     seed: int = 0
     decode_chunk: int = 64
+    decode_dtypes: tuple[torch.dtype, ...] = ()
     reference: bool = True
     compile: bool = False
     compile_echofast: bool = False
@@ -722,9 +723,11 @@ def run_echofast(
     lvdm_flop: float | None,
     unets: tuple[Any, Any] | None = None,
     path: str = "pipeline/echofast",
+    decode_dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     """echofast's pipelines (LIDM → LVDM → decode) on ``batch`` videos, then the AVIs
-    (``unets``: the LIDM and LVDM to use instead of the plain models, e.g. compiled ones)."""
+    (``unets``: the LIDM and LVDM to use instead of the plain models, e.g. compiled ones;
+    ``decode_dtype``: the VAE decode's precision)."""
     from .io import write_video
     from .pipelines import EchoSyntheticPipeline
 
@@ -761,7 +764,7 @@ def run_echofast(
             **lvdm_kw,
         ).latents
         clock.lap("lvdm")
-        videos = pipe.lvdm_pipe.decode(latents, setup.decode_chunk)
+        videos = pipe.lvdm_pipe.decode(latents, setup.decode_chunk, dtype=decode_dtype)
         clock.lap("decode")
         if setup.avi:
             with tempfile.TemporaryDirectory(prefix="echofast_bench_") as tmp:
@@ -777,8 +780,8 @@ def run_echofast(
     if unets is not None:
         graphs += f"; torch.compile backend {setup.compile_backend}"
     note = (
-        f"{setup.models.source}; {graphs}; decode chunk {setup.decode_chunk}; "
-        f"first run {first:.2f} s"
+        f"{setup.models.source}; {graphs}; decode {_dtype_name(decode_dtype)} chunk "
+        f"{setup.decode_chunk}; first run {first:.2f} s"
     )
     return _pipeline_rows(
         setup,
@@ -943,6 +946,16 @@ def _parser() -> argparse.ArgumentParser:
         help="echofast's UNet precision (default float16 on CUDA, float32 on CPU)",
     )
     p.add_argument("--decode-chunk", type=int, default=64, help="echofast VAE frames per call")
+    p.add_argument(
+        "--decode-dtype",
+        nargs="+",
+        choices=[d for d in DTYPES if d != "float32"],
+        default=[],
+        metavar="DTYPE",
+        help="also time echofast with the VAE decode in these precisions (float16, bfloat16): "
+        "one extra path pipeline/echofast+decode-<dtype> each (pipeline/echofast decodes in "
+        "float32, the dataset default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers baselines")
     comp = p.add_mutually_exclusive_group()
@@ -1089,6 +1102,7 @@ def main_bench(argv: list[str]) -> int:
         models=models,
         seed=a.seed,
         decode_chunk=a.decode_chunk,
+        decode_dtypes=tuple(DTYPES[d] for d in a.decode_dtype),
         reference=not a.no_reference,
         compile=do_compile,
         compile_echofast=a.compile_echofast,
@@ -1181,6 +1195,8 @@ def _measure(setup: Setup) -> None:
         _say(f"\nbatch {batch}: {n_win} windows per video, UNet input {tuple(shape)}")
         # cheapest and most wanted first: a run stopped part way keeps those rows (journal)
         paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
+        decode = {f"pipeline/echofast+decode-{_dtype_name(d)}": d for d in setup.decode_dtypes}
+        paths += [(name, None) for name in decode]
         if setup.reference:
             paths.append(("pipeline/reference", (m.d_lidm, m.d_lvdm)))
         if "lvdm" in compiled:
@@ -1191,7 +1207,9 @@ def _measure(setup: Setup) -> None:
         for name, unets in paths:
             try:
                 if name.startswith("pipeline/echofast"):
-                    rows = run_echofast(setup, batch, run_flop, unets, name)
+                    rows = run_echofast(
+                        setup, batch, run_flop, unets, name, decode.get(name, torch.float32)
+                    )
                 else:
                     rows = run_reference(setup, batch, run_flop, unets, name)
             except Exception as err:  # noqa: BLE001 - report the path, measure the others
@@ -1201,7 +1219,7 @@ def _measure(setup: Setup) -> None:
             setup.record(rows)
             total = rows[0]
             _say(
-                f"  {name:<28} {total['s_per_video']:.4g} s/video, "
+                f"  {name:<34} {total['s_per_video']:.4g} s/video, "
                 f"{total['frames_per_s']:.4g} frames/s, {total['videos_per_s']:.3g} videos/s"
             )
         unets: dict[str, Any] = {"unet/echofast": m.lvdm}
@@ -1218,7 +1236,7 @@ def _measure(setup: Setup) -> None:
         for row in run_unet_calls(setup, batch, call_flop, unets):
             setup.record([row])
             _say(
-                f"  {row['path']:<28} {1e3 * row['median_s']:.3f} ms/call, "
+                f"  {row['path']:<34} {1e3 * row['median_s']:.3f} ms/call, "
                 f"{row.get('tflops', 0) or 0:.3g} TFLOP/s, kernels {row['kernels'] or '-'}"
             )
         if device.type == "cuda":

@@ -62,15 +62,14 @@ def add_ratios(rows: list[dict]) -> None:
     }
     pairs = {
         "pipeline/echofast": ("pipeline/reference", "pipeline/reference+compile"),
-        "pipeline/echofast+compile": ("pipeline/reference", "pipeline/reference+compile"),
         "unet/echofast": ("unet/diffusers", "unet/diffusers+compile"),
-        "unet/echofast+compile": ("unet/diffusers", "unet/diffusers+compile"),
-        "unet/echofast+graphs": ("unet/diffusers", "unet/diffusers+compile"),
     }
     for r in rows:
-        if r["path"] not in pairs or r["median_s"] == "":
+        # every echofast variant (+compile, +graphs, +decode-float16, ...) against the baselines
+        family = str(r["path"]).split("+")[0]
+        if family not in pairs or r["median_s"] == "":
             continue
-        ref, comp = pairs[r["path"]]
+        ref, comp = pairs[family]
         for col, base in (("speedup_vs_reference", ref), ("speedup_vs_compiled", comp)):
             other = med.get((str(r["batch"]), base, r["phase"]))
             if other:
@@ -252,7 +251,7 @@ def _cells(row: dict, columns: Sequence[tuple[str, str, int]]) -> str:
 
 _PIPELINE_COLUMNS = [
     ("batch", "s", 5),
-    ("path", "s", 27),
+    ("path", "s", 33),
     ("phase", "s", 10),
     ("s_per_video", ".4g", 9),
     ("p20_s", ".4g", 9),
@@ -266,7 +265,7 @@ _PIPELINE_COLUMNS = [
 ]
 _CALL_COLUMNS = [
     ("batch", "s", 5),
-    ("path", "s", 27),
+    ("path", "s", 33),
     ("median_s", "ms", 9),
     ("tflops", ".3g", 8),
     ("gemm_fraction", "", 8),

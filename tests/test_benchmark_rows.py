@@ -56,7 +56,7 @@ def test_a_stopped_run_keeps_its_rows_in_the_journal(tmp_path, monkeypatch, caps
 
     # a complete run: its rows (ratios included) go to the results file and leave the journal,
     # which still holds the stopped run's rows
-    assert bench.main_bench([*ARGV, "--out", str(out)]) == 0
+    assert bench.main_bench([*ARGV, "--decode-dtype", "bfloat16", "--out", str(out)]) == 0
     done = _read(out)
     assert len({r["run"] for r in done}) == 1
     assert {r["run"] for r in _read(journal)} == {r["run"] for r in kept}
@@ -69,6 +69,14 @@ def test_a_stopped_run_keeps_its_rows_in_the_journal(tmp_path, monkeypatch, caps
         ratio, rel=1e-4
     )
     assert {"unet/echofast", "unet/diffusers"} <= {r["path"] for r in done}
+    extra = by["pipeline/echofast+decode-bfloat16", "total"]  # --decode-dtype bfloat16
+    assert (
+        "decode bfloat16" in extra["note"]
+        and "decode float32" in by["pipeline/echofast", "total"]["note"]
+    )
+    assert float(extra["speedup_vs_reference"]) == pytest.approx(
+        float(by["pipeline/reference", "total"]["median_s"]) / float(extra["median_s"]), rel=1e-4
+    )
 
     # --report recomputes the same ratio from the CSV's strings
     capsys.readouterr()

@@ -7,6 +7,7 @@ Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
 
 from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
+from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .window_step import window_step, window_step_reference, window_tables
 
@@ -16,6 +17,8 @@ __all__ = [
     "Op",
     "attention",
     "attention_reference",
+    "geglu",
+    "geglu_reference",
     "group_norm",
     "group_norm_reference",
     "registered_ops",

@@ -1,0 +1,156 @@
+"""``geglu``: the gated GELU of a feed-forward, ``x * gelu(gate)``, ``[x, gate] = h.chunk(2, -1)``.
+
+    out[..., c] = h[..., c] * gelu(h[..., D + c])        h (..., 2·D) -> out (..., D)
+
+Backends: ``triton`` (one fused kernel forward, one backward, :mod:`echofast.kernels.geglu`;
+CUDA, or CPU under ``TRITON_INTERPRET=1``), then ``torch`` (the reference below: diffusers'
+``GEGLU`` after its projection). The Triton launcher takes any layout: it views h as (rows, 2·D)
+when the leading dims collapse to one row stride and the last dim has unit stride, and copies h to
+a contiguous tensor otherwise (the model's projections always give a contiguous h).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import Backend, Op
+from .group_norm import _interpret, _triton_installed
+
+APPROXIMATIONS = ("none", "tanh")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(h: torch.Tensor, approximate: str) -> None:
+    if h.dim() == 0 or h.shape[-1] % 2:
+        raise ValueError(
+            f"geglu: h must be (..., 2·D) with an even last dim, got shape {tuple(h.shape)}"
+        )
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"geglu: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+
+
+def geglu_reference(h: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
+    """Plain PyTorch in h's dtype, as diffusers' ``GEGLU``: ``x * F.gelu(gate)``.
+
+    Without autograd and outside ``torch.compile`` the product is taken in place in gelu's fresh
+    output (``gelu(gate).mul_(x)``, the same values: one temporary less).
+    """
+    d = h.shape[-1] // 2
+    x, gate = h[..., :d], h[..., d:]
+    g = F.gelu(gate, approximate=approximate)
+    if g.requires_grad or torch.compiler.is_compiling():
+        return x * g
+    return g.mul_(x)
+
+
+def _torch_reasons(h: torch.Tensor, **kwargs) -> list[str]:
+    if not h.is_floating_point():
+        return [f"h must be floating point, got {h.dtype}"]
+    return []
+
+
+def _triton_reasons(h: torch.Tensor, *, approximate: str = "none") -> list[str]:
+    reasons = []
+    if not h.is_cuda and not _interpret():
+        reasons.append(f"h is on {h.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
+    if h.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {h.dtype} unsupported (float32/float16/bfloat16 only)")
+    if reasons:  # cheap check only: do not import triton for a call that cannot use it
+        if not _triton_installed():
+            reasons.insert(0, "triton is not installed")
+        return reasons
+    try:
+        from echofast.kernels import geglu as kernels
+    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
+        return [f"triton not importable ({type(e).__name__}: {e})"]
+    if not h.is_cuda and type(kernels._geglu_fwd_kernel).__name__ != "InterpretedFunction":
+        reasons.append(
+            "echofast.kernels.geglu was imported without TRITON_INTERPRET=1, so its kernels "
+            "cannot run on CPU"
+        )
+    return reasons
+
+
+def _out_shape(h: torch.Tensor) -> tuple[int, ...]:
+    return (*h.shape[:-1], h.shape[-1] // 2)
+
+
+class _GegluTriton(torch.autograd.Function):
+    """Forward and backward: the fused Triton kernels. Saves h (as its (rows, 2·D) view) only;
+    the backward recomputes gelu(gate) from it."""
+
+    @staticmethod
+    def forward(ctx, h, approximate):
+        from echofast.kernels.geglu import geglu_fwd, rows_view
+
+        h2 = rows_view(h)
+        ctx.save_for_backward(h2)
+        ctx.approximate = approximate
+        ctx.shape = h.shape
+        return geglu_fwd(h2, approximate).view(_out_shape(h))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from echofast.kernels.geglu import geglu_bwd, rows_view
+
+        (h2,) = ctx.saved_tensors
+        dh = geglu_bwd(h2, rows_view(dy), ctx.approximate)
+        return dh.view(ctx.shape), None
+
+
+def geglu_triton(h: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
+    """The ``triton`` backend: same contract as :func:`geglu_reference`, differentiable."""
+    if h.requires_grad and torch.is_grad_enabled():
+        return _GegluTriton.apply(h, approximate)
+    from echofast.kernels.geglu import geglu_fwd, rows_view
+
+    return geglu_fwd(rows_view(h), approximate).view(_out_shape(h))
+
+
+def _example(device: str) -> tuple[tuple, dict]:
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return (torch.empty(2, 16, 128, device=device, dtype=dtype),), {}
+
+
+_op = Op(
+    "geglu",
+    [
+        Backend(
+            "triton",
+            geglu_triton,
+            _triton_reasons,
+            "one fused Triton pass x * gelu(gate) (fp32 math), forward and backward",
+            traceable=False,
+        ),
+        Backend(
+            "torch",
+            geglu_reference,
+            _torch_reasons,
+            "x * F.gelu(gate) in h's dtype, as diffusers' GEGLU (reference)",
+        ),
+    ],
+    _example,
+)
+
+
+def geglu(
+    h: torch.Tensor, *, approximate: str = "none", backend: str | None = None
+) -> torch.Tensor:
+    """``x * gelu(gate)`` where ``[x, gate] = h.chunk(2, dim=-1)``.
+
+    Args:
+        h: (..., 2·D) floating point, any layout: a feed-forward projection's output.
+        approximate: ``"none"`` (exact erf GELU, as diffusers' GEGLU) or ``"tanh"``.
+        backend: force a backend by name (see :mod:`echofast.ops`).
+
+    Returns:
+        (..., D) in h's dtype. The triton backend computes in fp32, rounds once, and returns a
+        contiguous tensor.
+
+    Raises:
+        ValueError: h's last dim is odd (or h is 0-D), or ``approximate`` is unknown.
+    """
+    _check(h, approximate)
+    return _op(h, approximate=approximate, backend=backend)

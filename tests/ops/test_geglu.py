@@ -1,0 +1,149 @@
+"""geglu reference vs an independent fp64 formula; shapes, errors, dispatch, the GEGLU module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers.models.activations import GEGLU as DiffusersGEGLU
+
+from echofast.errors import BackendUnavailable
+from echofast.nn.spatiotemporal import GEGLU
+from echofast.ops import geglu, geglu_reference, registered_ops
+
+_op = registered_ops()["geglu"]
+
+
+def oracle(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """x·gelu(gate) in fp64, GELU written out (erf / tanh formulas), no F.gelu."""
+    h = h.double()
+    d = h.shape[-1] // 2
+    x, g = h[..., :d], h[..., d:]
+    if approximate == "tanh":
+        return x * 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+    return x * 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+
+
+def oracle_grad(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d<out, dy>/dh in fp64 for the exact GELU: [dy·gelu(g), dy·x·(Φ(g) + g·φ(g))]."""
+    h, dy = h.double(), dy.double()
+    d = h.shape[-1] // 2
+    x, g = h[..., :d], h[..., d:]
+    cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    return torch.cat([dy * g * cdf, dy * x * (cdf + g * pdf)], dim=-1)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+SHAPES = [(2 * 37,), (3, 2 * 37), (2, 5, 2 * 16), (2, 3, 4, 2 * 8), (4, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_reference_matches_fp64_formula(shape, approximate, grad):
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 2
+    with torch.set_grad_enabled(grad):
+        out = geglu(h.requires_grad_(grad), approximate=approximate)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == torch.float32
+    assert rel(out.detach(), oracle(h.detach(), approximate)) <= 1e-6
+
+
+def test_gradient_formula_matches_autograd_of_the_reference():
+    """The analytic gradient the Triton tests use as oracle, checked against autograd (fp64)."""
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(5, 2 * 37, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    dy = torch.randn(5, 37, generator=g, dtype=torch.float64)
+    (dh,) = torch.autograd.grad(geglu_reference(h), h, dy)
+    torch.testing.assert_close(dh, oracle_grad(h.detach(), dy), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: geglu_reference(t, approximate="tanh"), (h[:2],))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_in_place_inference_path_equals_the_autograd_path(dtype):
+    """Without autograd the reference multiplies in place; the values are bit-identical."""
+    h = torch.randn(3, 4, 2 * 24).to(dtype)
+    with torch.no_grad():
+        fast = geglu(h)
+    slow = geglu(h.clone().requires_grad_()).detach()
+    assert fast.dtype == dtype
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, h[..., :24] * torch.nn.functional.gelu(h[..., 24:]))
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 0, 6)], ids=str)
+def test_empty_tensors(shape):
+    out = geglu(torch.empty(shape))
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+
+
+@pytest.mark.parametrize(
+    ("h", "kwargs", "message"),
+    [
+        (torch.randn(3, 7), {}, r"even last dim, got shape \(3, 7\)"),
+        (torch.randn(2, 4, 1), {}, r"got shape \(2, 4, 1\)"),
+        (torch.tensor(1.0), {}, r"got shape \(\)"),
+        (torch.randn(3, 8), {"approximate": "sigmoid"}, "approximate must be one of"),
+    ],
+)
+def test_bad_arguments_are_named(h, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        geglu(h, **kwargs)
+
+
+def test_integer_input_has_no_backend():
+    with pytest.raises(BackendUnavailable, match="floating point"):
+        geglu(torch.ones(2, 4, dtype=torch.int64))
+
+
+def test_automatic_choice_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h = torch.randn(4, 16)
+    assert _op.select(h).name == "torch"
+    assert _op.report("cpu")["torch"] == []
+
+
+def test_forced_triton_on_cpu_without_interpreter_lists_every_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable) as err:
+        geglu(torch.randn(4, 16, dtype=torch.float64), backend="triton")
+    text = str(err.value)
+    assert err.value.backend == "triton"
+    assert "not CUDA" in text and "TRITON_INTERPRET" in text and "float64" in text
+    assert "backend= argument" in text
+
+
+def _pair(dim_in=24, dim_out=40, seed=0):
+    torch.manual_seed(seed)
+    ref = DiffusersGEGLU(dim_in, dim_out)
+    ours = GEGLU(dim_in, dim_out)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["proj.weight", "proj.bias"]
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def test_module_matches_diffusers_inference():
+    ref, ours = _pair()
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+        got = ours(x)
+    assert got.shape == expected.shape == (2, 7, 40)
+    assert rel(got, expected.double()) <= 1e-6
+
+
+def test_module_matches_diffusers_training():
+    ref, ours = _pair(seed=1)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        grads.append((out.detach(), *torch.autograd.grad(out, [xi, *m.parameters()], dy)))
+    for got, expected in zip(grads[1], grads[0]):
+        assert rel(got, expected.double()) <= 1e-6
