@@ -35,6 +35,7 @@
 #   bench_b8      the same at --batch-size 8: videos/s
 #   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
 #   group_norm    bench/bench_group_norm.py                       -> group_norm_<card>.csv
+#   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   bench_compile echofast bench --batch-size 1 --graphs --compile --compile-echofast: vs compiled
 #                 diffusers (inductor compiles four UNets: the slowest step)
@@ -42,10 +43,10 @@
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu bench_b8 precision group_norm attention bench_compile video patch"
+ALL_STEPS="build bench_b1 tests_gpu bench_b8 precision group_norm geglu attention bench_compile video patch"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=240 [tests_gpu]=210 [bench_b8]=210 [precision]=150
-                [group_norm]=90 [attention]=120 [bench_compile]=420 [video]=90 [patch]=150)
+                [group_norm]=90 [geglu]=120 [attention]=120 [bench_compile]=420 [video]=90 [patch]=150)
 
 for step in "${STEPS[@]}"; do
     if [[ " $ALL_STEPS " != *" $step "* ]]; then
@@ -169,6 +170,7 @@ bench_script() {
 }
 
 step_group_norm() { bench_script bench_group_norm.py --csv "bench/results/group_norm_${SLUG}.csv"; }
+step_geglu() { bench_script bench_geglu.py --csv "bench/results/geglu_${SLUG}.csv"; }
 step_attention() { bench_script bench_attention.py --csv "bench/results/attention_${SLUG}.csv"; }
 step_video() {
     bench_script bench_video.py --device cuda --csv "bench/results/video_${SLUG}.csv"

@@ -50,17 +50,19 @@ TILE = 4096
 #: the interpreter pays per program: bigger tiles on CPU
 TILE_INTERPRETED = 16384
 MAX_BLOCK_D = 256
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_TWO_SQRT_2_OVER_PI = 1.5957691216057308  # 2·√(2/π)
-_TANH_CUBIC = 0.044715
+# constants read inside the kernels must be constexpr globals (kept on the right of products:
+# the interpreter cannot multiply a constexpr by a tensor from the left)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_TWO_SQRT_2_OVER_PI = tl.constexpr(1.5957691216057308)  # 2·√(2/π)
+_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
 def _gelu(g, APPROX_TANH: tl.constexpr):
     """gelu(g) for fp32 g."""
     if APPROX_TANH:
-        return g * tl.sigmoid(_TWO_SQRT_2_OVER_PI * (g + _TANH_CUBIC * g * g * g))
+        return g * tl.sigmoid((g + g * g * g * _TANH_CUBIC) * _TWO_SQRT_2_OVER_PI)
     return g * (0.5 * (1.0 + tl.erf(g * _SQRT1_2)))
 
 
@@ -68,8 +70,8 @@ def _gelu(g, APPROX_TANH: tl.constexpr):
 def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
     """(gelu(g), gelu'(g)) for fp32 g."""
     if APPROX_TANH:
-        s = tl.sigmoid(_TWO_SQRT_2_OVER_PI * (g + _TANH_CUBIC * g * g * g))
-        du = _TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * g * g)
+        s = tl.sigmoid((g + g * g * g * _TANH_CUBIC) * _TWO_SQRT_2_OVER_PI)
+        du = (1.0 + g * g * (3.0 * _TANH_CUBIC)) * _TWO_SQRT_2_OVER_PI
         return g * s, s + g * s * (1.0 - s) * du
     cdf = 0.5 * (1.0 + tl.erf(g * _SQRT1_2))
     return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * _INV_SQRT_2PI

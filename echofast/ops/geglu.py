@@ -11,6 +11,8 @@ a contiguous tensor otherwise (the model's projections always give a contiguous 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,9 @@ def _triton_reasons(h: torch.Tensor, *, approximate: str = "none") -> list[str]:
         reasons.append(f"h is on {h.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
     if h.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {h.dtype} unsupported (float32/float16/bfloat16 only)")
+    rows = math.prod(h.shape[:-1])
+    if rows >= 2**31:
+        reasons.append(f"{rows} rows (>= 2^31: the kernels index rows in int32)")
     if reasons:  # cheap check only: do not import triton for a call that cannot use it
         if not _triton_installed():
             reasons.insert(0, "triton is not installed")

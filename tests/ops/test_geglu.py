@@ -115,6 +115,9 @@ def test_forced_triton_on_cpu_without_interpreter_lists_every_reason(monkeypatch
     assert err.value.backend == "triton"
     assert "not CUDA" in text and "TRITON_INTERPRET" in text and "float64" in text
     assert "backend= argument" in text
+    huge = torch.empty(1, 4).expand(2**31, 4)  # no memory: a stride-0 view
+    with pytest.raises(BackendUnavailable, match=r"2147483648 rows \(>= 2\^31"):
+        geglu(huge, backend="triton")
 
 
 def _pair(dim_in=24, dim_out=40, seed=0):
@@ -147,3 +150,49 @@ def test_module_matches_diffusers_training():
         grads.append((out.detach(), *torch.autograd.grad(out, [xi, *m.parameters()], dy)))
     for got, expected in zip(grads[1], grads[0]):
         assert rel(got, expected.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("approx_tanh", [False, True])
+def test_kernels_compile_for_sm90_with_16_byte_accesses(dtype, approx_tanh):
+    """The compiled path, without a device: Triton's front end (which the interpreter skips, e.g.
+    non-constexpr globals are an error there only) through PTX and cubin for an H100 (sm_90) with
+    the bundled ptxas. With 16-divisible pointers, D and row strides (the model's case) every
+    load and store is a 16-byte vector access."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    from echofast.kernels import geglu as kernels
+
+    if type(kernels._geglu_fwd_kernel).__name__ == "InterpretedFunction":
+        pytest.skip("echofast.kernels.geglu was imported under TRITON_INTERPRET")
+    plan = kernels.Plan(16384, 512, interpreted=False)  # the LVDM's top level, one window
+    consts = {"BLOCK_R": plan.BLOCK_R, "BLOCK_D": plan.BLOCK_D, "APPROX_TANH": approx_tanh}
+    options = {"num_warps": plan.num_warps, "enable_fp_fusion": True}
+    kinds = [
+        (kernels._geglu_fwd_kernel, ["h_ptr", "out_ptr"], ["R", "D", "stride_h"], 2),
+        (
+            kernels._geglu_bwd_kernel,
+            ["h_ptr", "dy_ptr", "dh_ptr"],
+            ["R", "D", "stride_h", "stride_dy"],
+            3,
+        ),
+    ]
+    elems = 16 // (4 if dtype == "fp32" else 2)  # elements per 16-byte access
+    for fn, ptrs, ints, n_tensors in kinds:
+        sig = {**{p: f"*{dtype}" for p in ptrs}, **{i: "i32" for i in ints}}
+        attrs = {(k,): [["tt.divisibility", 16]] for k in range(len(sig))}
+        sig.update({k: "constexpr" for k in consts})
+        src = ASTSource(fn, sig, consts, attrs)
+        target = GPUTarget("cuda", 90, 32)
+        ptx = triton.compile(src, target=target, options=options).asm["ptx"]
+        # per thread and tensor: the tile's elements over the threads, 16 bytes at a time
+        tile_accesses = plan.BLOCK_R * plan.BLOCK_D // (plan.num_warps * 32) // elems
+        loads = ptx.count("ld.global.v4")
+        stores = ptx.count("st.global.v4")
+        assert loads == tile_accesses * n_tensors, (fn.__name__, loads)
+        assert stores == tile_accesses * (1 if n_tensors == 2 else 2), (fn.__name__, stores)

@@ -1,0 +1,168 @@
+"""GEGLU on a CUDA GPU: echofast's fused Triton kernel vs eager PyTorch vs torch.compile.
+
+    python bench/bench_geglu.py [--dtype float16] [--csv bench/results/geglu.csv]
+
+Shapes: the projection output h (tokens, 2·D) of every GEGLU of one full-config LVDM step
+(16×16 latents, T = 64) recorded by forward hooks, at 1 and 8 windows, plus one h >= 64 MiB.
+Providers: ``echofast_triton`` (one fused pass), ``eager`` (``x * F.gelu(gate)``, diffusers'
+GEGLU after its projection: two kernels), ``torch_compile`` (inductor's fusion of that same
+function). Modes: forward (without autograd), forward+backward (``autograd.grad(out, h, dy)``).
+Bandwidth = the minimum bytes (forward: read x and gate, write out = 3·N·D elements; backward adds
+read h and dy, write dh = 5·N·D) / median time, reported against a device-to-device copy measured
+in the same run. Times are ``triton.testing.do_bench`` medians with p20/p80; inputs are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from benchutil import append_csv, git_sha
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LARGE = (32768, 2048)  # h of 64 Mi elements: 128 MiB in fp16
+
+
+def lvdm_call_sites(windows: int) -> Counter:
+    """Shapes of h (the projection's output) of every GEGLU call of one LVDM step, with counts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.configs import LVDM_FULL_CONFIG
+
+    from echofast.models import LVDM
+    from echofast.nn.spatiotemporal import GEGLU
+
+    model = LVDM.from_config(LVDM_FULL_CONFIG).cuda().eval()
+    sites: Counter = Counter()
+
+    def hook(_module, _args, out):
+        sites[(*out.shape[:-1], 2 * out.shape[-1])] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEGLU)]
+    x = torch.randn(windows, 64, 8, 16, 16, device="cuda")
+    with torch.no_grad():
+        model(
+            x,
+            500,
+            encoder_hidden_states=torch.rand(windows, 1, 1, device="cuda"),
+            added_time_ids=torch.zeros(windows, 1, device="cuda"),
+        )
+    for h in handles:
+        h.remove()
+    del model
+    torch.cuda.empty_cache()
+    return sites
+
+
+def _bench(fn) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return med, p20, p80
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(64 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    med, _, _ = _bench(lambda: dst.copy_(src))
+    return 2 * src.nbytes / (med * 1e-3) / 1e9
+
+
+def eager(h: torch.Tensor) -> torch.Tensor:
+    x, gate = h.chunk(2, dim=-1)
+    return x * F.gelu(gate)
+
+
+def providers() -> dict:
+    from echofast.ops import geglu
+
+    def fused(h):
+        return geglu(h, backend="triton")
+
+    return {"echofast_triton": fused, "eager": eager, "torch_compile": torch.compile(eager)}
+
+
+def _forward(fn, h):
+    def call():
+        with torch.no_grad():
+            fn(h)
+
+    return call
+
+
+def _backward(fn, h, dy):
+    hg = h.detach().requires_grad_()
+    return lambda: torch.autograd.grad(fn(hg), hg, dy)  # no .grad accumulation kernel
+
+
+def run(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    copy_gbps = copy_bandwidth()
+    card = torch.cuda.get_device_name()
+    print(f"{card}: device copy {copy_gbps:.0f} GB/s", flush=True)
+    cases: Counter = Counter()
+    for windows in (1, 8):
+        for shape, n in lvdm_call_sites(windows).items():
+            cases[(shape, f"lvdm x{windows}")] += n
+    cases[(LARGE, "large (>= 64 MiB)")] = 1
+    rows = []
+    for (shape, origin), count in sorted(cases.items(), key=str):
+        h = torch.randn(shape, device="cuda", dtype=dtype)
+        dy = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
+        for mode in ("forward", "forward+backward"):
+            for name, fn in providers().items():
+                call = _forward(fn, h) if mode == "forward" else _backward(fn, h, dy)
+                moved = (3 if mode == "forward" else 8) * dy.nbytes
+                med, p20, p80 = _bench(call)
+                gbps = moved / (med * 1e-3) / 1e9
+                rows.append(
+                    {
+                        "card": card,
+                        "torch": torch.__version__,
+                        "cuda": torch.version.cuda,
+                        "git_sha": git_sha(),
+                        "origin": origin,
+                        "calls_per_step": count,
+                        "shape": "x".join(map(str, shape)),
+                        "dtype": args.dtype,
+                        "mode": mode,
+                        "backend": name,
+                        "median_ms": med,
+                        "p20_ms": p20,
+                        "p80_ms": p80,
+                        "min_bytes": moved,
+                        "gbps": gbps,
+                        "frac_copy": gbps / copy_gbps,
+                    }
+                )
+                print(
+                    f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} {mode:<16} {name:<15} "
+                    f"{med * 1e3:8.1f} us {gbps:7.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
+                    flush=True,
+                )
+        del h, dy
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "bench_geglu.py needs a CUDA GPU (the CPU path is the torch reference)",
+            file=sys.stderr,
+        )
+        return 2
+    rows = run(args)
+    if args.csv:
+        append_csv(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

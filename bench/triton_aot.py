@@ -1,0 +1,413 @@
+"""Compile every echofast Triton kernel for a GPU target ahead of time, on a machine with no GPU.
+
+A kernel that the device's Triton cannot compile would waste a scarce GPU lease; this finds it
+here. Each launcher of ``echofast.kernels`` is driven on CPU tensors with the real models' shapes,
+dtypes and flags while ``JITFunction.run`` is replaced by a recorder: every launch becomes a
+variant (kernel, argument types, constexpr values, num_warps). Each distinct variant is compiled
+with ``triton.compile`` for the target (default ``cuda:90``: H100/H200; also e.g. ``cuda:80``),
+then ``cuobjdump`` (bundled with Triton) reads registers, local memory (spills) and shared memory
+of each compiled variant.
+
+Launch plans on CPU differ from a GPU's only where they read the device: the persistent grids'
+program counts (runtime values, not compiled in) and group_norm's chunk count, whose power of two
+``BLOCK_K`` is a constexpr — the cases pass the chunk count an H100 (132 SMs) would get.
+Integer arguments are compiled unspecialised (i32, or i64 when large), so a GPU run compiles a
+few more specialisations (``% 16`` alignment, ``== 1``) of the same code.
+
+Usage::
+
+    python bench/triton_aot.py [--target cuda:90 cuda:80] [--quick] [--csv FILE]
+    PYTHONPATH=/path/to/triton-3.6 python bench/triton_aot.py   # the device's Triton version
+
+Exit status 1 when a variant fails to compile (every failure is printed with its error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
+    sys.exit("triton_aot.py compiles kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+#: multiprocessors of the card the group_norm chunk counts are planned for (H100/H200 SXM)
+SM_COUNT = 132
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_TENSOR_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+FLOAT_NAMES = ("fp32", "fp16", "bf16", "fp64")
+
+
+@dataclass
+class Variant:
+    """One compilation unit: a kernel with argument types, constexprs and launch options."""
+
+    kernel: JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict[str, int]
+    case: str
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def key(self) -> tuple:
+        return (
+            self.kernel.__module__,
+            self.name,
+            tuple(sorted(self.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+            tuple(sorted(self.options.items())),
+        )
+
+    def describe(self) -> str:
+        dtypes = sorted({t[1:] for t in self.signature.values() if t[1:] in FLOAT_NAMES})
+        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
+        return f"{'/'.join(dtypes) or '-'} {consts} warps={self.options.get('num_warps', 4)}"
+
+
+@dataclass
+class Recorder:
+    """``JITFunction.run`` stand-in: records each launch as a :class:`Variant`, launches nothing."""
+
+    case: str = ""
+    variants: dict[tuple, Variant] = field(default_factory=dict)
+    launches: int = 0
+
+    def __call__(self, fn: JITFunction, *args, grid, warmup, **kwargs) -> None:
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+        bound = fn.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        signature, constexprs = {}, {}
+        for param in fn.params:
+            value = bound.arguments[param.name]
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+                constexprs[param.name] = value
+            else:
+                signature[param.name] = _arg_type(value, f"{fn.__name__}({param.name})")
+        variant = Variant(fn, signature, constexprs, options, self.case)
+        self.variants.setdefault(variant.key(), variant)
+        self.launches += 1
+
+
+def _arg_type(value: object, where: str) -> str:
+    if torch.is_tensor(value):
+        return "*" + _TENSOR_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"{where}: cannot type a {type(value).__name__} argument")
+
+
+# ---- the cases: the launchers on the real models' shapes ------------------------------------
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _gn_chunks(n: int, groups: int) -> int:
+    """group_norm's chunk count on a GPU (kernels.group_norm.Plan with SM_COUNT multiprocessors)."""
+    from echofast.kernels import group_norm as k
+
+    return triton.cdiv(SM_COUNT * k.PROGRAMS_PER_SM, n * groups)
+
+
+def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import group_norm as k
+
+    shapes = [
+        ("lvdm-spatial", (5 * 64, 320, 16, 16), 32),  # (B·T, C, H, W) spatial resnet
+        ("lvdm-temporal", (5, 640, 64, 8, 8), 32),  # (B, C, T, H, W): a group spans T·H·W
+        ("vae-decoder", (8, 128, 112, 112), 32),  # the VAE's largest maps
+        ("odd", (2, 63, 5, 7), 21),
+    ]
+    flag_sets = [
+        ("affine+silu", True, "silu", False),
+        ("affine", True, None, False),
+        ("modulated+silu", True, "silu", True),
+        ("plain", False, None, False),
+    ]
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for shape_name, shape, groups in shapes[::3] if quick else shapes:
+            for flags_name, affine, act, modulated in flag_sets:
+                name = f"group_norm {shape_name} {flags_name} {str(dtype)[6:]}"
+
+                def run(
+                    shape=shape, groups=groups, affine=affine, act=act, mod=modulated, dt=dtype
+                ):
+                    n, c = shape[:2]
+                    fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+                    x = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt)
+                    w = torch.empty(c, dtype=dt) if affine else None
+                    b = torch.empty(c, dtype=dt) if affine else None
+                    sc = torch.empty(n, c, dtype=dt) if mod else None
+                    sh = torch.empty(n, c, dtype=dt) if mod else None
+                    chunks = _gn_chunks(n, groups)
+                    _, mean, rstd = k.group_norm_fwd(
+                        x, groups, w, b, 1e-5, act, sc, sh, fmt, num_chunks=chunks
+                    )
+                    dy = torch.empty_like(x)
+                    k.group_norm_bwd(
+                        dy, x, mean, rstd, groups, w, b, act, sc, sh, num_chunks=chunks
+                    )
+
+                yield name, run
+
+
+def _attention_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import attention as k
+
+    lengths = [(64, 64), (256, 256), (16, 16), (1024, 1024), (37, 65)]
+    for dtype in DTYPES[:2] if quick else DTYPES:
+        for d in k.HEAD_DIMS[-2:] if quick else k.HEAD_DIMS:
+            for lq, lk in lengths[:2] if quick else lengths:
+
+                def run(d=d, lq=lq, lk=lk, dt=dtype):
+                    q = torch.empty(2, 3, lq, d, dtype=dt)
+                    kv = torch.empty(2, 3, lk, d, dtype=dt)
+                    k.attention_fwd(q, kv, kv, d**-0.5, max_programs=SM_COUNT * k.PROGRAMS_PER_SM)
+
+                yield f"attention d={d} L={lq}x{lk} {str(dtype)[6:]}", run
+
+
+def _window_step_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import window_step as k
+    from echofast.ops.window_step import window_tables
+
+    total, window, stride, c, h = 192, 64, 32, 4, 14
+    starts = list(range(0, total - window + 1, stride))
+    tables = [
+        torch.tensor(v, dtype=torch.int32)
+        for v in (*window_tables(total, starts, window, window - stride), starts)
+    ]
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for pad in (1,) if quick else (0, 1):
+            for noise in (True, False):
+
+                def run(dt=dtype, pad=pad, noise=noise):
+                    lat = torch.empty(2, total, c, h, h)
+                    pred = torch.empty(2 * len(starts), window, c, h + 2 * pad, h + 2 * pad)
+                    nxt = torch.empty(2 * len(starts), window, 2 * c, h + 2 * pad, h + 2 * pad)
+                    z = torch.empty_like(lat) if noise else None
+                    coeffs = torch.empty(2, 6)
+                    k.window_step_fwd(pred.to(dt), lat, coeffs, z, *tables, pad, 4.0, nxt)
+
+                yield f"window_step pad={pad} noise={noise} {str(dtype)[6:]}", run
+
+
+def _geglu_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import geglu as k
+
+    shapes = [(81920, 2 * 512), (20480, 2 * 1024), (3, 2 * 37)]
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for rows, cols in shapes[::2] if quick else shapes:
+            for approximate in ("none", "tanh"):
+
+                def run(rows=rows, cols=cols, dt=dtype, approximate=approximate):
+                    h = torch.empty(rows, cols, dtype=dt)
+                    k.geglu_fwd(h, approximate)
+                    k.geglu_bwd(h, torch.empty(rows, cols // 2, dtype=dt), approximate)
+
+                yield f"geglu {rows}x{cols} {approximate} {str(dtype)[6:]}", run
+
+
+CASES = {
+    "group_norm": _group_norm_cases,
+    "attention": _attention_cases,
+    "window_step": _window_step_cases,
+    "geglu": _geglu_cases,
+}
+
+
+def kernel_functions() -> dict[str, list[str]]:
+    """Every ``@triton.jit`` kernel (a function launched with a grid, named ``_*_kernel``) of
+    each ``echofast.kernels`` module: what the cases must cover."""
+    import importlib
+
+    found = {}
+    for module_name in CASES:
+        module = importlib.import_module(f"echofast.kernels.{module_name}")
+        found[module_name] = sorted(
+            name
+            for name, obj in vars(module).items()
+            if isinstance(obj, JITFunction) and name.endswith("_kernel")
+        )
+    return found
+
+
+def record(quick: bool) -> tuple[Recorder, list[str]]:
+    """Drive every case with the recorder in place of ``JITFunction.run``."""
+    recorder = Recorder()
+    errors = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return recorder(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    JITFunction.run = run
+    try:
+        with torch.no_grad():
+            for cases in CASES.values():
+                for name, case in cases(quick):
+                    recorder.case = name
+                    try:
+                        case()
+                    except Exception as e:  # noqa: BLE001 - report every case that cannot launch
+                        errors.append(f"{name}: {type(e).__name__}: {e}")
+    finally:
+        JITFunction.run = original
+    return recorder, errors
+
+
+# ---- compile and read the resource usage ----------------------------------------------------
+
+_USAGE = re.compile(
+    r"REG:(?P<reg>\d+) STACK:(?P<stack>\d+) SHARED:(?P<shared>\d+) LOCAL:(?P<local>\d+)"
+)
+
+
+def _cuobjdump() -> str:
+    """The cuobjdump that ships with Triton (this machine's CUDA toolkit may have none)."""
+    import triton.backends.nvidia as nv
+
+    bundled = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else "cuobjdump"
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack + local bytes per thread (register spills and local arrays)
+    and static shared memory of a compiled kernel, read by ``cuobjdump --dump-resource-usage``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    m = _USAGE.search(out.stdout)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {out.stdout[-300:]!r}")
+    return {
+        "registers": int(m["reg"]),
+        "local_bytes": int(m["stack"]) + int(m["local"]),
+        "static_shared_bytes": int(m["shared"]),
+    }
+
+
+def compile_variant(v: Variant, target: GPUTarget) -> dict:
+    """Compile one variant for ``target``; a row with its resource usage or its error."""
+    row = {
+        "kernel": f"{v.kernel.__module__.rsplit('.', 1)[-1]}.{v.name}",
+        "variant": v.describe(),
+        "case": v.case,
+        "target": f"{target.backend}:{target.arch}",
+        "triton": triton.__version__,
+    }
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs)
+        compiled = triton.compile(src, target=target, options=dict(v.options))
+        row.update(resources(compiled.asm["cubin"]))
+        row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - every failure is reported, the run carries on
+        row["status"] = "FAIL"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != "^"]
+        row["error"] = f"{type(e).__name__}: " + " | ".join(lines[-3:])[:400]
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _target(text: str) -> GPUTarget:
+    backend, _, arch = text.partition(":")
+    if backend != "cuda" or not arch.isdigit():
+        raise argparse.ArgumentTypeError(f"target must be cuda:<cc>, e.g. cuda:90, got {text!r}")
+    return GPUTarget("cuda", int(arch), 32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", type=_target, nargs="+", default=[_target("cuda:90")])
+    p.add_argument("--quick", action="store_true", help="fewer dtypes/shapes (CI)")
+    p.add_argument("--csv", type=Path, help="write one row per compiled variant")
+    a = p.parse_args(argv)
+
+    recorder, errors = record(a.quick)
+    variants = list(recorder.variants.values())
+    print(
+        f"triton {triton.__version__}: {recorder.launches} launches recorded, "
+        f"{len(variants)} distinct variants; targets "
+        + ", ".join(f"{t.backend}:{t.arch}" for t in a.target)
+    )
+    covered = {v.name for v in variants}
+    for module_name, names in kernel_functions().items():
+        missing = [n for n in names if n not in covered]
+        if missing:
+            errors.append(f"{module_name}: kernels never launched by the cases: {missing}")
+
+    rows = [compile_variant(v, t) for t in a.target for v in variants]
+    width = max(len(r["kernel"]) for r in rows) if rows else 10
+    print(f"{'kernel':<{width}} target   regs local  smem(B)  s     variant")
+    for r in rows:
+        if r["status"] == "ok":
+            print(
+                f"{r['kernel']:<{width}} {r['target']:<8} {r['registers']:>4} "
+                f"{r['local_bytes']:>5} {r['shared_bytes']:>8} {r['seconds']:>5}  {r['variant']}"
+            )
+        else:
+            print(f"{r['kernel']:<{width}} {r['target']:<8} FAIL  {r['variant']}: {r['error']}")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if a.csv:
+        fields = ["kernel", "target", "triton", "status", "registers", "local_bytes"]
+        fields += ["shared_bytes", "static_shared_bytes", "seconds", "variant", "case", "error"]
+        a.csv.parent.mkdir(parents=True, exist_ok=True)
+        with a.csv.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    for e in errors:
+        print(f"ERROR {e}")
+    spilling = sorted({r["kernel"] for r in rows if r.get("local_bytes", 0) > 0})
+    print(
+        f"{len(rows) - len(failed)}/{len(rows)} compiled"
+        + (f"; local memory (spills?): {', '.join(spilling)}" if spilling else "; no local memory")
+    )
+    return 1 if failed or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
