@@ -43,13 +43,13 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import math
-import os
 import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -1064,7 +1064,7 @@ def main_bench(argv: list[str]) -> int:
         p.error(f"--dtype {a.dtype} needs CUDA (echofast samples in float32 on CPU)")
     old_rows = read_csv(a.compare) if a.compare else None
     env = environment(device)
-    env["run"] = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}"
+    env["run"] = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     out = None
     if not a.no_csv:
         out = a.out or Path("bench/results") / f"echofast_bench_{card_slug(env['card'])}.csv"
