@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchutil import append_csv, git_sha
+from benchutil import append_csv, copy_bandwidth, git_sha
+from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -139,19 +140,9 @@ def providers(sweep: bool) -> dict:
     return out
 
 
-def _bench(fn) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-    return med, p20, p80
-
-
 def floors() -> tuple[float, float]:
     """(device copy GB/s, fp16 GEMM TFLOP/s) measured now, on this card."""
-    src = torch.randn(64 * 2**20, device="cuda")
-    dst = torch.empty_like(src)
-    med, _, _ = _bench(lambda: dst.copy_(src))
-    copy_gbps = 2 * src.nbytes / (med * 1e-3) / 1e9
+    copy_gbps = copy_bandwidth()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     med, _, _ = _bench(lambda: a @ b)

@@ -17,57 +17,25 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import benchutil
 import torch
 import torch.nn.functional as F
-from benchutil import append_csv, git_sha
+from benchutil import append_csv, copy_bandwidth, git_sha
+from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def lvdm_call_sites(windows: int) -> Counter:
     """(shape, groups, eps, activation, channels_last) of every GroupNorm call, with counts."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from support.configs import LVDM_FULL_CONFIG
-
-    from echofast.models import LVDM
     from echofast.nn import GroupNorm
 
-    model = LVDM.from_config(LVDM_FULL_CONFIG).cuda().eval()
-    sites: Counter = Counter()
-
-    def hook(module, args, _out):
+    def key(module, args, _out):
         x = args[0]
         cl = x.dim() > 3 and not x.is_contiguous()
-        sites[(tuple(x.shape), module.num_groups, module.eps, module.activation, cl)] += 1
+        return (tuple(x.shape), module.num_groups, module.eps, module.activation, cl)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GroupNorm)]
-    x = torch.randn(windows, 64, 8, 16, 16, device="cuda")
-    with torch.no_grad():
-        model(
-            x,
-            500,
-            encoder_hidden_states=torch.rand(windows, 1, 1, device="cuda"),
-            added_time_ids=torch.zeros(windows, 1, device="cuda"),
-        )
-    for h in handles:
-        h.remove()
-    del model
-    torch.cuda.empty_cache()
-    return sites
-
-
-def _bench(fn) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-    return med, p20, p80
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(64 * 2**20, device="cuda")
-    dst = torch.empty_like(src)
-    med, _, _ = _bench(lambda: dst.copy_(src))
-    return 2 * src.nbytes / (med * 1e-3) / 1e9
+    return benchutil.lvdm_call_sites(GroupNorm, windows, key)
 
 
 def providers(groups: int, eps: float, activation: str | None):

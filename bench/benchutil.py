@@ -1,10 +1,16 @@
-"""Helpers shared by the benchmark scripts: the code's git version and CSV rows."""
+"""Helpers shared by the benchmark scripts: the code's git version, CSV rows, GPU timing and
+the real LVDM's call sites of a module."""
 
 from __future__ import annotations
 
 import csv
 import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def git_sha() -> str:
@@ -30,3 +36,53 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA
+    events, L2 flushed before every run)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return med, p20, p80
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s measured now (bytes read + written), the memory ceiling."""
+    src = torch.randn(64 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    med, _, _ = timed(lambda: dst.copy_(src))
+    return 2 * src.nbytes / (med * 1e-3) / 1e9
+
+
+def lvdm_call_sites(
+    module_type: type, windows: int, key: Callable[[torch.nn.Module, tuple, object], object]
+) -> Counter:
+    """``key(module, args, output)`` of every call of a ``module_type`` module in one call of the
+    real-config LVDM (random weights, ``windows`` 64-frame windows of 16×16 latents, on CUDA),
+    with counts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.configs import LVDM_FULL_CONFIG
+
+    from echofast.models import LVDM
+
+    model = LVDM.from_config(LVDM_FULL_CONFIG).cuda().eval()
+    sites: Counter = Counter()
+
+    def hook(module, args, out):
+        sites[key(module, args, out)] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, module_type)]
+    x = torch.randn(windows, 64, 8, 16, 16, device="cuda")
+    with torch.no_grad():
+        model(
+            x,
+            500,
+            encoder_hidden_states=torch.rand(windows, 1, 1, device="cuda"),
+            added_time_ids=torch.zeros(windows, 1, device="cuda"),
+        )
+    for h in handles:
+        h.remove()
+    del model
+    torch.cuda.empty_cache()
+    return sites

@@ -21,20 +21,19 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import Backend, Op
+from ._triton import interpret, kernel_reasons
 
 #: head dims the Triton kernel supports (Q/K and V)
 TRITON_HEAD_DIMS = (8, 16, 32, 64)
 #: longest sequence the Triton backend takes (it is tiled for short ones; sdpa is better beyond)
 TRITON_MAX_LEN = 1024
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_TRUE = ("1", "true", "yes", "on", "y")
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -142,16 +141,11 @@ def _attention_xformers(
 # ---- triton ----------------------------------------------------------------------------------
 
 
-def _interpret() -> bool:
-    """``TRITON_INTERPRET`` as Triton reads it, looked up at call time."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-
-
 def _triton_reasons(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
 ) -> list[str]:
     reasons = _common_reasons(q, k, v)
-    if not q.is_cuda and not _interpret():
+    if not q.is_cuda and not interpret():
         reasons.append(f"q is on {q.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
     d, dv = q.shape[-1], v.shape[-1]
     for name, dim in (("head dim D", d), ("value head dim Dv", dv)):
@@ -165,21 +159,7 @@ def _triton_reasons(
         )
     if q.numel() == 0 or k.numel() == 0:
         reasons.append("empty input")
-    if reasons:  # cheap checks only: do not import triton for a call that cannot use it
-        if not _installed("triton"):
-            reasons.insert(0, "triton is not installed")
-        return reasons
-    try:
-        from echofast.kernels import attention as kernels
-    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
-        return [f"triton not importable ({type(e).__name__}: {e})"]
-    interpreted = type(kernels._attn_fwd_kernel).__name__ == "InterpretedFunction"
-    if not q.is_cuda and not interpreted:
-        reasons.append(
-            "echofast.kernels.attention was imported without TRITON_INTERPRET=1, so its kernel "
-            "cannot run on CPU"
-        )
-    return reasons
+    return kernel_reasons(reasons, "attention", "_attn_fwd_kernel", q.is_cuda)
 
 
 class _AttentionTriton(torch.autograd.Function):

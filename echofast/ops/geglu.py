@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import Backend, Op
-from .group_norm import _interpret, _triton_installed
+from ._triton import interpret, kernel_reasons
 
 APPROXIMATIONS = ("none", "tanh")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,27 +54,14 @@ def _torch_reasons(h: torch.Tensor, **kwargs) -> list[str]:
 
 def _triton_reasons(h: torch.Tensor, *, approximate: str = "none") -> list[str]:
     reasons = []
-    if not h.is_cuda and not _interpret():
+    if not h.is_cuda and not interpret():
         reasons.append(f"h is on {h.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
     if h.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {h.dtype} unsupported (float32/float16/bfloat16 only)")
     rows = math.prod(h.shape[:-1])
     if rows >= 2**31:
         reasons.append(f"{rows} rows (>= 2^31: the kernels index rows in int32)")
-    if reasons:  # cheap check only: do not import triton for a call that cannot use it
-        if not _triton_installed():
-            reasons.insert(0, "triton is not installed")
-        return reasons
-    try:
-        from echofast.kernels import geglu as kernels
-    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
-        return [f"triton not importable ({type(e).__name__}: {e})"]
-    if not h.is_cuda and type(kernels._geglu_fwd_kernel).__name__ != "InterpretedFunction":
-        reasons.append(
-            "echofast.kernels.geglu was imported without TRITON_INTERPRET=1, so its kernels "
-            "cannot run on CPU"
-        )
-    return reasons
+    return kernel_reasons(reasons, "geglu", "_geglu_fwd_kernel", h.is_cuda)
 
 
 def _out_shape(h: torch.Tensor) -> tuple[int, ...]:

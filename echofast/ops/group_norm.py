@@ -11,13 +11,12 @@ CUDA, or CPU under ``TRITON_INTERPRET=1``), then ``torch`` (the reference below)
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import Backend, Op
+from ._triton import interpret, kernel_reasons
 
 ACTIVATIONS = (None, "silu")
 
@@ -94,19 +93,9 @@ def _torch_reasons(x: torch.Tensor, *args, **kwargs) -> list[str]:
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRUE = ("1", "true", "yes", "on", "y")
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpret() -> bool:
-    """``TRITON_INTERPRET`` as Triton reads it, looked up at call time."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-
-
 def _triton_reasons(
     x: torch.Tensor,
     num_groups: int,
@@ -119,8 +108,7 @@ def _triton_reasons(
     shift: torch.Tensor | None = None,
 ) -> list[str]:
     reasons = []
-    interpret = _interpret()
-    if not x.is_cuda and not interpret:
+    if not x.is_cuda and not interpret():
         reasons.append(f"x is on {x.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
     if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"dtype {x.dtype} unsupported (float32/float16/bfloat16 only)")
@@ -144,21 +132,7 @@ def _triton_reasons(
         reasons.append(f"C/G = {x.shape[1] // num_groups} channels per group > 1024")
     if activation not in ACTIVATIONS:
         reasons.append(f"activation {activation!r} unsupported")
-    if reasons:  # cheap check only: do not import triton for a call that cannot use it
-        if not _triton_installed():
-            reasons.insert(0, "triton is not installed")
-        return reasons
-    try:
-        from echofast.kernels import group_norm as kernels
-    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
-        return [f"triton not importable ({type(e).__name__}: {e})"]
-    interpreted = type(kernels._gn_fwd_stats_kernel).__name__ == "InterpretedFunction"
-    if not x.is_cuda and not interpreted:
-        reasons.append(
-            "echofast.kernels.group_norm was imported without TRITON_INTERPRET=1, so its "
-            "kernels cannot run on CPU"
-        )
-    return reasons
+    return kernel_reasons(reasons, "group_norm", "_gn_fwd_stats_kernel", x.is_cuda)
 
 
 class _GroupNormTriton(torch.autograd.Function):

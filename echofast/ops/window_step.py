@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import Backend, Op
-from .group_norm import _interpret, _triton_installed
+from ._triton import interpret, kernel_reasons
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,7 +145,7 @@ def _triton_reasons(
     **kwargs,
 ) -> list[str]:
     reasons = []
-    if not latents.is_cuda and not _interpret():
+    if not latents.is_cuda and not interpret():
         reasons.append(
             f"tensors are on {latents.device}, not CUDA (set TRITON_INTERPRET=1 for CPU)"
         )
@@ -161,20 +161,7 @@ def _triton_reasons(
         reasons.append("latents are empty")
     if latents.numel() >= 2**31:
         reasons.append(f"latents have {latents.numel()} elements (>= 2^31)")
-    if reasons:
-        if not _triton_installed():
-            reasons.insert(0, "triton is not installed")
-        return reasons
-    try:
-        from echofast.kernels import window_step as kernels
-    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
-        return [f"triton not importable ({type(e).__name__}: {e})"]
-    if not latents.is_cuda and type(kernels._window_step_kernel).__name__ != "InterpretedFunction":
-        reasons.append(
-            "echofast.kernels.window_step was imported without TRITON_INTERPRET=1, so its "
-            "kernels cannot run on CPU"
-        )
-    return reasons
+    return kernel_reasons(reasons, "window_step", "_window_step_kernel", latents.is_cuda)
 
 
 def window_step_triton(

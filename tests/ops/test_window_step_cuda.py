@@ -31,27 +31,15 @@ kernels, and skip when ``TRITON_INTERPRET`` is set.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from support.markers import COMPILED_TRITON_ON_GPU
 
 from echofast.ops.window_step import window_step, window_tables
 from echofast.schedulers import DDIMScheduler, DDPMScheduler
 
-pytestmark = [
-    pytest.mark.gpu,  # the GPU session (bench/gpu_session.sh) runs `pytest -m gpu`
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-        reason="needs CUDA and triton",
-    ),
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"),
-        reason="TRITON_INTERPRET is set: these tests are for the compiled kernels",
-    ),
-]
+pytestmark = COMPILED_TRITON_ON_GPU
 
 U = 2.0**-24  # unit roundoff of fp32
 ORACLE_ULPS = 8  # per backend vs fp64, in units of u·S (first-order bound: 6)

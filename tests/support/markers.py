@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from collections.abc import Iterable
 
 import pytest
+import torch
 
 _NEEDS_GPU = re.compile(r"\b(CUDA|GPU)\b", re.IGNORECASE)
 
@@ -21,3 +24,18 @@ def unmarked_gpu_tests(items: Iterable[pytest.Item]) -> list[str]:
             _NEEDS_GPU.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")
         )
     ]
+
+
+#: marks of a module that tests compiled Triton kernels on a GPU: ``gpu``, skipped without CUDA or
+#: Triton, and skipped under ``TRITON_INTERPRET`` (the kernels would be interpreted, not compiled)
+COMPILED_TRITON_ON_GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+        reason="needs CUDA and triton",
+    ),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"),
+        reason="TRITON_INTERPRET is set: these tests are for the compiled kernels",
+    ),
+]
