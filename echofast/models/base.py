@@ -70,7 +70,21 @@ class ModelBase(nn.Module):
         nn.Module.__init__(self)
         keys = self.config_defaults()
         self.config = Config({k: init_locals[k] for k in keys})
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.relayout_convs())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._relayout())
+
+    def _relayout(self) -> None:
+        """Conv kernels in :attr:`memory_format` and packed parameter groups (the models' one-GEMM
+        time projections), after construction, loading and conversions."""
+        self.relayout_convs()
+        projections = getattr(self, "_time_projections", None)
+        if projections is not None:
+            projections.pack()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_time_projections", None) is not None:
+            self._time_projections.pack()  # conversions give every parameter its own storage
+        return out
 
     def relayout_convs(self) -> None:
         """Store conv kernels in :attr:`memory_format` (loading replaces them with NCHW ones)."""

@@ -22,7 +22,7 @@ from ..nn import (
 )
 from ..nn._mode import eager_inference
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
-from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
+from ..nn.embeddings import RunMemo, TimeEmbedding, time_projections, value_key
 from .base import ModelBase
 from .outputs import SampleOutput
 
@@ -163,6 +163,8 @@ class LIDM(ModelBase):
         self.conv_norm_out = GroupNorm(norm_num_groups, chans[0], eps=norm_eps, activation="silu")
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
         self._run_memo: RunMemo | None = None
+        self._time_projections = time_projections(self)
+        self._time_projections.pack()
 
     @contextlib.contextmanager
     def sampling_cache(self) -> Iterator[RunMemo]:
@@ -207,8 +209,9 @@ class LIDM(ModelBase):
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
         memo = self._run_memo
+        tp = self._time_projections
         if memo is None or not eager_inference():
-            emb = TimeEmbedding(self.time_embed(distinct_timesteps(timesteps)))
+            emb = TimeEmbedding(self.time_embed(distinct_timesteps(timesteps)), projections=tp)
         else:
             # a shared timestep is embedded once, (1, E), whatever the batch size
             key = (value_key(timestep), sample.device)
@@ -220,6 +223,7 @@ class LIDM(ModelBase):
                 memo,
                 key,
                 deps,
+                projections=tp,
             )
         x = self.conv_in(sample.contiguous(memory_format=self.memory_format))
         skips: tuple[torch.Tensor, ...] = (x,)

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_features
 from ..nn._mode import eager_inference
-from ..nn.embeddings import RunMemo, TimeEmbedding, value_key
+from ..nn.embeddings import RunMemo, TimeEmbedding, time_projections, value_key
 from ..nn.spatiotemporal import (
     SpatioTemporalDownStage,
     SpatioTemporalMidStage,
@@ -183,6 +183,8 @@ class LVDM(ModelBase):
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
         self.relayout_convs()  # conv kernels in the activations' layout (ModelBase.memory_format)
         self._run_memo: RunMemo | None = None
+        self._time_projections = time_projections(self)
+        self._time_projections.pack()
 
     @contextlib.contextmanager
     def sampling_cache(self) -> Iterator[RunMemo]:
@@ -230,12 +232,13 @@ class LVDM(ModelBase):
     ) -> TimeEmbedding:
         """The call's :class:`TimeEmbedding`, taken from the sampling run's memo when active."""
         memo = self._run_memo
+        tp = self._time_projections
         if memo is None or not eager_inference():
-            return TimeEmbedding(self.time_embed(timesteps, added_time_ids))
+            return TimeEmbedding(self.time_embed(timesteps, added_time_ids), projections=tp)
         key = (value_key(timestep), value_key(added_time_ids), timesteps.shape[0], timesteps.device)
         deps = (self.time_embedding, self.add_embedding)
         emb = memo.get(deps, ("emb", key), lambda: self.time_embed(timesteps, added_time_ids))
-        return TimeEmbedding(emb, memo, key, deps)
+        return TimeEmbedding(emb, memo, key, deps, projections=tp)
 
     @staticmethod
     def _timesteps(

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import ops
 from ._mode import eager_inference
+from ._packing import pack_rows, packed_linear
 from .norm import GroupNorm
 
 #: device types on which self-attention projects Q, K and V with one GEMM. Not CPU: there the
@@ -39,33 +40,6 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
     return x.reshape(b, c, h * w).transpose(1, 2)
-
-
-def _adjacent(ps: list[torch.Tensor] | None) -> bool:
-    """Whether ``ps`` are contiguous, same-dtype tensors lying back to back in one storage."""
-    if not ps or any(not p.is_contiguous() or p.is_meta for p in ps):
-        return False
-    first = ps[0]
-    ptr = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    for p in ps:
-        if (
-            p.dtype != first.dtype
-            or p.device != first.device
-            or p.shape[1:] != first.shape[1:]
-            or p.untyped_storage().data_ptr() != ptr
-            or p.storage_offset() != offset
-        ):
-            return False
-        offset += p.numel()
-    return True
-
-
-def _concat_view(ps: list[torch.Tensor]) -> torch.Tensor:
-    """The concatenation (dim 0) of adjacent tensors (see :func:`_adjacent`) as one view."""
-    first = ps[0]
-    rows = sum(p.shape[0] for p in ps)
-    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -145,18 +119,8 @@ class Attention(nn.Module):
         """
         if not self.is_self_attention:
             return
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                ps = self._qkv_params(name)
-                if ps is None or _adjacent(ps):
-                    continue
-                if len({(p.dtype, p.device) for p in ps}) != 1 or any(p.is_meta for p in ps):
-                    continue
-                packed = torch.cat([p.detach() for p in ps])
-                start = 0
-                for p in ps:
-                    p.data = packed[start : start + p.shape[0]]
-                    start += p.shape[0]
+        for name in ("weight", "bias"):
+            pack_rows(self._qkv_params(name))
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -168,13 +132,7 @@ class Attention(nn.Module):
         parameters; None under autograd, for cross-attention modules, or when not packed."""
         if not self.is_self_attention or not eager_inference():
             return None
-        ws = self._qkv_params("weight")
-        if not _adjacent(ws):
-            return None
-        bs = self._qkv_params("bias")
-        if bs is not None and not _adjacent(bs):
-            return None
-        return _concat_view(ws), None if bs is None else _concat_view(bs)
+        return packed_linear(self._qkv_params("weight"), self._qkv_params("bias"))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._mode import eager_inference
+from ._packing import pack_rows, packed_linear
 
 
 def batch_timesteps(
@@ -159,11 +160,62 @@ class RunMemo:
         return value
 
 
+class TimeProjections:
+    """Every resblock's time projection ``linear(silu(emb))`` of a model as ONE GEMM.
+
+    The ``linears`` (all reading the same time embedding) keep their weights and biases as
+    adjacent rows of one storage (:mod:`echofast.nn._packing`), so ``silu(emb)`` is computed once
+    and one ``F.linear`` with the concatenated (views of the live) parameters gives all
+    projections: 2 kernels instead of 2 per resblock (88 for the LVDM). Inference only
+    (:func:`eager_inference`); under autograd, ``torch.compile`` or when the parameters are not
+    packed (after ``load_state_dict(assign=True)`` until :meth:`pack`), :meth:`compute` returns
+    None and every block projects on its own. The values are the per-block ones up to the GEMM's
+    summation order.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+
+    def _params(self, name: str) -> list[torch.Tensor] | None:
+        ps = [getattr(lin, name) for lin in self.linears]
+        return None if any(p is None for p in ps) else ps
+
+    def pack(self) -> None:
+        """(Re)store the weights and biases adjacently (after construction, ``.to()``, loading)."""
+        if len(self.linears) > 1:
+            pack_rows(self._params("weight"))
+            pack_rows(self._params("bias"))
+
+    def compute(self, emb: torch.Tensor) -> dict[nn.Module, torch.Tensor] | None:
+        """{linear: its (B, out_features) projection of ``emb``} as views of one GEMM's output,
+        or None when the fused path does not apply."""
+        if len(self.linears) < 2 or not eager_inference():
+            return None
+        fused = packed_linear(self._params("weight"), self._params("bias"))
+        if fused is None:
+            return None
+        out = F.linear(F.silu(emb), *fused)
+        sizes = [lin.out_features for lin in self.linears]
+        return dict(zip(self.linears, out.split(sizes, dim=-1)))
+
+
+def time_projections(model: nn.Module) -> TimeProjections:
+    """The :class:`TimeProjections` of every ``time_emb_proj`` linear layer in ``model``."""
+    return TimeProjections(
+        [
+            m.time_emb_proj
+            for m in model.modules()
+            if isinstance(getattr(m, "time_emb_proj", None), nn.Linear)
+        ]
+    )
+
+
 class TimeEmbedding:
-    """The time embedding ``emb`` (B, E) of one UNet call, with the memo of the per-block
-    projections ``linear(silu(emb))``: within a sampling run (a shared :class:`RunMemo`, the
-    ``key`` of this call's timestep and conditioning, and the modules ``deps`` that computed
-    ``emb``) each block projects a timestep once."""
+    """The time embedding ``emb`` (B, E) of one UNet call, with the per-block projections
+    ``linear(silu(emb))``: all of them from one GEMM when the model's :class:`TimeProjections`
+    apply, and within a sampling run (a shared :class:`RunMemo`, the ``key`` of this call's
+    timestep and conditioning, and the modules ``deps`` that computed ``emb``) computed once per
+    timestep."""
 
     def __init__(
         self,
@@ -171,14 +223,25 @@ class TimeEmbedding:
         memo: RunMemo | None = None,
         key: Hashable = (),
         deps: tuple[nn.Module, ...] = (),
+        projections: TimeProjections | None = None,
     ):
         self.emb = emb
         self.memo = memo if memo is not None else RunMemo(enabled=False)
         self.key = key
         self.deps = deps
+        self._all = None
+        if projections is not None:
+            self._all = self.memo.get(
+                (*projections.linears, *deps),
+                ("temb-all", key),
+                lambda: projections.compute(emb),
+            )
 
     def project(self, linear: nn.Module) -> torch.Tensor:
-        """``linear(silu(emb))``, memoised per (linear, timestep key, weights of linear, deps)."""
+        """``linear(silu(emb))``: from the one-GEMM projections when they hold ``linear``, else
+        memoised per (linear, timestep key, weights of linear, deps)."""
+        if self._all is not None and linear in self._all:
+            return self._all[linear]
         return self.memo.get(
             (linear, *self.deps), ("temb", self.key), lambda: linear(F.silu(self.emb))
         )
