@@ -73,17 +73,17 @@ class ModelBase(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._relayout())
 
     def _relayout(self) -> None:
-        """Conv kernels in :attr:`memory_format` and packed parameter groups (the models' one-GEMM
-        time projections), after construction, loading and conversions."""
+        """Conv kernels in :attr:`memory_format` and the packed parameter groups
+        (``_packed_groups``: the one-GEMM time projections, the mix weights), after construction,
+        loading and conversions."""
         self.relayout_convs()
-        projections = getattr(self, "_time_projections", None)
-        if projections is not None:
-            projections.pack()
+        for group in getattr(self, "_packed_groups", ()):
+            group.pack()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        if getattr(self, "_time_projections", None) is not None:
-            self._time_projections.pack()  # conversions give every parameter its own storage
+        for group in getattr(self, "_packed_groups", ()):
+            group.pack()  # conversions give every parameter its own storage
         return out
 
     def relayout_convs(self) -> None:

@@ -164,7 +164,8 @@ class LIDM(ModelBase):
         self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
         self._run_memo: RunMemo | None = None
         self._time_projections = time_projections(self)
-        self._time_projections.pack()
+        self._packed_groups = (self._time_projections,)
+        self._relayout()
 
     @contextlib.contextmanager
     def sampling_cache(self) -> Iterator[RunMemo]:

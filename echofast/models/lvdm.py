@@ -20,6 +20,8 @@ from ..nn import GroupNorm, TimestepEmbedding, batch_timesteps, timestep_feature
 from ..nn._mode import eager_inference
 from ..nn.embeddings import RunMemo, TimeEmbedding, time_projections, value_key
 from ..nn.spatiotemporal import (
+    AlphaBlender,
+    MixWeights,
     SpatioTemporalDownStage,
     SpatioTemporalMidStage,
     SpatioTemporalUpStage,
@@ -184,7 +186,9 @@ class LVDM(ModelBase):
         self.relayout_convs()  # conv kernels in the activations' layout (ModelBase.memory_format)
         self._run_memo: RunMemo | None = None
         self._time_projections = time_projections(self)
-        self._time_projections.pack()
+        self._mix_weights = MixWeights([m for m in self.modules() if isinstance(m, AlphaBlender)])
+        self._packed_groups = (self._time_projections, self._mix_weights)
+        self._relayout()
 
     @contextlib.contextmanager
     def sampling_cache(self) -> Iterator[RunMemo]:
@@ -232,13 +236,13 @@ class LVDM(ModelBase):
     ) -> TimeEmbedding:
         """The call's :class:`TimeEmbedding`, taken from the sampling run's memo when active."""
         memo = self._run_memo
-        tp = self._time_projections
+        packed = {"projections": self._time_projections, "mixers": self._mix_weights}
         if memo is None or not eager_inference():
-            return TimeEmbedding(self.time_embed(timesteps, added_time_ids), projections=tp)
+            return TimeEmbedding(self.time_embed(timesteps, added_time_ids), **packed)
         key = (value_key(timestep), value_key(added_time_ids), timesteps.shape[0], timesteps.device)
         deps = (self.time_embedding, self.add_embedding)
         emb = memo.get(deps, ("emb", key), lambda: self.time_embed(timesteps, added_time_ids))
-        return TimeEmbedding(emb, memo, key, deps, projections=tp)
+        return TimeEmbedding(emb, memo, key, deps, **packed)
 
     @staticmethod
     def _timesteps(

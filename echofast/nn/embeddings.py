@@ -224,11 +224,15 @@ class TimeEmbedding:
         key: Hashable = (),
         deps: tuple[nn.Module, ...] = (),
         projections: TimeProjections | None = None,
+        mixers: Any = None,
     ):
         self.emb = emb
         self.memo = memo if memo is not None else RunMemo(enabled=False)
         self.key = key
         self.deps = deps
+        self.mixers = mixers
+        self._mix: dict[torch.dtype, dict | None] = {}
+        self._per_call: dict[Hashable, Any] = {}
         self._all = None
         if projections is not None:
             self._all = self.memo.get(
@@ -236,6 +240,28 @@ class TimeEmbedding:
                 ("temb-all", key),
                 lambda: projections.compute(emb),
             )
+
+    def per_call(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+        """``fn()``, computed once per UNet call for ``key`` (values that depend only on the key,
+        e.g. the frame-position features shared by transformers of one width). Inference only;
+        under autograd or ``torch.compile`` every caller computes its own."""
+        if not eager_inference():
+            return fn()
+        if key not in self._per_call:
+            self._per_call[key] = fn()
+        return self._per_call[key]
+
+    def temporal_weight(self, blender: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """``blender.temporal_weight(dtype)``, from the model's one computation of every blender's
+        weight (``mixers``, a :class:`~echofast.nn.spatiotemporal.MixWeights`) when it applies:
+        once per call and dtype."""
+        if self.mixers is not None:
+            if dtype not in self._mix:
+                self._mix[dtype] = self.mixers.compute(dtype)
+            table = self._mix[dtype]
+            if table is not None and blender in table:
+                return table[blender]
+        return blender.temporal_weight(dtype)
 
     def project(self, linear: nn.Module) -> torch.Tensor:
         """``linear(silu(emb))``: from the one-GEMM projections when they hold ``linear``, else

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import ops
 from ._mode import eager_inference
+from ._packing import adjacent, concat_view, pack_rows
 from .attention import Attention
 from .embeddings import RunMemo, TimeEmbedding, TimestepEmbedding, project_time, timestep_features
 from .norm import GroupNorm
@@ -180,6 +181,40 @@ class AlphaBlender(nn.Module):
         return 1.0 - torch.sigmoid(self.mix_factor).to(dtype)
 
 
+class MixWeights:
+    """Every :class:`AlphaBlender`'s ``1 - a`` of a model from one computation.
+
+    The blenders' ``mix_factor`` parameters are stored as adjacent elements of one tensor
+    (:mod:`echofast.nn._packing`), so one sigmoid, cast and subtraction give all of them (3
+    kernels per UNet call instead of 3 per blender: 114 → 3 for the LVDM); each blender reads its
+    element as a view, with exactly :meth:`AlphaBlender.temporal_weight`'s rounding. Inference
+    only; otherwise (and when the parameters are not packed) :meth:`compute` returns None.
+    """
+
+    def __init__(self, blenders: list[AlphaBlender]):
+        self.blenders = blenders
+
+    def pack(self) -> None:
+        if len(self.blenders) > 1:
+            pack_rows([b.mix_factor for b in self.blenders])
+
+    def compute(self, dtype: torch.dtype) -> dict[nn.Module, torch.Tensor] | None:
+        """{blender: its (1,) ``1 - a`` in ``dtype``} as views of one tensor, or None."""
+        params = [b.mix_factor for b in self.blenders]
+        if len(params) < 2 or not eager_inference() or not adjacent(params):
+            return None
+        weights = 1.0 - torch.sigmoid(concat_view(params)).to(dtype)
+        return dict(zip(self.blenders, weights.split(1)))
+
+
+def _temporal_weight(
+    temb: torch.Tensor | TimeEmbedding | None, blender: AlphaBlender, dtype: torch.dtype
+) -> torch.Tensor:
+    if isinstance(temb, TimeEmbedding):
+        return temb.temporal_weight(blender, dtype)
+    return blender.temporal_weight(dtype)
+
+
 # ---- resnets --------------------------------------------------------------------------------
 
 
@@ -249,7 +284,7 @@ class SpatioTemporalResBlock(nn.Module):
         # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
         s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)
         g = self.temporal_res_block.branch(s5, temb)
-        w = self.time_mixer.temporal_weight(s.dtype)
+        w = _temporal_weight(temb, self.time_mixer, s.dtype)
         if not eager_inference():
             return (s5 + g * w).transpose(1, 2).reshape(bt, c, hh, ww)
         s5.addcmul_(g, w)
@@ -288,21 +323,38 @@ class TransformerSpatioTemporalModel(nn.Module):
         self.proj_out = nn.Linear(inner, in_channels)
 
     def frame_embedding(
-        self, num_frames: int, device: torch.device, dtype: torch.dtype
+        self,
+        num_frames: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        temb: TimeEmbedding | None = None,
     ) -> torch.Tensor:
-        """Frame-position embedding (T, C) of frames 0..T-1."""
-        pos = torch.arange(num_frames, device=device)
-        feats = timestep_features(pos, self.in_channels, flip_sin_to_cos=True, freq_shift=0)
-        return self.time_pos_embed(feats.to(dtype))
+        """Frame-position embedding (T, C) of frames 0..T-1 (the sinusoidal features, which depend
+        only on T and C, shared by the call's transformers through ``temb``)."""
+
+        def features() -> torch.Tensor:
+            pos = torch.arange(num_frames, device=device)
+            feats = timestep_features(pos, self.in_channels, flip_sin_to_cos=True, freq_shift=0)
+            return feats.to(dtype)
+
+        key = ("frame-features", num_frames, self.in_channels, device, dtype)
+        feats = temb.per_call(key, features) if temb is not None else features()
+        return self.time_pos_embed(feats)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, num_frames: int, memo: RunMemo | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        num_frames: int,
+        temb: TimeEmbedding | None = None,
     ) -> torch.Tensor:
         """x (B·T, C, H, W), context (B, L, D) → (B·T, C, H, W).
 
-        ``memo``: a sampling run's :class:`RunMemo`; the frame embedding (which depends only on
-        T and the weights) is then computed once per run instead of once per call.
+        ``temb``: the call's :class:`TimeEmbedding`: within a sampling run its memo computes the
+        frame embedding (which depends only on T and the weights) once per run, and its mix
+        weights come from the model's one computation (:class:`MixWeights`).
         """
+        memo = temb.memo if temb is not None else None
         bt, c, hh, ww = x.shape
         b, t, s = context.shape[0], num_frames, hh * ww
         # (B·T, C, H, W) → (B·T, H·W, C) tokens: a view when x is channels-last
@@ -310,9 +362,9 @@ class TransformerSpatioTemporalModel(nn.Module):
         pos = (memo or RunMemo(enabled=False)).get(
             (self.time_pos_embed,),
             ("frames", t, x.device, tok.dtype),
-            lambda: self.frame_embedding(t, x.device, tok.dtype),
+            lambda: self.frame_embedding(t, x.device, tok.dtype, temb),
         )
-        w = self.time_mixer.temporal_weight(tok.dtype)
+        w = _temporal_weight(temb, self.time_mixer, tok.dtype)
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             tok = spatial(tok, context)  # (B·T, S, C)
             seq = _to_sequences(tok.view(b, t, s, c), pos)  # (B·S, T, C)
@@ -340,8 +392,8 @@ def _to_sequences(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 # ---- UNet stages ----------------------------------------------------------------------------
 
 
-def _memo(temb: torch.Tensor | TimeEmbedding) -> RunMemo | None:
-    return temb.memo if isinstance(temb, TimeEmbedding) else None
+def _call_time(temb: torch.Tensor | TimeEmbedding) -> TimeEmbedding | None:
+    return temb if isinstance(temb, TimeEmbedding) else None
 
 
 class SpatioTemporalDownStage(nn.Module):
@@ -399,7 +451,7 @@ class SpatioTemporalDownStage(nn.Module):
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb, num_frames)
             if self.attentions is not None:
-                x = self.attentions[i](x, context, num_frames, _memo(temb))
+                x = self.attentions[i](x, context, num_frames, _call_time(temb))
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -439,7 +491,7 @@ class SpatioTemporalMidStage(nn.Module):
         num_frames: int,
     ) -> torch.Tensor:
         x = self.resnets[0](x, temb, num_frames)
-        x = self.attentions[0](x, context, num_frames, _memo(temb))
+        x = self.attentions[0](x, context, num_frames, _call_time(temb))
         return self.resnets[1](x, temb, num_frames)
 
 
@@ -498,7 +550,7 @@ class SpatioTemporalUpStage(nn.Module):
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
             if self.attentions is not None:
-                x = self.attentions[i](x, context, num_frames, _memo(temb))
+                x = self.attentions[i](x, context, num_frames, _call_time(temb))
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x

@@ -1,7 +1,8 @@
-"""One GEMM for every resblock's time projection (TimeProjections): packed parameters survive
-construction, loading and conversions; inference takes the fused path (no time_emb_proj module is
-called, 2 ATen ops instead of 2 per resblock) with the per-block values; autograd and unpacked
-parameters take the per-block path."""
+"""Packed parameter groups of the models: one GEMM for every resblock's time projection
+(TimeProjections) and one computation of every AlphaBlender weight (MixWeights). Packed parameters
+survive construction, loading and conversions; inference takes the fused path (no time_emb_proj
+module is called, 2 ATen ops instead of 2 per resblock; one sigmoid for all blenders) with the
+per-block values; autograd and unpacked parameters take the per-block path."""
 
 from __future__ import annotations
 
@@ -119,3 +120,53 @@ def test_autograd_uses_the_per_block_path(build):
             h.remove()
     assert len(calls) == len(model._time_projections.linears)
     assert all(lin.weight.grad is not None for lin in model._time_projections.linears)
+
+
+def _mix_params(model):
+    return [b.mix_factor for b in model._mix_weights.blenders]
+
+
+def test_mix_weights_are_one_computation_with_the_same_values():
+    """The LVDM's AlphaBlender weights 1 - sigmoid(mix_factor) from one sigmoid over the packed
+    mix factors: bit-identical to per-blender computation, in-place changes seen at once."""
+    model, call = _lvdm()
+    blenders = model._mix_weights.blenders
+    assert len(blenders) >= 4 and adjacent(_mix_params(model))
+    with torch.no_grad():
+        for i, p in enumerate(_mix_params(model)):
+            p.fill_(0.3 * i - 1.0)  # distinct weights: a mixed-up blender would show
+    other = _unpacked_copy(model)
+    for p in _mix_params(other):
+        p.data = p.data.clone()
+    assert not adjacent(_mix_params(other))
+    with torch.no_grad(), CountOps() as fused_ops:
+        fused = call(model)
+    with torch.no_grad(), CountOps() as block_ops:
+        per_block = call(other)
+    assert rel_err(fused, per_block) <= 1e-6  # (the time projections: one GEMM vs many)
+    assert fused_ops.counts["sigmoid"] == 1 and block_ops.counts["sigmoid"] == len(blenders)
+    with torch.no_grad():
+        _mix_params(model)[2].add_(0.5)
+        _mix_params(other)[2].add_(0.5)
+        assert rel_err(call(model), call(other)) <= 1e-6
+    model.double()
+    assert adjacent(_mix_params(model))
+
+
+def test_frame_features_are_computed_once_per_width_and_call():
+    """The transformers' frame-position features depend only on (T, C): one sinusoid per width
+    and call in inference (each transformer's MLP still runs), one per transformer under grad."""
+    import echofast.nn.spatiotemporal as st
+
+    model, call = _lvdm()
+    transformers = [m for m in model.modules() if isinstance(m, st.TransformerSpatioTemporalModel)]
+    widths = {m.in_channels for m in transformers}
+    assert len(transformers) > len(widths) > 1
+    with torch.no_grad(), CountOps() as ops:
+        shared = call(model)
+    with CountOps() as grad_ops:
+        own = call(model)
+    time_features = 2  # the timestep's and the added time ids' sinusoids
+    assert ops.counts["sin"] == time_features + len(widths)
+    assert grad_ops.counts["sin"] == time_features + len(transformers)
+    assert rel_err(shared, own.detach()) <= 1e-5  # grad mode: per-block GEMMs, no in-place
