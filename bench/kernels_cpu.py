@@ -1,0 +1,143 @@
+"""Estimate the GPU kernels per UNet call from a CPU run (no GPU needed).
+
+Counts, during one UNet call on CPU tensors, the ATen ops that launch a kernel on a GPU (views,
+allocations and metadata ops excluded) plus echofast's Triton launches, with every op dispatched
+the way it is on CUDA: the Triton backends (the kernels are counted, not run: Triton's interpreter
+is switched on so that the dispatcher picks them, and its launch is replaced by a counter, so the
+call's outputs are meaningless), and fused QKV. No sampling memo is active, as in a CUDA-graph
+replay (the pipelines' eager path memoises the time embeddings per run and launches fewer).
+cuBLAS/cuDNN may launch more than one kernel for one GEMM or convolution: the estimate counts one.
+The GPU benchmark's profiler count (``echofast bench``, column ``kernels``) is the measurement.
+
+Usage::
+
+    python bench/kernels_cpu.py [--config full|small] [--csv bench/results/kernels_cpu.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the dispatcher picks Triton
+
+import torch  # noqa: E402
+from benchutil import append_csv, git_sha  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+#: ATen ops that launch no kernel (besides views, which ``OpOverload.is_view`` tells)
+NO_KERNEL = {
+    "_unsafe_view",
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "lift_fresh",
+    "alias",
+    "_reshape_alias",
+    "set_",
+    "resize_",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "is_same_size",
+    "_local_scalar_dense",
+    "item",
+}
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts kernel-launching ATen ops, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name in NO_KERNEL):
+            self.counts["aten." + name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_triton_launches(counts: collections.Counter):
+    """Replace the interpreter's launch by a counter (restored by the returned function)."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        counts["triton." + self.fn.__name__] += 1
+
+    interpreter.InterpretedFunction.run = run
+    return lambda: setattr(interpreter.InterpretedFunction, "run", original)
+
+
+def lvdm_call(config: dict, impl: str, frames: int = 16) -> collections.Counter:
+    """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
+    depend on the number of frames) by echofast (``impl="echofast"``) or diffusers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import echofast.nn.attention as attention_nn
+    from echofast import benchmark
+
+    cfg = {**config, "num_frames": frames}
+    configs = {**benchmark._reference_configs(), "lvdm": cfg}
+    models = benchmark.build_models(configs, torch.device("cpu"), with_diffusers=impl != "echofast")
+    model = models.d_lvdm if impl == "diffusers" else models.lvdm
+    x = torch.randn(1, frames, cfg["in_channels"], 16, 16)
+    ids = torch.randn(
+        1, cfg["projection_class_embeddings_input_dim"] // cfg["addition_time_embed_dim"]
+    )
+    ehs = torch.randn(1, 1, cfg["cross_attention_dim"])
+    mode = KernelCount()
+    fused_qkv = attention_nn.FUSED_QKV_DEVICES
+    attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
+    restore = count_triton_launches(mode.counts)
+    try:
+        with torch.no_grad(), mode:
+            model(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_time_ids=ids)
+    finally:
+        restore()
+        attention_nn.FUSED_QKV_DEVICES = fused_qkv
+    return mode.counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=["full", "small"], default="full")
+    p.add_argument("--top", type=int, default=12, help="ops listed per implementation")
+    p.add_argument("--csv", type=Path, help="append one row per implementation")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
+
+    config = LVDM_FULL_CONFIG if a.config == "full" else LVDM_SMALL_CONFIG
+    rows = []
+    for impl in ("diffusers", "echofast"):
+        counts = lvdm_call(config, impl)
+        total = sum(counts.values())
+        print(f"{impl}: ≈{total} kernels per LVDM call ({a.config} config)")
+        for name, n in counts.most_common(a.top):
+            print(f"  {n:5d} {name}")
+        rows.append(
+            {
+                "git_sha": git_sha(),
+                "torch": torch.__version__,
+                "config": a.config,
+                "impl": impl,
+                "kernels": total,
+                "triton_launches": sum(n for k, n in counts.items() if k.startswith("triton.")),
+            }
+        )
+    if a.csv:
+        append_csv(a.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
