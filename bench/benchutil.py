@@ -4,7 +4,6 @@ the real LVDM's call sites of a module."""
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -12,19 +11,13 @@ from pathlib import Path
 
 import torch
 
+from echofast import benchmark
+
 
 def git_sha() -> str:
-    """``git describe --always --dirty`` of this checkout, or "unknown"."""
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The code's version: ``$ECHOFAST_GIT_SHA``, else ``git describe --always --dirty`` (see
+    :func:`echofast.benchmark.git_sha`), else "unknown"."""
+    return benchmark.git_sha()
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:

@@ -18,6 +18,8 @@
 #   GPU_SESSION_STEPS="bench_b8 precision"  only these steps, in this order
 #   SKIP=tests_gpu,attention                skip these (e.g. results that already came back)
 #   GPU_SESSION_DRY_RUN=1                   print each step's commands instead of running them
+#   ECHOFAST_GIT_SHA=<sha>                  the version the CSV rows name when the copy of the tree
+#                                           has no .git (pass `git describe --always --dirty`)
 #
 # What comes back ($OUT): gpu_session_summary.txt (printed last: step table, benchmark table),
 # gpu_session.log (all output), gpu_session_results.tar.gz (bench/results/*_<card>.csv written

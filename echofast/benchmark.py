@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import math
+import os
 import platform
 import re
 import subprocess
@@ -107,8 +108,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def git_sha() -> str:
-    """``git describe --always --dirty`` of the working directory's checkout, else of the package's
-    source tree, else "unknown"."""
+    """``$ECHOFAST_GIT_SHA`` if set (a copy of the tree without its .git, as on a lent GPU machine),
+    else ``git describe --always --dirty`` of the working directory's checkout, else of the
+    package's source tree, else "unknown"."""
+    if os.environ.get("ECHOFAST_GIT_SHA"):
+        return os.environ["ECHOFAST_GIT_SHA"]
     for cwd in (Path.cwd(), Path(__file__).resolve().parent):
         try:
             out = subprocess.run(
