@@ -95,7 +95,6 @@ def _torch_reasons(x: torch.Tensor, *args, **kwargs) -> list[str]:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
 def _triton_reasons(
     x: torch.Tensor,
     num_groups: int,
@@ -107,32 +106,74 @@ def _triton_reasons(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
 ) -> list[str]:
+    """Why the Triton kernels cannot run this call. Cached on the arguments' metadata (device,
+    dtype, rank, layout, ...), never on the tensors themselves: a cache keyed by a tensor would
+    keep every input alive."""
+    layout_ok = (
+        x.dim() not in (3, 4, 5)
+        or x.is_contiguous()
+        or (_memory_format(x) != torch.contiguous_format)
+    )
+    params = tuple(
+        (name, p.dtype, p.device)
+        for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift))
+        if p is not None
+    )
+    return list(
+        _triton_reasons_for(
+            x.device,
+            x.dtype,
+            x.dim(),
+            x.shape[1] if x.dim() >= 2 else 0,
+            x.numel() == 0,
+            None if layout_ok else x.stride(),
+            num_groups,
+            activation,
+            params,
+            interpret(),
+        )
+    )
+
+
+@functools.cache
+def _triton_reasons_for(
+    device: torch.device,
+    dtype: torch.dtype,
+    dim: int,
+    channels: int,
+    empty: bool,
+    bad_strides: tuple[int, ...] | None,
+    num_groups: int,
+    activation: str | None,
+    params: tuple[tuple[str, torch.dtype, torch.device], ...],
+    interpreting: bool,
+) -> tuple[str, ...]:
     reasons = []
-    if not x.is_cuda and not interpret():
-        reasons.append(f"x is on {x.device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} unsupported (float32/float16/bfloat16 only)")
-    for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
-        if p is None:
-            continue
-        if p.dtype not in _TRITON_DTYPES:
-            reasons.append(f"{name} dtype {p.dtype} unsupported (float32/float16/bfloat16 only)")
-        if p.device != x.device:
-            reasons.append(f"{name} is on {p.device}, x on {x.device}")
-    if x.dim() not in (3, 4, 5):
-        reasons.append(f"x must be 3D, 4D or 5D, got {x.dim()}D")
-    elif not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
+    if device.type != "cuda" and not interpreting:
+        reasons.append(f"x is on {device}, not CUDA (set TRITON_INTERPRET=1 to run on CPU)")
+    if dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {dtype} unsupported (float32/float16/bfloat16 only)")
+    for name, p_dtype, p_device in params:
+        if p_dtype not in _TRITON_DTYPES:
+            reasons.append(f"{name} dtype {p_dtype} unsupported (float32/float16/bfloat16 only)")
+        if p_device != device:
+            reasons.append(f"{name} is on {p_device}, x on {device}")
+    if dim not in (3, 4, 5):
+        reasons.append(f"x must be 3D, 4D or 5D, got {dim}D")
+    elif bad_strides is not None:
         reasons.append(
-            f"x layout (strides {x.stride()}) is neither contiguous nor "
+            f"x layout (strides {bad_strides}) is neither contiguous nor "
             "channels_last (4D) / channels_last_3d (5D)"
         )
-    if x.numel() == 0:
+    if empty:
         reasons.append("x is empty")
-    if x.dim() >= 2 and num_groups > 0 and x.shape[1] // num_groups > 1024:
-        reasons.append(f"C/G = {x.shape[1] // num_groups} channels per group > 1024")
+    if dim >= 2 and num_groups > 0 and channels // num_groups > 1024:
+        reasons.append(f"C/G = {channels // num_groups} channels per group > 1024")
     if activation not in ACTIVATIONS:
         reasons.append(f"activation {activation!r} unsupported")
-    return kernel_reasons(reasons, "group_norm", "_gn_fwd_stats_kernel", x.is_cuda)
+    return tuple(
+        kernel_reasons(reasons, "group_norm", "_gn_fwd_stats_kernel", device.type == "cuda")
+    )
 
 
 class _GroupNormTriton(torch.autograd.Function):

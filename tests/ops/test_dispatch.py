@@ -107,3 +107,30 @@ def test_report_for_info():
     assert report["sdpa"] == [] and report["torch"] == []
     assert any("not CUDA" in r for r in report["triton"])
     assert any("xformers needs CUDA" in r for r in report["xformers"])
+
+
+@pytest.mark.parametrize("name", sorted(registered_ops()))
+@pytest.mark.parametrize("interpret", [False, True])
+def test_dispatch_keeps_no_reference_to_its_inputs(name, interpret, monkeypatch):
+    """Every backend's support check, and the op call, let their inputs be freed: a check cached
+    on the tensors themselves kept every GroupNorm input alive (15 GiB after one VAE decode on an
+    H200). Checked with and without TRITON_INTERPRET, whose value is part of the checks."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    op = registered_ops()[name]
+    args, kwargs = op._example("cpu")
+    args = tuple(
+        a.normal_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+    refs = [weakref.ref(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    assert refs
+    for backend in op.backends.values():
+        backend.not_supported_reasons(*args, **kwargs)
+    if not interpret:  # (the interpreter would run the example's full-size kernels: slow)
+        op(*args, **kwargs)
+    del args, kwargs
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"{name}: {len(alive)} input tensors still referenced after dispatch"
