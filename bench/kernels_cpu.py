@@ -78,9 +78,12 @@ def count_triton_launches(counts: collections.Counter):
     return lambda: setattr(interpreter.InterpretedFunction, "run", original)
 
 
-def lvdm_call(config: dict, impl: str, frames: int = 16) -> collections.Counter:
+def lvdm_call(
+    config: dict, impl: str, frames: int = 16, autocast: torch.dtype | None = None
+) -> collections.Counter:
     """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
-    depend on the number of frames) by echofast (``impl="echofast"``) or diffusers."""
+    depend on the number of frames) by echofast (``impl="echofast"``) or diffusers; under
+    ``autocast`` to that dtype (fp32 weights, as the pipelines and the reference sample)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import echofast.nn.attention as attention_nn
     from echofast import benchmark
@@ -99,7 +102,8 @@ def lvdm_call(config: dict, impl: str, frames: int = 16) -> collections.Counter:
     attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
     restore = count_triton_launches(mode.counts)
     try:
-        with torch.no_grad(), mode:
+        amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+        with torch.no_grad(), amp, mode:
             model(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_time_ids=ids)
     finally:
         restore()

@@ -8,6 +8,7 @@ only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -140,6 +141,38 @@ class ModelBase(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def autocast_copy(self, dtype: torch.dtype) -> ModelBase:
+        """This model for inference under ``torch.autocast(dtype=dtype)``, with autocast's weight
+        casts made once instead of at every call.
+
+        Autocast runs Linear and Conv layers in ``dtype`` and casts their fp32 weights and biases
+        on every call: in a CUDA-graph replay of the LVDM that is hundreds of cast kernels per
+        UNet call. The copy stores those weights and biases in ``dtype`` (the values autocast
+        would make, so under autocast it returns exactly what this model returns); every other
+        parameter and buffer (norms, embeddings' non-GEMM tensors) is shared with this model, not
+        copied. The copy is for inference (its cast weights do not require grad) and does not see
+        later changes to this model's Linear/Conv weights: make a new one after training steps.
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"autocast_copy needs a floating-point dtype, got {dtype}")
+        memo: dict[int, Any] = {}
+        with torch.no_grad():
+            for module in self.modules():
+                gemm = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                for p in module.parameters(recurse=False):
+                    if gemm and p.is_floating_point():
+                        memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                    else:
+                        memo[id(p)] = p
+                for b in module.buffers(recurse=False):
+                    memo[id(b)] = b
+        out = copy.deepcopy(self, memo)
+        out._relayout()
+        for module in out.modules():
+            if callable(getattr(module, "pack_qkv", None)):
+                module.pack_qkv()
+        return out.eval()
 
     # ---- folders ---------------------------------------------------------------------------
 

@@ -264,11 +264,28 @@ class SamplingPipeline:
             )
         self.graphs = CUDAGraphUNet(unet, borrow_inputs=True)
         self._inputs = StaticInputs()
+        self._autocast_model: tuple[tuple, torch.nn.Module] | None = None
 
     def release_graphs(self) -> None:
-        """Free the captured CUDA graphs (memory pools) and the kept UNet input tensors."""
+        """Free the captured CUDA graphs (memory pools), the kept UNet input tensors and the
+        reduced-precision copy of the UNet."""
         self.graphs.reset()
         self._inputs.clear()
+        self._autocast_model = None
+
+    def _sampling_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The UNet a run calls: the model itself in float32; in float16/bfloat16 (autocast) its
+        ``autocast_copy`` (Linear/Conv weights cast once, not at every call; same outputs), kept
+        between runs and made again when the model's parameters were moved, replaced or changed
+        in place. Models without ``autocast_copy`` are called as they are."""
+        model = getattr(self, self._model)
+        if dtype == torch.float32 or not hasattr(model, "autocast_copy"):
+            return model
+        key = (id(model), dtype, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+        if self._autocast_model is None or self._autocast_model[0] != key:
+            self._autocast_model = None  # free the stale copy before making the new one
+            self._autocast_model = (key, model.autocast_copy(dtype))
+        return self._autocast_model[1]
 
     def _step_plan(
         self,
@@ -293,12 +310,11 @@ class SamplingPipeline:
             FiniteWatch(what, indices, device),
         )
 
-    def _unet(self, cuda_graphs: bool | None):
-        """The UNet to call: the module itself (``cuda_graphs=False``) or the graph wrapper
-        (re-made when the pipeline's UNet attribute was replaced)."""
+    def _unet(self, cuda_graphs: bool | None, unet: torch.nn.Module):
+        """What to call for ``unet`` (see :meth:`_sampling_model`): the module itself
+        (``cuda_graphs=False``) or the graph wrapper (re-made when the module changed)."""
         from .graphs import CUDAGraphUNet
 
-        unet = getattr(self, self._model)
         if cuda_graphs is False:
             return unet
         if self.graphs.module is not unet:

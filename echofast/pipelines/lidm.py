@@ -93,13 +93,15 @@ class LIDMPipeline(SamplingPipeline):
             raise ValueError(
                 f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}"
             )
-        unet = self._unet(check_cuda_graphs(cuda_graphs))
+        cuda_graphs = check_cuda_graphs(cuda_graphs)
         gens = resolve_generators(
             num_images, generator=generator, seed=seed, sample_indices=sample_indices, stream="lidm"
         )
         indices = list(sample_indices) if sample_indices is not None else list(range(num_images))
         device = self.lidm.device
         dtype = check_precision(dtype, device)
+        model = self._sampling_model(dtype)
+        unet = self._unet(cuda_graphs, model)
         cfg = self.lidm.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         pad = latent_padding(size, 2 ** (len(cfg.block_out_channels) - 1))
@@ -111,7 +113,7 @@ class LIDMPipeline(SamplingPipeline):
             total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
         )
         # timestep-only work (time embedding and its per-block projections) once per run
-        with bar, sampling_cache(self.lidm):
+        with bar, sampling_cache(model):
             for start in range(0, num_images, batch_size):
                 sl = slice(start, start + batch_size)
                 out.append(

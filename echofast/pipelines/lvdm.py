@@ -145,13 +145,15 @@ class LVDMPipeline(SamplingPipeline):
         if batch_size < 1 or decode_chunk_size < 1:
             raise ValueError("batch_size and decode_chunk_size must be >= 1")
         decode_dtype = check_decode_dtype(decode_dtype)
-        unet = self._unet(check_cuda_graphs(cuda_graphs))
+        cuda_graphs = check_cuda_graphs(cuda_graphs)
         gens = resolve_generators(
             b, generator=generator, seed=seed, sample_indices=sample_indices, stream="lvdm"
         )
         indices = list(sample_indices) if sample_indices is not None else list(range(b))
         device = self.lvdm.device
         dtype = check_precision(dtype, device)
+        model = self._sampling_model(dtype)
+        unet = self._unet(cuda_graphs, model)
         pad = latent_padding(h, 2 ** (len(cfg.block_out_channels) - 1))
         total, starts = window_plan(num_frames, cfg.num_frames)
         self.scheduler.set_timesteps(num_inference_steps)
@@ -159,7 +161,7 @@ class LVDMPipeline(SamplingPipeline):
         latents_out, videos_out = [], []
         bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
         # timestep-only work (time embeddings and their per-block projections) once per run
-        with bar, sampling_cache(self.lvdm):
+        with bar, sampling_cache(model):
             for s in range(0, b, batch_size):
                 sl = slice(s, s + batch_size)
                 latents = self._sample(
