@@ -21,11 +21,29 @@ def git_sha() -> str:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to ``path``, writing the header when the file is new."""
+    """Append ``rows`` to ``path``, writing the header when the file is new. When the rows have
+    columns the file lacks, the file is rewritten (atomically) with the union of the columns,
+    earlier rows keeping their values (empty in the new columns)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_fields, old_rows = list(reader.fieldnames or []), list(reader)
+        union = old_fields + [f for f in fields if f not in old_fields]
+        if union != old_fields:
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=union)
+                writer.writeheader()
+                writer.writerows(old_rows)
+            tmp.replace(path)
+        fields = union
+        new = False
+    else:
+        new = True
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)

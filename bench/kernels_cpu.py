@@ -83,7 +83,8 @@ def lvdm_call(
 ) -> collections.Counter:
     """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
     depend on the number of frames) by echofast (``impl="echofast"``) or diffusers; under
-    ``autocast`` to that dtype (fp32 weights, as the pipelines and the reference sample)."""
+    ``autocast`` to that dtype as they sample in reduced precision: diffusers with fp32 weights
+    (the reference's way), echofast through its ``autocast_copy`` (as its pipelines)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import echofast.nn.attention as attention_nn
     from echofast import benchmark
@@ -92,6 +93,8 @@ def lvdm_call(
     configs = {**benchmark._reference_configs(), "lvdm": cfg}
     models = benchmark.build_models(configs, torch.device("cpu"), with_diffusers=impl != "echofast")
     model = models.d_lvdm if impl == "diffusers" else models.lvdm
+    if autocast is not None and impl == "echofast":
+        model = model.autocast_copy(autocast)
     x = torch.randn(1, frames, cfg["in_channels"], 16, 16)
     ids = torch.randn(
         1, cfg["projection_class_embeddings_input_dim"] // cfg["addition_time_embed_dim"]
@@ -115,17 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=["full", "small"], default="full")
     p.add_argument("--top", type=int, default=12, help="ops listed per implementation")
-    p.add_argument("--csv", type=Path, help="append one row per implementation")
+    p.add_argument(
+        "--autocast",
+        choices=["none", "bfloat16", "float16"],
+        default="bfloat16",
+        help="also count under CPU autocast to this dtype (the op lists differ a little from "
+        "CUDA's; bfloat16 runs fastest on CPU)",
+    )
+    p.add_argument("--csv", type=Path, help="append one row per implementation and precision")
     a = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 
     config = LVDM_FULL_CONFIG if a.config == "full" else LVDM_SMALL_CONFIG
     rows = []
-    for impl in ("diffusers", "echofast"):
-        counts = lvdm_call(config, impl)
+    precisions = [None] if a.autocast == "none" else [None, getattr(torch, a.autocast)]
+    for impl, amp in [(i, d) for d in precisions for i in ("diffusers", "echofast")]:
+        counts = lvdm_call(config, impl, autocast=amp)
         total = sum(counts.values())
-        print(f"{impl}: ≈{total} kernels per LVDM call ({a.config} config)")
+        how = "fp32" if amp is None else f"autocast {str(amp).split('.')[1]}"
+        print(f"{impl}, {how}: ≈{total} kernels per LVDM call ({a.config} config)")
         for name, n in counts.most_common(a.top):
             print(f"  {n:5d} {name}")
         rows.append(
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "config": a.config,
                 "impl": impl,
+                "precision": how,
                 "kernels": total,
                 "triton_launches": sum(n for k, n in counts.items() if k.startswith("triton.")),
             }

@@ -1,6 +1,7 @@
 """bench/kernels_cpu.py: the CPU estimate of kernels per LVDM call (run in a subprocess: it switches
 Triton's interpreter on for its whole process). echofast launches far fewer than diffusers, and the
-fusions show: one Triton launch per GEGLU, two per GroupNorm."""
+fusions show: one Triton launch per GEGLU, two per GroupNorm; under autocast echofast's
+``autocast_copy`` launches no weight casts, where diffusers (fp32 weights) casts every weight."""
 
 from __future__ import annotations
 
@@ -34,11 +35,17 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = {r["impl"]: r for r in csv.DictReader((tmp_path / "k.csv").open())}
-    ours, theirs = int(rows["echofast"]["kernels"]), int(rows["diffusers"]["kernels"])
-    assert ours < 0.7 * theirs, (ours, theirs)
-    assert int(rows["diffusers"]["triton_launches"]) == 0
-    text = out.stdout.split("echofast:")[1]
+    rows = {(r["impl"], r["precision"]): r for r in csv.DictReader((tmp_path / "k.csv").open())}
+    kernels = {k: int(r["kernels"]) for k, r in rows.items()}
+    amp = "autocast bfloat16"
+    for precision in ("fp32", amp):
+        ours, theirs = kernels["echofast", precision], kernels["diffusers", precision]
+        assert ours < 0.7 * theirs, (precision, ours, theirs)
+    assert int(rows["diffusers", "fp32"]["triton_launches"]) == 0
+    # diffusers casts its ~600 GEMM weights and biases at every call; echofast's copy none
+    assert kernels["diffusers", amp] - kernels["diffusers", "fp32"] > 500
+    assert kernels["echofast", amp] - kernels["echofast", "fp32"] < 60
+    text = out.stdout.split("echofast, fp32:")[1].split("diffusers,")[0]
     counts = {
         line.split()[1]: int(line.split()[0]) for line in text.splitlines()[1:] if line.strip()
     }

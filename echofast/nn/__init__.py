@@ -7,13 +7,14 @@ from .embeddings import (
     distinct_timesteps,
     timestep_features,
 )
-from .norm import GroupNorm
+from .norm import GroupNorm, LayerNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 __all__ = [
     "Attention",
     "Downsample2D",
     "GroupNorm",
+    "LayerNorm",
     "ResnetBlock2D",
     "TimestepEmbedding",
     "Upsample2D",

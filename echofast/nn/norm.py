@@ -1,8 +1,10 @@
-"""GroupNorm module that runs normalisation, modulation and activation as one op."""
+"""GroupNorm module that runs normalisation, modulation and activation as one op, and a
+LayerNorm that stays in the activations' dtype under autocast."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -47,3 +49,32 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that keeps a reduced-precision input
+    in its dtype under autocast.
+
+    Autocast runs ``layer_norm`` in fp32: it casts the fp16/bf16 input up and returns fp32, which
+    the next Linear casts back down — two extra kernels and twice the bytes per norm (105 norms
+    per LVDM call). Here an input already in autocast's dtype is normalised directly with the fp32
+    weight and bias (PyTorch's mixed-dtype kernel: statistics and affine in fp32, one rounding to
+    the input's dtype), which is the value the autocast path gives after the Linear's cast, up to
+    the order of the fp32 reduction. Elsewhere it is ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if (
+            x.dtype in _HALF
+            and self.weight is not None
+            and self.weight.dtype == torch.float32
+            and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == x.dtype
+        ):
+            with torch.autocast(dev, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return super().forward(x)

@@ -33,7 +33,7 @@ from ._mode import eager_inference
 from ._packing import adjacent, concat_view, pack_rows
 from .attention import Attention
 from .embeddings import RunMemo, TimeEmbedding, TimestepEmbedding, project_time, timestep_features
-from .norm import GroupNorm
+from .norm import GroupNorm, LayerNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 GROUPS = 32
@@ -100,7 +100,7 @@ class FeedForward(nn.Module):
 
 
 def _cross_attend(
-    attn: Attention, norm: nn.LayerNorm, x: torch.Tensor, context: torch.Tensor
+    attn: Attention, norm: LayerNorm, x: torch.Tensor, context: torch.Tensor
 ) -> torch.Tensor:
     """``x + attn(norm(x), context)`` for tokens x (B, N, C) of B videos; context (B, L, D)."""
     if context.shape[1] == 1:
@@ -118,13 +118,13 @@ class SpatialTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(
             dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim
         )
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -145,15 +145,15 @@ class TemporalTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int):
         super().__init__()
-        self.norm_in = nn.LayerNorm(dim)
+        self.norm_in = LayerNorm(dim)
         self.ff_in = FeedForward(dim, dim_out=dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(
             dim, heads=heads, dim_head=dim_head, cross_attention_dim=cross_attention_dim
         )
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""``echofast.nn.LayerNorm``: under autocast a reduced-precision input stays in its dtype
+(normalised with the fp32 affine by PyTorch's mixed-dtype kernel) instead of autocast's fp32 round
+trip, with the fp32 result's values up to the last rounding; otherwise it is ``nn.LayerNorm``."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from echofast.nn import LayerNorm
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _norm(dim: int) -> LayerNorm:
+    ln = LayerNorm(dim)
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.3)
+        ln.bias.normal_(0.0, 0.3)
+    return ln
+
+
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 77, 320), (1, 5), (1280, 63)])
+def test_autocast_keeps_the_input_dtype_with_fp32_values(dtype, shape):
+    torch.manual_seed(0)
+    ln = _norm(shape[-1])
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    with torch.autocast("cpu", dtype=dtype), CountOps() as ops:
+        y = ln(x)
+    assert y.dtype == dtype
+    assert ops.counts["_to_copy"] == 0, ops.counts  # no cast in or out
+    ref = F.layer_norm(x.float(), shape[-1:], ln.weight, ln.bias, ln.eps)
+    err = (y.float() - ref).abs() / ref.abs().clamp_min(1.0)
+    assert err.max() <= ULP[dtype]  # at most one rounding step from the fp32 result
+    assert (y != ref.to(dtype)).float().mean() <= 0.002  # and almost always the rounded value
+
+
+def test_outside_autocast_it_is_nn_layer_norm():
+    torch.manual_seed(0)
+    ln = _norm(48)
+    plain = torch.nn.LayerNorm(48)
+    plain.load_state_dict(ln.state_dict())
+    x = torch.randn(6, 48)
+    assert torch.equal(ln(x), plain(x))
+    # autocast to another dtype than the input's: nn.LayerNorm's behaviour
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ln(x.half()), plain(x.half()))
+
+
+def test_gradients_under_autocast_match_fp32():
+    torch.manual_seed(0)
+    ln = _norm(64)
+    ref_ln = _norm(64)
+    ref_ln.load_state_dict(ln.state_dict())
+    x = torch.randn(32, 64)
+    dy = torch.randn(32, 64)
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ln(xb).float().backward(dy)
+    xr = x.bfloat16().float().requires_grad_()
+    ref_ln(xr).backward(dy)
+    # the incoming gradient is rounded to bf16 (the output's dtype): bf16-level agreement
+    for got, want in ((xb.grad, xr.grad), (ln.weight.grad, ref_ln.weight.grad)):
+        assert (got.float() - want).norm() / want.norm() <= 1e-2
+    assert ln.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_autocast_skips_the_fp32_round_trip(dtype):
+    """On CUDA autocast runs nn.LayerNorm in fp32 (fp32 out, casts around it); ours stays in the
+    input's dtype with no cast kernel and the fp32 values up to one rounding."""
+    torch.manual_seed(0)
+    ln = _norm(320).cuda()
+    x = (torch.randn(5, 4096, 320, device="cuda") * 3 + 1).to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        assert torch.nn.LayerNorm.forward(ln, x).dtype == torch.float32
+        with CountOps() as ops:
+            y = ln(x)
+    assert y.dtype == dtype and ops.counts["_to_copy"] == 0, ops.counts
+    ref = F.layer_norm(x.float(), (320,), ln.weight, ln.bias, ln.eps)
+    err = (y.float() - ref).abs() / ref.abs().clamp_min(1.0)
+    assert err.max() <= ULP[dtype]
