@@ -10,6 +10,8 @@ function). Modes: forward (without autograd), forward+backward (``autograd.grad(
 Bandwidth = the minimum bytes (forward: read x and gate, write out = 3·N·D elements; backward adds
 read h and dy, write dh = 5·N·D) / median time, reported against a device-to-device copy measured
 in the same run. Times are ``triton.testing.do_bench`` medians with p20/p80; inputs are random.
+Forward is timed twice: ``eager`` (back-to-back calls: host-bound for small tensors) and ``graph``
+(16 calls replayed from a CUDA graph: GPU time only, as in the pipelines' graph sampling).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import benchutil
 import torch
 import torch.nn.functional as F
-from benchutil import append_csv, copy_bandwidth, git_sha
+from benchutil import append_csv, copy_bandwidth, git_sha, graph_timed
 from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -79,11 +81,18 @@ def run(args) -> list[dict]:
     for (shape, origin), count in sorted(cases.items(), key=str):
         h = torch.randn(shape, device="cuda", dtype=dtype)
         dy = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
-        for mode in ("forward", "forward+backward"):
+        for mode, timing in (
+            ("forward", "eager"),
+            ("forward", "graph"),
+            ("forward+backward", "eager"),
+        ):
             for name, fn in providers().items():
                 call = _forward(fn, h) if mode == "forward" else _backward(fn, h, dy)
                 moved = (3 if mode == "forward" else 8) * dy.nbytes
-                med, p20, p80 = _bench(call)
+                times = graph_timed(call) if timing == "graph" else _bench(call)
+                if times is None:
+                    continue
+                med, p20, p80 = times
                 gbps = moved / (med * 1e-3) / 1e9
                 rows.append(
                     {
@@ -103,10 +112,12 @@ def run(args) -> list[dict]:
                         "min_bytes": moved,
                         "gbps": gbps,
                         "frac_copy": gbps / copy_gbps,
+                        "timing": timing,
                     }
                 )
                 print(
-                    f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} {mode:<16} {name:<15} "
+                    f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} {mode:<16} {timing:<5} "
+                    f"{name:<15} "
                     f"{med * 1e3:8.1f} us {gbps:7.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
                     flush=True,
                 )

@@ -6,8 +6,13 @@ Shapes: every GroupNorm call site of one full-config LVDM step (16×16 latents, 
 forward hooks, at 1 and 8 windows, plus one >= 64 MiB tensor. Modes: forward, forward+backward.
 Bandwidth = bytes read and written once (fwd: x + y; fwd+bwd: adds dy, x again and dx) / median
 time, reported against a device-to-device copy measured in the same run. Times are
-``triton.testing.do_bench`` medians with p20/p80; inputs are random (never zeros). Goals
+``triton.testing.do_bench`` medians with p20/p80; inputs are random (never zeros). Two timings per
+forward: ``eager`` (back-to-back calls: for the model's small tensors this measures the host's
+launch and dispatch time, not the GPU's) and ``graph`` (16 calls replayed from a CUDA graph: GPU
+time only, as in the pipelines' CUDA-graph sampling); forward+backward is timed eagerly. Goals
 (issue 6): >= 80 % of copy bandwidth on the large tensor, >= 3x eager on the model's shapes.
+torch.compile compiles once with dynamic shapes (a compile per shape would take minutes). Rows
+are appended to ``--csv`` after every shape, so a run stopped by a time limit keeps them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import benchutil
 import torch
 import torch.nn.functional as F
-from benchutil import append_csv, copy_bandwidth, git_sha
+from benchutil import append_csv, copy_bandwidth, git_sha, graph_timed
 from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,7 +53,8 @@ def providers(groups: int, eps: float, activation: str | None):
     def fused(x, w, b):
         return group_norm(x, groups, w, b, eps, activation=activation, backend="triton")
 
-    return {"echofast_triton": fused, "eager": eager, "torch_compile": torch.compile(eager)}
+    compiled = torch.compile(eager, dynamic=True)
+    return {"echofast_triton": fused, "eager": eager, "torch_compile": compiled}
 
 
 def _forward(fn, x, w, b):
@@ -79,13 +85,24 @@ def run(args) -> list[dict]:
         w = torch.randn(shape[1], device="cuda", dtype=dtype)
         b = torch.randn(shape[1], device="cuda", dtype=dtype)
         dy = torch.randn_like(x)
-        for mode in ("forward", "forward+backward"):
+        case_rows = []
+        for mode, timing in (
+            ("forward", "eager"),
+            ("forward", "graph"),
+            ("forward+backward", "eager"),
+        ):
             for name, fn in providers(groups, eps, act).items():
-                call = _forward(fn, x, w, b) if mode == "forward" else _backward(fn, x, w, b, dy)
+                if mode == "forward":
+                    call = _forward(fn, x, w, b)
+                    times = _bench(call) if timing == "eager" else graph_timed(call)
+                else:
+                    times = _bench(_backward(fn, x, w, b, dy))
+                if times is None:
+                    continue
+                med, p20, p80 = times
                 moved = (2 if mode == "forward" else 5) * x.nbytes
-                med, p20, p80 = _bench(call)
                 gbps = moved / (med * 1e-3) / 1e9
-                rows.append(
+                case_rows.append(
                     {
                         "card": torch.cuda.get_device_name(),
                         "torch": torch.__version__,
@@ -105,15 +122,40 @@ def run(args) -> list[dict]:
                         "p80_ms": p80,
                         "gbps": gbps,
                         "frac_copy": gbps / copy_gbps,
+                        "timing": timing,
                     }
                 )
                 print(
-                    f"{origin:<20} {rows[-1]['shape']:<18} G={groups:<3} {mode:<16} "
-                    f"{name:<15} {med * 1e3:8.1f} us {gbps:7.0f} GB/s "
+                    f"{origin:<20} {case_rows[-1]['shape']:<18} G={groups:<3} {mode:<16} "
+                    f"{timing:<5} {name:<15} {med * 1e3:8.1f} us {gbps:7.0f} GB/s "
                     f"({gbps / copy_gbps:.0%} of copy)",
                     flush=True,
                 )
+        if args.csv:
+            append_csv(args.csv, case_rows)
+        rows += case_rows
+    summarize(rows)
     return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    """GPU time per LVDM step (graph timings times the calls per step) of each provider, the
+    fused op's speed-up over eager, and each provider's fraction of copy bandwidth on the large
+    tensor (graph timing)."""
+    total: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r["timing"] == "graph":
+            key = (r["origin"], r["backend"])
+            total[key] = total.get(key, 0.0) + r["calls_per_step"] * r["median_ms"]
+    print("\nGroupNorm GPU time per LVDM step (CUDA-graph timings x calls per step):")
+    for origin in sorted({o for o, _ in total}):
+        parts = [f"{b} {t:.3f} ms" for (o, b), t in sorted(total.items()) if o == origin]
+        ours, eager = total.get((origin, "echofast_triton")), total.get((origin, "eager"))
+        ratio = f"; eager / triton {eager / ours:.2f}x" if ours and eager else ""
+        print(f"  {origin:<20} " + ", ".join(parts) + ratio)
+    for r in rows:
+        if r["timing"] == "graph" and r["origin"].startswith("large"):
+            print(f"  large tensor, {r['backend']}: {r['frac_copy']:.0%} of copy bandwidth")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = run(args)
-    if args.csv:
-        append_csv(args.csv, rows)
+    torch._dynamo.config.recompile_limit = 64  # guards differ per eps/activation/grad mode
+    run(args)
     return 0
 
 
