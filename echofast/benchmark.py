@@ -551,6 +551,7 @@ class Setup:
     compile_echofast: bool = False
     compile_backend: str = "inductor"
     graphs: bool = False
+    pipelines: bool = True
     avi: bool = True
     profile: bool = True
     progress: bool = True
@@ -987,6 +988,12 @@ def _parser() -> argparse.ArgumentParser:
         help="CUDA-graph UNet calls (echofast.pipelines.graphs): a unet row, and the "
         "pipelines' cuda_graphs=True (CUDA only)",
     )
+    p.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="time single UNet calls only (no pipeline paths): e.g. the compiled baseline "
+        "without compiling the reference's other shapes",
+    )
     p.add_argument("--no-avi", action="store_true", help="do not time writing the AVIs")
     p.add_argument("--no-profile", action="store_true", help="skip the kernel counts")
     p.add_argument(
@@ -1112,6 +1119,7 @@ def main_bench(argv: list[str]) -> int:
         compile_echofast=a.compile_echofast,
         compile_backend=a.compile_backend,
         graphs=a.graphs,
+        pipelines=not a.no_pipeline,
         avi=not a.no_avi,
         profile=not a.no_profile,
         progress=not a.no_progress,
@@ -1189,7 +1197,11 @@ def _measure(setup: Setup) -> None:
 
     compiled: dict[str, Any] = {}
     if setup.compile_echofast:
-        compiled.update(echofast_lidm=compile_(m.lidm), echofast_lvdm=compile_(m.lvdm))
+        # the modules the pipelines would sample with (a compiled module is called as it is)
+        lidm, lvdm = m.lidm, m.lvdm
+        if setup.dtype != torch.float32:
+            lidm, lvdm = lidm.autocast_copy(setup.dtype), lvdm.autocast_copy(setup.dtype)
+        compiled.update(echofast_lidm=compile_(lidm), echofast_lvdm=compile_(lvdm))
     if setup.reference and setup.compile:
         compiled.update(lidm=compile_(m.d_lidm), lvdm=compile_(m.d_lvdm))
     for batch in setup.plan.batch_sizes:
@@ -1208,7 +1220,7 @@ def _measure(setup: Setup) -> None:
         if "echofast_lvdm" in compiled:
             mine = (compiled["echofast_lidm"], compiled["echofast_lvdm"])
             paths.append(("pipeline/echofast+compile", mine))
-        for name, unets in paths:
+        for name, unets in paths if setup.pipelines else ():
             try:
                 if name.startswith("pipeline/echofast"):
                     rows = run_echofast(
@@ -1226,11 +1238,13 @@ def _measure(setup: Setup) -> None:
                 f"  {name:<34} {total['s_per_video']:.4g} s/video, "
                 f"{total['frames_per_s']:.4g} frames/s, {total['videos_per_s']:.3g} videos/s"
             )
-        unets: dict[str, Any] = {"unet/echofast": m.lvdm}
+        # echofast's UNet as its pipelines call it: in reduced precision, its autocast_copy
+        ours = m.lvdm if setup.dtype == torch.float32 else m.lvdm.autocast_copy(setup.dtype)
+        unets: dict[str, Any] = {"unet/echofast": ours}
         if setup.graphs:
             from .pipelines.graphs import CUDAGraphUNet
 
-            unets["unet/echofast+graphs"] = CUDAGraphUNet(m.lvdm)
+            unets["unet/echofast+graphs"] = CUDAGraphUNet(ours)
         if setup.reference:
             unets["unet/diffusers"] = m.d_lvdm
         if "lvdm" in compiled:

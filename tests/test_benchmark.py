@@ -94,6 +94,16 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     assert float(lvdm["gflop"]) == pytest.approx(2 * 4 * one_window / 1e9, rel=1e-5)
 
 
+def test_no_pipeline_times_unet_calls_only(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    argv = ["--smoke", "--device", "cpu", "--batch-size", "1", "--no-progress", "--no-pipeline"]
+    argv += ["--compile", "--compile-backend", "eager", "--no-profile", "--out", str(out)]
+    assert bench.main_bench(argv) == 0, capsys.readouterr().out
+    paths = {r["path"] for r in _read(out)}
+    assert not any(p.startswith("pipeline/") for p in paths), paths
+    assert {"unet/echofast", "unet/diffusers", "unet/diffusers+compile"} <= paths
+
+
 def _diffusers_lvdm_call():
     """One window of the smoke LVDM through diffusers (the same random init as the bench)."""
     models = _models()

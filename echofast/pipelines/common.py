@@ -277,9 +277,11 @@ class SamplingPipeline:
         """The UNet a run calls: the model itself in float32; in float16/bfloat16 (autocast) its
         ``autocast_copy`` (Linear/Conv weights cast once, not at every call; same outputs), kept
         between runs and made again when the model's parameters were moved, replaced or changed
-        in place. Models without ``autocast_copy`` are called as they are."""
+        in place. Other modules (diffusers', ``torch.compile``'d ones) are called as they are."""
+        from ..models.base import ModelBase
+
         model = getattr(self, self._model)
-        if dtype == torch.float32 or not hasattr(model, "autocast_copy"):
+        if dtype == torch.float32 or not isinstance(model, ModelBase):
             return model
         key = (id(model), dtype, tuple((p.data_ptr(), p._version) for p in model.parameters()))
         if self._autocast_model is None or self._autocast_model[0] != key:

@@ -89,10 +89,13 @@ def test_copy_gives_the_autocast_results_and_is_kept(which, bf16_on_cpu, monkeyp
     assert pipe._autocast_model is None
 
 
-def test_models_without_autocast_copy_are_called_as_they_are(bf16_on_cpu):
+def test_other_modules_are_called_as_they_are(bf16_on_cpu):
     lvdm_model, _ = _models()
     pipe = LVDMPipeline(lvdm_model)
     assert pipe._sampling_model(torch.float32) is lvdm_model
     plain = torch.nn.Identity()
     pipe.lvdm = plain
     assert pipe._sampling_model(BF16) is plain
+    compiled = torch.compile(lvdm_model)  # delegates autocast_copy, but is called as it is
+    pipe.lvdm = compiled
+    assert pipe._sampling_model(BF16) is compiled
