@@ -5,27 +5,15 @@ against the model itself, on every model, with fused QKV packing switched on as 
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from support.configs import LIDM_SMALL_CONFIG, LVDM_SMALL_CONFIG, VAE_SMALL_CONFIG
+from support.dispatch import CountOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import echofast.nn.attention as attention_nn
 from echofast.models import LIDM, LVDM, VAE
 from echofast.nn._packing import adjacent
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _lvdm():

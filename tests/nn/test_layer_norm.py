@@ -4,24 +4,12 @@ trip, with the fp32 result's values up to the last rounding; otherwise it is ``n
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from support.dispatch import CountOps
 
 from echofast.nn import LayerNorm
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _norm(dim: int) -> LayerNorm:

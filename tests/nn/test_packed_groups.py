@@ -6,26 +6,14 @@ per-block values; autograd and unpacked parameters take the per-block path."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from support.configs import LIDM_SMALL_CONFIG, LVDM_SMALL_CONFIG
+from support.dispatch import CountOps
 from support.models import rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from echofast.models import LIDM, LVDM
 from echofast.nn._packing import adjacent
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _lvdm():
