@@ -3,6 +3,8 @@ LayerNorm that stays in the activations' dtype under autocast."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,20 @@ class GroupNorm(nn.GroupNorm):
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def mixed_layer_norm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``F.layer_norm`` takes a ``dtype`` input with fp32 weight and bias on this device
+    type (PyTorch's mixed-dtype kernels; probed once with a tiny call)."""
+    x = torch.ones(2, 8, device=device_type, dtype=dtype)
+    w = torch.ones(8, device=device_type)
+    try:
+        with torch.autocast(device_type, enabled=False):
+            F.layer_norm(x, (8,), w, w)
+    except RuntimeError:
+        return False
+    return True
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state-dict keys) that keeps a reduced-precision input
     in its dtype under autocast.
@@ -63,7 +79,9 @@ class LayerNorm(nn.LayerNorm):
     per LVDM call). Here an input already in autocast's dtype is normalised directly with the fp32
     weight and bias (PyTorch's mixed-dtype kernel: statistics and affine in fp32, one rounding to
     the input's dtype), which is the value the autocast path gives after the Linear's cast, up to
-    the order of the fp32 reduction. Elsewhere it is ``nn.LayerNorm``.
+    the order of the fp32 reduction. Elsewhere (no autocast, another dtype, inside
+    ``torch.compile``, which fuses the casts itself, or a PyTorch without the mixed-dtype kernel
+    on this device: :func:`mixed_layer_norm_works`) it is ``nn.LayerNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +92,8 @@ class LayerNorm(nn.LayerNorm):
             and self.weight.dtype == torch.float32
             and torch.is_autocast_enabled(dev)
             and torch.get_autocast_dtype(dev) == x.dtype
+            and not torch.compiler.is_compiling()
+            and mixed_layer_norm_works(dev, x.dtype)
         ):
             with torch.autocast(dev, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -75,6 +75,10 @@ def test_gradients_under_autocast_match_fp32():
 def test_cuda_autocast_skips_the_fp32_round_trip(dtype):
     """On CUDA autocast runs nn.LayerNorm in fp32 (fp32 out, casts around it); ours stays in the
     input's dtype with no cast kernel and the fp32 values up to one rounding."""
+    from echofast.nn.norm import mixed_layer_norm_works
+
+    if not mixed_layer_norm_works("cuda", dtype):
+        pytest.skip(f"this PyTorch's CUDA layer_norm takes no {dtype} input with fp32 affine")
     torch.manual_seed(0)
     ln = _norm(320).cuda()
     x = (torch.randn(5, 4096, 320, device="cuda") * 3 + 1).to(dtype)
@@ -86,3 +90,29 @@ def test_cuda_autocast_skips_the_fp32_round_trip(dtype):
     ref = F.layer_norm(x.float(), (320,), ln.weight, ln.bias, ln.eps)
     err = (y.float() - ref).abs() / ref.abs().clamp_min(1.0)
     assert err.max() <= ULP[dtype]
+
+
+def test_without_the_mixed_kernel_it_is_nn_layer_norm(monkeypatch):
+    """A PyTorch whose layer_norm refuses fp32 affine with a half input on this device: autocast's
+    own path (probed once per device type and dtype)."""
+    import echofast.nn.norm as norm
+
+    assert norm.mixed_layer_norm_works("cpu", torch.bfloat16)
+    autocast_on = []  # autocast's state at each F.layer_norm call: on = autocast's own path
+    real = F.layer_norm
+
+    def spy(*args, **kwargs):
+        autocast_on.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "layer_norm", spy)
+    torch.manual_seed(0)
+    ln = _norm(32)
+    x = torch.randn(4, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ln(x)
+        monkeypatch.setattr(norm, "mixed_layer_norm_works", lambda device_type, dtype: False)
+        fallback = ln(x)
+        want = torch.nn.LayerNorm.forward(ln, x)
+    assert autocast_on == [False, True, True]
+    assert torch.equal(fallback, want) and torch.equal(mixed, want)
