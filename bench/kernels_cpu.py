@@ -28,6 +28,9 @@ import torch  # noqa: E402
 from benchutil import append_csv, git_sha  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+H100_SMS = 132
+"""Multiprocessors of an H100/H200 SXM: the launchers' work split is planned for them."""
+
 #: ATen ops that launch no kernel (besides views, which ``OpOverload.is_view`` tells)
 NO_KERNEL = {
     "_unsafe_view",
@@ -103,6 +106,10 @@ def lvdm_call(
     mode = KernelCount()
     fused_qkv = attention_nn.FUSED_QKV_DEVICES
     attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
+    from echofast.kernels import group_norm as gn_kernels
+
+    gn_target = gn_kernels.target_programs  # GroupNorm splits as on an H100/H200 (132 SMs)
+    gn_kernels.target_programs = lambda x: H100_SMS * gn_kernels.PROGRAMS_PER_SM
     restore = count_triton_launches(mode.counts)
     try:
         amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
@@ -111,6 +118,7 @@ def lvdm_call(
     finally:
         restore()
         attention_nn.FUSED_QKV_DEVICES = fused_qkv
+        gn_kernels.target_programs = gn_target
     return mode.counts
 
 

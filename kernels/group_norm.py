@@ -15,7 +15,10 @@ Design
   writes one partial result per (group, chunk); stage 2 (the elementwise pass) first finalises
   the group's statistics from those partials in its prologue (a tiny [BLOCK_K] reduction that every
   program of the group repeats, so no separate finalize launch), then processes its chunk.
-  Forward = 2 launches (stats, apply); backward = 2 launches (per-channel partial sums, dx).
+  Forward = 2 launches (stats, apply) when a group is split; when it is not (num_chunks == 1: the
+  UNets' spatial GroupNorms, whose groups are one tile, and any N*G that fills the GPU alone)
+  one launch (``_gn_fwd_fused_kernel``: statistics, then y, in one program per group; a one-tile
+  group's second read hits the cache). Backward = 2 launches (per-channel partial sums, dx).
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -97,6 +100,98 @@ def _group_coeffs(
 
 
 @triton.jit
+def _moments(xrow, s_start, s_end, sxs, mask_c, CG, BLOCK_S: tl.constexpr):
+    """(mean, M2) in fp32 of the tile rows ``xrow`` ([BLOCK_C, 1] pointers of the group's
+    channels) over spatial positions [s_start, s_end): tile by tile, each tile two-pass in
+    registers, merged with Chan's formula."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mean = 0.0
+    m2 = 0.0
+    cnt = 0.0
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(xrow + s.to(tl.int64)[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
+        m_t = tl.sum(xv) / n_t
+        d = tl.where(mask, xv - m_t, 0.0)
+        m2_t = tl.sum(d * d)
+        cnt_new = cnt + n_t
+        delta = m_t - mean
+        mean = mean + delta * (n_t / cnt_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
+        cnt = cnt_new
+    return mean, m2
+
+
+@triton.jit
+def _normalize(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    n,
+    g,
+    mean,
+    rstd,
+    C,
+    CG,
+    s_start,
+    s_end,
+    sxn,
+    sxc,
+    sxs,
+    syn,
+    syc,
+    sys,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """y = act((x - mean) * rstd * gamma + beta) of group g of sample n, positions
+    [s_start, s_end), rounded once to y's dtype."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CG
+    c = g * CG + offs_c
+    gamma, beta = _group_coeffs(
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        c,
+        mask_c,
+        C,
+        BLOCK_C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+    )
+    a = (gamma * rstd)[:, None]
+    bb = beta[:, None]
+    c64 = c.to(tl.int64)[:, None]
+    xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
+    yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[None, :]
+        mask = mask_c[:, None] & (s < s_end)[None, :]
+        xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = (xv - mean) * a + bb
+        if ACT_SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(yrow + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_fwd_stats_kernel(
     x_ptr,
     mean_part_ptr,
@@ -118,27 +213,11 @@ def _gn_fwd_stats_kernel(
     n = pid // G
     g = pid % G
     offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
-    mean = 0.0
-    m2 = 0.0
-    cnt = 0.0
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + offs_s
-        mask = mask_c[:, None] & (s < s_end)[None, :]
-        xv = tl.load(row + s.to(tl.int64)[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
-        n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
-        m_t = tl.sum(xv) / n_t
-        d = tl.where(mask, xv - m_t, 0.0)
-        m2_t = tl.sum(d * d)
-        cnt_new = cnt + n_t
-        delta = m_t - mean
-        mean = mean + delta * (n_t / cnt_new)
-        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
-        cnt = cnt_new
+    mean, m2 = _moments(row, s_start, s_end, sxs, mask_c, CG, BLOCK_S)
     tl.store(mean_part_ptr + pid * num_chunks + k, mean)
     tl.store(m2_part_ptr + pid * num_chunks + k, m2)
 
@@ -197,42 +276,112 @@ def _gn_fwd_apply_kernel(
     if k == 0:
         tl.store(mean_ptr + pid, mean)
         tl.store(rstd_ptr + pid, rstd)
-
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_c = offs_c < CG
-    c = g * CG + offs_c
-    gamma, beta = _group_coeffs(
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    _normalize(
+        x_ptr,
+        y_ptr,
         w_ptr,
         b_ptr,
         scale_ptr,
         shift_ptr,
         n,
-        c,
-        mask_c,
+        g,
+        mean,
+        rstd,
         C,
+        CG,
+        s_start,
+        s_end,
+        sxn,
+        sxc,
+        sxs,
+        syn,
+        syc,
+        sys,
         BLOCK_C,
+        BLOCK_S,
         HAS_W,
         HAS_B,
         HAS_SCALE,
         HAS_SHIFT,
+        ACT_SILU,
     )
-    a = (gamma * rstd)[:, None]
-    bb = beta[:, None]
-    c64 = c.to(tl.int64)[:, None]
-    xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
-    yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
-    s_start = k * chunk_s
-    s_end = tl.minimum(s_start + chunk_s, S)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + offs_s
-        s64 = s.to(tl.int64)[None, :]
-        mask = mask_c[:, None] & (s < s_end)[None, :]
-        xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
-        z = (xv - mean) * a + bb
-        if ACT_SILU:
-            z = z * tl.sigmoid(z)
-        tl.store(yrow + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_fwd_fused_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    C,
+    S,
+    G,
+    CG,
+    inv_count,
+    eps,
+    sxn,
+    sxc,
+    sxs,
+    syn,
+    syc,
+    sys,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """One launch when a group needs no split (num_chunks == 1): program ``program_id(0)`` (=
+    n*G + g) takes its group's statistics, then writes y. When the group is one tile (S <=
+    BLOCK_S, the spatial GroupNorms of the UNets) the second read of x hits the cache the first
+    one filled."""
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
+    mean, m2 = _moments(row, 0, S, sxs, mask_c, CG, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+    _normalize(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        g,
+        mean,
+        rstd,
+        C,
+        CG,
+        0,
+        S,
+        sxn,
+        sxc,
+        sxs,
+        syn,
+        syc,
+        sys,
+        BLOCK_C,
+        BLOCK_S,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        ACT_SILU,
+    )
 
 
 @triton.jit
@@ -447,6 +596,14 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def target_programs(x: torch.Tensor) -> int:
+    """Programs a forward should have to fill the device: ``PROGRAMS_PER_SM`` per SM on CUDA; 1
+    elsewhere (the interpreter pays per program: one chunk per group)."""
+    if x.is_cuda:
+        return _sm_count(x.device.index) * PROGRAMS_PER_SM
+    return 1
+
+
 class Plan:
     """Tile sizes and the chunking of the spatial axis for one (N, C, S, G) problem."""
 
@@ -468,11 +625,7 @@ class Plan:
         self.BLOCK_S = block_s
         max_chunks = triton.cdiv(self.S, block_s)
         if num_chunks is None:
-            if x.is_cuda:
-                target = _sm_count(x.device.index) * PROGRAMS_PER_SM
-            else:  # the interpreter pays per program: one chunk per group
-                target = 1
-            num_chunks = triton.cdiv(target, n * num_groups)
+            num_chunks = triton.cdiv(target_programs(x), n * num_groups)
         num_chunks = max(1, min(num_chunks, max_chunks))
         self.chunk_s = triton.cdiv(triton.cdiv(self.S, num_chunks), block_s) * block_s
         self.num_chunks = triton.cdiv(self.S, self.chunk_s)
@@ -518,11 +671,32 @@ def group_norm_fwd(
     p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
     f32 = {"dtype": torch.float32, "device": x.device}
-    mean_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
-    m2_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
     mean = torch.empty(p.N, p.G, **f32)
     rstd = torch.empty(p.N, p.G, **f32)
     sx, sy = ncs_strides(x), ncs_strides(y)
+    if p.num_chunks == 1:
+        _gn_fwd_fused_kernel[(p.N * p.G,)](
+            x,
+            y,
+            *_ptrs(x, weight, bias, scale, shift),
+            mean,
+            rstd,
+            p.C,
+            p.S,
+            p.G,
+            p.CG,
+            p.inv_count,
+            float(eps),
+            *sx,
+            *sy,
+            BLOCK_C=p.BLOCK_C,
+            BLOCK_S=p.BLOCK_S,
+            **_flags(weight, bias, scale, shift, activation),
+            num_warps=p.num_warps,
+        )
+        return y, mean, rstd
+    mean_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
+    m2_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
     _gn_fwd_stats_kernel[p.grid](
         x,
         mean_part,

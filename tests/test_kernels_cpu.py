@@ -1,6 +1,6 @@
 """bench/kernels_cpu.py: the CPU estimate of kernels per LVDM call (run in a subprocess: it switches
 Triton's interpreter on for its whole process). echofast launches far fewer than diffusers, and the
-fusions show: one Triton launch per GEGLU, two per GroupNorm; under autocast echofast's
+fusions show: one Triton launch per GEGLU, one or two per GroupNorm; under autocast echofast's
 ``autocast_copy`` launches no weight casts, where diffusers (fp32 weights) casts every weight."""
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
     counts = {
         line.split()[1]: int(line.split()[0]) for line in text.splitlines()[1:] if line.strip()
     }
-    assert counts["triton._gn_fwd_stats_kernel"] == counts["triton._gn_fwd_apply_kernel"]
+    # GroupNorm: one fused launch per unsplit group, two (stats, apply) per split one
+    split = counts.get("triton._gn_fwd_stats_kernel", 0)
+    assert split == counts.get("triton._gn_fwd_apply_kernel", 0)
+    assert split + counts.get("triton._gn_fwd_fused_kernel", 0) >= 50
     assert counts["triton._geglu_fwd_kernel"] > 0 and "aten.gelu" not in counts
     assert counts.get("aten.sigmoid", 0) == 1  # the packed AlphaBlender weights

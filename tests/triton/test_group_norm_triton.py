@@ -156,6 +156,36 @@ def test_multi_chunk_two_stage_reduction(fmt):
     assert _rel(ds, grads_ref[4]) <= 1e-5  # d shift = sum_s dz
 
 
+class _Refuse:
+    """Stands in for a kernel that must not be launched."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched")
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("block_s", [64, 8], ids=["one-tile-group", "looped-group"])
+def test_unsplit_groups_take_one_launch_with_the_split_values(block_s, monkeypatch):
+    """num_chunks == 1: the fused kernel alone (statistics then y in one program per group),
+    whether the group is one tile or several; same y, mean and rstd as the two-stage split."""
+    shape, groups = (2, 12, 5, 7), 3  # S = 35, 4 channels per group
+    tensors, _ = _inputs(shape, groups, seed=21)
+    x, w, b, scale, shift = tensors
+    args = (x, groups, w, b, 1e-5, "silu", scale, shift, torch.contiguous_format)
+    split = kernels.group_norm_fwd(*args, block_s=8, num_chunks=3)
+    for name in ("_gn_fwd_stats_kernel", "_gn_fwd_apply_kernel"):
+        monkeypatch.setattr(kernels, name, _Refuse(name))
+    assert kernels.Plan(x, groups, block_s=block_s, num_chunks=1).num_chunks == 1
+    fused = kernels.group_norm_fwd(*args, block_s=block_s, num_chunks=1)
+    for got, want in zip(fused, split):
+        assert _rel(got, want) <= 1e-6
+    y_ref = group_norm_reference(x, groups, w, b, activation="silu", scale=scale, shift=shift)
+    assert _rel(fused[0], y_ref) <= 1e-5
+
+
 def _fp16_torch(x, groups, w, b, eps, *, activation, scale, shift):
     """Plain PyTorch with every op in fp16 arithmetic (F.group_norm on fp16 inputs)."""
     y = F.group_norm(x, groups, w, b, eps)
