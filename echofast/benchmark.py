@@ -263,10 +263,69 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def count_kernels(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
-    """(count, what) for one ``fn()`` call: on a GPU the CUDA kernels it launches (profiler;
-    memcpy/memset not counted); on CPU the ATen ops it dispatches (each runs one CPU kernel),
-    counted by a dispatch mode, which is much cheaper than parsing a CPU profile."""
+KERNEL_KINDS: tuple[tuple[str, str], ...] = (
+    ("triton GroupNorm", r"_gn_"),
+    ("triton attention", r"_attn_"),
+    ("triton GEGLU", r"_geglu_"),
+    ("triton window step", r"_window_"),
+    ("convolution", r"conv|fprop|dgrad|wgrad"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
+    ("attention (library)", r"fmha|flash|attention|softmax"),
+    ("layer norm", r"layer_?norm"),
+    ("group norm (library)", r"group_?norm"),
+    ("concatenation", r"\bcat|catarray"),
+    ("copy / cast", r"copy|cast|contiguous"),
+    ("elementwise / reduction", r"elementwise|vectorized|unrolled|reduce"),
+)
+"""(kind, regular expression on the lower-cased kernel name), first match wins."""
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel from its name (see :data:`KERNEL_KINDS`), else "other"."""
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
+
+
+def kernel_time_table(kernels: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """From (kernel name, device microseconds) pairs of one call: the totals per kind
+    ``{kind: (calls, us)}`` and the kernels ``[(name, calls, us)]``, longest first."""
+    per_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        acc = per_name.setdefault(name, [0, 0.0])
+        acc[0] += 1
+        acc[1] += us
+    kinds: dict[str, list[float]] = {}
+    for name, (calls, us) in per_name.items():
+        acc = kinds.setdefault(kernel_kind(name), [0, 0.0])
+        acc[0] += calls
+        acc[1] += us
+    by_time = sorted(((n, int(c), t) for n, (c, t) in per_name.items()), key=lambda r: -r[2])
+    return {
+        "kinds": {k: (int(c), t) for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])},
+        "kernels": by_time,
+    }
+
+
+def format_kernel_times(table: dict[str, Any], top: int = 10) -> list[str]:
+    """Lines: GPU time per kind of kernel, then the ``top`` longest kernels (name shortened)."""
+    total = sum(t for _, t in table["kinds"].values()) or 1.0
+    lines = [f"GPU time of one call by kind ({total / 1e3:.2f} ms in kernels):"]
+    for kind, (calls, us) in table["kinds"].items():
+        share = 100 * us / total
+        lines.append(f"  {kind:<26} {us / 1e3:8.3f} ms {share:5.1f} %  {calls:5d} kernels")
+    lines.append(f"longest {top} kernels:")
+    for name, calls, us in table["kernels"][:top]:
+        lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {name[:90]}")
+    return lines
+
+
+def count_kernels(
+    fn: Callable[[], Any], device: torch.device
+) -> tuple[int, str, dict[str, Any] | None]:
+    """(count, what, times) for one ``fn()`` call: on a GPU the CUDA kernels it launches
+    (profiler; memcpy/memset not counted) and their device time by kind
+    (:func:`kernel_time_table`); on CPU the ATen ops it dispatches (each runs one CPU kernel),
+    counted by a dispatch mode, which is much cheaper than parsing a CPU profile, and no times."""
     if device.type != "cuda":
         from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -279,7 +338,7 @@ def count_kernels(fn: Callable[[], Any], device: torch.device) -> tuple[int, str
 
         with _OpCounter() as counter:
             fn()
-        return counter.count, "ATen ops dispatched (CPU: no CUDA kernels)"
+        return counter.count, "ATen ops dispatched (CPU: no CUDA kernels)", None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -288,17 +347,17 @@ def count_kernels(fn: Callable[[], Any], device: torch.device) -> tuple[int, str
         fn()
         synchronize(device)
     events = prof.events()
-    n = sum(
-        1
+    kernels = [
+        (e.name, e.time_range.end - e.time_range.start)
         for e in events
         if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-    )
-    if n:
-        return n, "CUDA kernels"
+    ]
+    if kernels:
+        return len(kernels), "CUDA kernels", kernel_time_table(kernels)
     # no device activity recorded (CUPTI unavailable): count the launches on the host side
     launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
     n = sum(1 for e in events if e.name in launches)
-    return n, "CUDA kernel launches (runtime API; no device trace)"
+    return n, "CUDA kernel launches (runtime API; no device trace)", None
 
 
 def gemm_ceiling(device: torch.device, repeats: int = 10) -> tuple[Timing, float, str]:
@@ -884,12 +943,14 @@ def run_unet_calls(
         try:
             with torch.no_grad():
                 timing = time_call(call, device, warmup, setup.plan.unet_repeats)
-                kernels, what = (
-                    count_kernels(lambda: call(0), device) if setup.profile else ("", "")
+                kernels, what, times = (
+                    count_kernels(lambda: call(0), device) if setup.profile else ("", "", None)
                 )
         except Exception as err:  # noqa: BLE001 - one failing path must not stop the others
             setup.failures.append(f"{path} b={batch}: {type(err).__name__}: {err}")
             continue
+        if times is not None:
+            _say(f"  {path} b={batch}: " + "\n    ".join(format_kernel_times(times)))
         extra: dict[str, Any] = {"kernels": kernels}
         reasons = getattr(unet, "last_reasons", None)
         if reasons:

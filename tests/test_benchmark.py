@@ -278,7 +278,8 @@ def test_flop_count_includes_attention():
 
 def test_kernel_count_on_cpu_counts_dispatched_ops():
     x = torch.randn(8, 8)
-    count, what = bench.count_kernels(lambda: ((x + 1) * 2).sum(), torch.device("cpu"))
+    count, what, times = bench.count_kernels(lambda: ((x + 1) * 2).sum(), torch.device("cpu"))
+    assert times is None
     assert count == 3 and "ATen ops" in what  # add, mul, sum
 
 
@@ -293,3 +294,33 @@ def test_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         bench.main_bench(["--frames", "0", "--no-csv"])
     assert bench.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_kernel_time_table_by_kind():
+    """Device time per kind of CUDA kernel, from kernel names as cuBLAS, cuDNN, PyTorch and
+    Triton name them (the GPU benchmark prints it for every UNet call it profiles)."""
+    kernels = [
+        ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", 40.0),
+        ("nvjet_hsh_192x128_64x4_1x2_h_bz_coopA_NTN", 30.0),
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", 50.0),
+        ("_gn_fwd_fused_kernel", 5.0),
+        ("_gn_fwd_fused_kernel", 7.0),
+        ("_attn_fwd_kernel", 9.0),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>", 4.0),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>", 3.0),
+        ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", 2.0),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int>", 1.0),
+        ("some_unknown_kernel", 0.5),
+    ]
+    table = bench.kernel_time_table(kernels)
+    kinds = table["kinds"]
+    assert kinds["GEMM"] == (2, 70.0) and kinds["convolution"] == (1, 50.0)
+    assert kinds["triton GroupNorm"] == (2, 12.0) and kinds["triton attention"] == (1, 9.0)
+    assert kinds["layer norm"] == (1, 4.0) and kinds["copy / cast"] == (1, 2.0)
+    assert kinds["elementwise / reduction"] == (1, 3.0) and kinds["concatenation"] == (1, 1.0)
+    assert kinds["other"] == (1, 0.5)
+    assert list(kinds)[0] == "GEMM"  # longest kind first
+    assert table["kernels"][0][0].startswith("sm90_xmma_fprop")  # longest kernel first
+    assert table["kernels"][3] == ("_gn_fwd_fused_kernel", 2, 12.0)
+    text = "\n".join(bench.format_kernel_times(table, top=3))
+    assert "GEMM" in text and "0.070 ms" in text and text.count("x  ") == 3
