@@ -35,10 +35,10 @@
 #                 s/video (fp32 and fp16 VAE decode), vs the reference's way, kernels per UNet
 #                 call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
 #   bench_b8      the same at --batch-size 8 (one warm-up, one timed run): videos/s
-#   unet_compile  echofast bench --batch-size 1 --graphs --compile --no-pipeline: single UNet
-#                 calls vs torch.compile'd diffusers (one inductor compile)
 #   tests_gpu     pytest -m gpu: every GPU test (compiled Triton kernels and models vs their
 #                 references, CUDA graphs, video path), then tests/test_extension.py
+#   unet_compile  echofast bench --batch-size 1 --graphs --compile --no-pipeline: single UNet
+#                 calls vs torch.compile'd diffusers (one inductor compile)
 #   group_norm    bench/bench_group_norm.py (eager and CUDA-graph times) -> group_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
@@ -49,7 +49,7 @@
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 bench_b8 unet_compile tests_gpu group_norm attention geglu precision bench_compile video patch"
+ALL_STEPS="build bench_b1 bench_b8 tests_gpu unet_compile group_norm attention geglu precision bench_compile video patch"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [bench_compile]=420
@@ -155,7 +155,7 @@ pytest_cmd() {
 step_tests_gpu() {
     # every test marked gpu (tests/conftest.py refuses a CUDA-skipped test without the marker),
     # then the extension's tests (its build info and device query on a real GPU)
-    ECHOFAST_FORCE_CUDA=1 pytest_cmd tests_gpu 4 -m gpu --ignore=tests/triton tests
+    ECHOFAST_FORCE_CUDA=1 pytest_cmd tests_gpu 8 -m gpu --ignore=tests/triton tests
     local rc=$?
     ECHOFAST_FORCE_CUDA=1 pytest_cmd tests_ext 1 tests/test_extension.py || rc=1
     return $rc
