@@ -162,7 +162,11 @@ step_tests_gpu() {
 }
 
 step_bench() {
-    (cd /tmp && x echofast bench --device cuda --graphs --no-progress "$@" \
+    # against the card's committed rows (copied when this machine's first worker started): a
+    # median more than 10 % slower than there is flagged REGRESSION (and the step reports FAIL)
+    local cmp=()
+    [[ -f "$STATE/baseline.csv" ]] && cmp=(--compare "$STATE/baseline.csv" --threshold 10)
+    (cd /tmp && x echofast bench --device cuda --graphs --no-progress "$@" "${cmp[@]}" \
         --out "$REPO/bench/results/echofast_bench_${SLUG}.csv")
 }
 
@@ -214,6 +218,8 @@ worker() {
     SLUG="$(card_slug)"
     export SLUG
     echo "$SLUG" >"$STATE/slug"
+    local committed="$REPO/bench/results/echofast_bench_${SLUG}.csv"
+    [[ -f "$committed" && ! -f "$STATE/baseline.csv" ]] && cp "$committed" "$STATE/baseline.csv"
     log "card $SLUG; $("$PY" -c 'import torch, sys; print("python", sys.version.split()[0], \
 "torch", torch.__version__, "cuda", torch.version.cuda)')"
     mkdir -p "$REPO/bench/results" "$STATE/logs"

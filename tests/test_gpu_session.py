@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
 STEPS = re.search(r'^ALL_STEPS="([^"]+)"', SCRIPT.read_text(), re.M).group(1).split()
 
 
-def _run(tmp_path, *args, **env):
+def _run(tmp_path, *args, script=SCRIPT, **env):
     full = {
         **os.environ,
         "PYTHON": sys.executable,
@@ -30,7 +30,7 @@ def _run(tmp_path, *args, **env):
         **env,
     }
     return subprocess.run(
-        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=120
+        ["bash", str(script), *args], capture_output=True, text=True, env=full, timeout=120
     )
 
 
@@ -89,3 +89,20 @@ def test_unknown_steps_are_refused(tmp_path, steps):
     out = _run(tmp_path, GPU_SESSION_STEPS=steps)
     assert out.returncode == 2 and "unknown step" in out.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_benchmarks_compare_with_the_cards_committed_rows(tmp_path):
+    """The card's committed echofast_bench CSV, copied when the machine's first worker starts,
+    is the --compare baseline of every benchmark step (not the rows this session appends)."""
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    script = repo / "bench" / "gpu_session.sh"
+    script.write_text(SCRIPT.read_text())
+    committed = repo / "bench" / "results" / "echofast_bench_cpu.csv"
+    committed.write_text("card,path\nearlier,rows\n")
+    out = _run(tmp_path, script=script, GPU_SESSION_STEPS="bench_b1 bench_b8")
+    assert out.returncode == 0, out.stderr
+    baseline = tmp_path / "state" / "baseline.csv"
+    assert baseline.read_text() == committed.read_text()
+    bench = [c for c in re.findall(r"^\+ (.*)$", out.stdout, re.M) if " bench " in f" {c} "]
+    assert len(bench) == 2 and all(f"--compare {baseline} --threshold 10" in c for c in bench)
