@@ -43,17 +43,18 @@
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
 #   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
-#   bench_compile echofast bench --batch-size 1 --graphs --compile --compile-echofast: whole
-#                 pipelines compiled (inductor compiles four UNets: the slowest step)
+#   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
 #   video         bench/bench_video.py --device cuda              -> video_<card>.csv
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
+#   bench_compile echofast bench --batch-size 1 --graphs --compile --compile-echofast: whole
+#                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 bench_b8 tests_gpu unet_compile group_norm attention geglu precision bench_compile video patch"
+ALL_STEPS="build bench_b1 bench_b8 tests_gpu unet_compile group_norm attention geglu precision memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [bench_compile]=420
-                [video]=90 [patch]=150)
+                [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
+                [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
     if [[ " $ALL_STEPS " != *" $step "* ]]; then
@@ -190,6 +191,7 @@ step_video() {
     bench_script bench_video.py --device cuda --csv "bench/results/video_${SLUG}.csv"
 }
 step_patch() { bench_script bench_patch.py --csv "bench/results/patch_${SLUG}.csv"; }
+step_memory() { bench_script memory_profile.py --batch-size 1 8 --steps 2 --top 8; }
 step_precision() {
     bench_script bench_precision.py --num-videos 100 --frames 64 --steps 64 \
         --csv "bench/results/precision_${SLUG}.csv"

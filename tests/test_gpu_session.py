@@ -63,6 +63,7 @@ def test_one_call_runs_every_step_in_order(tmp_path):
     assert ["--batch-size 1 --no-compile" in bench[0], "--batch-size 8" in bench[1]] == [True] * 2
     assert "--compile --no-pipeline" in bench[2]
     assert "--compile --compile-echofast" in bench[3]
+    assert any("bench/memory_profile.py --batch-size 1 8" in c for c in commands)
     assert any("-m gpu --ignore=tests/triton tests" in c for c in commands)
     with tarfile.open(tmp_path / "out" / "gpu_session_results.tar.gz") as tar:
         names = tar.getnames()
