@@ -1258,11 +1258,8 @@ def _measure(setup: Setup) -> None:
 
     compiled: dict[str, Any] = {}
     if setup.compile_echofast:
-        # the modules the pipelines would sample with (a compiled module is called as it is)
-        lidm, lvdm = m.lidm, m.lvdm
-        if setup.dtype != torch.float32:
-            lidm, lvdm = lidm.autocast_copy(setup.dtype), lvdm.autocast_copy(setup.dtype)
-        compiled.update(echofast_lidm=compile_(lidm), echofast_lvdm=compile_(lvdm))
+        # fp32 weights: the pipelines' conditioning runs outside autocast, on the module passed
+        compiled.update(echofast_lidm=compile_(m.lidm), echofast_lvdm=compile_(m.lvdm))
     if setup.reference and setup.compile:
         compiled.update(lidm=compile_(m.d_lidm), lvdm=compile_(m.d_lvdm))
     for batch in setup.plan.batch_sizes:

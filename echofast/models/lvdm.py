@@ -278,14 +278,20 @@ class LVDM(ModelBase):
         Returns:
             (N, C0, H, W), C0 = block_out_channels[0], in the activations' layout: pass it as
             ``conditioning=`` to :meth:`forward` (one per batch item, shared by all its frames).
-            Computed in the weights' dtype, or in autocast's when autocast is on.
+            Computed in autocast's dtype when autocast is on, else in ``cond``'s dtype (the
+            weights' when they match; an ``autocast_copy``'s reduced-precision weights are cast).
         """
         c = self._split_channels()
         if cond.dim() != 4 or cond.shape[1] != c:
             raise ValueError(f"cond must be (N, {c}, H, W), got {tuple(cond.shape)}")
         w = self.conv_in.weight[:, c:].contiguous(memory_format=self.memory_format)
+        bias = self.conv_in.bias
+        if w.dtype != cond.dtype and not torch.is_autocast_enabled(cond.device.type):
+            # e.g. an autocast_copy (reduced-precision weights) given fp32 conditioning
+            w = w.to(cond.dtype)
+            bias = None if bias is None else bias.to(cond.dtype)
         x = cond.contiguous(memory_format=self.memory_format)
-        return F.conv2d(x, w, self.conv_in.bias, padding=self.conv_in.padding)
+        return F.conv2d(x, w, bias, padding=self.conv_in.padding)
 
     def _conv_in(self, sample: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
         """(B, T, C, H, W) → (B·T, C0, H, W): the full ``conv_in``, or its noisy half plus the

@@ -99,3 +99,16 @@ def test_other_modules_are_called_as_they_are(bf16_on_cpu):
     compiled = torch.compile(lvdm_model)  # delegates autocast_copy, but is called as it is
     pipe.lvdm = compiled
     assert pipe._sampling_model(BF16) is compiled
+
+
+def test_a_copy_passed_to_the_pipeline_runs(bf16_on_cpu):
+    """A pipeline built on an autocast_copy (as a compiled or user-made one would be): its
+    fp32 conditioning meets bf16 conv_in weights outside autocast and must still run."""
+    lvdm_model, _ = _models()
+    copy = lvdm_model.autocast_copy(BF16)
+    pipe = LVDMPipeline(copy)
+    latents = _lvdm_run(pipe)
+    assert torch.isfinite(latents).all()
+    # the same as the original's run up to the conditioning computed from bf16-rounded weights
+    ref = _lvdm_run(LVDMPipeline(lvdm_model))
+    assert ((latents - ref).norm() / ref.norm()).item() < 2e-2
