@@ -25,6 +25,15 @@ def _defaults_help(key: str) -> str:
     return ("with --weights: " + str(ref) + "; " if ref is not None else "") + "demo: see demo.json"
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``--dtype auto``: float16 on a CUDA device, float32 elsewhere; other values unchanged."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
+
 def _generate(argv: list[str]) -> int:
     import argparse
 
@@ -70,7 +79,13 @@ def _generate(argv: list[str]) -> int:
     group.add_argument("--ef-from", help="draw requested EFs from this FileList.csv's EF column")
     p.add_argument("--steps", type=int, help=f"denoising steps ({_defaults_help('steps')})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="UNet sampling precision: auto = float16 on CUDA (fp16 autocast, as the reference "
+        "samples; fp32 weights and statistics), float32 elsewhere (default auto)",
+    )
     p.add_argument(
         "--shard",
         help="i/N: generate samples with index %% N == i (default: "
@@ -185,7 +200,7 @@ def _generate(argv: list[str]) -> int:
         ef_range=tuple(a.ef_range),
         ef_from=a.ef_from,
         steps=a.steps,
-        dtype=a.dtype,
+        dtype=resolve_dtype(a.dtype, a.device),
         name_prefix=a.name_prefix,
         batch_size=a.batch_size,
         device=a.device,

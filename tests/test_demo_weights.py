@@ -66,6 +66,7 @@ def test_generate_without_weights_uses_the_demo(tmp_path, capsys):
     assert frames.shape == (8, 112, 112) and fps == demo_defaults()["fps"]
     manifest = json.loads((out / "generation.json").read_text())
     assert str(DEMO_ROOT) in json.dumps(manifest)
+    assert '"dtype": "float32"' in json.dumps(manifest)  # --dtype auto, resolved on CPU
 
 
 def test_demo_weights_cover_one_dataset(tmp_path, capsys):

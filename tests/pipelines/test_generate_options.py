@@ -76,3 +76,16 @@ def test_decode_dtype_is_part_of_the_dataset(weights_root, tmp_path):
     assert 0 < diff.max() <= 8 and diff.mean() < 1.5, (diff.max(), diff.mean())
     with pytest.raises(Exception, match="decode_dtype"):
         generate_dataset(_cfg(weights_root, b))
+
+
+def test_dtype_auto_is_float16_on_cuda_and_float32_elsewhere():
+    """`echofast generate --dtype auto` (the default) samples as the reference does on a GPU
+    (fp16 autocast) and in fp32 elsewhere; the dataset records the resolved dtype."""
+    from echofast.cli import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda") == "float16"
+    assert resolve_dtype("auto", "cuda:1") == "float16"
+    for explicit in ("float32", "float16", "bfloat16"):
+        assert resolve_dtype(explicit, "cuda") == explicit
+        assert resolve_dtype(explicit, "cpu") == explicit
