@@ -153,22 +153,29 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
         ("vae-decoder", (8, 128, 112, 112), 32),  # the VAE's largest maps
         ("odd", (2, 63, 5, 7), 21),
     ]
-    flag_sets = [
-        ("affine+silu", True, "silu", False),
-        ("affine", True, None, False),
-        ("modulated+silu", True, "silu", True),
-        ("plain", False, None, False),
+    flag_sets = [  # (name, affine, activation, scale/shift modulation, input add)
+        ("affine+silu", True, "silu", False, False),
+        ("affine", True, None, False, False),
+        ("modulated+silu", True, "silu", True, False),
+        ("plain", False, None, False, False),
+        ("temb-add+silu", True, "silu", False, True),
     ]
     for dtype in DTYPES[:1] if quick else DTYPES:
         # quick: one shape whose groups are split (stats + apply) and two that are not (fused)
         for shape_name, shape, groups in (
             [x for x in shapes if x[0] != "vae-decoder"] if quick else shapes
         ):
-            for flags_name, affine, act, modulated in flag_sets:
+            for flags_name, affine, act, modulated, add in flag_sets:
                 name = f"group_norm {shape_name} {flags_name} {str(dtype)[6:]}"
 
                 def run(
-                    shape=shape, groups=groups, affine=affine, act=act, mod=modulated, dt=dtype
+                    shape=shape,
+                    groups=groups,
+                    affine=affine,
+                    act=act,
+                    mod=modulated,
+                    add=add,
+                    dt=dtype,
                 ):
                     n, c = shape[:2]
                     fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
@@ -178,6 +185,12 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     sc = torch.empty(n, c, dtype=dt) if mod else None
                     sh = torch.empty(n, c, dtype=dt) if mod else None
                     chunks = _gn_chunks(n, groups)
+                    rows = torch.empty(n, c, dtype=dt) if add else None
+                    if add:  # forward only: under autograd the op adds first
+                        k.group_norm_fwd(
+                            x, groups, w, b, 1e-5, act, sc, sh, fmt, add=rows, num_chunks=chunks
+                        )
+                        return
                     _, mean, rstd = k.group_norm_fwd(
                         x, groups, w, b, 1e-5, act, sc, sh, fmt, num_chunks=chunks
                     )

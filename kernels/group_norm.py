@@ -27,7 +27,8 @@ Design
   output dtype (fp32/fp16/bf16) once, at the store. mean and rstd are stored fp32 (N*G,) for the
   backward, which recomputes xhat (and the SiLU input) from x instead of keeping activations.
 * Forward per element: y = act((x - mean) * A[c] + B[c]) with A = rstd * w * (1 + scale),
-  B = b * (1 + scale) + shift (per (n, c), computed once per program).
+  B = b * (1 + scale) + shift (per (n, c), computed once per program). With an input add,
+  statistics are those of x + add (added in fp32 at load) and y uses x - (mean - add[c]).
 * Backward: with gamma = w * (1 + scale), z the pre-activation and dz = dy * act'(z):
   stage 1 stores per-channel partials ds = sum_s dz and dg = sum_s dz * xhat per chunk;
   stage 2 sums them over chunks (and stores ds, dg as (N, C) fp32 for the parameter gradients,
@@ -42,6 +43,9 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   y_ptr, dx_ptr        output / input gradient, (N, C, S), x's dtype, own strides
   w_ptr, b_ptr         (C,) affine weight / bias, any float dtype (read if HAS_W / HAS_B)
   scale_ptr, shift_ptr (N, C) contiguous modulation (read if HAS_SCALE / HAS_SHIFT)
+  add_ptr, add_rep     (N / add_rep, C) contiguous, added to x before normalising, row
+                       n // add_rep for sample n (forward only, read if HAS_ADD): the resnets'
+                       time-embedding add folded into the GroupNorm that follows it
   mean_part_ptr, m2_part_ptr  fp32 (N*G, num_chunks): per-chunk mean and M2
   mean_ptr, rstd_ptr   fp32 (N*G,): group mean and 1/sqrt(var + eps)
   ds_part_ptr, dg_part_ptr    fp32 (N*C, num_chunks): per-chunk sum dz, sum dz*xhat
@@ -100,10 +104,21 @@ def _group_coeffs(
 
 
 @triton.jit
-def _moments(xrow, s_start, s_end, sxs, mask_c, CG, BLOCK_S: tl.constexpr):
+def _add_vector(add_ptr, n, add_rep, c, mask_c, C, BLOCK_C: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Row ``n // add_rep`` of the (N / add_rep, C) input add, at channels ``c`` (fp32; zeros
+    without HAS_ADD)."""
+    if HAS_ADD:
+        return tl.load(add_ptr + (n // add_rep) * C + c, mask=mask_c, other=0.0).to(tl.float32)
+    return tl.zeros([BLOCK_C], tl.float32)
+
+
+@triton.jit
+def _moments(
+    xrow, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S: tl.constexpr, HAS_ADD: tl.constexpr
+):
     """(mean, M2) in fp32 of the tile rows ``xrow`` ([BLOCK_C, 1] pointers of the group's
-    channels) over spatial positions [s_start, s_end): tile by tile, each tile two-pass in
-    registers, merged with Chan's formula."""
+    channels), plus ``addv`` ([BLOCK_C] fp32, per channel) if HAS_ADD, over spatial positions
+    [s_start, s_end): tile by tile, each tile two-pass in registers, merged with Chan's formula."""
     offs_s = tl.arange(0, BLOCK_S)
     mean = 0.0
     m2 = 0.0
@@ -112,6 +127,8 @@ def _moments(xrow, s_start, s_end, sxs, mask_c, CG, BLOCK_S: tl.constexpr):
         s = s0 + offs_s
         mask = mask_c[:, None] & (s < s_end)[None, :]
         xv = tl.load(xrow + s.to(tl.int64)[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            xv = tl.where(mask, xv + addv[:, None], 0.0)
         n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
         m_t = tl.sum(xv) / n_t
         d = tl.where(mask, xv - m_t, 0.0)
@@ -132,6 +149,8 @@ def _normalize(
     b_ptr,
     scale_ptr,
     shift_ptr,
+    add_ptr,
+    add_rep,
     n,
     g,
     mean,
@@ -153,8 +172,9 @@ def _normalize(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
-    """y = act((x - mean) * rstd * gamma + beta) of group g of sample n, positions
+    """y = act((x + add - mean) * rstd * gamma + beta) of group g of sample n, positions
     [s_start, s_end), rounded once to y's dtype."""
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
@@ -177,6 +197,8 @@ def _normalize(
     )
     a = (gamma * rstd)[:, None]
     bb = beta[:, None]
+    # x + add - mean = x - (mean - add): one per-channel centre
+    centre = (mean - _add_vector(add_ptr, n, add_rep, c, mask_c, C, BLOCK_C, HAS_ADD))[:, None]
     c64 = c.to(tl.int64)[:, None]
     xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
     yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
@@ -185,7 +207,7 @@ def _normalize(
         s64 = s.to(tl.int64)[None, :]
         mask = mask_c[:, None] & (s < s_end)[None, :]
         xv = tl.load(xrow + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
-        z = (xv - mean) * a + bb
+        z = (xv - centre) * a + bb
         if ACT_SILU:
             z = z * tl.sigmoid(z)
         tl.store(yrow + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -194,8 +216,11 @@ def _normalize(
 @triton.jit
 def _gn_fwd_stats_kernel(
     x_ptr,
+    add_ptr,
     mean_part_ptr,
     m2_part_ptr,
+    add_rep,
+    C,
     S,
     G,
     CG,
@@ -206,6 +231,7 @@ def _gn_fwd_stats_kernel(
     sxs,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
     """Stage 1: mean and M2 of chunk ``program_id(1)`` of group ``program_id(0)`` (= n*G + g)."""
     pid = tl.program_id(0)
@@ -215,9 +241,10 @@ def _gn_fwd_stats_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, C, BLOCK_C, HAS_ADD)
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
-    mean, m2 = _moments(row, s_start, s_end, sxs, mask_c, CG, BLOCK_S)
+    mean, m2 = _moments(row, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
     tl.store(mean_part_ptr + pid * num_chunks + k, mean)
     tl.store(m2_part_ptr + pid * num_chunks + k, m2)
 
@@ -230,10 +257,12 @@ def _gn_fwd_apply_kernel(
     b_ptr,
     scale_ptr,
     shift_ptr,
+    add_ptr,
     mean_part_ptr,
     m2_part_ptr,
     mean_ptr,
     rstd_ptr,
+    add_rep,
     C,
     S,
     G,
@@ -256,6 +285,7 @@ def _gn_fwd_apply_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
     """Stage 2: finalise the group's statistics from the chunk partials, then write y."""
     pid = tl.program_id(0)
@@ -285,6 +315,8 @@ def _gn_fwd_apply_kernel(
         b_ptr,
         scale_ptr,
         shift_ptr,
+        add_ptr,
+        add_rep,
         n,
         g,
         mean,
@@ -306,6 +338,7 @@ def _gn_fwd_apply_kernel(
         HAS_SCALE,
         HAS_SHIFT,
         ACT_SILU,
+        HAS_ADD,
     )
 
 
@@ -317,8 +350,10 @@ def _gn_fwd_fused_kernel(
     b_ptr,
     scale_ptr,
     shift_ptr,
+    add_ptr,
     mean_ptr,
     rstd_ptr,
+    add_rep,
     C,
     S,
     G,
@@ -338,6 +373,7 @@ def _gn_fwd_fused_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
 ):
     """One launch when a group needs no split (num_chunks == 1): program ``program_id(0)`` (=
     n*G + g) takes its group's statistics, then writes y. When the group is one tile (S <=
@@ -349,7 +385,8 @@ def _gn_fwd_fused_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
-    mean, m2 = _moments(row, 0, S, sxs, mask_c, CG, BLOCK_S)
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, C, BLOCK_C, HAS_ADD)
+    mean, m2 = _moments(row, addv, 0, S, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
@@ -360,6 +397,8 @@ def _gn_fwd_fused_kernel(
         b_ptr,
         scale_ptr,
         shift_ptr,
+        add_ptr,
+        add_rep,
         n,
         g,
         mean,
@@ -381,6 +420,7 @@ def _gn_fwd_fused_kernel(
         HAS_SCALE,
         HAS_SHIFT,
         ACT_SILU,
+        HAS_ADD,
     )
 
 
@@ -664,23 +704,29 @@ def group_norm_fwd(
     shift: torch.Tensor | None,
     out_format: torch.memory_format,
     *,
+    add: torch.Tensor | None = None,
     block_s: int | None = None,
     num_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (x's shape/dtype, ``out_format``), mean and rstd (fp32, (N, G))."""
+    """y (x's shape/dtype, ``out_format``), mean and rstd (fp32, (N, G)) of GroupNorm(x + add):
+    ``add`` (N / k, C), row ``n // k`` added to sample n (e.g. one row per video of k frames)."""
     p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
     f32 = {"dtype": torch.float32, "device": x.device}
     mean = torch.empty(p.N, p.G, **f32)
     rstd = torch.empty(p.N, p.G, **f32)
     sx, sy = ncs_strides(x), ncs_strides(y)
+    add_ptr, add_rep = (x, 1) if add is None else (add.contiguous(), p.N // add.shape[0])
+    flags = {**_flags(weight, bias, scale, shift, activation), "HAS_ADD": add is not None}
     if p.num_chunks == 1:
         _gn_fwd_fused_kernel[(p.N * p.G,)](
             x,
             y,
             *_ptrs(x, weight, bias, scale, shift),
+            add_ptr,
             mean,
             rstd,
+            add_rep,
             p.C,
             p.S,
             p.G,
@@ -691,7 +737,7 @@ def group_norm_fwd(
             *sy,
             BLOCK_C=p.BLOCK_C,
             BLOCK_S=p.BLOCK_S,
-            **_flags(weight, bias, scale, shift, activation),
+            **flags,
             num_warps=p.num_warps,
         )
         return y, mean, rstd
@@ -699,8 +745,11 @@ def group_norm_fwd(
     m2_part = torch.empty(p.N * p.G, p.num_chunks, **f32)
     _gn_fwd_stats_kernel[p.grid](
         x,
+        add_ptr,
         mean_part,
         m2_part,
+        add_rep,
+        p.C,
         p.S,
         p.G,
         p.CG,
@@ -709,16 +758,19 @@ def group_norm_fwd(
         *sx,
         BLOCK_C=p.BLOCK_C,
         BLOCK_S=p.BLOCK_S,
+        HAS_ADD=add is not None,
         num_warps=p.num_warps,
     )
     _gn_fwd_apply_kernel[p.grid](
         x,
         y,
         *_ptrs(x, weight, bias, scale, shift),
+        add_ptr,
         mean_part,
         m2_part,
         mean,
         rstd,
+        add_rep,
         p.C,
         p.S,
         p.G,
@@ -732,7 +784,7 @@ def group_norm_fwd(
         BLOCK_C=p.BLOCK_C,
         BLOCK_S=p.BLOCK_S,
         BLOCK_K=p.BLOCK_K,
-        **_flags(weight, bias, scale, shift, activation),
+        **flags,
         num_warps=p.num_warps,
     )
     return y, mean, rstd

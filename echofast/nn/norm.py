@@ -15,8 +15,9 @@ from .. import ops
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) fused with an optional SiLU.
 
-    ``forward(x, scale=None, shift=None)`` computes ``act(GN(x) * (1 + scale) + shift)`` through
-    :func:`echofast.ops.group_norm`; x is (N, C, *spatial), scale/shift (N, C).
+    ``forward(x, scale=None, shift=None, add=None)`` computes
+    ``act(GN(x + add) * (1 + scale) + shift)`` through :func:`echofast.ops.group_norm`; x is
+    (N, C, *spatial), scale/shift (N, C), add (M, C) with M dividing N (see the op).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class GroupNorm(nn.GroupNorm):
         x: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        add: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return ops.group_norm(
             x,
@@ -47,6 +49,7 @@ class GroupNorm(nn.GroupNorm):
             activation=self.activation,
             scale=scale,
             shift=shift,
+            add=add,
         )
 
     def extra_repr(self) -> str:

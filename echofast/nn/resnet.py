@@ -117,16 +117,16 @@ class ResnetBlock2D(nn.Module):
             x = self.resample(x)
             h = self.resample(h)
         h = self.conv1(h)
-        scale = shift = None
+        scale = shift = add = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_projection(temb)
             if self.time_embedding_norm == "default":
-                h = h + t[:, :, None, None]
+                add = t  # h + t, added by norm2 as it reads h
             else:
                 scale, shift = (c.expand(h.shape[0], -1) for c in t.chunk(2, dim=1))
         elif self.time_embedding_norm == "scale_shift":
             raise ValueError("temb is required when time_embedding_norm is 'scale_shift'")
-        h = self.norm2(h, scale=scale, shift=shift)
+        h = self.norm2(h, scale=scale, shift=shift, add=add)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -252,8 +252,9 @@ class TemporalResnetBlock(nn.Module):
     def branch(self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
         """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W)."""
         h = self._conv(self.conv1, self.norm1(x))
-        h = _add(h, project_time(temb, self.time_emb_proj)[:, :, None, None, None])
-        return self._conv(self.conv2, self.dropout(self.norm2(h)))
+        # + the time projection (B, C), added by norm2 as it reads h
+        h = self.norm2(h, add=project_time(temb, self.time_emb_proj))
+        return self._conv(self.conv2, self.dropout(h))
 
 
 class SpatioTemporalResBlock(nn.Module):
@@ -277,9 +278,8 @@ class SpatioTemporalResBlock(nn.Module):
         b = x.shape[0] // num_frames
         h = sp.conv1(sp.norm1(x))
         bt, c, hh, ww = h.shape
-        h5 = h.view(b, num_frames, c, hh, ww)
-        h5 = _add(h5, project_time(temb, sp.time_emb_proj)[:, None, :, None, None])
-        h = sp.conv2(sp.dropout(sp.norm2(h5.view(bt, c, hh, ww))))
+        # + the video's time projection (B, C) on each of its frames, added by norm2 as it reads h
+        h = sp.conv2(sp.dropout(sp.norm2(h, add=project_time(temb, sp.time_emb_proj))))
         s = _add(h, x if sp.conv_shortcut is None else sp.conv_shortcut(x))
         # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
         s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)

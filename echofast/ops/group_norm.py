@@ -1,6 +1,7 @@
 """``group_norm``: GroupNorm with optional time-embedding modulation and SiLU, as one op.
 
-    y = GroupNorm(x) * weight + bias          (statistics over C/G channels x all spatial dims)
+    y = GroupNorm(x + add) * weight + bias    (statistics over C/G channels x all spatial dims;
+                                               add: optional per (sample, channel))
     y = y * (1 + scale) + shift               (optional; scale, shift: (N, C))
     y = silu(y)                               (optional)
 
@@ -29,6 +30,7 @@ def _check(
     activation: str | None,
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
+    add: torch.Tensor | None = None,
 ) -> None:
     if x.dim() < 3:
         raise ValueError(f"group_norm: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
@@ -43,6 +45,10 @@ def _check(
             raise ValueError(f"group_norm: {name} must have shape ({n}, {c}), got {tuple(p.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if add is not None and (add.dim() != 2 or add.shape[1] != c or n % max(add.shape[0], 1)):
+        raise ValueError(
+            f"group_norm: add must be (M, {c}) with M dividing N = {n}, got {tuple(add.shape)}"
+        )
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -51,6 +57,15 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def broadcast_add(add: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``add`` (M, C) as a view broadcastable against x (N, C, *spatial): row ``n // (N / M)``
+    for sample n (M = N: one row per sample; M = N / T: one per group of T consecutive samples,
+    e.g. the frames of one video)."""
+    n, m = x.shape[0], add.shape[0]
+    rows = add[:, None, :].expand(m, n // m, add.shape[1]).reshape(n, add.shape[1])
+    return rows.reshape(*rows.shape, *(1,) * (x.dim() - 2))
 
 
 def group_norm_reference(
@@ -63,10 +78,14 @@ def group_norm_reference(
     activation: str | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch: ``F.group_norm`` in fp32 (fp64 stays fp64), modulation, activation."""
+    """Plain PyTorch: ``x + add`` and ``F.group_norm`` in fp32 (fp64 stays fp64), modulation,
+    activation."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(acc)
+    if add is not None:
+        xf = xf + broadcast_add(add.to(acc), x)
     y = F.group_norm(
         xf,
         num_groups,
@@ -105,6 +124,7 @@ def _triton_reasons(
     activation: str | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
 ) -> list[str]:
     """Why the Triton kernels cannot run this call. Cached on the arguments' metadata (device,
     dtype, rank, layout, ...), never on the tensors themselves: a cache keyed by a tensor would
@@ -116,7 +136,13 @@ def _triton_reasons(
     )
     params = tuple(
         (name, p.dtype, p.device)
-        for name, p in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift))
+        for name, p in (
+            ("weight", weight),
+            ("bias", bias),
+            ("scale", scale),
+            ("shift", shift),
+            ("add", add),
+        )
         if p is not None
     )
     return list(
@@ -231,8 +257,26 @@ def group_norm_triton(
     activation: str | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ``triton`` backend: same contract as :func:`group_norm_reference`, differentiable."""
+    """The ``triton`` backend: same contract as :func:`group_norm_reference`, differentiable.
+
+    ``add`` is folded into the forward kernels (added in fp32 as x is loaded: no pass over x for
+    it); under autograd ``x + add`` is formed first and differentiated by PyTorch."""
+    tensors = (x, weight, bias, scale, shift, add)
+    if (
+        add is not None
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+    ):
+        x, add = (x + broadcast_add(add, x)).to(x.dtype), None
+    if add is not None:
+        from echofast.kernels.group_norm import group_norm_fwd
+
+        y, _, _ = group_norm_fwd(
+            x, num_groups, weight, bias, eps, activation, scale, shift, _memory_format(x), add=add
+        )
+        return y
     y, _, _ = _GroupNormTriton.apply(x, weight, bias, scale, shift, num_groups, eps, activation)
     return y
 
@@ -274,9 +318,10 @@ def group_norm(
     activation: str | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """GroupNorm (+ ``y * (1 + scale) + shift``) (+ SiLU) of ``x`` (N, C, *spatial).
+    """GroupNorm (+ ``y * (1 + scale) + shift``) (+ SiLU) of ``x`` (+ ``add``) (N, C, *spatial).
 
     Args:
         x: (N, C, *spatial): 4D (N, C, H, W) or 5D (N, C, T, H, W); a group spans all spatial dims.
@@ -285,12 +330,15 @@ def group_norm(
         eps: added to the variance.
         activation: None or ``"silu"``, applied last.
         scale, shift: (N, C) modulation applied after the affine, or None.
+        add: (M, C), M dividing N, added to x before normalising (row ``n // (N / M)`` to
+            sample n: a resnet's time-embedding projection, one row per sample or per video of
+            N / M frames), or None. The Triton backend adds it as x is read.
         backend: force a backend by name (see :mod:`echofast.ops`).
 
     Returns:
         Tensor of x's shape, dtype and memory format. Statistics are computed in fp32.
     """
-    _check(x, num_groups, weight, bias, activation, scale, shift)
+    _check(x, num_groups, weight, bias, activation, scale, shift, add)
     return _op(
         x,
         num_groups,
@@ -300,5 +348,6 @@ def group_norm(
         activation=activation,
         scale=scale,
         shift=shift,
+        add=add,
         backend=backend,
     )

@@ -93,6 +93,8 @@ def test_gradients_flow_to_every_input():
         (dict(weight=torch.ones(5)), r"weight must have shape \(6,\), got \(5,\)"),
         (dict(scale=torch.ones(6)), r"scale must have shape \(2, 6\), got \(6,\)"),
         (dict(activation="gelu"), "activation must be one of"),
+        (dict(add=torch.ones(3, 6)), r"add must be \(M, 6\) with M dividing N = 2, got \(3, 6\)"),
+        (dict(add=torch.ones(2, 5)), r"add must be \(M, 6\)"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -100,3 +102,20 @@ def test_bad_arguments_are_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         group_norm(**args)
+
+
+@pytest.mark.parametrize("rows", [6, 2, 1], ids=["per-sample", "per-video-of-3", "shared"])
+def test_input_add_is_added_before_normalising(rows):
+    """``add`` (M, C): row n // (N / M) added to sample n before the statistics (a resnet's
+    time embedding, per sample, per video of N / M frames, or shared); gradients reach it."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(6, 8, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    add = torch.randn(rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    y = group_norm(x, 4, w, None, activation="silu", add=add)
+    full = add.repeat_interleave(6 // rows, dim=0)[:, :, None, None]
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x + full, 4, w))
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda xx, aa: group_norm(xx, 4, w, None, activation="silu", add=aa), (x, add)
+    )

@@ -186,6 +186,48 @@ def test_unsplit_groups_take_one_launch_with_the_split_values(block_s, monkeypat
     assert _rel(fused[0], y_ref) <= 1e-5
 
 
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("rows", [6, 2], ids=["per-sample", "per-video-of-3"])
+@pytest.mark.parametrize("plan", [{}, {"block_s": 8, "num_chunks": 3}], ids=["fused", "split"])
+def test_input_add_folded_into_the_forward(rows, plan):
+    """GroupNorm(x + add) with ``add`` read by the kernels as x is loaded (no pass for the add):
+    the one-launch and the split forward, one add row per sample or per 3 samples."""
+    shape, groups = (6, 12, 5, 7), 3
+    tensors, _ = _inputs(shape, groups, seed=31 + rows)
+    x, w, b, scale, shift = tensors
+    add = torch.randn(rows, 12, generator=torch.Generator().manual_seed(rows)) * 2
+    fmt = torch.contiguous_format
+    y, mean, rstd = kernels.group_norm_fwd(
+        x, groups, w, b, 1e-5, "silu", scale, shift, fmt, add=add, **plan
+    )
+    ref_kw = dict(activation="silu", scale=scale, shift=shift, add=add)
+    assert _rel(y, group_norm_reference(x, groups, w, b, **ref_kw)) <= 1e-5
+    full = x + add.repeat_interleave(6 // rows, dim=0)[:, :, None, None]
+    xg = full.double().reshape(6, groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_input_add_under_autograd_takes_the_differentiable_path():
+    """With gradients wanted, ``x + add`` is formed first and the backward kernels run on it:
+    gradients for x, add and the affine match the reference's."""
+    shape, groups = (4, 8, 3, 5), 2
+    tensors, dy = _inputs(shape, groups, mod=(False, False), seed=41)
+    x, w, b, _, _ = tensors
+    add = torch.randn(2, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(fn, **kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, add)]
+        y = fn(leaves[0], groups, leaves[1], leaves[2], activation="silu", add=leaves[3], **kw)
+        return y.detach(), torch.autograd.grad(y, leaves, dy)
+
+    y, grads = run(group_norm, backend="triton")
+    y_ref, grads_ref = run(group_norm_reference)
+    assert _rel(y, y_ref) <= 1e-5
+    for name, gr, gr_ref in zip(("x", "weight", "bias", "add"), grads, grads_ref):
+        assert _rel(gr, gr_ref, _dx_floor(x, dy) if name == "x" else 0.0) <= 1e-5, name
+
+
 def _fp16_torch(x, groups, w, b, eps, *, activation, scale, shift):
     """Plain PyTorch with every op in fp16 arithmetic (F.group_norm on fp16 inputs)."""
     y = F.group_norm(x, groups, w, b, eps)
