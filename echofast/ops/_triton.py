@@ -3,6 +3,7 @@ whether the kernel module was imported in a form that can run on the tensors' de
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -10,7 +11,10 @@ import os
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
+@functools.cache
 def triton_installed() -> bool:
+    """Whether Triton can be imported (looked up once: a lookup reads the file system, and every
+    dispatch of a Triton-backed op asks)."""
     return importlib.util.find_spec("triton") is not None
 
 

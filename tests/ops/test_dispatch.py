@@ -134,3 +134,21 @@ def test_dispatch_keeps_no_reference_to_its_inputs(name, interpret, monkeypatch)
     gc.collect()
     alive = [r() for r in refs if r() is not None]
     assert not alive, f"{name}: {len(alive)} input tensors still referenced after dispatch"
+
+
+def test_triton_backends_say_when_triton_is_missing(monkeypatch):
+    """The installation check is looked up once (not on every dispatch: it reads the file
+    system); a missing Triton is the first reason every Triton backend gives."""
+    from echofast.ops import _triton
+
+    assert _triton.triton_installed.cache_info().currsize <= 1
+    monkeypatch.setattr(_triton, "triton_installed", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, op in registered_ops().items():
+        if "triton" not in op.backends:
+            continue
+        args, kwargs = op._example("cpu")
+        reasons = op.backends["triton"].not_supported_reasons(*args, **kwargs)
+        if name != "group_norm":  # group_norm's reasons are cached per argument metadata
+            assert reasons[0] == "triton is not installed", (name, reasons)
+        assert reasons, name
