@@ -41,6 +41,7 @@
 #                 would take ~100 s of the call)
 #   unet_compile  echofast bench --batch-size 1 --graphs --compile --no-pipeline: single UNet
 #                 calls vs torch.compile'd diffusers (one inductor compile)
+#   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   group_norm    bench/bench_group_norm.py (eager and CUDA-graph times) -> group_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
@@ -52,10 +53,10 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu bench_b8 unet_compile group_norm attention geglu precision memory video patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu bench_b8 unet_compile layer_norm group_norm attention geglu precision memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
@@ -188,6 +189,9 @@ bench_script() {
 }
 
 step_group_norm() { bench_script bench_group_norm.py --csv "bench/results/group_norm_${SLUG}.csv"; }
+step_layer_norm() {
+    bench_script bench_layer_norm.py --csv "bench/results/layer_norm_${SLUG}.csv"
+}
 step_geglu() { bench_script bench_geglu.py --csv "bench/results/geglu_${SLUG}.csv"; }
 step_attention() { bench_script bench_attention.py --csv "bench/results/attention_${SLUG}.csv"; }
 step_video() {

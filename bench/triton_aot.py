@@ -259,11 +259,27 @@ def _geglu_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 yield f"geglu {rows}x{cols} {approximate} {str(dtype)[6:]}", run
 
 
+def _layer_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import layer_norm as k
+
+    widths = [320, 640, 1280, 37]  # the LVDM's and LIDM's LayerNorm widths, an awkward one
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for c in widths[::2] if quick else widths:
+            for affine in (True, False):
+
+                def run(c=c, dt=dtype, affine=affine):
+                    w = torch.empty(c) if affine else None
+                    k.layer_norm_fwd(torch.empty(81920, c, dtype=dt), w, w, 1e-5)
+
+                yield f"layer_norm C={c} affine={affine} {str(dtype)[6:]}", run
+
+
 CASES = {
     "group_norm": _group_norm_cases,
     "attention": _attention_cases,
     "window_step": _window_step_cases,
     "geglu": _geglu_cases,
+    "layer_norm": _layer_norm_cases,
 }
 
 

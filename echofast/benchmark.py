@@ -268,16 +268,34 @@ KERNEL_KINDS: tuple[tuple[str, str], ...] = (
     ("triton attention", r"_attn_"),
     ("triton GEGLU", r"_geglu_"),
     ("triton window step", r"_window_"),
+    ("triton LayerNorm", r"_layer_norm_fwd"),
     ("convolution", r"conv|fprop|dgrad|wgrad"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
     ("attention (library)", r"fmha|flash|attention|softmax"),
     ("layer norm", r"layer_?norm"),
     ("group norm (library)", r"group_?norm"),
     ("concatenation", r"\bcat|catarray"),
-    ("copy / cast", r"copy|cast|contiguous"),
+    # "nocast" in an elementwise kernel's name is the TensorIterator path, not a cast
+    ("copy / cast", r"direct_copy|copy_kernel|contiguous|nchwtonhwc|nhwctonchw|(?<!no)cast"),
+    # PyTorch's non-vectorised path: broadcasts (a conv bias over channels-last, a (1,) weight)
+    # and non-contiguous operands
+    ("elementwise, strided", r"(?<![a-z_])elementwise_kernel<"),
     ("elementwise / reduction", r"elementwise|vectorized|unrolled|reduce"),
 )
 """(kind, regular expression on the lower-cased kernel name), first match wins."""
+
+_FUNCTOR = re.compile(r"\w*(?:functor|_kernel_cuda|lambda)\w*", re.IGNORECASE)
+
+
+def short_kernel_name(name: str, width: int = 110) -> str:
+    """A kernel name cut to about ``width`` characters, keeping what tells PyTorch's templated
+    elementwise kernels apart: the functors named in the cut part."""
+    if len(name) <= width:
+        return name
+    head = name[: width - 40]
+    functors = list(dict.fromkeys(_FUNCTOR.findall(name[len(head) :])))
+    tail = ", ".join(functors)[:38]
+    return f"{head} .. {tail}" if tail else head
 
 
 def kernel_kind(name: str) -> str:
@@ -315,7 +333,7 @@ def format_kernel_times(table: dict[str, Any], top: int = 10) -> list[str]:
         lines.append(f"  {kind:<26} {us / 1e3:8.3f} ms {share:5.1f} %  {calls:5d} kernels")
     lines.append(f"longest {top} kernels:")
     for name, calls, us in table["kernels"][:top]:
-        lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {name[:90]}")
+        lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {short_kernel_name(name)}")
     return lines
 
 

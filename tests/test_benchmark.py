@@ -46,7 +46,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
             "phase": "total" if path.startswith("pipeline") else "call",
             "median_s": 1e-9,
         }
-        for path in ("pipeline/echofast", "unet/diffusers")
+        for path in ("pipeline/echofast", "unet/echofast", "unet/diffusers")
     ]
     planted.append({**planted[1], "path": "gemm/fp32-512-cpu", "batch": ""})
     bench_rows.append_csv(old, planted)
@@ -58,6 +58,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     assert status == 1, text  # two planted rows are "regressions"
     assert "smoke configuration" in text and "2 regression(s)" in text
     assert text.count("REGRESSION") == 2
+    assert "baseline   b=2 unet/diffusers call" in text  # slower, but not echofast's code
     assert "CUDA graphs need CUDA" in text and "s/video" in text
 
     rows = _read(out)
@@ -228,6 +229,7 @@ def test_compare_flags_only_slower_rows_of_the_same_card():
         {**key, "card": "A", "path": "pipeline/reference", "phase": "total", "median_s": "1.0"},
         {**key, "card": "A", "path": "unet/echofast", "phase": "call", "median_s": "1.0"},
         {**key, "card": "A", "path": "gemm/bf16-8192", "phase": "call", "median_s": "1.0"},
+        {**key, "card": "A", "path": "unet/diffusers", "phase": "call", "median_s": "1.0"},
         {**key, "card": "B", "path": "unet/diffusers", "phase": "call", "median_s": "1.0"},
     ]
     new = [
@@ -238,8 +240,10 @@ def test_compare_flags_only_slower_rows_of_the_same_card():
         {**key, "card": "A", "path": "unet/diffusers", "phase": "call", "median_s": 9.0},
     ]
     lines, regressions = bench_rows.compare(new, old, threshold_pct=10)
-    assert len(lines) == 4  # the card-B row matches nothing
+    assert len(lines) == 5  # the card-B row matches nothing
     assert len(regressions) == 1 and "pipeline/echofast total" in regressions[0]
+    # baselines (GEMM ceiling, diffusers) slower: labelled, never flagged
+    assert sum(line.startswith("baseline") for line in lines) == 2
     assert "+20.0%" in regressions[0]
     assert bench_rows.compare(new, old, threshold_pct=25)[1] == []
 
@@ -311,6 +315,13 @@ def test_kernel_time_table_by_kind():
         ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", 2.0),
         ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int>", 1.0),
         ("some_unknown_kernel", 0.5),
+        (
+            "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::"
+            "native::CUDAFunctor_add<c10::Half>>(at::TensorIteratorBase&, at::native::CUDAFunctor"
+            "_add<c10::Half> const&)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast)",
+            6.0,
+        ),
+        ("_layer_norm_fwd_kernel", 1.5),
     ]
     table = bench.kernel_time_table(kernels)
     kinds = table["kinds"]
@@ -318,7 +329,8 @@ def test_kernel_time_table_by_kind():
     assert kinds["triton GroupNorm"] == (2, 12.0) and kinds["triton attention"] == (1, 9.0)
     assert kinds["layer norm"] == (1, 4.0) and kinds["copy / cast"] == (1, 2.0)
     assert kinds["elementwise / reduction"] == (1, 3.0) and kinds["concatenation"] == (1, 1.0)
-    assert kinds["other"] == (1, 0.5)
+    assert kinds["other"] == (1, 0.5) and kinds["triton LayerNorm"] == (1, 1.5)
+    assert kinds["elementwise, strided"] == (1, 6.0)  # "nocast" is not a cast
     assert list(kinds)[0] == "GEMM"  # longest kind first
     assert table["kernels"][0][0].startswith("sm90_xmma_fprop")  # longest kernel first
     assert table["kernels"][3] == ("_gn_fwd_fused_kernel", 2, 12.0)

@@ -3,13 +3,11 @@ LayerNorm that stays in the activations' dtype under autocast."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.layer_norm import residual_sum
 
 
 class GroupNorm(nn.GroupNorm):
@@ -59,45 +57,56 @@ class GroupNorm(nn.GroupNorm):
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def mixed_layer_norm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``F.layer_norm`` takes a ``dtype`` input with fp32 weight and bias on this device
-    type (PyTorch's mixed-dtype kernels; probed once with a tiny call)."""
-    x = torch.ones(2, 8, device=device_type, dtype=dtype)
-    w = torch.ones(8, device=device_type)
-    try:
-        with torch.autocast(device_type, enabled=False):
-            F.layer_norm(x, (8,), w, w)
-    except RuntimeError:
-        return False
-    return True
-
-
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state-dict keys) that keeps a reduced-precision input
     in its dtype under autocast.
 
     Autocast runs ``layer_norm`` in fp32: it casts the fp16/bf16 input up and returns fp32, which
-    the next Linear casts back down — two extra kernels and twice the bytes per norm (105 norms
-    per LVDM call). Here an input already in autocast's dtype is normalised directly with the fp32
-    weight and bias (PyTorch's mixed-dtype kernel: statistics and affine in fp32, one rounding to
-    the input's dtype), which is the value the autocast path gives after the Linear's cast, up to
-    the order of the fp32 reduction. Elsewhere (no autocast, another dtype, inside
-    ``torch.compile``, which fuses the casts itself, or a PyTorch without the mixed-dtype kernel
-    on this device: :func:`mixed_layer_norm_works`) it is ``nn.LayerNorm``.
+    the next Linear casts back down — two extra kernels and five times the bytes per norm (80
+    norms per LVDM call). Here an input already in autocast's dtype goes to
+    :func:`echofast.ops.layer_norm` (fp32 statistics and affine, one rounding to the input's
+    dtype: a Triton kernel on CUDA, PyTorch's mixed-dtype kernel where it has one), which is the
+    value the autocast path gives after the Linear's cast, up to the order of the fp32 reduction.
+    Elsewhere (no autocast, another dtype, or inside ``torch.compile``, which fuses the casts
+    itself) it is ``nn.LayerNorm``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _autocast_half(self, x: torch.Tensor) -> bool:
         dev = x.device.type
-        if (
+        return (
             x.dtype in _HALF
-            and self.weight is not None
-            and self.weight.dtype == torch.float32
+            and len(self.normalized_shape) == 1
             and torch.is_autocast_enabled(dev)
             and torch.get_autocast_dtype(dev) == x.dtype
             and not torch.compiler.is_compiling()
-            and mixed_layer_norm_works(dev, x.dtype)
-        ):
-            with torch.autocast(dev, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._autocast_half(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, add: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, self(h))`` for the residual ``h = x + residual`` (plus ``add`` (M, C): one row
+        per group of x's rows, e.g. per video); h is written over ``residual`` (a temporary of
+        the caller) without autograd.
+
+        Where :meth:`forward` would keep x's dtype (autocast) or x and the affine share a dtype
+        (no autocast), both are one op, :func:`echofast.ops.add_layer_norm` (a single Triton
+        pass on CUDA); otherwise PyTorch adds, then :meth:`forward`.
+        """
+        dev = x.device.type
+        plain = (
+            not torch.is_autocast_enabled(dev)
+            and len(self.normalized_shape) == 1
+            and (self.weight is None or self.weight.dtype == x.dtype)
+            and not torch.compiler.is_compiling()
+        )
+        if residual.dtype == x.dtype and (self._autocast_half(x) or plain):
+            with torch.autocast(dev, enabled=False):
+                return ops.add_layer_norm(x, residual, add, self.weight, self.bias, self.eps)
+        h = residual_sum(x, residual, add)
+        return h, self(h)

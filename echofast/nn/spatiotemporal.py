@@ -109,6 +109,34 @@ def _cross_attend(
     return _add(attn(norm(x), context), x)
 
 
+def _fused_norms(x: torch.Tensor) -> bool:
+    """Whether a transformer block fuses each residual add into the LayerNorm that follows it
+    (:meth:`LayerNorm.add_forward`): in eager inference, except where CPU inference runs the
+    residual branches on chunks (:func:`_residual`)."""
+    return eager_inference() and (x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0)
+
+
+def _attend_and_norm(
+    attn: Attention,
+    norm: LayerNorm,
+    next_norm: LayerNorm,
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    context: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused form of ``x = x + branch; x = _cross_attend(attn, norm, x, context)`` and
+    ``next_norm(x)``: returns (x, next_norm(x)) for tokens x (B·M, N, C) of B videos and a
+    fresh ``branch`` of x's shape (overwritten). With one context token the cross-attention's
+    output is one row per video, added in the same pass as the branch."""
+    b, c = context.shape[0], x.shape[-1]
+    if context.shape[1] == 1:
+        # softmax over one key is 1: one output row per video, whatever the queries
+        rows = attn(x.view(b, -1, c), context)[:, 0]
+        return next_norm.add_forward(x, branch, add=rows)
+    h, y = norm.add_forward(x, branch)
+    return next_norm.add_forward(h, attn(y.view(b, -1, c), context).view(h.shape))
+
+
 class SpatialTransformerBlock(nn.Module):
     """diffusers' ``BasicTransformerBlock`` (LayerNorm, GEGLU, no attention bias).
 
@@ -130,6 +158,11 @@ class SpatialTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B·T, S, C) frame tokens, context (B, L, D) → (B·T, S, C)."""
         bt, s, c = x.shape
+        if _fused_norms(x):
+            h, y = _attend_and_norm(
+                self.attn2, self.norm2, self.norm3, x, self.attn1(self.norm1(x)), context
+            )
+            return h.add_(self.ff(y))
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=False)
         x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)
         return _residual(x.view(bt, s, c), lambda v: self.ff(self.norm3(v)), inplace=True)
@@ -159,6 +192,10 @@ class TemporalTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B·S, T, C) sequences over frames, context (B, L, D) → (B·S, T, C)."""
         n, t, c = x.shape
+        if _fused_norms(x):
+            h, y = self.norm1.add_forward(x, self.ff_in(self.norm_in(x)))
+            h, y = _attend_and_norm(self.attn2, self.norm2, self.norm3, h, self.attn1(y), context)
+            return h.add_(self.ff(y))
         x = _residual(x, lambda v: self.ff_in(self.norm_in(v)), inplace=False)
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=True)
         x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)

@@ -9,18 +9,28 @@ from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
+from .layer_norm import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
 from .window_step import window_step, window_step_reference, window_tables
 
 __all__ = [
     "ENV_VAR",
     "Backend",
     "Op",
+    "add_layer_norm",
+    "add_layer_norm_reference",
     "attention",
     "attention_reference",
     "geglu",
     "geglu_reference",
     "group_norm",
     "group_norm_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "registered_ops",
     "use_backend",
     "window_step",

@@ -4,6 +4,8 @@ EchoNet-Synthetic config, the exact fast paths and config errors."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 
 import pytest
 import torch
@@ -140,6 +142,35 @@ def test_chunked_cpu_path_and_autograd_path(pair, monkeypatch):
     assert rel_err(out.detach(), a) <= TOL
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("context", ["single_key", "general"])
+def test_fused_residual_norms_match_diffusers(pair, general_pair, context, monkeypatch):
+    """Without CPU chunking, each transformer residual add is fused into the LayerNorm after it
+    (ops.add_layer_norm: x + branch + one cross-attention row per video, then the norm)."""
+    ref, ours = pair if context == "single_key" else general_pair
+    if context == "single_key":
+        x, ctx, ids = _inputs(2, 6, 9, seed=5)
+    else:
+        x, ctx, ids = _inputs(2, 6, 9, ctx_len=3, ctx_dim=8, ids=2, seed=5)
+    monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
+    calls = []
+    ops_ln = sys.modules["echofast.ops.layer_norm"]
+    real = ops_ln._add_op.backends["torch"].fn
+    spy = dataclasses.replace(
+        ops_ln._add_op.backends["torch"], fn=lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    )
+    monkeypatch.setitem(ops_ln._add_op.backends, "torch", spy)
+    with torch.no_grad():
+        a = ref(x, 321, ctx, ids).sample
+        b = ours(x, 321, ctx, ids).sample
+    assert rel_err(b, a) <= TOL
+    blocks = sum(isinstance(m, st.TemporalTransformerBlock) for m in ours.modules())
+    # spatial: 1 (single key) or 2 fused norms; temporal: one more each
+    per_block = 1 if context == "single_key" else 2
+    assert len(calls) == 2 * blocks * per_block + blocks
+    # the cross-attention's rows are added by the norm after it, one per block
+    assert sum(c is not None for c in calls) == (2 * blocks if context == "single_key" else 0)
 
 
 def test_return_dict_false(pair):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
@@ -10,10 +12,12 @@ from support.models import build_diffusers, rel_err
 from support.triton_interp import interpreted_kernels
 from support.weights import TINY_LVDM
 
+import echofast.nn.spatiotemporal as st
 from echofast.models import LIDM, LVDM, VAE
 from echofast.ops import registered_ops, use_backend
 
 interpreted_kernels("group_norm", "_gn_fwd_stats_kernel")
+interpreted_kernels("layer_norm", "_layer_norm_fwd_kernel")
 
 TOL = 1e-5
 
@@ -46,15 +50,19 @@ def test_lidm():
     assert rel_err(ours(x, 10).sample, ref(x, 10).sample) <= TOL
 
 
+@pytest.mark.parametrize("fused_norms", [False, True], ids=["chunked_cpu", "fused_norms"])
 @torch.no_grad()
-def test_lvdm():
+def test_lvdm(fused_norms, monkeypatch):
     """8×8 latents: every group keeps ≥ 4 elements. (At 1×1 spatial with one channel per group
     PyTorch's own fp32 CPU group_norm is off by ~1e-3 of |x| — var of one element is not exactly
     0 — and rstd = 1/sqrt(eps) amplifies that, so such a comparison measures the reference.)"""
+    if fused_norms:  # residual adds fused into the Triton LayerNorm (ops.add_layer_norm)
+        monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
     ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, TINY_LVDM)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 3, 8, 8, 8, generator=g)
     ehs, ids = torch.rand(1, 1, 1, generator=g), torch.zeros(1, 1)
     expected = ref(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
-    got = ours(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
+    with use_backend(add_layer_norm="triton") if fused_norms else contextlib.nullcontext():
+        got = ours(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
     assert rel_err(got, expected) <= TOL

@@ -1,0 +1,201 @@
+"""The ``triton`` layer_norm backend, run by the Triton interpreter on CPU.
+
+Against an fp64 oracle (the formula written out, not F.layer_norm): fp32 to 1e-5 of max|ref|;
+fp16/bf16 input with fp32 affine within one rounding of the fp32 result and within 2x the error
+of plain PyTorch at that precision (``F.layer_norm`` with the input and affine in the half dtype).
+Awkward widths (C = 1, 37, 1280), ragged row tiles, strided inputs, no affine, the dispatcher's
+choice. Shapes are small: the interpreter pays per program and per element.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support.triton_interp import interpreted_kernels
+
+from echofast.ops import add_layer_norm, layer_norm, registered_ops
+from echofast.ops.layer_norm import MAX_C
+
+kernels = interpreted_kernels("layer_norm", "_layer_norm_fwd_kernel")
+_op = registered_ops()["layer_norm"]
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def oracle(x, w=None, b=None, eps=1e-5):
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def inputs(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 2
+    w = torch.randn(shape[-1], generator=g) * 0.5 + 1
+    b = torch.randn(shape[-1], generator=g) * 0.5
+    return x.to(dtype), w, b
+
+
+def max_err(y, ref):
+    return (y.double() - ref).abs().max().item()
+
+
+SHAPES = [(3, 37), (2, 5, 320), (7, 1280), (2, 3, 4, 8), (5, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_matches_fp64(shape):
+    x, w, b = inputs(shape, seed=len(shape))
+    y = layer_norm(x, w, b, backend="triton")
+    ref = oracle(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == x.shape and y.is_contiguous()
+    assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_one_column_rows_give_the_bias():
+    x, w, b = inputs((4, 1), seed=3)
+    assert torch.equal(layer_norm(x, w, b, backend="triton"), b.expand(4, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("c", [37, 320, 1280])
+def test_half_input_fp32_affine_within_2x_plain_pytorch(dtype, c):
+    x, w, b = inputs((6, c), dtype, seed=c)
+    y = layer_norm(x, w, b, backend="triton")
+    assert y.dtype == dtype
+    ref = oracle(x, w, b)
+    plain = F.layer_norm(x, (c,), w.to(dtype), b.to(dtype))
+    half_ulp = ref.abs().max().item() * {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    assert max_err(y, ref) <= 2 * max(max_err(plain, ref), half_ulp)
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= ulp
+
+
+def test_ragged_row_tiles():
+    """Several programs, the last one partial (R = 7 in tiles of 2)."""
+    x, w, b = inputs((7, 37), seed=4)
+    y = kernels.layer_norm_fwd(x, w, b, 1e-5, block_r=2)
+    assert max_err(y, oracle(x, w, b)) <= 1e-5 * 10
+
+
+def test_no_affine_and_other_eps():
+    x, _, _ = inputs((5, 24), seed=5)
+    y = layer_norm(x, None, None, 1e-3, backend="triton")
+    assert max_err(y, oracle(x, eps=1e-3)) <= 1e-5 * 10
+    w = torch.randn(24)
+    y = layer_norm(x, w, None, backend="triton")
+    assert max_err(y, oracle(x, w)) <= 1e-5 * 10
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "non_collapsible", "transposed"])
+def test_strided_inputs(layout):
+    g = torch.Generator().manual_seed(6)
+    if layout == "row_strided":
+        x = torch.randn(6, 40, generator=g)[:, 3:27]
+    elif layout == "non_collapsible":
+        x = torch.randn(3, 4, 24, generator=g)[:, :2]
+    else:
+        x = torch.randn(24, 6, generator=g).t()
+    view = kernels.rows_view(x)
+    assert (view.data_ptr() == x.data_ptr()) == (layout == "row_strided")
+    w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
+    y = layer_norm(x, w, b, backend="triton")
+    assert y.shape == x.shape and max_err(y, oracle(x, w, b)) <= 1e-4
+
+
+def test_empty_input():
+    y = layer_norm(torch.empty(0, 8), torch.ones(8), None, backend="triton")
+    assert y.shape == (0, 8)
+
+
+def test_dispatch_prefers_triton_for_inference_and_falls_back_for_autograd():
+    x, w, b = inputs((4, 16), torch.bfloat16)
+    with torch.no_grad():
+        assert _op.select(x, w, b).name == "triton"
+    xg = x.clone().requires_grad_()
+    assert _op.select(xg, w, b).name == "mixed"
+    layer_norm(xg, w, b).float().sum().backward()
+    assert xg.grad is not None
+
+
+def test_the_ops_width_limit_is_the_kernels():
+    assert MAX_C == kernels.MAX_C
+
+
+def test_gpu_tile_choice():
+    """Compiled tiles: a whole row per program row, TILE elements per program."""
+    for c, block_c, block_r, warps in [(320, 512, 8, 8), (1280, 2048, 2, 8), (37, 64, 64, 8)]:
+        p = kernels.Plan(81920, c, interpreted=False)
+        assert (p.BLOCK_C, p.BLOCK_R, p.num_warps) == (block_c, block_r, warps), c
+    assert kernels.Plan(3, 320, interpreted=False).BLOCK_R == 4
+    assert kernels.Plan(1, 16384, interpreted=False).BLOCK_R == 1
+
+
+# ---- add_layer_norm ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows_add", [False, True], ids=["residual", "residual+rows"])
+@pytest.mark.parametrize("shape", [(2, 6, 37), (3, 4, 320), (1, 5, 8)], ids=str)
+def test_add_layer_norm_fp32(shape, rows_add):
+    x, w, b = inputs(shape, seed=11)
+    g = torch.Generator().manual_seed(12)
+    r = torch.randn(shape, generator=g)
+    a = torch.randn(shape[0], shape[-1], generator=g) if rows_add else None
+    want_h = x + r + (a[:, None] if rows_add else 0)
+    storage = r.data_ptr()
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r, a, w, b, backend="triton")
+    assert h.data_ptr() == storage  # written over the residual
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
+    ref = oracle(want_h, w, b)
+    assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_add_layer_norm_half(dtype):
+    """h rounded once (fp16: the residual-only sum is bit-equal to PyTorch's add; the
+    interpreter rounds fp32 -> bf16 toward zero, so bf16 is held to one ulp here and to bit
+    equality on the GPU), y the LayerNorm of the stored h within one rounding."""
+    x, w, b = inputs((4, 9, 320), dtype, seed=13)
+    r = (torch.randn(4, 9, 320, generator=torch.Generator().manual_seed(14)) * 2).to(dtype)
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r.clone(), None, w, b, backend="triton")
+    if dtype == torch.float16:
+        assert torch.equal(h, r + x)
+    exact = x.double() + r.double()
+    assert ((h.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= 2.0**-7
+    ref = oracle(h, w, b)
+    assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= {
+        torch.float16: 2.0**-10,
+        torch.bfloat16: 2.0**-7,
+    }[dtype]
+    a = torch.randn(4, 320).to(dtype)
+    with torch.no_grad():
+        h2, _ = add_layer_norm(x, r.clone(), a, w, b, backend="triton")
+    exact = exact + a.double()[:, None]
+    assert ((h2.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= 2.0**-7
+
+
+def test_add_layer_norm_strided_residual_gets_a_new_h():
+    x, w, b = inputs((6, 24), seed=15)
+    r = torch.randn(24, 6).t()  # no unit stride along C: h goes to a new tensor
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r, None, w, b, backend="triton")
+    assert h.data_ptr() != r.data_ptr()
+    torch.testing.assert_close(h, x + r)
+    assert max_err(y, oracle(x + r, w, b)) <= 1e-4
+
+
+def test_add_layer_norm_kernel_needs_an_h_output():
+    x, w, b = inputs((2, 8))
+    with pytest.raises(ValueError, match="need h_out"):
+        kernels.layer_norm_fwd(x, w, b, 1e-5, residual=x)
