@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._mode import eager_inference
-from ._packing import pack_rows, packed_linear
+from ._packing import adjacent, concat_view, pack_rows, packed_linear
 
 
 def batch_timesteps(
@@ -173,41 +173,58 @@ class TimeProjections:
     summation order.
     """
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], folds: list[nn.Module | None] | None = None):
         self.linears = linears
+        #: per linear, the conv whose bias its block folds into the projection (see
+        #: :func:`project_time`), or None
+        self.folds = dict(zip(linears, folds or [None] * len(linears)))
 
     def _params(self, name: str) -> list[torch.Tensor] | None:
         ps = [getattr(lin, name) for lin in self.linears]
         return None if any(p is None for p in ps) else ps
+
+    def _fold_biases(self) -> list[torch.Tensor] | None:
+        """The folded conv biases in the linears' order when every linear has one."""
+        convs = list(self.folds.values())
+        if any(c is None or c.bias is None for c in convs):
+            return None
+        return [c.bias for c in convs]
 
     def pack(self) -> None:
         """(Re)store the weights and biases adjacently (after construction, ``.to()``, loading)."""
         if len(self.linears) > 1:
             pack_rows(self._params("weight"))
             pack_rows(self._params("bias"))
+            pack_rows(self._fold_biases())
 
     def compute(self, emb: torch.Tensor) -> dict[nn.Module, torch.Tensor] | None:
-        """{linear: its (B, out_features) projection of ``emb``} as views of one GEMM's output,
-        or None when the fused path does not apply."""
+        """{linear: its (B, out_features) projection of ``emb``, plus its folded conv bias} as
+        views of one GEMM's output (and one add for all folded biases), or None when the fused
+        path does not apply."""
         if len(self.linears) < 2 or not eager_inference():
             return None
         fused = packed_linear(self._params("weight"), self._params("bias"))
         if fused is None:
             return None
+        folded = [c for c in self.folds.values() if c is not None]
+        biases = self._fold_biases()
+        if folded and (biases is None or not adjacent(biases)):
+            return None  # some blocks fold and some do not, or not packed: each projects alone
         out = F.linear(F.silu(emb), *fused)
+        if biases is not None:
+            out.add_(concat_view(biases))
         sizes = [lin.out_features for lin in self.linears]
         return dict(zip(self.linears, out.split(sizes, dim=-1)))
 
 
 def time_projections(model: nn.Module) -> TimeProjections:
-    """The :class:`TimeProjections` of every ``time_emb_proj`` linear layer in ``model``."""
-    return TimeProjections(
-        [
-            m.time_emb_proj
-            for m in model.modules()
-            if isinstance(getattr(m, "time_emb_proj", None), nn.Linear)
-        ]
-    )
+    """The :class:`TimeProjections` of every ``time_emb_proj`` linear layer in ``model``, with
+    the conv each block folds into its projection (``block.time_fold()``, when it has one)."""
+    blocks = [
+        m for m in model.modules() if isinstance(getattr(m, "time_emb_proj", None), nn.Linear)
+    ]
+    folds = [m.time_fold() if callable(getattr(m, "time_fold", None)) else None for m in blocks]
+    return TimeProjections([m.time_emb_proj for m in blocks], folds)
 
 
 class TimeEmbedding:
@@ -234,9 +251,11 @@ class TimeEmbedding:
         self._mix: dict[torch.dtype, dict | None] = {}
         self._per_call: dict[Hashable, Any] = {}
         self._all = None
+        self._folds = {} if projections is None else projections.folds
         if projections is not None:
+            folded = tuple(c for c in projections.folds.values() if c is not None)
             self._all = self.memo.get(
-                (*projections.linears, *deps),
+                (*projections.linears, *folded, *deps),
                 ("temb-all", key),
                 lambda: projections.compute(emb),
             )
@@ -263,21 +282,39 @@ class TimeEmbedding:
                 return table[blender]
         return blender.temporal_weight(dtype)
 
-    def project(self, linear: nn.Module) -> torch.Tensor:
-        """``linear(silu(emb))``: from the one-GEMM projections when they hold ``linear``, else
-        memoised per (linear, timestep key, weights of linear, deps)."""
-        if self._all is not None and linear in self._all:
+    def project(self, linear: nn.Module, fold: nn.Module | None = None) -> torch.Tensor:
+        """``linear(silu(emb))`` (+ ``fold.bias``): from the one-GEMM projections when they hold
+        ``linear`` with the same fold, else memoised per (linear, fold, timestep key, weights,
+        deps)."""
+        if self._all is not None and linear in self._all and self._folds.get(linear) is fold:
             return self._all[linear]
-        return self.memo.get(
-            (linear, *self.deps), ("temb", self.key), lambda: linear(F.silu(self.emb))
-        )
+        modules = (linear, *(() if fold is None else (fold,)), *self.deps)
+        return self.memo.get(modules, ("temb", self.key), lambda: _project(self.emb, linear, fold))
 
 
-def project_time(temb: torch.Tensor | TimeEmbedding, linear: nn.Module) -> torch.Tensor:
-    """``linear(silu(temb))`` for a plain embedding tensor or a :class:`TimeEmbedding`."""
+def _project(emb: torch.Tensor, linear: nn.Module, fold: nn.Module | None) -> torch.Tensor:
+    out = linear(F.silu(emb))
+    if fold is None or fold.bias is None:
+        return out
+    return out.add_(fold.bias) if eager_inference() else out + fold.bias
+
+
+def project_time(
+    temb: torch.Tensor | TimeEmbedding, linear: nn.Module, fold: nn.Module | None = None
+) -> torch.Tensor:
+    """``linear(silu(temb))`` for a plain embedding tensor or a :class:`TimeEmbedding`, plus
+    ``fold.bias`` when ``fold`` is given: the bias of the conv whose output the projection is
+    added to, which the block runs without its bias (see :func:`conv_without_bias`), so one add
+    of all blocks' folded biases to the packed projections replaces one full-size bias add per
+    conv."""
     if isinstance(temb, TimeEmbedding):
-        return temb.project(linear)
-    return linear(F.silu(temb))
+        return temb.project(linear, fold)
+    return _project(temb, linear, fold)
+
+
+def conv_without_bias(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` without its bias (the caller adds it elsewhere: :func:`project_time`)."""
+    return conv._conv_forward(x, conv.weight, None)
 
 
 def sampling_cache(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._mode import eager_inference
-from .embeddings import TimeEmbedding, project_time
+from .embeddings import TimeEmbedding, conv_without_bias, project_time
 from .norm import GroupNorm
 
 
@@ -102,10 +102,18 @@ class ResnetBlock2D(nn.Module):
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
 
+    def time_fold(self) -> nn.Conv2d | None:
+        """The conv whose bias is folded into the time projection (conv1, when the projection is
+        added to its output: ``time_embedding_norm="default"``), else None."""
+        if self.time_emb_proj is None or self.time_embedding_norm != "default":
+            return None
+        return self.conv1 if self.conv1.bias is not None else None
+
     def time_projection(self, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
-        """``time_emb_proj(silu(temb))``: (N, temb_channels) -> (N, k·C_out); depends only on t
-        (memoised within a sampling run when ``temb`` is a :class:`TimeEmbedding`)."""
-        return project_time(temb, self.time_emb_proj)
+        """``time_emb_proj(silu(temb))`` (+ conv1's bias when :meth:`time_fold`): (N,
+        temb_channels) -> (N, k·C_out); depends only on t (memoised within a sampling run when
+        ``temb`` is a :class:`TimeEmbedding`)."""
+        return project_time(temb, self.time_emb_proj, self.time_fold())
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding | None = None
@@ -116,9 +124,11 @@ class ResnetBlock2D(nn.Module):
         if self.resample is not None:
             x = self.resample(x)
             h = self.resample(h)
-        h = self.conv1(h)
         scale = shift = add = None
         if self.time_emb_proj is not None and temb is not None:
+            # conv1's bias, when folded, comes with the projection: one small add, not a
+            # full-size one after the convolution
+            h = conv_without_bias(self.conv1, h) if self.time_fold() else self.conv1(h)
             t = self.time_projection(temb)
             if self.time_embedding_norm == "default":
                 add = t  # h + t, added by norm2 as it reads h
@@ -126,6 +136,8 @@ class ResnetBlock2D(nn.Module):
                 scale, shift = (c.expand(h.shape[0], -1) for c in t.chunk(2, dim=1))
         elif self.time_embedding_norm == "scale_shift":
             raise ValueError("temb is required when time_embedding_norm is 'scale_shift'")
+        else:
+            h = self.conv1(h)
         h = self.norm2(h, scale=scale, shift=shift, add=add)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:

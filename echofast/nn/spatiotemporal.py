@@ -32,7 +32,14 @@ from .. import ops
 from ._mode import eager_inference
 from ._packing import adjacent, concat_view, pack_rows
 from .attention import Attention
-from .embeddings import RunMemo, TimeEmbedding, TimestepEmbedding, project_time, timestep_features
+from .embeddings import (
+    RunMemo,
+    TimeEmbedding,
+    TimestepEmbedding,
+    conv_without_bias,
+    project_time,
+    timestep_features,
+)
 from .norm import GroupNorm, LayerNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -271,8 +278,12 @@ class TemporalResnetBlock(nn.Module):
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
+    def time_fold(self) -> nn.Conv3d | None:
+        """conv1, whose bias is folded into the time projection (see ``project_time``)."""
+        return self.conv1 if self.conv1.bias is not None else None
+
     @staticmethod
-    def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    def _conv(conv: nn.Conv3d, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         # a (3,1,1) Conv3d is a (3,1) Conv2d over (T, H·W): same sums, and the 2D kernels are
         # much faster on CPU (channels-last (B, C, T, H, W) stays channels-last)
         b, c, t, h, w = x.shape
@@ -283,14 +294,15 @@ class TemporalResnetBlock(nn.Module):
         else:
             x4 = x.flatten(3)
         k = conv.weight
-        y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias, padding=(1, 0))
+        y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias if bias else None, padding=(1, 0))
         return y.unflatten(3, (h, w))
 
     def branch(self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
         """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W)."""
-        h = self._conv(self.conv1, self.norm1(x))
-        # + the time projection (B, C), added by norm2 as it reads h
-        h = self.norm2(h, add=project_time(temb, self.time_emb_proj))
+        fold = self.time_fold()
+        h = self._conv(self.conv1, self.norm1(x), bias=fold is None)
+        # + the time projection (B, C) and conv1's bias, added by norm2 as it reads h
+        h = self.norm2(h, add=project_time(temb, self.time_emb_proj, fold))
         return self._conv(self.conv2, self.dropout(h))
 
 
@@ -313,10 +325,12 @@ class SpatioTemporalResBlock(nn.Module):
         """x (B·T, C_in, H, W), temb (B, E) → (B·T, C_out, H, W)."""
         sp = self.spatial_res_block
         b = x.shape[0] // num_frames
-        h = sp.conv1(sp.norm1(x))
+        fold = sp.time_fold()
+        h = conv_without_bias(sp.conv1, sp.norm1(x)) if fold else sp.conv1(sp.norm1(x))
         bt, c, hh, ww = h.shape
-        # + the video's time projection (B, C) on each of its frames, added by norm2 as it reads h
-        h = sp.conv2(sp.dropout(sp.norm2(h, add=project_time(temb, sp.time_emb_proj))))
+        # + the video's time projection (B, C) and conv1's bias on each of its frames, added by
+        # norm2 as it reads h
+        h = sp.conv2(sp.dropout(sp.norm2(h, add=project_time(temb, sp.time_emb_proj, fold))))
         s = _add(h, x if sp.conv_shortcut is None else sp.conv_shortcut(x))
         # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
         s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)

@@ -13,6 +13,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 from support.models import build_diffusers, randomize_norms, rel_err
 from support.weights import TINY_LVDM
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import echofast.nn.attention as attention_nn
 import echofast.nn.spatiotemporal as st
@@ -171,6 +172,44 @@ def test_fused_residual_norms_match_diffusers(pair, general_pair, context, monke
     assert len(calls) == 2 * blocks * per_block + blocks
     # the cross-attention's rows are added by the norm after it, one per block
     assert sum(c is not None for c in calls) == (2 * blocks if context == "single_key" else 0)
+
+
+class _ConvBiases(TorchDispatchMode):
+    """Records, per aten.convolution call, whether it ran with a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.with_bias = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.with_bias.append(args[2] is not None)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_conv1_biases_are_folded_into_the_time_projections(pair, grad):
+    """Every resnet's conv1 runs without its bias, which comes with the time projection that
+    norm2 adds (one add of all folded biases to the packed projections in inference)."""
+    ref, ours = pair
+    folds = [m.time_fold() for m in ours.modules() if callable(getattr(m, "time_fold", None))]
+    assert folds and all(f is not None for f in folds)
+    x, ef, ids = _inputs(2, 3, 16, seed=6)
+    with torch.set_grad_enabled(grad), _ConvBiases() as convs:
+        out = ours(x, 40, ef, ids).sample
+    with torch.no_grad():
+        want = ref(x, 40, ef, ids).sample
+    assert convs.with_bias.count(False) == len(folds)
+    assert rel_err(out.detach(), want) <= TOL
+    projections = ours._time_projections
+    assert [projections.folds[lin] for lin in projections.linears] == folds
+    if not grad:
+        emb = torch.randn(2, projections.linears[0].in_features)
+        with torch.no_grad():
+            packed = projections.compute(emb)
+            for lin, fold in projections.folds.items():
+                alone = lin(torch.nn.functional.silu(emb)) + fold.bias
+                torch.testing.assert_close(packed[lin], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_return_dict_false(pair):
