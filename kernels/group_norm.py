@@ -43,8 +43,9 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   y_ptr, dx_ptr        output / input gradient, (N, C, S), x's dtype, own strides
   w_ptr, b_ptr         (C,) affine weight / bias, any float dtype (read if HAS_W / HAS_B)
   scale_ptr, shift_ptr (N, C) contiguous modulation (read if HAS_SCALE / HAS_SHIFT)
-  add_ptr, add_rep     (N / add_rep, C) contiguous, added to x before normalising, row
-                       n // add_rep for sample n (forward only, read if HAS_ADD): the resnets'
+  add_ptr, add_rep     (N / add_rep, C) with unit stride along C and row stride
+  stride_add           ``stride_add``, added to x before normalising, row n // add_rep for
+                       sample n (forward only, read if HAS_ADD): the resnets'
                        time-embedding add folded into the GroupNorm that follows it
   mean_part_ptr, m2_part_ptr  fp32 (N*G, num_chunks): per-chunk mean and M2
   mean_ptr, rstd_ptr   fp32 (N*G,): group mean and 1/sqrt(var + eps)
@@ -104,11 +105,15 @@ def _group_coeffs(
 
 
 @triton.jit
-def _add_vector(add_ptr, n, add_rep, c, mask_c, C, BLOCK_C: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Row ``n // add_rep`` of the (N / add_rep, C) input add, at channels ``c`` (fp32; zeros
+def _add_vector(
+    add_ptr, n, add_rep, c, mask_c, stride_add, BLOCK_C: tl.constexpr, HAS_ADD: tl.constexpr
+):
+    """Row ``n // add_rep`` (row stride ``stride_add``) of the (N / add_rep, C) input add, at
+    channels ``c`` (fp32; zeros
     without HAS_ADD)."""
     if HAS_ADD:
-        return tl.load(add_ptr + (n // add_rep) * C + c, mask=mask_c, other=0.0).to(tl.float32)
+        row = (n // add_rep).to(tl.int64) * stride_add
+        return tl.load(add_ptr + row + c, mask=mask_c, other=0.0).to(tl.float32)
     return tl.zeros([BLOCK_C], tl.float32)
 
 
@@ -151,6 +156,7 @@ def _normalize(
     shift_ptr,
     add_ptr,
     add_rep,
+    stride_add,
     n,
     g,
     mean,
@@ -198,7 +204,9 @@ def _normalize(
     a = (gamma * rstd)[:, None]
     bb = beta[:, None]
     # x + add - mean = x - (mean - add): one per-channel centre
-    centre = (mean - _add_vector(add_ptr, n, add_rep, c, mask_c, C, BLOCK_C, HAS_ADD))[:, None]
+    centre = (mean - _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, BLOCK_C, HAS_ADD))[
+        :, None
+    ]
     c64 = c.to(tl.int64)[:, None]
     xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
     yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
@@ -220,6 +228,7 @@ def _gn_fwd_stats_kernel(
     mean_part_ptr,
     m2_part_ptr,
     add_rep,
+    stride_add,
     C,
     S,
     G,
@@ -241,7 +250,7 @@ def _gn_fwd_stats_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
-    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, C, BLOCK_C, HAS_ADD)
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, BLOCK_C, HAS_ADD)
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
     mean, m2 = _moments(row, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
@@ -263,6 +272,7 @@ def _gn_fwd_apply_kernel(
     mean_ptr,
     rstd_ptr,
     add_rep,
+    stride_add,
     C,
     S,
     G,
@@ -317,6 +327,7 @@ def _gn_fwd_apply_kernel(
         shift_ptr,
         add_ptr,
         add_rep,
+        stride_add,
         n,
         g,
         mean,
@@ -354,6 +365,7 @@ def _gn_fwd_fused_kernel(
     mean_ptr,
     rstd_ptr,
     add_rep,
+    stride_add,
     C,
     S,
     G,
@@ -385,7 +397,7 @@ def _gn_fwd_fused_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
-    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, C, BLOCK_C, HAS_ADD)
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, BLOCK_C, HAS_ADD)
     mean, m2 = _moments(row, addv, 0, S, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
     tl.store(mean_ptr + pid, mean)
@@ -399,6 +411,7 @@ def _gn_fwd_fused_kernel(
         shift_ptr,
         add_ptr,
         add_rep,
+        stride_add,
         n,
         g,
         mean,
@@ -716,7 +729,11 @@ def group_norm_fwd(
     mean = torch.empty(p.N, p.G, **f32)
     rstd = torch.empty(p.N, p.G, **f32)
     sx, sy = ncs_strides(x), ncs_strides(y)
-    add_ptr, add_rep = (x, 1) if add is None else (add.contiguous(), p.N // add.shape[0])
+    if add is None:
+        add_ptr, add_rep, stride_add = x, 1, 0
+    else:  # rows may be strided (a slice of the packed time projections): read in place
+        add_ptr = add if add.stride(1) == 1 else add.contiguous()
+        add_rep, stride_add = p.N // add.shape[0], add_ptr.stride(0)
     flags = {**_flags(weight, bias, scale, shift, activation), "HAS_ADD": add is not None}
     if p.num_chunks == 1:
         _gn_fwd_fused_kernel[(p.N * p.G,)](
@@ -727,6 +744,7 @@ def group_norm_fwd(
             mean,
             rstd,
             add_rep,
+            stride_add,
             p.C,
             p.S,
             p.G,
@@ -749,6 +767,7 @@ def group_norm_fwd(
         mean_part,
         m2_part,
         add_rep,
+        stride_add,
         p.C,
         p.S,
         p.G,
@@ -771,6 +790,7 @@ def group_norm_fwd(
         mean,
         rstd,
         add_rep,
+        stride_add,
         p.C,
         p.S,
         p.G,

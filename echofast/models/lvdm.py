@@ -344,6 +344,10 @@ class LVDM(ModelBase):
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
+        dev = ctx.device.type
+        if ctx.is_floating_point() and torch.is_autocast_enabled(dev):
+            # the cast every cross-attention's key/value projection would make (32 per call)
+            ctx = ctx.to(torch.get_autocast_dtype(dev))
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
         if added_time_ids.shape != (b, n_ids) or n_ids * cfg.addition_time_embed_dim != (
             cfg.projection_class_embeddings_input_dim

@@ -211,8 +211,8 @@ class TimeProjections:
         if folded and (biases is None or not adjacent(biases)):
             return None  # some blocks fold and some do not, or not packed: each projects alone
         out = F.linear(F.silu(emb), *fused)
-        if biases is not None:
-            out.add_(concat_view(biases))
+        if biases is not None:  # in the projections' dtype, as autocast casts a conv's bias
+            out.add_(concat_view(biases).to(out.dtype))
         sizes = [lin.out_features for lin in self.linears]
         return dict(zip(self.linears, out.split(sizes, dim=-1)))
 
@@ -296,7 +296,8 @@ def _project(emb: torch.Tensor, linear: nn.Module, fold: nn.Module | None) -> to
     out = linear(F.silu(emb))
     if fold is None or fold.bias is None:
         return out
-    return out.add_(fold.bias) if eager_inference() else out + fold.bias
+    bias = fold.bias.to(out.dtype)  # as autocast casts a conv's bias
+    return out.add_(bias) if eager_inference() else out + bias
 
 
 def project_time(

@@ -89,6 +89,7 @@ def test_autocast_copy_shares_all_but_gemm_weights(fused_qkv):
     # the packed groups and fused QKV are packed again in the copy, in float16
     tp = copy._time_projections
     assert adjacent(tp._params("weight")) and tp._params("weight")[0].dtype == torch.float16
+    assert adjacent(tp._fold_biases()) and tp._fold_biases()[0].dtype == torch.float16
     attns = [m for m in copy.modules() if getattr(m, "is_self_attention", False)]
     with torch.no_grad():
         assert attns and all(m.fused_qkv() is not None for m in attns)

@@ -212,6 +212,25 @@ def test_conv1_biases_are_folded_into_the_time_projections(pair, grad):
                 torch.testing.assert_close(packed[lin], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_context_is_cast_once_under_autocast(pair):
+    """Autocast would cast the fp32 encoder_hidden_states in every cross-attention's key/value
+    projection; the model casts it once."""
+    _, ours = pair
+    x, ef, ids = _inputs(1, 3, 16, seed=8)
+
+    class Casts(TorchDispatchMode):
+        shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+        ours(x, 10, ef, ids)
+    assert casts.shapes.count(tuple(ef.shape)) == 1
+
+
 def test_return_dict_false(pair):
     _, ours = pair
     x, ef, ids = _inputs(1, 3, 16)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from support.dispatch import CountOps
 from support.triton_interp import interpreted_kernels
 
 from echofast.errors import BackendUnavailable
@@ -189,17 +190,23 @@ def test_unsplit_groups_take_one_launch_with_the_split_values(block_s, monkeypat
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("rows", [6, 2], ids=["per-sample", "per-video-of-3"])
 @pytest.mark.parametrize("plan", [{}, {"block_s": 8, "num_chunks": 3}], ids=["fused", "split"])
-def test_input_add_folded_into_the_forward(rows, plan):
+@pytest.mark.parametrize("strided", [False, True], ids=["add_contiguous", "add_row_strided"])
+def test_input_add_folded_into_the_forward(rows, plan, strided):
     """GroupNorm(x + add) with ``add`` read by the kernels as x is loaded (no pass for the add):
-    the one-launch and the split forward, one add row per sample or per 3 samples."""
+    the one-launch and the split forward, one add row per sample or per 3 samples; an add whose
+    rows are strided (a slice of the packed time projections) is read in place, not copied."""
     shape, groups = (6, 12, 5, 7), 3
     tensors, _ = _inputs(shape, groups, seed=31 + rows)
     x, w, b, scale, shift = tensors
-    add = torch.randn(rows, 12, generator=torch.Generator().manual_seed(rows)) * 2
+    add = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows)) * 2
+    add = add[:, 20:32] if strided else add[:, :12].contiguous()
+    assert add.is_contiguous() != strided
     fmt = torch.contiguous_format
-    y, mean, rstd = kernels.group_norm_fwd(
-        x, groups, w, b, 1e-5, "silu", scale, shift, fmt, add=add, **plan
-    )
+    with CountOps() as ops:
+        y, mean, rstd = kernels.group_norm_fwd(
+            x, groups, w, b, 1e-5, "silu", scale, shift, fmt, add=add, **plan
+        )
+    assert ops.counts["clone"] == 0, ops.counts  # (the interpreter itself runs copy_)
     ref_kw = dict(activation="silu", scale=scale, shift=shift, add=add)
     assert _rel(y, group_norm_reference(x, groups, w, b, **ref_kw)) <= 1e-5
     full = x + add.repeat_interleave(6 // rows, dim=0)[:, :, None, None]
