@@ -6,7 +6,8 @@ the way it is on CUDA: the Triton backends (the kernels are counted, not run: Tr
 is switched on so that the dispatcher picks them, and its launch is replaced by a counter, so the
 call's outputs are meaningless), and fused QKV. No sampling memo is active, as in a CUDA-graph
 replay (the pipelines' eager path memoises the time embeddings per run and launches fewer).
-cuBLAS/cuDNN may launch more than one kernel for one GEMM or convolution: the estimate counts one.
+cuBLAS/cuDNN may launch more than one kernel for one GEMM or convolution: the estimate counts one,
+plus one for a convolution's bias (cuDNN adds it in a kernel of its own; CPU convolutions do not).
 The GPU benchmark's profiler count (``echofast bench``, column ``kernels``) is the measurement.
 
 Usage::
@@ -65,6 +66,9 @@ class KernelCount(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not (func.is_view or name in NO_KERNEL):
             self.counts["aten." + name] += 1
+        if name == "convolution" and args[2] is not None:
+            # cuDNN convolutions add their bias in a separate (strided) kernel; CPU's do not
+            self.counts["cuda.conv_bias_add"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -110,6 +114,10 @@ def lvdm_call(
 
     gn_target = gn_kernels.target_programs  # GroupNorm splits as on an H100/H200 (132 SMs)
     gn_kernels.target_programs = lambda x: H100_SMS * gn_kernels.PROGRAMS_PER_SM
+    import echofast.nn.spatiotemporal as st
+
+    chunk_bytes = st.CPU_CHUNK_BYTES  # no CPU chunking: residual adds fuse into norms, as on CUDA
+    st.CPU_CHUNK_BYTES = 0
     restore = count_triton_launches(mode.counts)
     try:
         amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
@@ -119,6 +127,7 @@ def lvdm_call(
         restore()
         attention_nn.FUSED_QKV_DEVICES = fused_qkv
         gn_kernels.target_programs = gn_target
+        st.CPU_CHUNK_BYTES = chunk_bytes
     return mode.counts
 
 

@@ -55,3 +55,9 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
     assert split + counts.get("triton._gn_fwd_fused_kernel", 0) >= 50
     assert counts["triton._geglu_fwd_kernel"] > 0 and "aten.gelu" not in counts
     assert counts.get("aten.sigmoid", 0) == 1  # the packed AlphaBlender weights
+    # transformer residual adds fused into the LayerNorm after them (add_layer_norm)
+    assert counts["triton._layer_norm_fwd_kernel"] > 0
+    # resnets' conv1 biases folded into the time projections: fewer separate bias adds
+    theirs = out.stdout.split("diffusers, fp32:")[1].split("echofast,")[0]
+    bias_adds = int(theirs.split(" cuda.conv_bias_add")[0].split()[-1])
+    assert counts["cuda.conv_bias_add"] < bias_adds
