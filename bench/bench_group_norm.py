@@ -1,9 +1,12 @@
 """GroupNorm(+SiLU) on a CUDA GPU: echofast's Triton kernel vs eager PyTorch vs torch.compile.
 
-    python bench/bench_group_norm.py [--dtype float16] [--csv bench/results/group_norm.csv]
+    python bench/bench_group_norm.py [--dtype float16] [--backward] [--csv FILE]
 
 Shapes: every GroupNorm call site of one full-config LVDM step (16×16 latents, T=64) recorded by
-forward hooks, at 1 and 8 windows, plus one >= 64 MiB tensor. Modes: forward, forward+backward.
+forward hooks, at 1 and 8 windows, plus one >= 64 MiB tensor. Modes: forward, and with
+``--backward`` forward+backward. Providers: ``echofast_triton`` (the op's choice: the channels-last
+rows kernel where it applies), ``echofast_triton_groups`` (the per-group kernels forced, forward
+only), ``eager`` (F.group_norm + F.silu), ``torch_compile``.
 Bandwidth = bytes read and written once (fwd: x + y; fwd+bwd: adds dy, x again and dx) / median
 time, reported against a device-to-device copy measured in the same run. Times are
 ``triton.testing.do_bench`` medians with p20/p80; inputs are random (never zeros). Two timings per
@@ -53,8 +56,26 @@ def providers(groups: int, eps: float, activation: str | None):
     def fused(x, w, b):
         return group_norm(x, groups, w, b, eps, activation=activation, backend="triton")
 
+    def per_group(x, w, b):
+        """The per-group kernels even where the channels-last rows kernel would run."""
+        from echofast.kernels.group_norm import group_norm_fwd
+
+        fmt = _memory_format(x)
+        return group_norm_fwd(x, groups, w, b, eps, activation, None, None, fmt, use_rows=False)
+
     compiled = torch.compile(eager, dynamic=True)
-    return {"echofast_triton": fused, "eager": eager, "torch_compile": compiled}
+    return {
+        "echofast_triton": fused,
+        "echofast_triton_groups": per_group,
+        "eager": eager,
+        "torch_compile": compiled,
+    }
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
 def _forward(fn, x, w, b):
@@ -86,12 +107,13 @@ def run(args) -> list[dict]:
         b = torch.randn(shape[1], device="cuda", dtype=dtype)
         dy = torch.randn_like(x)
         case_rows = []
-        for mode, timing in (
-            ("forward", "eager"),
-            ("forward", "graph"),
-            ("forward+backward", "eager"),
-        ):
+        modes = [("forward", "eager"), ("forward", "graph")]
+        if args.backward:
+            modes.append(("forward+backward", "eager"))
+        for mode, timing in modes:
             for name, fn in providers(groups, eps, act).items():
+                if mode != "forward" and name.endswith("_groups"):
+                    continue  # a kernel-level call: no autograd
                 if mode == "forward":
                     call = _forward(fn, x, w, b)
                     times = _bench(call) if timing == "eager" else graph_timed(call)
@@ -162,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    parser.add_argument(
+        "--backward", action="store_true", help="also time forward+backward (training)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(

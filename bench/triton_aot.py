@@ -186,6 +186,10 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     sh = torch.empty(n, c, dtype=dt) if mod else None
                     chunks = _gn_chunks(n, groups)
                     rows = torch.empty(n, c, dtype=dt) if add else None
+                    if len(shape) == 4:  # the channels-last rows kernel (forward only)
+                        k.group_norm_fwd(
+                            x, groups, w, b, 1e-5, act, sc, sh, fmt, add=rows, use_rows=True
+                        )
                     if add:  # forward only: under autograd the op adds first
                         k.group_norm_fwd(
                             x, groups, w, b, 1e-5, act, sc, sh, fmt, add=rows, num_chunks=chunks

@@ -19,6 +19,16 @@ Design
   UNets' spatial GroupNorms, whose groups are one tile, and any N*G that fills the GPU alone)
   one launch (``_gn_fwd_fused_kernel``: statistics, then y, in one program per group; a one-tile
   group's second read hits the cache). Backward = 2 launches (per-channel partial sums, dx).
+* Channels-last rows kernel (``_gn_fwd_rows_kernel``, forward only). In channels-last memory a
+  group's CG channels at one position are 8-80 contiguous bytes, and the per-group programs
+  above read only those: a fraction of every 32-byte sector, many requests for few bytes (the
+  H200 measured 10-28 % of copy bandwidth on the LVDM's shapes). When x and y are channels-last
+  and the N samples alone fill the device (N >= multiprocessors: the LVDM's spatial GroupNorms
+  over B·T frames), one program per sample reads tiles of whole rows [BLOCK_S positions, all C
+  channels] (contiguous), viewed as [BLOCK_S, BLOCK_G, BLOCK_CG] so that every group's tile
+  moments come from two axis reductions; a second pass over the sample writes y (its rows are
+  still in L2: one sample is S·C elements). Same statistics (Chan-merged exact tile moments) and
+  the same per-element arithmetic as the group kernels.
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -56,6 +66,7 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   inv_count            1 / (CG * S) as a float
   eps                  variance epsilon
   BLOCK_C, BLOCK_S, BLOCK_K   tile sizes (powers of two); BLOCK_K = next_pow2(num_chunks)
+  BLOCK_G, BLOCK_CG    rows kernel: next_pow2(G), next_pow2(CG) (a row tile is BLOCK_G·BLOCK_CG)
   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT_SILU   constexpr switches
 """
 
@@ -438,6 +449,102 @@ def _gn_fwd_fused_kernel(
 
 
 @triton.jit
+def _gn_fwd_rows_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    add_ptr,
+    mean_ptr,
+    rstd_ptr,
+    add_rep,
+    stride_add,
+    C,
+    S,
+    G,
+    CG,
+    inv_count,
+    eps,
+    sxn,
+    sxs,
+    syn,
+    sys,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Channels-last forward, one program per sample n: every group's statistics from tiles of
+    whole rows [BLOCK_S positions, all C channels] (contiguous in memory), then y."""
+    n = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_cg = tl.arange(0, BLOCK_CG)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_gc = (offs_g < G)[:, None] & (offs_cg < CG)[None, :]
+    c = offs_g[:, None] * CG + offs_cg[None, :]
+    c64 = c.to(tl.int64)[None, :, :]
+    addv = tl.zeros([BLOCK_G, BLOCK_CG], tl.float32)
+    if HAS_ADD:
+        row = (n // add_rep).to(tl.int64) * stride_add
+        addv = tl.load(add_ptr + row + c, mask=mask_gc, other=0.0).to(tl.float32)
+    xbase = x_ptr + n.to(tl.int64) * sxn + c64
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    cnt = 0.0
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < S)[:, None, None] & mask_gc[None, :, :]
+        xv = tl.load(xbase + s.to(tl.int64)[:, None, None] * sxs, mask=mask, other=0.0)
+        xv = tl.where(mask, xv.to(tl.float32) + addv[None, :, :], 0.0)
+        n_t = (tl.minimum(S - s0, BLOCK_S) * CG).to(tl.float32)
+        m_t = tl.sum(tl.sum(xv, axis=2), axis=0) / n_t
+        d = tl.where(mask, xv - m_t[None, :, None], 0.0)
+        m2_t = tl.sum(tl.sum(d * d, axis=2), axis=0)
+        cnt_new = cnt + n_t
+        delta = m_t - mean
+        mean = mean + delta * (n_t / cnt_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
+        cnt = cnt_new
+    rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
+    mask_g = offs_g < G
+    tl.store(mean_ptr + n * G + offs_g, mean, mask=mask_g)
+    tl.store(rstd_ptr + n * G + offs_g, rstd, mask=mask_g)
+    gamma = tl.full([BLOCK_G, BLOCK_CG], 1.0, tl.float32)
+    beta = tl.zeros([BLOCK_G, BLOCK_CG], tl.float32)
+    if HAS_W:
+        gamma = tl.load(w_ptr + c, mask=mask_gc, other=1.0).to(tl.float32)
+    if HAS_B:
+        beta = tl.load(b_ptr + c, mask=mask_gc, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=mask_gc, other=0.0).to(tl.float32)
+        gamma = gamma * s1
+        beta = beta * s1
+    if HAS_SHIFT:
+        beta = beta + tl.load(shift_ptr + n * C + c, mask=mask_gc, other=0.0).to(tl.float32)
+    a = (gamma * rstd[:, None])[None, :, :]
+    bb = beta[None, :, :]
+    # x + add - mean = x - (mean - add): one per-channel centre
+    centre = (mean[:, None] - addv)[None, :, :]
+    ybase = y_ptr + n.to(tl.int64) * syn + c64
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[:, None, None]
+        mask = (s < S)[:, None, None] & mask_gc[None, :, :]
+        xv = tl.load(xbase + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = (xv - centre) * a + bb
+        if ACT_SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(ybase + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_bwd_partial_kernel(
     x_ptr,
     dy_ptr,
@@ -691,6 +798,31 @@ class Plan:
         return (self.N * self.G, self.num_chunks)
 
 
+class RowsPlan:
+    """Tiles of the channels-last rows kernel: [BLOCK_S positions, BLOCK_G groups, BLOCK_CG
+    channels] of at most ``MAX_TILE`` elements, one program per sample."""
+
+    def __init__(self, p: Plan):
+        self.BLOCK_G = triton.next_power_of_2(p.G)
+        self.BLOCK_CG = triton.next_power_of_2(p.CG)
+        width = self.BLOCK_G * self.BLOCK_CG
+        self.BLOCK_S = max(1, min(triton.next_power_of_2(p.S), MAX_TILE // width))
+        self.num_warps = 4 if self.BLOCK_S * width <= 2048 else 8
+
+    @classmethod
+    def of(cls, p: Plan, sx: tuple, sy: tuple, x: torch.Tensor) -> RowsPlan | None:
+        """The plan when the rows kernel applies: x and y channels-last (a row of C channels is
+        contiguous), the padded row fits a tile, and the N samples alone fill the device (N >=
+        its multiprocessors; fewer large samples take the split kernels). The per-group kernels
+        read only CG channels (8-80 bytes) per position of a channels-last tensor, a fraction of
+        each memory sector; this kernel reads whole rows."""
+        if sx[1] != 1 or sy[1] != 1 or not x.is_cuda:
+            return None
+        if triton.next_power_of_2(p.G) * triton.next_power_of_2(p.CG) > MAX_TILE:
+            return None
+        return cls(p) if p.N >= _sm_count(x.device.index) else None
+
+
 def _flags(weight, bias, scale, shift, activation) -> dict:
     return {
         "HAS_W": weight is not None,
@@ -720,9 +852,13 @@ def group_norm_fwd(
     add: torch.Tensor | None = None,
     block_s: int | None = None,
     num_chunks: int | None = None,
+    use_rows: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (x's shape/dtype, ``out_format``), mean and rstd (fp32, (N, G)) of GroupNorm(x + add):
-    ``add`` (N / k, C), row ``n // k`` added to sample n (e.g. one row per video of k frames)."""
+    ``add`` (N / k, C), row ``n // k`` added to sample n (e.g. one row per video of k frames).
+
+    ``use_rows``: force (True) or forbid (False) the channels-last rows kernel; None chooses
+    (:meth:`RowsPlan.of`)."""
     p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
     f32 = {"dtype": torch.float32, "device": x.device}
@@ -735,6 +871,36 @@ def group_norm_fwd(
         add_ptr = add if add.stride(1) == 1 else add.contiguous()
         add_rep, stride_add = p.N // add.shape[0], add_ptr.stride(0)
     flags = {**_flags(weight, bias, scale, shift, activation), "HAS_ADD": add is not None}
+    rows = RowsPlan.of(p, sx, sy, x) if use_rows is None else (RowsPlan(p) if use_rows else None)
+    if rows is not None:
+        if sx[1] != 1 or sy[1] != 1:
+            raise ValueError("group_norm_fwd: the rows kernel needs channels-last x and y")
+        _gn_fwd_rows_kernel[(p.N,)](
+            x,
+            y,
+            *_ptrs(x, weight, bias, scale, shift),
+            add_ptr,
+            mean,
+            rstd,
+            add_rep,
+            stride_add,
+            p.C,
+            p.S,
+            p.G,
+            p.CG,
+            p.inv_count,
+            float(eps),
+            sx[0],
+            sx[2],
+            sy[0],
+            sy[2],
+            BLOCK_S=rows.BLOCK_S,
+            BLOCK_G=rows.BLOCK_G,
+            BLOCK_CG=rows.BLOCK_CG,
+            **flags,
+            num_warps=rows.num_warps,
+        )
+        return y, mean, rstd
     if p.num_chunks == 1:
         _gn_fwd_fused_kernel[(p.N * p.G,)](
             x,

@@ -177,6 +177,10 @@ SHAPES = {
     "big_group": ((1, 64, 64, 16, 16), 32, None),
     "channels_last": ((2, 48, 9, 11), 8, torch.channels_last),
     "channels_last_3d": ((2, 64, 3, 10, 13), 32, torch.channels_last_3d),
+    # N >= the multiprocessors, channels-last: the rows kernel's forward (whole rows per
+    # program; LVDM frames, and an odd CG = 10 with S = 35 over several row tiles)
+    "rows_lvdm_frames": ((320, 320, 16, 16), 32, torch.channels_last),
+    "rows_odd": ((264, 30, 5, 7), 3, torch.channels_last),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Each case compiles its own kernel variants (~1 s on a GPU), so: every shape in every dtype with
@@ -211,3 +215,25 @@ def test_gpu_statistics_fp32_with_large_mean(dtype):
     (Chan) must keep fp32 accuracy; bf16 input must still give fp32 statistics."""
     shape, groups, _ = SHAPES["big_group"]
     check_statistics(shape, groups, "cuda", dtype, offset=50.0, seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_rows_kernel_is_chosen_and_matches_the_group_kernels(dtype):
+    """On the LVDM's frame-batched channels-last shapes the launcher picks the rows kernel; with
+    a row-strided time-projection add it gives the per-group kernels' y, mean and rstd."""
+    from echofast.kernels import group_norm as k
+
+    shape, groups, fmt = SHAPES["rows_lvdm_frames"]
+    tensors, _ = make_inputs(shape, "cuda", dtype, fmt=fmt, seed=5)
+    x, w, b, _, _ = tensors
+    sx = k.ncs_strides(x)
+    assert k.RowsPlan.of(k.Plan(x, groups), sx, sx, x) is not None
+    add = torch.randn(shape[0] // 64, 2 * shape[1], device="cuda", dtype=dtype)[:, 7 : 7 + 320]
+    args = (x, groups, w, b, EPS, "silu", None, None, fmt)
+    rows = k.group_norm_fwd(*args, add=add, use_rows=True)
+    per_group = k.group_norm_fwd(*args, add=add, use_rows=False)
+    scale = per_group[0].abs().max().item()
+    bound = (1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps) * scale
+    assert max_err(rows[0], per_group[0].double()) <= bound
+    for got, want in zip(rows[1:], per_group[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

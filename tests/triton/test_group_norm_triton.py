@@ -292,3 +292,72 @@ def test_import_echofast_does_not_import_triton():
     code = "import sys, echofast, echofast.ops, echofast.nn; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---- the channels-last rows kernel ---------------------------------------------------------------
+
+ROWS_CASES = [
+    # (shape, groups): S ragged over several row tiles (BLOCK_S = 8 for C = 512, G = 32);
+    # CG not a power of two; G not a power of two; 5D channels_last_3d
+    ((3, 512, 5, 7), 32),
+    ((2, 30, 4, 9), 3),
+    ((2, 12, 3, 3), 3),
+    ((2, 64, 3, 4, 5), 32),
+]
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(("shape", "groups"), ROWS_CASES, ids=str)
+@pytest.mark.parametrize("with_add", [False, True], ids=["no_add", "add"])
+def test_rows_kernel_matches_the_reference_and_the_group_kernels(shape, groups, with_add):
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    tensors, _ = _inputs(shape, groups, fmt=fmt, seed=len(shape) + groups)
+    x, w, b, scale, shift = tensors
+    n, c = shape[:2]
+    add = None
+    if with_add:  # row-strided, one row per sample
+        add = (torch.randn(n, c + 9, generator=torch.Generator().manual_seed(3)) * 2)[:, 4 : 4 + c]
+    args = (x, groups, w, b, 1e-5, "silu", scale, shift, fmt)
+    rows = kernels.group_norm_fwd(*args, add=add, use_rows=True)
+    per_group = kernels.group_norm_fwd(*args, add=add, use_rows=False)
+    ref = group_norm_reference(
+        x, groups, w, b, activation="silu", scale=scale, shift=shift, add=add
+    )
+    assert rows[0].is_contiguous(memory_format=fmt)
+    assert _rel(rows[0], ref) <= 1e-5
+    for got, want in zip(rows, per_group):
+        assert _rel(got, want) <= 1e-5
+    full = x if add is None else x + add[(...,) + (None,) * (x.dim() - 2)]
+    xg = full.double().reshape(n, groups, -1)
+    torch.testing.assert_close(rows[1].double(), xg.mean(-1), rtol=1e-5, atol=1e-6)
+    var = xg.var(-1, unbiased=False)
+    torch.testing.assert_close(rows[2].double(), (var + 1e-5).rsqrt(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_rows_kernel_half_precision(dtype):
+    tensors, _ = _inputs((4, 64, 6, 6), 32, dtype=dtype, fmt=torch.channels_last, seed=9)
+    x, w, b, scale, shift = tensors
+    args = (x, 32, w, b, 1e-5, None, None, None, torch.channels_last)
+    y = kernels.group_norm_fwd(*args, use_rows=True)[0]
+    ref = group_norm_reference(x.float(), 32, w.float(), b.float())
+    assert y.dtype == dtype
+    assert _rel(y, ref) <= {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype] * 2
+
+
+@pytest.mark.usefixtures("interpret")
+def test_rows_kernel_choice():
+    """Chosen only for channels-last x and y on CUDA with N >= the multiprocessors (never on
+    CPU); forcing it on a channels-first tensor is an error."""
+    x = torch.randn(2, 64, 4, 4)
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.group_norm_fwd(
+            x, 32, None, None, 1e-5, None, None, None, torch.contiguous_format, use_rows=True
+        )
+    p = kernels.Plan(x, 32)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    sx = kernels.ncs_strides(cl)
+    assert kernels.RowsPlan.of(p, sx, sx, cl) is None  # CPU
+    rows = kernels.RowsPlan(kernels.Plan(torch.empty(8, 320, 16, 16), 32))
+    assert (rows.BLOCK_G, rows.BLOCK_CG, rows.BLOCK_S, rows.num_warps) == (32, 16, 8, 8)
