@@ -268,8 +268,10 @@ worker() {
 
 summary() {
     echo
-    echo "echofast GPU session: card $(cat "$STATE/slug" 2>/dev/null || echo '?'), git $(cd \
-        "$REPO" && git describe --always --dirty 2>/dev/null || echo '?')"
+    # the copied tree's .git (if any) is the device tool's, not this commit's: prefer the sha
+    # the caller passed
+    local sha="${ECHOFAST_GIT_SHA:-$(cd "$REPO" && git describe --always --dirty 2>/dev/null)}"
+    echo "echofast GPU session: card $(cat "$STATE/slug" 2>/dev/null || echo '?'), git ${sha:-?}"
     printf '%-14s %-9s %8s  %s\n' step status seconds note
     local step status secs note
     for step in "${STEPS[@]}"; do
