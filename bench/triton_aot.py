@@ -278,12 +278,38 @@ def _layer_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 yield f"layer_norm C={c} affine={affine} {str(dtype)[6:]}", run
 
 
+def _bias_residual_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import bias_residual as k
+
+    forms = [  # the resblock epilogues: conv2 + b2 + x; + shortcut + b_sc; s += w·(g + b_t)
+        ("residual+bias", {"residual": True, "bias": True}),
+        ("residual+bias+bias2", {"residual": True, "bias": True, "bias2": True}),
+        ("mix", {"residual": True, "bias": True, "weight": True}),
+    ]
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for c in (320, 1280) if quick else (320, 640, 1280, 37):
+            for name, form in forms:
+
+                def run(c=c, dt=dtype, form=form):
+                    y = torch.empty(81920, c, dtype=dt)
+                    extra = {
+                        "residual": torch.empty_like(y) if form.get("residual") else None,
+                        "bias": torch.empty(c, dtype=dt) if form.get("bias") else None,
+                        "bias2": torch.empty(c, dtype=dt) if form.get("bias2") else None,
+                        "weight": torch.empty(1, dtype=dt) if form.get("weight") else None,
+                    }
+                    k.bias_residual_fwd(y, y, **extra)
+
+                yield f"bias_residual C={c} {name} {str(dtype)[6:]}", run
+
+
 CASES = {
     "group_norm": _group_norm_cases,
     "attention": _attention_cases,
     "window_step": _window_step_cases,
     "geglu": _geglu_cases,
     "layer_norm": _layer_norm_cases,
+    "bias_residual": _bias_residual_cases,
 }
 
 

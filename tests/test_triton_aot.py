@@ -32,7 +32,14 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert rows and all(r["status"] == "ok" for r in rows)
     assert all(int(r["registers"]) > 0 for r in rows)  # resource usage was read
     kernels = {r["kernel"].split(".")[0] for r in rows}
-    assert kernels == {"group_norm", "attention", "window_step", "geglu", "layer_norm"}
+    assert kernels == {
+        "group_norm",
+        "attention",
+        "window_step",
+        "geglu",
+        "layer_norm",
+        "bias_residual",
+    }
     assert "kernels never launched" not in out.stdout
 
 

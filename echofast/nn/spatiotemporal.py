@@ -116,10 +116,12 @@ def _cross_attend(
     return _add(attn(norm(x), context), x)
 
 
-def _fused_norms(x: torch.Tensor) -> bool:
-    """Whether a transformer block fuses each residual add into the LayerNorm that follows it
-    (:meth:`LayerNorm.add_forward`): in eager inference, except where CPU inference runs the
-    residual branches on chunks (:func:`_residual`)."""
+def _fused_inference(x: torch.Tensor) -> bool:
+    """Whether the blocks fuse their residual adds into other ops (a transformer block's into
+    the LayerNorm that follows, :meth:`LayerNorm.add_forward`; a resblock's with its
+    convolutions' biases, :func:`echofast.ops.bias_residual`): in eager inference, except where
+    CPU inference runs the residual branches on chunks (:func:`_residual`) and its convolutions
+    add their biases for free."""
     return eager_inference() and (x.device.type != "cpu" or CPU_CHUNK_BYTES <= 0)
 
 
@@ -165,7 +167,7 @@ class SpatialTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B·T, S, C) frame tokens, context (B, L, D) → (B·T, S, C)."""
         bt, s, c = x.shape
-        if _fused_norms(x):
+        if _fused_inference(x):
             h, y = _attend_and_norm(
                 self.attn2, self.norm2, self.norm3, x, self.attn1(self.norm1(x)), context
             )
@@ -199,7 +201,7 @@ class TemporalTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B·S, T, C) sequences over frames, context (B, L, D) → (B·S, T, C)."""
         n, t, c = x.shape
-        if _fused_norms(x):
+        if _fused_inference(x):
             h, y = self.norm1.add_forward(x, self.ff_in(self.norm_in(x)))
             h, y = _attend_and_norm(self.attn2, self.norm2, self.norm3, h, self.attn1(y), context)
             return h.add_(self.ff(y))
@@ -297,13 +299,16 @@ class TemporalResnetBlock(nn.Module):
         y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias if bias else None, padding=(1, 0))
         return y.unflatten(3, (h, w))
 
-    def branch(self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding) -> torch.Tensor:
-        """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W)."""
+    def branch(
+        self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding, *, conv2_bias: bool = True
+    ) -> torch.Tensor:
+        """x (B, C, T, H, W) (any strides), temb (B, E) → residual branch (B, C, T, H, W),
+        without conv2's bias when ``conv2_bias`` is False (the caller adds it)."""
         fold = self.time_fold()
         h = self._conv(self.conv1, self.norm1(x), bias=fold is None)
         # + the time projection (B, C) and conv1's bias, added by norm2 as it reads h
         h = self.norm2(h, add=project_time(temb, self.time_emb_proj, fold))
-        return self._conv(self.conv2, self.dropout(h))
+        return self._conv(self.conv2, self.dropout(h), bias=conv2_bias)
 
 
 class SpatioTemporalResBlock(nn.Module):
@@ -330,7 +335,10 @@ class SpatioTemporalResBlock(nn.Module):
         bt, c, hh, ww = h.shape
         # + the video's time projection (B, C) and conv1's bias on each of its frames, added by
         # norm2 as it reads h
-        h = sp.conv2(sp.dropout(sp.norm2(h, add=project_time(temb, sp.time_emb_proj, fold))))
+        h = sp.dropout(sp.norm2(h, add=project_time(temb, sp.time_emb_proj, fold)))
+        if _fused_inference(x):
+            return self._fused_epilogues(x, h, temb, num_frames)
+        h = sp.conv2(h)
         s = _add(h, x if sp.conv_shortcut is None else sp.conv_shortcut(x))
         # temporal: s + (1 - a)·branch(s), computed on the (B, C, T, H, W) view of s
         s5 = s.view(b, num_frames, c, hh, ww).transpose(1, 2)
@@ -339,6 +347,28 @@ class SpatioTemporalResBlock(nn.Module):
         if not eager_inference():
             return (s5 + g * w).transpose(1, 2).reshape(bt, c, hh, ww)
         s5.addcmul_(g, w)
+        return s
+
+    def _fused_epilogues(
+        self, x: torch.Tensor, h: torch.Tensor, temb: torch.Tensor | TimeEmbedding, num_frames: int
+    ) -> torch.Tensor:
+        """The rest of :meth:`forward` from norm2's output h, with the convolutions run without
+        their biases and each epilogue one op (:func:`echofast.ops.bias_residual`):
+        ``s = conv2(h) + b2 + x`` (or ``+ shortcut(x) + b_sc``), then
+        ``s += (1 - a)·(temporal branch + its conv2 bias)``."""
+        sp, tb = self.spatial_res_block, self.temporal_res_block
+        y = conv_without_bias(sp.conv2, h)
+        bt, c, hh, ww = y.shape
+        if sp.conv_shortcut is None:
+            s = ops.bias_residual(y, residual=x, bias=sp.conv2.bias, out=y)
+        else:
+            sc = sp.conv_shortcut
+            r = conv_without_bias(sc, x)
+            s = ops.bias_residual(y, residual=r, bias=sp.conv2.bias, bias2=sc.bias, out=y)
+        s5 = s.view(bt // num_frames, num_frames, c, hh, ww).transpose(1, 2)
+        g = tb.branch(s5, temb, conv2_bias=False)
+        w = _temporal_weight(temb, self.time_mixer, s.dtype)
+        ops.bias_residual(g, residual=s5, bias=tb.conv2.bias, weight=w, out=s5)
         return s
 
 

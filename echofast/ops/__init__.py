@@ -7,6 +7,7 @@ Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
 
 from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
+from .bias_residual import bias_residual, bias_residual_reference
 from .geglu import geglu, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .layer_norm import (
@@ -25,6 +26,8 @@ __all__ = [
     "add_layer_norm_reference",
     "attention",
     "attention_reference",
+    "bias_residual",
+    "bias_residual_reference",
     "geglu",
     "geglu_reference",
     "group_norm",

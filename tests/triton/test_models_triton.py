@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
@@ -18,6 +16,7 @@ from echofast.ops import registered_ops, use_backend
 
 interpreted_kernels("group_norm", "_gn_fwd_stats_kernel")
 interpreted_kernels("layer_norm", "_layer_norm_fwd_kernel")
+interpreted_kernels("bias_residual", "_bias_residual_kernel")
 
 TOL = 1e-5
 
@@ -56,13 +55,14 @@ def test_lvdm(fused_norms, monkeypatch):
     """8×8 latents: every group keeps ≥ 4 elements. (At 1×1 spatial with one channel per group
     PyTorch's own fp32 CPU group_norm is off by ~1e-3 of |x| — var of one element is not exactly
     0 — and rstd = 1/sqrt(eps) amplifies that, so such a comparison measures the reference.)"""
-    if fused_norms:  # residual adds fused into the Triton LayerNorm (ops.add_layer_norm)
+    if fused_norms:  # residual adds fused into LayerNorms and conv-bias epilogues (Triton)
         monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
     ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, TINY_LVDM)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 3, 8, 8, 8, generator=g)
     ehs, ids = torch.rand(1, 1, 1, generator=g), torch.zeros(1, 1)
     expected = ref(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
-    with use_backend(add_layer_norm="triton") if fused_norms else contextlib.nullcontext():
+    forced = {"add_layer_norm": "triton", "bias_residual": "triton"} if fused_norms else {}
+    with use_backend(**forced):
         got = ours(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
     assert rel_err(got, expected) <= TOL

@@ -1,0 +1,89 @@
+"""bias_residual reference vs an fp64 formula; errors; dispatch (the Triton kernel is tested under
+the interpreter in tests/triton/test_bias_residual_triton.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echofast.errors import BackendUnavailable
+from echofast.ops import bias_residual, bias_residual_reference, registered_ops
+
+_op = registered_ops()["bias_residual"]
+
+
+def oracle(y, residual=None, bias=None, bias2=None, weight=None):
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    v = y.double()
+    if bias is not None:
+        v = v + bias.double().view(shape)
+    if weight is not None:
+        v = v * weight.double().item()
+    if residual is not None:
+        v = v + residual.double()
+    if bias2 is not None:
+        v = v + bias2.double().view(shape)
+    return v
+
+
+def tensors(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    return (
+        torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+        torch.randn(c, generator=g),
+        torch.randn(c, generator=g),
+        torch.rand(1, generator=g),
+    )
+
+
+@pytest.mark.parametrize("terms", ["bias+residual", "all", "weight+bias", "bias2 only"])
+def test_reference_matches_fp64_and_writes_out(terms):
+    y, r, b, b2, w = tensors((2, 6, 3, 5), seed=len(terms))
+    kw = {
+        "bias+residual": {"residual": r, "bias": b},
+        "all": {"residual": r, "bias": b, "bias2": b2, "weight": w},
+        "weight+bias": {"bias": b, "weight": w},
+        "bias2 only": {"bias2": b2},
+    }[terms]
+    want = oracle(y, **kw)
+    torch.testing.assert_close(bias_residual(y, **kw).double(), want, rtol=1e-6, atol=1e-6)
+    target = y.clone()
+    with torch.no_grad():
+        got = bias_residual(target, **kw, out=target)
+    assert got is target
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_is_differentiable():
+    y, r, b, b2, w = (t.double().requires_grad_() for t in tensors((2, 3, 2, 2), seed=3))
+    assert torch.autograd.gradcheck(
+        lambda *a: bias_residual_reference(a[0], residual=a[1], bias=a[2], bias2=a[3], weight=a[4]),
+        (y, r, b, b2, w),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"residual": torch.zeros(2, 4, 3)}, "residual must have y's shape"),
+        ({"bias": torch.zeros(5)}, r"bias must be \(4,\)"),
+        ({"weight": torch.zeros(2)}, "one element"),
+        ({"out": torch.zeros(2, 4)}, "out must have y's shape"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bias_residual(torch.zeros(2, 4, 3, 3), **kwargs)
+
+
+def test_dispatch_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    y = torch.zeros(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert _op.select(y).name == "torch"
+    with pytest.raises(BackendUnavailable, match="not CUDA"):
+        bias_residual(y, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reasons = _op.backends["triton"].not_supported_reasons(torch.zeros(2, 4, 3, 3), residual=y)
+    assert any("y is not channels-last" in r for r in reasons), reasons
