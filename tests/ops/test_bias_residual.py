@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.oracles import bias_residual_oracle
 
 from echofast.errors import BackendUnavailable
 from echofast.ops import bias_residual, bias_residual_reference, registered_ops
 
 _op = registered_ops()["bias_residual"]
-
-
-def oracle(y, residual=None, bias=None, bias2=None, weight=None):
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    v = y.double()
-    if bias is not None:
-        v = v + bias.double().view(shape)
-    if weight is not None:
-        v = v * weight.double().item()
-    if residual is not None:
-        v = v + residual.double()
-    if bias2 is not None:
-        v = v + bias2.double().view(shape)
-    return v
 
 
 def tensors(shape, seed=0):
@@ -47,7 +34,7 @@ def test_reference_matches_fp64_and_writes_out(terms):
         "weight+bias": {"bias": b, "weight": w},
         "bias2 only": {"bias2": b2},
     }[terms]
-    want = oracle(y, **kw)
+    want = bias_residual_oracle(y, **kw)
     torch.testing.assert_close(bias_residual(y, **kw).double(), want, rtol=1e-6, atol=1e-6)
     target = y.clone()
     with torch.no_grad():

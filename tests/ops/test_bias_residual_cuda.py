@@ -8,21 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from support.markers import COMPILED_TRITON_ON_GPU
+from support.oracles import bias_residual_oracle
 
 from echofast.ops import bias_residual, bias_residual_reference
 
 pytestmark = COMPILED_TRITON_ON_GPU
 
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def oracle(y, residual, bias, bias2, weight):
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    v = y.double() + bias.double().view(shape)
-    if weight is not None:
-        v = v * weight.double().item()
-    v = v + residual.double()
-    return v if bias2 is None else v + bias2.double().view(shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -47,7 +39,7 @@ def test_matches_fp64(shape, form, dtype):
     b = draw(c)
     b2 = draw(c) if form == "shortcut" else None
     w = torch.rand(1, generator=g, device="cuda").to(dtype) if form == "mix" else None
-    want = oracle(y, r, b, b2, w)
+    want = bias_residual_oracle(y, r, b, b2, w)
     plain = bias_residual_reference(y, residual=r, bias=b, bias2=b2, weight=w)
     with torch.no_grad():
         out = bias_residual(

@@ -9,24 +9,12 @@ import sys
 
 import pytest
 import torch
+from support.oracles import layer_norm_oracle
 
 from echofast.errors import BackendUnavailable
 from echofast.ops import add_layer_norm, layer_norm, layer_norm_reference, registered_ops
 
 _op = registered_ops()["layer_norm"]
-
-
-def oracle(x, w=None, b=None, eps=1e-5):
-    """(x - mean) / sqrt(var + eps) · w + b over the last dim in fp64, written out."""
-    x = x.double()
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y
 
 
 def affine(c, seed=0, dtype=torch.float32):
@@ -51,7 +39,7 @@ def test_fp32_matches_the_fp64_formula(shape, backend):
     w, b = affine(shape[-1])
     y = layer_norm(x, w, b, 1e-5, backend=backend)
     assert y.dtype == torch.float32 and y.shape == x.shape
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     if shape[-1] == 1:  # one element per row: y = b exactly
         assert torch.equal(y, b.expand_as(y))
     else:
@@ -66,7 +54,7 @@ def test_half_input_with_fp32_affine_is_the_fp32_result_rounded(dtype, backend):
     w, b = affine(320, seed=2)
     y = layer_norm(x, w, b, backend=backend)
     assert y.dtype == dtype
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
     assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= ulp
 
@@ -76,7 +64,7 @@ def test_no_weight_no_bias():
     for backend in ("torch", "mixed"):
         torch.testing.assert_close(
             layer_norm(x, None, None, 1e-6, backend=backend),
-            oracle(x, eps=1e-6).float(),
+            layer_norm_oracle(x, eps=1e-6).float(),
             rtol=1e-5,
             atol=1e-5,
         )
@@ -150,7 +138,7 @@ def test_add_layer_norm_reference_adds_then_normalises_in_place():
         h, y = add_layer_norm(x, branch, rows, w, b)
     assert h.data_ptr() == storage  # written over the residual (a temporary)
     torch.testing.assert_close(h, want_h)
-    assert rel(y, oracle(want_h, w, b)) <= 1e-5
+    assert rel(y, layer_norm_oracle(want_h, w, b)) <= 1e-5
     # without rows; under autograd nothing is overwritten
     x.requires_grad_()
     r = torch.randn(2, 6, 24, generator=g)

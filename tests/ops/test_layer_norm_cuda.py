@@ -16,23 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.markers import COMPILED_TRITON_ON_GPU
+from support.oracles import layer_norm_oracle
 
 from echofast.ops import add_layer_norm, layer_norm
 
 pytestmark = COMPILED_TRITON_ON_GPU
 
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def oracle(x, w=None, b=None, eps=1e-5):
-    x = x.double()
-    mean = x.mean(-1, keepdim=True)
-    y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y
 
 
 def inputs(rows, c, dtype, seed):
@@ -54,7 +44,7 @@ SIZES = [(81920, 320), (20480, 640), (5120, 1280), (1001, 37), (300, 1)]
 def test_fp32(rows, c):
     x, w, b = inputs(rows, c, torch.float32, c)
     y = layer_norm(x, w, b, backend="triton")
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     assert y.dtype == torch.float32 and not y.isnan().any()
     assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
 
@@ -65,7 +55,7 @@ def test_half_input_fp32_affine(dtype, rows, c):
     x, w, b = inputs(rows, c, dtype, c + 1)
     y = layer_norm(x, w, b, backend="triton")
     assert y.dtype == dtype and not y.isnan().any()
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     plain = F.layer_norm(x, (c,), w.to(dtype), b.to(dtype))
     half_ulp = ref.abs().max().item() * ULP[dtype] / 2
     assert max_err(y, ref) <= 2 * max(max_err(plain, ref), half_ulp)
@@ -76,10 +66,10 @@ def test_strided_and_no_affine():
     x, w, _ = inputs(4096, 400, torch.float16, 7)
     view = x[:, 40:360]  # rows strided: read in place
     y = layer_norm(view, None, None, 1e-6, backend="triton")
-    ref = oracle(view, eps=1e-6)
+    ref = layer_norm_oracle(view, eps=1e-6)
     assert max_err(y, ref) <= ULP[torch.float16] * ref.abs().max().item()
     y = layer_norm(view, w[:320], None, backend="triton")
-    ref = oracle(view, w[:320])
+    ref = layer_norm_oracle(view, w[:320])
     assert max_err(y, ref) <= ULP[torch.float16] * ref.abs().max().item()
 
 
@@ -107,7 +97,7 @@ def test_add_layer_norm(dtype, c):
     with torch.no_grad():
         h, y = add_layer_norm(x, branch, None, w, b, backend="triton")
     assert h.data_ptr() == storage and torch.equal(h, want)
-    ref = oracle(h, w, b)
+    ref = layer_norm_oracle(h, w, b)
     assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= ULP[dtype]
     rows = inputs(5, c, dtype, 13)[0]
     branch = inputs(5 * 4096, c, dtype, 12)[0]
@@ -116,5 +106,5 @@ def test_add_layer_norm(dtype, c):
     exact = x.double() + inputs(5 * 4096, c, dtype, 12)[0].double()
     exact = (exact.view(5, 4096, c) + rows.double()[:, None]).view(-1, c)
     assert ((h.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= ULP[dtype]
-    ref = oracle(h, w, b)
+    ref = layer_norm_oracle(h, w, b)
     assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= ULP[dtype]

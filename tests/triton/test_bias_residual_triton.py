@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.oracles import bias_residual_oracle
 from support.triton_interp import interpreted_kernels
 
 from echofast.ops import bias_residual, registered_ops
@@ -17,20 +18,6 @@ _op = registered_ops()["bias_residual"]
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def oracle(y, residual=None, bias=None, bias2=None, weight=None):
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    v = y.double()
-    if bias is not None:
-        v = v + bias.double().view(shape)
-    if weight is not None:
-        v = v * weight.double().item()
-    if residual is not None:
-        v = v + residual.double()
-    if bias2 is not None:
-        v = v + bias2.double().view(shape)
-    return v
 
 
 def channels_last(shape, seed, dtype=torch.float32):
@@ -45,7 +32,7 @@ def test_fp32_all_terms_in_place(shape):
     y, r = channels_last(shape, 1), channels_last(shape, 2)
     c = shape[1]
     b, b2, w = torch.randn(c), torch.randn(c), torch.rand(1)
-    want = oracle(y, r, b, b2, w)
+    want = bias_residual_oracle(y, r, b, b2, w)
     storage = y.data_ptr()
     with torch.no_grad():
         out = bias_residual(y, residual=r, bias=b, bias2=b2, weight=w, backend="triton")
@@ -59,7 +46,7 @@ def test_into_the_residual_of_a_transposed_video_view():
     s5 = s.view(2, 3, 8, 4, 4).transpose(1, 2)
     g = channels_last((2, 8, 3, 4, 4), 4)
     b, w = torch.randn(8), torch.rand(1)
-    want = oracle(g, s5, b, weight=w)
+    want = bias_residual_oracle(g, s5, b, weight=w)
     with torch.no_grad():
         bias_residual(g, residual=s5, bias=b, weight=w, out=s5, backend="triton")
     torch.testing.assert_close(s5.double(), want, rtol=1e-6, atol=1e-6)
@@ -69,7 +56,7 @@ def test_into_the_residual_of_a_transposed_video_view():
 def test_half_precision_one_rounding(dtype):
     y, r = channels_last((2, 40, 3, 3), 5, dtype), channels_last((2, 40, 3, 3), 6, dtype)
     b = torch.randn(40)
-    want = oracle(y, r, b)
+    want = bias_residual_oracle(y, r, b)
     with torch.no_grad():
         out = bias_residual(y, residual=r, bias=b, backend="triton")
     assert out.dtype == dtype

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.oracles import layer_norm_oracle
 from support.triton_interp import interpreted_kernels
 
 from echofast.ops import add_layer_norm, layer_norm, registered_ops
@@ -24,17 +25,6 @@ _op = registered_ops()["layer_norm"]
 @pytest.fixture(autouse=True)
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def oracle(x, w=None, b=None, eps=1e-5):
-    x = x.double()
-    mean = x.mean(-1, keepdim=True)
-    y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y
 
 
 def inputs(shape, dtype=torch.float32, seed=0):
@@ -56,7 +46,7 @@ SHAPES = [(3, 37), (2, 5, 320), (7, 1280), (2, 3, 4, 8), (5, 2)]
 def test_fp32_matches_fp64(shape):
     x, w, b = inputs(shape, seed=len(shape))
     y = layer_norm(x, w, b, backend="triton")
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     assert y.dtype == torch.float32 and y.shape == x.shape and y.is_contiguous()
     assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
 
@@ -72,7 +62,7 @@ def test_half_input_fp32_affine_within_2x_plain_pytorch(dtype, c):
     x, w, b = inputs((6, c), dtype, seed=c)
     y = layer_norm(x, w, b, backend="triton")
     assert y.dtype == dtype
-    ref = oracle(x, w, b)
+    ref = layer_norm_oracle(x, w, b)
     plain = F.layer_norm(x, (c,), w.to(dtype), b.to(dtype))
     half_ulp = ref.abs().max().item() * {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
     assert max_err(y, ref) <= 2 * max(max_err(plain, ref), half_ulp)
@@ -84,16 +74,16 @@ def test_ragged_row_tiles():
     """Several programs, the last one partial (R = 7 in tiles of 2)."""
     x, w, b = inputs((7, 37), seed=4)
     y = kernels.layer_norm_fwd(x, w, b, 1e-5, block_r=2)
-    assert max_err(y, oracle(x, w, b)) <= 1e-5 * 10
+    assert max_err(y, layer_norm_oracle(x, w, b)) <= 1e-5 * 10
 
 
 def test_no_affine_and_other_eps():
     x, _, _ = inputs((5, 24), seed=5)
     y = layer_norm(x, None, None, 1e-3, backend="triton")
-    assert max_err(y, oracle(x, eps=1e-3)) <= 1e-5 * 10
+    assert max_err(y, layer_norm_oracle(x, eps=1e-3)) <= 1e-5 * 10
     w = torch.randn(24)
     y = layer_norm(x, w, None, backend="triton")
-    assert max_err(y, oracle(x, w)) <= 1e-5 * 10
+    assert max_err(y, layer_norm_oracle(x, w)) <= 1e-5 * 10
 
 
 @pytest.mark.parametrize("layout", ["row_strided", "non_collapsible", "transposed"])
@@ -109,7 +99,7 @@ def test_strided_inputs(layout):
     assert (view.data_ptr() == x.data_ptr()) == (layout == "row_strided")
     w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
     y = layer_norm(x, w, b, backend="triton")
-    assert y.shape == x.shape and max_err(y, oracle(x, w, b)) <= 1e-4
+    assert y.shape == x.shape and max_err(y, layer_norm_oracle(x, w, b)) <= 1e-4
 
 
 def test_empty_input():
@@ -156,7 +146,7 @@ def test_add_layer_norm_fp32(shape, rows_add):
         h, y = add_layer_norm(x, r, a, w, b, backend="triton")
     assert h.data_ptr() == storage  # written over the residual
     torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
-    ref = oracle(want_h, w, b)
+    ref = layer_norm_oracle(want_h, w, b)
     assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
 
 
@@ -173,7 +163,7 @@ def test_add_layer_norm_half(dtype):
         assert torch.equal(h, r + x)
     exact = x.double() + r.double()
     assert ((h.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= 2.0**-7
-    ref = oracle(h, w, b)
+    ref = layer_norm_oracle(h, w, b)
     assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= {
         torch.float16: 2.0**-10,
         torch.bfloat16: 2.0**-7,
@@ -192,7 +182,7 @@ def test_add_layer_norm_strided_residual_gets_a_new_h():
         h, y = add_layer_norm(x, r, None, w, b, backend="triton")
     assert h.data_ptr() != r.data_ptr()
     torch.testing.assert_close(h, x + r)
-    assert max_err(y, oracle(x + r, w, b)) <= 1e-4
+    assert max_err(y, layer_norm_oracle(x + r, w, b)) <= 1e-4
 
 
 def test_add_layer_norm_kernel_needs_an_h_output():
