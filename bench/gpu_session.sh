@@ -26,9 +26,10 @@
 # here, a stopped benchmark's *_<card>.partial.csv journal, per-step logs, the GPU tests' JUnit
 # XML). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
 #
-# Steps, most wanted first (name: what). The first H200 session (2026-11-26) ran build,
-# bench_b1, tests_gpu, precision, geglu and attention; bench_b8 ran out of memory (a leak since
-# fixed) and the compiled baselines, video and patch did not run: hence this order.
+# Steps, most wanted first (name: what). The second H200 session (2026-11-26) ran build,
+# bench_b1, tests_gpu, bench_b8, unet_compile, precision and memory; group_norm timed out. The
+# next one must check the numerics changed since (fused residual norms, epilogues, GroupNorm rows
+# kernel): tests and precision come before the batch-8 timing; hence this order.
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
@@ -36,16 +37,16 @@
 #                 call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
 #   tests_gpu     pytest -m gpu: every GPU test (compiled Triton kernels and models vs their
 #                 references, CUDA graphs, video path), then tests/test_extension.py
-#   bench_b8      the same at --batch-size 8 (one warm-up, one timed run): videos/s; without the
-#                 diffusers baselines (bench_b1 has the ratios; the reference's way at batch 8
-#                 would take ~100 s of the call)
 #   unet_compile  echofast bench --batch-size 1 --graphs --compile --no-pipeline: single UNet
 #                 calls vs torch.compile'd diffusers (one inductor compile)
+#   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
+#   bench_b8      bench_b1 at --batch-size 8 (one warm-up, one timed run): videos/s; without the
+#                 diffusers baselines (bench_b1 has the ratios; the reference's way at batch 8
+#                 would take ~100 s of the call)
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   group_norm    bench/bench_group_norm.py (eager and CUDA-graph times) -> group_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
-#   precision     bench/bench_precision.py: fp16/bf16 vs fp32 latents, non-finite count, 100 videos
 #   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
 #   video         bench/bench_video.py --device cuda              -> video_<card>.csv
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
@@ -53,7 +54,7 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu bench_b8 unet_compile layer_norm group_norm attention geglu precision memory video patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu unet_compile precision bench_b8 layer_norm group_norm attention geglu memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
