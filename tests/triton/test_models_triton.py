@@ -66,3 +66,24 @@ def test_lvdm(fused_norms, monkeypatch):
     with use_backend(**forced):
         got = ours(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
     assert rel_err(got, expected) <= TOL
+
+
+@torch.no_grad()
+def test_lvdm_fp16_autocast_copy_on_the_gpu_path(monkeypatch):
+    """The CUDA inference path with everything it changes for half precision, here on CPU:
+    fp16 autocast over the model's autocast_copy (fp16 GEMM weights and biases, fp32 norms),
+    residual adds fused into Triton LayerNorms (half activations, fp32 affine), the resblocks'
+    Triton epilogues (fp16 conv biases, the mix weight) and Triton GroupNorm: within fp16's
+    error of diffusers' fp32 output, and every fused op on its Triton backend."""
+    monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
+    ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, TINY_LVDM)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 8, 8, 8, generator=g)
+    ehs, ids = torch.rand(1, 1, 1, generator=g), torch.zeros(1, 1)
+    expected = ref(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
+    copy = ours.autocast_copy(torch.float16)
+    forced = {"add_layer_norm": "triton", "bias_residual": "triton", "layer_norm": "triton"}
+    with use_backend(**forced), torch.autocast("cpu", dtype=torch.float16):
+        got = copy(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert rel_err(got.float(), expected) <= 1e-2
