@@ -93,7 +93,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("ops (backend chosen automatically; others and why they cannot run):")
     for name, per_device in info["ops"].items():
         for device, entry in per_device.items():
-            lines.append(f"  {name:<12} {device:<5} -> {entry['selected']}")
+            lines.append(f"  {name:<14} {device:<5} -> {entry['selected']}")
             for backend, reasons in entry["unavailable"].items():
                 lines.append(f"      {backend}: {'; '.join(reasons)}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ def test_module_json_lists_versions_extension_and_ops():
     assert "built" in info["extension"]
     assert info["ops"]["group_norm"]["cpu"]["selected"] == "torch"
     assert info["ops"]["attention"]["cpu"]["selected"] == "sdpa"
+    assert info["ops"]["layer_norm"]["cpu"]["selected"] == "mixed"  # PyTorch's own on CPU
 
 
 def test_console_script_text():
