@@ -89,9 +89,11 @@ def lvdm_call(
     config: dict, impl: str, frames: int = 16, autocast: torch.dtype | None = None
 ) -> collections.Counter:
     """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
-    depend on the number of frames) by echofast (``impl="echofast"``) or diffusers; under
-    ``autocast`` to that dtype as they sample in reduced precision: diffusers with fp32 weights
-    (the reference's way), echofast through its ``autocast_copy`` (as its pipelines)."""
+    depend on the number of frames) by echofast (``impl="echofast"``: the plain call;
+    ``"echofast step"``: as its pipeline calls it at every step, with the conditioning half of
+    ``conv_in`` and the run-constant features precomputed) or diffusers; under ``autocast`` to
+    that dtype as they sample in reduced precision: diffusers with fp32 weights (the reference's
+    way), echofast through its ``autocast_copy`` (as its pipelines)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import echofast.nn.attention as attention_nn
     from echofast import benchmark
@@ -100,13 +102,26 @@ def lvdm_call(
     configs = {**benchmark._reference_configs(), "lvdm": cfg}
     models = benchmark.build_models(configs, torch.device("cpu"), with_diffusers=impl != "echofast")
     model = models.d_lvdm if impl == "diffusers" else models.lvdm
-    if autocast is not None and impl == "echofast":
+    if autocast is not None and impl != "diffusers":
         model = model.autocast_copy(autocast)
     x = torch.randn(1, frames, cfg["in_channels"], 16, 16)
     ids = torch.randn(
         1, cfg["projection_class_embeddings_input_dim"] // cfg["addition_time_embed_dim"]
     )
     ehs = torch.randn(1, 1, cfg["cross_attention_dim"])
+    t = torch.tensor(500.0)
+    step: dict = {}
+    if impl == "echofast step":
+        c = cfg["in_channels"] // 2
+        step["conditioning"] = models.lvdm.conditioning_features(x[:, 0, c:])
+        x = x[:, :, :c]
+        amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+        with torch.no_grad(), amp:
+            step.update(
+                time_features=model.time_features(t, ids),
+                context_features=model.context_features(ehs),
+                frame_features=model.frame_features(frames),
+            )
     mode = KernelCount()
     fused_qkv = attention_nn.FUSED_QKV_DEVICES
     attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
@@ -122,7 +137,7 @@ def lvdm_call(
     try:
         amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
         with torch.no_grad(), amp, mode:
-            model(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_time_ids=ids)
+            model(x, t, encoder_hidden_states=ehs, added_time_ids=ids, **step)
     finally:
         restore()
         attention_nn.FUSED_QKV_DEVICES = fused_qkv
@@ -150,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     config = LVDM_FULL_CONFIG if a.config == "full" else LVDM_SMALL_CONFIG
     rows = []
     precisions = [None] if a.autocast == "none" else [None, getattr(torch, a.autocast)]
-    for impl, amp in [(i, d) for d in precisions for i in ("diffusers", "echofast")]:
+    impls = ("diffusers", "echofast", "echofast step")
+    for impl, amp in [(i, d) for d in precisions for i in impls]:
         counts = lvdm_call(config, impl, autocast=amp)
         total = sum(counts.values())
         how = "fp32" if amp is None else f"autocast {str(amp).split('.')[1]}"

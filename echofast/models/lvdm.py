@@ -25,6 +25,7 @@ from ..nn.spatiotemporal import (
     SpatioTemporalDownStage,
     SpatioTemporalMidStage,
     SpatioTemporalUpStage,
+    TransformerSpatioTemporalModel,
 )
 from .base import ModelBase, require
 from .outputs import SampleOutput
@@ -188,6 +189,16 @@ class LVDM(ModelBase):
         self._time_projections = time_projections(self)
         self._mix_weights = MixWeights([m for m in self.modules() if isinstance(m, AlphaBlender)])
         self._packed_groups = (self._time_projections, self._mix_weights)
+        # the modules the precomputed features are split over, in a fixed order
+        self._feature_transformers = [
+            m for m in self.modules() if isinstance(m, TransformerSpatioTemporalModel)
+        ]
+        self._feature_attentions = [
+            block.attn2
+            for tr in self._feature_transformers
+            for pair in zip(tr.transformer_blocks, tr.temporal_transformer_blocks)
+            for block in pair
+        ]
         self._relayout()
 
     @contextlib.contextmanager
@@ -233,16 +244,134 @@ class LVDM(ModelBase):
         timestep: torch.Tensor | float | int,
         timesteps: torch.Tensor,
         added_time_ids: torch.Tensor,
+        precomputed: dict[str, torch.Tensor | None],
     ) -> TimeEmbedding:
-        """The call's :class:`TimeEmbedding`, taken from the sampling run's memo when active."""
+        """The call's :class:`TimeEmbedding`: from the caller's precomputed features
+        (:meth:`time_features`, :meth:`context_features`, :meth:`frame_features`), from the
+        sampling run's memo when active, or computed."""
         memo = self._run_memo
         packed = {"projections": self._time_projections, "mixers": self._mix_weights}
+        features = self._precomputed_features(precomputed)
+        table = precomputed["time_features"]
+        if table is not None:
+            return TimeEmbedding(None, table=table, features=features, **packed)
         if memo is None or not eager_inference():
-            return TimeEmbedding(self.time_embed(timesteps, added_time_ids), **packed)
+            emb = self.time_embed(timesteps, added_time_ids)
+            return TimeEmbedding(emb, features=features, **packed)
         key = (value_key(timestep), value_key(added_time_ids), timesteps.shape[0], timesteps.device)
         deps = (self.time_embedding, self.add_embedding)
         emb = memo.get(deps, ("emb", key), lambda: self.time_embed(timesteps, added_time_ids))
-        return TimeEmbedding(emb, memo, key, deps, **packed)
+        return TimeEmbedding(emb, memo, key, deps, features=features, **packed)
+
+    # ---- precomputed per-run features ----------------------------------------------------------
+    #
+    # Within a sampling run the time embedding's projections depend only on the step (and the
+    # added time ids), the cross-attentions' outputs for a single-token context only on that
+    # context, and the frame-position embeddings only on the frame count: a sampler computes them
+    # once (a table of every step's projections, once per batch and once per run) and passes
+    # them to every call, so a call (a CUDA-graph replay included) launches none of that work.
+
+    def _call_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of a call's activations: autocast's when on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.conv_in.weight.dtype
+
+    def feature_widths(self) -> dict[str, int]:
+        """Columns of :meth:`time_features`, :meth:`context_features` and :meth:`frame_features`."""
+        return {
+            "time_features": sum(self._time_projections.sizes),
+            "context_features": sum(a.to_out[0].out_features for a in self._feature_attentions),
+            "frame_features": sum(tr.in_channels for tr in self._feature_transformers),
+        }
+
+    def time_features(
+        self, timestep: torch.Tensor | float | int, added_time_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Every resblock's time-embedding projection (+ its folded conv bias) for a timestep:
+        (B, P), P = ``feature_widths()["time_features"]``, for ``added_time_ids`` (B, n) and a
+        timestep (a number, or 0-d, (1,) or (B,)). Pass row i of it as ``time_features=`` to a
+        call whose sample i has that timestep and ids: the call then skips its time embedding.
+        Compute it under the call's autocast state (its dtype is the call's)."""
+        cfg = self.config
+        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+        if added_time_ids.dim() != 2 or added_time_ids.shape[1] != n_ids:
+            raise ValueError(
+                f"added_time_ids must be (B, {n_ids}), got {tuple(added_time_ids.shape)}"
+            )
+        b = added_time_ids.shape[0]
+        timesteps = self._timesteps(timestep, b, added_time_ids.device)
+        return self._time_projections.all(self.time_embed(timesteps, added_time_ids))
+
+    def context_features(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every cross-attention's output for a single-token context: (B, R),
+        R = ``feature_widths()["context_features"]``, from ``encoder_hidden_states`` (B, 1, D).
+        Pass it as ``context_features=`` to calls with that context (one row per sample).
+        Compute it under the call's autocast state."""
+        ctx = encoder_hidden_states
+        if ctx.dim() != 3 or ctx.shape[1] != 1:
+            raise ValueError(
+                "context_features are for single-token contexts (B, 1, D); got "
+                f"encoder_hidden_states of shape {tuple(ctx.shape)}"
+            )
+        ctx = self._call_context(ctx)
+        return torch.cat([a.single_key(ctx)[:, 0] for a in self._feature_attentions], dim=-1)
+
+    def frame_features(
+        self, num_frames: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Every transformer's frame-position embedding of frames 0..T-1: (T, Q),
+        Q = ``feature_widths()["frame_features"]``. Pass it as ``frame_features=`` to calls of
+        ``num_frames`` frames. Compute it under the call's autocast state."""
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        device = torch.device(device) if device is not None else self.device
+        dtype = self._call_dtype(device)
+        return torch.cat(
+            [tr.frame_embedding(num_frames, device, dtype) for tr in self._feature_transformers],
+            dim=-1,
+        )
+
+    def _call_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        """The context as the cross-attentions read it: cast once to autocast's dtype (the cast
+        every key/value projection would make)."""
+        dev = ctx.device.type
+        if ctx.is_floating_point() and torch.is_autocast_enabled(dev):
+            return ctx.to(torch.get_autocast_dtype(dev))
+        return ctx
+
+    def _check_precomputed(
+        self, precomputed: dict[str, torch.Tensor | None], rows: dict[str, int], device, dtype
+    ) -> None:
+        """Shapes, device and dtype of the precomputed features against this call's."""
+        if all(v is None for v in precomputed.values()):
+            return
+        widths = self.feature_widths()
+        for name, value in precomputed.items():
+            if value is None:
+                continue
+            want = (rows[name], widths[name])
+            if tuple(value.shape) != want or value.device != device or value.dtype != dtype:
+                raise ValueError(
+                    f"{name} must be {want} {dtype} on {device} (LVDM.{name} computed under "
+                    f"this call's autocast state), got {tuple(value.shape)} {value.dtype} on "
+                    f"{value.device}"
+                )
+
+    def _precomputed_features(
+        self, precomputed: dict[str, torch.Tensor | None]
+    ) -> dict[nn.Module, torch.Tensor]:
+        """{module: its columns} of the context and frame features."""
+        out: dict[nn.Module, torch.Tensor] = {}
+        frames = precomputed["frame_features"]
+        if frames is not None:
+            trs = self._feature_transformers
+            out.update(zip(trs, frames.split([tr.in_channels for tr in trs], dim=-1)))
+        ctx = precomputed["context_features"]
+        if ctx is not None:
+            attns = self._feature_attentions
+            out.update(zip(attns, ctx.split([a.to_out[0].out_features for a in attns], dim=-1)))
+        return out
 
     @staticmethod
     def _timesteps(
@@ -319,12 +448,22 @@ class LVDM(ModelBase):
         return_dict: bool = True,
         *,
         conditioning: torch.Tensor | None = None,
+        time_features: torch.Tensor | None = None,
+        context_features: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
     ) -> SampleOutput | tuple[torch.Tensor]:
         """The denoiser's output (B, T, out_channels, H, W).
 
         ``conditioning``: None (``sample`` is the full (B, T, in_channels, H, W) input), or the
         (B, C0, H, W) :meth:`conditioning_features` of each sample's conditioning latent; then
         ``sample`` is (B, T, in_channels / 2, H, W), the noisy channels only.
+
+        Precomputed features (each optional; the call then skips that work; the caller
+        guarantees they belong to this call's inputs): ``time_features`` (B, P),
+        :meth:`time_features` of this timestep and ``added_time_ids``; ``context_features``
+        (B, R), :meth:`context_features` of ``encoder_hidden_states`` (single-token contexts);
+        ``frame_features`` (T, Q), :meth:`frame_features` of T frames. Sampling pipelines
+        compute them once per run or batch.
         """
         cfg = self.config
         split = conditioning is not None
@@ -344,10 +483,8 @@ class LVDM(ModelBase):
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
-        dev = ctx.device.type
-        if ctx.is_floating_point() and torch.is_autocast_enabled(dev):
-            # the cast every cross-attention's key/value projection would make (32 per call)
-            ctx = ctx.to(torch.get_autocast_dtype(dev))
+        # cast once: the cast every cross-attention's key/value projection would make
+        ctx = self._call_context(ctx)
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
         if added_time_ids.shape != (b, n_ids) or n_ids * cfg.addition_time_embed_dim != (
             cfg.projection_class_embeddings_input_dim
@@ -359,8 +496,20 @@ class LVDM(ModelBase):
 
         factor = 2**self.num_upsamplers
         forward_upsample_size = any(s % factor != 0 for s in sample.shape[-2:])
+        precomputed = {
+            "time_features": time_features,
+            "context_features": context_features,
+            "frame_features": frame_features,
+        }
+        if context_features is not None and ctx.shape[1] != 1:
+            raise ValueError(
+                "context_features are for single-token contexts; encoder_hidden_states has "
+                f"shape {tuple(ctx.shape)}"
+            )
+        rows = {"time_features": b, "context_features": b, "frame_features": t}
+        self._check_precomputed(precomputed, rows, sample.device, self._call_dtype(sample.device))
         timesteps = self._timesteps(timestep, b, sample.device)
-        emb = self._time_conditioning(timestep, timesteps, added_time_ids)
+        emb = self._time_conditioning(timestep, timesteps, added_time_ids, precomputed)
 
         # channels-last activations (ModelBase.memory_format): faster CPU convs, and the token and
         # (B, C, T, H, W) layouts of the transformers and temporal resnets become views

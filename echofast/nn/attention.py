@@ -138,6 +138,13 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
+    def single_key(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, 1, C): the output of every query against a single key/value token
+        ``encoder_hidden_states`` (B, 1, D): softmax over one key is 1, so it is
+        ``to_out(to_v(encoder_hidden_states))`` whatever the queries are."""
+        self.last_path = "single_key"
+        return self.to_out[1](self.to_out[0](self.to_v(encoder_hidden_states)))
+
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -146,8 +153,7 @@ class Attention(nn.Module):
         if spatial:
             b, c, h, w = hidden_states.shape
         if encoder_hidden_states is not None and encoder_hidden_states.shape[1] == 1:
-            self.last_path = "single_key"
-            out = self.to_out[1](self.to_out[0](self.to_v(encoder_hidden_states)))
+            out = self.single_key(encoder_hidden_states)
             if spatial:
                 out = out.transpose(1, 2)[..., None]
             out = out.expand_as(hidden_states)

@@ -197,10 +197,14 @@ class TimeProjections:
             pack_rows(self._params("bias"))
             pack_rows(self._fold_biases())
 
-    def compute(self, emb: torch.Tensor) -> dict[nn.Module, torch.Tensor] | None:
-        """{linear: its (B, out_features) projection of ``emb``, plus its folded conv bias} as
-        views of one GEMM's output (and one add for all folded biases), or None when the fused
-        path does not apply."""
+    @property
+    def sizes(self) -> list[int]:
+        """Each linear's ``out_features``, in order: the widths of :meth:`all`'s columns."""
+        return [lin.out_features for lin in self.linears]
+
+    def _packed(self, emb: torch.Tensor) -> torch.Tensor | None:
+        """(B, sum of sizes): every projection (+ folded bias) from one GEMM and one add, or None
+        when the fused path does not apply."""
         if len(self.linears) < 2 or not eager_inference():
             return None
         fused = packed_linear(self._params("weight"), self._params("bias"))
@@ -213,8 +217,27 @@ class TimeProjections:
         out = F.linear(F.silu(emb), *fused)
         if biases is not None:  # in the projections' dtype, as autocast casts a conv's bias
             out.add_(concat_view(biases).to(out.dtype))
-        sizes = [lin.out_features for lin in self.linears]
-        return dict(zip(self.linears, out.split(sizes, dim=-1)))
+        return out
+
+    def compute(self, emb: torch.Tensor) -> dict[nn.Module, torch.Tensor] | None:
+        """{linear: its (B, out_features) projection of ``emb``, plus its folded conv bias} as
+        views of one GEMM's output (and one add for all folded biases), or None when the fused
+        path does not apply."""
+        out = self._packed(emb)
+        return None if out is None else self.split(out)
+
+    def all(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, sum of sizes): every linear's projection of ``emb`` (+ its folded conv bias),
+        concatenated in order: one GEMM when packed, else one per linear. The table
+        :meth:`split` takes apart (see ``LVDM.time_features``)."""
+        out = self._packed(emb)
+        if out is not None:
+            return out
+        return torch.cat([_project(emb, lin, fold) for lin, fold in self.folds.items()], dim=-1)
+
+    def split(self, table: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """{linear: its columns of ``table`` (B, sum of sizes)} as views."""
+        return dict(zip(self.linears, table.split(self.sizes, dim=-1)))
 
 
 def time_projections(model: nn.Module) -> TimeProjections:
@@ -228,37 +251,55 @@ def time_projections(model: nn.Module) -> TimeProjections:
 
 
 class TimeEmbedding:
-    """The time embedding ``emb`` (B, E) of one UNet call, with the per-block projections
-    ``linear(silu(emb))``: all of them from one GEMM when the model's :class:`TimeProjections`
-    apply, and within a sampling run (a shared :class:`RunMemo`, the ``key`` of this call's
-    timestep and conditioning, and the modules ``deps`` that computed ``emb``) computed once per
-    timestep."""
+    """The per-call state a UNet's blocks share: the time embedding ``emb`` (B, E) with the
+    per-block projections ``linear(silu(emb))``: all of them from one GEMM when the model's
+    :class:`TimeProjections` apply, and within a sampling run (a shared :class:`RunMemo`, the
+    ``key`` of this call's timestep and conditioning, and the modules ``deps`` that computed
+    ``emb``) computed once per timestep.
+
+    Precomputed inputs (see ``LVDM.time_features``): ``table`` (B, sum of the projections'
+    sizes) holds every projection already, so ``emb`` may be None; ``features`` maps a module
+    to a value the caller computed for it beforehand (a transformer's frame-position embedding,
+    a cross-attention's single-key output rows), see :meth:`feature`.
+    """
 
     def __init__(
         self,
-        emb: torch.Tensor,
+        emb: torch.Tensor | None,
         memo: RunMemo | None = None,
         key: Hashable = (),
         deps: tuple[nn.Module, ...] = (),
         projections: TimeProjections | None = None,
         mixers: Any = None,
+        *,
+        table: torch.Tensor | None = None,
+        features: dict[nn.Module, torch.Tensor] | None = None,
     ):
+        if emb is None and (table is None or projections is None):
+            raise ValueError("TimeEmbedding needs emb, or a projections table and its projections")
         self.emb = emb
         self.memo = memo if memo is not None else RunMemo(enabled=False)
         self.key = key
         self.deps = deps
         self.mixers = mixers
+        self.features = features or {}
         self._mix: dict[torch.dtype, dict | None] = {}
         self._per_call: dict[Hashable, Any] = {}
         self._all = None
         self._folds = {} if projections is None else projections.folds
-        if projections is not None:
+        if table is not None and projections is not None:
+            self._all = projections.split(table)
+        elif projections is not None:
             folded = tuple(c for c in projections.folds.values() if c is not None)
             self._all = self.memo.get(
                 (*projections.linears, *folded, *deps),
                 ("temb-all", key),
                 lambda: projections.compute(emb),
             )
+
+    def feature(self, module: nn.Module) -> torch.Tensor | None:
+        """The value precomputed for ``module`` (``features``), or None: compute it."""
+        return self.features.get(module)
 
     def per_call(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         """``fn()``, computed once per UNet call for ``key`` (values that depend only on the key,

@@ -107,12 +107,17 @@ class FeedForward(nn.Module):
 
 
 def _cross_attend(
-    attn: Attention, norm: LayerNorm, x: torch.Tensor, context: torch.Tensor
+    attn: Attention,
+    norm: LayerNorm,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + attn(norm(x), context)`` for tokens x (B, N, C) of B videos; context (B, L, D)."""
+    """``x + attn(norm(x), context)`` for tokens x (B, N, C) of B videos; context (B, L, D).
+    ``rows``: (B, C) ``attn.single_key(context)`` computed beforehand (single-token contexts)."""
     if context.shape[1] == 1:
         # softmax over one key is 1: the output is to_out(to_v(context)) whatever the queries are
-        return _add(x, attn(x, context))
+        return _add(x, attn(x, context) if rows is None else rows[:, None])
     return _add(attn(norm(x), context), x)
 
 
@@ -132,15 +137,18 @@ def _attend_and_norm(
     x: torch.Tensor,
     branch: torch.Tensor,
     context: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused form of ``x = x + branch; x = _cross_attend(attn, norm, x, context)`` and
+    """The fused form of ``x = x + branch; x = _cross_attend(attn, norm, x, context, rows)`` and
     ``next_norm(x)``: returns (x, next_norm(x)) for tokens x (B·M, N, C) of B videos and a
     fresh ``branch`` of x's shape (overwritten). With one context token the cross-attention's
-    output is one row per video, added in the same pass as the branch."""
+    output is one row per video (``rows``, or computed here), added in the same pass as the
+    branch."""
     b, c = context.shape[0], x.shape[-1]
     if context.shape[1] == 1:
         # softmax over one key is 1: one output row per video, whatever the queries
-        rows = attn(x.view(b, -1, c), context)[:, 0]
+        if rows is None:
+            rows = attn.single_key(context)[:, 0]
         return next_norm.add_forward(x, branch, add=rows)
     h, y = norm.add_forward(x, branch)
     return next_norm.add_forward(h, attn(y.view(b, -1, c), context).view(h.shape))
@@ -164,16 +172,19 @@ class SpatialTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B·T, S, C) frame tokens, context (B, L, D) → (B·T, S, C)."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B·T, S, C) frame tokens, context (B, L, D) → (B·T, S, C); ``rows``: (B, C)
+        ``attn2.single_key(context)`` computed beforehand, or None."""
         bt, s, c = x.shape
         if _fused_inference(x):
             h, y = _attend_and_norm(
-                self.attn2, self.norm2, self.norm3, x, self.attn1(self.norm1(x)), context
+                self.attn2, self.norm2, self.norm3, x, self.attn1(self.norm1(x)), context, rows
             )
             return h.add_(self.ff(y))
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=False)
-        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)
+        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context, rows)
         return _residual(x.view(bt, s, c), lambda v: self.ff(self.norm3(v)), inplace=True)
 
 
@@ -198,16 +209,21 @@ class TemporalTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B·S, T, C) sequences over frames, context (B, L, D) → (B·S, T, C)."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B·S, T, C) sequences over frames, context (B, L, D) → (B·S, T, C); ``rows``: (B, C)
+        ``attn2.single_key(context)`` computed beforehand, or None."""
         n, t, c = x.shape
         if _fused_inference(x):
             h, y = self.norm1.add_forward(x, self.ff_in(self.norm_in(x)))
-            h, y = _attend_and_norm(self.attn2, self.norm2, self.norm3, h, self.attn1(y), context)
+            h, y = _attend_and_norm(
+                self.attn2, self.norm2, self.norm3, h, self.attn1(y), context, rows
+            )
             return h.add_(self.ff(y))
         x = _residual(x, lambda v: self.ff_in(self.norm_in(v)), inplace=False)
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=True)
-        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context)
+        x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context, rows)
         return _residual(x.view(n, t, c), lambda v: self.ff(self.norm3(v)), inplace=True)
 
 
@@ -431,25 +447,29 @@ class TransformerSpatioTemporalModel(nn.Module):
     ) -> torch.Tensor:
         """x (B·T, C, H, W), context (B, L, D) → (B·T, C, H, W).
 
-        ``temb``: the call's :class:`TimeEmbedding`: within a sampling run its memo computes the
-        frame embedding (which depends only on T and the weights) once per run, and its mix
-        weights come from the model's one computation (:class:`MixWeights`).
+        ``temb``: the call's :class:`TimeEmbedding`: the frame embedding (which depends only on T
+        and the weights) and the cross-attentions' single-key rows when the caller precomputed
+        them (:meth:`TimeEmbedding.feature`), else within a sampling run its memo computes the
+        frame embedding once per run; its mix weights come from the model's one computation
+        (:class:`MixWeights`).
         """
         memo = temb.memo if temb is not None else None
         bt, c, hh, ww = x.shape
         b, t, s = context.shape[0], num_frames, hh * ww
         # (B·T, C, H, W) → (B·T, H·W, C) tokens: a view when x is channels-last
         tok = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(bt, s, c))
-        pos = (memo or RunMemo(enabled=False)).get(
-            (self.time_pos_embed,),
-            ("frames", t, x.device, tok.dtype),
-            lambda: self.frame_embedding(t, x.device, tok.dtype, temb),
-        )
+        pos = _feature(temb, self)
+        if pos is None:
+            pos = (memo or RunMemo(enabled=False)).get(
+                (self.time_pos_embed,),
+                ("frames", t, x.device, tok.dtype),
+                lambda: self.frame_embedding(t, x.device, tok.dtype, temb),
+            )
         w = _temporal_weight(temb, self.time_mixer, tok.dtype)
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
-            tok = spatial(tok, context)  # (B·T, S, C)
+            tok = spatial(tok, context, _feature(temb, spatial.attn2))  # (B·T, S, C)
             seq = _to_sequences(tok.view(b, t, s, c), pos)  # (B·S, T, C)
-            seq = temporal(seq, context)
+            seq = temporal(seq, context, _feature(temb, temporal.attn2))
             seq = seq.view(b, s, t, c).transpose(1, 2)  # (B, T, S, C) view
             # a·spatial + (1 - a)·temporal, reading the temporal output through a view
             if not eager_inference():
@@ -471,6 +491,10 @@ def _to_sequences(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 # ---- UNet stages ----------------------------------------------------------------------------
+
+
+def _feature(temb: TimeEmbedding | None, module: nn.Module) -> torch.Tensor | None:
+    return temb.feature(module) if temb is not None else None
 
 
 def _call_time(temb: torch.Tensor | TimeEmbedding) -> TimeEmbedding | None:

@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import LVDM, VAE
-from ..nn.embeddings import sampling_cache
 from ..ops.window_step import window_step, window_tables
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
@@ -160,12 +159,12 @@ class LVDMPipeline(SamplingPipeline):
         timesteps = self.scheduler.timesteps
         latents_out, videos_out = [], []
         bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
-        # timestep-only work (time embeddings and their per-block projections) once per run
-        with bar, sampling_cache(model):
+        with bar:
             for s in range(0, b, batch_size):
                 sl = slice(s, s + batch_size)
                 latents = self._sample(
                     unet,
+                    model,
                     cond_latents[sl].to(device, torch.float32),
                     ef[sl].to(device),
                     gens[sl],
@@ -187,7 +186,9 @@ class LVDMPipeline(SamplingPipeline):
         )
         return result if return_dict else result.to_tuple()
 
-    def _sample(self, unet, cond, ef, gens, indices, total, starts, pad, timesteps, dtype, bar):
+    def _sample(
+        self, unet, model, cond, ef, gens, indices, total, starts, pad, timesteps, dtype, bar
+    ):
         b, c, h, w = cond.shape
         cfg = self.lvdm.config
         window = min(cfg.num_frames, total)
@@ -225,8 +226,11 @@ class LVDMPipeline(SamplingPipeline):
         coeffs, needs_noise, steps, noise_source, watch = self._step_plan(
             timesteps, b, gens, tuple(latents.shape), device, "LVDM latent", indices
         )
+        time_table = self._precompute(model, kwargs, steps, window, dtype)
         clip = self.scheduler.clip_bound
         for step in range(len(timesteps)):
+            if time_table is not None:
+                kwargs["time_features"].copy_(time_table[step].expand(n, -1))
             with unet_precision(device, dtype):
                 pred = unet(x, steps[step], **kwargs).sample
             # the scheduler's own draw (seed contract)
@@ -238,6 +242,33 @@ class LVDMPipeline(SamplingPipeline):
             bar.update(b)
         watch.check()
         return latents
+
+    def _precompute(
+        self, model, kwargs: dict, steps: torch.Tensor, window: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """For echofast's LVDM: the run's constant work, done once instead of at every step
+        (:meth:`~echofast.models.LVDM.time_features` and its siblings, under the steps'
+        autocast state). Puts ``context_features``, ``frame_features`` and the ``time_features``
+        input (filled per step from the returned (S, P) table, one row per step: every sample
+        has the same added time ids) into ``kwargs``, as persistent tensors a CUDA graph reads in
+        place. Returns the table, or None for other UNets (nothing precomputed)."""
+        if not isinstance(model, LVDM):
+            return None
+        ehs, ids = kwargs["encoder_hidden_states"], kwargs["added_time_ids"]
+        n, device = ids.shape[0], ids.device
+        with unet_precision(device, dtype):
+            table = model.time_features(steps, ids[:1].expand(len(steps), -1))
+            fixed = {
+                "context_features": model.context_features(ehs),
+                "frame_features": model.frame_features(window, device),
+            }
+        for name, value in fixed.items():
+            kwargs[name] = self._inputs.get(name, tuple(value.shape), value.dtype, device)
+            kwargs[name].copy_(value)
+        kwargs["time_features"] = self._inputs.get(
+            "time_features", (n, table.shape[1]), table.dtype, device
+        )
+        return table
 
     @torch.no_grad()
     def decode(

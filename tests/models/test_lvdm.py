@@ -3,7 +3,7 @@ EchoNet-Synthetic config, the exact fast paths and config errors."""
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import sys
 
@@ -24,6 +24,7 @@ from echofast.ops import registered_ops, use_backend
 from echofast.pipelines import LVDMPipeline
 
 TOL = 1e-5
+FEATURES = ("time_features", "context_features", "frame_features")
 
 # every supported stage type, per-block lists, several transformer layers, a wide context
 GENERAL_CONFIG = {
@@ -426,17 +427,111 @@ def test_sampling_cache_is_exact_and_never_stale():
     assert memo.hits == memo.misses == 0
 
 
-def test_pipeline_runs_inside_the_cache_and_matches_uncached(monkeypatch):
+def _features(model: LVDM, t, ctx, ids, frames: int) -> dict[str, torch.Tensor]:
+    return {
+        "time_features": model.time_features(t, ids),
+        "context_features": model.context_features(ctx),
+        "frame_features": model.frame_features(frames),
+    }
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("config", ["small", "general"])
+def test_precomputed_features_give_the_same_outputs_and_skip_their_work(
+    pair, general_pair, config, fused, monkeypatch
+):
+    """time_features / context_features / frame_features computed beforehand give what the call
+    computes itself (bit for bit), match diffusers, and the call then launches none of it."""
+    ref, ours = pair if config == "small" else general_pair
+    if fused:  # the GPU's path: residual adds and cross-attention rows fused into the norms
+        monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
+    ctx_dim = ours.config.cross_attention_dim
+    x, ctx, ids = _inputs(2, 6, 9, ctx_dim=ctx_dim, ids=ids_per_sample(ours), seed=21)
+    t = torch.tensor([321, 654])
+    with torch.no_grad():
+        feats = _features(ours, t, ctx, ids, 6)
+        plain_ops, pre_ops = _OpCount(), _OpCount()
+        with plain_ops:
+            plain = ours(x, t, ctx, ids).sample
+        with pre_ops:
+            pre = ours(x, t, ctx, ids, **feats).sample
+        a = ref(x, t, ctx, ids).sample
+    assert torch.equal(pre, plain)
+    assert rel_err(pre, a) <= TOL
+    transformers = sum(isinstance(m, st.TransformerSpatioTemporalModel) for m in ours.modules())
+    attns = 2 * sum(isinstance(m, st.TemporalTransformerBlock) for m in ours.modules())
+    widths = ours.feature_widths()
+    assert feats["context_features"].shape == (2, widths["context_features"])
+    assert feats["frame_features"].shape == (6, widths["frame_features"])
+    # per transformer: two frame-embedding GEMMs; per cross-attention: to_v and to_out; the time
+    # embedding's two MLPs and the resblocks' projection GEMM
+    gemms = plain_ops.ops["addmm"] + plain_ops.ops["mm"] - pre_ops.ops["addmm"] - pre_ops.ops["mm"]
+    assert gemms == 2 * transformers + 2 * attns + 4 + 1
+    assert pre_ops.ops["sin"] == pre_ops.ops["cos"] == 0  # no sinusoidal features at all
+
+
+def ids_per_sample(model: LVDM) -> int:
+    cfg = model.config
+    return cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+
+
+def test_precomputed_features_under_autocast_match_the_call():
+    """Computed under the call's autocast state (bf16 on CPU, the autocast copy the pipelines
+    use) they are the values the call computes, in its dtype."""
+    ours = LVDM.from_config(LVDM_SMALL_CONFIG).eval()
+    copy = ours.autocast_copy(torch.bfloat16)
+    x, ctx, ids = _inputs(2, 4, 8, seed=22)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = _features(copy, 500, ctx, ids, 4)
+        assert {f.dtype for f in feats.values()} == {torch.bfloat16}
+        assert torch.equal(copy(x, 500, ctx, ids, **feats).sample, copy(x, 500, ctx, ids).sample)
+        with pytest.raises(ValueError, match="frame_features must be"):
+            copy(x, 500, ctx, ids, frame_features=feats["frame_features"].float())
+
+
+def test_precomputed_features_are_checked(pair, general_pair):
+    _, ours = pair
+    x, ctx, ids = _inputs(2, 4, 8, seed=23)
+    with torch.no_grad():
+        feats = _features(ours, 500, ctx, ids, 4)
+        with pytest.raises(ValueError, match=r"time_features must be \(2, \d+\)"):
+            ours(x, 500, ctx, ids, time_features=feats["time_features"][:1])
+        with pytest.raises(ValueError, match=r"frame_features must be \(4, \d+\)"):
+            ours(x, 500, ctx, ids, frame_features=ours.frame_features(5))
+        with pytest.raises(ValueError, match="context_features must be"):
+            ours(x, 500, ctx, ids, context_features=feats["context_features"][:, 1:])
+        with pytest.raises(ValueError, match="added_time_ids must be"):
+            ours.time_features(500, ids[:, None])
+        with pytest.raises(ValueError, match="num_frames must be a positive int"):
+            ours.frame_features(0)
+        _, general = general_pair
+        x, ctx, ids = _inputs(2, 4, 8, ctx_len=3, ctx_dim=8, ids=2, seed=24)
+        with pytest.raises(ValueError, match="single-token contexts"):
+            general.context_features(ctx)
+        rows = general.context_features(ctx[:, :1])
+        with pytest.raises(ValueError, match="single-token contexts"):
+            general(x, 500, ctx, ids, context_features=rows)
+
+
+def test_pipeline_precomputes_run_constant_work_and_matches_per_call_work(monkeypatch):
     ours = LVDM.from_config(TINY_LVDM).eval()
     cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(15))
-    memos = []
-    enter = ours.sampling_cache
+    calls = []
+    forward = ours.forward
 
-    @contextlib.contextmanager
-    def spy():
-        with enter() as memo:
-            memos.append(memo)
-            yield memo
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in FEATURES})
+        return forward(*args, **kwargs)
 
     kw = dict(
         num_frames=8,
@@ -446,9 +541,14 @@ def test_pipeline_runs_inside_the_cache_and_matches_uncached(monkeypatch):
         output_type="latent",
         progress=False,
     )
-    monkeypatch.setattr(ours, "sampling_cache", spy)
-    cached = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
-    monkeypatch.setattr(ours, "sampling_cache", contextlib.nullcontext)
-    uncached = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
-    assert len(memos) == 1 and memos[0].hits > 0  # the second video reused the first's work
-    assert torch.equal(cached, uncached)
+    monkeypatch.setattr(ours, "forward", spy)
+    precomputed = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
+    assert len(calls) == 6 and all(v is not None for c in calls for v in c.values())
+    # the time features change per step, the context features per batch (video)
+    assert calls[0]["time_features"] is calls[1]["time_features"]  # one persistent input
+    monkeypatch.setattr(LVDMPipeline, "_precompute", lambda *args: None)
+    calls.clear()
+    per_call = LVDMPipeline(ours)(cond, [40.0, 70.0], **kw).latents
+    assert all(v is None for c in calls for v in c.values())
+    # the table's GEMMs run on all steps' rows at once: rounding differs from per-call GEMMs
+    assert rel_err(precomputed, per_call) <= TOL
