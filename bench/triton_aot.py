@@ -220,6 +220,15 @@ def _attention_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     k.attention_fwd(q, kv, kv, d**-0.5, max_programs=SM_COUNT * k.PROGRAMS_PER_SM)
 
                 yield f"attention d={d} L={lq}x{lk} {str(dtype)[6:]}", run
+        for d in k.HEAD_DIMS[1:2] if quick else k.HEAD_DIMS:
+
+            def frames(d=d, dt=dtype):
+                # temporal attention of frame-major fused QKV: (B, S, heads, T, D) views
+                qkv = torch.empty(5, 64, 196, 3, 4, d, dtype=dt)
+                q, kk, v = (qkv[:, :, :, i].permute(0, 2, 3, 1, 4) for i in range(3))
+                k.attention_fwd(q, kk, v, d**-0.5, max_programs=SM_COUNT * k.PROGRAMS_PER_SM)
+
+            yield f"attention frame-major d={d} T=64 {str(dtype)[6:]}", frames
 
 
 def _window_step_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -276,6 +285,20 @@ def _layer_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     k.layer_norm_fwd(torch.empty(81920, c, dtype=dt), w, w, 1e-5)
 
                 yield f"layer_norm C={c} affine={affine} {str(dtype)[6:]}", run
+            for form in ("residual", "residual+rows+shift", "frame rows"):
+
+                def fused(c=c, dt=dtype, form=form):
+                    x = torch.empty(81920, c, dtype=dt)
+                    w = torch.empty(c)
+                    r = None if form == "frame rows" else torch.empty_like(x)
+                    a = None if form == "residual" else torch.empty(64, c, dtype=dt)
+                    shift = torch.empty(c, dtype=dt) if "shift" in form else None
+                    group = 20 if form == "frame rows" else None
+                    k.layer_norm_fwd(
+                        x, w, w, 1e-5, residual=r, add=a, h_out=x, shift=shift, add_group=group
+                    )
+
+                yield f"add_layer_norm {form} C={c} {str(dtype)[6:]}", fused
 
 
 def _bias_residual_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:

@@ -18,10 +18,13 @@ Design
   programs each walk the groups of G whole sequences ``pid, pid + P, ...``. No grid axis grows
   with N·heads beyond the (2^31 - 1) limit of axis 0, and every program handles several whole
   sequences (one launch, no per-sequence work on the host).
-* Layouts. Q, K, V and O are addressed through four strides each, (n, h, l, d), so Q/K/V can be
-  strided views of the projections' (B, L, heads·D) outputs (also of one fused QKV GEMM) and O
-  can be written straight into the (B, L, heads·D) layout the output projection reads. Triton
-  specialises strides equal to 1, so the unit-stride d axis is vectorised. Offsets are int64.
+* Layouts. Q, K, V and O are addressed through five strides each, (n1, n2, h, l, d), so Q/K/V
+  can be strided views of the projections' (B, L, heads·D) outputs (also of one fused QKV GEMM)
+  and O can be written straight into the (B, L, heads·D) layout the output projection reads.
+  The second batch level n2 takes attention along the frames of frame-major (B, T, S, heads·D)
+  tokens (sequence (b, s), positions t, one fused QKV GEMM's output) without a transposed copy:
+  (b, s) is not one stride there. 4-D inputs have N2 = 1. Triton specialises strides equal to 1,
+  so the unit-stride d axis is vectorised. Offsets are int64.
 * Head dim. D and Dv are padded to ``BLOCK_D = max(16, D)`` (masked loads): ``tl.dot`` needs
   K ≥ 16, so D = 8 costs a 2× larger (still tiny) Q Kᵀ product and nothing in memory traffic.
 * Precision. Scores, the running max m, the running sum l and the accumulator are fp32. The
@@ -32,11 +35,12 @@ Design
 * Backward is not here: the op's autograd Function recomputes through the reference.
 
 Kernel arguments (all tensors on one device):
-  q_ptr        Q (N, H, Lq, D) with strides (sqn, sqh, sql, sqd)
-  k_ptr        K (N, H, Lk, D) with strides (skn, skh, skl, skd)
-  v_ptr        V (N, H, Lk, Dv) with strides (svn, svh, svl, svd)
-  o_ptr        O (N, H, Lq, Dv) output, Q's dtype, strides (son, soh, sol, sod)
-  NH, H        number of sequences N·H, and heads H (sequence s is n = s // H, h = s % H)
+  q_ptr        Q (N1, N2, H, Lq, D) with strides (sqn, sqn2, sqh, sql, sqd)
+  k_ptr        K (N1, N2, H, Lk, D) with strides (skn, skn2, skh, skl, skd)
+  v_ptr        V (N1, N2, H, Lk, Dv) with strides (svn, svn2, svh, svl, svd)
+  o_ptr        O (N1, N2, H, Lq, Dv) output, Q's dtype, strides (son, son2, soh, sol, sod)
+  NH, H, N2    number of sequences N1·N2·H, heads H and the inner batch N2 (sequence s is
+               n = s // H, h = s % H, n1 = n // N2, n2 = n % N2)
   Lq, Lk       query and key lengths
   num_groups   cdiv(NH, G): groups of G sequences, walked persistently by the programs
   qk_scale     scale · log2(e) as a float
@@ -73,23 +77,28 @@ def _attn_fwd_kernel(
     o_ptr,
     NH,
     H,
+    N2,
     Lq,
     Lk,
     num_groups,
     qk_scale,
     sqn,
+    sqn2,
     sqh,
     sql,
     sqd,
     skn,
+    skn2,
     skh,
     skl,
     skd,
     svn,
+    svn2,
     svh,
     svl,
     svd,
     son,
+    son2,
     soh,
     sol,
     sod,
@@ -123,10 +132,14 @@ def _attn_fwd_kernel(
         seq_c = (grp * G + col_seq).to(tl.int64)
         ok_r = seq_r < NH
         ok_c = seq_c < NH
-        q_row = q_ptr + (seq_r // H) * sqn + (seq_r % H) * sqh
-        o_row = o_ptr + (seq_r // H) * son + (seq_r % H) * soh
-        k_row = k_ptr + (seq_c // H) * skn + (seq_c % H) * skh
-        v_row = v_ptr + (seq_c // H) * svn + (seq_c % H) * svh
+        n_r, h_r = seq_r // H, seq_r % H
+        n_c, h_c = seq_c // H, seq_c % H
+        n1_r, n2_r = n_r // N2, n_r % N2
+        n1_c, n2_c = n_c // N2, n_c % N2
+        q_row = q_ptr + n1_r * sqn + n2_r * sqn2 + h_r * sqh
+        o_row = o_ptr + n1_r * son + n2_r * son2 + h_r * soh
+        k_row = k_ptr + n1_c * skn + n2_c * skn2 + h_c * skh
+        v_row = v_ptr + n1_c * svn + n2_c * svn2 + h_c * svh
         for m0 in range(0, Lq, SUB_M):
             qm = m0 + row_pos
             mask_q = ok_r & (qm < Lq)
@@ -186,7 +199,7 @@ def _sm_count(index: int | None) -> int:
 
 
 class Plan:
-    """Tile shape and program count for one (N·H, Lq, Lk, D, Dv) problem.
+    """Tile shape and program count for one (N·H, Lq, Lk, D, Dv) problem (N: every batch dim).
 
     ``tile`` overrides the packed tile height / long-sequence tile (a power of two ≥ 16);
     ``max_programs`` caps the persistent grid (default: SMs · PROGRAMS_PER_SM on CUDA, one
@@ -202,8 +215,9 @@ class Plan:
         tile: int | None = None,
         max_programs: int | None = None,
     ):
-        n, h, lq, d = q.shape
-        lk, dv = k.shape[2], v.shape[3]
+        *batch, h, lq, d = q.shape
+        n = math.prod(batch)
+        lk, dv = k.shape[-2], v.shape[-1]
         tile = TILE if tile is None else tile
         if tile < 16 or tile & (tile - 1):
             raise ValueError(f"tile must be a power of two >= 16, got {tile}")
@@ -245,18 +259,31 @@ def attention_fwd(
     """softmax(scale · Q Kᵀ) V.
 
     Args:
-        q: (N, H, Lq, D), k: (N, H, Lk, D), v: (N, H, Lk, Dv); any strides, one dtype
-            (fp32/fp16/bf16), D and Dv in :data:`HEAD_DIMS`.
+        q: (N, H, Lq, D), k: (N, H, Lk, D), v: (N, H, Lk, Dv); or with two batch dims
+            (N1, N2, H, L, ·); any strides, one dtype (fp32/fp16/bf16), D and Dv in
+            :data:`HEAD_DIMS`.
         scale: multiplier of Q Kᵀ.
         tile, max_programs: see :class:`Plan` (tests and benchmarks).
 
     Returns:
         (N, H, Lq, Dv) in q's dtype: a transposed view of a token-major (N, Lq, H, Dv) tensor, so
-        ``out.transpose(1, 2).reshape(N, Lq, H * Dv)`` is free.
+        ``out.transpose(1, 2).reshape(N, Lq, H * Dv)`` is free. With two batch dims,
+        (N1, N2, H, Lq, Dv): a permuted view of a (N1, Lq, N2, H, Dv) tensor, so
+        ``out.permute(0, 3, 1, 2, 4).reshape(N1, Lq, N2, H * Dv)`` is free (frame-major tokens).
     """
+    if q.dim() not in (4, 5):
+        raise ValueError(f"attention_fwd: q must be 4-D or 5-D, got {tuple(q.shape)}")
     p = Plan(q, k, v, tile=tile, max_programs=max_programs)
-    n, h, lq, _ = q.shape
-    out = torch.empty(n, lq, h, p.DV, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if q.dim() == 4:
+        n, h, lq, _ = q.shape
+        out = torch.empty(n, lq, h, p.DV, dtype=q.dtype, device=q.device).transpose(1, 2)
+        strides = [(t.stride(0), 0, *t.stride()[1:]) for t in (q, k, v, out)]
+        n2 = 1
+    else:
+        n1, n2, h, lq, _ = q.shape
+        out = torch.empty(n1, lq, n2, h, p.DV, dtype=q.dtype, device=q.device)
+        out = out.permute(0, 2, 3, 1, 4)
+        strides = [t.stride() for t in (q, k, v, out)]
     if out.numel() == 0:
         return out
     _attn_fwd_kernel[p.grid](
@@ -266,14 +293,15 @@ def attention_fwd(
         out,
         p.NH,
         p.H,
+        n2,
         p.Lq,
         p.Lk,
         p.num_groups,
         float(scale) * _LOG2E,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
+        *strides[0],
+        *strides[1],
+        *strides[2],
+        *strides[3],
         D=p.D,
         DV=p.DV,
         BLOCK_D=p.BLOCK_D,

@@ -27,6 +27,10 @@ Design
   the adds are taken in fp32, h is rounded once to its dtype and stored, and the statistics are
   taken over the stored (rounded) h, so LN(h) is exactly the LayerNorm of the h returned.
   h may be written over the branch's storage (each program reads its tile before writing it).
+* Shift (``add_layer_norm(shift=)``). The block's next residual add is ``h + Linear(...)`` with
+  the Linear's bias b; storing h + b instead of h (b added in fp32 to the rounded h, rounded
+  once) lets that add run inside the Linear's GEMM (``h += g·Wᵀ``, cuBLAS with beta = 1) with no
+  bias pass and no add kernel. The statistics and y still read the rounded h.
 * Forward only (inference): training takes the PyTorch backends, whose autograd is exact.
 
 Kernel arguments (all tensors on one device):
@@ -40,13 +44,19 @@ Kernel arguments (all tensors on one device):
   r_ptr     (R, C) residual addend, x's dtype, row stride ``stride_r``, unit stride along C;
             unused when HAS_R is False
   a_ptr     (M, C) row addend, row stride ``stride_a``, unit stride along C; row r of x adds
-            a[r // rows_per_a]; unused when HAS_A is False
-  h_ptr     (R, C) the sum x + r + a, x's dtype, row stride ``stride_h`` (may be r_ptr's
-            storage); unused unless HAS_R or HAS_A
-  rows_per_a        rows of x per row of a (R = M·rows_per_a)
+            a[(r // rows_per_a) % M] (consecutive groups of rows_per_a rows, cycling through
+            the M rows: one row per video, or one per frame of frame-major tokens); unused
+            when HAS_A is False
+  h_ptr     (R, C) the sum x + r + a (+ s when HAS_S), x's dtype, row stride ``stride_h``
+            (may be r_ptr's storage); unused unless HAS_R or HAS_A
+  s_ptr     (C,) shift added to the stored h only (any float dtype, read as fp32); unused
+            unless HAS_S
+  rows_per_a        rows of x per row of a
+  M_a               rows of a (M)
   BLOCK_R, BLOCK_C  rows per program and padded width (powers of two, BLOCK_C >= C)
   HAS_W, HAS_B      constexpr: apply the weight / the bias
   HAS_R, HAS_A      constexpr: add the residual / the row addend (and store h)
+  HAS_S             constexpr: store h + s (needs HAS_R or HAS_A)
 """
 
 from __future__ import annotations
@@ -81,15 +91,18 @@ def _layer_norm_fwd_kernel(
     stride_a,
     stride_h,
     rows_per_a,
+    M_a,
+    s_ptr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_R: tl.constexpr,
     HAS_A: tl.constexpr,
+    HAS_S: tl.constexpr,
 ):
-    """h = x + r + a[row // rows_per_a] (stored, when HAS_R or HAS_A); y[r] = (h[r] - mean)·
-    rstd·w + b for BLOCK_R rows r, statistics over C in fp32."""
+    """h = x + r + a[(row // rows_per_a) % M_a] (h + s stored, when HAS_R or HAS_A); y[r] =
+    (h[r] - mean)·rstd·w + b for BLOCK_R rows r, statistics over C in fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -99,12 +112,14 @@ def _layer_norm_fwd_kernel(
     if HAS_R:
         x += tl.load(r_ptr + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_A:
-        a_row = (rows // rows_per_a).to(tl.int64)[:, None]
+        a_row = ((rows // rows_per_a) % M_a).to(tl.int64)[:, None]
         x += tl.load(a_ptr + a_row * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_R or HAS_A:
-        h = x.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + r64 * stride_h + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)
+        x = x.to(h_ptr.dtype.element_ty).to(tl.float32)  # h as stored: the norm reads it
+        h = x
+        if HAS_S:
+            h += tl.load(s_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(h_ptr + r64 * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
@@ -152,18 +167,23 @@ def layer_norm_fwd(
     residual: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
     h_out: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    add_group: int | None = None,
     block_r: int | None = None,
 ) -> torch.Tensor:
     """y (R, C) in x2's dtype, contiguous, for ``x2`` (R, C) with unit stride along C and
     ``weight``/``bias`` (C,) contiguous or None.
 
     With ``residual`` (R, C) and/or ``add`` (M, C, M dividing R), both with unit stride along C:
-    h = x2 + residual + add[r // (R/M)] is written to ``h_out`` (R, C), unit stride along C
-    (it may be ``residual`` itself), and y is the LayerNorm of h."""
+    h = x2 + residual + add[(r // add_group) % M] (``add_group`` default R/M) is written to
+    ``h_out`` (R, C), unit stride along C (it may be ``residual`` itself), plus ``shift`` (C,)
+    contiguous when given, and y is the LayerNorm of h (without the shift)."""
     y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     fused = residual is not None or add is not None
     if fused and h_out is None:
         raise ValueError("layer_norm_fwd: residual/add need h_out")
+    if shift is not None and not fused:
+        raise ValueError("layer_norm_fwd: shift applies to the stored h (needs residual/add)")
     if y.numel():
         interpreted = type(_layer_norm_fwd_kernel).__name__ == "InterpretedFunction"
         p = Plan(x2.shape[0], x2.shape[1], interpreted=interpreted, block_r=block_r)
@@ -182,13 +202,16 @@ def layer_norm_fwd(
             0 if residual is None else residual.stride(0),
             0 if add is None else add.stride(0),
             h_out.stride(0) if fused else 0,
-            1 if add is None else x2.shape[0] // add.shape[0],
+            1 if add is None else (add_group or x2.shape[0] // add.shape[0]),
+            1 if add is None else add.shape[0],
+            x2 if shift is None else shift,
             BLOCK_R=p.BLOCK_R,
             BLOCK_C=p.BLOCK_C,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
             HAS_R=residual is not None,
             HAS_A=add is not None,
+            HAS_S=shift is not None,
             num_warps=p.num_warps,
         )
     return y

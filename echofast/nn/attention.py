@@ -138,6 +138,34 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
+    def along_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of frame-major tokens x (B, T, S, C) along their frames: every position
+        s of every video b is one sequence over the T frames → (B, T, S, C). The same values as
+        :meth:`forward` on the (B·S, T, C) sequences, without transposing the tokens: Q, K and V
+        are (B, S, heads, T, D) views of the projections (of one fused QKV GEMM where it applies),
+        which :func:`echofast.ops.attention` takes with two batch dims, and its output is read
+        back frame-major. For plain self-attention modules (no group norm, residual or rescale).
+        """
+        if (
+            self.group_norm is not None
+            or self.residual_connection
+            or (self.rescale_output_factor != 1.0)
+        ):
+            raise ValueError("along_frames is for plain self-attention modules")
+        b, t, s, _ = x.shape
+        heads = self.heads
+        self.last_path = "general"
+        fused = self.fused_qkv() if x.device.type in FUSED_QKV_DEVICES else None
+        if fused is not None:
+            self.last_qkv = "fused"
+            q, k, v = F.linear(x, *fused).view(b, t, s, 3, heads, -1).unbind(3)
+        else:
+            self.last_qkv = "separate"
+            q, k, v = (lin(x).view(b, t, s, heads, -1) for lin in (self.to_q, self.to_k, self.to_v))
+        o = ops.attention(*(u.permute(0, 2, 3, 1, 4) for u in (q, k, v)))  # (B, S, heads, T, ·)
+        o = o.permute(0, 3, 1, 2, 4).reshape(b, t, s, heads * o.shape[-1])
+        return self.to_out[1](self.to_out[0](o))
+
     def single_key(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, 1, C): the output of every query against a single key/value token
         ``encoder_hidden_states`` (B, 1, D): softmax over one key is 1, so it is

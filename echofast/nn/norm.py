@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.layer_norm import residual_sum
+from ._mode import eager_inference
 
 
 class GroupNorm(nn.GroupNorm):
@@ -88,11 +89,18 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor, add: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        add: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        add_group: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, self(h))`` for the residual ``h = x + residual`` (plus ``add`` (M, C): one row
         per group of x's rows, e.g. per video); h is written over ``residual`` (a temporary of
-        the caller) without autograd.
+        the caller) without autograd. With ``shift`` (C,) the h returned is ``h + shift``
+        (rounded to h's dtype), the norm's input is not. Without a residual h is ``x + add``
+        in a new tensor; ``add_group``: see :func:`echofast.ops.add_layer_norm`.
 
         Where :meth:`forward` would keep x's dtype (autocast) or x and the affine share a dtype
         (no autocast), both are one op, :func:`echofast.ops.add_layer_norm` (a single Triton
@@ -105,8 +113,21 @@ class LayerNorm(nn.LayerNorm):
             and (self.weight is None or self.weight.dtype == x.dtype)
             and not torch.compiler.is_compiling()
         )
-        if residual.dtype == x.dtype and (self._autocast_half(x) or plain):
+        same = residual is None or residual.dtype == x.dtype
+        if same and (self._autocast_half(x) or plain):
             with torch.autocast(dev, enabled=False):
-                return ops.add_layer_norm(x, residual, add, self.weight, self.bias, self.eps)
-        h = residual_sum(x, residual, add)
-        return h, self(h)
+                return ops.add_layer_norm(
+                    x,
+                    residual,
+                    add,
+                    self.weight,
+                    self.bias,
+                    self.eps,
+                    shift=shift,
+                    add_group=add_group,
+                )
+        h = residual_sum(x, residual, add, add_group)
+        y = self(h)
+        if shift is None:
+            return h, y
+        return (h.add_(shift) if eager_inference() else (h + shift).to(h.dtype)), y

@@ -105,6 +105,21 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[1](self.net[0](x)))
 
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        """The output Linear's bias: what :meth:`add_to`'s caller has added to h already."""
+        return self.net[2].bias
+
+    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``h += self(x) - out_bias`` in place (eager inference; h (..., dim_out) contiguous,
+        already holding the output bias): the output Linear's GEMM accumulates into h
+        (``addmm_``, beta = 1), so the residual add costs no kernel of its own."""
+        g = self.net[1](self.net[0](x))
+        w = self.net[2].weight
+        w = w if w.dtype == g.dtype else w.to(g.dtype)  # autocast's cast of an fp32 weight
+        h.view(-1, h.shape[-1]).addmm_(g.view(-1, g.shape[-1]), w.t())
+        return h
+
 
 def _cross_attend(
     attn: Attention,
@@ -138,10 +153,11 @@ def _attend_and_norm(
     branch: torch.Tensor,
     context: torch.Tensor,
     rows: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused form of ``x = x + branch; x = _cross_attend(attn, norm, x, context, rows)`` and
-    ``next_norm(x)``: returns (x, next_norm(x)) for tokens x (B·M, N, C) of B videos and a
-    fresh ``branch`` of x's shape (overwritten). With one context token the cross-attention's
+    ``next_norm(x)``: returns (x + shift, next_norm(x)) for tokens x (B·M, N, C) of B videos and
+    a fresh ``branch`` of x's shape (overwritten). With one context token the cross-attention's
     output is one row per video (``rows``, or computed here), added in the same pass as the
     branch."""
     b, c = context.shape[0], x.shape[-1]
@@ -149,9 +165,9 @@ def _attend_and_norm(
         # softmax over one key is 1: one output row per video, whatever the queries
         if rows is None:
             rows = attn.single_key(context)[:, 0]
-        return next_norm.add_forward(x, branch, add=rows)
+        return next_norm.add_forward(x, branch, add=rows, shift=shift)
     h, y = norm.add_forward(x, branch)
-    return next_norm.add_forward(h, attn(y.view(b, -1, c), context).view(h.shape))
+    return next_norm.add_forward(h, attn(y.view(b, -1, c), context).view(h.shape), shift=shift)
 
 
 class SpatialTransformerBlock(nn.Module):
@@ -179,10 +195,11 @@ class SpatialTransformerBlock(nn.Module):
         ``attn2.single_key(context)`` computed beforehand, or None."""
         bt, s, c = x.shape
         if _fused_inference(x):
+            branch = self.attn1(self.norm1(x))
             h, y = _attend_and_norm(
-                self.attn2, self.norm2, self.norm3, x, self.attn1(self.norm1(x)), context, rows
+                self.attn2, self.norm2, self.norm3, x, branch, context, rows, self.ff.out_bias
             )
-            return h.add_(self.ff(y))
+            return self.ff.add_to(h, y)
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=False)
         x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context, rows)
         return _residual(x.view(bt, s, c), lambda v: self.ff(self.norm3(v)), inplace=True)
@@ -218,13 +235,50 @@ class TemporalTransformerBlock(nn.Module):
         if _fused_inference(x):
             h, y = self.norm1.add_forward(x, self.ff_in(self.norm_in(x)))
             h, y = _attend_and_norm(
-                self.attn2, self.norm2, self.norm3, h, self.attn1(y), context, rows
+                self.attn2,
+                self.norm2,
+                self.norm3,
+                h,
+                self.attn1(y),
+                context,
+                rows,
+                self.ff.out_bias,
             )
-            return h.add_(self.ff(y))
+            return self.ff.add_to(h, y)
         x = _residual(x, lambda v: self.ff_in(self.norm_in(v)), inplace=False)
         x = _residual(x, lambda v: self.attn1(self.norm1(v)), inplace=True)
         x = _cross_attend(self.attn2, self.norm2, x.view(context.shape[0], -1, c), context, rows)
         return _residual(x.view(n, t, c), lambda v: self.ff(self.norm3(v)), inplace=True)
+
+    def forward_frames(
+        self,
+        tok: torch.Tensor,
+        pos: torch.Tensor,
+        num_frames: int,
+        context: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The block on frame-major tokens (eager inference, fused ops): tok (B·T, S, C) (not
+        modified) plus the frame-position embedding pos (T, C) → (B·T, S, C), the values
+        :meth:`forward` gives on the (B·S, T, C) sequences of ``tok + pos``, without the
+        transposed copies: ``tok + pos`` is added by norm_in as it reads tok, the attention
+        runs along the frames in place (:meth:`Attention.along_frames`), and everything else
+        is per token."""
+        bt, s, c = tok.shape
+        x, y = self.norm_in.add_forward(tok, None, add=pos, add_group=s)  # x = tok + pos
+        h, y = self.norm1.add_forward(x, self.ff_in(y))
+        branch = self.attn1.along_frames(y.view(bt // num_frames, num_frames, s, c))
+        h, y = _attend_and_norm(
+            self.attn2,
+            self.norm2,
+            self.norm3,
+            h,
+            branch.view(h.shape),
+            context,
+            rows,
+            self.ff.out_bias,
+        )
+        return self.ff.add_to(h, y)
 
 
 class AlphaBlender(nn.Module):
@@ -468,6 +522,11 @@ class TransformerSpatioTemporalModel(nn.Module):
         w = _temporal_weight(temb, self.time_mixer, tok.dtype)
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             tok = spatial(tok, context, _feature(temb, spatial.attn2))  # (B·T, S, C)
+            if _fused_inference(tok):
+                # frame-major throughout: no transposed copies (same values)
+                seq = temporal.forward_frames(tok, pos, t, context, _feature(temb, temporal.attn2))
+                tok = tok.lerp_(seq.view(tok.shape), w)
+                continue
             seq = _to_sequences(tok.view(b, t, s, c), pos)  # (B·S, T, C)
             seq = temporal(seq, context, _feature(temb, temporal.attn2))
             seq = seq.view(b, s, t, c).transpose(1, 2)  # (B, T, S, C) view

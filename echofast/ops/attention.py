@@ -1,4 +1,7 @@
-"""``attention``: softmax(scale · Q Kᵀ) V over (N, heads, L, D) tensors.
+"""``attention``: softmax(scale · Q Kᵀ) V over (N, heads, L, D) tensors, or (N1, N2, heads, L, D)
+ones (two batch dims: attention along the frames of frame-major (B, T, S, C) tokens, whose
+(b, s) sequences are not one stride; the Triton kernel reads them in place, the other backends
+merge the batch dims, copying where that is not a view).
 
 Backends, in automatic order:
 
@@ -37,12 +40,12 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if q.dim() not in (4, 5) or not (q.dim() == k.dim() == v.dim()):
         raise ValueError(
-            "attention: q, k, v must be (N, heads, L, D); got "
+            "attention: q, k, v must be (N, heads, L, D) (or (N1, N2, heads, L, D)); got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
             "attention: shapes disagree: need q (N, H, Lq, D), k (N, H, Lk, D), v (N, H, Lk, Dv);"
             " got "
@@ -69,6 +72,21 @@ def attention_reference(
 # ---- sdpa ------------------------------------------------------------------------------------
 
 
+def _merged_batch(fn):
+    """``fn`` (4-D inputs) applied to 5-D inputs by merging their two batch dims (a copy where
+    that is not a view), the output split back."""
+
+    @functools.wraps(fn)
+    def run(q, k, v, *, scale=None):
+        if q.dim() == 4:
+            return fn(q, k, v, scale=scale)
+        out = fn(*(t.flatten(0, 1) for t in (q, k, v)), scale=scale)
+        return out.unflatten(0, q.shape[:2])
+
+    return run
+
+
+@_merged_batch
 def _attention_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
 ) -> torch.Tensor:
@@ -126,6 +144,7 @@ def _xformers_reasons(
     return [error] if error else []
 
 
+@_merged_batch
 def _attention_xformers(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
 ) -> torch.Tensor:
@@ -151,7 +170,7 @@ def _triton_reasons(
     for name, dim in (("head dim D", d), ("value head dim Dv", dv)):
         if dim not in TRITON_HEAD_DIMS:
             reasons.append(f"{name} = {dim} unsupported (powers of two {TRITON_HEAD_DIMS} only)")
-    longest = max(q.shape[2], k.shape[2])
+    longest = max(q.shape[-2], k.shape[-2])
     if longest > TRITON_MAX_LEN:
         reasons.append(
             f"sequence length {longest} > {TRITON_MAX_LEN} (the kernel is tiled for short "
@@ -242,15 +261,18 @@ def attention(
     """Scaled dot-product attention without mask or dropout.
 
     Args:
-        q: (N, heads, Lq, D); may be a strided view (e.g. of a fused QKV projection).
+        q: (N, heads, Lq, D); may be a strided view (e.g. of a fused QKV projection). Or
+            (N1, N2, heads, Lq, D): two batch dims (e.g. (B, S, heads, T, D) views of frame-major
+            (B, T, S, ·) projections), and k, v likewise.
         k: (N, heads, Lk, D).
         v: (N, heads, Lk, Dv).
         scale: multiplier of QKᵀ; default 1/sqrt(D).
         backend: force a backend by name (see :mod:`echofast.ops`).
 
     Returns:
-        (N, heads, Lq, Dv) in q's dtype. Its strides depend on the backend (the fast ones return
-        a transposed view of a token-major (N, Lq, heads, Dv) tensor).
+        (N, heads, Lq, Dv) (or (N1, N2, heads, Lq, Dv)) in q's dtype. Its strides depend on the
+        backend (the fast ones return a transposed view of a token-major (N, Lq, heads, Dv)
+        tensor; Triton's 5-D output is a view of a (N1, Lq, N2, heads, Dv) tensor).
     """
     _check(q, k, v)
     return _op(q, k, v, scale=scale, backend=backend)

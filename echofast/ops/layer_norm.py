@@ -18,7 +18,9 @@ Backends, fastest first:
 
 ``add_layer_norm`` is the residual form of a transformer block: ``h = x + residual (+ add, one
 row per group of rows)`` and ``LayerNorm(h)``, one Triton pass (``triton``), or the adds in x's
-dtype followed by :func:`layer_norm` (``torch``, the reference).
+dtype followed by :func:`layer_norm` (``torch``, the reference). Its ``shift`` (C,) is added to
+the returned h only (after the norm read it): the next branch's output bias, so that branch's
+residual add can run inside its GEMM.
 """
 
 from __future__ import annotations
@@ -212,8 +214,24 @@ def layer_norm(
 # ---- add_layer_norm -----------------------------------------------------------------------------
 
 
-def _check_add(x: torch.Tensor, residual: torch.Tensor, add: torch.Tensor | None) -> None:
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+def _check_add(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    add: torch.Tensor | None,
+    shift: torch.Tensor | None = None,
+    add_group: int | None = None,
+) -> None:
+    c = x.shape[-1]
+    if residual is None and add is None:
+        raise ValueError("add_layer_norm: nothing to add (residual and add are both None)")
+    if shift is not None and (tuple(shift.shape) != (c,) or shift.device != x.device):
+        raise ValueError(
+            f"add_layer_norm: shift must be ({c},) on {x.device}, got {tuple(shift.shape)} on "
+            f"{shift.device}"
+        )
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device
+    ):
         raise ValueError(
             f"add_layer_norm: residual must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got ({tuple(residual.shape)}, {residual.dtype}, {residual.device})"
@@ -232,67 +250,97 @@ def _check_add(x: torch.Tensor, residual: torch.Tensor, add: torch.Tensor | None
             f"add_layer_norm: add must be (M, {x.shape[-1]}) on {x.device} with M dividing the "
             f"{rows} rows of x {tuple(x.shape)}, got {tuple(add.shape)} on {add.device}"
         )
+    if add_group is not None and (add_group < 1 or rows % (add_group * add.shape[0])):
+        raise ValueError(
+            f"add_layer_norm: add_group = {add_group} must be >= 1 with add_group·M "
+            f"(M = {add.shape[0]}) dividing the {rows} rows of x {tuple(x.shape)}"
+        )
 
 
-def _rows_add(h: torch.Tensor, add: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """h + add[r // (R/M)] for h (..., C) viewed as R rows and add (M, C), in h's dtype."""
+def _rows_add(
+    h: torch.Tensor, add: torch.Tensor, inplace: bool, group: int | None = None
+) -> torch.Tensor:
+    """h + add[(r // group) % M] for h (..., C) viewed as R rows and add (M, C) (group default
+    R/M), in h's dtype."""
     m, c = add.shape
+    group = group or h.numel() // (m * c)
     a = add[:, None].to(h.dtype)
     if inplace and h.is_contiguous():
-        h.view(m, -1, c).add_(a)
+        h.view(-1, m, group, c).add_(a)
         return h
-    return (h.reshape(m, -1, c) + a).view(h.shape)
+    return (h.reshape(-1, m, group, c) + a).view(h.shape)
 
 
 def residual_sum(
-    x: torch.Tensor, residual: torch.Tensor, add: torch.Tensor | None = None
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    add: torch.Tensor | None = None,
+    add_group: int | None = None,
 ) -> torch.Tensor:
-    """``h = residual + x``, then ``h + add`` per row group (add (M, C)), each rounded to x's
-    dtype as separate PyTorch adds give it; in place in ``residual`` without autograd."""
+    """``h = residual + x``, then ``h + add`` per row group (add (M, C), see
+    :func:`add_layer_norm`), each rounded to x's dtype as separate PyTorch adds give it; in place
+    in ``residual`` without autograd. Without a residual, ``x + add`` in a new tensor."""
+    if residual is None:
+        return _rows_add(x, add, False, add_group)
     inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     h = residual.add_(x) if inplace else residual + x
-    return h if add is None else _rows_add(h, add, inplace)
+    return h if add is None else _rows_add(h, add, inplace, add_group)
 
 
 def add_layer_norm_reference(
     x: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None,
     add: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    shift: torch.Tensor | None = None,
+    add_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`residual_sum`, then ``layer_norm(h)`` (dispatched: see :func:`layer_norm`)."""
-    h = residual_sum(x, residual, add)
-    return h, layer_norm(h, weight, bias, eps)
+    """:func:`residual_sum`, then ``layer_norm(h)`` (dispatched: see :func:`layer_norm`), then
+    ``h + shift`` rounded to h's dtype (in place without autograd)."""
+    h = residual_sum(x, residual, add, add_group)
+    y = layer_norm(h, weight, bias, eps)
+    if shift is None:
+        return h, y
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return h.add_(shift), y
+    return (h + shift).to(h.dtype), y
 
 
-def _add_triton_reasons(x, residual, add=None, weight=None, bias=None, eps=1e-5) -> list[str]:
+def _add_triton_reasons(
+    x, residual, add=None, weight=None, bias=None, eps=1e-5, shift=None, add_group=None
+) -> list[str]:
     reasons = _triton_reasons(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, add)):
+    grads = (residual, add, shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
         reasons.append("autograd: the Triton LayerNorm is forward only (inference)")
     return list(dict.fromkeys(reasons))
 
 
 def add_layer_norm_triton(
     x: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None,
     add: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    shift: torch.Tensor | None = None,
+    add_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``triton`` backend: one pass; h is written over ``residual`` when its rows have unit
-    stride along C, else into a new tensor."""
+    stride along C, else (and without a residual) into a new tensor."""
     from echofast.kernels.layer_norm import layer_norm_fwd, rows_view
 
-    r2 = rows_view(residual)
-    in_place = r2.data_ptr() == residual.data_ptr()
-    h2 = r2 if in_place else torch.empty_like(r2)
+    x2 = rows_view(x)
+    r2 = None if residual is None else rows_view(residual)
+    in_place = r2 is not None and r2.data_ptr() == residual.data_ptr()
+    h2 = r2 if in_place else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     a2 = None if add is None else (add if add.stride(-1) == 1 else add.contiguous())
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    y2 = layer_norm_fwd(rows_view(x), w, b, eps, residual=r2, add=a2, h_out=h2)
+    s = None if shift is None else shift.contiguous()
+    y2 = layer_norm_fwd(x2, w, b, eps, residual=r2, add=a2, h_out=h2, shift=s, add_group=add_group)
     h = residual if in_place else h2.view(x.shape)
     return h, y2.view(x.shape)
 
@@ -309,7 +357,8 @@ _add_op = Op(
             "triton",
             add_layer_norm_triton,
             _add_triton_reasons,
-            "one Triton pass: h = x + residual (+ rows) stored once, LayerNorm of h in fp32",
+            "one Triton pass: h = x + residual (+ rows) (+ shift) stored once, LayerNorm of h "
+            "in fp32",
             traceable=False,
         ),
         Backend(
@@ -331,27 +380,36 @@ def add_layer_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
+    shift: torch.Tensor | None = None,
+    add_group: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the LayerNorm that follows it: ``h = x + residual + add[row group]``,
-    ``y = layer_norm(h, weight, bias, eps)``.
+    ``y = layer_norm(h, weight, bias, eps)``; with ``shift``, ``h + shift`` is returned for h.
 
     Args:
         x: (..., C) floating point.
         residual: x's shape, dtype and device; a temporary of the caller: without autograd h is
             written over it (when its rows have unit stride along C; always in the reference).
-        add: (M, C) or None; x's rows (all dims but the last, flattened) form M equal
-            consecutive groups and group m adds ``add[m]`` (one row per video, say).
+            None: h = x + add, in a new tensor.
+        add: (M, C) or None; x's rows (all dims but the last, flattened) form consecutive
+            groups of ``add_group`` rows (default R/M: M groups, one row per video, say), and
+            group j adds ``add[j % M]`` (with ``add_group`` = S for frame-major (B, T, S, C)
+            tokens and M = T, one row per frame).
         weight, bias, eps: as :func:`layer_norm`.
+        shift: (C,) or None, on x's device: added (in fp32, rounded once) to the h returned,
+            not to the h the norm reads (a following Linear's bias, so that its residual add
+            ``h + g·Wᵀ`` is one GEMM with beta = 1).
         backend: force a backend by name (see :mod:`echofast.ops`).
 
     Returns:
-        (h, y), both x's shape and dtype; y is the LayerNorm of h as stored (rounded).
+        (h, y), both x's shape and dtype; y is the LayerNorm of h as stored (rounded); h then
+        includes ``shift``.
 
     Raises:
         ValueError: residual does not match x, add is not (M, C) with M dividing x's rows, or
-            weight/bias are not (C,) on x's device.
+            weight/bias/shift are not (C,) on x's device.
     """
     _check(x, weight, bias)
-    _check_add(x, residual, add)
-    return _add_op(x, residual, add, weight, bias, eps, backend=backend)
+    _check_add(x, residual, add, shift, add_group)
+    return _add_op(x, residual, add, weight, bias, eps, shift, add_group, backend=backend)

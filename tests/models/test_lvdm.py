@@ -168,11 +168,14 @@ def test_fused_residual_norms_match_diffusers(pair, general_pair, context, monke
         b = ours(x, 321, ctx, ids).sample
     assert rel_err(b, a) <= TOL
     blocks = sum(isinstance(m, st.TemporalTransformerBlock) for m in ours.modules())
-    # spatial: 1 (single key) or 2 fused norms; temporal: one more each
+    # spatial: 1 (single key) or 2 fused norms; temporal: two more each (norm_in adds the
+    # frame positions to the frame-major tokens, norm1 the ff_in residual)
     per_block = 1 if context == "single_key" else 2
-    assert len(calls) == 2 * blocks * per_block + blocks
-    # the cross-attention's rows are added by the norm after it, one per block
-    assert sum(c is not None for c in calls) == (2 * blocks if context == "single_key" else 0)
+    assert len(calls) == 2 * blocks * per_block + 2 * blocks
+    # the cross-attention's rows are added by the norm after it, one per block; the frame
+    # positions by each temporal norm_in
+    rows = 2 * blocks if context == "single_key" else 0
+    assert sum(c is not None for c in calls) == rows + blocks
 
 
 class _ConvBiases(TorchDispatchMode):

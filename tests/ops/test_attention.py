@@ -78,12 +78,28 @@ def test_context_forcing_reaches_models():
         (((2, 3, 8), (2, 3, 8), (2, 3, 8)), r"must be \(N, heads, L, D\)"),
         (((1, 2, 3, 8), (1, 2, 4, 8), (1, 2, 5, 8)), "shapes disagree"),
         (((1, 2, 3, 8), (1, 2, 4, 16), (1, 2, 4, 8)), "shapes disagree"),
+        (((1, 2, 2, 3, 8), (1, 2, 4, 8), (1, 2, 4, 8)), r"must be \(N, heads, L, D\)"),
+        (((1, 2, 2, 3, 8), (1, 3, 2, 3, 8), (1, 3, 2, 3, 8)), "shapes disagree"),
     ],
 )
 def test_bad_shapes_are_named(shapes, message):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=message):
         attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_two_batch_dims(backend):
+    """(N1, N2, heads, L, D): frame-major (B, T, S, ·) projections viewed as (B, S, heads, T, D);
+    the CPU backends merge the batch dims. Same values as the 4-D call on copies."""
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 6, 5, 3, 2, 8, generator=g)  # (B, T, S, q/k/v, heads, D)
+    q, k, v = (qkv[:, :, :, i].permute(0, 2, 3, 1, 4) for i in range(3))
+    out = attention(q, k, v, backend=backend)
+    assert out.shape == (2, 5, 2, 6, 8)
+    flat = attention(*(t.reshape(10, 2, 6, 8) for t in (q, k, v)), backend=backend)
+    torch.testing.assert_close(out.reshape(10, 2, 6, 8), flat)
+    assert (out.double() - _oracle(q, k, v)).abs().max() <= 1e-5
 
 
 # ---- backend reasons (triton and xformers cannot run in this CPU process) ----------------------
@@ -224,6 +240,24 @@ def test_gpu_many_sequences_and_strided_layout():
     half_ulp = 0.5 * torch.finfo(torch.float16).eps * ref.abs().max().item()
     err = (out[idx].double() - ref).abs().max().item()
     assert err <= 2 * max(_sdpa_error(q[idx], k[idx], v[idx], ref), half_ulp)
+
+
+@cuda
+def test_gpu_frame_major_temporal_attention():
+    """The LVDM's temporal attention at batch 1 × 5 windows on its GPU path: frame-major
+    (B, T, S, 3·heads·D) fused QKV viewed as (B, S, heads, T, D) (two batch dims, read in
+    place); the output is frame-major tokens. Against the oracle on a sample of positions."""
+    b, t, s, heads, d = 5, 64, 256, 8, 16
+    qkv = torch.randn(b, t, s, 3, heads, d, device="cuda", dtype=torch.float16)
+    q, k, v = (qkv[:, :, :, i].permute(0, 2, 3, 1, 4) for i in range(3))
+    out = attention(q, k, v, backend="triton")
+    assert out.permute(0, 3, 1, 2, 4).is_contiguous()
+    idx = torch.randint(0, s, (32,), device="cuda")
+    sub = [x[:, idx] for x in (q, k, v)]
+    ref = _oracle(*sub)
+    half_ulp = 0.5 * torch.finfo(torch.float16).eps * ref.abs().max().item()
+    err = (out[:, idx].double() - ref).abs().max().item()
+    assert err <= 2 * max(_sdpa_error(*(x.flatten(0, 1) for x in sub), ref.flatten(0, 1)), half_ulp)
 
 
 @cuda

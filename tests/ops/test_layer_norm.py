@@ -153,12 +153,29 @@ def test_add_layer_norm_reference_adds_then_normalises_in_place():
         (((3, 8), (3, 7), None), "residual must match x"),
         (((6, 8), (6, 8), (4, 8)), r"add must be \(M, 8\)"),
         (((6, 8), (6, 8), (3, 7)), r"add must be \(M, 8\)"),
+        (((6, 8), (6, 8), None, (7,)), r"shift must be \(8,\)"),
     ],
 )
 def test_add_layer_norm_bad_arguments(shapes, message):
-    x, r, a = (None if s is None else torch.randn(s) for s in shapes)
+    x, r, a, *s = (None if s is None else torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=message):
-        add_layer_norm(x, r, a)
+        add_layer_norm(x, r, a, shift=s[0] if s else None)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_add_layer_norm_shift_goes_to_h_only(grad):
+    """The norm reads h; the h returned is h + shift, rounded once to h's dtype."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 40, generator=g).bfloat16()
+    r = torch.randn(3, 5, 40, generator=g).bfloat16()
+    rows = torch.randn(3, 40, generator=g).bfloat16()
+    shift = torch.randn(40, generator=g)  # fp32, as an fp32 Linear bias under autocast
+    w, b = affine(40)
+    plain_h, plain_y = add_layer_norm(x, r.clone(), rows, w, b)
+    with torch.set_grad_enabled(grad):
+        h, y = add_layer_norm(x, r.clone().requires_grad_(grad), rows, w, b, shift=shift)
+    assert h.dtype == torch.bfloat16 and torch.equal(y, plain_y)
+    assert torch.equal(h, (plain_h.float() + shift).bfloat16())
 
 
 def test_add_layer_norm_half_residual_with_fp32_affine():

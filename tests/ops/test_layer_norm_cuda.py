@@ -108,3 +108,17 @@ def test_add_layer_norm(dtype, c):
     assert ((h.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= ULP[dtype]
     ref = layer_norm_oracle(h, w, b)
     assert ((y.double() - ref).abs() / ref.abs().clamp_min(1.0)).max() <= ULP[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_add_layer_norm_shift(dtype):
+    """The stored h gets the shift (fp32, rounded once: bit-equal to PyTorch's add of the fp32
+    shift), y does not."""
+    x, w, b = inputs(3 * 4096, 640, dtype, 21)
+    branch = inputs(3 * 4096, 640, dtype, 22)[0]
+    shift = torch.randn(640, device="cuda")
+    with torch.no_grad():
+        plain_h, plain_y = add_layer_norm(x, branch.clone(), None, w, b, backend="triton")
+        h, y = add_layer_norm(x, branch.clone(), None, w, b, shift=shift, backend="triton")
+    assert torch.equal(y, plain_y)
+    assert torch.equal(h, (plain_h.float() + shift).to(dtype))

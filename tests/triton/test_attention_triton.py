@@ -25,6 +25,7 @@ from support.weights import TINY_LVDM
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import echofast.nn.attention as attention_nn
+import echofast.nn.spatiotemporal as st
 from echofast.models import LIDM, LVDM
 from echofast.nn import Attention
 from echofast.ops import attention, attention_reference, registered_ops, use_backend
@@ -123,6 +124,28 @@ def test_strided_fused_qkv_views_in_token_major_out():
     assert _err(out, _oracle(q, k, v, 0.25)) <= 1e-5
 
 
+@pytest.mark.parametrize(("b", "t", "s", "heads", "d"), [(2, 7, 5, 3, 16), (3, 64, 2, 2, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_two_batch_dims_read_frame_major_fused_qkv(b, t, s, heads, d, dtype):
+    """Attention along the frames of frame-major (B, T, S, 3·heads·D) fused projections: q, k, v
+    are (B, S, heads, T, D) views, (b, s) not one stride; the output is a view of a frame-major
+    (B, T, S, heads, D) tensor. Same values as the 4-D call on transposed copies."""
+    g = torch.Generator().manual_seed(b * t)
+    qkv = torch.randn(b, t, s, 3, heads, d, generator=g).to(dtype)
+    q, k, v = (qkv[:, :, :, i].permute(0, 2, 3, 1, 4) for i in range(3))
+    out = attention(q, k, v, backend="triton")
+    assert out.shape == (b, s, heads, t, d) and out.dtype == dtype
+    assert out.permute(0, 3, 1, 2, 4).is_contiguous()  # frame-major tokens, no copy
+    flat = attention(*(u.reshape(b * s, heads, t, d) for u in (q, k, v)), backend="triton")
+    assert torch.equal(out.reshape(b * s, heads, t, d), flat)
+    ref = _oracle(q, k, v)
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-10
+    assert _err(out, ref) <= tol * ref.abs().max().item()
+    for backend in ("sdpa", "torch"):  # they merge the batch dims
+        other = attention(q, k, v, backend=backend)
+        assert other.shape == out.shape and _err(other, ref) <= tol * ref.abs().max().item()
+
+
 def test_non_unit_head_stride():
     """Arbitrary strides on every axis, including d (a transposed, non-contiguous tensor)."""
     base = torch.randn(2, 16, 9, 3, generator=torch.Generator().manual_seed(6))  # (n, d, l, h)
@@ -209,14 +232,19 @@ def _pair(diffusers_cls, ours_cls, config):
     return ref, ours
 
 
+@pytest.mark.parametrize("frame_major", [False, True], ids=["sequences", "frame_major"])
 @pytest.mark.parametrize("fused", [True, False])
 @torch.no_grad()
-def test_lvdm_parity_and_no_copies_around_the_kernel(kernel_calls, fused, monkeypatch):
+def test_lvdm_parity_and_no_copies_around_the_kernel(kernel_calls, fused, frame_major, monkeypatch):
     """``fused``: one QKV GEMM (the CUDA default, forced here on CPU); else three projections
-    (the CPU default). Either way the kernel reads the projections' outputs through strides and
-    writes what ``to_out`` reads: no permute/contiguous copies."""
+    (the CPU default). ``frame_major``: the GPU's inference path (no CPU chunking), where the
+    temporal attention runs along the frames of frame-major tokens (two batch dims). Either way
+    the kernel reads the projections' outputs through strides and writes what ``to_out`` reads:
+    no permute/contiguous copies."""
     devices = frozenset({"cpu", "cuda"}) if fused else frozenset()
     monkeypatch.setattr(attention_nn, "FUSED_QKV_DEVICES", devices)
+    if frame_major:
+        monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
     ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, TINY_LVDM)
     to_out_inputs, projected = [], {}
     attns = [m for m in ours.modules() if isinstance(m, Attention) and m.is_self_attention]
@@ -243,15 +271,18 @@ def test_lvdm_parity_and_no_copies_around_the_kernel(kernel_calls, fused, monkey
     # every self-attention (spatial and temporal, 2 per transformer, 7 transformers) ran the
     # kernel; cross-attention took the single-key path
     assert len(kernel_calls) == len(to_out_inputs) == 2 * 7
-    lengths = sorted({q.shape[2] for q, *_ in kernel_calls})
+    lengths = sorted({q.shape[-2] for q, *_ in kernel_calls})
     assert lengths == [3, 4, 16, 64]  # frames, 2×2 (mid), 4×4 and 8×8 tokens
     assert {m.last_qkv for m in attns} == {"fused" if fused else "separate"}
+    # temporal attention: (B, S, heads, T, D) views of frame-major projections on that path
+    assert {q.dim() for q, *_ in kernel_calls} == ({4, 5} if frame_major else {4})
     for i, ((q, k, v, out), consumed) in enumerate(zip(kernel_calls, to_out_inputs)):
-        inner = q.shape[1] * q.shape[3]
+        inner = q.shape[-3] * q.shape[-1]
+        row = q.stride()[-2] if q.dim() == 4 else q.stride()[1]  # one token to the next
         if fused:
             # Q, K, V: strided views into one (B, L, 3·inner) QKV GEMM output
             assert not projected
-            assert q.stride()[2] == 3 * inner and q.stride()[3] == 1
+            assert row == 3 * inner and q.stride()[-1] == 1
             assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
             assert k.data_ptr() - q.data_ptr() == inner * q.element_size()
             assert v.data_ptr() - k.data_ptr() == inner * q.element_size()
@@ -259,7 +290,7 @@ def test_lvdm_parity_and_no_copies_around_the_kernel(kernel_calls, fused, monkey
             # Q, K, V: head views of the three projections' (B, L, inner) outputs
             for t, name in ((q, "to_q"), (k, "to_k"), (v, "to_v")):
                 assert t.data_ptr() == projected[name][i].data_ptr()
-                assert t.stride()[2] == inner
+                assert (t.stride()[-2] if t.dim() == 4 else t.stride()[1]) == inner
         # the kernel's output is what the output projection reads, no copy in between
         assert consumed.data_ptr() == out.data_ptr() and consumed.is_contiguous()
 

@@ -175,6 +175,25 @@ def test_add_layer_norm_half(dtype):
     assert ((h2.double() - exact).abs() / exact.abs().clamp_min(1.0)).max() <= 2.0**-7
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_add_layer_norm_shift(dtype):
+    """shift reaches the stored h (h as the norm read it, + shift in fp32, rounded once), not y:
+    the same h and y as the reference backend, whose adds are PyTorch's."""
+    x, w, b = inputs((3, 7, 37), dtype, seed=16)
+    g = torch.Generator().manual_seed(17)
+    r = torch.randn(3, 7, 37, generator=g).to(dtype)
+    shift = torch.randn(37, generator=g)
+    with torch.no_grad():
+        plain_h, plain_y = add_layer_norm(x, r.clone(), None, w, b, backend="triton")
+        h, y = add_layer_norm(x, r.clone(), None, w, b, shift=shift, backend="triton")
+        ref_h, _ = add_layer_norm(x, r.clone(), None, w, b, shift=shift, backend="torch")
+    assert torch.equal(y, plain_y)
+    assert torch.equal(h, (plain_h.float() + shift).to(dtype))
+    assert torch.equal(h, ref_h)
+    with pytest.raises(ValueError, match="needs residual/add"):
+        kernels.layer_norm_fwd(x.view(-1, 37), w, b, 1e-5, shift=shift)
+
+
 def test_add_layer_norm_strided_residual_gets_a_new_h():
     x, w, b = inputs((6, 24), seed=15)
     r = torch.randn(24, 6).t()  # no unit stride along C: h goes to a new tensor
