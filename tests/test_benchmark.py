@@ -91,6 +91,10 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
         assert float(by[path, "call"]["gflop"]) == pytest.approx(4 * one_window / 1e9, rel=1e-5)
         assert int(by[path, "call"]["kernels"]) > 100
     assert "ran eagerly" in by["unet/echofast+graphs", "call"]["note"]
+    # as the pipeline calls it: the run-constant work precomputed, fewer ops per step
+    step = by["unet/echofast+step", "call"]
+    assert 0 < int(step["kernels"]) < int(by["unet/echofast", "call"]["kernels"])
+    assert float(step["gflop"]) == float(by["unet/echofast", "call"]["gflop"])
     lvdm = by["pipeline/echofast", "lvdm"]
     assert float(lvdm["gflop"]) == pytest.approx(2 * 4 * one_window / 1e9, rel=1e-5)
 
