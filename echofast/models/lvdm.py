@@ -483,8 +483,10 @@ class LVDM(ModelBase):
         ctx = encoder_hidden_states
         if ctx.dim() != 3 or ctx.shape[0] != b:
             raise ValueError(f"encoder_hidden_states must be ({b}, L, D), got {tuple(ctx.shape)}")
-        # cast once: the cast every cross-attention's key/value projection would make
-        ctx = self._call_context(ctx)
+        if context_features is None or ctx.shape[1] != 1:
+            # cast once: the cast every cross-attention's key/value projection would make (with
+            # precomputed single-key outputs no cross-attention reads the context's values)
+            ctx = self._call_context(ctx)
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
         if added_time_ids.shape != (b, n_ids) or n_ids * cfg.addition_time_embed_dim != (
             cfg.projection_class_embeddings_input_dim

@@ -113,35 +113,48 @@ class FiniteWatch:
     """The per-step finiteness check of a sampling loop, without a per-step host sync on CUDA.
 
     ``update(x, step)`` after every step, ``check()`` once the loop is done. On devices in
-    :data:`DEFERRED_CHECK_DEVICES` each update only records, on the device, the first step at
-    which each sample of ``x`` (dim 0) was not finite (three small kernels, no sync, capturable),
-    and ``check`` reads that record once (one sync) and raises the same error as an immediate
-    check would have: the sample that went non-finite at the earliest step (the first such in
-    the batch), and that step. Elsewhere ``update`` checks at once (:func:`check_finite`). A
-    non-finite sample is therefore reported after the loop at the latest, before any output.
+    :data:`DEFERRED_CHECK_DEVICES` each update only records, on the device, whether each sample
+    of ``x`` (dim 0) is finite at that step (two small kernels, no sync, capturable: a row of a
+    (steps, batch) table when ``steps`` is given), and ``check`` reads the record once (one sync)
+    and raises the same error as an immediate check would have: the sample that went non-finite
+    at the earliest step (the first such in the batch), and that step. Elsewhere ``update``
+    checks at once (:func:`check_finite`). A non-finite sample is therefore reported after the
+    loop at the latest, before any output.
     """
 
-    def __init__(self, what: str, indices: Sequence[int], device: torch.device):
+    def __init__(
+        self, what: str, indices: Sequence[int], device: torch.device, steps: int | None = None
+    ):
         self.what = what
         self.indices = list(indices)
         self.deferred = torch.device(device).type in DEFERRED_CHECK_DEVICES
+        self.steps = steps
+        self._ok: torch.Tensor | None = None
         self._first: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, step: int) -> None:
         if not self.deferred:
             check_finite(x, self.what, self.indices, step)
             return
-        ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        finite = torch.isfinite(x.reshape(x.shape[0], -1))
+        if self.steps is not None and 0 <= step < self.steps:
+            if self._ok is None:
+                self._ok = torch.ones(self.steps, x.shape[0], dtype=torch.bool, device=x.device)
+            torch.all(finite, dim=1, out=self._ok[step])
+            return
+        ok = finite.all(dim=1)
         if self._first is None:
             self._first = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
         self._first.masked_fill_(~ok & (self._first < 0), step)
 
     def check(self) -> None:
         """Raise :class:`NonFiniteError` for what the deferred updates recorded (one sync)."""
-        if self._first is None:
-            return
-        first = self._first.tolist()
-        bad = [(s, i) for i, s in enumerate(first) if s >= 0]
+        bad = []
+        if self._ok is not None:
+            steps, samples = (~self._ok).nonzero(as_tuple=True)
+            bad += list(zip(steps.tolist(), samples.tolist()))
+        if self._first is not None:
+            bad += [(s, i) for i, s in enumerate(self._first.tolist()) if s >= 0]
         if bad:
             step, i = min(bad)
             raise NonFiniteError(
@@ -309,7 +322,7 @@ class SamplingPipeline:
             needs_noise,
             timesteps.to(device),
             NoiseSource(generators, shape, device),
-            FiniteWatch(what, indices, device),
+            FiniteWatch(what, indices, device, len(timesteps)),
         )
 
     def _unet(self, cuda_graphs: bool | None, unet: torch.nn.Module):

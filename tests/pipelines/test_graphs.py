@@ -399,8 +399,11 @@ def test_non_finite_named_with_sample_and_step(monkeypatch, request, deferred):
         LVDMPipeline(lvdm)(cond, ef, **{**kw, "batch_size": 2, "sample_indices": [4, 5]})
 
 
-def test_finite_watch_reports_the_earliest_step(deferred_on_cpu):
-    watch = common.FiniteWatch("x", [10, 11, 12], torch.device("cpu"))
+@pytest.mark.parametrize("steps", [None, 3, 2], ids=["no_table", "table", "past_the_table"])
+def test_finite_watch_reports_the_earliest_step(deferred_on_cpu, steps):
+    """Recorded in a (steps, batch) table (two kernels per step), or per sample's first bad step
+    beyond it / without one: the same error either way."""
+    watch = common.FiniteWatch("x", [10, 11, 12], torch.device("cpu"), steps)
     assert watch.deferred
     x = torch.zeros(3, 2)
     watch.update(x, 0)
