@@ -12,11 +12,18 @@ read h and dy, write dh = 5·N·D) / median time, reported against a device-to-d
 in the same run. Times are ``triton.testing.do_bench`` medians with p20/p80; inputs are random.
 Forward is timed twice: ``eager`` (back-to-back calls: host-bound for small tensors) and ``graph``
 (16 calls replayed from a CUDA graph: GPU time only, as in the pipelines' graph sampling).
+
+Mode ``projection+geglu`` (forward, both timings) decides ``FUSED_GEGLU_DEVICES``: the whole
+feed-forward projection x (M, K) -> (M, N) at the same call sites (K = N / 4, random weights)
+by ``cublas+echofast_triton`` (cuBLAS's GEMM writes h (M, 2N), the fused GEGLU pass reads it:
+the models' path today) against ``echofast_fused_gemm`` (one Triton GEMM with the GEGLU in its
+epilogue, :func:`echofast.ops.geglu_linear`); ``tflops`` is the GEMM's 2·M·K·2N / time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -122,6 +129,64 @@ def run(args) -> list[dict]:
                     flush=True,
                 )
         del h, dy
+    if args.projection:
+        for (shape, origin), count in sorted(cases.items(), key=str):
+            if origin.startswith("lvdm"):
+                rows += projection_rows(args, shape, origin, count, card, copy_gbps)
+    return rows
+
+
+def projection_rows(args, shape, origin, count, card, copy_gbps) -> list[dict]:
+    """The projection + GEGLU of one call site, unfused (cuBLAS + the GEGLU kernel) and fused."""
+    from echofast.ops import geglu, geglu_linear
+
+    dtype = DTYPES[args.dtype]
+    m, n = math.prod(shape[:-1]), shape[-1] // 2
+    k = n // 4
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = (torch.randn(2 * n, k, device="cuda") / math.sqrt(k)).to(dtype)
+    b = torch.randn(2 * n, device="cuda").to(dtype)
+    fns = {
+        "cublas+echofast_triton": lambda a: geglu(F.linear(a, w, b), backend="triton"),
+        "echofast_fused_gemm": lambda a: geglu_linear(a, w, b, backend="triton"),
+    }
+    moved = (m * k + 2 * n * k + m * n) * x.element_size()
+    rows = []
+    for timing in ("eager", "graph"):
+        for name, fn in fns.items():
+            call = _forward(fn, x)
+            times = graph_timed(call) if timing == "graph" else _bench(call)
+            if times is None:
+                continue
+            med, p20, p80 = times
+            gbps = moved / (med * 1e-3) / 1e9
+            rows.append(
+                {
+                    "card": card,
+                    "torch": torch.__version__,
+                    "cuda": torch.version.cuda,
+                    "git_sha": git_sha(),
+                    "origin": origin,
+                    "calls_per_step": count,
+                    "shape": f"{m}x{k}->{n}",
+                    "dtype": args.dtype,
+                    "mode": "projection+geglu",
+                    "backend": name,
+                    "median_ms": med,
+                    "p20_ms": p20,
+                    "p80_ms": p80,
+                    "min_bytes": moved,
+                    "gbps": gbps,
+                    "frac_copy": gbps / copy_gbps,
+                    "timing": timing,
+                    "tflops": 2 * m * k * 2 * n / (med * 1e-3) / 1e12,
+                }
+            )
+            print(
+                f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} projection+geglu {timing:<5} "
+                f"{name:<24} {med * 1e3:8.1f} us {rows[-1]['tflops']:6.1f} TFLOP/s",
+                flush=True,
+            )
     return rows
 
 
@@ -129,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
+    parser.add_argument(
+        "--no-projection",
+        dest="projection",
+        action="store_false",
+        help="skip the projection+geglu comparison (cuBLAS + GEGLU kernel vs the fused GEMM)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(

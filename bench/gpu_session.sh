@@ -57,7 +57,7 @@ set -uo pipefail
 ALL_STEPS="build bench_b1 tests_gpu unet_compile precision bench_b8 layer_norm group_norm attention geglu memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=120 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do

@@ -272,6 +272,22 @@ def _geglu_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 yield f"geglu {rows}x{cols} {approximate} {str(dtype)[6:]}", run
 
 
+def _geglu_linear_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import geglu_linear as k
+
+    shapes = [(81920, 128, 512), (20480, 256, 1024), (5120, 512, 2048), (37, 40, 20)]
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for m, kk, n in shapes[::3] if quick else shapes:
+            for bias in (True, False) if not quick else (True,):
+
+                def run(m=m, kk=kk, n=n, dt=dtype, bias=bias):
+                    w = torch.empty(2 * n, kk, dtype=dt)
+                    b = torch.empty(2 * n, dtype=dt) if bias else None
+                    k.geglu_linear_fwd(torch.empty(m, kk, dtype=dt), w, b)
+
+                yield f"geglu_linear {m}x{kk}->{n} bias={bias} {str(dtype)[6:]}", run
+
+
 def _layer_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     from echofast.kernels import layer_norm as k
 
@@ -331,6 +347,7 @@ CASES = {
     "attention": _attention_cases,
     "window_step": _window_step_cases,
     "geglu": _geglu_cases,
+    "geglu_linear": _geglu_linear_cases,
     "layer_norm": _layer_norm_cases,
     "bias_residual": _bias_residual_cases,
 }

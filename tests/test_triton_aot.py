@@ -37,6 +37,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         "attention",
         "window_step",
         "geglu",
+        "geglu_linear",
         "layer_norm",
         "bias_residual",
     }

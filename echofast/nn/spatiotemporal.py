@@ -80,15 +80,26 @@ def _residual(x: torch.Tensor, branch, *, inplace: bool) -> torch.Tensor:
 # ---- transformer pieces ---------------------------------------------------------------------
 
 
+#: device types on which a GEGLU's projection and gate run as one Triton GEMM with the GEGLU in
+#: its epilogue (:func:`echofast.ops.geglu_linear`) in eager inference. Empty until a GPU
+#: benchmark (``bench/bench_geglu.py``, provider ``echofast_fused_gemm``) shows it beating
+#: cuBLAS's GEMM followed by the fused GEGLU pass at the LVDM's shapes.
+FUSED_GEGLU_DEVICES: frozenset[str] = frozenset()
+
+
 class GEGLU(nn.Module):
     """``x·gelu(gate)`` where ``[x, gate] = proj(input)`` (key ``proj``), through
-    :func:`echofast.ops.geglu` (one fused Triton pass on CUDA; in place on CPU without autograd)."""
+    :func:`echofast.ops.geglu` (one fused Triton pass on CUDA; in place on CPU without autograd),
+    or :func:`echofast.ops.geglu_linear` (projection and gate in one GEMM) on
+    :data:`FUSED_GEGLU_DEVICES`."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type in FUSED_GEGLU_DEVICES and eager_inference():
+            return ops.geglu_linear(x, self.proj.weight, self.proj.bias)
         return ops.geglu(self.proj(x))
 
 

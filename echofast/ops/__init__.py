@@ -8,7 +8,7 @@ Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
 from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
 from .bias_residual import bias_residual, bias_residual_reference
-from .geglu import geglu, geglu_reference
+from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .layer_norm import (
     add_layer_norm,
@@ -29,6 +29,8 @@ __all__ = [
     "bias_residual",
     "bias_residual_reference",
     "geglu",
+    "geglu_linear",
+    "geglu_linear_reference",
     "geglu_reference",
     "group_norm",
     "group_norm_reference",

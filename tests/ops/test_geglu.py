@@ -10,7 +10,7 @@ from diffusers.models.activations import GEGLU as DiffusersGEGLU
 
 from echofast.errors import BackendUnavailable
 from echofast.nn.spatiotemporal import GEGLU
-from echofast.ops import geglu, geglu_reference, registered_ops
+from echofast.ops import geglu, geglu_linear, geglu_reference, registered_ops
 
 _op = registered_ops()["geglu"]
 
@@ -196,3 +196,43 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses(dtype, approx_tanh):
         stores = ptx.count("st.global.v4")
         assert loads == tile_accesses * n_tensors, (fn.__name__, loads)
         assert stores == tile_accesses * (1 if n_tensors == 2 else 2), (fn.__name__, stores)
+
+
+# ---- geglu_linear -------------------------------------------------------------------------------
+
+
+def test_geglu_linear_reference_is_the_module():
+    """The reference is the GEGLU module's computation: projection, then geglu."""
+    torch.manual_seed(3)
+    module = GEGLU(24, 40)
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        got = geglu_linear(x, module.proj.weight, module.proj.bias, backend="torch")
+        assert torch.equal(got, module(x))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (((4, 8), (6, 7), None), r"weight \(2·N, K\)"),
+        (((4, 8), (5, 8), None), r"weight \(2·N, K\)"),
+        (((4, 8), (6, 8), (5,)), r"bias \(2·N,\)"),
+    ],
+)
+def test_geglu_linear_bad_shapes_are_named(shapes, message):
+    x, w, b = (None if s is None else torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        geglu_linear(x, w, b)
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        geglu_linear(torch.randn(2, 8), torch.randn(6, 8), approximate="erf")
+
+
+def test_geglu_linear_on_cpu_is_torch_and_triton_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    op = registered_ops()["geglu_linear"]
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    assert op.select(x, w).name == "torch"
+    with pytest.raises(BackendUnavailable) as err:
+        geglu_linear(x.double(), w, backend="triton")
+    text = str(err.value)
+    assert "not CUDA" in text and "float64" in text and "one GEMM dtype" in text

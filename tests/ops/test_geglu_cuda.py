@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from support.markers import COMPILED_TRITON_ON_GPU
 
-from echofast.ops import geglu
+from echofast.ops import geglu, geglu_linear
 
 pytestmark = COMPILED_TRITON_ON_GPU
 
@@ -170,3 +170,23 @@ def test_gpu_automatic_dispatch_picks_triton():
 
     h = torch.empty(4, 64, device="cuda", dtype=torch.float16)
     assert registered_ops()["geglu"].select(h).name == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(("m", "k"), [(81920, 128), (20480, 256), (5120, 512), (1000, 40)])
+def test_gpu_geglu_linear_within_twice_pytorch(m, k, dtype):
+    """The fused projection + GEGLU (the LVDM's feed-forward shapes at one window, and an awkward
+    one) against fp64: within 2x PyTorch's own error (cuBLAS F.linear, then geglu, in dtype)."""
+    n = 4 * k
+    g = torch.Generator("cuda").manual_seed(m + k)
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
+    w = (torch.randn(2 * n, k, generator=g, device="cuda") / math.sqrt(k)).to(dtype)
+    b = (torch.randn(2 * n, generator=g, device="cuda") * 0.1).to(dtype)
+    with torch.no_grad():
+        out = geglu_linear(x, w, b, backend="triton")
+        plain = geglu(F.linear(x, w, b), backend="torch")
+    h = F.linear(x.double(), w.double(), b.double())
+    ref = h[:, :n] * F.gelu(h[:, n:])
+    floor = 0.5 * torch.finfo(dtype).eps * ref.abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * max((plain.double() - ref).abs().max().item(), floor)
