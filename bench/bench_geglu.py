@@ -99,28 +99,22 @@ def run(args) -> list[dict]:
                 times = graph_timed(call) if timing == "graph" else _bench(call)
                 if times is None:
                     continue
-                med, p20, p80 = times
+                med = times[0]
                 gbps = moved / (med * 1e-3) / 1e9
                 rows.append(
-                    {
-                        "card": card,
-                        "torch": torch.__version__,
-                        "cuda": torch.version.cuda,
-                        "git_sha": git_sha(),
-                        "origin": origin,
-                        "calls_per_step": count,
-                        "shape": "x".join(map(str, shape)),
-                        "dtype": args.dtype,
-                        "mode": mode,
-                        "backend": name,
-                        "median_ms": med,
-                        "p20_ms": p20,
-                        "p80_ms": p80,
-                        "min_bytes": moved,
-                        "gbps": gbps,
-                        "frac_copy": gbps / copy_gbps,
-                        "timing": timing,
-                    }
+                    _row(
+                        card,
+                        origin,
+                        count,
+                        "x".join(map(str, shape)),
+                        args.dtype,
+                        mode,
+                        name,
+                        times,
+                        moved,
+                        copy_gbps,
+                        timing,
+                    )
                 )
                 print(
                     f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} {mode:<16} {timing:<5} "
@@ -158,36 +152,52 @@ def projection_rows(args, shape, origin, count, card, copy_gbps) -> list[dict]:
             times = graph_timed(call) if timing == "graph" else _bench(call)
             if times is None:
                 continue
-            med, p20, p80 = times
-            gbps = moved / (med * 1e-3) / 1e9
-            rows.append(
-                {
-                    "card": card,
-                    "torch": torch.__version__,
-                    "cuda": torch.version.cuda,
-                    "git_sha": git_sha(),
-                    "origin": origin,
-                    "calls_per_step": count,
-                    "shape": f"{m}x{k}->{n}",
-                    "dtype": args.dtype,
-                    "mode": "projection+geglu",
-                    "backend": name,
-                    "median_ms": med,
-                    "p20_ms": p20,
-                    "p80_ms": p80,
-                    "min_bytes": moved,
-                    "gbps": gbps,
-                    "frac_copy": gbps / copy_gbps,
-                    "timing": timing,
-                    "tflops": 2 * m * k * 2 * n / (med * 1e-3) / 1e12,
-                }
+            row = _row(
+                card,
+                origin,
+                count,
+                f"{m}x{k}->{n}",
+                args.dtype,
+                "projection+geglu",
+                name,
+                times,
+                moved,
+                copy_gbps,
+                timing,
             )
+            row["tflops"] = 2 * m * k * 2 * n / (times[0] * 1e-3) / 1e12
+            rows.append(row)
             print(
                 f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} projection+geglu {timing:<5} "
-                f"{name:<24} {med * 1e3:8.1f} us {rows[-1]['tflops']:6.1f} TFLOP/s",
+                f"{name:<24} {times[0] * 1e3:8.1f} us {row['tflops']:6.1f} TFLOP/s",
                 flush=True,
             )
     return rows
+
+
+def _row(card, origin, count, shape, dtype, mode, backend, times, moved, copy_gbps, timing):
+    """One CSV row: a provider's median/p20/p80 on one call site, and its bandwidth."""
+    med, p20, p80 = times
+    gbps = moved / (med * 1e-3) / 1e9
+    return {
+        "card": card,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_sha": git_sha(),
+        "origin": origin,
+        "calls_per_step": count,
+        "shape": shape,
+        "dtype": dtype,
+        "mode": mode,
+        "backend": backend,
+        "median_ms": med,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "min_bytes": moved,
+        "gbps": gbps,
+        "frac_copy": gbps / copy_gbps,
+        "timing": timing,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
