@@ -2,10 +2,12 @@
 
 Counts, during one UNet call on CPU tensors, the ATen ops that launch a kernel on a GPU (views,
 allocations and metadata ops excluded) plus echofast's Triton launches, with every op dispatched
-the way it is on CUDA: the Triton backends (the kernels are counted, not run: Triton's interpreter
-is switched on so that the dispatcher picks them, and its launch is replaced by a counter, so the
-call's outputs are meaningless), and fused QKV. No sampling memo is active, as in a CUDA-graph
-replay (the pipelines' eager path memoises the time embeddings per run and launches fewer).
+the way it is on CUDA: the Triton backends (the kernels are counted, not run: Triton's
+interpreter is switched on so that the dispatcher picks them, and its launch is replaced by a
+counter, so the call's outputs are meaningless), fused QKV, and GroupNorm's kernel choice and
+splits as an H100/H200 plans them for the pipeline's batch-1 call (the channels-last rows
+kernels). No sampling memo is active, as in a CUDA-graph replay (the pipelines' eager path
+memoises the time embeddings per run and launches fewer).
 cuBLAS/cuDNN may launch more than one kernel for one GEMM or convolution: the estimate counts one,
 plus one for a convolution's bias (cuDNN adds it in a kernel of its own; CPU convolutions do not).
 The GPU benchmark's profiler count (``echofast bench``, column ``kernels``) is the measurement.
@@ -31,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 H100_SMS = 132
 """Multiprocessors of an H100/H200 SXM: the launchers' work split is planned for them."""
+BATCH1_SCALE = 5
+"""The pipeline's UNet batch at one video (5 windows of 64 frames) over one 64-frame window."""
 
 #: ATen ops that launch no kernel (besides views, which ``OpOverload.is_view`` tells)
 NO_KERNEL = {
@@ -91,7 +95,8 @@ def lvdm_call(
     """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
     depend on the number of frames) by echofast (``impl="echofast"``: the plain call;
     ``"echofast step"``: as its pipeline calls it at every step, with the conditioning half of
-    ``conv_in`` and the run-constant features precomputed) or diffusers; under ``autocast`` to
+    ``conv_in`` and the run-constant features precomputed, the input in the model's layout and
+    dtype, the output left in it) or diffusers; under ``autocast`` to
     that dtype as they sample in reduced precision: diffusers with fp32 weights (the reference's
     way), echofast through its ``autocast_copy`` (as its pipelines)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -122,13 +127,23 @@ def lvdm_call(
                 context_features=model.context_features(ehs),
                 frame_features=model.frame_features(frames),
             )
+        # the pipeline's UNet input: channels-last frames in the call's dtype (window_step writes
+        # it so), and its output read strided
+        dtype = autocast if autocast is not None else x.dtype
+        x = x.to(dtype).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        x = x.unflatten(0, (1, frames))
+        step["channels_last_output"] = True
     mode = KernelCount()
     fused_qkv = attention_nn.FUSED_QKV_DEVICES
     attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
     from echofast.kernels import group_norm as gn_kernels
 
-    gn_target = gn_kernels.target_programs  # GroupNorm splits as on an H100/H200 (132 SMs)
+    # GroupNorm's launches as on an H100/H200 (132 SMs) at batch 1: the per-group kernels' split
+    # for 132 SMs; the channels-last rows kernels' choice between one launch (N >= SMs) and a
+    # split at the pipeline's N (5 windows of 64 frames: BATCH1_SCALE times this window's N)
+    gn_target, gn_sms = gn_kernels.target_programs, gn_kernels.multiprocessors
     gn_kernels.target_programs = lambda x: H100_SMS * gn_kernels.PROGRAMS_PER_SM
+    gn_kernels.multiprocessors = lambda x: max(1, H100_SMS * frames // (64 * BATCH1_SCALE))
     import echofast.nn.spatiotemporal as st
 
     chunk_bytes = st.CPU_CHUNK_BYTES  # no CPU chunking: residual adds fuse into norms, as on CUDA
@@ -141,7 +156,7 @@ def lvdm_call(
     finally:
         restore()
         attention_nn.FUSED_QKV_DEVICES = fused_qkv
-        gn_kernels.target_programs = gn_target
+        gn_kernels.target_programs, gn_kernels.multiprocessors = gn_target, gn_sms
         st.CPU_CHUNK_BYTES = chunk_bytes
     return mode.counts
 

@@ -147,11 +147,14 @@ def _gn_chunks(n: int, groups: int) -> int:
 def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     from echofast.kernels import group_norm as k
 
+    cl, cl3, cf = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
     shapes = [
-        ("lvdm-spatial", (5 * 64, 320, 16, 16), 32),  # (B·T, C, H, W) spatial resnet
-        ("lvdm-temporal", (5, 640, 64, 8, 8), 32),  # (B, C, T, H, W): a group spans T·H·W
-        ("vae-decoder", (8, 128, 112, 112), 32),  # the VAE's largest maps
-        ("odd", (2, 63, 5, 7), 21),
+        ("lvdm-spatial", (5 * 64, 320, 16, 16), 32, cl),  # (B·T, C, H, W) spatial resnet
+        ("lvdm-temporal", (5, 640, 64, 8, 8), 32, cf),  # (B, C, T, H, W): a group spans T·H·W
+        # the LVDM's temporal resnets read channels-last frames: the split rows kernels
+        ("lvdm-temporal-cl", (5, 128, 64, 16, 16), 32, cl3),
+        ("vae-decoder", (8, 128, 112, 112), 32, cl),  # the VAE's largest maps
+        ("odd", (2, 63, 5, 7), 21, cl),
     ]
     flag_sets = [  # (name, affine, activation, scale/shift modulation, input add)
         ("affine+silu", True, "silu", False, False),
@@ -162,7 +165,7 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     ]
     for dtype in DTYPES[:1] if quick else DTYPES:
         # quick: one shape whose groups are split (stats + apply) and two that are not (fused)
-        for shape_name, shape, groups in (
+        for shape_name, shape, groups, fmt in (
             [x for x in shapes if x[0] != "vae-decoder"] if quick else shapes
         ):
             for flags_name, affine, act, modulated, add in flag_sets:
@@ -171,6 +174,7 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 def run(
                     shape=shape,
                     groups=groups,
+                    fmt=fmt,
                     affine=affine,
                     act=act,
                     mod=modulated,
@@ -178,7 +182,6 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     dt=dtype,
                 ):
                     n, c = shape[:2]
-                    fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
                     x = torch.empty(shape, dtype=dt).contiguous(memory_format=fmt)
                     w = torch.empty(c, dtype=dt) if affine else None
                     b = torch.empty(c, dtype=dt) if affine else None
@@ -186,10 +189,22 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                     sh = torch.empty(n, c, dtype=dt) if mod else None
                     chunks = _gn_chunks(n, groups)
                     rows = torch.empty(n, c, dtype=dt) if add else None
-                    if len(shape) == 4:  # the channels-last rows kernel (forward only)
-                        k.group_norm_fwd(
-                            x, groups, w, b, 1e-5, act, sc, sh, fmt, add=rows, use_rows=True
-                        )
+                    if fmt != torch.contiguous_format:  # the rows kernels (forward only)
+                        for split in (1, triton.cdiv(SM_COUNT * k.PROGRAMS_PER_SM, n)):
+                            k.group_norm_fwd(
+                                x,
+                                groups,
+                                w,
+                                b,
+                                1e-5,
+                                act,
+                                sc,
+                                sh,
+                                fmt,
+                                add=rows,
+                                use_rows=True,
+                                num_chunks=split,
+                            )
                     if add:  # forward only: under autograd the op adds first
                         k.group_norm_fwd(
                             x, groups, w, b, 1e-5, act, sc, sh, fmt, add=rows, num_chunks=chunks

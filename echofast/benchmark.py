@@ -950,9 +950,10 @@ class PipelineStepCall:
     (:meth:`~echofast.models.LVDM.time_features`, ``context_features``, ``frame_features``)
     computed once per input set, outside the measured call; the call writes the step's latents
     and time features into persistent inputs (two copies, as the pipeline's ``window_step`` and
-    time-table row do) and runs the UNet, replayed from a CUDA graph that reads those inputs in
-    place when ``graphs``. Called like a UNet: ``(x, t, encoder_hidden_states=,
-    added_time_ids=)``."""
+    time-table row do; the latents in the pipeline's layout, channels-last frames of the call's
+    dtype) and runs the UNet (its output left in that layout, as the pipeline reads it),
+    replayed from a CUDA graph that reads those inputs in place when ``graphs``. Called like a
+    UNet: ``(x, t, encoder_hidden_states=, added_time_ids=)``."""
 
     def __init__(self, model: Any, graphs: bool):
         from .pipelines.graphs import CUDAGraphUNet
@@ -973,8 +974,14 @@ class PipelineStepCall:
         if self._inputs is None:
             with torch.autocast(x.device.type, enabled=False):
                 cond = self.model.conditioning_features(x[:, 0, c:].to(self.model.dtype))
+            # the pipeline's persistent input: channels-last frames in the call's dtype
+            b, t_, ch, h, w = noisy.shape
+            frames = torch.empty(
+                (b * t_, ch, h, w), dtype=self.model._call_dtype(x.device), device=x.device
+            )
+            frames = frames.contiguous(memory_format=self.model.memory_format)
             self._inputs = {
-                "x": noisy.clone(),
+                "x": frames.unflatten(0, (b, t_)).copy_(noisy),
                 "conditioning": cond,
                 "time_features": time.clone(),
                 "context_features": self.model.context_features(ehs),
@@ -994,7 +1001,7 @@ class PipelineStepCall:
         inp["x"].copy_(noisy)
         inp["time_features"].copy_(time)
         kwargs = {k: v for k, v in inp.items() if k not in ("x", "t")}
-        return self.unet(inp["x"], inp["t"], **kwargs)
+        return self.unet(inp["x"], inp["t"], channels_last_output=True, **kwargs)
 
 
 def run_unet_calls(

@@ -19,16 +19,22 @@ Design
   UNets' spatial GroupNorms, whose groups are one tile, and any N*G that fills the GPU alone)
   one launch (``_gn_fwd_fused_kernel``: statistics, then y, in one program per group; a one-tile
   group's second read hits the cache). Backward = 2 launches (per-channel partial sums, dx).
-* Channels-last rows kernel (``_gn_fwd_rows_kernel``, forward only). In channels-last memory a
-  group's CG channels at one position are 8-80 contiguous bytes, and the per-group programs
-  above read only those: a fraction of every 32-byte sector, many requests for few bytes (the
-  H200 measured 10-28 % of copy bandwidth on the LVDM's shapes). When x and y are channels-last
-  and the N samples alone fill the device (N >= multiprocessors: the LVDM's spatial GroupNorms
-  over B·T frames), one program per sample reads tiles of whole rows [BLOCK_S positions, all C
-  channels] (contiguous), viewed as [BLOCK_S, BLOCK_G, BLOCK_CG] so that every group's tile
-  moments come from two axis reductions; a second pass over the sample writes y (its rows are
-  still in L2: one sample is S·C elements). Same statistics (Chan-merged exact tile moments) and
-  the same per-element arithmetic as the group kernels.
+* Channels-last rows kernels (``_gn_fwd_rows_kernel``; split: ``_gn_fwd_rows_stats_kernel`` +
+  ``_gn_fwd_rows_apply_kernel``; forward only, GPU only). In channels-last memory a group's CG
+  channels at one position are 8-80 contiguous bytes, and the per-group programs above read
+  only those: a fraction of every 32-byte sector, many requests for few bytes (the H200
+  measured 10-28 % of copy bandwidth on the LVDM's shapes). When x and y are channels-last, a
+  program reads tiles of whole rows [BLOCK_S positions, all C channels] (contiguous), viewed as
+  [BLOCK_S, BLOCK_G, BLOCK_CG] so that every group's tile moments come from two axis
+  reductions. When the N samples alone fill the device (N >= multiprocessors: the LVDM's
+  spatial GroupNorms over B·T frames) one program per sample takes its statistics and then
+  writes y (its rows are still in L2: one sample is S·C elements). Fewer samples (the temporal
+  GroupNorms over B·windows videos of T·H·W positions) split each sample's positions into
+  chunks, as the per-group kernels split groups: stage 1 stores every group's partial moments
+  per (sample, chunk) in the per-group layout, stage 2 merges a [BLOCK_G, BLOCK_K] tile of them
+  in its prologue and writes y. Trade-off: the per-group kernels fill the device with fewer
+  launches (one when N*G alone fills it), the rows kernels read whole sectors. Same statistics
+  (Chan-merged exact tile moments) and the same per-element arithmetic as the group kernels.
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -57,7 +63,7 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   stride_add           ``stride_add``, added to x before normalising, row n // add_rep for
                        sample n (forward only, read if HAS_ADD): the resnets'
                        time-embedding add folded into the GroupNorm that follows it
-  mean_part_ptr, m2_part_ptr  fp32 (N*G, num_chunks): per-chunk mean and M2
+  mean_part_ptr, m2_part_ptr  fp32 (N*G, num_chunks): per-chunk mean and M2 (both families)
   mean_ptr, rstd_ptr   fp32 (N*G,): group mean and 1/sqrt(var + eps)
   ds_part_ptr, dg_part_ptr    fp32 (N*C, num_chunks): per-chunk sum dz, sum dz*xhat
   ds_ptr, dg_ptr       fp32 (N, C): the same summed over chunks
@@ -66,7 +72,8 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   inv_count            1 / (CG * S) as a float
   eps                  variance epsilon
   BLOCK_C, BLOCK_S, BLOCK_K   tile sizes (powers of two); BLOCK_K = next_pow2(num_chunks)
-  BLOCK_G, BLOCK_CG    rows kernel: next_pow2(G), next_pow2(CG) (a row tile is BLOCK_G·BLOCK_CG)
+  BLOCK_G, BLOCK_CG    rows kernels: next_pow2(G), next_pow2(CG) (a row tile is BLOCK_G·BLOCK_CG)
+  chunk_s, num_chunks  rows kernels: the same per-sample split of the positions
   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT_SILU   constexpr switches
 """
 
@@ -81,6 +88,8 @@ import triton.language as tl
 MAX_TILE = 4096
 MAX_GROUP_CHANNELS = 1024
 PROGRAMS_PER_SM = 4
+MAX_ROW_PARTIALS = 2048
+SECTOR_BYTES = 32
 
 
 @triton.jit
@@ -93,15 +102,15 @@ def _group_coeffs(
     c,
     mask_c,
     C,
-    BLOCK_C: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
-    """Per channel of the group: gamma = w * (1 + scale), beta = b * (1 + scale) + shift (fp32)."""
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    b = tl.zeros([BLOCK_C], tl.float32)
+    """At channels ``c`` (any shape, masked by ``mask_c``) of sample n: gamma = w * (1 + scale),
+    beta = b * (1 + scale) + shift (fp32, c's shape)."""
+    w = tl.full(c.shape, 1.0, tl.float32)
+    b = tl.zeros(c.shape, tl.float32)
     if HAS_W:
         w = tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
     if HAS_B:
@@ -116,16 +125,13 @@ def _group_coeffs(
 
 
 @triton.jit
-def _add_vector(
-    add_ptr, n, add_rep, c, mask_c, stride_add, BLOCK_C: tl.constexpr, HAS_ADD: tl.constexpr
-):
+def _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD: tl.constexpr):
     """Row ``n // add_rep`` (row stride ``stride_add``) of the (N / add_rep, C) input add, at
-    channels ``c`` (fp32; zeros
-    without HAS_ADD)."""
+    channels ``c`` (any shape; fp32, c's shape; zeros without HAS_ADD)."""
     if HAS_ADD:
         row = (n // add_rep).to(tl.int64) * stride_add
         return tl.load(add_ptr + row + c, mask=mask_c, other=0.0).to(tl.float32)
-    return tl.zeros([BLOCK_C], tl.float32)
+    return tl.zeros(c.shape, tl.float32)
 
 
 @triton.jit
@@ -206,7 +212,6 @@ def _normalize(
         c,
         mask_c,
         C,
-        BLOCK_C,
         HAS_W,
         HAS_B,
         HAS_SCALE,
@@ -215,9 +220,7 @@ def _normalize(
     a = (gamma * rstd)[:, None]
     bb = beta[:, None]
     # x + add - mean = x - (mean - add): one per-channel centre
-    centre = (mean - _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, BLOCK_C, HAS_ADD))[
-        :, None
-    ]
+    centre = (mean - _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD))[:, None]
     c64 = c.to(tl.int64)[:, None]
     xrow = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
     yrow = y_ptr + n.to(tl.int64) * syn + c64 * syc
@@ -230,6 +233,21 @@ def _normalize(
         if ACT_SILU:
             z = z * tl.sigmoid(z)
         tl.store(yrow + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_partials(mean_part_ptr, m2_part_ptr, idx, offs_k, mask, S, CG, chunk_s, inv_count, eps):
+    """Mean and rstd of groups from their chunks' (mean, M2) partials at ``idx`` ([..., BLOCK_K]
+    offsets into the (N*G, num_chunks) partials, read where ``mask``; chunk ``offs_k`` along the
+    last axis): Chan's merge along that axis, one result per leading index (a scalar for a
+    [BLOCK_K] ``idx``)."""
+    pm = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
+    pm2 = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
+    cnt = tl.where(mask, (tl.minimum(S - offs_k * chunk_s, chunk_s) * CG).to(tl.float32), 0.0)
+    mean = tl.sum(cnt * pm, axis=-1) * inv_count
+    dm = pm - tl.expand_dims(mean, -1)
+    var = tl.maximum(tl.sum(pm2 + cnt * dm * dm, axis=-1) * inv_count, 0.0)
+    return mean, 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
@@ -261,7 +279,7 @@ def _gn_fwd_stats_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
-    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, BLOCK_C, HAS_ADD)
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, HAS_ADD)
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
     mean, m2 = _moments(row, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
@@ -315,15 +333,10 @@ def _gn_fwd_apply_kernel(
     g = pid % G
     # finalize (Chan's merge of all chunks; repeated by every program of the group)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < num_chunks
-    pm = tl.load(mean_part_ptr + pid * num_chunks + offs_k, mask=mask_k, other=0.0)
-    pm2 = tl.load(m2_part_ptr + pid * num_chunks + offs_k, mask=mask_k, other=0.0)
-    cnt_k = (tl.minimum(S - offs_k * chunk_s, chunk_s) * CG).to(tl.float32)
-    cnt_k = tl.where(mask_k, cnt_k, 0.0)
-    mean = tl.sum(cnt_k * pm) * inv_count
-    dm = pm - mean
-    var = tl.maximum(tl.sum(pm2 + cnt_k * dm * dm) * inv_count, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    idx = pid * num_chunks + offs_k
+    mean, rstd = _merge_partials(
+        mean_part_ptr, m2_part_ptr, idx, offs_k, offs_k < num_chunks, S, CG, chunk_s, inv_count, eps
+    )
     if k == 0:
         tl.store(mean_ptr + pid, mean)
         tl.store(rstd_ptr + pid, rstd)
@@ -408,7 +421,7 @@ def _gn_fwd_fused_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     row = x_ptr + n.to(tl.int64) * sxn + (g * CG + offs_c).to(tl.int64)[:, None] * sxc
-    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, BLOCK_C, HAS_ADD)
+    addv = _add_vector(add_ptr, n, add_rep, g * CG + offs_c, mask_c, stride_add, HAS_ADD)
     mean, m2 = _moments(row, addv, 0, S, sxs, mask_c, CG, BLOCK_S, HAS_ADD)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
     tl.store(mean_ptr + pid, mean)
@@ -449,6 +462,107 @@ def _gn_fwd_fused_kernel(
 
 
 @triton.jit
+def _row_channels(G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Channel index c = g * CG + j of a [BLOCK_G, BLOCK_CG] row tile, and its mask."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_cg = tl.arange(0, BLOCK_CG)
+    mask_gc = (offs_g < G)[:, None] & (offs_cg < CG)[None, :]
+    return offs_g[:, None] * CG + offs_cg[None, :], mask_gc
+
+
+@triton.jit
+def _row_moments(
+    xbase,
+    addv,
+    s_start,
+    s_end,
+    sxs,
+    mask_gc,
+    CG,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``, [BLOCK_G, BLOCK_CG]) over
+    positions [s_start, s_end): tiles of whole rows ``xbase + s * sxs`` ([1, BLOCK_G, BLOCK_CG]
+    pointers of one position's channels), each tile's moments exact two-pass from two axis
+    reductions, tiles merged with Chan's formula."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    cnt = 0.0
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < s_end)[:, None, None] & mask_gc[None, :, :]
+        xv = tl.load(xbase + s.to(tl.int64)[:, None, None] * sxs, mask=mask, other=0.0)
+        xv = xv.to(tl.float32)
+        if HAS_ADD:
+            xv = tl.where(mask, xv + addv[None, :, :], 0.0)
+        n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
+        m_t = tl.sum(tl.sum(xv, axis=2), axis=0) / n_t
+        d = tl.where(mask, xv - m_t[None, :, None], 0.0)
+        m2_t = tl.sum(tl.sum(d * d, axis=2), axis=0)
+        cnt_new = cnt + n_t
+        delta = m_t - mean
+        mean = mean + delta * (n_t / cnt_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
+        cnt = cnt_new
+    return mean, m2
+
+
+@triton.jit
+def _row_normalize(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    addv,
+    n,
+    c,
+    mask_gc,
+    mean,
+    rstd,
+    C,
+    s_start,
+    s_end,
+    sxn,
+    sxs,
+    syn,
+    sys,
+    BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+):
+    """y = act((x + add - mean) * rstd * gamma + beta) of sample n at positions [s_start,
+    s_end), whole rows per tile (``mean``, ``rstd``: [BLOCK_G] per group)."""
+    gamma, beta = _group_coeffs(
+        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_gc, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+    )
+    a = (gamma * rstd[:, None])[None, :, :]
+    bb = beta[None, :, :]
+    # x + add - mean = x - (mean - add): one per-channel centre
+    centre = (mean[:, None] - addv)[None, :, :]
+    c64 = c.to(tl.int64)[None, :, :]
+    xbase = x_ptr + n.to(tl.int64) * sxn + c64
+    ybase = y_ptr + n.to(tl.int64) * syn + c64
+    offs_s = tl.arange(0, BLOCK_S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s64 = s.to(tl.int64)[:, None, None]
+        mask = (s < s_end)[:, None, None] & mask_gc[None, :, :]
+        xv = tl.load(xbase + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = (xv - centre) * a + bb
+        if ACT_SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(ybase + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_fwd_rows_kernel(
     x_ptr,
     y_ptr,
@@ -484,64 +598,164 @@ def _gn_fwd_rows_kernel(
     """Channels-last forward, one program per sample n: every group's statistics from tiles of
     whole rows [BLOCK_S positions, all C channels] (contiguous in memory), then y."""
     n = tl.program_id(0)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_cg = tl.arange(0, BLOCK_CG)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_gc = (offs_g < G)[:, None] & (offs_cg < CG)[None, :]
-    c = offs_g[:, None] * CG + offs_cg[None, :]
-    c64 = c.to(tl.int64)[None, :, :]
-    addv = tl.zeros([BLOCK_G, BLOCK_CG], tl.float32)
-    if HAS_ADD:
-        row = (n // add_rep).to(tl.int64) * stride_add
-        addv = tl.load(add_ptr + row + c, mask=mask_gc, other=0.0).to(tl.float32)
-    xbase = x_ptr + n.to(tl.int64) * sxn + c64
-    mean = tl.zeros([BLOCK_G], tl.float32)
-    m2 = tl.zeros([BLOCK_G], tl.float32)
-    cnt = 0.0
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        mask = (s < S)[:, None, None] & mask_gc[None, :, :]
-        xv = tl.load(xbase + s.to(tl.int64)[:, None, None] * sxs, mask=mask, other=0.0)
-        xv = tl.where(mask, xv.to(tl.float32) + addv[None, :, :], 0.0)
-        n_t = (tl.minimum(S - s0, BLOCK_S) * CG).to(tl.float32)
-        m_t = tl.sum(tl.sum(xv, axis=2), axis=0) / n_t
-        d = tl.where(mask, xv - m_t[None, :, None], 0.0)
-        m2_t = tl.sum(tl.sum(d * d, axis=2), axis=0)
-        cnt_new = cnt + n_t
-        delta = m_t - mean
-        mean = mean + delta * (n_t / cnt_new)
-        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
-        cnt = cnt_new
+    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    addv = _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD)
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)[None, :, :]
+    mean, m2 = _row_moments(xbase, addv, 0, S, sxs, mask_gc, CG, BLOCK_S, BLOCK_G, HAS_ADD)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
-    mask_g = offs_g < G
-    tl.store(mean_ptr + n * G + offs_g, mean, mask=mask_g)
-    tl.store(rstd_ptr + n * G + offs_g, rstd, mask=mask_g)
-    gamma = tl.full([BLOCK_G, BLOCK_CG], 1.0, tl.float32)
-    beta = tl.zeros([BLOCK_G, BLOCK_CG], tl.float32)
-    if HAS_W:
-        gamma = tl.load(w_ptr + c, mask=mask_gc, other=1.0).to(tl.float32)
-    if HAS_B:
-        beta = tl.load(b_ptr + c, mask=mask_gc, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=mask_gc, other=0.0).to(tl.float32)
-        gamma = gamma * s1
-        beta = beta * s1
-    if HAS_SHIFT:
-        beta = beta + tl.load(shift_ptr + n * C + c, mask=mask_gc, other=0.0).to(tl.float32)
-    a = (gamma * rstd[:, None])[None, :, :]
-    bb = beta[None, :, :]
-    # x + add - mean = x - (mean - add): one per-channel centre
-    centre = (mean[:, None] - addv)[None, :, :]
-    ybase = y_ptr + n.to(tl.int64) * syn + c64
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + offs_s
-        s64 = s.to(tl.int64)[:, None, None]
-        mask = (s < S)[:, None, None] & mask_gc[None, :, :]
-        xv = tl.load(xbase + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
-        z = (xv - centre) * a + bb
-        if ACT_SILU:
-            z = z * tl.sigmoid(z)
-        tl.store(ybase + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+    offs_g = tl.arange(0, BLOCK_G)
+    tl.store(mean_ptr + n * G + offs_g, mean, mask=offs_g < G)
+    tl.store(rstd_ptr + n * G + offs_g, rstd, mask=offs_g < G)
+    _row_normalize(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        addv,
+        n,
+        c,
+        mask_gc,
+        mean,
+        rstd,
+        C,
+        0,
+        S,
+        sxn,
+        sxs,
+        syn,
+        sys,
+        BLOCK_S,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        ACT_SILU,
+    )
+
+
+@triton.jit
+def _gn_fwd_rows_stats_kernel(
+    x_ptr,
+    add_ptr,
+    mean_part_ptr,
+    m2_part_ptr,
+    add_rep,
+    stride_add,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    S,
+    sxn,
+    sxs,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Channels-last stage 1: every group's mean and M2 over chunk ``program_id(1)`` of sample
+    ``program_id(0)``, from whole-row tiles (partials laid out as the per-group kernels')."""
+    n = tl.program_id(0)
+    k = tl.program_id(1)
+    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    addv = _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD)
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)[None, :, :]
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    mean, m2 = _row_moments(
+        xbase, addv, s_start, s_end, sxs, mask_gc, CG, BLOCK_S, BLOCK_G, HAS_ADD
+    )
+    offs_g = tl.arange(0, BLOCK_G)
+    idx = (n * G + offs_g) * num_chunks + k
+    tl.store(mean_part_ptr + idx, mean, mask=offs_g < G)
+    tl.store(m2_part_ptr + idx, m2, mask=offs_g < G)
+
+
+@triton.jit
+def _gn_fwd_rows_apply_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    add_ptr,
+    mean_part_ptr,
+    m2_part_ptr,
+    mean_ptr,
+    rstd_ptr,
+    add_rep,
+    stride_add,
+    C,
+    S,
+    G,
+    CG,
+    chunk_s,
+    num_chunks,
+    inv_count,
+    eps,
+    sxn,
+    sxs,
+    syn,
+    sys,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT_SILU: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Channels-last stage 2: every group's statistics from its [BLOCK_K] chunk partials
+    (repeated by each program of the sample: a [BLOCK_G, BLOCK_K] L2-resident read), then y of
+    chunk ``program_id(1)`` of sample ``program_id(0)``, whole rows per tile."""
+    n = tl.program_id(0)
+    k = tl.program_id(1)
+    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    idx = ((n * G + offs_g) * num_chunks)[:, None] + offs_k
+    mask = (offs_g < G)[:, None] & (offs_k < num_chunks)
+    mean, rstd = _merge_partials(
+        mean_part_ptr, m2_part_ptr, idx, offs_k, mask, S, CG, chunk_s, inv_count, eps
+    )
+    if k == 0:
+        tl.store(mean_ptr + n * G + offs_g, mean, mask=offs_g < G)
+        tl.store(rstd_ptr + n * G + offs_g, rstd, mask=offs_g < G)
+    s_start = k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    _row_normalize(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD),
+        n,
+        c,
+        mask_gc,
+        mean,
+        rstd,
+        C,
+        s_start,
+        s_end,
+        sxn,
+        sxs,
+        syn,
+        sys,
+        BLOCK_S,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        ACT_SILU,
+    )
 
 
 @triton.jit
@@ -596,7 +810,6 @@ def _gn_bwd_partial_kernel(
         c,
         mask_c,
         C,
-        BLOCK_C,
         HAS_W,
         HAS_B,
         HAS_SCALE,
@@ -698,7 +911,6 @@ def _gn_bwd_dx_kernel(
         c,
         mask_c,
         C,
-        BLOCK_C,
         HAS_W,
         HAS_B,
         HAS_SCALE,
@@ -798,29 +1010,60 @@ class Plan:
         return (self.N * self.G, self.num_chunks)
 
 
-class RowsPlan:
-    """Tiles of the channels-last rows kernel: [BLOCK_S positions, BLOCK_G groups, BLOCK_CG
-    channels] of at most ``MAX_TILE`` elements, one program per sample."""
+def multiprocessors(x: torch.Tensor) -> int | None:
+    """Multiprocessors of x's CUDA device; None off CUDA (the rows kernels are a GPU choice)."""
+    return _sm_count(x.device.index) if x.is_cuda else None
 
-    def __init__(self, p: Plan):
+
+class RowsPlan:
+    """Tiles of the channels-last rows kernels, [BLOCK_S positions, BLOCK_G groups, BLOCK_CG
+    channels] of at most ``MAX_TILE`` elements, and the split of each sample's positions into
+    ``num_chunks`` chunks of ``chunk_s`` (a multiple of BLOCK_S): about ``target_programs`` (N,
+    num_chunks) programs, at most ``MAX_ROW_PARTIALS // BLOCK_G`` chunks (the apply stage reads
+    a [BLOCK_G, BLOCK_K] tile of partials). One chunk: one launch, one program per sample."""
+
+    def __init__(
+        self,
+        p: Plan,
+        x: torch.Tensor,
+        num_chunks: int | None = None,
+        block_s: int | None = None,
+    ):
         self.BLOCK_G = triton.next_power_of_2(p.G)
         self.BLOCK_CG = triton.next_power_of_2(p.CG)
         width = self.BLOCK_G * self.BLOCK_CG
-        self.BLOCK_S = max(1, min(triton.next_power_of_2(p.S), MAX_TILE // width))
+        if block_s is None:
+            block_s = max(1, min(triton.next_power_of_2(p.S), MAX_TILE // width))
+        self.BLOCK_S = block_s
         self.num_warps = 4 if self.BLOCK_S * width <= 2048 else 8
+        if num_chunks is None:
+            num_chunks = triton.cdiv(target_programs(x), p.N)
+        most = min(triton.cdiv(p.S, self.BLOCK_S), max(1, MAX_ROW_PARTIALS // self.BLOCK_G))
+        num_chunks = max(1, min(num_chunks, most))
+        self.chunk_s = triton.cdiv(triton.cdiv(p.S, num_chunks), self.BLOCK_S) * self.BLOCK_S
+        self.num_chunks = triton.cdiv(p.S, self.chunk_s)
+        self.BLOCK_K = triton.next_power_of_2(self.num_chunks)
 
     @classmethod
     def of(cls, p: Plan, sx: tuple, sy: tuple, x: torch.Tensor) -> RowsPlan | None:
-        """The plan when the rows kernel applies: x and y channels-last (a row of C channels is
-        contiguous), the padded row fits a tile, and the N samples alone fill the device (N >=
-        its multiprocessors; fewer large samples take the split kernels). The per-group kernels
-        read only CG channels (8-80 bytes) per position of a channels-last tensor, a fraction of
-        each memory sector; this kernel reads whole rows."""
-        if sx[1] != 1 or sy[1] != 1 or not x.is_cuda:
+        """The plan when the rows kernels apply: on a GPU (:func:`multiprocessors`), x and y
+        channels-last (a row of C channels is contiguous) and the padded row fits a tile. The
+        per-group kernels read only CG channels (8-80 bytes) per position of a channels-last
+        tensor, a fraction of each memory sector; these kernels read whole rows. Samples that
+        fill the device alone (N >= multiprocessors: the LVDM's spatial GroupNorms over B·T
+        frames) take one launch. Fewer (its temporal GroupNorms over B·windows videos) are
+        split into chunks, two launches, unless the per-group plan needs one launch and reads
+        whole ``SECTOR_BYTES`` sectors (CG channels of at least 32 bytes: the 512-channel
+        levels in half precision), which then runs instead."""
+        if sx[1] != 1 or sy[1] != 1 or multiprocessors(x) is None:
             return None
         if triton.next_power_of_2(p.G) * triton.next_power_of_2(p.CG) > MAX_TILE:
             return None
-        return cls(p) if p.N >= _sm_count(x.device.index) else None
+        if p.N >= multiprocessors(x):
+            return cls(p, x, 1)
+        if p.num_chunks == 1 and p.CG * x.element_size() >= SECTOR_BYTES:
+            return None  # the per-group kernel: one launch, reading whole sectors
+        return cls(p, x)
 
 
 def _flags(weight, bias, scale, shift, activation) -> dict:
@@ -836,6 +1079,100 @@ def _flags(weight, bias, scale, shift, activation) -> dict:
 def _ptrs(x, weight, bias, scale, shift):
     """Absent parameters are passed as ``x`` (never read: their HAS_* flag is off)."""
     return tuple(x if p is None else p.contiguous() for p in (weight, bias, scale, shift))
+
+
+def _rows_fwd(
+    p: Plan,
+    rows: RowsPlan,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: tuple,
+    add_ptr: torch.Tensor,
+    add_rep: int,
+    stride_add: int,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    flags: dict,
+) -> None:
+    """The channels-last forward: one rows launch, or the split stats + apply launches."""
+    sx, sy = ncs_strides(x), ncs_strides(y)
+    tiles = {"BLOCK_S": rows.BLOCK_S, "BLOCK_G": rows.BLOCK_G, "BLOCK_CG": rows.BLOCK_CG}
+    if rows.num_chunks == 1:
+        _gn_fwd_rows_kernel[(p.N,)](
+            x,
+            y,
+            *_ptrs(x, *params),
+            add_ptr,
+            mean,
+            rstd,
+            add_rep,
+            stride_add,
+            p.C,
+            p.S,
+            p.G,
+            p.CG,
+            p.inv_count,
+            float(eps),
+            sx[0],
+            sx[2],
+            sy[0],
+            sy[2],
+            **tiles,
+            **flags,
+            num_warps=rows.num_warps,
+        )
+        return
+    grid = (p.N, rows.num_chunks)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    mean_part = torch.empty(p.N * p.G, rows.num_chunks, **f32)
+    m2_part = torch.empty(p.N * p.G, rows.num_chunks, **f32)
+    _gn_fwd_rows_stats_kernel[grid](
+        x,
+        add_ptr,
+        mean_part,
+        m2_part,
+        add_rep,
+        stride_add,
+        p.G,
+        p.CG,
+        rows.chunk_s,
+        rows.num_chunks,
+        p.S,
+        sx[0],
+        sx[2],
+        **tiles,
+        HAS_ADD=flags["HAS_ADD"],
+        num_warps=rows.num_warps,
+    )
+    _gn_fwd_rows_apply_kernel[grid](
+        x,
+        y,
+        *_ptrs(x, *params),
+        add_ptr,
+        mean_part,
+        m2_part,
+        mean,
+        rstd,
+        add_rep,
+        stride_add,
+        p.C,
+        p.S,
+        p.G,
+        p.CG,
+        rows.chunk_s,
+        rows.num_chunks,
+        p.inv_count,
+        float(eps),
+        sx[0],
+        sx[2],
+        sy[0],
+        sy[2],
+        **tiles,
+        BLOCK_K=rows.BLOCK_K,
+        **flags,
+        num_warps=rows.num_warps,
+    )
 
 
 def group_norm_fwd(
@@ -857,8 +1194,9 @@ def group_norm_fwd(
     """y (x's shape/dtype, ``out_format``), mean and rstd (fp32, (N, G)) of GroupNorm(x + add):
     ``add`` (N / k, C), row ``n // k`` added to sample n (e.g. one row per video of k frames).
 
-    ``use_rows``: force (True) or forbid (False) the channels-last rows kernel; None chooses
-    (:meth:`RowsPlan.of`)."""
+    ``use_rows``: force (True) or forbid (False) the channels-last rows kernels; None chooses
+    (:meth:`RowsPlan.of`). ``block_s`` and ``num_chunks`` override the plan's tile length and
+    split (tests)."""
     p = Plan(x, num_groups, block_s=block_s, num_chunks=num_chunks)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
     f32 = {"dtype": torch.float32, "device": x.device}
@@ -871,34 +1209,26 @@ def group_norm_fwd(
         add_ptr = add if add.stride(1) == 1 else add.contiguous()
         add_rep, stride_add = p.N // add.shape[0], add_ptr.stride(0)
     flags = {**_flags(weight, bias, scale, shift, activation), "HAS_ADD": add is not None}
-    rows = RowsPlan.of(p, sx, sy, x) if use_rows is None else (RowsPlan(p) if use_rows else None)
+    if use_rows is None:
+        rows = RowsPlan.of(p, sx, sy, x)
+    else:
+        rows = RowsPlan(p, x, num_chunks, block_s) if use_rows else None
     if rows is not None:
         if sx[1] != 1 or sy[1] != 1:
-            raise ValueError("group_norm_fwd: the rows kernel needs channels-last x and y")
-        _gn_fwd_rows_kernel[(p.N,)](
+            raise ValueError("group_norm_fwd: the rows kernels need channels-last x and y")
+        _rows_fwd(
+            p,
+            rows,
             x,
             y,
-            *_ptrs(x, weight, bias, scale, shift),
+            (weight, bias, scale, shift),
             add_ptr,
-            mean,
-            rstd,
             add_rep,
             stride_add,
-            p.C,
-            p.S,
-            p.G,
-            p.CG,
-            p.inv_count,
-            float(eps),
-            sx[0],
-            sx[2],
-            sy[0],
-            sy[2],
-            BLOCK_S=rows.BLOCK_S,
-            BLOCK_G=rows.BLOCK_G,
-            BLOCK_CG=rows.BLOCK_CG,
-            **flags,
-            num_warps=rows.num_warps,
+            mean,
+            rstd,
+            eps,
+            flags,
         )
         return y, mean, rstd
     if p.num_chunks == 1:

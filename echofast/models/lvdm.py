@@ -280,7 +280,7 @@ class LVDM(ModelBase):
     def feature_widths(self) -> dict[str, int]:
         """Columns of :meth:`time_features`, :meth:`context_features` and :meth:`frame_features`."""
         return {
-            "time_features": sum(self._time_projections.sizes),
+            "time_features": sum(self._time_projections.sizes) + self._mix_weights.width,
             "context_features": sum(a.to_out[0].out_features for a in self._feature_attentions),
             "frame_features": sum(tr.in_channels for tr in self._feature_transformers),
         }
@@ -288,8 +288,10 @@ class LVDM(ModelBase):
     def time_features(
         self, timestep: torch.Tensor | float | int, added_time_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Every resblock's time-embedding projection (+ its folded conv bias) for a timestep:
-        (B, P), P = ``feature_widths()["time_features"]``, for ``added_time_ids`` (B, n) and a
+        """Every resblock's time-embedding projection (+ its folded conv bias) for a timestep,
+        then every AlphaBlender's temporal weight ``1 - sigmoid(mix_factor)`` (the same in every
+        row; carried here so that no step computes them): (B, P),
+        P = ``feature_widths()["time_features"]``, for ``added_time_ids`` (B, n) and a
         timestep (a number, or 0-d, (1,) or (B,)). Pass row i of it as ``time_features=`` to a
         call whose sample i has that timestep and ids: the call then skips its time embedding.
         Compute it under the call's autocast state (its dtype is the call's)."""
@@ -301,7 +303,9 @@ class LVDM(ModelBase):
             )
         b = added_time_ids.shape[0]
         timesteps = self._timesteps(timestep, b, added_time_ids.device)
-        return self._time_projections.all(self.time_embed(timesteps, added_time_ids))
+        proj = self._time_projections.all(self.time_embed(timesteps, added_time_ids))
+        mix = self._mix_weights.all(proj.dtype).to(proj.device)
+        return torch.cat([proj, mix.expand(b, -1)], dim=-1)
 
     def context_features(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """Every cross-attention's output for a single-token context: (B, R),
@@ -451,6 +455,7 @@ class LVDM(ModelBase):
         time_features: torch.Tensor | None = None,
         context_features: torch.Tensor | None = None,
         frame_features: torch.Tensor | None = None,
+        channels_last_output: bool = False,
     ) -> SampleOutput | tuple[torch.Tensor]:
         """The denoiser's output (B, T, out_channels, H, W).
 
@@ -464,6 +469,12 @@ class LVDM(ModelBase):
         (B, R), :meth:`context_features` of ``encoder_hidden_states`` (single-token contexts);
         ``frame_features`` (T, Q), :meth:`frame_features` of T frames. Sampling pipelines
         compute them once per run or batch.
+
+        Layouts: ``sample`` is read in place when its frames are already in the activations'
+        layout (``memory_format``) and dtype (autocast's when on), else copied once.
+        ``channels_last_output=True`` returns the output as a view of the frames the last
+        convolution wrote (no copy; in channels-last memory, so not contiguous), for callers
+        that read strided tensors (the sampler's fused step).
         """
         cfg = self.config
         split = conditioning is not None
@@ -529,5 +540,7 @@ class LVDM(ModelBase):
                 upsample_size = tuple(skips[-1].shape[2:])
             x = block(x, res, emb, ctx, t, upsample_size)
         x = self.conv_out(self.conv_norm_out(x))
-        x = x.reshape(b, t, *x.shape[1:]).contiguous()
+        x = x.unflatten(0, (b, t))
+        if not channels_last_output:
+            x = x.contiguous()
         return SampleOutput(sample=x) if return_dict else (x,)

@@ -258,9 +258,11 @@ class TimeEmbedding:
     ``emb``) computed once per timestep.
 
     Precomputed inputs (see ``LVDM.time_features``): ``table`` (B, sum of the projections'
-    sizes) holds every projection already, so ``emb`` may be None; ``features`` maps a module
-    to a value the caller computed for it beforehand (a transformer's frame-position embedding,
-    a cross-attention's single-key output rows), see :meth:`feature`.
+    sizes [+ the ``mixers``' width]) holds every projection already, so ``emb`` may be None,
+    and the blenders' weights in its last columns (row 0's: every row has the same);
+    ``features`` maps a module to a value the caller computed for it beforehand (a
+    transformer's frame-position embedding, a cross-attention's single-key output rows), see
+    :meth:`feature`.
     """
 
     def __init__(
@@ -288,7 +290,10 @@ class TimeEmbedding:
         self._all = None
         self._folds = {} if projections is None else projections.folds
         if table is not None and projections is not None:
-            self._all = projections.split(table)
+            width = sum(projections.sizes)
+            self._all = projections.split(table[:, :width])
+            if mixers is not None and table.shape[1] == width + mixers.width:
+                self._mix[table.dtype] = mixers.split(table[0, width:])
         elif projections is not None:
             folded = tuple(c for c in projections.folds.values() if c is not None)
             self._all = self.memo.get(

@@ -325,13 +325,31 @@ class MixWeights:
         if len(self.blenders) > 1:
             pack_rows([b.mix_factor for b in self.blenders])
 
+    @property
+    def width(self) -> int:
+        """The number of blenders: :meth:`all`'s length."""
+        return len(self.blenders)
+
+    def _packed(self) -> bool:
+        params = [b.mix_factor for b in self.blenders]
+        return len(params) > 1 and eager_inference() and adjacent(params)
+
+    def all(self, dtype: torch.dtype) -> torch.Tensor:
+        """(n,) every blender's ``1 - a`` in ``dtype``, in order: one computation when packed,
+        else one per blender (same rounding). Split by :meth:`split`."""
+        if self._packed():
+            return 1.0 - torch.sigmoid(concat_view([b.mix_factor for b in self.blenders])).to(dtype)
+        if not self.blenders:
+            return torch.zeros(0, dtype=dtype)
+        return torch.cat([b.temporal_weight(dtype) for b in self.blenders])
+
+    def split(self, weights: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """{blender: its (1,) element of ``weights`` (n,)} as views."""
+        return dict(zip(self.blenders, weights.split(1)))
+
     def compute(self, dtype: torch.dtype) -> dict[nn.Module, torch.Tensor] | None:
         """{blender: its (1,) ``1 - a`` in ``dtype``} as views of one tensor, or None."""
-        params = [b.mix_factor for b in self.blenders]
-        if len(params) < 2 or not eager_inference() or not adjacent(params):
-            return None
-        weights = 1.0 - torch.sigmoid(concat_view(params)).to(dtype)
-        return dict(zip(self.blenders, weights.split(1)))
+        return self.split(self.all(dtype)) if self._packed() else None
 
 
 def _temporal_weight(

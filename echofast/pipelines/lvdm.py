@@ -45,6 +45,13 @@ class LVDMPipelineOutput(ModelOutput):
     latents: torch.Tensor
 
 
+def echofast_lvdm(model: torch.nn.Module) -> LVDM | None:
+    """The echofast LVDM that ``model`` calls: itself, or the module a ``torch.compile`` wrapper
+    compiled (its calls then take the same precomputed inputs); None for other UNets."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, LVDM) else None
+
+
 def window_plan(num_frames: int, window: int) -> tuple[int, list[int]]:
     """(padded length, window starts) for a video of ``num_frames`` and windows of ``window``.
 
@@ -207,7 +214,10 @@ class LVDMPipeline(SamplingPipeline):
         kwargs = {"encoder_hidden_states": ehs, "added_time_ids": ids}
         split = hasattr(self.lvdm, "conditioning_features")
         hp, wp = h + 2 * pad, w + 2 * pad
-        x = self._inputs.get("x", (n, window, c if split else 2 * c, hp, wp), f32, device)
+        lvdm = echofast_lvdm(model)
+        x = self._unet_input(lvdm, (n, window, c if split else 2 * c, hp, wp), device, dtype)
+        if lvdm is not None:
+            kwargs["channels_last_output"] = True  # window_step reads it strided
         cond = pad_replicate(cond, pad)
         if split:  # conv_in's conditioning half, once per batch (fp32, bias included)
             feats = self.lvdm.conditioning_features(cond).repeat_interleave(n_win, dim=0)
@@ -226,7 +236,7 @@ class LVDMPipeline(SamplingPipeline):
         coeffs, needs_noise, steps, noise_source, watch = self._step_plan(
             timesteps, b, gens, tuple(latents.shape), device, "LVDM latent", indices
         )
-        time_table = self._precompute(model, kwargs, steps, window, dtype)
+        time_table = self._precompute(lvdm, kwargs, steps, window, dtype)
         clip = self.scheduler.clip_bound
         for step in range(len(timesteps)):
             if time_table is not None:
@@ -243,16 +253,34 @@ class LVDMPipeline(SamplingPipeline):
         watch.check()
         return latents
 
+    def _unet_input(
+        self, model: LVDM | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The persistent UNet input (n, T, C, H, W). For echofast's LVDM in the layout and
+        dtype its first convolution reads (frames in its ``memory_format``, the call's dtype:
+        window_step writes it so, and a call neither copies nor casts it); fp32 and contiguous
+        for other UNets (``model`` None: the reference's way)."""
+        if model is None:
+            return self._inputs.get("x", shape, torch.float32, device)
+        with unet_precision(device, dtype):
+            call_dtype = model._call_dtype(device)
+        n, t, c, h, w = shape
+        stride = None
+        if model.memory_format == torch.channels_last:
+            stride = (t * h * w * c, h * w * c, 1, w * c, c)
+        return self._inputs.get("x", shape, call_dtype, device, stride)
+
     def _precompute(
-        self, model, kwargs: dict, steps: torch.Tensor, window: int, dtype: torch.dtype
+        self, model: LVDM | None, kwargs: dict, steps: torch.Tensor, window: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
         """For echofast's LVDM: the run's constant work, done once instead of at every step
         (:meth:`~echofast.models.LVDM.time_features` and its siblings, under the steps'
         autocast state). Puts ``context_features``, ``frame_features`` and the ``time_features``
         input (filled per step from the returned (S, P) table, one row per step: every sample
         has the same added time ids) into ``kwargs``, as persistent tensors a CUDA graph reads in
-        place. Returns the table, or None for other UNets (nothing precomputed)."""
-        if not isinstance(model, LVDM):
+        place. Returns the table, or None for other UNets (``model`` None: nothing
+        precomputed)."""
+        if model is None:
             return None
         ehs, ids = kwargs["encoder_hidden_states"], kwargs["added_time_ids"]
         n, device = ids.shape[0], ids.device

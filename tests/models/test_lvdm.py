@@ -22,6 +22,7 @@ from echofast.models import LVDM
 from echofast.nn import Attention
 from echofast.ops import registered_ops, use_backend
 from echofast.pipelines import LVDMPipeline
+from echofast.pipelines.lvdm import echofast_lvdm
 
 TOL = 1e-5
 FEATURES = ("time_features", "context_features", "frame_features")
@@ -481,6 +482,16 @@ def test_precomputed_features_give_the_same_outputs_and_skip_their_work(
     gemms = plain_ops.ops["addmm"] + plain_ops.ops["mm"] - pre_ops.ops["addmm"] - pre_ops.ops["mm"]
     assert gemms == 2 * transformers + 2 * attns + 4 + 1
     assert pre_ops.ops["sin"] == pre_ops.ops["cos"] == 0  # no sinusoidal features at all
+    # the blenders' weights ride in the time table's last columns: no sigmoid in the call
+    blenders = sum(isinstance(m, st.AlphaBlender) for m in ours.modules())
+    projections = sum(ours._time_projections.sizes)
+    assert widths["time_features"] == projections + blenders
+    want = torch.cat([b.temporal_weight(torch.float32) for b in ours._mix_weights.blenders])
+    # (one vectorised sigmoid for all of them may round the last bit unlike 1-element ones)
+    torch.testing.assert_close(
+        feats["time_features"][:, projections:], want.expand(2, -1), rtol=1e-6, atol=0
+    )
+    assert plain_ops.ops["sigmoid"] >= 1 and pre_ops.ops["sigmoid"] == 0
 
 
 def ids_per_sample(model: LVDM) -> int:
@@ -500,6 +511,31 @@ def test_precomputed_features_under_autocast_match_the_call():
         assert torch.equal(copy(x, 500, ctx, ids, **feats).sample, copy(x, 500, ctx, ids).sample)
         with pytest.raises(ValueError, match="frame_features must be"):
             copy(x, 500, ctx, ids, frame_features=feats["frame_features"].float())
+
+
+def test_inputs_in_the_activation_layout_are_read_in_place_and_outputs_can_stay_there():
+    """Under bf16 autocast (the autocast copy the pipelines call), a sample whose frames are
+    already channels-last bf16 (as window_step writes the pipeline's input) costs no copy or cast;
+    ``channels_last_output=True`` returns the same values as a view of the last conv's frames."""
+    ours = LVDM.from_config(LVDM_SMALL_CONFIG).eval().autocast_copy(torch.bfloat16)
+    x, ctx, ids = _inputs(2, 4, 8, seed=25)
+    b, t, c, h, w = x.shape
+    frames = x.bfloat16().flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    x_cl = frames.unflatten(0, (b, t))
+    assert not x_cl.is_contiguous()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ours(x, 500, ctx, ids).sample
+        ops = _OpCount()
+        with ops:
+            out = ours(x_cl, 500, ctx, ids, channels_last_output=True).sample
+        plain_ops = _OpCount()
+        with plain_ops:
+            ours(x, 500, ctx, ids)
+    assert torch.equal(out, plain)  # the input rounding is the cast autocast makes
+    assert out.shape == plain.shape and not out.is_contiguous()
+    assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    copies = ("clone", "_to_copy", "copy_")
+    assert sum(plain_ops.ops[k] for k in copies) - sum(ops.ops[k] for k in copies) == 3
 
 
 def test_precomputed_features_are_checked(pair, general_pair):
@@ -555,3 +591,45 @@ def test_pipeline_precomputes_run_constant_work_and_matches_per_call_work(monkey
     assert all(v is None for c in calls for v in c.values())
     # the table's GEMMs run on all steps' rows at once: rounding differs from per-call GEMMs
     assert rel_err(precomputed, per_call) <= TOL
+
+
+def test_pipeline_input_is_in_the_models_layout_and_dtype():
+    """The persistent UNet input: for echofast's LVDM in its conv_in's layout (channels-last
+    frames) and the call's dtype (autocast's), so a step neither copies nor casts it; fp32 and
+    contiguous for another UNet (the reference's way)."""
+    ours = LVDM.from_config(TINY_LVDM).eval()
+    pipe = LVDMPipeline(ours)
+    shape, cpu = (3, 8, 4, 10, 10), torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = pipe._unet_input(ours, shape, cpu, dtype)
+        assert x.shape == shape and x.dtype == dtype
+        assert x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    x = pipe._unet_input(None, shape, cpu, torch.bfloat16)
+    assert x.dtype == torch.float32 and x.is_contiguous()
+
+
+def test_pipeline_gives_a_compiled_lvdm_the_precomputed_inputs(monkeypatch):
+    """A ``torch.compile``'d LVDM (the benchmark's echofast+compile) is called with the same
+    precomputed features and layouts as the plain one, and samples the same latents."""
+    import torch._dynamo
+
+    ours = LVDM.from_config(TINY_LVDM).eval()
+    cond = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(16))
+    kw = dict(num_frames=8, seed=4, num_inference_steps=2, output_type="latent", progress=False)
+    plain = LVDMPipeline(ours)(cond, [55.0], **kw).latents
+    calls = []
+    forward = ours.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="eager", dynamic=False)
+    assert echofast_lvdm(compiled) is ours and echofast_lvdm(ours) is ours
+    latents = LVDMPipeline(compiled)(cond, [55.0], **kw).latents
+    torch._dynamo.reset()
+    assert calls and all(c["time_features"] is not None for c in calls)
+    assert all(c["channels_last_output"] for c in calls)
+    torch.testing.assert_close(latents, plain, rtol=1e-5, atol=1e-5)

@@ -181,6 +181,9 @@ SHAPES = {
     # program; LVDM frames, and an odd CG = 10 with S = 35 over several row tiles)
     "rows_lvdm_frames": ((320, 320, 16, 16), 32, torch.channels_last),
     "rows_odd": ((264, 30, 5, 7), 3, torch.channels_last),
+    # N < the multiprocessors, channels-last: the split rows kernels (stats + apply per sample
+    # chunk; the LVDM's temporal GroupNorm over 5 windows of 64 frames at the top level)
+    "rows_lvdm_temporal": ((5, 128, 64, 16, 16), 32, torch.channels_last_3d),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Each case compiles its own kernel variants (~1 s on a GPU), so: every shape in every dtype with
@@ -218,22 +221,34 @@ def test_gpu_statistics_fp32_with_large_mean(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_rows_kernel_is_chosen_and_matches_the_group_kernels(dtype):
-    """On the LVDM's frame-batched channels-last shapes the launcher picks the rows kernel; with
-    a row-strided time-projection add it gives the per-group kernels' y, mean and rstd."""
+@pytest.mark.parametrize("shape_name", ["rows_lvdm_frames", "rows_lvdm_temporal"])
+def test_gpu_rows_kernel_is_chosen_and_matches_the_group_kernels(dtype, shape_name):
+    """On the LVDM's channels-last shapes the launcher picks the rows kernels (one launch for
+    the frame batch, the split for the 5 videos); with a row-strided time-projection add they
+    give the per-group kernels' y, mean and rstd."""
     from echofast.kernels import group_norm as k
 
-    shape, groups, fmt = SHAPES["rows_lvdm_frames"]
+    shape, groups, fmt = SHAPES[shape_name]
     tensors, _ = make_inputs(shape, "cuda", dtype, fmt=fmt, seed=5)
     x, w, b, _, _ = tensors
     sx = k.ncs_strides(x)
-    assert k.RowsPlan.of(k.Plan(x, groups), sx, sx, x) is not None
-    add = torch.randn(shape[0] // 64, 2 * shape[1], device="cuda", dtype=dtype)[:, 7 : 7 + 320]
+    plan = k.RowsPlan.of(k.Plan(x, groups), sx, sx, x)
+    assert plan is not None
+    n, s = shape[0], x.numel() // (shape[0] * shape[1])
+    want = 1  # the frame batch fills the device: one launch
+    if n < k.multiprocessors(x):  # about PROGRAMS_PER_SM programs per multiprocessor
+        cap = min(k.MAX_ROW_PARTIALS // plan.BLOCK_G, -(-s // plan.BLOCK_S))
+        want = min(-(-k.target_programs(x) // n), cap)
+        assert want > 1
+    assert plan.num_chunks == want
+    n, c = shape[:2]
+    rows_add = max(1, n // 64)
+    add = torch.randn(rows_add, 2 * c, device="cuda", dtype=dtype)[:, 7 : 7 + c]
     args = (x, groups, w, b, EPS, "silu", None, None, fmt)
-    rows = k.group_norm_fwd(*args, add=add, use_rows=True)
+    rows = k.group_norm_fwd(*args, add=add)
     per_group = k.group_norm_fwd(*args, add=add, use_rows=False)
     scale = per_group[0].abs().max().item()
     bound = (1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps) * scale
     assert max_err(rows[0], per_group[0].double()) <= bound
-    for got, want in zip(rows[1:], per_group[1:]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(rows[1:], per_group[1:]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -309,7 +309,10 @@ ROWS_CASES = [
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize(("shape", "groups"), ROWS_CASES, ids=str)
 @pytest.mark.parametrize("with_add", [False, True], ids=["no_add", "add"])
-def test_rows_kernel_matches_the_reference_and_the_group_kernels(shape, groups, with_add):
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-launch", "split"])
+def test_rows_kernel_matches_the_reference_and_the_group_kernels(shape, groups, with_add, chunks):
+    """Whole-row tiles, in one launch per sample or split into 3 chunks per sample (stats, then
+    apply; 4-position tiles so that chunks span several tiles and the last one is ragged)."""
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     tensors, _ = _inputs(shape, groups, fmt=fmt, seed=len(shape) + groups)
     x, w, b, scale, shift = tensors
@@ -318,7 +321,10 @@ def test_rows_kernel_matches_the_reference_and_the_group_kernels(shape, groups, 
     if with_add:  # row-strided, one row per sample
         add = (torch.randn(n, c + 9, generator=torch.Generator().manual_seed(3)) * 2)[:, 4 : 4 + c]
     args = (x, groups, w, b, 1e-5, "silu", scale, shift, fmt)
-    rows = kernels.group_norm_fwd(*args, add=add, use_rows=True)
+    plan = {"num_chunks": chunks, "block_s": 4 if chunks > 1 else None}
+    rows_plan = kernels.RowsPlan(kernels.Plan(x, groups), x, **plan)
+    assert rows_plan.num_chunks == chunks
+    rows = kernels.group_norm_fwd(*args, add=add, use_rows=True, **plan)
     per_group = kernels.group_norm_fwd(*args, add=add, use_rows=False)
     ref = group_norm_reference(
         x, groups, w, b, activation="silu", scale=scale, shift=shift, add=add
@@ -335,6 +341,51 @@ def test_rows_kernel_matches_the_reference_and_the_group_kernels(shape, groups, 
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("chunks", [1, 5], ids=["one-launch", "split"])
+def test_rows_kernels_launch_count_and_large_mean(chunks, monkeypatch):
+    """One chunk: the rows kernel alone; several: stats + apply and never the one-launch kernel
+    (nor a per-group kernel). |mean| >> std over 5 chunks of unequal length: the chunk merge
+    keeps the variance."""
+    shape, groups = (2, 16, 3, 5, 7), 4  # S = 105: chunks of 24, 24, 24, 24, 9 positions
+    tensors, _ = _inputs(shape, groups, fmt=torch.channels_last_3d, seed=41)
+    x, w, b, _, _ = tensors
+    x = (x * 10 + 100).contiguous(memory_format=torch.channels_last_3d)
+    launched = []
+    names = [
+        "_gn_fwd_rows_kernel",
+        "_gn_fwd_rows_stats_kernel",
+        "_gn_fwd_rows_apply_kernel",
+        "_gn_fwd_fused_kernel",
+        "_gn_fwd_stats_kernel",
+        "_gn_fwd_apply_kernel",
+    ]
+    for name in names:
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                launched.append((name, tuple(grid)))
+                return kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Spy())
+    args = (x, groups, w, b, 1e-5, None, None, None, torch.channels_last_3d)
+    y, mean, rstd = kernels.group_norm_fwd(*args, use_rows=True, num_chunks=chunks, block_s=8)
+    if chunks == 1:
+        assert launched == [("_gn_fwd_rows_kernel", (2,))]
+    else:
+        assert launched == [
+            ("_gn_fwd_rows_stats_kernel", (2, 5)),
+            ("_gn_fwd_rows_apply_kernel", (2, 5)),
+        ]
+    assert _rel(y, group_norm_reference(x, groups, w, b)) <= 1e-5
+    xg = x.double().reshape(2, groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rows_kernel_half_precision(dtype):
     tensors, _ = _inputs((4, 64, 6, 6), 32, dtype=dtype, fmt=torch.channels_last, seed=9)
@@ -347,9 +398,11 @@ def test_rows_kernel_half_precision(dtype):
 
 
 @pytest.mark.usefixtures("interpret")
-def test_rows_kernel_choice():
-    """Chosen only for channels-last x and y on CUDA with N >= the multiprocessors (never on
-    CPU); forcing it on a channels-first tensor is an error."""
+def test_rows_kernel_choice(monkeypatch):
+    """Chosen only for channels-last x and y on a GPU (never on CPU): one launch when the N
+    samples fill its multiprocessors, else about PROGRAMS_PER_SM programs per multiprocessor,
+    at most MAX_ROW_PARTIALS // BLOCK_G chunks; forcing it on a channels-first tensor is an
+    error."""
     x = torch.randn(2, 64, 4, 4)
     with pytest.raises(ValueError, match="channels-last"):
         kernels.group_norm_fwd(
@@ -359,5 +412,23 @@ def test_rows_kernel_choice():
     cl = x.contiguous(memory_format=torch.channels_last)
     sx = kernels.ncs_strides(cl)
     assert kernels.RowsPlan.of(p, sx, sx, cl) is None  # CPU
-    rows = kernels.RowsPlan(kernels.Plan(torch.empty(8, 320, 16, 16), 32))
+    frames = torch.empty(8, 320, 16, 16)
+    rows = kernels.RowsPlan(kernels.Plan(frames, 32), frames)
     assert (rows.BLOCK_G, rows.BLOCK_CG, rows.BLOCK_S, rows.num_warps) == (32, 16, 8, 8)
+    # as on an H100/H200 (132 multiprocessors)
+    monkeypatch.setattr(kernels, "multiprocessors", lambda t: 132)
+    monkeypatch.setattr(kernels, "target_programs", lambda t: 132 * kernels.PROGRAMS_PER_SM)
+    frames = torch.empty(320, 128, 16, 16).contiguous(memory_format=torch.channels_last)
+    sx = kernels.ncs_strides(frames)
+    assert kernels.RowsPlan.of(kernels.Plan(frames, 32), sx, sx, frames).num_chunks == 1
+    videos = torch.empty(5, 128, 64, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    sx = kernels.ncs_strides(videos)
+    split = kernels.RowsPlan.of(kernels.Plan(videos, 32), sx, sx, videos)
+    # 528 programs wanted, 106 chunks per sample: capped at 2048 // 32 = 64 chunks of 256 rows
+    assert (split.BLOCK_S, split.num_chunks, split.chunk_s, split.BLOCK_K) == (32, 64, 256, 64)
+    videos = torch.empty(40, 128, 64, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    sx = kernels.ncs_strides(videos)
+    split = kernels.RowsPlan.of(kernels.Plan(videos, 32), sx, sx, videos)
+    assert (split.num_chunks, split.chunk_s) == (14, 1184)
+    sx = kernels.ncs_strides(videos.contiguous())
+    assert kernels.RowsPlan.of(kernels.Plan(videos, 32), sx, sx, videos) is None

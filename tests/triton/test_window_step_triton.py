@@ -87,6 +87,46 @@ def test_matches_reference(device, shape, scheduler, pred_dtype):
     torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
 
 
+def _frames_last(t: torch.Tensor) -> torch.Tensor:
+    """(N, T, C, H, W) with channels-last frames (the LVDM's activation layout), same values."""
+    return t.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, t.shape[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_frames_prediction_and_next_input(device):
+    """The pipeline's layout for echofast's LVDM: the UNet output is a view of its channels-last
+    frames and the next input is written into channels-last frames (fp16 here): same values as
+    the contiguous layout, and the conditioning channels are left alone."""
+    shape = SHAPES[1]
+    s = DDPMScheduler(prediction_type="v_prediction", clip_sample=True)
+    s.set_timesteps(10)
+    t = int(s.timesteps[2])
+    pred, latents, noise, tables, nxt_shape = case(*shape, device, torch.float16, seed=5)
+    coeffs = s.step_coefficients(t, latents.shape[0]).to(device)
+    outs = {}
+    for layout in ("contiguous", "frames_last"):
+        p = pred if layout == "contiguous" else _frames_last(pred)
+        nxt = torch.full(nxt_shape, 3.0, device=device, dtype=torch.float16)
+        if layout == "frames_last":
+            nxt = _frames_last(nxt)
+            assert not nxt.is_contiguous() and not p.is_contiguous()
+        out = window_step(
+            p,
+            latents,
+            coeffs,
+            noise,
+            *tables,
+            pad=1,
+            clip=s.clip_bound,
+            next_input=nxt,
+            backend="triton",
+        )
+        outs[layout] = (out, nxt)
+    torch.testing.assert_close(outs["frames_last"][0], outs["contiguous"][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs["frames_last"][1], outs["contiguous"][1], rtol=0, atol=0)
+    assert (outs["frames_last"][1][:, :, shape[3] :] == 3.0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs on the GPU only")
 def test_bf16_prediction_on_gpu():
