@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from echofast import benchmark
+from echofast import benchmark_measure
 
 
 def git_sha() -> str:
     """The code's version: ``$ECHOFAST_GIT_SHA``, else ``git describe --always --dirty`` (see
-    :func:`echofast.benchmark.git_sha`), else "unknown"."""
-    return benchmark.git_sha()
+    :func:`echofast.benchmark_measure.git_sha`), else "unknown"."""
+    return benchmark_measure.git_sha()
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:

@@ -101,11 +101,13 @@ def lvdm_call(
     way), echofast through its ``autocast_copy`` (as its pipelines)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import echofast.nn.attention as attention_nn
-    from echofast import benchmark
+    from echofast import benchmark, benchmark_reference
 
     cfg = {**config, "num_frames": frames}
     configs = {**benchmark._reference_configs(), "lvdm": cfg}
-    models = benchmark.build_models(configs, torch.device("cpu"), with_diffusers=impl != "echofast")
+    models = benchmark_reference.build_models(
+        configs, torch.device("cpu"), with_diffusers=impl != "echofast"
+    )
     model = models.d_lvdm if impl == "diffusers" else models.lvdm
     if autocast is not None and impl != "diffusers":
         model = model.autocast_copy(autocast)

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
-from echofast.benchmark import TINY_CONFIGS, _reference_configs, build_models
+from echofast.benchmark import TINY_CONFIGS, _reference_configs
+from echofast.benchmark_reference import build_models
 
 MIB = 2**20
 

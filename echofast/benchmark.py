@@ -43,15 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
-import math
-import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,9 +53,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from . import __version__
+from .benchmark_measure import (
+    PhaseClock,
+    Timing,
+    card_slug,
+    count_flops,
+    count_kernels,
+    environment,
+    format_kernel_times,
+    gemm_ceiling,
+    time_call,
+)
+from .benchmark_reference import (
+    REFERENCE_DECODE_CHUNK,
+    Models,
+    autocast_context,
+    build_models,
+    diffusers_scheduler,
+    reference_decode,
+    reference_lidm,
+    reference_lvdm,
+    reference_pad,
+)
 from .benchmark_rows import (
     CSV_FIELDS,
     RowJournal,
@@ -100,514 +113,7 @@ SMOKE_PLAN = Plan(
     "smoke", frames=12, steps=2, batch_sizes=(1, 2), repeats=1, warmup=1, unet_repeats=1
 )
 
-#: The reference decodes 8 frames per VAE call and moves each chunk to the CPU.
-REFERENCE_DECODE_CHUNK = 8
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ---- environment -------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    """``$ECHOFAST_GIT_SHA`` if set (a copy of the tree without its .git, as on a lent GPU machine),
-    else ``git describe --always --dirty`` of the working directory's checkout, else of the
-    package's source tree, else "unknown"."""
-    if os.environ.get("ECHOFAST_GIT_SHA"):
-        return os.environ["ECHOFAST_GIT_SHA"]
-    for cwd in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(
-                ["git", "describe", "--always", "--dirty"],
-                capture_output=True,
-                text=True,
-                cwd=cwd,
-                timeout=20,
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    return "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo where it exists)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def card_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu: <model>``."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu: {cpu_name()}"
-
-
-def card_slug(card: str) -> str:
-    """A file-name-safe card name: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
-    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown"
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """The columns every row carries: card, device, versions, git revision."""
-    return {
-        "card": card_name(device),
-        "device": str(device),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda or "",
-        "diffusers": _version("diffusers"),
-        "echofast": __version__,
-        "git_sha": git_sha(),
-    }
-
-
-# ---- timing ------------------------------------------------------------------------------------
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of ``values`` (linear interpolation between order statistics)."""
-    if not values:
-        raise ValueError("quantile of no values")
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-@dataclass
-class Timing:
-    """Seconds of repeated runs: median, 20th and 80th percentiles."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return quantile(self.samples, 0.5)
-
-    @property
-    def p20(self) -> float:
-        return quantile(self.samples, 0.2)
-
-    @property
-    def p80(self) -> float:
-        return quantile(self.samples, 0.8)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Seconds per ``fn(i)`` call (``i`` counts calls, to rotate inputs): CUDA events on a GPU,
-    ``perf_counter`` around a synchronised call on CPU; ``warmup`` untimed calls first."""
-    for i in range(warmup):
-        fn(i)
-    synchronize(device)
-    samples = []
-    for i in range(warmup, warmup + repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            samples.append(time.perf_counter() - t0)
-    return Timing(samples)
-
-
-class PhaseClock:
-    """Wall time of consecutive phases of one run, the device synchronised at each boundary."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.phases: dict[str, float] = {}
-        synchronize(device)
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
-        self._last = now
-
-
-# ---- FLOPs, kernels, GEMM ceiling --------------------------------------------------------------
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of ``fn()`` by ``FlopCounterMode``, attention decomposed by SDPA's MATH backend (the
-    fused CPU/GPU attention kernels are not counted otherwise)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-KERNEL_KINDS: tuple[tuple[str, str], ...] = (
-    ("triton GroupNorm", r"_gn_"),
-    ("triton attention", r"_attn_"),
-    ("triton GEGLU", r"_geglu_"),
-    ("triton window step", r"_window_"),
-    ("triton LayerNorm", r"_layer_norm_fwd"),
-    ("convolution", r"conv|fprop|dgrad|wgrad"),
-    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
-    ("attention (library)", r"fmha|flash|attention|softmax"),
-    ("layer norm", r"layer_?norm"),
-    ("group norm (library)", r"group_?norm"),
-    ("concatenation", r"\bcat|catarray"),
-    # "nocast" in an elementwise kernel's name is the TensorIterator path, not a cast
-    ("copy / cast", r"direct_copy|copy_kernel|contiguous|nchwtonhwc|nhwctonchw|(?<!no)cast"),
-    # PyTorch's non-vectorised path: broadcasts (a conv bias over channels-last, a (1,) weight)
-    # and non-contiguous operands
-    ("elementwise, strided", r"(?<![a-z_])elementwise_kernel<"),
-    ("elementwise / reduction", r"elementwise|vectorized|unrolled|reduce"),
-)
-"""(kind, regular expression on the lower-cased kernel name), first match wins."""
-
-_FUNCTOR = re.compile(r"\w*(?:functor|_kernel_cuda|lambda)\w*", re.IGNORECASE)
-
-
-def short_kernel_name(name: str, width: int = 110) -> str:
-    """A kernel name cut to about ``width`` characters, keeping what tells PyTorch's templated
-    elementwise kernels apart: the functors named in the cut part."""
-    if len(name) <= width:
-        return name
-    head = name[: width - 40]
-    functors = list(dict.fromkeys(_FUNCTOR.findall(name[len(head) :])))
-    tail = ", ".join(functors)[:38]
-    return f"{head} .. {tail}" if tail else head
-
-
-def kernel_kind(name: str) -> str:
-    """The kind of a CUDA kernel from its name (see :data:`KERNEL_KINDS`), else "other"."""
-    low = name.lower()
-    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
-
-
-def kernel_time_table(kernels: Sequence[tuple[str, float]]) -> dict[str, Any]:
-    """From (kernel name, device microseconds) pairs of one call: the totals per kind
-    ``{kind: (calls, us)}`` and the kernels ``[(name, calls, us)]``, longest first."""
-    per_name: dict[str, list[float]] = {}
-    for name, us in kernels:
-        acc = per_name.setdefault(name, [0, 0.0])
-        acc[0] += 1
-        acc[1] += us
-    kinds: dict[str, list[float]] = {}
-    for name, (calls, us) in per_name.items():
-        acc = kinds.setdefault(kernel_kind(name), [0, 0.0])
-        acc[0] += calls
-        acc[1] += us
-    by_time = sorted(((n, int(c), t) for n, (c, t) in per_name.items()), key=lambda r: -r[2])
-    return {
-        "kinds": {k: (int(c), t) for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])},
-        "kernels": by_time,
-    }
-
-
-def format_kernel_times(table: dict[str, Any], top: int = 10) -> list[str]:
-    """Lines: GPU time per kind of kernel, then the ``top`` longest kernels (name shortened)."""
-    total = sum(t for _, t in table["kinds"].values()) or 1.0
-    lines = [f"GPU time of one call by kind ({total / 1e3:.2f} ms in kernels):"]
-    for kind, (calls, us) in table["kinds"].items():
-        share = 100 * us / total
-        lines.append(f"  {kind:<26} {us / 1e3:8.3f} ms {share:5.1f} %  {calls:5d} kernels")
-    lines.append(f"longest {top} kernels:")
-    for name, calls, us in table["kernels"][:top]:
-        lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {short_kernel_name(name)}")
-    return lines
-
-
-def count_kernels(
-    fn: Callable[[], Any], device: torch.device
-) -> tuple[int, str, dict[str, Any] | None]:
-    """(count, what, times) for one ``fn()`` call: on a GPU the CUDA kernels it launches
-    (profiler; memcpy/memset not counted) and their device time by kind
-    (:func:`kernel_time_table`); on CPU the ATen ops it dispatches (each runs one CPU kernel),
-    counted by a dispatch mode, which is much cheaper than parsing a CPU profile, and no times."""
-    if device.type != "cuda":
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class _OpCounter(TorchDispatchMode):
-            count = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.count += 1
-                return func(*args, **(kwargs or {}))
-
-        with _OpCounter() as counter:
-            fn()
-        return counter.count, "ATen ops dispatched (CPU: no CUDA kernels)", None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        synchronize(device)
-    events = prof.events()
-    kernels = [
-        (e.name, e.time_range.end - e.time_range.start)
-        for e in events
-        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-    ]
-    if kernels:
-        return len(kernels), "CUDA kernels", kernel_time_table(kernels)
-    # no device activity recorded (CUPTI unavailable): count the launches on the host side
-    launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
-    n = sum(1 for e in events if e.name in launches)
-    return n, "CUDA kernel launches (runtime API; no device trace)", None
-
-
-def gemm_ceiling(device: torch.device, repeats: int = 10) -> tuple[Timing, float, str]:
-    """A large matrix product on random data: (timing, FLOPs per product, label). bf16
-    8192×8192×8192 on a GPU (the spec's ceiling); fp32 512³ on CPU (smoke only)."""
-    if device.type == "cuda":
-        n, dtype, label = 8192, torch.bfloat16, "gemm/bf16-8192"
-    else:
-        n, dtype, label = 512, torch.float32, "gemm/fp32-512-cpu"
-    g = torch.Generator(device=device).manual_seed(0)
-    mats = [torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(4)]
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    timing = time_call(
-        lambda i: torch.mm(mats[i % 2], mats[2 + i % 2], out=out), device, 3, repeats
-    )
-    return timing, 2.0 * n**3, label
-
-
-# ---- models ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    """echofast's models and, when diffusers is installed, diffusers' with the same weights."""
-
-    vae: Any
-    lidm: Any
-    lvdm: Any
-    d_vae: Any = None
-    d_lidm: Any = None
-    d_lvdm: Any = None
-    source: str = ""
-    diffusers_missing: str = ""
-
-
-def _diffusers_classes() -> tuple[Any, Any, Any] | str:
-    try:
-        from diffusers import AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
-    except ImportError as err:
-        return f"diffusers is not importable ({err}); pip install diffusers for the baselines"
-    return AutoencoderKL, UNet2DModel, UNetSpatioTemporalConditionModel
-
-
-def build_models(
-    configs: dict[str, dict[str, Any]] | None,
-    device: torch.device,
-    *,
-    weights: str | None = None,
-    dataset: str = "dynamic",
-    seed: int = 0,
-    with_diffusers: bool = True,
-) -> Models:
-    """echofast VAE/LIDM/LVDM from ``configs`` with random weights (seeded), or from a weights
-    root; diffusers' models get the same weights (their state-dict keys are echofast's)."""
-    from .models import LIDM, LVDM, VAE
-
-    classes = _diffusers_classes() if with_diffusers else "baselines not requested"
-    if weights is not None:
-        from .pipelines import EchoSyntheticPipeline
-
-        folders = EchoSyntheticPipeline.folders(weights, dataset)
-        ours = {
-            "vae": VAE.from_pretrained(folders["vae"]),
-            "lidm": LIDM.from_pretrained(folders["lidm"]),
-            "lvdm": LVDM.from_pretrained(folders["lvdm"]),
-        }
-        source = f"weights {weights} ({dataset})"
-    else:
-        if configs is None:
-            raise ValueError("build_models needs configs or weights")
-        torch.manual_seed(seed)
-        ours = {
-            "vae": VAE.from_config(configs["vae"]),
-            "lidm": LIDM.from_config(configs["lidm"]),
-            "lvdm": LVDM.from_config(configs["lvdm"]),
-        }
-        source = f"random weights (seed {seed})"
-    theirs: dict[str, Any] = {}
-    if not isinstance(classes, str):
-        for name, cls in zip(("vae", "lidm", "lvdm"), classes):
-            model = cls.from_config(dict(ours[name].config))
-            model.load_state_dict(ours[name].state_dict())
-            theirs[name] = model.to(device).eval()
-    return Models(
-        vae=ours["vae"].to(device).eval(),
-        lidm=ours["lidm"].to(device).eval(),
-        lvdm=ours["lvdm"].to(device).eval(),
-        d_vae=theirs.get("vae"),
-        d_lidm=theirs.get("lidm"),
-        d_lvdm=theirs.get("lvdm"),
-        source=source,
-        diffusers_missing=classes if isinstance(classes, str) else "",
-    )
-
-
-# ---- the reference's way (diffusers modules only) ----------------------------------------------
-
-
-def _randn(
-    shape: tuple[int, ...],
-    generator: torch.Generator | Sequence[torch.Generator],
-    device: torch.device,
-) -> torch.Tensor:
-    """Standard normal fp32 on ``device``; a list of generators draws one sample each."""
-    if isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=generator.device).to(device)
-    return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _reference_pad(size: int, levels: int) -> int:
-    """The reference's ``(m - size % m) // 2`` for a UNet downsampling by ``m = 2**(levels-1)``."""
-    m = 2 ** (levels - 1)
-    return (m - size % m) // 2 if size % m else 0
-
-
-def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    if pad == 0:
-        return x
-    lead = x.shape[:-3]
-    out = F.pad(x.reshape(-1, *x.shape[-3:]), (pad,) * 4, mode="replicate")
-    return out.reshape(*lead, *out.shape[-3:])
-
-
-def _unpad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    return x[..., pad:-pad, pad:-pad] if pad else x
-
-
-def reference_lidm(
-    unet: Any,
-    scheduler: Any,
-    num_images: int,
-    steps: int,
-    *,
-    generator: torch.Generator | Sequence[torch.Generator],
-    autocast_dtype: torch.dtype | None = torch.float16,
-) -> torch.Tensor:
-    """The reference's LIDM sampling: randn latents, then per step replicate pad, UNet under
-    autocast (fp32 weights), unpad, ``scheduler.step``. Returns (N, C, h, w) fp32 latents."""
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    device = unet.device
-    pad = _reference_pad(size, len(cfg.block_out_channels))
-    latents = _randn((num_images, cfg.in_channels, size, size), generator, device)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        with _autocast(device, autocast_dtype):
-            pred = unet(_pad(latents, pad), t).sample
-        pred = _unpad(pred, pad)
-        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
-    return latents.float()
-
-
-def reference_lvdm(
-    unet: Any,
-    scheduler: Any,
-    cond: torch.Tensor,
-    ef: torch.Tensor,
-    num_frames: int,
-    steps: int,
-    *,
-    generator: torch.Generator | Sequence[torch.Generator],
-    autocast_dtype: torch.dtype | None = torch.float16,
-) -> torch.Tensor:
-    """The reference's LVDM sampling and window stitching (spec, "LVDM sampling and stitching").
-
-    The length is rounded up to a multiple of half the window; windows overlap by half and are
-    concatenated window-major into one UNet call; the conditioning latent is repeated over frames
-    and concatenated on channels; EF/100 is ``repeat_interleave``d over windows (the reference's
-    pairing); the step keeps window 0 whole and the second half of later windows. Returns
-    (B, T, C, h, w) fp32 latents, T = ``num_frames``.
-    """
-    cfg = unet.config
-    device = unet.device
-    b, c, h, w = cond.shape
-    window = cfg.num_frames
-    stride = window // 2
-    total = -(-num_frames // stride) * stride
-    starts = list(range(0, total - window + 1, stride)) if total > window else [0]
-    window = min(window, total)
-    n_win = len(starts)
-    pad = _reference_pad(h, len(cfg.block_out_channels))
-    latents = _randn((b, total, c, h, w), generator, device)
-    cond_frames = cond[:, None].repeat(1, window, 1, 1, 1).repeat(n_win, 1, 1, 1, 1)
-    ehs = (ef.to(device) / 100).repeat_interleave(n_win).reshape(b * n_win, 1, 1)
-    ids = torch.zeros(b * n_win, 1, device=device)
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        wins = torch.cat([latents[:, s : s + window] for s in starts])
-        x = _pad(torch.cat([wins, cond_frames], dim=2), pad)
-        with _autocast(device, autocast_dtype):
-            pred = unet(x, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
-        pred = _unpad(pred, pad).reshape(n_win, b, window, c, h, w)
-        stitched = torch.empty_like(latents, dtype=pred.dtype)
-        stitched[:, :window] = pred[0]
-        for k, s in enumerate(starts[1:], start=1):
-            stitched[:, s + stride : s + window] = pred[k, :, stride:]
-        latents = scheduler.step(stitched, t, latents, generator=generator).prev_sample
-    return latents[:, :num_frames].float()
-
-
-def reference_decode(
-    vae: Any, latents: torch.Tensor, chunk: int = REFERENCE_DECODE_CHUNK
-) -> torch.Tensor:
-    """The reference's decode: latents / scaling_factor, fp32 VAE decode ``chunk`` frames per call,
-    each chunk moved to the CPU, then ``uint8(clamp((x + 1) * 128))``. Returns (B, T, 3, H, W)
-    uint8 on the CPU (the reference keeps three channels)."""
-    b, t = latents.shape[:2]
-    flat = (latents.reshape(b * t, *latents.shape[2:]) / vae.config.scaling_factor).cpu()
-    frames = []
-    for s in range(0, flat.shape[0], chunk):
-        decoded = vae.decode(flat[s : s + chunk].to(vae.device)).sample
-        frames.append(decoded.cpu())
-    video = torch.cat(frames)
-    pixels = ((video + 1) * 128).clamp(0, 255).to(torch.uint8)
-    return pixels.reshape(b, t, *pixels.shape[1:])
-
-
-def diffusers_scheduler() -> Any:
-    """diffusers' ``DDPMScheduler`` with the reference's config."""
-    from diffusers import DDPMScheduler
-
-    from .schedulers import REFERENCE_SCHEDULER_CONFIG
-
-    return DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
 
 
 # ---- one benchmark run -------------------------------------------------------------------------
@@ -796,7 +302,7 @@ def _lvdm_shapes(setup: Setup, batch: int) -> tuple[int, int, tuple[int, ...]]:
     window = min(cfg.num_frames, total)
     lat = setup.models.lidm.config.sample_size
     size = lat if isinstance(lat, int) else lat[0]
-    pad = _reference_pad(size, len(cfg.block_out_channels))
+    pad = reference_pad(size, len(cfg.block_out_channels))
     shape = (batch * len(starts), window, cfg.in_channels, size + 2 * pad, size + 2 * pad)
     return len(starts), window, shape
 
@@ -1017,7 +523,7 @@ def run_unet_calls(
 
         def call(i: int, unet=unet) -> Any:
             x, t, ehs, ids = inputs[i % len(inputs)]
-            with _autocast(device, setup.dtype):
+            with autocast_context(device, setup.dtype):
                 return unet(x, t, encoder_hidden_states=ehs, added_time_ids=ids)
 
         try:

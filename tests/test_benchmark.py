@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from echofast import benchmark as bench
+from echofast import benchmark_measure as measure
+from echofast import benchmark_reference as reference
 from echofast import benchmark_rows as bench_rows
 from echofast.errors import EchofastError
 from echofast.pipelines import LIDMPipeline, LVDMPipeline
@@ -33,7 +35,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     --compile (eager backend) and --compare against a planted earlier CSV whose echofast total
     was impossibly fast."""
     out, old = tmp_path / "bench.csv", tmp_path / "old.csv"
-    card = bench.card_name(torch.device("cpu"))
+    card = measure.card_name(torch.device("cpu"))
     planted = [
         {
             "card": card,
@@ -86,7 +88,7 @@ def test_smoke_run_rows_ratios_and_compare(tmp_path, capsys):
     assert med == pytest.approx(phases, rel=1e-4)  # one timed run: total = sum of its phases
 
     # FLOPs: 2 videos x 2 windows per call; the diffusers count per window, scaled
-    one_window = bench.count_flops(lambda: _diffusers_lvdm_call())
+    one_window = measure.count_flops(lambda: _diffusers_lvdm_call())
     for path in ("unet/echofast", "unet/diffusers"):
         assert float(by[path, "call"]["gflop"]) == pytest.approx(4 * one_window / 1e9, rel=1e-5)
         assert int(by[path, "call"]["kernels"]) > 100
@@ -124,7 +126,7 @@ _MODELS = {}
 
 def _models():
     if "smoke" not in _MODELS:
-        _MODELS["smoke"] = bench.build_models(bench.SMOKE_CONFIGS, torch.device("cpu"), seed=3)
+        _MODELS["smoke"] = reference.build_models(bench.SMOKE_CONFIGS, torch.device("cpu"), seed=3)
     return _MODELS["smoke"]
 
 
@@ -145,9 +147,9 @@ def test_reference_way_matches_echofast_pipelines():
     ours = LIDMPipeline(m.lidm)(
         2, generator=_gens([1, 2]), num_inference_steps=steps, progress=False
     )
-    theirs = bench.reference_lidm(
+    theirs = reference.reference_lidm(
         m.d_lidm,
-        bench.diffusers_scheduler(),
+        reference.diffusers_scheduler(),
         2,
         steps,
         generator=_gens([1, 2]),
@@ -166,9 +168,9 @@ def test_reference_way_matches_echofast_pipelines():
         output_type="latent",
         progress=False,
     ).latents
-    ref = bench.reference_lvdm(
+    ref = reference.reference_lvdm(
         m.d_lvdm,
-        bench.diffusers_scheduler(),
+        reference.diffusers_scheduler(),
         cond,
         ef,
         11,
@@ -179,7 +181,7 @@ def test_reference_way_matches_echofast_pipelines():
     assert ref.shape == video.shape == (2, 11, 4, 6, 6)
     assert _rel(ref, video) <= 1e-5
 
-    pixels = bench.reference_decode(m.d_vae, ref)
+    pixels = reference.reference_decode(m.d_vae, ref)
     assert pixels.shape == (2, 11, 3, 12, 12) and pixels.dtype == torch.uint8
     gray = pipe.decode(video)
     # echofast averages the channels before the uint8 truncation, the reference after; where no
@@ -213,9 +215,9 @@ def test_reference_pairs_ef_like_the_reference():
 
     m = _models()
     with torch.no_grad():
-        bench.reference_lvdm(
+        reference.reference_lvdm(
             Spy(m.d_lvdm),
-            bench.diffusers_scheduler(),
+            reference.diffusers_scheduler(),
             torch.randn(2, 4, 6, 6),
             torch.tensor([20.0, 80.0]),
             12,
@@ -267,8 +269,8 @@ def test_csv_files_are_checked(tmp_path):
 def test_quantiles_match_numpy():
     values = list(np.random.default_rng(0).normal(size=17))
     for q in (0.2, 0.5, 0.8):
-        assert bench.quantile(values, q) == pytest.approx(np.quantile(values, q), rel=1e-12)
-    t = bench.Timing([3.0, 1.0, 2.0])
+        assert measure.quantile(values, q) == pytest.approx(np.quantile(values, q), rel=1e-12)
+    t = measure.Timing([3.0, 1.0, 2.0])
     assert (t.median, t.p20, t.p80) == (2.0, pytest.approx(1.4), pytest.approx(2.6))
 
 
@@ -277,16 +279,16 @@ def test_flop_count_includes_attention():
     QKᵀ and PV, plus a matmul's 2·M·N·K."""
     n, heads, length, d = 2, 3, 10, 16
     q, k, v = (torch.randn(n, heads, length, d) for _ in range(3))
-    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == (
+    assert measure.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == (
         n * heads * 4 * length * length * d
     )
     a, b = torch.randn(5, 7), torch.randn(7, 11)
-    assert bench.count_flops(lambda: a @ b) == 2 * 5 * 7 * 11
+    assert measure.count_flops(lambda: a @ b) == 2 * 5 * 7 * 11
 
 
 def test_kernel_count_on_cpu_counts_dispatched_ops():
     x = torch.randn(8, 8)
-    count, what, times = bench.count_kernels(lambda: ((x + 1) * 2).sum(), torch.device("cpu"))
+    count, what, times = measure.count_kernels(lambda: ((x + 1) * 2).sum(), torch.device("cpu"))
     assert times is None
     assert count == 3 and "ATen ops" in what  # add, mul, sum
 
@@ -301,7 +303,7 @@ def test_command_line_errors(capsys):
         assert info.value.code == 2
     with pytest.raises(SystemExit):
         bench.main_bench(["--frames", "0", "--no-csv"])
-    assert bench.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert measure.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_kernel_time_table_by_kind():
@@ -327,7 +329,7 @@ def test_kernel_time_table_by_kind():
         ),
         ("_layer_norm_fwd_kernel", 1.5),
     ]
-    table = bench.kernel_time_table(kernels)
+    table = measure.kernel_time_table(kernels)
     kinds = table["kinds"]
     assert kinds["GEMM"] == (2, 70.0) and kinds["convolution"] == (1, 50.0)
     assert kinds["triton GroupNorm"] == (2, 12.0) and kinds["triton attention"] == (1, 9.0)
@@ -338,5 +340,5 @@ def test_kernel_time_table_by_kind():
     assert list(kinds)[0] == "GEMM"  # longest kind first
     assert table["kernels"][0][0].startswith("sm90_xmma_fprop")  # longest kernel first
     assert table["kernels"][3] == ("_gn_fwd_fused_kernel", 2, 12.0)
-    text = "\n".join(bench.format_kernel_times(table, top=3))
+    text = "\n".join(measure.format_kernel_times(table, top=3))
     assert "GEMM" in text and "0.070 ms" in text and text.count("x  ") == 3
