@@ -298,6 +298,9 @@ summary() {
             echo
             echo "echofast bench --report $(basename "$csv"):"
             (cd /tmp && echofast bench --report "$csv") 2>&1 | cut -c1-160
+            echo
+            echo "what the speed goals demand (bench/goal_bounds.py):"
+            python "$REPO/bench/goal_bounds.py" "$csv" --git "$sha" 2>&1 | cut -c1-220
         fi
     done
 }
