@@ -90,10 +90,11 @@ def count_triton_launches(counts: collections.Counter):
 
 
 def lvdm_call(
-    config: dict, impl: str, frames: int = 16, autocast: torch.dtype | None = None
+    config: dict, impl: str, frames: int = 64, autocast: torch.dtype | None = None
 ) -> collections.Counter:
-    """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; the count does not
-    depend on the number of frames) by echofast (``impl="echofast"``: the plain call;
+    """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; 64 as the
+    pipeline's windows: GroupNorm's choice of kernels depends on the sizes) by echofast
+    (``impl="echofast"``: the plain call;
     ``"echofast step"``: as its pipeline calls it at every step, with the conditioning half of
     ``conv_in`` and the run-constant features precomputed, the input in the model's layout and
     dtype, the output left in it) or diffusers; under ``autocast`` to
@@ -143,9 +144,12 @@ def lvdm_call(
     # GroupNorm's launches as on an H100/H200 (132 SMs) at batch 1: the per-group kernels' split
     # for 132 SMs; the channels-last rows kernels' choice between one launch (N >= SMs) and a
     # split at the pipeline's N (5 windows of 64 frames: BATCH1_SCALE times this window's N)
+    scale = frames / (64 * BATCH1_SCALE)  # this call's N and sizes over the pipeline's
     gn_target, gn_sms = gn_kernels.target_programs, gn_kernels.multiprocessors
+    gn_min_bytes = gn_kernels.ROWS_SPLIT_MIN_BYTES
     gn_kernels.target_programs = lambda x: H100_SMS * gn_kernels.PROGRAMS_PER_SM
-    gn_kernels.multiprocessors = lambda x: max(1, H100_SMS * frames // (64 * BATCH1_SCALE))
+    gn_kernels.multiprocessors = lambda x: max(1, int(H100_SMS * scale))
+    gn_kernels.ROWS_SPLIT_MIN_BYTES = int(gn_min_bytes * scale)
     import echofast.nn.spatiotemporal as st
 
     chunk_bytes = st.CPU_CHUNK_BYTES  # no CPU chunking: residual adds fuse into norms, as on CUDA
@@ -159,6 +163,7 @@ def lvdm_call(
         restore()
         attention_nn.FUSED_QKV_DEVICES = fused_qkv
         gn_kernels.target_programs, gn_kernels.multiprocessors = gn_target, gn_sms
+        gn_kernels.ROWS_SPLIT_MIN_BYTES = gn_min_bytes
         st.CPU_CHUNK_BYTES = chunk_bytes
     return mode.counts
 

@@ -90,6 +90,7 @@ MAX_GROUP_CHANNELS = 1024
 PROGRAMS_PER_SM = 4
 MAX_ROW_PARTIALS = 2048
 SECTOR_BYTES = 32
+ROWS_SPLIT_MIN_BYTES = 4 << 20
 
 
 @triton.jit
@@ -1052,17 +1053,20 @@ class RowsPlan:
         tensor, a fraction of each memory sector; these kernels read whole rows. Samples that
         fill the device alone (N >= multiprocessors: the LVDM's spatial GroupNorms over B·T
         frames) take one launch. Fewer (its temporal GroupNorms over B·windows videos) are
-        split into chunks, two launches, unless the per-group plan needs one launch and reads
-        whole ``SECTOR_BYTES`` sectors (CG channels of at least 32 bytes: the 512-channel
-        levels in half precision), which then runs instead."""
+        split into chunks, two launches, unless the per-group plan needs one launch and either
+        reads whole ``SECTOR_BYTES`` sectors (CG channels of at least 32 bytes: the 512-channel
+        levels in half precision) or x is under ``ROWS_SPLIT_MIN_BYTES`` (the LIDM's maps at one
+        image: a second launch costs more than partial sectors of an L2-resident tensor), which
+        then runs instead."""
         if sx[1] != 1 or sy[1] != 1 or multiprocessors(x) is None:
             return None
         if triton.next_power_of_2(p.G) * triton.next_power_of_2(p.CG) > MAX_TILE:
             return None
         if p.N >= multiprocessors(x):
             return cls(p, x, 1)
-        if p.num_chunks == 1 and p.CG * x.element_size() >= SECTOR_BYTES:
-            return None  # the per-group kernel: one launch, reading whole sectors
+        whole_sectors = p.CG * x.element_size() >= SECTOR_BYTES
+        if p.num_chunks == 1 and (whole_sectors or x.nbytes < ROWS_SPLIT_MIN_BYTES):
+            return None  # the per-group kernel's one launch
         return cls(p, x)
 
 

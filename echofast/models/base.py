@@ -133,6 +133,14 @@ class ModelBase(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _call_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of a call's activations on ``device``: autocast's when it is on there, else
+        the input convolution's weights' (``conv_in``, an ``autocast_copy``'s reduced ones)."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        conv_in = getattr(self, "conv_in", None)
+        return conv_in.weight.dtype if conv_in is not None else self.dtype
+
     def use_channels_last(self, enabled: bool = True) -> ModelBase:
         """Run ``forward`` in channels_last (the default) or, with ``enabled=False``, in NCHW."""
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format

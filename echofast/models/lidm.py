@@ -193,13 +193,45 @@ class LIDM(ModelBase):
         )
         return self.time_embedding(feats.to(self.conv_in.weight.dtype))
 
+    def time_features(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        """Every resblock's time-embedding projection (+ its folded conv bias) for a timestep: (1,
+        P) for a number or a 0-d/(1,) tensor, (N, P) for N timesteps. Pass it (one row for a
+        batch sharing the timestep, or one per sample) as ``time_features=`` to a call with that
+        timestep: the call then skips its time embedding. Compute it under the call's autocast
+        state (its dtype is the call's)."""
+        n = timestep.shape[0] if torch.is_tensor(timestep) and timestep.dim() > 0 else 1
+        timesteps = batch_timesteps(timestep, n, self.device)
+        return self._time_projections.all(self.time_embed(timesteps))
+
+    def _check_time_features(
+        self, table: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        width = sum(self._time_projections.sizes)
+        rows_ok = table.dim() == 2 and table.shape[0] in (1, batch) and table.shape[1] == width
+        if not rows_ok or table.device != device or table.dtype != dtype:
+            raise ValueError(
+                f"time_features must be (1, {width}) or ({batch}, {width}) {dtype} on {device} "
+                f"(LIDM.time_features computed under this call's autocast state), got "
+                f"{tuple(table.shape)} {table.dtype} on {table.device}"
+            )
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        time_features: torch.Tensor | None = None,
+        channels_last_output: bool = False,
     ) -> SampleOutput | tuple[torch.Tensor]:
+        """The denoiser's output (N, out_channels, H, W) for ``sample`` (N, in_channels, H, W).
+
+        ``time_features``: :meth:`time_features` of this timestep, computed beforehand (the call
+        then skips its time embedding; sampling pipelines compute a table of every step's once
+        per run). ``sample`` is read in place when it is already in the activations' layout
+        (``memory_format``) and dtype; ``channels_last_output=True`` returns the output as the
+        last convolution wrote it (channels-last memory, no copy)."""
         if class_labels is not None:
             raise ValueError("class_labels given, but this LIDM has no class embedding")
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
@@ -211,7 +243,11 @@ class LIDM(ModelBase):
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)
         memo = self._run_memo
         tp = self._time_projections
-        if memo is None or not eager_inference():
+        if time_features is not None:
+            dtype = self._call_dtype(sample.device)
+            self._check_time_features(time_features, sample.shape[0], sample.device, dtype)
+            emb = TimeEmbedding(None, table=time_features, projections=tp)
+        elif memo is None or not eager_inference():
             emb = TimeEmbedding(self.time_embed(distinct_timesteps(timesteps)), projections=tp)
         else:
             # a shared timestep is embedded once, (1, E), whatever the batch size
@@ -237,5 +273,7 @@ class LIDM(ModelBase):
             k = len(block.resnets)
             x = block(x, skips[-k:], emb)
             skips = skips[:-k]
-        x = self.conv_out(self.conv_norm_out(x)).contiguous()
+        x = self.conv_out(self.conv_norm_out(x))
+        if not channels_last_output:
+            x = x.contiguous()
         return SampleOutput(sample=x) if return_dict else (x,)

@@ -271,12 +271,6 @@ class LVDM(ModelBase):
     # once (a table of every step's projections, once per batch and once per run) and passes
     # them to every call, so a call (a CUDA-graph replay included) launches none of that work.
 
-    def _call_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of a call's activations: autocast's when on, else the weights'."""
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.conv_in.weight.dtype
-
     def feature_widths(self) -> dict[str, int]:
         """Columns of :meth:`time_features`, :meth:`context_features` and :meth:`frame_features`."""
         return {

@@ -6,9 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ._mode import eager_inference
 from .embeddings import TimeEmbedding, conv_without_bias, project_time
 from .norm import GroupNorm
+
+FUSED_EPILOGUE_DEVICES = frozenset({"cuda"})
+"""Devices on which :class:`ResnetBlock2D` runs its convolutions without their biases and adds
+them, with the residual, in one :func:`echofast.ops.bias_residual` pass (eager inference): cuDNN
+adds a bias in a broadcast kernel of its own over a channels-last output, CPU convolutions add
+theirs for free."""
 
 
 class Downsample2D(nn.Module):
@@ -139,6 +146,8 @@ class ResnetBlock2D(nn.Module):
         else:
             h = self.conv1(h)
         h = self.norm2(h, scale=scale, shift=shift, add=add)
+        if self._fused_epilogue(x):
+            return self._epilogue(conv_without_bias(self.conv2, self.dropout(h)), x)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -146,3 +155,20 @@ class ResnetBlock2D(nn.Module):
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
+
+    def _fused_epilogue(self, x: torch.Tensor) -> bool:
+        return (
+            eager_inference()
+            and x.device.type in FUSED_EPILOGUE_DEVICES
+            and self.output_scale_factor == 1.0
+        )
+
+    def _epilogue(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``conv2(h) + b2 + x`` (or ``+ conv_shortcut(x) + b_sc``) in one pass over ``y``, conv2's
+        output without its bias (the shortcut also runs without its bias): one
+        :func:`~echofast.ops.bias_residual` instead of two bias kernels and an add."""
+        sc = self.conv_shortcut
+        if sc is None:
+            return ops.bias_residual(y, residual=x, bias=self.conv2.bias, out=y)
+        r = conv_without_bias(sc, x)
+        return ops.bias_residual(y, residual=r, bias=self.conv2.bias, bias2=sc.bias, out=y)

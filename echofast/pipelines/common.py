@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +287,23 @@ class SamplingPipeline:
         self._inputs.clear()
         self._autocast_model = None
 
+    def _unet_input(
+        self, model: torch.nn.Module | None, shape: tuple[int, ...], device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The persistent UNet input (..., C, H, W). For an echofast UNet (``model``) in the
+        layout and dtype its first convolution reads (frames in its ``memory_format``, the call's
+        dtype under the run's autocast state: window_step writes it so, and a call neither
+        copies nor casts it); fp32 and contiguous for other UNets (``model`` None: the
+        reference's way)."""
+        if model is None:
+            return self._inputs.get("x", shape, torch.float32, device)
+        with unet_precision(torch.device(device), dtype):
+            call_dtype = model._call_dtype(torch.device(device))
+        stride = None
+        if model.memory_format == torch.channels_last:
+            stride = frames_last_strides(shape)
+        return self._inputs.get("x", shape, call_dtype, device, stride)
+
     def _sampling_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The UNet a run calls: the model itself in float32; in float16/bfloat16 (autocast) its
         ``autocast_copy`` (Linear/Conv weights cast once, not at every call; same outputs), kept
@@ -336,6 +354,24 @@ class SamplingPipeline:
             self.graphs = CUDAGraphUNet(unet, borrow_inputs=True)
         self.graphs.enabled = cuda_graphs
         return self.graphs
+
+
+def echofast_model(model: torch.nn.Module, cls: type) -> Any:
+    """The echofast model of class ``cls`` that ``model`` calls: itself, or the module a
+    ``torch.compile`` wrapper compiled (its calls then take the same precomputed inputs and
+    layouts); None for other UNets (diffusers')."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, cls) else None
+
+
+def frames_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Strides of a (..., C, H, W) tensor whose (C, H, W) frames are channels-last in memory
+    and follow each other in order (flattening the leading dims gives a channels_last tensor)."""
+    *lead, c, h, w = shape
+    strides = [h * w * c] if lead else []
+    for n in reversed(lead[1:]):
+        strides.insert(0, strides[0] * n)
+    return (*strides, 1, w * c, c)
 
 
 def check_cuda_graphs(value: bool | None) -> bool | None:

@@ -10,7 +10,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import LIDM, VAE
-from ..nn.embeddings import sampling_cache
 from ..ops.window_step import window_step
 from ..outputs import ModelOutput
 from ..rng import randn_tensor
@@ -18,6 +17,7 @@ from .common import (
     SamplingPipeline,
     check_cuda_graphs,
     check_precision,
+    echofast_model,
     frames_to_uint8,
     latent_padding,
     pad_replicate,
@@ -112,19 +112,22 @@ class LIDMPipeline(SamplingPipeline):
         bar = tqdm(
             total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
         )
-        # timestep-only work (time embedding and its per-block projections) once per run
-        with bar, sampling_cache(model):
+        with bar:
             for start in range(0, num_images, batch_size):
                 sl = slice(start, start + batch_size)
                 out.append(
-                    self._sample(unet, gens[sl], indices[sl], shape, pad, timesteps, dtype, bar)
+                    self._sample(
+                        unet, model, gens[sl], indices[sl], shape, pad, timesteps, dtype, bar
+                    )
                 )
         latents = torch.cat(out)
         images = None if output_type == "latent" else self._previews(latents, output_type)
         result = LIDMPipelineOutput(latents=latents, images=images)
         return result if return_dict else result.to_tuple()
 
-    def _sample(self, unet, gens, indices, shape, pad, timesteps, dtype, bar) -> torch.Tensor:
+    def _sample(
+        self, unet, model, gens, indices, shape, pad, timesteps, dtype, bar
+    ) -> torch.Tensor:
         n = len(gens)
         c, size = shape[0], shape[1]
         device = self.lidm.device
@@ -132,16 +135,27 @@ class LIDMPipeline(SamplingPipeline):
         latents = randn_tensor((n, *shape), generator=gens, device=device, dtype=f32)[:, None]
         # the padded UNet input, kept between steps (a CUDA graph reads it in place); window_step
         # writes the next step's padded latents into it
-        x = self._inputs.get("x", (n, c, size + 2 * pad, size + 2 * pad), f32, device)
+        lidm = echofast_model(model, LIDM)
+        x = self._unet_input(lidm, (n, c, size + 2 * pad, size + 2 * pad), device, dtype)
         x.copy_(pad_replicate(latents[:, 0], pad))
         one_window = torch.zeros(1, dtype=torch.int32, device=device)
         coeffs, needs_noise, steps, noise_source, watch = self._step_plan(
             timesteps, n, gens, tuple(latents.shape), device, "LIDM latent", indices
         )
+        kwargs = {}
+        if lidm is not None:  # every step's time embedding, once per batch: (S, P)
+            with unet_precision(device, dtype):
+                table = lidm.time_features(steps)
+            kwargs["time_features"] = self._inputs.get(
+                "time_features", (1, table.shape[1]), table.dtype, device
+            )
+            kwargs["channels_last_output"] = True  # window_step reads it strided
         clip = self.scheduler.clip_bound
         for step in range(len(timesteps)):
+            if kwargs:
+                kwargs["time_features"].copy_(table[step : step + 1])
             with unet_precision(device, dtype):
-                pred = unet(x, steps[step]).sample
+                pred = unet(x, steps[step], **kwargs).sample
             noise = noise_source() if needs_noise[step] else None
             latents = window_step(
                 pred[:, None],

@@ -28,6 +28,7 @@ from .common import (
     check_decode_dtype,
     check_finite,
     check_precision,
+    echofast_model,
     frames_to_uint8,
     latent_padding,
     pad_replicate,
@@ -43,13 +44,6 @@ class LVDMPipelineOutput(ModelOutput):
 
     videos: torch.Tensor | None
     latents: torch.Tensor
-
-
-def echofast_lvdm(model: torch.nn.Module) -> LVDM | None:
-    """The echofast LVDM that ``model`` calls: itself, or the module a ``torch.compile`` wrapper
-    compiled (its calls then take the same precomputed inputs); None for other UNets."""
-    inner = getattr(model, "_orig_mod", model)
-    return inner if isinstance(inner, LVDM) else None
 
 
 def window_plan(num_frames: int, window: int) -> tuple[int, list[int]]:
@@ -214,7 +208,7 @@ class LVDMPipeline(SamplingPipeline):
         kwargs = {"encoder_hidden_states": ehs, "added_time_ids": ids}
         split = hasattr(self.lvdm, "conditioning_features")
         hp, wp = h + 2 * pad, w + 2 * pad
-        lvdm = echofast_lvdm(model)
+        lvdm = echofast_model(model, LVDM)
         x = self._unet_input(lvdm, (n, window, c if split else 2 * c, hp, wp), device, dtype)
         if lvdm is not None:
             kwargs["channels_last_output"] = True  # window_step reads it strided
@@ -252,23 +246,6 @@ class LVDMPipeline(SamplingPipeline):
             bar.update(b)
         watch.check()
         return latents
-
-    def _unet_input(
-        self, model: LVDM | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The persistent UNet input (n, T, C, H, W). For echofast's LVDM in the layout and
-        dtype its first convolution reads (frames in its ``memory_format``, the call's dtype:
-        window_step writes it so, and a call neither copies nor casts it); fp32 and contiguous
-        for other UNets (``model`` None: the reference's way)."""
-        if model is None:
-            return self._inputs.get("x", shape, torch.float32, device)
-        with unet_precision(device, dtype):
-            call_dtype = model._call_dtype(device)
-        n, t, c, h, w = shape
-        stride = None
-        if model.memory_format == torch.channels_last:
-            stride = (t * h * w * c, h * w * c, 1, w * c, c)
-        return self._inputs.get("x", shape, call_dtype, device, stride)
 
     def _precompute(
         self, model: LVDM | None, kwargs: dict, steps: torch.Tensor, window: int, dtype: torch.dtype

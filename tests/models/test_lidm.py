@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -137,25 +135,55 @@ def test_parity_with_every_runnable_attention_backend(pair, backend, fused, monk
             assert w.data_ptr() == a.to_q.weight.data_ptr()
 
 
-def test_pipeline_sampling_cache_is_exact(pair, monkeypatch):
-    _, ours = pair
-    memos = []
-    enter = ours.sampling_cache
+def test_pipeline_precomputes_the_time_embedding(pair, monkeypatch):
+    """The pipeline embeds every step's timestep once per batch (LIDM.time_features) and passes
+    the step's row as a persistent input, with the UNet input in the model's layout and the
+    output left in it: the latents of plain per-call sampling (the table's GEMM sees all steps'
+    rows at once: last-bit rounding may differ)."""
+    import echofast.pipelines.lidm as lidm_pipe
 
-    @contextlib.contextmanager
-    def spy():
-        with enter() as memo:
-            memos.append(memo)
-            yield memo
+    _, ours = pair
+    calls = []
+    forward = ours.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return forward(*args, **kwargs)
 
     kw = dict(num_images=3, seed=1, num_inference_steps=3, batch_size=2, progress=False)
-    monkeypatch.setattr(ours, "sampling_cache", spy)
-    cached = LIDMPipeline(ours)(**kw).latents
-    monkeypatch.setattr(ours, "sampling_cache", contextlib.nullcontext)
-    uncached = LIDMPipeline(ours)(**kw).latents
-    assert len(memos) == 1 and memos[0].hits > 0  # the second batch reused the first's work
-    assert torch.equal(cached, uncached)
-    assert ours._run_memo is None
+    monkeypatch.setattr(ours, "forward", spy)
+    pipe = LIDMPipeline(ours)
+    pre = pipe(**kw).latents
+    assert len(calls) == 6 and all(c["channels_last_output"] for c in calls)
+    tables = {id(c["time_features"]) for c in calls}
+    assert len(tables) == 1  # one persistent input, refilled per step
+    xs = [t for key, t in pipe._inputs._tensors.items() if key[0] == "x"]
+    assert xs and all(t.is_contiguous(memory_format=torch.channels_last) for t in xs)
+    calls.clear()
+    monkeypatch.setattr(lidm_pipe, "echofast_model", lambda model, cls: None)
+    plain = LIDMPipeline(ours)(**kw).latents
+    assert all("time_features" not in c for c in calls)
+    assert rel_err(pre, plain) <= TOL
+
+
+def test_time_features_give_the_calls_values_and_are_checked(pair):
+    _, ours = pair
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        plain = ours(x, 321).sample
+        for t in (321, torch.tensor(321), torch.tensor([321])):
+            table = ours.time_features(t)
+            assert table.shape == (1, sum(ours._time_projections.sizes))
+            assert torch.equal(ours(x, 321, time_features=table).sample, plain)
+        per_sample = ours.time_features(torch.tensor([321, 654]))
+        both = ours(x, torch.tensor([321, 654])).sample
+        assert rel_err(ours(x, 0, time_features=per_sample).sample, both) <= TOL
+        out = ours(x, 321, channels_last_output=True).sample
+        assert torch.equal(out, plain) and out.is_contiguous(memory_format=torch.channels_last)
+        with pytest.raises(ValueError, match=r"time_features must be \(1, \d+\) or \(2, \d+\)"):
+            ours(x, 321, time_features=table[:, 1:])
+        with pytest.raises(ValueError, match="float64"):
+            ours(x, 321, time_features=table.double())
 
 
 def test_sampling_cache_sees_weight_changes():

@@ -22,7 +22,7 @@ from echofast.models import LVDM
 from echofast.nn import Attention
 from echofast.ops import registered_ops, use_backend
 from echofast.pipelines import LVDMPipeline
-from echofast.pipelines.lvdm import echofast_lvdm
+from echofast.pipelines.common import echofast_model
 
 TOL = 1e-5
 FEATURES = ("time_features", "context_features", "frame_features")
@@ -627,7 +627,7 @@ def test_pipeline_gives_a_compiled_lvdm_the_precomputed_inputs(monkeypatch):
     monkeypatch.setattr(ours, "forward", spy)
     torch._dynamo.reset()
     compiled = torch.compile(ours, backend="eager", dynamic=False)
-    assert echofast_lvdm(compiled) is ours and echofast_lvdm(ours) is ours
+    assert echofast_model(compiled, LVDM) is ours and echofast_model(ours, LVDM) is ours
     latents = LVDMPipeline(compiled)(cond, [55.0], **kw).latents
     torch._dynamo.reset()
     assert calls and all(c["time_features"] is not None for c in calls)

@@ -401,7 +401,8 @@ def test_rows_kernel_half_precision(dtype):
 def test_rows_kernel_choice(monkeypatch):
     """Chosen only for channels-last x and y on a GPU (never on CPU): one launch when the N
     samples fill its multiprocessors, else about PROGRAMS_PER_SM programs per multiprocessor,
-    at most MAX_ROW_PARTIALS // BLOCK_G chunks; forcing it on a channels-first tensor is an
+    at most MAX_ROW_PARTIALS // BLOCK_G chunks, unless the per-group kernel needs one launch
+    and reads whole sectors or a small tensor; forcing it on a channels-first tensor is an
     error."""
     x = torch.randn(2, 64, 4, 4)
     with pytest.raises(ValueError, match="channels-last"):
@@ -432,3 +433,11 @@ def test_rows_kernel_choice(monkeypatch):
     assert (split.num_chunks, split.chunk_s) == (14, 1184)
     sx = kernels.ncs_strides(videos.contiguous())
     assert kernels.RowsPlan.of(kernels.Plan(videos, 32), sx, sx, videos) is None
+    # the per-group kernel's one launch is kept for small tensors (the LIDM at one image) and for
+    # groups of whole 32-byte sectors (512 channels in half precision)
+    for shape, dtype in (((1, 128, 16, 16), torch.float32), ((40, 512, 64, 2, 2), torch.float16)):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        t = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+        sx = kernels.ncs_strides(t)
+        assert kernels.Plan(t, 32).num_chunks == 1
+        assert kernels.RowsPlan.of(kernels.Plan(t, 32), sx, sx, t) is None, shape

@@ -10,6 +10,7 @@ from support.models import build_diffusers, rel_err
 from support.triton_interp import interpreted_kernels
 from support.weights import TINY_LVDM
 
+import echofast.nn.resnet as rn
 import echofast.nn.spatiotemporal as st
 from echofast.models import LIDM, LVDM, VAE
 from echofast.ops import registered_ops, use_backend
@@ -34,19 +35,33 @@ def _pair(diffusers_cls, ours_cls, config):
     return ref, ours
 
 
+@pytest.mark.parametrize("fused_epilogue", [False, True], ids=["cpu_convs", "fused_epilogue"])
 @torch.no_grad()
-def test_vae_decode():
+def test_vae_decode(fused_epilogue, monkeypatch):
+    if fused_epilogue:
+        monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
     ref, ours = _pair(AutoencoderKL, VAE, VAE_SMALL_CONFIG)
     z = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     assert registered_ops()["group_norm"].select(z, 1).name == "triton"
-    assert rel_err(ours.decode(z).sample, ref.decode(z).sample) <= TOL
+    forced = {"bias_residual": "triton"} if fused_epilogue else {}
+    with use_backend(**forced):
+        got = ours.decode(z).sample
+    assert rel_err(got, ref.decode(z).sample) <= TOL
 
 
+@pytest.mark.parametrize("fused_epilogue", [False, True], ids=["cpu_convs", "fused_epilogue"])
 @torch.no_grad()
-def test_lidm():
+def test_lidm(fused_epilogue, monkeypatch):
+    """With the GPU's resblock epilogue (convolutions without biases, biases and the residual
+    added by the Triton bias_residual kernel) too."""
+    if fused_epilogue:
+        monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
     ref, ours = _pair(UNet2DModel, LIDM, LIDM_SMALL_CONFIG)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    assert rel_err(ours(x, 10).sample, ref(x, 10).sample) <= TOL
+    forced = {"bias_residual": "triton"} if fused_epilogue else {}
+    with use_backend(**forced):
+        got = ours(x, 10).sample
+    assert rel_err(got, ref(x, 10).sample) <= TOL
 
 
 @pytest.mark.parametrize("fused_norms", [False, True], ids=["chunked_cpu", "fused_norms"])
