@@ -14,15 +14,17 @@ The GPU benchmark's profiler count (``echofast bench``, column ``kernels``) is t
 
 Usage::
 
-    python bench/kernels_cpu.py [--config full|small] [--csv bench/results/kernels_cpu.csv]
+    python bench/kernels_cpu.py [--config full|small] [--lidm] [--csv bench/results/kernels_cpu.csv]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the dispatcher picks Triton
@@ -89,26 +91,84 @@ def count_triton_launches(counts: collections.Counter):
     return lambda: setattr(interpreter.InterpretedFunction, "run", original)
 
 
+@contextlib.contextmanager
+def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
+    """Every op chosen as on an H100/H200 (132 SMs): fused QKV, the resblocks' bias epilogues,
+    residual adds fused into norms (no CPU chunking), and GroupNorm's kernels and splits as the
+    GPU plans them for a call whose samples and sizes are 1/``scale`` times this one's (the
+    per-group kernels' split for 132 SMs; the rows kernels' choice between one launch, N >=
+    SMs, and a split)."""
+    import echofast.nn.attention as attention_nn
+    import echofast.nn.resnet as resnet_nn
+    import echofast.nn.spatiotemporal as st
+    from echofast.kernels import group_norm as gn
+
+    cuda = frozenset({"cpu", "cuda"})
+    patches = [
+        (attention_nn, "FUSED_QKV_DEVICES", cuda),
+        (resnet_nn, "FUSED_EPILOGUE_DEVICES", cuda),
+        (st, "CPU_CHUNK_BYTES", 0),
+        (gn, "target_programs", lambda x: H100_SMS * gn.PROGRAMS_PER_SM),
+        (gn, "multiprocessors", lambda x: max(1, int(H100_SMS * scale))),
+        (gn, "ROWS_SPLIT_MIN_BYTES", int(gn.ROWS_SPLIT_MIN_BYTES * scale)),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _count(call, autocast: torch.dtype | None, scale: float) -> collections.Counter:
+    """Kernels of ``call()`` under ``autocast``, dispatched as on CUDA."""
+    mode = KernelCount()
+    with dispatched_as_on_cuda(scale):
+        restore = count_triton_launches(mode.counts)
+        try:
+            amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+            with torch.no_grad(), amp, mode:
+                call()
+        finally:
+            restore()
+    return mode.counts
+
+
+def _models(lvdm_config: dict | None, impl: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from echofast import benchmark, benchmark_reference
+
+    configs = benchmark._reference_configs()
+    if lvdm_config is not None:
+        configs["lvdm"] = lvdm_config
+    return benchmark_reference.build_models(
+        configs, torch.device("cpu"), with_diffusers=impl == "diffusers"
+    )
+
+
+def _pipeline_input(x: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """The pipelines' UNet input: channels-last frames in the call's dtype (window_step writes
+    it so)."""
+    lead = x.shape[:-3]
+    x = x.to(autocast or x.dtype).flatten(0, len(lead) - 1)
+    return x.contiguous(memory_format=torch.channels_last).unflatten(0, lead)
+
+
 def lvdm_call(
     config: dict, impl: str, frames: int = 64, autocast: torch.dtype | None = None
 ) -> collections.Counter:
     """Kernel counts of one LVDM call (one window of ``frames`` frames at 16×16; 64 as the
     pipeline's windows: GroupNorm's choice of kernels depends on the sizes) by echofast
-    (``impl="echofast"``: the plain call;
-    ``"echofast step"``: as its pipeline calls it at every step, with the conditioning half of
-    ``conv_in`` and the run-constant features precomputed, the input in the model's layout and
-    dtype, the output left in it) or diffusers; under ``autocast`` to
-    that dtype as they sample in reduced precision: diffusers with fp32 weights (the reference's
-    way), echofast through its ``autocast_copy`` (as its pipelines)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import echofast.nn.attention as attention_nn
-    from echofast import benchmark, benchmark_reference
-
+    (``impl="echofast"``: the plain call; ``"echofast step"``: as its pipeline calls it at every
+    step, with the conditioning half of ``conv_in`` and the run-constant features precomputed,
+    the input in the model's layout and dtype, the output left in it) or diffusers; under
+    ``autocast`` to that dtype as they sample in reduced precision: diffusers with fp32 weights
+    (the reference's way), echofast through its ``autocast_copy`` (as its pipelines).
+    GroupNorm is planned for the pipeline's batch-1 call (BATCH1_SCALE such windows)."""
     cfg = {**config, "num_frames": frames}
-    configs = {**benchmark._reference_configs(), "lvdm": cfg}
-    models = benchmark_reference.build_models(
-        configs, torch.device("cpu"), with_diffusers=impl != "echofast"
-    )
+    models = _models(cfg, impl)
     model = models.d_lvdm if impl == "diffusers" else models.lvdm
     if autocast is not None and impl != "diffusers":
         model = model.autocast_copy(autocast)
@@ -122,7 +182,6 @@ def lvdm_call(
     if impl == "echofast step":
         c = cfg["in_channels"] // 2
         step["conditioning"] = models.lvdm.conditioning_features(x[:, 0, c:])
-        x = x[:, :, :c]
         amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
         with torch.no_grad(), amp:
             step.update(
@@ -130,42 +189,33 @@ def lvdm_call(
                 context_features=model.context_features(ehs),
                 frame_features=model.frame_features(frames),
             )
-        # the pipeline's UNet input: channels-last frames in the call's dtype (window_step writes
-        # it so), and its output read strided
-        dtype = autocast if autocast is not None else x.dtype
-        x = x.to(dtype).flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        x = x.unflatten(0, (1, frames))
+        x = _pipeline_input(x[:, :, :c], autocast)
         step["channels_last_output"] = True
-    mode = KernelCount()
-    fused_qkv = attention_nn.FUSED_QKV_DEVICES
-    attention_nn.FUSED_QKV_DEVICES = frozenset({"cpu", "cuda"})  # as on CUDA
-    from echofast.kernels import group_norm as gn_kernels
+    return _count(
+        lambda: model(x, t, encoder_hidden_states=ehs, added_time_ids=ids, **step),
+        autocast,
+        frames / (64 * BATCH1_SCALE),
+    )
 
-    # GroupNorm's launches as on an H100/H200 (132 SMs) at batch 1: the per-group kernels' split
-    # for 132 SMs; the channels-last rows kernels' choice between one launch (N >= SMs) and a
-    # split at the pipeline's N (5 windows of 64 frames: BATCH1_SCALE times this window's N)
-    scale = frames / (64 * BATCH1_SCALE)  # this call's N and sizes over the pipeline's
-    gn_target, gn_sms = gn_kernels.target_programs, gn_kernels.multiprocessors
-    gn_min_bytes = gn_kernels.ROWS_SPLIT_MIN_BYTES
-    gn_kernels.target_programs = lambda x: H100_SMS * gn_kernels.PROGRAMS_PER_SM
-    gn_kernels.multiprocessors = lambda x: max(1, int(H100_SMS * scale))
-    gn_kernels.ROWS_SPLIT_MIN_BYTES = int(gn_min_bytes * scale)
-    import echofast.nn.spatiotemporal as st
 
-    chunk_bytes = st.CPU_CHUNK_BYTES  # no CPU chunking: residual adds fuse into norms, as on CUDA
-    st.CPU_CHUNK_BYTES = 0
-    restore = count_triton_launches(mode.counts)
-    try:
+def lidm_call(impl: str, autocast: torch.dtype | None = None) -> collections.Counter:
+    """Kernel counts of one LIDM call at one image (the reference config, 14×14 latents padded
+    to 16×16) by ``"lidm diffusers"`` or ``"lidm echofast step"`` (as its pipeline calls it:
+    the time embedding precomputed, the input and output in the model's layout)."""
+    models = _models(None, impl.split()[1])
+    model = models.d_lidm if impl == "lidm diffusers" else models.lidm
+    if autocast is not None and impl != "lidm diffusers":
+        model = model.autocast_copy(autocast)
+    x = torch.randn(1, model.config.in_channels, 16, 16)
+    t = torch.tensor(500)
+    step: dict = {}
+    if impl == "lidm echofast step":
         amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
-        with torch.no_grad(), amp, mode:
-            model(x, t, encoder_hidden_states=ehs, added_time_ids=ids, **step)
-    finally:
-        restore()
-        attention_nn.FUSED_QKV_DEVICES = fused_qkv
-        gn_kernels.target_programs, gn_kernels.multiprocessors = gn_target, gn_sms
-        gn_kernels.ROWS_SPLIT_MIN_BYTES = gn_min_bytes
-        st.CPU_CHUNK_BYTES = chunk_bytes
-    return mode.counts
+        with torch.no_grad(), amp:
+            step["time_features"] = model.time_features(t)
+        x = _pipeline_input(x, autocast)
+        step["channels_last_output"] = True
+    return _count(lambda: model(x, t, **step), autocast, 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also count under CPU autocast to this dtype (the op lists differ a little from "
         "CUDA's; bfloat16 runs fastest on CPU)",
     )
+    p.add_argument(
+        "--lidm",
+        action="store_true",
+        help="also count the LIDM (rows 'lidm diffusers', 'lidm echofast step')",
+    )
     p.add_argument("--csv", type=Path, help="append one row per implementation and precision")
     a = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -188,11 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     precisions = [None] if a.autocast == "none" else [None, getattr(torch, a.autocast)]
     impls = ("diffusers", "echofast", "echofast step")
+    if a.lidm:
+        impls += ("lidm diffusers", "lidm echofast step")
     for impl, amp in [(i, d) for d in precisions for i in impls]:
-        counts = lvdm_call(config, impl, autocast=amp)
+        if impl.startswith("lidm"):
+            counts = lidm_call(impl, autocast=amp)
+        else:
+            counts = lvdm_call(config, impl, autocast=amp)
         total = sum(counts.values())
         how = "fp32" if amp is None else f"autocast {str(amp).split('.')[1]}"
-        print(f"{impl}, {how}: ≈{total} kernels per LVDM call ({a.config} config)")
+        what = (
+            "LIDM call (reference config, one image)"
+            if impl.startswith("lidm")
+            else (f"LVDM call ({a.config} config)")
+        )
+        print(f"{impl}, {how}: ≈{total} kernels per {what}")
         for name, n in counts.most_common(a.top):
             print(f"  {n:5d} {name}")
         rows.append(

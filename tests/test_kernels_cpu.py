@@ -28,6 +28,7 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
             "small",
             "--top",
             "40",
+            "--lidm",
             "--csv",
             str(tmp_path / "k.csv"),
         ],
@@ -70,3 +71,12 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
     theirs = out.stdout.split("diffusers, fp32:")[1].split("echofast,")[0]
     bias_adds = int(theirs.split(" cuda.conv_bias_add")[0].split()[-1])
     assert counts["cuda.conv_bias_add"] < bias_adds
+    # the LIDM as its pipeline calls it: resblock epilogues fused, time embedding precomputed
+    for precision in ("fp32", amp):
+        ours, theirs = (
+            kernels["lidm echofast step", precision],
+            kernels["lidm diffusers", precision],
+        )
+        assert ours < 0.6 * theirs, (precision, ours, theirs)
+    lidm = out.stdout.split("lidm echofast step, fp32:")[1].split("diffusers, autocast")[0]
+    assert "triton._bias_residual_kernel" in lidm and "aten.sin" not in lidm
