@@ -21,20 +21,24 @@ Design
   group's second read hits the cache). Backward = 2 launches (per-channel partial sums, dx).
 * Channels-last rows kernels (``_gn_fwd_rows_kernel``; split: ``_gn_fwd_rows_stats_kernel`` +
   ``_gn_fwd_rows_apply_kernel``; forward only, GPU only). In channels-last memory a group's CG
-  channels at one position are 8-80 contiguous bytes, and the per-group programs above read
-  only those: a fraction of every 32-byte sector, many requests for few bytes (the H200
-  measured 10-28 % of copy bandwidth on the LVDM's shapes). When x and y are channels-last, a
-  program reads tiles of whole rows [BLOCK_S positions, all C channels] (contiguous), viewed as
-  [BLOCK_S, BLOCK_G, BLOCK_CG] so that every group's tile moments come from two axis
-  reductions. When the N samples alone fill the device (N >= multiprocessors: the LVDM's
-  spatial GroupNorms over B·T frames) one program per sample takes its statistics and then
-  writes y (its rows are still in L2: one sample is S·C elements). Fewer samples (the temporal
-  GroupNorms over B·windows videos of T·H·W positions) split each sample's positions into
-  chunks, as the per-group kernels split groups: stage 1 stores every group's partial moments
-  per (sample, chunk) in the per-group layout, stage 2 merges a [BLOCK_G, BLOCK_K] tile of them
-  in its prologue and writes y. Trade-off: the per-group kernels fill the device with fewer
-  launches (one when N*G alone fills it), the rows kernels read whole sectors. Same statistics
-  (Chan-merged exact tile moments) and the same per-element arithmetic as the group kernels.
+  channels at one position are 8-80 contiguous bytes, and the per-group programs above read only
+  those: a fraction of every 32-byte sector, many requests for few bytes (the H200 measured 10-28
+  % of copy bandwidth on the LVDM's shapes). When x and y are channels-last, a program reads tiles
+  of whole rows [BLOCK_S positions, BLOCK_G * BLOCK_CG channel columns] (contiguous) and keeps
+  per-channel accumulators: each tile's per-channel moments come from one reduction along the
+  positions, merged across tiles per channel, and a group's channels are merged once at the end
+  (equal counts). (A first version reduced [BLOCK_S, BLOCK_G, BLOCK_CG] tiles to per-group moments
+  at every tile: 160-255 registers per thread for sm_90 against 45-95 for this form, so one
+  program per multiprocessor instead of several.) When the N samples alone fill the device (N >=
+  multiprocessors: the LVDM's spatial GroupNorms over B·T frames) one program per sample takes its
+  statistics and then writes y (its rows are still in L2: one sample is S·C elements). Fewer
+  samples (the temporal GroupNorms over B·windows videos of T·H·W positions) split each sample's
+  positions into chunks, as the per-group kernels split groups: stage 1 stores every group's
+  partial moments per (sample, chunk) in the per-group layout, stage 2 merges a [BLOCK_G, BLOCK_K]
+  tile of them in its prologue and writes y. Trade-off: the per-group kernels fill the device with
+  fewer launches (one when N*G alone fills it), the rows kernels read whole sectors. Same
+  statistics (Chan-merged exact tile moments, per channel first) and the same per-element
+  arithmetic as the group kernels.
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -464,11 +468,19 @@ def _gn_fwd_fused_kernel(
 
 @triton.jit
 def _row_channels(G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """Channel index c = g * CG + j of a [BLOCK_G, BLOCK_CG] row tile, and its mask."""
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_cg = tl.arange(0, BLOCK_CG)
-    mask_gc = (offs_g < G)[:, None] & (offs_cg < CG)[None, :]
-    return offs_g[:, None] * CG + offs_cg[None, :], mask_gc
+    """Channel index c = g * CG + j of a row tile's [BLOCK_G * BLOCK_CG] columns (column
+    i = g * BLOCK_CG + j: with CG a power of two, c = i, contiguous in memory), and its mask."""
+    i = tl.arange(0, BLOCK_G * BLOCK_CG)
+    g = i // BLOCK_CG
+    j = i % BLOCK_CG
+    return g * CG + j, (g < G) & (j < CG)
+
+
+@triton.jit
+def _per_channel(v, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """A per-group [BLOCK_G] vector spread over the row tile's [BLOCK_G * BLOCK_CG] columns."""
+    full = tl.broadcast_to(v[:, None], (BLOCK_G, BLOCK_CG))
+    return tl.reshape(full, (BLOCK_G * BLOCK_CG,))
 
 
 @triton.jit
@@ -478,37 +490,45 @@ def _row_moments(
     s_start,
     s_end,
     sxs,
-    mask_gc,
+    mask_c,
     CG,
     BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
-    """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``, [BLOCK_G, BLOCK_CG]) over
-    positions [s_start, s_end): tiles of whole rows ``xbase + s * sxs`` ([1, BLOCK_G, BLOCK_CG]
-    pointers of one position's channels), each tile's moments exact two-pass from two axis
-    reductions, tiles merged with Chan's formula."""
+    """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``) over positions [s_start,
+    s_end), from tiles of whole rows ``xbase + s * sxs`` ([BLOCK_G * BLOCK_CG] pointers of one
+    position's channels). Per channel, each tile's moments are exact two-pass in registers and
+    merged across tiles with Chan's formula ([BLOCK_G * BLOCK_CG] accumulators: one reduction
+    along the positions per tile, few registers); the channels of a group are merged at the
+    end (equal counts: mean of means, M2 = sum M2 + count * sum (mean_c - mean)^2)."""
     offs_s = tl.arange(0, BLOCK_S)
-    mean = tl.zeros([BLOCK_G], tl.float32)
-    m2 = tl.zeros([BLOCK_G], tl.float32)
+    mean = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
+    m2 = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
     cnt = 0.0
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + offs_s
-        mask = (s < s_end)[:, None, None] & mask_gc[None, :, :]
-        xv = tl.load(xbase + s.to(tl.int64)[:, None, None] * sxs, mask=mask, other=0.0)
+        mask = (s < s_end)[:, None] & mask_c[None, :]
+        xv = tl.load(xbase[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask, other=0.0)
         xv = xv.to(tl.float32)
         if HAS_ADD:
-            xv = tl.where(mask, xv + addv[None, :, :], 0.0)
-        n_t = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
-        m_t = tl.sum(tl.sum(xv, axis=2), axis=0) / n_t
-        d = tl.where(mask, xv - m_t[None, :, None], 0.0)
-        m2_t = tl.sum(tl.sum(d * d, axis=2), axis=0)
+            xv = tl.where(mask, xv + addv[None, :], 0.0)
+        n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        m_t = tl.sum(xv, axis=0) / n_t
+        d = tl.where(mask, xv - m_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
         cnt_new = cnt + n_t
         delta = m_t - mean
         mean = mean + delta * (n_t / cnt_new)
         m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
         cnt = cnt_new
-    return mean, m2
+    valid = tl.reshape(mask_c, (BLOCK_G, BLOCK_CG))
+    mean_c = tl.reshape(mean, (BLOCK_G, BLOCK_CG))
+    group_mean = tl.sum(tl.where(valid, mean_c, 0.0), axis=1) / CG
+    dm = tl.where(valid, mean_c - group_mean[:, None], 0.0)
+    group_m2 = tl.sum(tl.where(valid, tl.reshape(m2, (BLOCK_G, BLOCK_CG)), 0.0), axis=1)
+    return group_mean, group_m2 + cnt * tl.sum(dm * dm, axis=1)
 
 
 @triton.jit
@@ -522,7 +542,7 @@ def _row_normalize(
     addv,
     n,
     c,
-    mask_gc,
+    mask_c,
     mean,
     rstd,
     C,
@@ -533,6 +553,8 @@ def _row_normalize(
     syn,
     sys,
     BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -540,27 +562,26 @@ def _row_normalize(
     ACT_SILU: tl.constexpr,
 ):
     """y = act((x + add - mean) * rstd * gamma + beta) of sample n at positions [s_start,
-    s_end), whole rows per tile (``mean``, ``rstd``: [BLOCK_G] per group)."""
+    s_end), whole rows per tile (``mean``, ``rstd``: [BLOCK_G] per group, spread into
+    per-channel coefficient vectors once)."""
     gamma, beta = _group_coeffs(
-        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_gc, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+        w_ptr, b_ptr, scale_ptr, shift_ptr, n, c, mask_c, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
-    a = (gamma * rstd[:, None])[None, :, :]
-    bb = beta[None, :, :]
+    a = gamma * _per_channel(rstd, BLOCK_G, BLOCK_CG)
     # x + add - mean = x - (mean - add): one per-channel centre
-    centre = (mean[:, None] - addv)[None, :, :]
-    c64 = c.to(tl.int64)[None, :, :]
+    centre = _per_channel(mean, BLOCK_G, BLOCK_CG) - addv
+    c64 = c.to(tl.int64)
     xbase = x_ptr + n.to(tl.int64) * sxn + c64
     ybase = y_ptr + n.to(tl.int64) * syn + c64
     offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + offs_s
-        s64 = s.to(tl.int64)[:, None, None]
-        mask = (s < s_end)[:, None, None] & mask_gc[None, :, :]
-        xv = tl.load(xbase + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
-        z = (xv - centre) * a + bb
+        s64 = (s0 + offs_s).to(tl.int64)[:, None]
+        mask = (s0 + offs_s < s_end)[:, None] & mask_c[None, :]
+        xv = tl.load(xbase[None, :] + s64 * sxs, mask=mask, other=0.0).to(tl.float32)
+        z = (xv - centre[None, :]) * a[None, :] + beta[None, :]
         if ACT_SILU:
             z = z * tl.sigmoid(z)
-        tl.store(ybase + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(ybase[None, :] + s64 * sys, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -599,10 +620,10 @@ def _gn_fwd_rows_kernel(
     """Channels-last forward, one program per sample n: every group's statistics from tiles of
     whole rows [BLOCK_S positions, all C channels] (contiguous in memory), then y."""
     n = tl.program_id(0)
-    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
-    addv = _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD)
-    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)[None, :, :]
-    mean, m2 = _row_moments(xbase, addv, 0, S, sxs, mask_gc, CG, BLOCK_S, BLOCK_G, HAS_ADD)
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    addv = _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD)
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)
+    mean, m2 = _row_moments(xbase, addv, 0, S, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, HAS_ADD)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
     offs_g = tl.arange(0, BLOCK_G)
     tl.store(mean_ptr + n * G + offs_g, mean, mask=offs_g < G)
@@ -617,7 +638,7 @@ def _gn_fwd_rows_kernel(
         addv,
         n,
         c,
-        mask_gc,
+        mask_c,
         mean,
         rstd,
         C,
@@ -628,6 +649,8 @@ def _gn_fwd_rows_kernel(
         syn,
         sys,
         BLOCK_S,
+        BLOCK_G,
+        BLOCK_CG,
         HAS_W,
         HAS_B,
         HAS_SCALE,
@@ -660,13 +683,13 @@ def _gn_fwd_rows_stats_kernel(
     ``program_id(0)``, from whole-row tiles (partials laid out as the per-group kernels')."""
     n = tl.program_id(0)
     k = tl.program_id(1)
-    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
-    addv = _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD)
-    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)[None, :, :]
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    addv = _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD)
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
     mean, m2 = _row_moments(
-        xbase, addv, s_start, s_end, sxs, mask_gc, CG, BLOCK_S, BLOCK_G, HAS_ADD
+        xbase, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, HAS_ADD
     )
     offs_g = tl.arange(0, BLOCK_G)
     idx = (n * G + offs_g) * num_chunks + k
@@ -717,7 +740,7 @@ def _gn_fwd_rows_apply_kernel(
     chunk ``program_id(1)`` of sample ``program_id(0)``, whole rows per tile."""
     n = tl.program_id(0)
     k = tl.program_id(1)
-    c, mask_gc = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
     offs_g = tl.arange(0, BLOCK_G)
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     idx = ((n * G + offs_g) * num_chunks)[:, None] + offs_k
@@ -737,10 +760,10 @@ def _gn_fwd_rows_apply_kernel(
         b_ptr,
         scale_ptr,
         shift_ptr,
-        _add_vector(add_ptr, n, add_rep, c, mask_gc, stride_add, HAS_ADD),
+        _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD),
         n,
         c,
-        mask_gc,
+        mask_c,
         mean,
         rstd,
         C,
@@ -751,6 +774,8 @@ def _gn_fwd_rows_apply_kernel(
         syn,
         sys,
         BLOCK_S,
+        BLOCK_G,
+        BLOCK_CG,
         HAS_W,
         HAS_B,
         HAS_SCALE,
