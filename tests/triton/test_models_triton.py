@@ -35,31 +35,26 @@ def _pair(diffusers_cls, ours_cls, config):
     return ref, ours
 
 
-@pytest.mark.parametrize("fused_epilogue", [False, True], ids=["cpu_convs", "fused_epilogue"])
 @torch.no_grad()
-def test_vae_decode(fused_epilogue, monkeypatch):
-    if fused_epilogue:
-        monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
+def test_vae_decode(monkeypatch):
+    """Triton GroupNorm and the GPU's resblock epilogue (convolutions without biases, biases and
+    the residual added by the Triton bias_residual kernel)."""
+    monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
     ref, ours = _pair(AutoencoderKL, VAE, VAE_SMALL_CONFIG)
     z = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     assert registered_ops()["group_norm"].select(z, 1).name == "triton"
-    forced = {"bias_residual": "triton"} if fused_epilogue else {}
-    with use_backend(**forced):
+    with use_backend(bias_residual="triton"):
         got = ours.decode(z).sample
     assert rel_err(got, ref.decode(z).sample) <= TOL
 
 
-@pytest.mark.parametrize("fused_epilogue", [False, True], ids=["cpu_convs", "fused_epilogue"])
 @torch.no_grad()
-def test_lidm(fused_epilogue, monkeypatch):
-    """With the GPU's resblock epilogue (convolutions without biases, biases and the residual
-    added by the Triton bias_residual kernel) too."""
-    if fused_epilogue:
-        monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
+def test_lidm(monkeypatch):
+    """With the GPU's resblock epilogue too (Triton bias_residual)."""
+    monkeypatch.setattr(rn, "FUSED_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
     ref, ours = _pair(UNet2DModel, LIDM, LIDM_SMALL_CONFIG)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    forced = {"bias_residual": "triton"} if fused_epilogue else {}
-    with use_backend(**forced):
+    with use_backend(bias_residual="triton"):
         got = ours(x, 10).sample
     assert rel_err(got, ref(x, 10).sample) <= TOL
 
