@@ -29,7 +29,9 @@
 # Steps, most wanted first (name: what). The second H200 session (2026-11-26) ran build,
 # bench_b1, tests_gpu, bench_b8, unet_compile, precision and memory; group_norm timed out. The
 # next one must check the numerics changed since (fused residual norms, epilogues, GroupNorm rows
-# kernel): tests and precision come before the batch-8 timing; hence this order.
+# kernel): tests and precision come before the batch-8 timing; hence this order. Then the two
+# microbenchmarks that decide code paths: group_norm (where the channels-last rows kernels beat
+# the per-group ones: kernels.group_norm.RowsPlan.of) and geglu (FUSED_GEGLU_DEVICES).
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
@@ -43,10 +45,10 @@
 #   bench_b8      bench_b1 at --batch-size 8 (one warm-up, one timed run): videos/s; without the
 #                 diffusers baselines (bench_b1 has the ratios; the reference's way at batch 8
 #                 would take ~100 s of the call)
-#   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   group_norm    bench/bench_group_norm.py (eager and CUDA-graph times) -> group_norm_<card>.csv
-#   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
+#   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
+#   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
 #   video         bench/bench_video.py --device cuda              -> video_<card>.csv
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
@@ -54,7 +56,7 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu unet_compile precision bench_b8 layer_norm group_norm attention geglu memory video patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu unet_compile precision bench_b8 group_norm geglu layer_norm attention memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=120 [precision]=150 [memory]=90
