@@ -1,17 +1,19 @@
 """GEGLU on a CUDA GPU: echofast's fused Triton kernel vs eager PyTorch vs torch.compile.
 
-    python bench/bench_geglu.py [--dtype float16] [--csv bench/results/geglu.csv]
+    python bench/bench_geglu.py [--dtype float16] [--providers ...] [--backward] [--csv FILE]
 
 Shapes: the projection output h (tokens, 2·D) of every GEGLU of one full-config LVDM step
 (16×16 latents, T = 64) recorded by forward hooks, at 1 and 8 windows, plus one h >= 64 MiB.
 Providers: ``echofast_triton`` (one fused pass), ``eager`` (``x * F.gelu(gate)``, diffusers'
 GEGLU after its projection: two kernels), ``torch_compile`` (inductor's fusion of that same
-function). Modes: forward (without autograd), forward+backward (``autograd.grad(out, h, dy)``).
+function); ``--providers`` picks a subset. Modes: forward (without autograd), with ``--backward``
+also forward+backward (``autograd.grad(out, h, dy)``).
 Bandwidth = the minimum bytes (forward: read x and gate, write out = 3·N·D elements; backward adds
 read h and dy, write dh = 5·N·D) / median time, reported against a device-to-device copy measured
 in the same run. Times are ``triton.testing.do_bench`` medians with p20/p80; inputs are random.
 Forward is timed twice: ``eager`` (back-to-back calls: host-bound for small tensors) and ``graph``
 (16 calls replayed from a CUDA graph: GPU time only, as in the pipelines' graph sampling).
+Rows are appended to ``--csv`` after every case, so a run stopped by a time limit keeps them.
 
 Mode ``projection+geglu`` (forward, both timings) decides ``FUSED_GEGLU_DEVICES``: the whole
 feed-forward projection x (M, K) -> (M, N) at the same call sites (K = N / 4, random weights)
@@ -35,6 +37,7 @@ from benchutil import append_csv, copy_bandwidth, git_sha, graph_timed
 from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PROVIDERS = ("echofast_triton", "eager", "torch_compile")
 LARGE = (32768, 2048)  # h of 64 Mi elements: 128 MiB in fp16
 
 
@@ -58,7 +61,7 @@ def providers() -> dict:
     def fused(h):
         return geglu(h, backend="triton")
 
-    return {"echofast_triton": fused, "eager": eager, "torch_compile": torch.compile(eager)}
+    return {"echofast_triton": fused, "eager": eager, "torch_compile": lambda: torch.compile(eager)}
 
 
 def _forward(fn, h):
@@ -88,12 +91,16 @@ def run(args) -> list[dict]:
     for (shape, origin), count in sorted(cases.items(), key=str):
         h = torch.randn(shape, device="cuda", dtype=dtype)
         dy = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
-        for mode, timing in (
-            ("forward", "eager"),
-            ("forward", "graph"),
-            ("forward+backward", "eager"),
-        ):
+        modes = [("forward", "eager"), ("forward", "graph")]
+        if args.backward:
+            modes.append(("forward+backward", "eager"))
+        case_rows = []
+        for mode, timing in modes:
             for name, fn in providers().items():
+                if name not in args.providers:
+                    continue
+                if name == "torch_compile":
+                    fn = fn()
                 call = _forward(fn, h) if mode == "forward" else _backward(fn, h, dy)
                 moved = (3 if mode == "forward" else 8) * dy.nbytes
                 times = graph_timed(call) if timing == "graph" else _bench(call)
@@ -101,7 +108,7 @@ def run(args) -> list[dict]:
                     continue
                 med = times[0]
                 gbps = moved / (med * 1e-3) / 1e9
-                rows.append(
+                case_rows.append(
                     _row(
                         card,
                         origin,
@@ -117,17 +124,26 @@ def run(args) -> list[dict]:
                     )
                 )
                 print(
-                    f"{origin:<18} {rows[-1]['shape']:<16} x{count:<3} {mode:<16} {timing:<5} "
+                    f"{origin:<18} {case_rows[-1]['shape']:<16} x{count:<3} {mode:<16} {timing:<5} "
                     f"{name:<15} "
                     f"{med * 1e3:8.1f} us {gbps:7.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
                     flush=True,
                 )
         del h, dy
+        _keep(args, rows, case_rows)
     if args.projection:
         for (shape, origin), count in sorted(cases.items(), key=str):
             if origin.startswith("lvdm"):
-                rows += projection_rows(args, shape, origin, count, card, copy_gbps)
+                _keep(args, rows, projection_rows(args, shape, origin, count, card, copy_gbps))
     return rows
+
+
+def _keep(args, rows: list[dict], new: list[dict]) -> None:
+    """Add one case's rows, appending them to ``--csv`` at once (a run stopped by a time limit
+    keeps them)."""
+    rows += new
+    if args.csv and new:
+        append_csv(args.csv, new)
 
 
 def projection_rows(args, shape, origin, count, card, copy_gbps) -> list[dict]:
@@ -210,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the projection+geglu comparison (cuBLAS + GEGLU kernel vs the fused GEMM)",
     )
+    parser.add_argument(
+        "--providers",
+        type=benchutil.choice_list(PROVIDERS),
+        default=list(PROVIDERS),
+        help=f"comma-separated subset of {','.join(PROVIDERS)} for the GEGLU alone (default: all)",
+    )
+    parser.add_argument(
+        "--backward", action="store_true", help="also time forward+backward (training)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -217,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = run(args)
-    if args.csv:
-        append_csv(args.csv, rows)
+    run(args)
     return 0
 
 

@@ -1,12 +1,12 @@
 """GroupNorm(+SiLU) on a CUDA GPU: echofast's Triton kernel vs eager PyTorch vs torch.compile.
 
-    python bench/bench_group_norm.py [--dtype float16] [--backward] [--csv FILE]
+    python bench/bench_group_norm.py [--dtype float16] [--providers ...] [--backward] [--csv FILE]
 
 Shapes: every GroupNorm call site of one full-config LVDM step (16×16 latents, T=64) recorded by
 forward hooks, at 1 and 8 windows, plus one >= 64 MiB tensor. Modes: forward, and with
 ``--backward`` forward+backward. Providers: ``echofast_triton`` (the op's choice: the channels-last
 rows kernel where it applies), ``echofast_triton_groups`` (the per-group kernels forced, forward
-only), ``eager`` (F.group_norm + F.silu), ``torch_compile``.
+only), ``eager`` (F.group_norm + F.silu), ``torch_compile``; ``--providers`` picks a subset.
 Bandwidth = bytes read and written once (fwd: x + y; fwd+bwd: adds dy, x again and dx) / median
 time, reported against a device-to-device copy measured in the same run. Times are
 ``triton.testing.do_bench`` medians with p20/p80; inputs are random (never zeros). Two timings per
@@ -32,6 +32,8 @@ from benchutil import append_csv, copy_bandwidth, git_sha, graph_timed
 from benchutil import timed as _bench
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PROVIDERS = ("echofast_triton", "echofast_triton_groups", "eager", "torch_compile")
+provider_list = benchutil.choice_list(PROVIDERS)
 
 
 def lvdm_call_sites(windows: int) -> Counter:
@@ -63,12 +65,11 @@ def providers(groups: int, eps: float, activation: str | None):
         fmt = _memory_format(x)
         return group_norm_fwd(x, groups, w, b, eps, activation, None, None, fmt, use_rows=False)
 
-    compiled = torch.compile(eager, dynamic=True)
     return {
         "echofast_triton": fused,
         "echofast_triton_groups": per_group,
         "eager": eager,
-        "torch_compile": compiled,
+        "torch_compile": lambda: torch.compile(eager, dynamic=True),
     }
 
 
@@ -112,8 +113,10 @@ def run(args) -> list[dict]:
             modes.append(("forward+backward", "eager"))
         for mode, timing in modes:
             for name, fn in providers(groups, eps, act).items():
-                if mode != "forward" and name.endswith("_groups"):
-                    continue  # a kernel-level call: no autograd
+                if name not in args.providers or (mode != "forward" and name.endswith("_groups")):
+                    continue  # not asked for, or a kernel-level call (no autograd)
+                if name == "torch_compile":
+                    fn = fn()
                 if mode == "forward":
                     call = _forward(fn, x, w, b)
                     times = _bench(call) if timing == "eager" else graph_timed(call)
@@ -186,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=None, help="append rows to this CSV")
     parser.add_argument(
         "--backward", action="store_true", help="also time forward+backward (training)"
+    )
+    parser.add_argument(
+        "--providers",
+        type=provider_list,
+        default=list(PROVIDERS),
+        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all)",
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -49,6 +49,24 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated subset of ``choices`` (unknown names: an error
+    listing the choices)."""
+    import argparse
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                f"choose from {','.join(choices)}"
+            )
+        return names
+
+    return parse
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA
     events, L2 flushed before every run)."""

@@ -26,12 +26,15 @@
 # here, a stopped benchmark's *_<card>.partial.csv journal, per-step logs, the GPU tests' JUnit
 # XML). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
 #
-# Steps, most wanted first (name: what). The second H200 session (2026-11-26) ran build,
-# bench_b1, tests_gpu, bench_b8, unet_compile, precision and memory; group_norm timed out. The
-# next one must check the numerics changed since (fused residual norms, epilogues, GroupNorm rows
-# kernel): tests and precision come before the batch-8 timing; hence this order. Then the two
-# microbenchmarks that decide code paths: group_norm (where the channels-last rows kernels beat
-# the per-group ones: kernels.group_norm.RowsPlan.of) and geglu (FUSED_GEGLU_DEVICES).
+# Steps, most wanted first (name: what). The H200 session of 2026-11-24 ran build, bench_b1,
+# tests_gpu, bench_b8, unet_compile, precision and memory; group_norm timed out. Since then the
+# GroupNorm rows kernels, the resblock epilogues and the LVDM's input layout changed, untested on
+# a GPU: the GPU tests come right after the batch-1 benchmark (kernels per step, s/video). Then
+# the two microbenchmarks that decide code paths, without their torch.compile baselines (one
+# inductor compile per call site; session 6 measured those): group_norm (where the channels-last
+# rows kernels beat the per-group ones: kernels.group_norm.RowsPlan.of) and geglu
+# (FUSED_GEGLU_DEVICES). Then the compiled-diffusers ratio, the 100-video precision check, and
+# batch 8.
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
@@ -45,8 +48,10 @@
 #   bench_b8      bench_b1 at --batch-size 8 (one warm-up, one timed run): videos/s; without the
 #                 diffusers baselines (bench_b1 has the ratios; the reference's way at batch 8
 #                 would take ~100 s of the call)
-#   group_norm    bench/bench_group_norm.py (eager and CUDA-graph times) -> group_norm_<card>.csv
-#   geglu         bench/bench_geglu.py                            -> geglu_<card>.csv
+#   group_norm    bench/bench_group_norm.py --providers echofast_triton,echofast_triton_groups,eager
+#                 (eager and CUDA-graph times)                    -> group_norm_<card>.csv
+#   geglu         bench/bench_geglu.py --providers echofast_triton,eager (and projection+geglu:
+#                 cuBLAS + GEGLU kernel vs the fused GEMM)        -> geglu_<card>.csv
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
@@ -56,10 +61,10 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu unet_compile precision bench_b8 group_norm geglu layer_norm attention memory video patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu group_norm geglu unet_compile precision bench_b8 layer_norm attention memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [layer_norm]=90 [group_norm]=150 [attention]=90 [geglu]=120 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=90 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
@@ -191,11 +196,16 @@ bench_script() {
     x "$PY" "bench/$script" "$@"
 }
 
-step_group_norm() { bench_script bench_group_norm.py --csv "bench/results/group_norm_${SLUG}.csv"; }
+step_group_norm() {
+    bench_script bench_group_norm.py --providers echofast_triton,echofast_triton_groups,eager \
+        --csv "bench/results/group_norm_${SLUG}.csv"
+}
 step_layer_norm() {
     bench_script bench_layer_norm.py --csv "bench/results/layer_norm_${SLUG}.csv"
 }
-step_geglu() { bench_script bench_geglu.py --csv "bench/results/geglu_${SLUG}.csv"; }
+step_geglu() {
+    bench_script bench_geglu.py --providers echofast_triton,eager --csv "bench/results/geglu_${SLUG}.csv"
+}
 step_attention() { bench_script bench_attention.py --csv "bench/results/attention_${SLUG}.csv"; }
 step_video() {
     bench_script bench_video.py --device cuda --csv "bench/results/video_${SLUG}.csv"

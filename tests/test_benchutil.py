@@ -33,3 +33,16 @@ def test_git_sha_from_the_environment(monkeypatch):
     assert benchutil.git_sha() == "abc1234"
     monkeypatch.delenv("ECHOFAST_GIT_SHA")
     assert benchutil.git_sha()  # git describe here, or "unknown"
+
+
+def test_choice_list_parses_a_subset_and_names_the_unknown():
+    import argparse
+
+    import pytest
+
+    parse = benchutil.choice_list(("eager", "triton", "compile"))
+    assert parse("triton, eager") == ["triton", "eager"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda'.*eager,triton,compile"):
+        parse("eager,cuda")
+    with pytest.raises(argparse.ArgumentTypeError, match="empty"):
+        parse(" , ")

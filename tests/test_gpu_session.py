@@ -48,11 +48,14 @@ def test_syntax_and_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^  (\w+)\s+\d+$", out.stdout, re.M)
     assert listed == STEPS
-    # the most wanted results first: the build, the benchmarks issue 9 lacks, the GPU tests
-    assert STEPS[:6] == [
+    # the most wanted results first: the build, the batch-1 benchmark, the GPU tests, the two
+    # microbenchmarks that decide code paths, then issue 9's other measurements
+    assert STEPS[:8] == [
         "build",
         "bench_b1",
         "tests_gpu",
+        "group_norm",
+        "geglu",
         "unet_compile",
         "precision",
         "bench_b8",
@@ -72,6 +75,9 @@ def test_one_call_runs_every_step_in_order(tmp_path):
     assert "--batch-size 8" in bench[2]
     assert "--compile --compile-echofast" in bench[3]
     assert any("bench/memory_profile.py --batch-size 1 8" in c for c in commands)
+    for script in ("bench_group_norm.py", "bench_geglu.py"):  # no inductor compiles there
+        (call,) = [c for c in commands if script in c]
+        assert "--providers echofast_triton," in call and "torch_compile" not in call
     assert any("-m gpu --ignore=tests/triton tests" in c for c in commands)
     with tarfile.open(tmp_path / "out" / "gpu_session_results.tar.gz") as tar:
         names = tar.getnames()
