@@ -41,12 +41,13 @@ PROVIDERS = ("echofast_triton", "eager", "torch_compile")
 LARGE = (32768, 2048)  # h of 64 Mi elements: 128 MiB in fp16
 
 
-def lvdm_call_sites(windows: int) -> Counter:
-    """Shapes of h (the projection's output) of every GEGLU call of one LVDM step, with counts."""
+def lvdm_call_sites(windows: int, **site_args) -> Counter:
+    """Shapes of h (the projection's output) of every GEGLU call of one LVDM step, with counts.
+    ``site_args``: see :func:`benchutil.lvdm_call_sites`."""
     from echofast.nn.spatiotemporal import GEGLU
 
     return benchutil.lvdm_call_sites(
-        GEGLU, windows, lambda _m, _args, out: (*out.shape[:-1], 2 * out.shape[-1])
+        GEGLU, windows, lambda _m, _args, out: (*out.shape[:-1], 2 * out.shape[-1]), **site_args
     )
 
 

@@ -36,8 +36,9 @@ PROVIDERS = ("echofast_triton", "echofast_triton_groups", "eager", "torch_compil
 provider_list = benchutil.choice_list(PROVIDERS)
 
 
-def lvdm_call_sites(windows: int) -> Counter:
-    """(shape, groups, eps, activation, channels_last) of every GroupNorm call, with counts."""
+def lvdm_call_sites(windows: int, **site_args) -> Counter:
+    """(shape, groups, eps, activation, channels_last) of every GroupNorm call, with counts.
+    ``site_args``: see :func:`benchutil.lvdm_call_sites`."""
     from echofast.nn import GroupNorm
 
     def key(module, args, _out):
@@ -45,7 +46,7 @@ def lvdm_call_sites(windows: int) -> Counter:
         cl = x.dim() > 3 and not x.is_contiguous()
         return (tuple(x.shape), module.num_groups, module.eps, module.activation, cl)
 
-    return benchutil.lvdm_call_sites(GroupNorm, windows, key)
+    return benchutil.lvdm_call_sites(GroupNorm, windows, key, **site_args)
 
 
 def providers(groups: int, eps: float, activation: str | None):

@@ -43,21 +43,24 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
     return (x.numel() // x.shape[-1], x.shape[-1])
 
 
-def lvdm_call_sites(windows: int) -> Counter:
+def lvdm_call_sites(windows: int, **site_args) -> Counter:
     """Input shapes (tokens, C) of every LayerNorm of one LVDM step, with counts: module calls
-    and the residual-fused ones (``LayerNorm.add_forward``, which calls no module)."""
+    and the residual-fused ones (``LayerNorm.add_forward``, which calls no module).
+    ``site_args``: see :func:`benchutil.lvdm_call_sites`."""
     from echofast.nn import LayerNorm
 
     fused: Counter = Counter()
     real = LayerNorm.add_forward
 
-    def counted(self, x, residual, add=None):
+    def counted(self, x, *args, **kwargs):
         fused[_rows(x)] += 1
-        return real(self, x, residual, add)
+        return real(self, x, *args, **kwargs)
 
     LayerNorm.add_forward = counted
     try:
-        sites = benchutil.lvdm_call_sites(LayerNorm, windows, lambda _m, a, _o: _rows(a[0]))
+        sites = benchutil.lvdm_call_sites(
+            LayerNorm, windows, lambda _m, a, _o: _rows(a[0]), **site_args
+        )
     finally:
         LayerNorm.add_forward = real
     return sites + fused

@@ -268,6 +268,17 @@ def gpu_kernel_rows(frames: int) -> list[dict]:
     return rows
 
 
+def _torchvision_missing() -> str:
+    """Why torchvision's ``io.read_video`` baseline can't run here, or "" (0.26 removed it)."""
+    try:
+        import torchvision.io
+    except ImportError:
+        return "torchvision not installed"
+    if not hasattr(torchvision.io, "read_video"):
+        return f"torchvision {torchvision.__version__} has no io.read_video"
+    return ""
+
+
 def make_gpu_cases(folder: Path, frames: int) -> list[Case]:
     clip = write_video(folder / "echo112.avi", echo_like(frames, 112, 112), 50)
     model_out = (echo_like(frames, 112, 112, seed=1).float() / 128 - 1).half().cuda()
@@ -290,8 +301,15 @@ def make_gpu_cases(folder: Path, frames: int) -> list[Case]:
             lambda: write_video(folder / "w_native.avi", model_out, 50, backend="native"),
         ),
     ]
-    try:
+    tv_reason = _torchvision_missing()
+    if tv_reason:
+        print(f"{tv_reason}: no torchvision baseline", file=sys.stderr)
+    else:
         import torchvision.io
+
+        def torchvision_read():
+            frames = torchvision.io.read_video(str(clip), pts_unit="sec", output_format="THWC")[0]
+            return (frames.cuda().float().mean(-1) / 128 - 1).half()
 
         cases.append(
             Case(
@@ -299,19 +317,10 @@ def make_gpu_cases(folder: Path, frames: int) -> list[Case]:
                 "112x112 MJPEG AVI -> fp16 on the GPU",
                 n,
                 "torchvision.io.read_video + torch",
-                lambda: (
-                    torchvision.io.read_video(str(clip), pts_unit="sec", output_format="THWC")[0]
-                    .cuda()
-                    .float()
-                    .mean(-1)
-                    / 128
-                    - 1
-                ).half(),
+                torchvision_read,
                 lambda: read_video(clip, dtype=torch.float16, device="cuda"),
             )
         )
-    except ImportError:
-        print("torchvision not installed: no torchvision baseline", file=sys.stderr)
     try:
         from torchcodec.decoders import VideoDecoder
 

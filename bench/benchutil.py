@@ -110,33 +110,42 @@ def copy_bandwidth() -> float:
 
 
 def lvdm_call_sites(
-    module_type: type, windows: int, key: Callable[[torch.nn.Module, tuple, object], object]
+    module_type: type,
+    windows: int,
+    key: Callable[[torch.nn.Module, tuple, object], object],
+    *,
+    device: str = "cuda",
+    config: dict | None = None,
+    frames: int = 64,
+    size: int = 16,
 ) -> Counter:
     """``key(module, args, output)`` of every call of a ``module_type`` module in one call of the
-    real-config LVDM (random weights, ``windows`` 64-frame windows of 16×16 latents, on CUDA),
-    with counts."""
+    LVDM (random weights, ``windows`` windows of ``frames`` frames of ``size``×``size`` latents;
+    by default the real config, 64-frame windows of 16×16 latents, on CUDA), with counts. The
+    keyword arguments exist for the scripts' CPU tests (a small config on the CPU)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from support.configs import LVDM_FULL_CONFIG
 
     from echofast.models import LVDM
 
-    model = LVDM.from_config(LVDM_FULL_CONFIG).cuda().eval()
+    model = LVDM.from_config(config or LVDM_FULL_CONFIG).to(device).eval()
     sites: Counter = Counter()
 
     def hook(module, args, out):
         sites[key(module, args, out)] += 1
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, module_type)]
-    x = torch.randn(windows, 64, 8, 16, 16, device="cuda")
+    x = torch.randn(windows, frames, 8, size, size, device=device)
     with torch.no_grad():
         model(
             x,
             500,
-            encoder_hidden_states=torch.rand(windows, 1, 1, device="cuda"),
-            added_time_ids=torch.zeros(windows, 1, device="cuda"),
+            encoder_hidden_states=torch.rand(windows, 1, 1, device=device),
+            added_time_ids=torch.zeros(windows, 1, device=device),
         )
     for h in handles:
         h.remove()
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return sites

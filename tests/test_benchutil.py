@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import benchutil  # noqa: E402
+import pytest  # noqa: E402
 
 
 def test_append_csv_merges_new_columns(tmp_path):
@@ -38,11 +39,46 @@ def test_git_sha_from_the_environment(monkeypatch):
 def test_choice_list_parses_a_subset_and_names_the_unknown():
     import argparse
 
-    import pytest
-
     parse = benchutil.choice_list(("eager", "triton", "compile"))
     assert parse("triton, eager") == ["triton", "eager"]
     with pytest.raises(argparse.ArgumentTypeError, match="'cuda'.*eager,triton,compile"):
         parse("eager,cuda")
     with pytest.raises(argparse.ArgumentTypeError, match="empty"):
         parse(" , ")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu_chunks", "fused_like_cuda"])
+def test_the_scripts_record_every_norm_and_geglu_call_of_the_lvdm(monkeypatch, fused):
+    """Each script's call-site recorder on a small LVDM on the CPU: every LayerNorm (module call
+    or the residual-fused ``add_forward``), GroupNorm and GEGLU of the model runs once per call,
+    so the recorded calls add up to the model's modules of that type (a recorder whose wrapper
+    lost a keyword of the model's calls fails here, not on the GPU). The exception: the
+    cross-attention norms (``norm2``), which never run with a one-token context (the attention's
+    output does not depend on its queries). ``fused``: the blocks' GPU path (the residual adds
+    fused into the next LayerNorm) instead of the CPU's chunked one."""
+    import bench_geglu
+    import bench_group_norm
+    import bench_layer_norm
+    import torch
+    from support.configs import LVDM_SMALL_CONFIG
+
+    from echofast.models import LVDM
+    from echofast.nn import GroupNorm, LayerNorm
+    from echofast.nn.spatiotemporal import GEGLU
+
+    if fused:
+        monkeypatch.setattr("echofast.nn.spatiotemporal.CPU_CHUNK_BYTES", 0)
+    torch.manual_seed(0)
+    model = LVDM.from_config(LVDM_SMALL_CONFIG)
+    site_args = {"device": "cpu", "config": LVDM_SMALL_CONFIG, "frames": 8, "size": 8}
+    for script, module_type in (
+        (bench_layer_norm, LayerNorm),
+        (bench_group_norm, GroupNorm),
+        (bench_geglu, GEGLU),
+    ):
+        sites = script.lvdm_call_sites(2, **site_args)
+        instances = sum(
+            isinstance(m, module_type) and not (module_type is LayerNorm and n.endswith(".norm2"))
+            for n, m in model.named_modules()
+        )
+        assert instances and sum(sites.values()) == instances, (script.__name__, sites)

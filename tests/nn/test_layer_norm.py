@@ -74,14 +74,15 @@ def test_gradients_under_autocast_match_fp32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cuda_autocast_skips_the_fp32_round_trip(dtype):
-    """On CUDA autocast runs nn.LayerNorm in fp32 (fp32 out, casts around it); ours stays in the
-    input's dtype with no cast kernel (the Triton backend) and the fp32 values up to one
-    rounding."""
+    """In inference, on CUDA autocast runs nn.LayerNorm in fp32 (fp32 out, casts around it); ours
+    stays in the input's dtype with no cast kernel (the Triton backend) and the fp32 values up to
+    one rounding. (With autograd on the CUDA path is the reference: CUDA's torch has no
+    mixed-dtype layer_norm, the Triton kernel no backward.)"""
     pytest.importorskip("triton", reason="the CUDA path is the Triton backend")
     torch.manual_seed(0)
     ln = _norm(320).cuda()
     x = (torch.randn(5, 4096, 320, device="cuda") * 3 + 1).to(dtype)
-    with torch.autocast("cuda", dtype=dtype):
+    with torch.autocast("cuda", dtype=dtype), torch.no_grad():
         assert torch.nn.LayerNorm.forward(ln, x).dtype == torch.float32
         with CountOps() as ops:
             y = ln(x)
