@@ -93,8 +93,9 @@ def count_triton_launches(counts: collections.Counter):
 
 @contextlib.contextmanager
 def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
-    """Every op chosen as on an H100/H200 (132 SMs): fused QKV, the resblocks' bias epilogues,
-    residual adds fused into norms (no CPU chunking), and GroupNorm's kernels and splits as the
+    """Every op chosen as on an H100/H200 (132 SMs): the fused paths that the modules enable on
+    CUDA (``*_DEVICES``: QKV, the resblocks' bias epilogues, the GEGLU GEMM), residual adds
+    fused into norms (no CPU chunking), and GroupNorm's kernels and splits as the
     GPU plans them for a call whose samples and sizes are 1/``scale`` times this one's (the
     per-group kernels' split for 132 SMs; the rows kernels' choice between one launch, N >=
     SMs, and a split)."""
@@ -103,10 +104,13 @@ def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
     import echofast.nn.spatiotemporal as st
     from echofast.kernels import group_norm as gn
 
-    cuda = frozenset({"cpu", "cuda"})
+    def as_on_cuda(devices: frozenset[str]) -> frozenset[str]:
+        return devices | {"cpu"} if "cuda" in devices else devices
+
     patches = [
-        (attention_nn, "FUSED_QKV_DEVICES", cuda),
-        (resnet_nn, "FUSED_EPILOGUE_DEVICES", cuda),
+        (attention_nn, "FUSED_QKV_DEVICES", as_on_cuda(attention_nn.FUSED_QKV_DEVICES)),
+        (resnet_nn, "FUSED_EPILOGUE_DEVICES", as_on_cuda(resnet_nn.FUSED_EPILOGUE_DEVICES)),
+        (st, "FUSED_GEGLU_DEVICES", as_on_cuda(st.FUSED_GEGLU_DEVICES)),
         (st, "CPU_CHUNK_BYTES", 0),
         (gn, "target_programs", lambda x: H100_SMS * gn.PROGRAMS_PER_SM),
         (gn, "multiprocessors", lambda x: max(1, int(H100_SMS * scale))),
