@@ -11,8 +11,10 @@ of each compiled variant.
 Launch plans on CPU differ from a GPU's only where they read the device: the persistent grids'
 program counts (runtime values, not compiled in) and group_norm's chunk count, whose power of two
 ``BLOCK_K`` is a constexpr — the cases pass the chunk count an H100 (132 SMs) would get.
-Integer arguments are compiled unspecialised (i32, or i64 when large), so a GPU run compiles a
-few more specialisations (``% 16`` alignment, ``== 1``) of the same code.
+Arguments are specialised as Triton's JIT specialises them at a launch: a pointer to 16-byte
+aligned memory and an integer divisible by 16 carry the ``tt.divisibility = 16`` hint (what lets
+the compiler prove contiguous, aligned accesses and issue 16-byte loads), an integer equal to 1
+is compiled in as a constant; other integers are i32 (i64 when large).
 
 Usage::
 
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +78,7 @@ class Variant:
     constexprs: dict[str, object]
     options: dict[str, int]
     case: str
+    attrs: dict[tuple[int, ...], list] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -87,6 +91,7 @@ class Variant:
             tuple(sorted(self.signature.items())),
             tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
             tuple(sorted(self.options.items())),
+            tuple(sorted(self.attrs)),
         )
 
     def describe(self) -> str:
@@ -107,17 +112,30 @@ class Recorder:
         options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
         bound = fn.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        signature, constexprs = {}, {}
-        for param in fn.params:
+        signature, constexprs, attrs = {}, {}, {}
+        for i, param in enumerate(fn.params):
             value = bound.arguments[param.name]
-            if param.is_constexpr:
+            if param.is_constexpr or _is_int(value) and value == 1:
                 signature[param.name] = "constexpr"
                 constexprs[param.name] = value
-            else:
-                signature[param.name] = _arg_type(value, f"{fn.__name__}({param.name})")
-        variant = Variant(fn, signature, constexprs, options, self.case)
+                continue
+            signature[param.name] = _arg_type(value, f"{fn.__name__}({param.name})")
+            if _divisible_by_16(value):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        variant = Variant(fn, signature, constexprs, options, self.case, attrs)
         self.variants.setdefault(variant.key(), variant)
         self.launches += 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _divisible_by_16(value: object) -> bool:
+    """The JIT's alignment specialisation: a tensor's address or an integer divisible by 16."""
+    if torch.is_tensor(value):
+        return value.data_ptr() % 16 == 0
+    return _is_int(value) and value % 16 == 0
 
 
 def _arg_type(value: object, where: str) -> str:
@@ -410,6 +428,7 @@ def record(quick: bool) -> tuple[Recorder, list[str]]:
 
 # ---- compile and read the resource usage ----------------------------------------------------
 
+_LOAD = re.compile(r"\b(LDG(?:\.[A-Z0-9_]+)*)")
 _USAGE = re.compile(
     r"REG:(?P<reg>\d+) STACK:(?P<stack>\d+) SHARED:(?P<shared>\d+) LOCAL:(?P<local>\d+)"
 )
@@ -423,25 +442,29 @@ def _cuobjdump() -> str:
     return str(bundled) if bundled.is_file() else "cuobjdump"
 
 
-def resources(cubin: bytes) -> dict[str, int]:
-    """Registers per thread, stack + local bytes per thread (register spills and local arrays)
-    and static shared memory of a compiled kernel, read by ``cuobjdump --dump-resource-usage``."""
+def resources(cubin: bytes) -> dict[str, int | str]:
+    """Registers per thread, stack + local bytes per thread (register spills and local arrays),
+    static shared memory of a compiled kernel (``cuobjdump --dump-resource-usage``), and its
+    global loads by width (``--dump-sass``: e.g. ``LDG.E.128:4 LDG.E.U16:2``; 128-bit loads are
+    16 bytes per thread)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
+        usage, sass = (
+            subprocess.run(
+                [_cuobjdump(), flag, str(path)], capture_output=True, text=True, check=True
+            ).stdout
+            for flag in ("--dump-resource-usage", "--dump-sass")
         )
-    m = _USAGE.search(out.stdout)
+    m = _USAGE.search(usage)
     if m is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage: {out.stdout[-300:]!r}")
+        raise RuntimeError(f"cuobjdump printed no resource usage: {usage[-300:]!r}")
+    loads = Counter(_LOAD.findall(sass))
     return {
         "registers": int(m["reg"]),
         "local_bytes": int(m["stack"]) + int(m["local"]),
         "static_shared_bytes": int(m["shared"]),
+        "global_loads": " ".join(f"{op}:{n}" for op, n in sorted(loads.items())),
     }
 
 
@@ -456,7 +479,7 @@ def compile_variant(v: Variant, target: GPUTarget) -> dict:
     }
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs)
+        src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs)
         compiled = triton.compile(src, target=target, options=dict(v.options))
         row.update(resources(compiled.asm["cubin"]))
         row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
@@ -510,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if r["status"] != "ok"]
     if a.csv:
         fields = ["kernel", "target", "triton", "status", "registers", "local_bytes"]
-        fields += ["shared_bytes", "static_shared_bytes", "seconds", "variant", "case", "error"]
+        fields += ["shared_bytes", "static_shared_bytes", "global_loads", "seconds", "variant"]
+        fields += ["case", "error"]
         a.csv.parent.mkdir(parents=True, exist_ok=True)
         with a.csv.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, restval="")

@@ -24,21 +24,25 @@ Design
   channels at one position are 8-80 contiguous bytes, and the per-group programs above read only
   those: a fraction of every 32-byte sector, many requests for few bytes (the H200 measured 10-28
   % of copy bandwidth on the LVDM's shapes). When x and y are channels-last, a program reads tiles
-  of whole rows [BLOCK_S positions, BLOCK_G * BLOCK_CG channel columns] (contiguous) and keeps
-  per-channel accumulators: each tile's per-channel moments come from one reduction along the
-  positions, merged across tiles per channel, and a group's channels are merged once at the end
-  (equal counts). (A first version reduced [BLOCK_S, BLOCK_G, BLOCK_CG] tiles to per-group moments
-  at every tile: 160-255 registers per thread for sm_90 against 45-95 for this form, so one
-  program per multiprocessor instead of several.) When the N samples alone fill the device (N >=
-  multiprocessors: the LVDM's spatial GroupNorms over B·T frames) one program per sample takes its
-  statistics and then writes y (its rows are still in L2: one sample is S·C elements). Fewer
-  samples (the temporal GroupNorms over B·windows videos of T·H·W positions) split each sample's
-  positions into chunks, as the per-group kernels split groups: stage 1 stores every group's
-  partial moments per (sample, chunk) in the per-group layout, stage 2 merges a [BLOCK_G, BLOCK_K]
-  tile of them in its prologue and writes y. Trade-off: the per-group kernels fill the device with
-  fewer launches (one when N*G alone fills it), the rows kernels read whole sectors. Same
-  statistics (Chan-merged exact tile moments, per channel first) and the same per-element
-  arithmetic as the group kernels.
+  of whole rows [BLOCK_S positions, BLOCK_G * BLOCK_CG channel columns] (contiguous) and keeps one
+  Welford accumulator per tile element (elementwise updates: no reduction, so no cross-warp
+  traffic, inside the loop); the [BLOCK_S] partials of each channel are merged once at the end,
+  then a group's channels (equal counts). With CG a power of two (``DENSE``) the compiler sees the
+  columns contiguous and loads 16 bytes per thread. (Earlier forms: [BLOCK_S, BLOCK_G, BLOCK_CG]
+  tiles reduced to per-group moments at every tile, 160-255 registers per thread for sm_90; then
+  per-channel accumulators with one reduction along the positions per tile, which the H100
+  measured at 14 % of copy bandwidth where the compiler vectorized the loads and spread the
+  positions across warps (C = 512), the reduction then crossing warps at every tile.) When the N
+  samples alone fill the device (N >= multiprocessors: the LVDM's spatial GroupNorms over B·T
+  frames) one program per sample takes its statistics and then writes y (its rows are still in L2:
+  one sample is S·C elements). Fewer samples (the temporal GroupNorms over B·windows videos of
+  T·H·W positions) split each sample's positions into chunks, as the per-group kernels split
+  groups: stage 1 stores every group's partial moments per (sample, chunk) in the per-group
+  layout, stage 2 merges a [BLOCK_G, BLOCK_K] tile of them in its prologue and writes y.
+  Trade-off: the per-group kernels fill the device with fewer launches (one when N*G alone fills
+  it), the rows kernels read whole sectors. Their statistics are Welford's per element (stable for
+  |mean| >> std as the two-pass tiles below), the per-element arithmetic of y the same as the
+  group kernels'.
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -77,6 +81,8 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   eps                  variance epsilon
   BLOCK_C, BLOCK_S, BLOCK_K   tile sizes (powers of two); BLOCK_K = next_pow2(num_chunks)
   BLOCK_G, BLOCK_CG    rows kernels: next_pow2(G), next_pow2(CG) (a row tile is BLOCK_G·BLOCK_CG)
+  DENSE                rows kernels: CG == BLOCK_CG (the tile's columns are the channels, in
+                       order: 16-byte loads)
   chunk_s, num_chunks  rows kernels: the same per-sample split of the positions
   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT_SILU   constexpr switches
 """
@@ -467,13 +473,21 @@ def _gn_fwd_fused_kernel(
 
 
 @triton.jit
-def _row_channels(G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+def _row_channels(G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, DENSE: tl.constexpr):
     """Channel index c = g * CG + j of a row tile's [BLOCK_G * BLOCK_CG] columns (column
-    i = g * BLOCK_CG + j: with CG a power of two, c = i, contiguous in memory), and its mask."""
+    i = g * BLOCK_CG + j), and its mask. ``DENSE`` (CG == BLOCK_CG, a power of two): c = i,
+    written so that the compiler sees the columns contiguous and loads 16 bytes per thread
+    (computed from a run-time CG it issues one 2-byte load per half-precision element)."""
     i = tl.arange(0, BLOCK_G * BLOCK_CG)
-    g = i // BLOCK_CG
-    j = i % BLOCK_CG
-    return g * CG + j, (g < G) & (j < CG)
+    if DENSE:
+        c = i
+        mask = i < G * BLOCK_CG
+    else:
+        g = i // BLOCK_CG
+        j = i % BLOCK_CG
+        c = g * CG + j
+        mask = (g < G) & (j < CG)
+    return c, mask
 
 
 @triton.jit
@@ -499,36 +513,39 @@ def _row_moments(
 ):
     """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``) over positions [s_start,
     s_end), from tiles of whole rows ``xbase + s * sxs`` ([BLOCK_G * BLOCK_CG] pointers of one
-    position's channels). Per channel, each tile's moments are exact two-pass in registers and
-    merged across tiles with Chan's formula ([BLOCK_G * BLOCK_CG] accumulators: one reduction
-    along the positions per tile, few registers); the channels of a group are merged at the
-    end (equal counts: mean of means, M2 = sum M2 + count * sum (mean_c - mean)^2)."""
+    position's channels). Welford per element of the tile: accumulator (r, c) takes positions
+    s_start + r, s_start + r + BLOCK_S, ... of channel c (elementwise updates, no reduction in
+    the loop, so the compiler may lay the tile out for 16-byte loads with warps along the
+    positions at no cost); once at the end the [BLOCK_S] partials of a channel are merged with
+    Chan's formula, then a group's channels (equal counts: mean of means, M2 = sum M2 + count *
+    sum (mean_c - mean)^2)."""
     offs_s = tl.arange(0, BLOCK_S)
-    mean = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
-    m2 = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
-    cnt = 0.0
+    mean = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
+    cnt = tl.zeros([BLOCK_S], tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + offs_s
-        mask = (s < s_end)[:, None] & mask_c[None, :]
+        in_s = s < s_end
+        mask = in_s[:, None] & mask_c[None, :]
         xv = tl.load(xbase[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask, other=0.0)
         xv = xv.to(tl.float32)
         if HAS_ADD:
-            xv = tl.where(mask, xv + addv[None, :], 0.0)
-        n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
-        m_t = tl.sum(xv, axis=0) / n_t
-        d = tl.where(mask, xv - m_t[None, :], 0.0)
-        m2_t = tl.sum(d * d, axis=0)
-        cnt_new = cnt + n_t
-        delta = m_t - mean
-        mean = mean + delta * (n_t / cnt_new)
-        m2 = m2 + m2_t + delta * delta * (cnt * n_t / cnt_new)
-        cnt = cnt_new
+            xv = xv + addv[None, :]
+        cnt = cnt + in_s.to(tl.float32)
+        inv = tl.where(in_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # rows past the end: unchanged
+        delta = xv - mean
+        mean = mean + delta * inv[:, None]
+        m2 = m2 + tl.where(mask, delta * (xv - mean), 0.0)
+    total = tl.sum(cnt, axis=0)
+    mean_c = tl.sum(mean * (cnt / total)[:, None], axis=0)
+    dr = mean - mean_c[None, :]
+    m2_c = tl.sum(m2 + dr * dr * cnt[:, None], axis=0)
     valid = tl.reshape(mask_c, (BLOCK_G, BLOCK_CG))
-    mean_c = tl.reshape(mean, (BLOCK_G, BLOCK_CG))
-    group_mean = tl.sum(tl.where(valid, mean_c, 0.0), axis=1) / CG
-    dm = tl.where(valid, mean_c - group_mean[:, None], 0.0)
-    group_m2 = tl.sum(tl.where(valid, tl.reshape(m2, (BLOCK_G, BLOCK_CG)), 0.0), axis=1)
-    return group_mean, group_m2 + cnt * tl.sum(dm * dm, axis=1)
+    mean_gc = tl.reshape(mean_c, (BLOCK_G, BLOCK_CG))
+    group_mean = tl.sum(tl.where(valid, mean_gc, 0.0), axis=1) / CG
+    dm = tl.where(valid, mean_gc - group_mean[:, None], 0.0)
+    group_m2 = tl.sum(tl.where(valid, tl.reshape(m2_c, (BLOCK_G, BLOCK_CG)), 0.0), axis=1)
+    return group_mean, group_m2 + total * tl.sum(dm * dm, axis=1)
 
 
 @triton.jit
@@ -610,6 +627,7 @@ def _gn_fwd_rows_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
+    DENSE: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -620,7 +638,7 @@ def _gn_fwd_rows_kernel(
     """Channels-last forward, one program per sample n: every group's statistics from tiles of
     whole rows [BLOCK_S positions, all C channels] (contiguous in memory), then y."""
     n = tl.program_id(0)
-    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG, DENSE)
     addv = _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD)
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)
     mean, m2 = _row_moments(xbase, addv, 0, S, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, HAS_ADD)
@@ -677,13 +695,14 @@ def _gn_fwd_rows_stats_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
+    DENSE: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
     """Channels-last stage 1: every group's mean and M2 over chunk ``program_id(1)`` of sample
     ``program_id(0)``, from whole-row tiles (partials laid out as the per-group kernels')."""
     n = tl.program_id(0)
     k = tl.program_id(1)
-    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG, DENSE)
     addv = _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD)
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)
     s_start = k * chunk_s
@@ -727,6 +746,7 @@ def _gn_fwd_rows_apply_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
+    DENSE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -740,7 +760,7 @@ def _gn_fwd_rows_apply_kernel(
     chunk ``program_id(1)`` of sample ``program_id(0)``, whole rows per tile."""
     n = tl.program_id(0)
     k = tl.program_id(1)
-    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG)
+    c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG, DENSE)
     offs_g = tl.arange(0, BLOCK_G)
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     idx = ((n * G + offs_g) * num_chunks)[:, None] + offs_k
@@ -1126,7 +1146,12 @@ def _rows_fwd(
 ) -> None:
     """The channels-last forward: one rows launch, or the split stats + apply launches."""
     sx, sy = ncs_strides(x), ncs_strides(y)
-    tiles = {"BLOCK_S": rows.BLOCK_S, "BLOCK_G": rows.BLOCK_G, "BLOCK_CG": rows.BLOCK_CG}
+    tiles = {
+        "BLOCK_S": rows.BLOCK_S,
+        "BLOCK_G": rows.BLOCK_G,
+        "BLOCK_CG": rows.BLOCK_CG,
+        "DENSE": p.CG == rows.BLOCK_CG,
+    }
     if rows.num_chunks == 1:
         _gn_fwd_rows_kernel[(p.N,)](
             x,

@@ -42,6 +42,14 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         "bias_residual",
     }
     assert "kernels never launched" not in out.stdout
+    # compiled with the JIT's alignment hints: the channels-last GroupNorm rows kernels over
+    # whole contiguous rows (DENSE: CG a power of two) load 16 bytes per thread
+    dense = [
+        r
+        for r in rows
+        if r["kernel"].endswith("_gn_fwd_rows_stats_kernel") and "DENSE=True" in r["variant"]
+    ]
+    assert dense and all("LDG.E.128" in r["global_loads"] for r in dense), dense
 
 
 def test_a_kernel_that_only_the_interpreter_accepts_fails(tmp_path):

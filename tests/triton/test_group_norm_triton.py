@@ -386,6 +386,26 @@ def test_rows_kernels_launch_count_and_large_mean(chunks, monkeypatch):
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-launch", "split"])
+def test_rows_kernels_welford_over_many_positions(chunks):
+    """The rows kernels' per-element Welford accumulators over hundreds of positions each
+    (S = 1000 in 2-position tiles) with |mean| = 1000 std: the statistics of fp64."""
+    shape, groups = (2, 8, 40, 25), 2
+    g = torch.Generator().manual_seed(77)
+    x = (torch.randn(shape, generator=g) * 0.1 + 100.0).contiguous(
+        memory_format=torch.channels_last
+    )
+    args = (x, groups, None, None, 1e-6, None, None, None, torch.channels_last)
+    y, mean, rstd = kernels.group_norm_fwd(*args, use_rows=True, num_chunks=chunks, block_s=2)
+    xg = x.double().reshape(2, groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-6, atol=0)  # a few fp32 ulps
+    torch.testing.assert_close(
+        rstd.double(), (xg.var(-1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0
+    )
+    assert _rel(y, group_norm_reference(x.double(), groups, eps=1e-6)) <= 1e-4
+
+
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rows_kernel_half_precision(dtype):
     tensors, _ = _inputs((4, 64, 6, 6), 32, dtype=dtype, fmt=torch.channels_last, seed=9)
