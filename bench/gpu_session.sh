@@ -26,13 +26,14 @@
 # here, a stopped benchmark's *_<card>.partial.csv journal, per-step logs, the GPU tests' JUnit
 # XML). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
 #
-# Steps, most wanted first (name: what). The H200 session of 2026-11-24 ran build, bench_b1,
-# tests_gpu, bench_b8, unet_compile, precision and memory; group_norm timed out. Since then the
-# GroupNorm rows kernels, the resblock epilogues and the LVDM's input layout changed, untested on
-# a GPU: the GPU tests come right after the batch-1 benchmark (kernels per step, s/video). Then
-# the two microbenchmarks that decide code paths, without their torch.compile baselines (one
-# inductor compile per call site; session 6 measured those): group_norm (where the channels-last
-# rows kernels beat the per-group ones: kernels.group_norm.RowsPlan.of) and geglu
+# Steps, most wanted first (name: what). The H100 lease of 2026-11-26 (git 5f536c1) ran every
+# step but bench_compile in three calls on one machine (patch stopped at its cap): 14+96+72+65+15+
+# 136+87 s in the first call, bench_b8 57 s in the second. Since then the GEGLU's GEMM epilogue
+# runs on CUDA and the GroupNorm rows kernels changed (per-element Welford, 16-byte loads): the
+# GPU tests come right after the batch-1 benchmark (kernels per step, s/video). Then the two
+# microbenchmarks that decide code paths, without their torch.compile baselines (one inductor
+# compile per call site; earlier leases measured those): group_norm (where the channels-last rows
+# kernels beat the per-group ones: kernels.group_norm.RowsPlan.of) and geglu
 # (FUSED_GEGLU_DEVICES). Then the compiled-diffusers ratio, the 100-video precision check, and
 # batch 8.
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
