@@ -335,31 +335,38 @@ collect() {
 }
 
 attach() {
-    local t0
+    local t0 watched=1 shown=0 lines
     t0="$(now)"
     mkdir -p "$STATE/logs"
     if [[ -f "$STATE/pid" ]] && kill -0 "$(cat "$STATE/pid")" 2>/dev/null; then
         log "attaching to the running worker (pid $(cat "$STATE/pid"))"
     elif all_final; then
         log "every step has run on this machine"
+        watched=0
     else
         log "starting a worker (log: $STATE/worker.log); it starts no step after" \
             "$WAIT_S s from now"
         rm -f "$STATE/worker_done"
+        [[ -f "$STATE/worker.log" ]] && shown="$(wc -l <"$STATE/worker.log")" # earlier calls'
         setsid nohup bash "$SELF" --worker "$((t0 + WAIT_S))" >>"$STATE/worker.log" 2>&1 \
             </dev/null &
         echo $! >"$STATE/pid"
     fi
-    local shown=0 lines
-    while ! all_final && [[ ! -f "$STATE/worker_done" ]] && (($(now) - t0 < WAIT_S + 30)); do
-        kill -0 "$(cat "$STATE/pid")" 2>/dev/null || break
-        sleep "$POLL_S"
+    show_new() {
         lines="$(wc -l <"$STATE/worker.log")"
         if ((lines > shown)); then
             sed -n "$((shown + 1)),${lines}p" "$STATE/worker.log"
             shown="$lines"
         fi
+    }
+    while ! all_final && [[ ! -f "$STATE/worker_done" ]] && (($(now) - t0 < WAIT_S + 30)); do
+        kill -0 "$(cat "$STATE/pid")" 2>/dev/null || break
+        sleep "$POLL_S"
+        show_new
     done
+    # what the worker wrote between the last look and its final status (none to show when no
+    # worker ran in this call)
+    [[ -f "$STATE/pid" ]] && ((watched)) && show_new
     collect
     cat "${OUT:-$STATE/out}/gpu_session_summary.txt"
     if all_final; then
