@@ -240,8 +240,29 @@ def kernel_time_table(kernels: Sequence[tuple[str, float]]) -> dict[str, Any]:
     }
 
 
+#: the ATen ops whose device time :func:`op_time_table` lists by input shape: convolutions and
+#: matrix products (leaves of ``linear``; ``convolution`` is the entry of every conv backend)
+HEAVY_OPS = ("aten::convolution", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def op_time_table(
+    averages: Sequence[Any], time_attr: str = "device_time_total", names: Sequence[str] = HEAVY_OPS
+) -> list[tuple[str, str, int, float]]:
+    """From a profile's ``key_averages(group_by_input_shape=True)``: ``[(op, input shapes,
+    calls, microseconds)]`` of the ``names`` ops, longest first (``time_attr``: the averages'
+    time field, e.g. ``cpu_time_total`` on a CPU). A CUDA-graph replay has no ops: empty."""
+    rows = [
+        (a.key, str(a.input_shapes), int(a.count), float(getattr(a, time_attr, 0.0) or 0.0))
+        for a in averages
+        if a.key in names
+    ]
+    return sorted(rows, key=lambda r: -r[3])
+
+
 def format_kernel_times(table: dict[str, Any], top: int = 10) -> list[str]:
-    """Lines: GPU time per kind of kernel, then the ``top`` longest kernels (name shortened)."""
+    """Lines: GPU time per kind of kernel, then the ``top`` longest kernels (name shortened),
+    then (where the table has ``ops``: an eager call) the ``top`` convolutions and matrix
+    products with the most GPU time, by input shape."""
     total = sum(t for _, t in table["kinds"].values()) or 1.0
     lines = [f"GPU time of one call by kind ({total / 1e3:.2f} ms in kernels):"]
     for kind, (calls, us) in table["kinds"].items():
@@ -250,6 +271,11 @@ def format_kernel_times(table: dict[str, Any], top: int = 10) -> list[str]:
     lines.append(f"longest {top} kernels:")
     for name, calls, us in table["kernels"][:top]:
         lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {short_kernel_name(name)}")
+    ops = table.get("ops") or []
+    if ops:
+        lines.append("convolutions / matrix products with the most GPU time, by input shape:")
+        for name, shapes, calls, us in ops[:top]:
+            lines.append(f"  {us / 1e3:8.3f} ms {calls:5d}x  {name[6:]:<12} {shapes}")
     return lines
 
 
@@ -277,7 +303,9 @@ def count_kernels(
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+    ) as prof:
         fn()
         synchronize(device)
     events = prof.events()
@@ -287,7 +315,9 @@ def count_kernels(
         if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
     ]
     if kernels:
-        return len(kernels), "CUDA kernels", kernel_time_table(kernels)
+        table = kernel_time_table(kernels)
+        table["ops"] = op_time_table(prof.key_averages(group_by_input_shape=True))
+        return len(kernels), "CUDA kernels", table
     # no device activity recorded (CUPTI unavailable): count the launches on the host side
     launches = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
     n = sum(1 for e in events if e.name in launches)

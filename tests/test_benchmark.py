@@ -342,3 +342,26 @@ def test_kernel_time_table_by_kind():
     assert table["kernels"][3] == ("_gn_fwd_fused_kernel", 2, 12.0)
     text = "\n".join(measure.format_kernel_times(table, top=3))
     assert "GEMM" in text and "0.070 ms" in text and text.count("x  ") == 3
+
+
+def test_op_time_table_by_input_shape():
+    """The convolutions and matrix products of a profiled call by input shape, from a real
+    profile (CPU times here; the GPU benchmark reads the device times of an eager UNet call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    conv = torch.nn.Conv2d(3, 5, 3)
+    lin = torch.nn.Linear(7, 4)
+    x, v = torch.randn(2, 3, 9, 11), torch.randn(6, 7)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            conv(x)
+        lin(v)
+        (x + 1).relu()  # not listed
+    ops = measure.op_time_table(prof.key_averages(group_by_input_shape=True), "cpu_time_total")
+    assert {name for name, *_ in ops} == {"aten::convolution", "aten::addmm"}
+    (conv_row,) = [r for r in ops if r[0] == "aten::convolution"]
+    assert conv_row[2] == 3 and "[2, 3, 9, 11]" in conv_row[1] and "[5, 3, 3, 3]" in conv_row[1]
+    assert [r[3] for r in ops] == sorted((r[3] for r in ops), reverse=True)
+    table = {"kinds": {"GEMM": (1, 1.0)}, "kernels": [("k", 1, 1.0)], "ops": ops}
+    text = "\n".join(measure.format_kernel_times(table, top=5))
+    assert "by input shape" in text and "convolution  [[2, 3, 9, 11]" in text
