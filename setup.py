@@ -232,6 +232,7 @@ with ParallelCompile("ECHOFAST_BUILD_JOBS"):
         packages=_packages(),
         package_dir={"echofast.kernels": "kernels"},
         package_data={
+            "echofast.kernels": ["*.json"],  # tuned tile tables
             "echofast.train": ["configs/*.toml"],
             "echofast.weights": [
                 "demo/*.json",

@@ -67,21 +67,25 @@ def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
+def timed(fn: Callable[[], object], rep: int = 100) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA
-    events, L2 flushed before every run)."""
+    events, L2 flushed before every run; runs for about ``rep`` ms after a quarter of that of
+    warm-up)."""
     from triton.testing import do_bench
 
-    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=max(rep // 4, 1), rep=rep)
     return med, p20, p80
 
 
-def graph_timed(fn: Callable[[], object], calls: int = 16) -> tuple[float, float, float] | None:
+def graph_timed(
+    fn: Callable[[], object], calls: int = 16, rep: int = 100
+) -> tuple[float, float, float] | None:
     """(median, p20, p80) milliseconds per ``fn()`` on the GPU alone: ``calls`` calls captured in
     one CUDA graph, its replays timed as in :func:`timed` and divided by ``calls``. No host time
     (launch overhead, Python dispatch) is in it, as in the pipelines' CUDA-graph sampling; eager
     :func:`timed` of a small kernel measures the host instead. The calls after the first read
-    inputs that are in L2, as consecutive layers do. None when ``fn`` cannot be captured."""
+    inputs that are in L2, as consecutive layers do. ``rep``: see :func:`timed`. None when ``fn``
+    cannot be captured."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
@@ -97,7 +101,7 @@ def graph_timed(fn: Callable[[], object], calls: int = 16) -> tuple[float, float
         print(f"  (not capturable in a CUDA graph: {str(e).splitlines()[0][:100]})", flush=True)
         torch.cuda.synchronize()
         return None
-    med, p20, p80 = timed(graph.replay)
+    med, p20, p80 = timed(graph.replay, rep)
     return med / calls, p20 / calls, p80 / calls
 
 

@@ -28,16 +28,21 @@
 #
 # Steps, most wanted first (name: what). The H100 lease of 2026-11-26 (git 5f536c1) ran every
 # step but bench_compile in three calls on one machine (patch stopped at its cap): 14+96+72+65+15+
-# 136+87 s in the first call, bench_b8 57 s in the second. Since then the GEGLU's GEMM epilogue
-# runs on CUDA and the GroupNorm rows kernels changed (per-element Welford, 16-byte loads): the
-# GPU tests come right after the batch-1 benchmark (kernels per step, s/video). Then the two
-# microbenchmarks that decide code paths, without their torch.compile baselines (one inductor
-# compile per call site; earlier leases measured those): group_norm (where the channels-last rows
-# kernels beat the per-group ones: kernels.group_norm.RowsPlan.of) and geglu
-# (FUSED_GEGLU_DEVICES). Then the compiled-diffusers ratio, the 100-video precision check, and
-# batch 8.
+# 136+87 s in the first call, bench_b8 57 s in the second. That lease timed the GEGLU GEMM
+# (since then the LVDM's feed-forward path on CUDA) at 160-240 TFLOP/s with its one default tile
+# configuration: geglu_tune now comes right after the build, and every later step runs the tiles
+# it chose. Then the batch-1 benchmark (kernels per step, s/video), the GPU tests (the tuned
+# tiles and the changed GroupNorm rows kernels included), the two microbenchmarks that decide
+# code paths, without their torch.compile baselines (one inductor compile per call site; earlier
+# leases measured those): group_norm (kernels.group_norm.RowsPlan.of) and geglu
+# (FUSED_GEGLU_DEVICES). Then batch 8, the 100-video precision check and the compiled-diffusers
+# ratio.
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
+#   geglu_tune    bench/tune_geglu_linear.py --budget-s 150: the GEGLU GEMM's tile candidates at
+#                 the LVDM's call sites (5 and 40 windows) -> geglu_tune_<card>.csv; the winners
+#                 (>= 3 % faster than the default) into kernels/geglu_linear_tuned.json, which
+#                 comes back in the archive (commit it), then pip install . again
 #   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
 #                 s/video (fp32 and fp16 VAE decode), vs the reference's way, kernels per UNet
 #                 call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
@@ -62,9 +67,9 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu group_norm geglu unet_compile precision bench_b8 layer_norm attention memory video patch bench_compile"
+ALL_STEPS="build geglu_tune bench_b1 tests_gpu group_norm geglu bench_b8 precision unet_compile layer_norm attention memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
-declare -A CAP=([build]=240 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
+declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [layer_norm]=90 [group_norm]=90 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
@@ -201,6 +206,15 @@ step_group_norm() {
     bench_script bench_group_norm.py --providers echofast_triton,echofast_triton_groups,eager \
         --csv "bench/results/group_norm_${SLUG}.csv"
 }
+step_geglu_tune() {
+    # the GEGLU GEMM's tile candidates timed at the LVDM's call sites; the winners go into the
+    # tree's tuned table, and the package is reinstalled so that every later step runs them
+    bench_script tune_geglu_linear.py --budget-s 150 --csv "bench/results/geglu_tune_${SLUG}.csv" \
+        --write-table kernels/geglu_linear_tuned.json || return 1
+    log "geglu_tune: installing the package again, with the tuned table"
+    ECHOFAST_FORCE_CUDA=1 pip_install || return 1
+    source_hash >"$STATE/built"
+}
 step_layer_norm() {
     bench_script bench_layer_norm.py --csv "bench/results/layer_norm_${SLUG}.csv"
 }
@@ -330,6 +344,7 @@ collect() {
         mapfile -t files < <(cd "$REPO" &&
             ls bench/results/*_"$slug".csv bench/results/*_"$slug".partial.csv 2>/dev/null)
     fi
+    files+=(kernels/geglu_linear_tuned.json) # as geglu_tune left it
     (cd "$REPO" && tar -czf "$out/gpu_session_results.tar.gz" "${files[@]}" \
         -C "$STATE" logs 2>/dev/null)
 }

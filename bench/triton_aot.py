@@ -321,6 +321,22 @@ def _geglu_linear_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]
                 yield f"geglu_linear {m}x{kk}->{n} bias={bias} {str(dtype)[6:]}", run
 
 
+def _geglu_linear_tuning_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Every tile configuration that bench/tune_geglu_linear.py may try, fp16 with bias at the
+    LVDM's K = 128 site: registers, spills and shared memory of each."""
+    import tune_geglu_linear as tune
+
+    from echofast.kernels import geglu_linear as k
+
+    for config in tune.candidates(128)[: 4 if quick else None]:
+
+        def run(config=config, dt=torch.float16):
+            w, b = torch.empty(1024, 128, dtype=dt), torch.empty(1024, dtype=dt)
+            k.geglu_linear_fwd(torch.empty(81920, 128, dtype=dt), w, b, config=config)
+
+        yield f"geglu_linear tuning {tune.config_name(config)}", run
+
+
 def _layer_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     from echofast.kernels import layer_norm as k
 
@@ -384,6 +400,8 @@ CASES = {
     "layer_norm": _layer_norm_cases,
     "bias_residual": _bias_residual_cases,
 }
+#: cases run only when named (``--cases``)
+EXTRA_CASES = {"geglu_linear_tuning": _geglu_linear_tuning_cases}
 
 
 def kernel_functions() -> dict[str, list[str]]:
@@ -402,8 +420,10 @@ def kernel_functions() -> dict[str, list[str]]:
     return found
 
 
-def record(quick: bool) -> tuple[Recorder, list[str]]:
-    """Drive every case with the recorder in place of ``JITFunction.run``."""
+def record(quick: bool, names: list[str] | None = None) -> tuple[Recorder, list[str]]:
+    """Drive the cases (``names``, default: every one of :data:`CASES`) with the recorder in
+    place of ``JITFunction.run``."""
+    chosen = [{**CASES, **EXTRA_CASES}[name] for name in names or CASES]
     recorder = Recorder()
     errors = []
     original = JITFunction.run
@@ -414,7 +434,7 @@ def record(quick: bool) -> tuple[Recorder, list[str]]:
     JITFunction.run = run
     try:
         with torch.no_grad():
-            for cases in CASES.values():
+            for cases in chosen:
                 for name, case in cases(quick):
                     recorder.case = name
                     try:
@@ -504,9 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=_target, nargs="+", default=[_target("cuda:90")])
     p.add_argument("--quick", action="store_true", help="fewer dtypes/shapes (CI)")
     p.add_argument("--csv", type=Path, help="write one row per compiled variant")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=[*CASES, *EXTRA_CASES],
+        help=f"only these cases (default: all but {', '.join(EXTRA_CASES)})",
+    )
     a = p.parse_args(argv)
 
-    recorder, errors = record(a.quick)
+    recorder, errors = record(a.quick, a.cases)
     variants = list(recorder.variants.values())
     print(
         f"triton {triton.__version__}: {recorder.launches} launches recorded, "
@@ -514,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{t.backend}:{t.arch}" for t in a.target)
     )
     covered = {v.name for v in variants}
-    for module_name, names in kernel_functions().items():
+    for module_name, names in kernel_functions().items() if a.cases is None else ():
         missing = [n for n in names if n not in covered]
         if missing:
             errors.append(f"{module_name}: kernels never launched by the cases: {missing}")

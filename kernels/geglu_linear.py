@@ -29,9 +29,22 @@ Kernel arguments (all tensors on one device):
   BLOCK_M, BLOCK_N, BLOCK_K   tile sizes (powers of two, BLOCK_K >= 16)
   GROUP_M    row tiles per program group (L2 reuse of weight tiles)
   HAS_BIAS, APPROX_TANH, IEEE constexpr: add the bias; tanh GELU; IEEE fp32 products
+
+Tile configurations. :data:`GPU_CONFIG` is the default on every GPU. A GPU run of
+``bench/tune_geglu_linear.py`` times candidate configurations at the LVDM's call sites and
+writes the winners to ``geglu_linear_tuned.json`` next to this file (architecture, dtype, K, N
+and the M it was timed at); a launch on that architecture with that dtype, K and N takes the
+entry whose M is nearest in log scale. The table is read once, checked, and never consulted
+at run time for anything else: no autotuning at launch, so a given build and GPU always run
+the same tiles and give the same bits.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
 
 import torch
 import triton
@@ -39,14 +52,17 @@ import triton.language as tl
 
 from .geglu import _gelu
 
-#: tile configuration for a GPU: 2 × 128 × 64 fp32 accumulators over 8 warps. Compiled for
-#: sm_90 with Triton 3.6 (bench/triton_aot.py): BLOCK_K = 32 uses 254 registers and no local
-#: memory in fp16/bf16; BLOCK_K = 64 (2 or 3 stages) and 4-warp variants spill 136–1,440 bytes.
-#: Not yet timed on a GPU (``bench/bench_geglu.py``).
+#: default tile configuration on a GPU: 2 × 128 × 64 fp32 accumulators over 8 warps. Compiled
+#: for sm_90 with Triton 3.6 as the JIT specialises it (bench/triton_aot.py): 108 registers, 48
+#: KiB of shared memory, no spills in fp16/bf16. An H100 ran it at 160–240 TFLOP/s on the LVDM's
+#: largest call sites (2026-11-26); bench/tune_geglu_linear.py times alternatives.
 GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
 #: the interpreter pays per program: one large tile
 INTERPRETED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 GROUP_M = 8
+#: the tuned tile configurations (see the module docstring); shipped with the package
+TUNED_TABLE = Path(__file__).with_name("geglu_linear_tuned.json")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
 @triton.jit
@@ -110,6 +126,89 @@ def _geglu_linear_kernel(
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# ------------------------------------------------------------------------- tile configurations
+
+
+def check_config(config: dict, where: str) -> dict:
+    """``config`` with its five integer keys checked (:data:`CONFIG_KEYS`; ``GROUP_M`` optional):
+    power-of-two tiles, BLOCK_K >= 16, 1-8 stages. ValueError naming ``where`` otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: a tile configuration must be an object, got {config!r}")
+    unknown = sorted(set(config) - {*CONFIG_KEYS, "GROUP_M"})
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if unknown or missing:
+        raise ValueError(
+            f"{where}: tile configuration {config}: unknown keys {unknown}, missing {missing}"
+        )
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {key} = {value!r} is not a positive integer")
+        if key != "num_stages" and value & (value - 1):
+            raise ValueError(f"{where}: {key} = {value} is not a power of two")
+    if config["BLOCK_K"] < 16:
+        raise ValueError(f"{where}: BLOCK_K = {config['BLOCK_K']} is below 16 (tl.dot's minimum)")
+    if config["num_stages"] > 8:
+        raise ValueError(f"{where}: num_stages = {config['num_stages']} is above 8")
+    return dict(config)
+
+
+def read_tuned_table(path: Path) -> list[dict]:
+    """The entries of a tuned table: ``{"format": 1, "entries": [{"arch": "sm_90", "dtype":
+    "float16", "k": 128, "n": 512, "m": 81920, "config": {...}, ...}, ...]}`` (other keys of an
+    entry are notes: card, Triton version, times). ValueError naming the file and the entry."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON tile table: {e}") from None
+    if (
+        not isinstance(table, dict)
+        or table.get("format") != 1
+        or not isinstance(table.get("entries"), list)
+    ):
+        raise ValueError(f'{path}: expected {{"format": 1, "entries": [...]}} at the top level')
+    entries = []
+    for i, entry in enumerate(table["entries"]):
+        where = f"{path}: entries[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: not an object")
+        for key, kind in (("arch", str), ("dtype", str), ("k", int), ("n", int), ("m", int)):
+            value = entry.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or kind is int and value < 1:
+                what = "a positive integer" if kind is int else "a string"
+                raise ValueError(f"{where}: {key} = {value!r} is not {what}")
+        entries.append({**entry, "config": check_config(entry.get("config"), where)})
+    return entries
+
+
+@functools.cache
+def _tuned_entries() -> tuple[dict, ...]:
+    return tuple(read_tuned_table(TUNED_TABLE)) if TUNED_TABLE.is_file() else ()
+
+
+def tuned_config(entries, arch: str, dtype: torch.dtype, m: int, k: int, n: int) -> dict | None:
+    """The configuration of the entry for (arch, dtype, k, n) whose m is nearest to ``m`` in log
+    scale (the first of equals), or None when the table has no entry for them."""
+    name = str(dtype).removeprefix("torch.")
+    same = [e for e in entries if (e["arch"], e["dtype"], e["k"], e["n"]) == (arch, name, k, n)]
+    if not same:
+        return None
+    best = min(same, key=lambda e: abs(math.log(e["m"]) - math.log(max(m, 1))))
+    return best["config"]
+
+
+@functools.cache
+def _arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def gpu_config(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> dict:
+    """The tile configuration a launch on CUDA ``device`` uses: the tuned table's entry for this
+    GPU's architecture, else :data:`GPU_CONFIG`."""
+    arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
+    return tuned_config(_tuned_entries(), arch, dtype, m, k, n) or GPU_CONFIG
+
+
 # ----------------------------------------------------------------------------------- launchers
 
 
@@ -123,16 +222,18 @@ def geglu_linear_fwd(
 ) -> torch.Tensor:
     """out (M, N) in a's dtype, contiguous, for ``a`` (M, K) with unit stride along K, ``weight``
     (2N, K) in a's dtype with unit stride along K, ``bias`` (2N,) contiguous or None.
-    ``config``: tile sizes, warps and stages (default: :data:`GPU_CONFIG`, or
-    :data:`INTERPRETED_CONFIG` under the interpreter)."""
+    ``config``: tile sizes, warps and stages, optionally ``GROUP_M`` (default: the tuned table's
+    or :data:`GPU_CONFIG` on a GPU, :data:`INTERPRETED_CONFIG` under the interpreter)."""
     m, k = a.shape
     n = weight.shape[0] // 2
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     if config is None:
-        interpreted = type(_geglu_linear_kernel).__name__ == "InterpretedFunction"
-        config = INTERPRETED_CONFIG if interpreted else GPU_CONFIG
+        if type(_geglu_linear_kernel).__name__ == "InterpretedFunction":
+            config = INTERPRETED_CONFIG
+        else:
+            config = gpu_config(a.device, a.dtype, m, k, n)
     c = dict(config)
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
     _geglu_linear_kernel[grid](
@@ -149,7 +250,7 @@ def geglu_linear_fwd(
         BLOCK_M=c["BLOCK_M"],
         BLOCK_N=c["BLOCK_N"],
         BLOCK_K=c["BLOCK_K"],
-        GROUP_M=GROUP_M,
+        GROUP_M=c.get("GROUP_M", GROUP_M),
         HAS_BIAS=bias is not None,
         APPROX_TANH=approximate == "tanh",
         IEEE=a.dtype == torch.float32,

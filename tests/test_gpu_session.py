@@ -48,17 +48,19 @@ def test_syntax_and_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^  (\w+)\s+\d+$", out.stdout, re.M)
     assert listed == STEPS
-    # the most wanted results first: the build, the batch-1 benchmark, the GPU tests, the two
-    # microbenchmarks that decide code paths, then issue 9's other measurements
-    assert STEPS[:8] == [
+    # the most wanted results first: the build, the GEGLU GEMM's tiles (every later step runs
+    # the winners), the batch-1 benchmark, the GPU tests, the two microbenchmarks that decide
+    # code paths, then issue 9's other measurements
+    assert STEPS[:9] == [
         "build",
+        "geglu_tune",
         "bench_b1",
         "tests_gpu",
         "group_norm",
         "geglu",
-        "unet_compile",
-        "precision",
         "bench_b8",
+        "precision",
+        "unet_compile",
     ]
     assert re.search(r"\d+/\d+ tests collected", out.stdout)  # pytest -m gpu selects some
 
@@ -71,9 +73,14 @@ def test_one_call_runs_every_step_in_order(tmp_path):
     commands = re.findall(r"^\+ (.*)$", out.stdout, re.M)
     bench = [c for c in commands if " bench " in f" {c} " and "--out" in c]
     assert "--batch-size 1 --no-compile" in bench[0]
-    assert "--compile --no-pipeline" in bench[1]
-    assert "--batch-size 8" in bench[2]
+    assert "--batch-size 8" in bench[1]
+    assert "--compile --no-pipeline" in bench[2]
     assert "--compile --compile-echofast" in bench[3]
+    # the tuner writes the tree's table, then the package is installed again, before bench_b1
+    (tune,) = [c for c in commands if "bench/tune_geglu_linear.py" in c]
+    assert "--write-table kernels/geglu_linear_tuned.json" in tune
+    order = [out.stdout.index(s) for s in (tune, "installing the package again", bench[0])]
+    assert order == sorted(order)
     assert any("bench/memory_profile.py --batch-size 1 8" in c for c in commands)
     for script in ("bench_group_norm.py", "bench_geglu.py"):  # no inductor compiles there
         (call,) = [c for c in commands if script in c]
@@ -82,6 +89,7 @@ def test_one_call_runs_every_step_in_order(tmp_path):
     with tarfile.open(tmp_path / "out" / "gpu_session_results.tar.gz") as tar:
         names = tar.getnames()
     assert any(n.endswith("logs/bench_b1.log") for n in names)
+    assert "kernels/geglu_linear_tuned.json" in names  # to commit
     assert (tmp_path / "out" / "gpu_session_summary.txt").read_text().count(" ok ") == len(STEPS)
 
 

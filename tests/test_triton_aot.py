@@ -52,6 +52,28 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert dense and all("LDG.E.128" in r["global_loads"] for r in dense), dense
 
 
+def test_the_named_tuning_case_compiles_the_tuners_candidates(tmp_path):
+    """``--cases geglu_linear_tuning`` (not in the default run): the first candidates of
+    bench/tune_geglu_linear.py, each with its own tiles, warps and stages."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    csv_path = tmp_path / "aot.csv"
+    args = ["--quick", "--cases", "geglu_linear_tuning", "--csv", str(csv_path)]
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["case"] for r in rows] == [
+        "geglu_linear tuning m128n64k32w8s3",
+        "geglu_linear tuning m64n32k32w4s2",
+        "geglu_linear tuning m64n32k32w4s3",
+        "geglu_linear tuning m64n32k32w4s4",
+    ]
+    assert all(r["status"] == "ok" and int(r["local_bytes"]) == 0 for r in rows)
+    assert len({r["shared_bytes"] for r in rows}) == 4  # the stages reach the compiler
+
+
 def test_a_kernel_that_only_the_interpreter_accepts_fails(tmp_path):
     """The check can fail: a module-level Python float read inside a kernel."""
     probe = tmp_path / "probe.py"

@@ -172,21 +172,51 @@ def test_gpu_automatic_dispatch_picks_triton():
     assert registered_ops()["geglu"].select(h).name == "triton"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize(("m", "k"), [(81920, 128), (20480, 256), (5120, 512), (1000, 40)])
-def test_gpu_geglu_linear_within_twice_pytorch(m, k, dtype):
-    """The fused projection + GEGLU (the LVDM's feed-forward shapes at one window, and an awkward
-    one) against fp64: within 2x PyTorch's own error (cuBLAS F.linear, then geglu, in dtype)."""
-    n = 4 * k
+def _geglu_linear_error_vs_twice_pytorch(m, k, n, dtype, config=None):
+    """(error of the fused projection + GEGLU against fp64, 2x PyTorch's own error: cuBLAS
+    F.linear, then geglu, in dtype; floored at half an ulp of max|ref|) on random inputs."""
     g = torch.Generator("cuda").manual_seed(m + k)
     x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
     w = (torch.randn(2 * n, k, generator=g, device="cuda") / math.sqrt(k)).to(dtype)
     b = (torch.randn(2 * n, generator=g, device="cuda") * 0.1).to(dtype)
     with torch.no_grad():
-        out = geglu_linear(x, w, b, backend="triton")
+        if config is None:
+            out = geglu_linear(x, w, b, backend="triton")
+        else:
+            from echofast.kernels.geglu_linear import geglu_linear_fwd
+
+            out = geglu_linear_fwd(x, w, b, config=config)
         plain = geglu(F.linear(x, w, b), backend="torch")
     h = F.linear(x.double(), w.double(), b.double())
     ref = h[:, :n] * F.gelu(h[:, n:])
     floor = 0.5 * torch.finfo(dtype).eps * ref.abs().max().item()
     err = (out.double() - ref).abs().max().item()
-    assert err <= 2 * max((plain.double() - ref).abs().max().item(), floor)
+    return err, 2 * max((plain.double() - ref).abs().max().item(), floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(("m", "k"), [(81920, 128), (20480, 256), (5120, 512), (1000, 40)])
+def test_gpu_geglu_linear_within_twice_pytorch(m, k, dtype):
+    """The fused projection + GEGLU (the LVDM's feed-forward shapes at one window, and an awkward
+    one) against fp64, with the tiles the launcher picks (tuned or default)."""
+    err, bound = _geglu_linear_error_vs_twice_pytorch(m, k, 4 * k, dtype)
+    assert err <= bound
+
+
+def test_gpu_every_tuned_entry_of_this_gpu_within_twice_pytorch():
+    """Each entry of the shipped tuned table for this GPU's architecture: the launcher picks it
+    at its own M, and its tiles at an awkward M (a partial row tile) stay within 2x PyTorch."""
+    from echofast.kernels import geglu_linear as kernel
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    entries = [e for e in kernel.read_tuned_table(kernel.TUNED_TABLE) if e["arch"] == arch]
+    if not entries:
+        pytest.skip(f"the tuned table has no entries for {arch}")
+    for e in entries:
+        dtype = getattr(torch, e["dtype"])
+        device = torch.device("cuda")
+        assert kernel.gpu_config(device, dtype, e["m"], e["k"], e["n"]) == e["config"], e
+        m = min(e["m"], 40000) + 37
+        err, bound = _geglu_linear_error_vs_twice_pytorch(m, e["k"], e["n"], dtype, e["config"])
+        assert err <= bound, e

@@ -11,6 +11,8 @@ the fused path. Shapes are small: the interpreter pays per program and per eleme
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +70,24 @@ def test_small_tiles_group_order_and_k_loop():
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
     out = kernels.geglu_linear_fwd(x, w, b, config=config)
     assert rel_err(out, oracle(x, w, b)) <= 1e-5
+
+
+def test_every_tuning_candidate_computes_the_same_product():
+    """Every tile shape bench/tune_geglu_linear.py may write into the tuned table (warps and
+    stages do not change what the interpreter computes), on awkward M, K, N: partial row, column
+    and K tiles."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import tune_geglu_linear as tune
+
+    x, w, b = inputs(130, 200, 72, seed=7)
+    ref = oracle(x, w, b)
+    tiles = {}
+    for config in tune.candidates(200):
+        tiles.setdefault(tune.config_key(config)[:3], config)
+    assert len(tiles) == 18
+    for config in tiles.values():
+        out = kernels.geglu_linear_fwd(x, w, b, config=config)
+        assert rel_err(out, ref) <= 1e-5, config
 
 
 def test_fp16_within_twice_plain_pytorch():
