@@ -16,9 +16,12 @@ the real config; the count of each per call weighs the totals.
 Candidates (:func:`candidates`): the default :data:`GPU_CONFIG` first, then tiles of 64/128 rows,
 32/64/128 columns (of each half), K steps of 32/64/128 (at most K), 4 or 8 warps and 2-4
 stages, without those whose two fp32 accumulators would take more than 128 registers per
-thread or whose pipelined tiles would take more than ``SMEM_LIMIT`` of shared memory: 91 at
-K >= 128. All 91 compile for sm_90 without register spills (``bench/triton_aot.py --cases
-geglu_linear_tuning`` with Triton 3.6: 48-254 registers, 16-192 KiB of shared memory).
+thread or whose pipelined tiles would take more than ``SMEM_LIMIT`` of shared memory (91 at
+K >= 128); then every tile shape once more on a persistent grid of 1 or 2 programs per
+multiprocessor (3 stages, 8 warps for 128-row tiles, else 4; the 12 whose 3 stages fit and
+whose accumulators take at most 64 registers per thread: 24 more). All 115 compile for sm_90
+without register spills (``bench/triton_aot.py --cases geglu_linear_tuning``, Triton 3.6:
+48-255 registers; persistent variants with 128 accumulator registers per thread spilled).
 
 Each candidate, at each site: checked (max error against an fp64 product of the same inputs,
 relative to max|ref|, must be within 2x the default's + half an ulp: a wrong tile cannot win),
@@ -70,14 +73,16 @@ CSV_FIELDS = (
 )
 
 
-def config_key(config: dict) -> tuple[int, int, int, int, int]:
-    return tuple(
-        config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    )
+def config_key(config: dict) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PROGRAMS_PER_SM or 0)."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return (*(config[key] for key in keys), config.get("PROGRAMS_PER_SM", 0))
 
 
 def config_name(config: dict) -> str:
-    return "m{}n{}k{}w{}s{}".format(*config_key(config))
+    """e.g. ``m128n64k32w8s3``, with ``p2`` appended for a persistent grid of 2 programs/SM."""
+    bm, bn, bk, warps, stages, programs = config_key(config)
+    return f"m{bm}n{bn}k{bk}w{warps}s{stages}" + (f"p{programs}" if programs else "")
 
 
 def candidates(k: int, elem_bytes: int = 2) -> list[dict]:
@@ -85,21 +90,27 @@ def candidates(k: int, elem_bytes: int = 2) -> list[dict]:
     first. ``elem_bytes``: x's element size (shared memory per stage)."""
     from echofast.kernels.geglu_linear import GPU_CONFIG
 
+    def fits(bm, bn, bk, warps, stages):
+        return (
+            bk <= max(32, k)
+            and 2 * bm * bn // (32 * warps) <= 128  # fp32 accumulator registers per thread
+            and stages * (bm + 2 * bn) * bk * elem_bytes <= SMEM_LIMIT
+        )
+
     found = [dict(GPU_CONFIG)]
-    for bm, bn, bk, warps, stages in itertools.product(
-        (64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4)
-    ):
-        if bk > max(32, k):
-            continue
-        if 2 * bm * bn // (32 * warps) > 128:  # fp32 accumulator registers per thread
-            continue
-        if stages * (bm + 2 * bn) * bk * elem_bytes > SMEM_LIMIT:
-            continue
-        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
-        config["num_stages"] = stages
-        if config_key(config) != config_key(GPU_CONFIG):
-            found.append(config)
-    return found
+    tiles = list(itertools.product((64, 128), (32, 64, 128), (32, 64, 128)))
+    for (bm, bn, bk), warps, stages in itertools.product(tiles, (4, 8), (2, 3, 4)):
+        if fits(bm, bn, bk, warps, stages):
+            found.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps})
+            found[-1]["num_stages"] = stages
+    for (bm, bn, bk), programs in itertools.product(tiles, (1, 2)):
+        warps = 8 if bm == 128 else 4
+        # the flattened loop keeps more values live: 128 accumulator registers per thread spill
+        if fits(bm, bn, bk, warps, 3) and 2 * bm * bn // (32 * warps) <= 64:
+            found.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps})
+            found[-1] |= {"num_stages": 3, "PROGRAMS_PER_SM": programs}
+    default = config_key(GPU_CONFIG)
+    return [found[0], *(c for c in found[1:] if config_key(c) != default)]
 
 
 def lvdm_sites(windows: int, device: str = "cuda", **site_args) -> Counter:

@@ -15,6 +15,10 @@ Design
   the weight) and Wg (rows N + n), so x is read cdiv(N, BLOCK_N) times in all, as in a plain
   GEMM over 2N columns with 2·BLOCK_N-wide tiles. Programs are ordered in groups of GROUP_M
   row tiles so that consecutive programs share weight tiles in L2. Row offsets are int64.
+  With K = 128-512 a tile has only a few K steps to hide its loads and its GELU epilogue
+  behind; a persistent grid (``PROGRAMS_PER_SM`` in a configuration) walks several tiles per
+  program in one flattened loop (``tl.range(..., flatten=True)``), so the software pipeline
+  can issue the next tile's loads during one tile's epilogue. Whether that pays is measured.
 * Precision. Products accumulate in fp32 (``tl.dot``; fp32 inputs use IEEE products, no TF32),
   the bias is added in fp32, GELU (exact erf or tanh, as :mod:`echofast.kernels.geglu`) and the
   product are fp32, and out is rounded once to x's dtype. The unfused path rounds h to x's dtype
@@ -29,14 +33,15 @@ Kernel arguments (all tensors on one device):
   BLOCK_M, BLOCK_N, BLOCK_K   tile sizes (powers of two, BLOCK_K >= 16)
   GROUP_M    row tiles per program group (L2 reuse of weight tiles)
   HAS_BIAS, APPROX_TANH, IEEE constexpr: add the bias; tanh GELU; IEEE fp32 products
+  PERSISTENT constexpr: the grid has fewer programs than tiles (``PROGRAMS_PER_SM`` per
+             multiprocessor); each walks tiles pid, pid + P, ... in one flattened loop
 
 Tile configurations. :data:`GPU_CONFIG` is the default on every GPU. A GPU run of
 ``bench/tune_geglu_linear.py`` times candidate configurations at the LVDM's call sites and
 writes the winners to ``geglu_linear_tuned.json`` next to this file (architecture, dtype, K, N
 and the M it was timed at); a launch on that architecture with that dtype, K and N takes the
-entry whose M is nearest in log scale. The table is read once, checked, and never consulted
-at run time for anything else: no autotuning at launch, so a given build and GPU always run
-the same tiles and give the same bits.
+entry whose M is nearest in log scale. The table is read once and checked; nothing is tuned
+at launch, so a given build and GPU always run the same tiles and give the same bits.
 """
 
 from __future__ import annotations
@@ -63,10 +68,22 @@ GROUP_M = 8
 #: the tuned tile configurations (see the module docstring); shipped with the package
 TUNED_TABLE = Path(__file__).with_name("geglu_linear_tuned.json")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+#: GROUP_M (default :data:`GROUP_M`); PROGRAMS_PER_SM: a persistent grid of that many programs
+#: per multiprocessor (default: one program per output tile)
+OPTIONAL_KEYS = ("GROUP_M", "PROGRAMS_PER_SM")
 
 
 @triton.jit
-def _geglu_linear_kernel(
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of linear tile index ``tile``, in groups of GROUP_M row tiles."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _geglu_linear_tile(
     a_ptr,
     w_ptr,
     b_ptr,
@@ -77,23 +94,16 @@ def _geglu_linear_kernel(
     stride_am,
     stride_wn,
     stride_om,
+    pid_m,
+    pid_n,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     APPROX_TANH: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """out tile = (a Wxᵀ + bx) * gelu(a Wgᵀ + bg) for one [BLOCK_M, BLOCK_N] tile."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    """out[pid_m tile, pid_n tile] = (a Wxᵀ + bx) * gelu(a Wgᵀ + bg)."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -126,15 +136,57 @@ def _geglu_linear_kernel(
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _geglu_linear_kernel(
+    a_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    IEEE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """One output tile per program, or (PERSISTENT) tiles pid, pid + P, ... of P programs in one
+    flattened loop, which lets the compiler's pipeline run into the next tile's loads while one
+    tile's GELU epilogue and stores execute."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            _geglu_linear_tile(
+                a_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_wn, stride_om,
+                pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, APPROX_TANH, IEEE,
+            )  # fmt: skip
+    else:
+        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, GROUP_M)
+        _geglu_linear_tile(
+            a_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_wn, stride_om,
+            pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, APPROX_TANH, IEEE,
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------------- tile configurations
 
 
 def check_config(config: dict, where: str) -> dict:
-    """``config`` with its five integer keys checked (:data:`CONFIG_KEYS`; ``GROUP_M`` optional):
-    power-of-two tiles, BLOCK_K >= 16, 1-8 stages. ValueError naming ``where`` otherwise."""
+    """``config`` with its five integer keys checked (:data:`CONFIG_KEYS`, and the
+    :data:`OPTIONAL_KEYS`): power-of-two tiles, warps and GROUP_M, BLOCK_K >= 16, 1-8 stages,
+    positive PROGRAMS_PER_SM. ValueError naming ``where`` otherwise."""
     if not isinstance(config, dict):
         raise ValueError(f"{where}: a tile configuration must be an object, got {config!r}")
-    unknown = sorted(set(config) - {*CONFIG_KEYS, "GROUP_M"})
+    unknown = sorted(set(config) - {*CONFIG_KEYS, *OPTIONAL_KEYS})
     missing = [key for key in CONFIG_KEYS if key not in config]
     if unknown or missing:
         raise ValueError(
@@ -143,7 +195,7 @@ def check_config(config: dict, where: str) -> dict:
     for key, value in config.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{where}: {key} = {value!r} is not a positive integer")
-        if key != "num_stages" and value & (value - 1):
+        if key not in ("num_stages", "PROGRAMS_PER_SM") and value & (value - 1):
             raise ValueError(f"{where}: {key} = {value} is not a power of two")
     if config["BLOCK_K"] < 16:
         raise ValueError(f"{where}: BLOCK_K = {config['BLOCK_K']} is below 16 (tl.dot's minimum)")
@@ -196,6 +248,19 @@ def tuned_config(entries, arch: str, dtype: torch.dtype, m: int, k: int, n: int)
     return best["config"]
 
 
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA ``device``; 4 elsewhere (the interpreter: a few programs)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @functools.cache
 def _arch(index: int) -> str:
     major, minor = torch.cuda.get_device_capability(index)
@@ -235,7 +300,11 @@ def geglu_linear_fwd(
         else:
             config = gpu_config(a.device, a.dtype, m, k, n)
     c = dict(config)
-    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
+    tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
+    persistent = "PROGRAMS_PER_SM" in c
+    if persistent:
+        tiles = min(tiles, _sm_count(a.device) * c["PROGRAMS_PER_SM"])
+    grid = (tiles,)
     _geglu_linear_kernel[grid](
         a,
         weight,
@@ -254,6 +323,7 @@ def geglu_linear_fwd(
         HAS_BIAS=bias is not None,
         APPROX_TANH=approximate == "tanh",
         IEEE=a.dtype == torch.float32,
+        PERSISTENT=persistent,
         num_warps=c["num_warps"],
         num_stages=c["num_stages"],
     )

@@ -28,11 +28,17 @@ def test_candidates_start_with_the_default_and_respect_the_limits(k):
     assert len(set(keys)) == len(keys)
     for config in found:
         kernel.check_config(config, "candidate")
-        bm, bn, bk, warps, stages = tune.config_key(config)
+        bm, bn, bk, warps, stages, _ = tune.config_key(config)
         assert 2 * bm * bn // (32 * warps) <= 128
         assert stages * (bm + 2 * bn) * bk * 2 <= tune.SMEM_LIMIT
         assert bk <= max(32, k) or config == kernel.GPU_CONFIG
-    assert max(bk for _, _, bk, _, _ in keys[1:]) == min(128, 1 << (max(32, k).bit_length() - 1))
+    assert max(key[2] for key in keys[1:]) == min(128, 1 << (max(32, k).bit_length() - 1))
+    persistent = [c for c in found if "PROGRAMS_PER_SM" in c]
+    assert {c["PROGRAMS_PER_SM"] for c in persistent} == {1, 2}
+    assert len({tune.config_key(c)[:3] for c in persistent}) == len(persistent) // 2
+    if k >= 128:
+        assert (len(found), len(persistent)) == (115, 24)
+        assert tune.config_name(persistent[-1]) == "m128n64k128w8s3p2"
 
 
 def test_lvdm_sites_are_every_geglu_projection_of_a_call():

@@ -203,6 +203,16 @@ def test_gpu_geglu_linear_within_twice_pytorch(m, k, dtype):
     assert err <= bound
 
 
+@pytest.mark.parametrize(("m", "k"), [(81920, 128), (1000, 40)])
+def test_gpu_geglu_linear_on_a_persistent_grid_within_twice_pytorch(m, k):
+    """The persistent variant (one flattened loop over several tiles per program), which the
+    tuner may choose: the same bound as the one-tile-per-program grid."""
+    config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    config["PROGRAMS_PER_SM"] = 2
+    err, bound = _geglu_linear_error_vs_twice_pytorch(m, k, 4 * k, torch.float16, config)
+    assert err <= bound
+
+
 def test_gpu_every_tuned_entry_of_this_gpu_within_twice_pytorch():
     """Each entry of the shipped tuned table for this GPU's architecture: the launcher picks it
     at its own M, and its tiles at an awkward M (a partial row tile) stay within 2x PyTorch."""

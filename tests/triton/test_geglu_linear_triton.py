@@ -83,11 +83,22 @@ def test_every_tuning_candidate_computes_the_same_product():
     ref = oracle(x, w, b)
     tiles = {}
     for config in tune.candidates(200):
-        tiles.setdefault(tune.config_key(config)[:3], config)
-    assert len(tiles) == 18
+        persistent = "PROGRAMS_PER_SM" in config
+        tiles.setdefault((*tune.config_key(config)[:3], persistent), config)
+    assert len(tiles) == 30  # 18 tile shapes, 12 of them also on a persistent grid
     for config in tiles.values():
         out = kernels.geglu_linear_fwd(x, w, b, config=config)
         assert rel_err(out, ref) <= 1e-5, config
+
+
+def test_a_persistent_grid_walks_every_tile_once():
+    """Fewer programs than tiles (the interpreter's launcher plans 4 multiprocessors): every
+    program computes several tiles in its loop, including the partial last ones."""
+    x, w, b = inputs(300, 70, 45, seed=8)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    config["PROGRAMS_PER_SM"] = 1  # 4 programs for 19 x 3 tiles
+    out = kernels.geglu_linear_fwd(x, w, b, config=config)
+    assert rel_err(out, oracle(x, w, b)) <= 1e-5
 
 
 def test_fp16_within_twice_plain_pytorch():
