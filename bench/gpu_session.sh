@@ -34,9 +34,9 @@
 # it chose. Then the batch-1 benchmark (kernels per step, s/video), the GPU tests (the tuned
 # tiles and the changed GroupNorm rows kernels included), the two microbenchmarks that decide
 # code paths, without their torch.compile baselines (one inductor compile per call site; earlier
-# leases measured those): group_norm (kernels.group_norm.RowsPlan.of) and geglu
-# (FUSED_GEGLU_DEVICES). Then batch 8, the 100-video precision check and the compiled-diffusers
-# ratio.
+# leases measured those): group_norm (kernels.group_norm.RowsPlan.of), geglu
+# (FUSED_GEGLU_DEVICES) and feed_forward (FUSED_FF_DEVICES: the whole feed-forward in one
+# kernel). Then batch 8, the 100-video precision check and the compiled-diffusers ratio.
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   geglu_tune    bench/tune_geglu_linear.py --budget-s 150: the GEGLU GEMM's tile candidates at
@@ -58,6 +58,9 @@
 #                 (eager and CUDA-graph times)                    -> group_norm_<card>.csv
 #   geglu         bench/bench_geglu.py --providers echofast_triton,eager (and projection+geglu:
 #                 cuBLAS + GEGLU kernel vs the fused GEMM)        -> geglu_<card>.csv
+#   feed_forward  bench/bench_feed_forward.py: the one-kernel feed-forward vs the two-GEMM path at
+#                 the LVDM's sites (5 and 40 windows)  -> feed_forward_<card>.csv; decides
+#                 FUSED_FF_DEVICES
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   attention     bench/bench_attention.py                        -> attention_<card>.csv
 #   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
@@ -67,10 +70,10 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build geglu_tune bench_b1 tests_gpu group_norm geglu bench_b8 precision unet_compile layer_norm attention memory video patch bench_compile"
+ALL_STEPS="build geglu_tune bench_b1 tests_gpu group_norm geglu feed_forward bench_b8 precision unet_compile layer_norm attention memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [layer_norm]=90 [group_norm]=90 [attention]=90 [geglu]=90 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=90 [attention]=90 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
@@ -220,6 +223,9 @@ step_layer_norm() {
 }
 step_geglu() {
     bench_script bench_geglu.py --providers echofast_triton,eager --csv "bench/results/geglu_${SLUG}.csv"
+}
+step_feed_forward() {
+    bench_script bench_feed_forward.py --csv "bench/results/feed_forward_${SLUG}.csv"
 }
 step_attention() { bench_script bench_attention.py --csv "bench/results/attention_${SLUG}.csv"; }
 step_video() {

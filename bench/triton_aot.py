@@ -321,6 +321,29 @@ def _geglu_linear_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]
                 yield f"geglu_linear {m}x{kk}->{n} bias={bias} {str(dtype)[6:]}", run
 
 
+def _feed_forward_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    from echofast.kernels import feed_forward as k
+
+    # the LVDM's feed-forwards at levels 0-2 (C = N, I = 4·C), at one 5-window call; an awkward one
+    shapes = [(81920, 128, 512, 128), (20480, 256, 1024, 256), (37, 40, 160, 24)]
+    # quick: fp16 (the models' GPU dtype; fp32 spills and takes ~25 s per variant to compile)
+    for dtype in (torch.float16,) if quick else DTYPES:
+        for m, c, inner, n in shapes[::2] if quick else shapes:
+            for residual in (True, False):
+
+                def run(m=m, c=c, inner=inner, n=n, dt=dtype, residual=residual):
+                    w1, b1 = torch.empty(2 * inner, c, dtype=dt), torch.empty(2 * inner, dtype=dt)
+                    w2, b2 = torch.empty(n, inner, dtype=dt), torch.empty(n, dtype=dt)
+                    out = torch.empty(m, n, dtype=dt)
+                    r = out if residual else None
+                    k.feed_forward_fwd(torch.empty(m, c, dtype=dt), w1, b1, w2, b2, r, out)
+
+                yield (
+                    f"feed_forward {m}x{c}->{inner}->{n} residual={residual} {str(dtype)[6:]}",
+                    run,
+                )
+
+
 def _geglu_linear_tuning_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """Every tile configuration that bench/tune_geglu_linear.py may try, fp16 with bias at the
     LVDM's K = 128 site: registers, spills and shared memory of each."""
@@ -397,6 +420,7 @@ CASES = {
     "window_step": _window_step_cases,
     "geglu": _geglu_cases,
     "geglu_linear": _geglu_linear_cases,
+    "feed_forward": _feed_forward_cases,
     "layer_norm": _layer_norm_cases,
     "bias_residual": _bias_residual_cases,
 }

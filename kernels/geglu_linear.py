@@ -269,7 +269,10 @@ def _arch(index: int) -> str:
 
 def gpu_config(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> dict:
     """The tile configuration a launch on CUDA ``device`` uses: the tuned table's entry for this
-    GPU's architecture, else :data:`GPU_CONFIG`."""
+    GPU's architecture, else :data:`GPU_CONFIG` (also for CPU tensors: what bench/triton_aot.py
+    compiles for a GPU on a machine without one)."""
+    if device.type != "cuda":
+        return GPU_CONFIG
     arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
     return tuned_config(_tuned_entries(), arch, dtype, m, k, n) or GPU_CONFIG
 

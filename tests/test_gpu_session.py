@@ -51,13 +51,14 @@ def test_syntax_and_plan(tmp_path):
     # the most wanted results first: the build, the GEGLU GEMM's tiles (every later step runs
     # the winners), the batch-1 benchmark, the GPU tests, the two microbenchmarks that decide
     # code paths, then issue 9's other measurements
-    assert STEPS[:9] == [
+    assert STEPS[:10] == [
         "build",
         "geglu_tune",
         "bench_b1",
         "tests_gpu",
         "group_norm",
         "geglu",
+        "feed_forward",
         "bench_b8",
         "precision",
         "unet_compile",

@@ -38,6 +38,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         "window_step",
         "geglu",
         "geglu_linear",
+        "feed_forward",
         "layer_norm",
         "bias_residual",
     }

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from support.triton_interp import kernels_module
 
-pytest.importorskip("triton", reason="triton is not importable")
+kernel = kernels_module("geglu_linear")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import torch  # noqa: E402
 import tune_geglu_linear as tune  # noqa: E402
-
-from echofast.kernels import geglu_linear as kernel  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [40, 128, 512])

@@ -88,6 +88,13 @@ def _residual(x: torch.Tensor, branch, *, inplace: bool) -> torch.Tensor:
 #: faster at K = 128 and 256 and within 6 % at K = 512 (bench/results/geglu_<card>.csv).
 FUSED_GEGLU_DEVICES: frozenset[str] = frozenset({"cuda"})
 
+#: device types on which a whole feed-forward (GEGLU projection, gate, output projection and the
+#: block's residual add) runs as one Triton kernel that keeps the GEGLU output on chip
+#: (:func:`echofast.ops.feed_forward`) in eager inference, where the op takes the operands (fp16 /
+#: bf16, C and N <= 256): none until a GPU benchmark (``bench/bench_feed_forward.py``) shows it
+#: beating the two-GEMM path at the LVDM's call sites.
+FUSED_FF_DEVICES: frozenset[str] = frozenset()
+
 
 class GEGLU(nn.Module):
     """``x·gelu(gate)`` where ``[x, gate] = proj(input)`` (key ``proj``), through
@@ -106,7 +113,8 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU (dim → 4·dim) then Linear (→ dim_out); keys ``net.0.proj``, ``net.2``."""
+    """GEGLU (dim → 4·dim) then Linear (→ dim_out); keys ``net.0.proj``, ``net.2``. One kernel
+    (:func:`echofast.ops.feed_forward`) on :data:`FUSED_FF_DEVICES`."""
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
         super().__init__()
@@ -115,7 +123,17 @@ class FeedForward(nn.Module):
             [GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)]
         )
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type in FUSED_FF_DEVICES
+            and eager_inference()
+            and ops.feed_forward_supported(x, self.net[0].proj.weight, self.net[2].weight)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):
+            proj, out = self.net[0].proj, self.net[2]
+            return ops.feed_forward(x, proj.weight, proj.bias, out.weight, out.bias)
         return self.net[2](self.net[1](self.net[0](x)))
 
     @property
@@ -126,7 +144,12 @@ class FeedForward(nn.Module):
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h += self(x) - out_bias`` in place (eager inference; h (..., dim_out) contiguous,
         already holding the output bias): the output Linear's GEMM accumulates into h
-        (``addmm_``, beta = 1), so the residual add costs no kernel of its own."""
+        (``addmm_``, beta = 1), so the residual add costs no kernel of its own; on
+        :data:`FUSED_FF_DEVICES` the one feed-forward kernel reads and writes h."""
+        if self._fused(x):
+            proj = self.net[0].proj
+            w2 = self.net[2].weight
+            return ops.feed_forward(x, proj.weight, proj.bias, w2, None, residual=h, out=h)
         g = self.net[1](self.net[0](x))
         w = self.net[2].weight
         w = w if w.dtype == g.dtype else w.to(g.dtype)  # autocast's cast of an fp32 weight

@@ -8,6 +8,7 @@ Force a backend with ``backend=``, :func:`use_backend`, or ``ECHOFAST_BACKEND``.
 from ._dispatch import ENV_VAR, Backend, Op, registered_ops, use_backend
 from .attention import attention, attention_reference
 from .bias_residual import bias_residual, bias_residual_reference
+from .feed_forward import feed_forward, feed_forward_reference, feed_forward_supported
 from .geglu import geglu, geglu_linear, geglu_linear_reference, geglu_reference
 from .group_norm import group_norm, group_norm_reference
 from .layer_norm import (
@@ -28,6 +29,9 @@ __all__ = [
     "attention_reference",
     "bias_residual",
     "bias_residual_reference",
+    "feed_forward",
+    "feed_forward_reference",
+    "feed_forward_supported",
     "geglu",
     "geglu_linear",
     "geglu_linear_reference",

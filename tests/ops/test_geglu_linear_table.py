@@ -9,10 +9,9 @@ import json
 
 import pytest
 import torch
+from support.triton_interp import kernels_module
 
-pytest.importorskip("triton", reason="triton is not importable")
-
-from echofast.kernels import geglu_linear as kernel  # noqa: E402
+kernel = kernels_module("geglu_linear")
 
 GOOD = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 

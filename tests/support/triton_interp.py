@@ -15,6 +15,23 @@ from types import ModuleType
 import pytest
 
 
+def kernels_module(name: str) -> ModuleType:
+    """``echofast.kernels.<name>`` as it is imported (for its launch plans and tables, not to run
+    kernels on CPU); skips the calling module when Triton or the installed package is missing
+    (e.g. pytest run with the source tree first on sys.path: kernels/ becomes echofast.kernels
+    only at install time)."""
+    pytest.importorskip("triton", reason="triton is not importable")
+    try:
+        return importlib.import_module(f"echofast.kernels.{name}")
+    except ModuleNotFoundError as e:
+        pytest.skip(
+            f"echofast.kernels is not importable ({e}): it exists only in the installed "
+            "package (kernels/ is mapped to echofast.kernels at install time); pip install "
+            "the repo",
+            allow_module_level=True,
+        )
+
+
 def interpreted_kernels(name: str, probe: str) -> ModuleType:
     """``echofast.kernels.<name>``, imported interpreted; skips the calling module otherwise.
 
@@ -23,16 +40,7 @@ def interpreted_kernels(name: str, probe: str) -> ModuleType:
     had = "TRITON_INTERPRET" in os.environ
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        pytest.importorskip("triton", reason="triton is not importable")
-        try:
-            module = importlib.import_module(f"echofast.kernels.{name}")
-        except ModuleNotFoundError as e:
-            pytest.skip(
-                f"echofast.kernels is not importable ({e}): it exists only in the installed "
-                "package (kernels/ is mapped to echofast.kernels at install time); pip install "
-                "the repo",
-                allow_module_level=True,
-            )
+        module = kernels_module(name)
     finally:
         if not had:
             os.environ.pop("TRITON_INTERPRET", None)

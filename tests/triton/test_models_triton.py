@@ -19,6 +19,7 @@ interpreted_kernels("group_norm", "_gn_fwd_stats_kernel")
 interpreted_kernels("layer_norm", "_layer_norm_fwd_kernel")
 interpreted_kernels("bias_residual", "_bias_residual_kernel")
 interpreted_kernels("geglu_linear", "_geglu_linear_kernel")
+interpreted_kernels("feed_forward", "_ff_fwd_kernel")
 
 #: the fused paths the modules take on CUDA (the resblocks' epilogues, the GEGLU's GEMM)
 AS_ON_CUDA = frozenset({"cpu", "cuda"})
@@ -63,15 +64,21 @@ def test_lidm(monkeypatch):
     assert rel_err(got, ref(x, 10).sample) <= TOL
 
 
-@pytest.mark.parametrize("fused_norms", [False, True], ids=["chunked_cpu", "fused_norms"])
+@pytest.mark.parametrize(
+    "fused", [None, "norms", "feed_forward"], ids=["chunked_cpu", "fused_norms", "fused_ff"]
+)
 @torch.no_grad()
-def test_lvdm(fused_norms, monkeypatch):
+def test_lvdm(fused, monkeypatch):
     """8×8 latents: every group keeps ≥ 4 elements. (At 1×1 spatial with one channel per group
     PyTorch's own fp32 CPU group_norm is off by ~1e-3 of |x| — var of one element is not exactly
-    0 — and rstd = 1/sqrt(eps) amplifies that, so such a comparison measures the reference.)"""
+    0 — and rstd = 1/sqrt(eps) amplifies that, so such a comparison measures the reference.)
+    ``feed_forward``: every feed-forward and its residual add as one Triton kernel too."""
+    fused_norms = fused is not None
     if fused_norms:  # residual adds fused into LayerNorms, conv-bias epilogues, GEGLU GEMMs
         monkeypatch.setattr(st, "CPU_CHUNK_BYTES", 0)
         monkeypatch.setattr(st, "FUSED_GEGLU_DEVICES", AS_ON_CUDA)
+    if fused == "feed_forward":
+        monkeypatch.setattr(st, "FUSED_FF_DEVICES", AS_ON_CUDA)
     ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, TINY_LVDM)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 3, 8, 8, 8, generator=g)
@@ -82,9 +89,18 @@ def test_lvdm(fused_norms, monkeypatch):
         if fused_norms
         else {}
     )
+    if fused == "feed_forward":
+        forced |= {"feed_forward": "triton"}
+        calls = []
+        real = registered_ops()["feed_forward"]
+        monkeypatch.setattr(
+            st.ops, "feed_forward", lambda *a, **k: calls.append(1) or real(*a, **k)
+        )
     with use_backend(**forced):
         got = ours(x, 500, encoder_hidden_states=ehs, added_time_ids=ids).sample
     assert rel_err(got, expected) <= TOL
+    if fused == "feed_forward":  # every feed-forward of the model took the one kernel
+        assert len(calls) == sum(isinstance(m, st.FeedForward) for m in ours.modules())
 
 
 @torch.no_grad()

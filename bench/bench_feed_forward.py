@@ -1,0 +1,190 @@
+"""The one-kernel GEGLU feed-forward (``echofast.ops.feed_forward``) against the models' two-GEMM
+path on a CUDA GPU, at the LVDM's feed-forward call sites: decides ``FUSED_FF_DEVICES``.
+
+    python bench/bench_feed_forward.py [--dtype float16] [--windows 5 40] [--csv FILE]
+
+Sites: the (M, C, I) of every feed-forward of one LVDM call at each ``--windows`` count (5: the
+pipelines' batch-1 call, 40: batch 8), from forward hooks on the GEGLU projections of the real
+config, counted; the mid block's (C = 512) is left out (the kernel holds rows up to 256 wide).
+Each site is timed in the ``add_to`` form the transformer blocks use for two of their three
+feed-forwards, ``h += ff(x)`` with h already holding the output bias:
+
+* ``two_gemms``: the models' path today: the GEGLU GEMM (``ops.geglu_linear``, Triton, tiles from
+  the tuned table) writes g (M, I), then cuBLAS's ``addmm_`` reads it and accumulates into h;
+* ``fused``: ``ops.feed_forward(x, ..., residual=h, out=h)``, one kernel (g stays on chip), with
+  its default tiles; ``fused_m64w4`` and ``fused_s3``: the same kernel with 64-row tiles over 4
+  warps, or 3 pipeline stages (sites with N = 128 only: at 256 they spill or overflow shared
+  memory).
+
+Every provider is checked against ``two_gemms`` on fresh inputs first (relative max error <=
+2e-2 at fp16), then timed as in the pipelines' CUDA graphs (:func:`benchutil.graph_timed`).
+TFLOP/s count both products, 2·M·C·2I + 2·M·I·N. The summary prints, per windows count, both
+paths' total per UNet call over the sites measured and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from benchutil import append_csv, git_sha, graph_timed
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ALTERNATIVES = {
+    "fused_m64w4": {"BLOCK_M": 64, "BLOCK_I": 64, "num_warps": 4, "num_stages": 2},
+    "fused_s3": {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 3},
+}
+
+
+def lvdm_sites(windows: int, **site_args) -> Counter:
+    """(M, C, I) of every feed-forward of one LVDM call, counted (from the GEGLU projections:
+    every FeedForward starts with one). ``site_args``: see :func:`benchutil.lvdm_call_sites`."""
+    import benchutil
+
+    from echofast.nn.spatiotemporal import GEGLU
+
+    def key(module, args, out):
+        return (math.prod(args[0].shape[:-1]), args[0].shape[-1], out.shape[-1])
+
+    return benchutil.lvdm_call_sites(GEGLU, windows, key, **site_args)
+
+
+def operands(m: int, c: int, inner: int, dtype: torch.dtype, seed: int) -> dict:
+    g = torch.Generator("cuda").manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+    return {
+        "x": draw(m, c),
+        "w1": draw(2 * inner, c, scale=1 / math.sqrt(c)),
+        "b1": draw(2 * inner, scale=0.1),
+        "w2": draw(c, inner, scale=1 / math.sqrt(inner)),
+        "h": draw(m, c),
+    }
+
+
+def providers(n: int) -> dict:
+    """name -> fn(x, w1, b1, w2, h): ``h += ff(x)`` in place."""
+    from echofast.kernels.feed_forward import feed_forward_fwd
+    from echofast.ops import feed_forward, geglu_linear
+
+    def two_gemms(x, w1, b1, w2, h):
+        g = geglu_linear(x, w1, b1, backend="triton")
+        h.addmm_(g, w2.t())
+
+    def fused(x, w1, b1, w2, h):
+        feed_forward(x, w1, b1, w2, None, residual=h, out=h, backend="triton")
+
+    def variant(config):
+        return lambda x, w1, b1, w2, h: feed_forward_fwd(x, w1, b1, w2, None, h, h, config=config)
+
+    found = {"two_gemms": two_gemms, "fused": fused}
+    if n <= 128:
+        found |= {name: variant(config) for name, config in ALTERNATIVES.items()}
+    return found
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def measure(fn, ops: dict, ref: torch.Tensor) -> dict:
+    """Check ``fn`` (``h += ff(x)``) against ``ref`` on a fresh h, then time it in CUDA graphs."""
+    args = [ops[k] for k in ("x", "w1", "b1", "w2")]
+    h = ops["h"].clone()
+    with torch.no_grad():
+        fn(*args, h)
+    diff = rel_diff(h, ref)
+    if diff > 2e-2:
+        return {"status": "wrong", "rel_diff": diff}
+
+    def call():
+        with torch.no_grad():
+            fn(*args, h)
+
+    times = graph_timed(call, calls=4)
+    if times is None:
+        return {"status": "not-capturable", "rel_diff": diff}
+    med, p20, p80 = times
+    return {"status": "ok", "rel_diff": diff, "median_ms": med, "p20_ms": p20, "p80_ms": p80}
+
+
+def run(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    card = torch.cuda.get_device_name()
+    unit = lvdm_sites(1)
+    rows = []
+    for windows in args.windows:
+        for (m1, c, inner), count in sorted(unit.items()):
+            if c > 256:
+                print(f"  C = {c} ({count} per call): not the kernel's (rows up to 256 wide)")
+                continue
+            m = m1 * windows
+            ops = operands(m, c, inner, dtype, seed=m + c)
+            found = providers(c)
+            ref = ops["h"].clone()
+            with torch.no_grad():
+                found["two_gemms"](ops["x"], ops["w1"], ops["b1"], ops["w2"], ref)
+            for name, fn in found.items():
+                row = {"card": card, "dtype": args.dtype, "windows": windows, "m": m, "c": c}
+                row |= {"i": inner, "count": count, "provider": name, **measure(fn, ops, ref)}
+                rows.append(row)
+                if row["status"] != "ok":
+                    print(f"  {name} at {m}x{c}->{inner}: {row['status']}", flush=True)
+                    continue
+                flops = 2 * m * c * 2 * inner + 2 * m * inner * c
+                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                print(
+                    f"  w={windows:<3} {m:>7}x{c}->{inner:<5} x{count:<3} {name:<12} "
+                    f"{row['median_ms'] * 1e3:9.1f} us {row['tflops']:6.0f} TFLOP/s",
+                    flush=True,
+                )
+            del ops
+            torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per windows count and provider: the total per UNet call over the sites measured (each
+    site's median times its count), and its ratio to ``two_gemms``."""
+    totals: dict[tuple[int, str], float] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            key = (r["windows"], r["provider"])
+            totals[key] = totals.get(key, 0.0) + r["count"] * r["median_ms"]
+    lines = []
+    for (windows, name), total in sorted(totals.items()):
+        base = totals.get((windows, "two_gemms"))
+        ratio = f"  {base / total:.2f}x two_gemms" if base and name != "two_gemms" else ""
+        lines.append(f"windows {windows:<3} {name:<12} {total:8.3f} ms per UNet call{ratio}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--windows", type=int, nargs="+", default=[5, 40])
+    p.add_argument("--csv", type=Path, help="append one row per site and provider")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_feed_forward.py times Triton kernels: it needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if any(w < 1 for w in args.windows):
+        p.error(f"--windows must be positive, got {args.windows}")
+    import triton
+
+    rows = run(args)
+    print("\n".join(summary(rows)))
+    if args.csv:
+        meta = {"torch": torch.__version__, "triton": triton.__version__, "git": git_sha()}
+        append_csv(args.csv, [{**r, **meta} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
