@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from benchutil import append_csv, git_sha, graph_timed
+from benchutil import append_csv, graph_timed, no_cuda, positive_int, versions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ALTERNATIVES = {
@@ -168,20 +168,15 @@ def summary(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    p.add_argument("--windows", type=int, nargs="+", default=[5, 40])
+    p.add_argument("--windows", type=positive_int, nargs="+", default=[5, 40])
     p.add_argument("--csv", type=Path, help="append one row per site and provider")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_feed_forward.py times Triton kernels: it needs a CUDA GPU", file=sys.stderr)
+    if no_cuda("bench_feed_forward.py"):
         return 2
-    if any(w < 1 for w in args.windows):
-        p.error(f"--windows must be positive, got {args.windows}")
-    import triton
-
     rows = run(args)
     print("\n".join(summary(rows)))
     if args.csv:
-        meta = {"torch": torch.__version__, "triton": triton.__version__, "git": git_sha()}
+        meta = versions()
         append_csv(args.csv, [{**r, **meta} for r in rows])
     return 0
 

@@ -3,6 +3,7 @@ the real LVDM's call sites of a module."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from collections import Counter
@@ -52,7 +53,6 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """An argparse ``type`` for a comma-separated subset of ``choices`` (unknown names: an error
     listing the choices)."""
-    import argparse
 
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
@@ -65,6 +65,29 @@ def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
         return names
 
     return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def no_cuda(script: str) -> bool:
+    """Whether there is no CUDA GPU for ``script`` (which times GPU kernels); says so on stderr."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} times GPU kernels: it needs a CUDA GPU", file=sys.stderr)
+    return True
+
+
+def versions() -> dict[str, str]:
+    """torch, Triton and git versions for a CSV row."""
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "git": git_sha()}
 
 
 def timed(fn: Callable[[], object], rep: int = 100) -> tuple[float, float, float]:

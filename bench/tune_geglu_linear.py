@@ -46,6 +46,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import benchutil
 import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -116,8 +117,6 @@ def candidates(k: int, elem_bytes: int = 2) -> list[dict]:
 def lvdm_sites(windows: int, device: str = "cuda", **site_args) -> Counter:
     """(M, K, N) of every GEGLU projection of one LVDM call with ``windows`` windows, counted.
     ``site_args``: see :func:`benchutil.lvdm_call_sites` (the CPU tests' small config)."""
-    import benchutil
-
     from echofast.nn.spatiotemporal import GEGLU
 
     def key(module, args, out):
@@ -276,8 +275,6 @@ def measure(
     launcher; ``bar``: the default's error (None: this is the default, nothing to check against);
     ``rep``: milliseconds of timed CUDA-graph replays (:func:`benchutil.graph_timed`).
     """
-    from benchutil import graph_timed
-
     x, w, b = inputs
     m, k = x.shape
     n = w.shape[0] // 2
@@ -291,7 +288,7 @@ def measure(
         if bar is not None and not accepted(err, bar, x.dtype):
             return {"status": "wrong", "err": err}
         calls = 8 if m * n * x.element_size() < 2**28 else 2
-        times = graph_timed(lambda: fwd(x, w, b, config=config), calls=calls, rep=rep)
+        times = benchutil.graph_timed(lambda: fwd(x, w, b, config=config), calls=calls, rep=rep)
     if times is None:
         return {"status": "not-capturable", "err": err}
     med, p20, p80 = (t * 1e3 for t in times)
@@ -393,7 +390,7 @@ def report(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    p.add_argument("--windows", type=int, nargs="+", default=[5, 40])
+    p.add_argument("--windows", type=benchutil.positive_int, nargs="+", default=[5, 40])
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting candidates after")
     p.add_argument("--min-gain", type=float, default=0.03, help="table entries beat the default by")
     p.add_argument(
@@ -405,17 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, help="append one row per candidate and site")
     p.add_argument("--write-table", type=Path, help="merge the winners into this tuned table")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("tune_geglu_linear.py times Triton kernels: it needs a CUDA GPU", file=sys.stderr)
+    if benchutil.no_cuda("tune_geglu_linear.py"):
         return 2
-    if any(w < 1 for w in args.windows):
-        p.error(f"--windows must be positive, got {args.windows}")
-    import triton
-    from benchutil import append_csv, git_sha
-
     card = torch.cuda.get_device_name()
     major, minor = torch.cuda.get_device_capability()
-    versions = {"torch": torch.__version__, "triton": triton.__version__, "git": git_sha()}
     unit = lvdm_sites(1)
     sites = {w: Counter({(m * w, k, n): c for (m, k, n), c in unit.items()}) for w in args.windows}
     print(
@@ -423,11 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(candidates(max(k for _, k, _ in unit)))} candidates at most",
         flush=True,
     )
-    rows = tune(args, sites, card, versions)
+    rows = tune(args, sites, card, benchutil.versions())
     add_ratios(rows)
     print("\n".join(report(rows)), flush=True)
     if args.csv:
-        append_csv(args.csv, [{f: r.get(f, "") for f in CSV_FIELDS} for r in rows])
+        benchutil.append_csv(args.csv, [{f: r.get(f, "") for f in CSV_FIELDS} for r in rows])
     if args.write_table:
         entries, measured = table_entries(rows, f"sm_{major}{minor}", args.min_gain)
         write_table(args.write_table, entries, measured)
