@@ -37,7 +37,8 @@ from benchutil import timed as _bench
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRAPH_TIMED = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 """Providers also timed from a CUDA graph (GPU time only, as in the pipelines' graph sampling):
-eager timings of the small LIDM shapes measure the host's launch overhead."""
+eager timings of the small LIDM shapes measure the host's launch overhead. ``--sweep``'s Triton
+variants are graph-timed too."""
 
 # full LVDM (tests/support/configs.py): channels / heads per level, head dim 16
 LVDM_LEVELS = [(16, 128, 8, 5), (8, 256, 16, 5), (4, 256, 16, 5), (2, 512, 32, 1)]
@@ -194,7 +195,7 @@ def run(args) -> list[dict]:
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 print(f"{case.origin:<34} {name:<16} unavailable: {str(e).splitlines()[0][:90]}")
                 continue
-            graph = graph_timed(call) if name in GRAPH_TIMED else None
+            graph = graph_timed(call) if name in GRAPH_TIMED or name.startswith("triton") else None
             tflops = case.flops / (med * 1e-3) / 1e12
             gbps = case.nbytes(q.element_size()) / (med * 1e-3) / 1e9
             rows.append(

@@ -62,7 +62,8 @@
 #                 the LVDM's sites (5 and 40 windows)  -> feed_forward_<card>.csv; decides
 #                 FUSED_FF_DEVICES
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
-#   attention     bench/bench_attention.py                        -> attention_<card>.csv
+#   attention     bench/bench_attention.py --sweep (the kernel's other tiles and grid sizes too,
+#                 graph-timed: TILE and PROGRAMS_PER_SM)  -> attention_<card>.csv
 #   memory        bench/memory_profile.py --batch-size 1 8: peak GPU memory per pipeline phase
 #   video         bench/bench_video.py --device cuda              -> video_<card>.csv
 #   patch         bench/bench_patch.py                            -> patch_<card>.csv
@@ -73,7 +74,7 @@ set -uo pipefail
 ALL_STEPS="build geglu_tune bench_b1 tests_gpu group_norm geglu feed_forward bench_b8 precision unet_compile layer_norm attention memory video patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [layer_norm]=90 [group_norm]=90 [attention]=90 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=90 [attention]=180 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
@@ -227,7 +228,9 @@ step_geglu() {
 step_feed_forward() {
     bench_script bench_feed_forward.py --csv "bench/results/feed_forward_${SLUG}.csv"
 }
-step_attention() { bench_script bench_attention.py --csv "bench/results/attention_${SLUG}.csv"; }
+step_attention() {
+    bench_script bench_attention.py --sweep --csv "bench/results/attention_${SLUG}.csv"
+}
 step_video() {
     bench_script bench_video.py --device cuda --csv "bench/results/video_${SLUG}.csv"
 }
