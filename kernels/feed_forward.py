@@ -48,9 +48,9 @@ from .geglu import _gelu
 MAX_DIM = 256
 #: tile configuration on a GPU, per BLOCK_N: 64 fp32 accumulator registers per thread (128 x
 #: 128 or 64 x 256 over 8 warps). Compiled for sm_90 with Triton 3.6 (bench/triton_aot.py): fp16
-#: and bf16 use 222-251 registers and no local memory, 128 KiB of shared memory (a 64-column
-#: chunk at N = 128; 32 columns at N = 256, where 64 took 224 of the 227 KiB); fp32 spills (the
-#: op leaves fp32 on a GPU to the two-GEMM path).
+#: and bf16 use 222-225 registers at N = 128 and 169-172 at N = 256, no local memory, 128 KiB of
+#: shared memory (a 64-column chunk at N = 128; 32 columns at N = 256, where 64 took 224 of the
+#: 227 KiB and 251 registers); fp32 spills (the op leaves fp32 on a GPU to the two-GEMM path).
 GPU_CONFIGS = {
     128: {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 2},
     256: {"BLOCK_M": 64, "BLOCK_I": 32, "num_warps": 8, "num_stages": 2},
