@@ -24,7 +24,9 @@
 # What comes back ($OUT): gpu_session_summary.txt (printed last: step table, benchmark table),
 # gpu_session.log (all output), gpu_session_results.tar.gz (bench/results/*_<card>.csv written
 # here, a stopped benchmark's *_<card>.partial.csv journal, per-step logs, the GPU tests' JUnit
-# XML). Unpack here with: tar -xzf gpu_session_results.tar.gz -C <repo root>
+# XML, and the GEGLU GEMM's tuned table once geglu_tune has run on this machine). Take it in with
+#     python bench/ingest_gpu_session.py <each call's gpu_session_results.tar.gz, in order>
+# (new CSV rows appended, logs into bench/results/logs_<card>/, the tuned table checked).
 #
 # Steps, most wanted first (name: what). The H100 lease of 2026-11-26 (git 5f536c1) ran every
 # step but bench_compile in three calls on one machine (patch stopped at its cap): 14+96+72+65+15+
@@ -218,6 +220,9 @@ step_geglu_tune() {
     log "geglu_tune: installing the package again, with the tuned table"
     ECHOFAST_FORCE_CUDA=1 pip_install || return 1
     source_hash >"$STATE/built"
+    # kept outside the tree: a later call's fresh copy of the tree has the committed table again
+    mkdir -p "$STATE/tuned/kernels"
+    cp kernels/geglu_linear_tuned.json "$STATE/tuned/kernels/"
 }
 step_layer_norm() {
     bench_script bench_layer_norm.py --csv "bench/results/layer_norm_${SLUG}.csv"
@@ -353,9 +358,11 @@ collect() {
         mapfile -t files < <(cd "$REPO" &&
             ls bench/results/*_"$slug".csv bench/results/*_"$slug".partial.csv 2>/dev/null)
     fi
-    files+=(kernels/geglu_linear_tuned.json) # as geglu_tune left it
+    local tuned=()
+    [[ -f "$STATE/tuned/kernels/geglu_linear_tuned.json" ]] &&
+        tuned=(-C "$STATE/tuned" kernels/geglu_linear_tuned.json) # as geglu_tune wrote it
     (cd "$REPO" && tar -czf "$out/gpu_session_results.tar.gz" "${files[@]}" \
-        -C "$STATE" logs 2>/dev/null)
+        -C "$STATE" logs "${tuned[@]}" 2>/dev/null)
 }
 
 attach() {
