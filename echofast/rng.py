@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 
 import torch
 
@@ -36,6 +37,17 @@ def randn_tensor(
     return out.to(device)
 
 
+def _integer(value: object, what: str) -> int:
+    """``value`` as a plain int (Python or NumPy integers; not bool, float or str), since the
+    seed rule hashes its decimal text: ``1.0`` would name another sample than ``1``."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+
+
 def sample_seed(base_seed: int, index: int, stream: str) -> int:
     """The seed of sample ``index`` of a job seeded with ``base_seed``, for one random ``stream``.
 
@@ -44,6 +56,7 @@ def sample_seed(base_seed: int, index: int, stream: str) -> int:
     ``"ef"`` (requested ejection fraction). A sample's numbers therefore depend only on
     (base_seed, index), never on batch size, batch position or sharding.
     """
+    base_seed, index = _integer(base_seed, "seed"), _integer(index, "sample index")
     digest = hashlib.sha256(f"echofast:{stream}:{base_seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 

@@ -59,6 +59,19 @@ def latent_padding(size: int, multiple: int) -> int:
     return total // 2
 
 
+def square_padding(h: int, w: int, multiple: int) -> int:
+    """The one replicate padding per side (:func:`latent_padding`) that both ``h`` and ``w``
+    need; the fused step pads both axes equally, so latents needing two paddings are refused."""
+    ph, pw = latent_padding(h, multiple), latent_padding(w, multiple)
+    if ph != pw:
+        raise ValueError(
+            f"latents of {h}×{w} need {ph} rows and {pw} columns of padding per side to reach a "
+            f"multiple of {multiple}; echofast pads both axes equally, so the two paddings "
+            "must agree"
+        )
+    return ph
+
+
 def pad_replicate(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Replicate-pad the last two dims of (..., C, H, W) by ``pad`` on every side."""
     if pad == 0:

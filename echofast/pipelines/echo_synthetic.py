@@ -102,7 +102,15 @@ class EchoSyntheticPipeline:
         False: eager) are passed to the pipelines (see :class:`LVDMPipeline`).
         """
         ef = torch.as_tensor(ef, dtype=torch.float32).reshape(-1)
+        if ef.numel() == 0:
+            raise ValueError("ef is empty: pass one EF value (percent) per video")
         indices = list(range(ef.numel())) if sample_indices is None else list(sample_indices)
+        if len(indices) != ef.numel():
+            raise ValueError(
+                f"got {ef.numel()} EF values and {len(indices)} sample indices: one per video"
+            )
+        if seed is None:
+            raise ValueError("seed is required (an int): it fixes every sample's noise")
         check_precision(dtype, self.lidm.device)
         images = self.lidm_pipe(
             len(indices),

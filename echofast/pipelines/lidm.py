@@ -19,9 +19,9 @@ from .common import (
     check_precision,
     echofast_model,
     frames_to_uint8,
-    latent_padding,
     pad_replicate,
     resolve_generators,
+    square_padding,
     unet_precision,
 )
 
@@ -35,6 +35,20 @@ class LIDMPipelineOutput(ModelOutput):
 
     latents: torch.Tensor
     images: torch.Tensor | np.ndarray | list | None = None
+
+
+def _latent_size(sample_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """(h, w) of the LIDM's latents from its config's ``sample_size`` (an int or (h, w))."""
+    if sample_size is None:
+        raise ValueError(
+            "this LIDM's config has no sample_size, so the latent size to sample is unknown: "
+            "set config key 'sample_size' (e.g. 14 for the reference's 14×14 latents)"
+        )
+    if isinstance(sample_size, int):
+        return sample_size, sample_size
+    if len(sample_size) != 2:
+        raise ValueError(f"config key 'sample_size' must be an int or (h, w), got {sample_size!r}")
+    return int(sample_size[0]), int(sample_size[1])
 
 
 class LIDMPipeline(SamplingPipeline):
@@ -103,11 +117,11 @@ class LIDMPipeline(SamplingPipeline):
         model = self._sampling_model(dtype)
         unet = self._unet(cuda_graphs, model)
         cfg = self.lidm.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        pad = latent_padding(size, 2 ** (len(cfg.block_out_channels) - 1))
+        h, w = _latent_size(cfg.sample_size)
+        pad = square_padding(h, w, 2 ** (len(cfg.block_out_channels) - 1))
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
-        shape = (cfg.in_channels, size, size)
+        shape = (cfg.in_channels, h, w)
         out = []
         bar = tqdm(
             total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
@@ -129,14 +143,14 @@ class LIDMPipeline(SamplingPipeline):
         self, unet, model, gens, indices, shape, pad, timesteps, dtype, bar
     ) -> torch.Tensor:
         n = len(gens)
-        c, size = shape[0], shape[1]
+        c, h, w = shape
         device = self.lidm.device
         f32 = torch.float32
         latents = randn_tensor((n, *shape), generator=gens, device=device, dtype=f32)[:, None]
         # the padded UNet input, kept between steps (a CUDA graph reads it in place); window_step
         # writes the next step's padded latents into it
         lidm = echofast_model(model, LIDM)
-        x = self._unet_input(lidm, (n, c, size + 2 * pad, size + 2 * pad), device, dtype)
+        x = self._unet_input(lidm, (n, c, h + 2 * pad, w + 2 * pad), device, dtype)
         x.copy_(pad_replicate(latents[:, 0], pad))
         one_window = torch.zeros(1, dtype=torch.int32, device=device)
         coeffs, needs_noise, steps, noise_source, watch = self._step_plan(

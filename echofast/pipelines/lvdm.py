@@ -30,9 +30,9 @@ from .common import (
     check_precision,
     echofast_model,
     frames_to_uint8,
-    latent_padding,
     pad_replicate,
     resolve_generators,
+    square_padding,
     unet_precision,
 )
 
@@ -49,17 +49,20 @@ class LVDMPipelineOutput(ModelOutput):
 def window_plan(num_frames: int, window: int) -> tuple[int, list[int]]:
     """(padded length, window starts) for a video of ``num_frames`` and windows of ``window``.
 
-    The length is rounded up to a multiple of the stride ``window // 2``; a video no longer
-    than one window is a single window of that length. 192 frames, window 64 → (192,
-    [0, 32, 64, 96, 128]).
+    Windows start every stride ``s = window // 2`` frames and each later window adds its last
+    ``s`` frames. A video no longer than one window is a single window of its length rounded up
+    to a multiple of ``s`` (at most ``window``); a longer one gets as many windows as it needs,
+    ``window + (n - 1)·s`` frames. For an even window that is the reference's rule, the length
+    rounded up to a multiple of ``s``: 192 frames, window 64 → (192, [0, 32, 64, 96, 128]). An
+    odd window (e.g. SVD's 25) overlaps its predecessor by ``window - s`` frames.
     """
     if num_frames < 1 or window < 2:
         raise ValueError(f"need num_frames >= 1 and window >= 2, got {num_frames}, {window}")
     stride = window // 2
-    total = math.ceil(num_frames / stride) * stride
-    if total <= window:
-        return total, [0]
-    return total, list(range(0, total - window + 1, stride))
+    if num_frames <= window:
+        return min(math.ceil(num_frames / stride) * stride, window), [0]
+    later = math.ceil((num_frames - window) / stride)
+    return window + later * stride, [k * stride for k in range(later + 1)]
 
 
 class LVDMPipeline(SamplingPipeline):
@@ -134,6 +137,8 @@ class LVDMPipeline(SamplingPipeline):
         if cond_latents.dim() != 4:
             raise ValueError(f"cond_latents must be (B, C, h, w), got {tuple(cond_latents.shape)}")
         b, c, h, w = cond_latents.shape
+        if b == 0:
+            raise ValueError("cond_latents hold no image: got a batch of 0")
         if 2 * c != cfg.in_channels:
             raise ValueError(
                 f"cond_latents have {c} channels; this LVDM takes "
@@ -154,7 +159,7 @@ class LVDMPipeline(SamplingPipeline):
         dtype = check_precision(dtype, device)
         model = self._sampling_model(dtype)
         unet = self._unet(cuda_graphs, model)
-        pad = latent_padding(h, 2 ** (len(cfg.block_out_channels) - 1))
+        pad = square_padding(h, w, 2 ** (len(cfg.block_out_channels) - 1))
         total, starts = window_plan(num_frames, cfg.num_frames)
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
@@ -292,6 +297,12 @@ class LVDMPipeline(SamplingPipeline):
         ``tests/models/test_vae_precision.py`` (its docstring has the numbers and bounds).
         """
         dtype = check_decode_dtype(dtype)
+        if latents.dim() != 5 or latents.shape[0] * latents.shape[1] == 0:
+            raise ValueError(
+                f"latents must be (B, T, C, h, w) with B, T >= 1, got {tuple(latents.shape)}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         b, t = latents.shape[:2]
         flat = latents.reshape(b * t, *latents.shape[2:]) / self.vae.config.scaling_factor
         vae_device = self.vae.device

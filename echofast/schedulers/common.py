@@ -195,7 +195,8 @@ class SchedulerBase:
 
         ``_``-prefixed metadata is ignored; an unknown key or unsupported value raises
         :class:`ConfigError` naming it. A config of a class in ``convertible_from`` loads with
-        the keys only that class knows dropped.
+        the keys only that class knows dropped; so does a config naming no class (an in-memory
+        ``scheduler.config``, as in diffusers' ``DDIMScheduler.from_config(ddpm.config)``).
         """
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
@@ -210,6 +211,16 @@ class SchedulerBase:
                     f"{cls.diffusers_class!r}" + "".join(f" or {o!r}" for o in cls.convertible_from)
                 )
             theirs = set(other.config_defaults()) - set(known)
+            params = {k: v for k, v in params.items() if k not in theirs}
+        elif name is None:
+            # an in-memory ``.config`` names no class: drop the keys that only a convertible
+            # class knows (a key no class knows is still refused below)
+            theirs = {
+                k
+                for other in cls.convertible_from
+                if other in cls._registry
+                for k in cls._registry[other].config_defaults()
+            } - set(known)
             params = {k: v for k, v in params.items() if k not in theirs}
         unknown = sorted(set(params) - set(known))
         if unknown:

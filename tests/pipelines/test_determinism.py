@@ -77,10 +77,31 @@ def test_explicit_generators_and_errors(pipe):
         (40, 64, (64, [0])),
         (20, 64, (32, [0])),
         (12, 8, (12, [0, 4])),
+        (25, 25, (25, [0])),
+        (24, 25, (24, [0])),
+        (26, 25, (37, [0, 12])),
+        (7, 7, (7, [0])),
+        (8, 7, (10, [0, 3])),
+        (4, 3, (4, [0, 1])),
     ],
 )
 def test_window_plan(frames, window, expected):
     assert window_plan(frames, window) == expected
+
+
+def test_window_plan_covers_every_frame_and_keeps_the_reference_rule():
+    from echofast.ops import window_tables
+
+    for window in range(2, 14):
+        stride = window // 2
+        for frames in range(1, 60):
+            total, starts = window_plan(frames, window)
+            assert total >= frames and starts[-1] + min(window, total) == total
+            window_tables(total, starts, min(window, total), window - stride)  # raises on gaps
+            if window % 2 == 0:  # the reference: rounded up to the stride, half overlaps
+                ref_total = -(-frames // stride) * stride
+                ref_starts = list(range(0, ref_total - window + 1, stride)) or [0]
+                assert (total, starts) == (ref_total, ref_starts)
 
 
 def test_output_types(pipe):
@@ -107,3 +128,53 @@ def test_non_finite_is_named(pipe, monkeypatch):
     monkeypatch.setattr(lidm.lidm, "forward", poisoned)
     with pytest.raises(NonFiniteError, match="sample 8 is not finite at step 0"):
         lidm(2, seed=0, sample_indices=[7, 8], num_inference_steps=2, progress=False)
+
+
+def test_seeds_and_indices_must_be_integers():
+    """The seed rule hashes the decimal text, so 1.0 would silently name another sample."""
+    import numpy as np
+
+    assert sample_seed(np.int64(3), torch.tensor(2), "lvdm") == sample_seed(3, 2, "lvdm")
+    for bad in (1.0, 1.5, True, "1", torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            sample_seed(bad, 0, "lidm")
+    with pytest.raises(TypeError, match="sample index must be an integer"):
+        sample_seed(0, 2.0, "lidm")
+
+
+def test_bad_arguments_are_refused_before_any_sampling(pipe, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the arguments")
+
+    monkeypatch.setattr(pipe.lidm_pipe, "_sample", no_sampling)
+    with pytest.raises(ValueError, match="2 EF values and 1 sample indices"):
+        pipe([30.0, 40.0], seed=0, sample_indices=[5], num_frames=3)
+    with pytest.raises(ValueError, match="seed is required"):
+        pipe([30.0], seed=None, num_frames=3)
+    with pytest.raises(ValueError, match="ef is empty"):
+        pipe([], seed=0, num_frames=3)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        pipe([30.0], seed=1.5, num_frames=3)
+
+
+def test_lvdm_pipeline_rejects_empty_batches_and_flat_latents(pipe):
+    lvdm = pipe.lvdm_pipe
+    with pytest.raises(ValueError, match="a batch of 0"):
+        lvdm(torch.randn(0, 4, 6, 6), [], seed=0, num_frames=3, progress=False)
+    with pytest.raises(ValueError, match=r"\(B, T, C, h, w\).*\(3, 4, 6, 6\)"):
+        lvdm.decode(torch.randn(3, 4, 6, 6))
+
+
+def test_lidm_latent_size_comes_from_the_config():
+    from echofast.models import LIDM
+    from echofast.models.tiny import TINY_LIDM
+
+    def sample(size):
+        model = LIDM(**dict(TINY_LIDM, sample_size=size)).eval()
+        return LIDMPipeline(model)(1, seed=0, num_inference_steps=1, progress=False).latents
+
+    assert sample([6, 10]).shape == (1, 4, 6, 10)
+    with pytest.raises(ValueError, match="no sample_size"):
+        sample(None)
+    with pytest.raises(ValueError, match="6×8 need 1 rows and 0 columns"):
+        sample([6, 8])

@@ -33,26 +33,29 @@ def _pad(x):
     return F.pad(x, (1, 1, 1, 1), mode="replicate")
 
 
-def reference_lidm(unet, seeds):
+def reference_lidm(unet, seeds, size=(6, 6)):
     scheduler = DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
     scheduler.set_timesteps(STEPS)
     gens = _gens(seeds)
-    latents = torch.cat([torch.randn(1, 4, 6, 6, generator=g) for g in gens])
+    latents = torch.cat([torch.randn(1, 4, *size, generator=g) for g in gens])
     for t in scheduler.timesteps:
         out = unet(_pad(latents), t).sample[..., 1:-1, 1:-1]
         latents = scheduler.step(out, t, latents, generator=gens).prev_sample
     return latents
 
 
-def reference_lvdm(unet, cond, ef, seeds, num_frames):
+def reference_lvdm(unet, cond, ef, seeds, num_frames, plan=None):
     """Reference stitching: length rounded up to the stride, windows concatenated window-major,
-    window 0 kept whole and the second half of later windows; each window gets its own EF."""
+    window 0 kept whole and the last ``stride`` frames of later windows (the second half); each
+    window gets its own EF. ``plan``: (total, starts) for windows the reference has no rule for."""
     scheduler = DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
     scheduler.set_timesteps(STEPS)
     window = unet.config.num_frames
     stride = window // 2
     total = -(-num_frames // stride) * stride
     starts = list(range(0, total - window + 1, stride)) if total > window else [0]
+    if plan is not None:
+        total, starts = plan
     window = min(window, total)
     gens = _gens(seeds)
     b = cond.shape[0]
@@ -110,6 +113,23 @@ def test_lidm_pipeline_matches_reference(models):
     assert rel_err(got, expected) <= TOL
 
 
+def test_lidm_pipeline_with_non_square_latents(models, tmp_path):
+    """sample_size (h, w) = (6, 10): both axes padded by 1 (to 8×12), as diffusers reads it."""
+    ref, _ = models
+    config = {k: v for k, v in ref["lidm"].config.items() if not k.startswith("_")}
+    wide = UNet2DModel(**{**config, "sample_size": [6, 10]}).eval()
+    wide.load_state_dict(ref["lidm"].state_dict())
+    wide.save_pretrained(tmp_path / "lidm")
+    seeds = [14, 15]
+    with torch.no_grad():
+        expected = reference_lidm(wide, seeds, size=(6, 10))
+    ours = LIDM.from_pretrained(tmp_path / "lidm")
+    pipe = LIDMPipeline(ours, scheduler=OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = pipe(2, generator=_gens(seeds), num_inference_steps=STEPS, progress=False).latents
+    assert got.shape == expected.shape == (2, 4, 6, 10)
+    assert rel_err(got, expected) <= TOL
+
+
 @pytest.mark.parametrize("num_frames", [8, 12, 16])
 def test_lvdm_pipeline_matches_reference(models, num_frames):
     """8 frames: one window; 12 → 2 windows (padded length 12); 16 → 3 windows."""
@@ -120,6 +140,37 @@ def test_lvdm_pipeline_matches_reference(models, num_frames):
     with torch.no_grad():
         expected = reference_lvdm(ref["lvdm"], cond, ef, seeds, num_frames)
     pipe = LVDMPipeline(ours["lvdm"], ours["vae"], OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = pipe(
+        cond,
+        ef,
+        num_frames=num_frames,
+        generator=_gens(seeds),
+        num_inference_steps=STEPS,
+        output_type="latent",
+        progress=False,
+    ).latents
+    assert got.shape == expected.shape == (2, num_frames, 4, 6, 6)
+    assert rel_err(got, expected) <= TOL
+
+
+@pytest.mark.parametrize(
+    ("num_frames", "plan"), [(5, (6, [0])), (7, (7, [0])), (8, (10, [0, 3])), (12, (13, [0, 3, 6]))]
+)
+def test_lvdm_pipeline_with_an_odd_window(models, tmp_path, num_frames, plan):
+    """A 7-frame window (stride 3, later windows add their last 3 frames), as SVD's 25."""
+    ref, _ = models
+    config = {k: v for k, v in ref["lvdm"].config.items() if not k.startswith("_")}
+    odd = UNetSpatioTemporalConditionModel(**{**config, "num_frames": 7}).eval()
+    odd.load_state_dict(ref["lvdm"].state_dict())
+    odd.save_pretrained(tmp_path / "lvdm")
+    seeds = [31, 32]
+    cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(6))
+    ef = torch.tensor([25.0, 60.0])
+    with torch.no_grad():
+        expected = reference_lvdm(odd, cond, ef, seeds, num_frames, plan)
+    pipe = LVDMPipeline(
+        LVDM.from_pretrained(tmp_path / "lvdm"), scheduler=OurDDPM(**REFERENCE_SCHEDULER_CONFIG)
+    )
     got = pipe(
         cond,
         ef,

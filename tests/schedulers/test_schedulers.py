@@ -368,8 +368,12 @@ def test_config_conversion_and_class_check():
     ddim_config = {**DiffusersDDIM(set_alpha_to_one=False).config, "_class_name": "DDIMScheduler"}
     ddpm = DDPMScheduler.from_config(ddim_config)
     assert ddpm.config.num_train_timesteps == 1000
-    with pytest.raises(ConfigError, match="variance_type"):  # no class named: strict
-        DDIMScheduler.from_config(dict(DiffusersDDPM().config))
+    # in-memory configs name no class: diffusers' idiom works on them too, from either library
+    ddim = DDIMScheduler.from_config(DiffusersDDPM(**REFERENCE_SCHEDULER_CONFIG).config)
+    assert "variance_type" not in ddim.config and ddim.config.clip_sample_range == 4.0
+    assert DDIMScheduler.from_config(DDPMScheduler().config).config == DDIMScheduler().config
+    with pytest.raises(ConfigError, match="variance_typo"):  # a key no class knows: refused
+        DDIMScheduler.from_config({"variance_typo": "fixed_small"})
     euler = {**EulerDiscreteScheduler().config, "_class_name": "EulerDiscreteScheduler"}
     with pytest.raises(ConfigError, match="EulerDiscreteScheduler"):
         DDPMScheduler.from_config(euler)
