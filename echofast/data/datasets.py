@@ -414,6 +414,10 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
     name=str)``. The source rate is the FileList's FPS, else the file's ``fps`` metadata.
     ``random_window=False`` (evaluation): phase 0, start 0, and the conditioning frame drawn from
     a generator seeded with ``[seed or 0, epoch, index]`` (deterministic).
+
+    ``require_ef`` (the default: the LVDM is conditioned on EF): every selected row must have an
+    EF, else :class:`DatasetError` names the FileList and the rows without one. With
+    ``require_ef=False`` such rows give ``ef = nan``.
     """
 
     def __init__(
@@ -425,6 +429,7 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
         random_window: bool = True,
         seed: int | None = None,
         drop_short: bool = False,
+        require_ef: bool = True,
     ):
         self.root = Path(root)
         self.frames, self.target_fps = int(frames), target_fps
@@ -433,6 +438,16 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
             read_latent_records(self.root, split), self.frames, target_fps, drop_short
         )
         _require(records, self.root, split, "encoded videos")
+        missing = [r.name for r in records if r.ef is None]
+        if require_ef and missing:
+            shown = ", ".join(missing[:10])
+            if len(missing) > 10:
+                shown += f" (+{len(missing) - 10} more)"
+            raise DatasetError(
+                f"{self.root / 'FileList.csv'}: {len(missing)} of {len(records)} row(s) of split "
+                f"{split!r} have no EF, which conditions the LVDM: {shown}; fill in their EF "
+                "column or drop them"
+            )
         self.records = records
 
     def __len__(self) -> int:
@@ -454,7 +469,7 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
         cond = latents[int(rng.integers(len(latents)))]
         return {
             "latents": pad_frames(latents[torch.from_numpy(idx)], self.frames),
-            "ef": torch.tensor((rec.ef or 0.0) / 100.0, dtype=torch.float32),
+            "ef": torch.tensor(math.nan if rec.ef is None else rec.ef / 100.0, dtype=torch.float32),
             "cond": cond.clone(),
             "valid": valid,
             "name": rec.name,

@@ -67,6 +67,8 @@ ECHONET_MEAN = (32.660564, 32.79394, 33.07615)
 ECHONET_STD = (49.802944, 49.89014, 50.17571)
 RESULTS_FORMAT = "echofast-ef-evaluation"
 CHECKPOINT_FORMAT = "echofast-ef-checkpoint"
+#: Fewest bootstrap resamples accepted by ``evaluate ef`` (5th and 95th percentiles apart).
+MIN_BOOTSTRAP = 20
 
 
 class EvaluationConflict(EchofastError, RuntimeError):
@@ -126,8 +128,13 @@ class EFConfig:
     def check(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.frames < 1 or self.period < 1:
             raise ValueError("need epochs >= 0, batch_size >= 1, frames >= 1, period >= 1")
-        if self.test_period < 1 or self.pad < 0 or self.bootstrap < 1:
-            raise ValueError("need test_period >= 1, pad >= 0, bootstrap >= 1")
+        if self.test_period < 1 or self.pad < 0:
+            raise ValueError("need test_period >= 1, pad >= 0")
+        if self.bootstrap < MIN_BOOTSTRAP:
+            raise ValueError(
+                f"--bootstrap {self.bootstrap}: need at least {MIN_BOOTSTRAP} resamples for a "
+                f"5th-95th percentile interval (the reference uses 10000)"
+            )
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.normalization not in ("echonet", "train"):
@@ -278,11 +285,19 @@ def bootstrap(
 ) -> tuple[float, float, float]:
     """``(func(y, p), 5th, 95th percentile of func over resamples)`` as echonet's bootstrap:
     ``samples`` draws of len(y) indices with replacement; the sorted values at positions
-    ``round(0.05·samples)`` and ``round(0.95·samples)``."""
+    ``round(0.05·samples)`` and ``round(0.95·samples)``, clamped to the last position (echonet
+    indexes past the end for ``samples`` <= 10)."""
+    if samples < 1:
+        raise ValueError(f"bootstrap needs samples >= 1, got {samples}")
     y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
     rng = np.random.default_rng(seed)
     values = sorted(func(y[i], p[i]) for i in rng.integers(0, len(y), (samples, len(y))))
-    return func(y, p), values[round(0.05 * samples)], values[round(0.95 * samples)]
+    last = samples - 1
+    return (
+        func(y, p),
+        values[min(round(0.05 * samples), last)],
+        values[min(round(0.95 * samples), last)],
+    )
 
 
 def regression_report(
@@ -441,13 +456,8 @@ def _run(cfg: EFConfig, ident: dict[str, Any], dist, out: Path) -> dict[str, Any
 
     device = dist.device
     start_time = time.perf_counter()
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            out / "ef_config.json", json.dumps(ident, indent=2, sort_keys=True) + "\n"
-        )
-    dist.barrier()
 
+    # every input is read before the run's identity is written: a wrong path leaves no folder
     val_root = cfg.val or cfg.test
     train_ds = EFVideos(
         cfg.train, "TRAIN", frames=cfg.frames, period=cfg.period, pad=cfg.pad, seed=cfg.seed
@@ -459,12 +469,19 @@ def _run(cfg: EFConfig, ident: dict[str, Any], dist, out: Path) -> dict[str, Any
     train_ds.set_normalization(mean, std)
     common = dict(frames=cfg.frames, mean=mean, std=std, seed=cfg.seed)
     val_ds = EFVideos(val_root, "VAL", period=cfg.test_period, stream=1, **common)
+    EFVideos(cfg.test, "TEST", period=cfg.test_period, **common)  # tested after training
 
     torch.manual_seed(cfg.seed)
     model = R2Plus1D(1, width=cfg.width, layers=tuple(cfg.layers), output_bias=cfg.output_bias)
     if cfg.init_weights:
         load_backbone(model, cfg.init_weights, allow_pickle=cfg.allow_pickle)
     model.to(device)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            out / "ef_config.json", json.dumps(ident, indent=2, sort_keys=True) + "\n"
+        )
+    dist.barrier()
     if cfg.optimizer == "sgd":
         optim = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay

@@ -7,6 +7,7 @@ Usage::
     echofast train lvdm --config lvdm.toml --set train.max_steps=1000 --set seed=1
     torchrun --nproc_per_node 8 -m echofast train lvdm --config lvdm.toml   # DDP
     echofast train export --checkpoint runs/lidm/checkpoints/step-00500000.pt --out lidm_dynamic
+                                                           # [--overwrite another model folder]
     echofast train reid --config reid.toml [--resume]      # privacy re-identification model
 
 The config schema and the reference defaults are in :mod:`echofast.train.config`; examples are
@@ -101,17 +102,29 @@ def main_train(argv: list[str]) -> int:
         default="ema",
         help="ema (released weights; the default) or the raw trained weights",
     )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another model folder at --out (an export of the same model is always "
+        "replaced; a folder that is not a model folder never is)",
+    )
     a = p.parse_args(argv)
 
     if a.command == "export":
-        folder = export_checkpoint(a.checkpoint, a.out, weights=a.weights)
+        folder = export_checkpoint(a.checkpoint, a.out, weights=a.weights, overwrite=a.overwrite)
         print(f"{folder}: wrote {a.weights} weights of {a.checkpoint}")
         return 0
 
     overrides = list(a.set) + (["train.progress=false"] if a.no_progress else [])
     cfg = load_config(a.config, a.command, overrides)
     summary = train(cfg, resume=a.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and summary["steps_trained"] == 0:
+        print(
+            f"{cfg.output_dir}: already at step {summary['step']} = train.max_steps; nothing "
+            f"trained (raise train.max_steps to continue); checkpoint {summary['checkpoint']}"
+            + (f"; released weights in {summary['export']}" if "export" in summary else "")
+        )
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(
             f"{cfg.output_dir}: step {summary['step']}, loss {summary['loss']:.5g} "
             f"(global batch {summary['global_batch']} on {summary['world_size']} rank(s)); "

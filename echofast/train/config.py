@@ -2,7 +2,8 @@
 
 A config file (TOML, JSON, or YAML when PyYAML is installed) holds only what differs from the
 defaults of its model type; every key it names must exist in the schema below (an unknown key
-raises :class:`~echofast.errors.ConfigError` naming it, e.g. ``optim.lrr``). The resolved config
+raises :class:`~echofast.errors.ConfigError` naming it, e.g. ``optim.lrr``). Float keys also take
+numeric strings: YAML 1.1 (PyYAML) reads ``lr: 1e-4`` as the string ``"1e-4"``. The resolved config
 (every key) is saved as ``train_config.json`` in the run folder and inside every checkpoint;
 that JSON file is itself a valid ``--config``.
 
@@ -84,7 +85,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,13 +437,11 @@ def _coerce(path: str, value: Any, default: Any, kind: str | None, source: str) 
             return list(value)
         raise bad("a string or a non-empty list of strings")
     if kind == "pair":
-        if (
-            isinstance(value, (list, tuple))
-            and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        ):
-            return [float(v) for v in value]
-        raise bad("a list of two numbers")
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            numbers = [_number(v) for v in value]
+            if all(v is not None for v in numbers):
+                return numbers
+        raise bad("a list of two finite numbers")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -450,14 +451,29 @@ def _coerce(path: str, value: Any, default: Any, kind: str | None, source: str) 
             raise bad("an integer")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
+        number = _number(value)
+        if number is None:
+            raise bad("a finite number" if isinstance(value, float) else "a number")
+        return number
     if isinstance(default, str):
         if not isinstance(value, str):
             raise bad("a string")
         return value
     raise bad(type(default).__name__)  # pragma: no cover - every field is covered above
+
+
+_NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None. Numeric strings count: YAML 1.1 (PyYAML) reads
+    ``1e-4`` (no dot) as a string, and ``lr: "3e-4"`` means the number too."""
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def validate(cfg: TrainConfig, *, source: str = "config") -> None:

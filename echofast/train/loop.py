@@ -29,18 +29,22 @@ Files in ``output_dir``: ``train_config.json`` (resolved config), ``checkpoints/
 (written atomically: model, EMA, optimizer(s), LR schedule(s), GradScaler, step, every rank's
 RNG states, sampler position, config), ``log.csv`` (step, loss, lr, time [s], extra terms; loss
 is the mean over the ``log_every`` steps ending at ``step``, over all ranks), ``loss.png`` (loss
-curve, written at the end) and ``export/`` (the released weights, a diffusers folder).
+curve, written at the end) and ``export/`` (the released weights, a diffusers folder, replaced
+as a whole: see :func:`export_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -53,9 +57,9 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from .. import __version__
-from ..errors import ConfigError, EchofastError
+from ..errors import ConfigError, EchofastError, NonFiniteError
 from ..figures import write_loss_plot
-from ..fsutil import atomic_write
+from ..fsutil import _umask, atomic_write
 from ..rng import sample_seed
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
 from .ema import EMA
@@ -404,20 +408,103 @@ def resolve_resume(resume: str | os.PathLike | None, output_dir: str) -> Path | 
     return Path(resume)
 
 
+#: Architecture keys that count blocks or layers: each must be >= 1 (an int or a list of ints).
+_COUNT_KEYS = ("layers_per_block", "transformer_layers_per_block")
+
+
+def _check_counts(arch: dict[str, Any], key: str) -> None:
+    for name in _COUNT_KEYS:
+        value = arch.get(name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+        ):
+            raise ConfigError(
+                f"training config: config key '{key}.{name}': value {value!r} must be an "
+                "integer >= 1 (or a list of them)"
+            )
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
+    """The model of the config; an architecture the model cannot be built from raises
+    :class:`ConfigError` naming ``model.config`` (or ``model.init_from``)."""
     cls = model_class(cfg.model.type)
+    key = "model.init_from" if cfg.model.init_from else "model.config"
+    arch = cfg.architecture()
+    _check_counts(arch, key)
     if cfg.model.init_from:
         return cls.from_pretrained(cfg.model.init_from)
-    return cls.from_config(cfg.architecture(), source="training config (model)")
+    try:
+        return cls.from_config(arch, source="training config (model)")
+    except ConfigError as err:
+        raise ConfigError(f"config key 'model.config': {err}") from None
+    except Exception as err:  # noqa: BLE001 - any construction failure comes from the config
+        raise ConfigError(
+            f"training config: config key 'model.config': cannot build the "
+            f"{cfg.model.type.upper()} from this architecture ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _item_channels(model_type: str, item: Any) -> tuple[int, str] | None:
+    """The channel count of one dataset item and its layout; None for an unknown structure."""
+    if model_type == "lvdm":
+        latents = item.get("latents") if isinstance(item, dict) else None
+        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
+            return int(latents.shape[1]), f"latent windows (T, C, h, w) = {tuple(latents.shape)}"
+        return None
+    if isinstance(item, torch.Tensor) and item.dim() == 3:
+        what = "frames" if model_type == "vae" else "latents"
+        return int(item.shape[0]), f"{what} (C, h, w) = {tuple(item.shape)}"
+    return None
+
+
+def check_data_fits_model(
+    cfg: TrainConfig, arch: dict[str, Any], dataset: Dataset, source: str
+) -> None:
+    """Compare the channels of the dataset's first item with the model's ``in_channels`` /
+    ``out_channels``; a mismatch raises :class:`ConfigError` naming both (``source`` names the
+    dataset). Global RNGs are left as they were."""
+    if len(dataset) == 0:
+        return
+    _, item = PositionedDataset(dataset, cfg.seed)[(0, 0)]
+    found = _item_channels(cfg.model.type, item)
+    if found is None:
+        return
+    c, what = found
+    need = {"in_channels": 2 * c if cfg.model.type == "lvdm" else c, "out_channels": c}
+    if cfg.model.type == "lvdm":
+        rule = (
+            f"the LVDM needs in_channels = 2·C = {2 * c} (latents + conditioning frame) and "
+            f"out_channels = C = {c}"
+        )
+    else:
+        rule = f"the {cfg.model.type.upper()} needs in_channels = out_channels = C = {c}"
+    key = "model.init_from" if cfg.model.init_from else "model.config"
+    for name, value in need.items():
+        if arch.get(name) != value:
+            raise ConfigError(
+                f"config key '{key}.{name}' = {arch.get(name)!r} does not fit the data: {source} "
+                f"gives {c}-channel {what}; {rule}"
+            )
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema"
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    weights: str = "ema",
+    overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint's weights as a diffusers folder (``config.json`` + safetensors).
 
     ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
     had no EMA) or ``"model"`` (the raw trained weights).
+
+    ``out`` must be missing, empty, or hold an export of the same model (same class and
+    architecture: e.g. an earlier export of this run), which is replaced. Another model folder is
+    replaced only with ``overwrite``; a folder that holds anything else (a dataset, a run) is
+    never written into. The folder is written beside ``out`` and renamed into place, so an
+    interrupted export leaves the old folder (or none), never a mix.
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -428,8 +515,65 @@ def export_checkpoint(
     if weights == "ema" and state.get("ema") is not None:
         shadow = state["ema"]["shadow"]
         model.load_state_dict({**state["model"], **shadow})
-    model.save_pretrained(out)
-    return Path(out)
+    out = Path(out)
+    replace = _export_target(out, cls.diffusers_class, dict(model.config), overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        model.save_pretrained(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        if replace:
+            os.replace(out, old)
+        os.replace(tmp, out)  # also replaces an empty folder
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``out`` holds a folder to be replaced (False: missing or empty); raises
+    :class:`TrainingConflict` for a folder that must not be replaced."""
+    if out.exists() and not out.is_dir():
+        raise TrainingConflict(f"{out} exists and is not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    config_path = out / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise TrainingConflict(
+            f"{out} exists, is not empty and is not a model folder (no readable config.json "
+            "with a _class_name); refusing to write into it: choose another --out"
+        )
+    if overwrite:
+        return True
+    from ..models.base import WEIGHTS_STEM
+
+    theirs = {k: v for k, v in config.items() if not k.startswith("_")}
+    if config["_class_name"] != class_name or theirs != json.loads(json.dumps(arch)):
+        raise TrainingConflict(
+            f"{out} holds another model (a {config['_class_name']} with another config than "
+            f"this {class_name} checkpoint's); use --overwrite to replace it, or choose "
+            "another --out"
+        )
+    extra = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name != "config.json" and not p.name.startswith(WEIGHTS_STEM)
+    )
+    if extra:
+        raise TrainingConflict(
+            f"{out} holds this model's export and other files {extra[:5]}; use --overwrite "
+            "to replace the whole folder, or choose another --out"
+        )
+    return True
 
 
 # ---- logging ---------------------------------------------------------------------------------
@@ -537,6 +681,13 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
                 f"{ckpt_path}: the config differs from the checkpoint's in {changed} (only "
                 f"{sorted(RESUMABLE_CHANGES)} may change when resuming)"
             )
+        if int(state["step"]) > cfg.train.max_steps:
+            raise TrainingConflict(
+                f"{ckpt_path}: the run is already at step {int(state['step'])}, past "
+                f"train.max_steps = {cfg.train.max_steps}; nothing to train (raise "
+                "train.max_steps to continue, or export a checkpoint with `echofast train "
+                "export`)"
+            )
     dist.barrier()
     if device.type == "cuda" and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -598,10 +749,26 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
 
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # data
+    # data (checked against the model before any file is written)
     if dataset is None:
         dataset = build_dataset(cfg, arch)
+        source = (
+            f"data.root {cfg.data.root!r}"
+            if cfg.data.source == "files"
+            else "data.source = 'random'"
+        )
+    else:
+        source = "the given dataset"
+    check_data_fits_model(cfg, arch, dataset, source)
     t = cfg.train
+    if dist.main and t.export_at_end:
+        try:
+            _export_target(out / EXPORT_DIR, model.diffusers_class, arch, overwrite=False)
+        except TrainingConflict as err:
+            raise TrainingConflict(
+                f"{err} (the trainer writes the released weights to {out / EXPORT_DIR}: move "
+                "that folder away, or set train.export_at_end = false)"
+            ) from None
     sampler = StreamBatchSampler(
         len(dataset),
         batch_size=t.batch_size,
@@ -760,9 +927,9 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
                         refresh=False,
                     )
                 if not math.isfinite(last_loss) and not scaler.is_enabled():
-                    raise FloatingPointError(
-                        f"training loss is not finite ({last_loss}) in the {t.log_every} "
-                        f"step(s) up to step {step}"
+                    raise NonFiniteError(
+                        f"{out}: training loss is not finite ({last_loss}) in the "
+                        f"{t.log_every} step(s) up to step {step} (try a lower optim.lr)"
                     )
             if bar is not None:
                 bar.update(1)
@@ -775,8 +942,12 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
             log.close()
         del batches
 
+    if dist.main and step == start_step and (out / LOG_NAME).is_file():
+        logged = read_log(out / LOG_NAME)[1]
+        last_loss = logged[-1] if logged else last_loss
     summary: dict[str, Any] = {
         "step": step,
+        "steps_trained": step - start_step,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "loss": last_loss,
         "log": str(out / LOG_NAME),

@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..fsutil import atomic_write, atomic_write_text
 from .config import _fill, apply_override, config_changes, read_config_file
 from .loop import TrainingConflict, write_loss_plot
@@ -179,6 +179,8 @@ class ReidConfig:
 
 
 _SECTIONS = ("model", "data", "augment", "optim", "train", "eval")
+#: Entries of output_dir that the run writes itself: not usable as ``name``.
+_RESERVED_NAMES = frozenset({"checkpoints", "log.csv", "loss.png", "train_config.json"})
 
 
 def reid_config_from_dict(data: dict[str, Any], *, source: str = "config") -> ReidConfig:
@@ -270,8 +272,20 @@ def _validate(cfg: ReidConfig, source: str) -> None:
         fail("train.device", cfg.train.device, "is not supported (auto, cpu, cuda)")
     if not cfg.data.root:
         fail("data.root", cfg.data.root, "must name a latent dataset (echofast encode)")
-    if not cfg.name or "/" in cfg.name:
-        fail("name", cfg.name, "must be a folder name")
+    if (
+        cfg.name in ("", ".", "..")
+        or cfg.name != cfg.name.strip()
+        or any(c in cfg.name for c in "/\\")
+        or any(ord(c) < 32 for c in cfg.name)
+    ):
+        fail(
+            "name",
+            cfg.name,
+            "must be a plain folder name inside output_dir (not '.' or '..'; no path "
+            "separators, NUL or other control characters, or surrounding spaces)",
+        )
+    if cfg.name in _RESERVED_NAMES:
+        fail("name", cfg.name, f"is used by the run itself ({sorted(_RESERVED_NAMES)})")
 
 
 def load_reid_config(
@@ -466,6 +480,11 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
                     logits = model(x1.to(device), x2.to(device)).reshape(-1)
                     val.append(float(loss_fn(logits, y.to(device))))
             train_loss, val_loss = float(np.mean(losses)), float(np.mean(val))
+            if not math.isfinite(train_loss):
+                raise NonFiniteError(
+                    f"{out}: training loss is not finite ({train_loss}) in epoch {epoch + 1} "
+                    "(try a lower optim.lr); the epoch was not saved"
+                )
             epoch += 1
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch

@@ -284,3 +284,16 @@ def test_latent_dataset_fps_from_metadata(tmp_path):
     (root / "FileList.csv").write_text(text)
     item = LatentVideoDataset(root, "TRAIN", frames=32, random_window=False)[0]
     np.testing.assert_array_equal(item["latents"][:, 0, 0, 0].numpy(), np.arange(0, 64, 2))
+
+
+def test_latent_video_dataset_needs_ef(tmp_path):
+    root = _latent_dataset(
+        tmp_path / "n", [("a", 8, 32.0, "TRAIN"), ("b", 8, 32.0, "TRAIN"), ("c", 8, 32.0, "VAL")]
+    )
+    text = (root / "FileList.csv").read_text().replace("b,20,", "b,,").replace("c,30,", "c,,")
+    (root / "FileList.csv").write_text(text)
+    with pytest.raises(DatasetError, match=r"FileList.csv: 1 of 2 row\(s\).*no EF.*: b;"):
+        LatentVideoDataset(root, "TRAIN", frames=4)
+    assert len(LatentVideoDataset(root, "VAL", frames=4, require_ef=False)) == 1
+    item = LatentVideoDataset(root, "TRAIN", frames=4, require_ef=False)[1]
+    assert item["name"] == "b" and math.isnan(float(item["ef"]))

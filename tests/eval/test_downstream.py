@@ -73,6 +73,30 @@ def test_bootstrap_is_echonets():
     assert (lo, hi) == (draws[100], draws[1900])  # positions round(0.05·n), round(0.95·n)
 
 
+@pytest.mark.parametrize("samples", range(1, 12))
+def test_bootstrap_with_few_samples(samples):
+    y = np.arange(10, dtype=float)
+    p = y + np.linspace(-3, 3, 10)
+    value, lo, hi = bootstrap(y, p, mean_absolute_error, samples=samples)
+    draws = sorted(
+        mean_absolute_error(y[i], p[i])
+        for i in np.random.default_rng(0).integers(0, 10, (samples, 10))
+    )
+    last = samples - 1
+    assert (lo, hi) == (
+        draws[min(round(0.05 * samples), last)],
+        draws[min(round(0.95 * samples), last)],
+    )
+    assert lo <= hi and value == mean_absolute_error(y, p)
+
+
+def test_too_few_bootstrap_resamples_are_refused_before_any_file(tmp_path):
+    cfg = EFConfig(train="t", test="t", out=str(tmp_path / "ev"), bootstrap=10)
+    with pytest.raises(ValueError, match="--bootstrap 10: need at least 20"):
+        run_ef_evaluation(cfg)
+    assert not (tmp_path / "ev").exists()
+
+
 def _flat_video_dataset(root, lengths):
     """Videos whose frame t is flat grey 8·(t+1) (MJPEG keeps flat frames to ±1)."""
     rows = []
@@ -292,6 +316,18 @@ def test_resume_after_interruption_matches(small_phantoms, tmp_path, monkeypatch
     )
     with pytest.raises(EvaluationConflict, match="epochs"):
         run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b", epochs=4))
+
+
+@pytest.mark.parametrize("wrong", ["train", "test", "val"])
+def test_inputs_are_checked_before_the_run_is_recorded(small_phantoms, tmp_path, wrong):
+    from echofast.data.datasets import DatasetError
+
+    out = tmp_path / "ev"
+    with pytest.raises(DatasetError, match="nothere"):
+        run_ef_evaluation(_small_cfg(small_phantoms, out, **{wrong: str(tmp_path / "nothere")}))
+    assert not out.exists()
+    result = run_ef_evaluation(_small_cfg(small_phantoms, out, epochs=1))  # the corrected retry
+    assert result["results"]["test"]["all_clips"]["n"] == 3
 
 
 def test_cli_ef(small_phantoms, tmp_path, capsys):
