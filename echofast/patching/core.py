@@ -6,7 +6,8 @@ class is switched to a subclass *of the same name* whose ``forward`` runs echofa
 keep working), and its ``__dict__`` holds a :class:`SiteState`. Diffusers ``Attention`` modules
 get an :class:`~echofast.patching.sites.AttentionProcessor` through ``set_processor``. ``unpatch``
 switches the classes and processors back; a patched ``forward`` that is still called after that
-(e.g. through a bound method someone kept) runs the original code.
+(e.g. through a bound method someone kept) runs the original code. ``pickle``/``torch.save``
+store the unpatched diffusers objects, copies stay patched (:mod:`echofast.patching.pickling`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import BackendUnavailable, EchofastError
 from . import models, sites
+from .pickling import copy_as_is, unpickled_as
 from .report import LeftAlone, PatchedSite, PatchReport, Replacement
 
 STATE = "_echofast_state"
@@ -74,6 +76,18 @@ class PatchRecord:
     def owns(self, module: nn.Module) -> bool:
         return id(module) in self.ids
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickles as None: a pickled patched object is unpatched."""
+        return unpickled_as(None)
+
+    def __copy__(self) -> PatchRecord:
+        return copy_as_is(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchRecord:
+        clone = copy_as_is(self, memo)
+        clone.ids = {id(module) for module, _, _ in clone.modules}
+        return clone
+
 
 # ---- switched classes -------------------------------------------------------------------------
 
@@ -111,8 +125,16 @@ def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
     return out
 
 
+def _reduce_unpatched(self: nn.Module, protocol: int) -> tuple:
+    """A switched module pickles as an instance of its original class, without its SiteState."""
+    base = type(self)._echofast_base
+    state = {k: v for k, v in self.__getstate__().items() if k != STATE}
+    return base.__new__, (base,), state
+
+
 def _switched_class(base: type, kind: str) -> type:
-    """``base``'s subclass (same name and module) whose forward runs ``_IMPLS[kind]``."""
+    """``base``'s subclass (same name and module) whose forward runs ``_IMPLS[kind]``; it pickles
+    as ``base`` (see :mod:`echofast.patching.pickling`)."""
     key = (base, kind)
     if key in _CLASSES:
         return _CLASSES[key]
@@ -142,6 +164,10 @@ def _switched_class(base: type, kind: str) -> type:
             "__qualname__": base.__qualname__,
             "__doc__": base.__doc__,
             "_echofast_kind": kind,
+            "_echofast_base": base,
+            "__reduce_ex__": _reduce_unpatched,
+            "__copy__": copy_as_is,
+            "__deepcopy__": copy_as_is,
         },
     )
     _CLASSES[key] = cls
@@ -343,7 +369,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _foreign(m: nn.Module, record: PatchRecord) -> bool:
     """Patched by another ``patch`` call (or the root of one)."""
-    return (STATE in m.__dict__ and not record.owns(m)) or RECORD in m.__dict__
+    return (STATE in m.__dict__ and not record.owns(m)) or _record_of(m) is not None
 
 
 def _unpatched_modules(
@@ -562,6 +588,12 @@ def patch(
     * Modules with forward hooks, custom attention processors or other non-default behaviour
       are left alone; the report says which and why.
 
+    Patches are runtime state: ``pickle`` and ``torch.save`` of a patched pipeline or module (or
+    of anything holding one) store the plain diffusers object, unpatched (original classes and
+    attention processors, the same parameters and config, no echofast state), which loads
+    without echofast; patch it again after loading. ``copy.copy``/``copy.deepcopy`` give patched
+    copies (a deep copy's echofast models use the copied parameters; unpatch it on its own).
+
     Args:
         obj: a diffusers ``DiffusionPipeline`` (its diffusers models are patched) or any
             ``torch.nn.Module`` (typically a diffusers model or one of its submodules).
@@ -614,13 +646,14 @@ def _undo(record: PatchRecord) -> None:
 
 
 def _patched_inside(obj: Any) -> Iterator[str]:
+    """Paths of the switched modules in ``obj`` (``<root>`` for an ``obj`` switched itself)."""
     targets = [("", obj)] if isinstance(obj, nn.Module) else []
     if not targets and hasattr(obj, "components"):
         targets = [(k, v) for k, v in obj.components.items() if isinstance(v, nn.Module)]
     for prefix, module in targets:
         for path, m in module.named_modules():
             if STATE in m.__dict__:
-                yield _join(prefix, path)
+                yield _join(prefix, path) or "<root>"
 
 
 def unpatch(obj: Any) -> bool:
@@ -637,9 +670,10 @@ def unpatch(obj: Any) -> bool:
     if record is None:
         inside = list(_patched_inside(obj))
         if inside:
+            more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
             raise PatchError(
-                f"{type(obj).__name__} was not patched itself, but {inside[0]} (and "
-                f"{len(inside) - 1} more) were patched through another object: unpatch that one"
+                f"{type(obj).__name__} was not passed to echofast.patch itself, but holds modules "
+                f"patched through another object ({inside[0]}{more}): unpatch that one"
             )
         return False
     _undo(record)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .pickling import copy_as_is, unpickled_as
 
 if TYPE_CHECKING:
     from .core import SiteState
@@ -148,7 +149,7 @@ class AttentionProcessor:
 
     Calls with an attention mask or extra arguments go to the processor it replaced
     (:attr:`original`). :attr:`last_path` records which path ran: "single_key", "general" or
-    "original".
+    "original". It pickles as :attr:`original`; copies are copies of this processor.
     """
 
     def __init__(
@@ -166,6 +167,12 @@ class AttentionProcessor:
         #: (``AttnProcessor2_0`` uses SDPA's default 1/sqrt(D) and applies them)
         self.classic = classic
         self.last_path = ""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickles as :attr:`original` (see :mod:`echofast.patching.pickling`)."""
+        return unpickled_as(self.original)
+
+    __copy__ = __deepcopy__ = copy_as_is
 
     def __call__(
         self,
