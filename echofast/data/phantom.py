@@ -37,6 +37,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ _SPECKLE_KERNEL /= _SPECKLE_KERNEL.sum()
 
 class PhantomConflict(EchofastError, RuntimeError):
     """The output folder holds something that ``echofast phantom`` must not overwrite."""
+
+
+class PhantomArgumentError(EchofastError, ValueError):
+    """Phantom dataset arguments that cannot make the requested clips."""
 
 
 @dataclass
@@ -392,7 +397,8 @@ def make_phantom(
 
 
 def _parse_range(text: str | float | int | Sequence, kind: type) -> tuple:
-    """``"50"`` → (50, 50); ``"30:60"`` → (30, 60); a number or a pair as is."""
+    """``"50"`` → (50, 50); ``"30:60"`` → (30, 60); a number or a pair as is. Raises
+    ValueError for anything else or LO > HI."""
     if isinstance(text, (int, float)):
         return kind(text), kind(text)
     if isinstance(text, (tuple, list)):
@@ -405,6 +411,16 @@ def _parse_range(text: str | float | int | Sequence, kind: type) -> tuple:
     if lo > hi:
         raise ValueError(f"range {text!r} has LO > HI")
     return lo, hi
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    """argparse type of ``--frames`` / ``--fps``: an integer, or LO:HI integers with LO <= HI."""
+    try:
+        return _parse_range(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or LO:HI integers with LO <= HI, got {text!r}"
+        ) from None
 
 
 @dataclass
@@ -439,19 +455,33 @@ class PhantomDatasetConfig:
         return ident
 
     def check(self) -> None:
+        """Raise :class:`PhantomArgumentError` for arguments that :func:`make_phantom` would
+        reject for some clip (checked before the output folder is touched)."""
         if self.num_videos < 1:
-            raise ValueError(f"--num-videos must be >= 1, got {self.num_videos}")
+            raise PhantomArgumentError(f"--num-videos must be >= 1, got {self.num_videos}")
+        for name, (lo, hi) in (("--frames", self.frames), ("--fps", self.fps)):
+            if lo > hi:
+                raise PhantomArgumentError(f"{name} range {lo}:{hi} has LO > HI")
         if self.frames[0] < 4 or self.fps[0] < 1 or self.size < 16 or self.size % 2:
-            raise ValueError("need frames >= 4, fps >= 1 and an even size >= 16")
+            raise PhantomArgumentError("need frames >= 4, fps >= 1 and an even size >= 16")
         lo, hi = self.ef_range
-        if not 0 < lo <= hi < 100:
-            raise ValueError(f"EF range must lie in (0, 100), got {self.ef_range}")
+        if lo > hi:
+            raise PhantomArgumentError(f"--ef-range LO {lo:g} is above HI {hi:g}")
+        if not (0 < round(lo, 2) and round(hi, 2) < 100):
+            raise PhantomArgumentError(
+                f"--ef-range must lie in (0, 100) (EFs are drawn to 0.01), got {lo:g} {hi:g}"
+            )
+        lo, hi = self.hr_range
+        if lo > hi:
+            raise PhantomArgumentError(f"--hr-range LO {lo:g} is above HI {hi:g}")
+        if not lo > 0:
+            raise PhantomArgumentError(f"--hr-range must be positive (bpm), got {lo:g} {hi:g}")
         need = 60.0 * self.fps[1] / (self.frames[0] - 2)
-        if need > self.hr_range[1]:
-            raise ValueError(
+        if need > hi:
+            raise PhantomArgumentError(
                 f"{self.frames[0]} frames at {self.fps[1]} fps cannot hold a whole cardiac cycle "
-                f"at <= {self.hr_range[1]:g} bpm (needs {need:.0f} bpm): use more frames, a "
-                "lower fps or a higher --hr-range"
+                f"at <= {hi:g} bpm (needs {need:.0f} bpm): use more frames, a lower fps or a "
+                "higher --hr-range"
             )
 
 
@@ -481,6 +511,8 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
 
 def _prepare_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise PhantomConflict(f"{folder} exists and is not a folder; refusing to replace it")
     if folder.exists() and any(folder.iterdir()):
         if not path.is_file():
             raise PhantomConflict(
@@ -512,6 +544,18 @@ def _prepare_folder(folder: Path, manifest: dict, overwrite: bool) -> None:
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def _discard(folder: Path, existed: bool) -> None:
+    """Remove what a run wrote into ``folder``, which was absent (``existed`` False) or empty."""
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for item in folder.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
 def write_phantom_dataset(cfg: PhantomDatasetConfig) -> dict:
     """Write (or complete) a phantom dataset in the EchoNet-Dynamic layout::
 
@@ -525,7 +569,9 @@ def write_phantom_dataset(cfg: PhantomDatasetConfig) -> dict:
     Clips are deterministic (``phantom_clip``): re-running the same command skips videos
     already written (files appear atomically) and rewrites the CSVs. A non-empty folder that is
     not a phantom dataset is refused; one made with other arguments is refused unless
-    ``cfg.overwrite``. Returns a summary dict.
+    ``cfg.overwrite``. Arguments are checked before the folder is touched; a clip that the
+    arguments cannot make (:class:`PhantomArgumentError`) in a folder that was absent or empty
+    removes what the run wrote, so a corrected run starts clean. Returns a summary dict.
     """
     from tqdm.auto import tqdm
 
@@ -543,11 +589,20 @@ def write_phantom_dataset(cfg: PhantomDatasetConfig) -> dict:
         "volumes": "single-plane area-length 8*A^2/(3*pi*L) of the LV cavity, mL",
         "file_names": f"{cfg.name_prefix}<index, 6 digits>",
     }
+    existed = folder.exists()
+    fresh = not existed or (folder.is_dir() and not any(folder.iterdir()))
     _prepare_folder(folder, manifest, cfg.overwrite)
     rows, tracings, written = [], [], 0
     start = time.perf_counter()
     for i in tqdm(range(cfg.num_videos), unit="video", desc="phantom", disable=not cfg.progress):
-        clip = phantom_clip(cfg, i)
+        try:
+            clip = phantom_clip(cfg, i)
+        except ValueError as err:
+            if fresh:
+                _discard(folder, existed)
+            raise PhantomArgumentError(
+                f"{folder}: clip {i}: {err}" + ("; removed what this run wrote" if fresh else "")
+            ) from None
         name = f"{cfg.name_prefix}{i:06d}"
         path = folder / "Videos" / f"{name}.avi"
         if not path.is_file():
@@ -590,9 +645,19 @@ def main_phantom(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-videos", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--frames", default="128", help="frames per video: T, or LO:HI drawn per video (128)"
+        "--frames",
+        type=_int_range,
+        default=(128, 128),
+        metavar="T|LO:HI",
+        help="frames per video: an integer T, or integers LO:HI drawn per video (128)",
     )
-    p.add_argument("--fps", default="50", help="frame rate: F, or LO:HI drawn per video (50)")
+    p.add_argument(
+        "--fps",
+        type=_int_range,
+        default=(50, 50),
+        metavar="F|LO:HI",
+        help="frame rate: an integer F, or integers LO:HI drawn per video (50)",
+    )
     p.add_argument(
         "--splits",
         type=lambda s: tuple(int(x) for x in s.split(",")),
@@ -607,16 +672,12 @@ def main_phantom(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(argv) if argv is not None else None)
-    try:
-        frames, fps = _parse_range(a.frames, int), _parse_range(a.fps, int)
-    except ValueError as err:
-        p.error(str(err))
     cfg = PhantomDatasetConfig(
         out=a.out,
         num_videos=a.num_videos,
         seed=a.seed,
-        frames=frames,
-        fps=fps,
+        frames=a.frames,
+        fps=a.fps,
         splits=a.splits,
         ef_range=tuple(a.ef_range),
         hr_range=tuple(a.hr_range),

@@ -5,7 +5,9 @@ manifest ``generation.json``, the privacy report ``privacy_report.json`` (its to
 fields, and every PNG in its folder), the fidelity metrics (``metrics.json`` from ``echofast
 metrics compute``) and the downstream EF results (``results.json`` of ``echofast evaluate ef``,
 with its scatter and Bland–Altman figures). Missing parts are listed with the command that makes
-them. Writes ``report.md`` (figures linked by relative path) and ``report.html`` (figures
+them; a file named explicitly (``--metrics``, ``--downstream``, ``--privacy``) must exist, and
+every file read must be a JSON object of its kind (its ``format``), else :class:`ReportError`.
+Writes ``report.md`` (figures linked by relative path) and ``report.html`` (figures
 embedded, self-contained) into the dataset folder or ``--out``; a report is a derived view and is
 rewritten on every run (atomically).
 """
@@ -27,9 +29,30 @@ from ..fsutil import atomic_write_text
 
 DEFAULT_DOWNSTREAM = Path("evaluation") / "ef" / "results.json"
 
+METRICS_FORMAT = "echofast-metrics"
+"""``format`` of ``echofast metrics compute``'s JSON (:data:`echofast.eval.fidelity
+.METRICS_FORMAT`)."""
+DOWNSTREAM_FORMAT = "echofast-ef-evaluation"
+"""``format`` of ``echofast evaluate ef``'s results.json (:data:`echofast.eval.downstream
+.RESULTS_FORMAT`)."""
+PRIVACY_FORMAT = "echofast-privacy-report"
+"""``format`` of a privacy report (:data:`echofast.privacy.report.REPORT_FORMAT`)."""
+PRIVACY_WHAT = "a privacy report (privacy_report.json of echofast generate / privacy-filter)"
+METRICS_WHAT = "fidelity metrics (the JSON of `echofast metrics compute`)"
+DOWNSTREAM_WHAT = "downstream results (results.json of `echofast evaluate ef`, or its folder)"
+
 
 class ReportError(EchofastError, ValueError):
-    """The dataset folder is missing or an input file is not readable JSON."""
+    """The dataset folder is missing, or an input file is missing, not readable JSON, or not
+    the kind of file expected."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """A JSON file a section reads: ``explicit`` when the user named it (then it must exist)."""
+
+    path: Path
+    explicit: bool = False
 
 
 @dataclass
@@ -55,6 +78,31 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path}: not readable JSON ({err})") from None
 
 
+def _read_input(src: Input, fmt: str, what: str, option: str) -> dict[str, Any] | None:
+    """The JSON object of ``src``, or None when a default file does not exist. An explicitly
+    named file that does not exist, or any file that is not a JSON object with ``format`` =
+    ``fmt``, raises :class:`ReportError` naming the file."""
+    if not src.path.is_file():
+        if not src.explicit:
+            return None
+        problem = "is a folder" if src.path.is_dir() else "does not exist"
+        raise ReportError(f"{src.path} (given as {option}) {problem}; expected {what}")
+    data = _read_json(src.path)
+    if not isinstance(data, dict):
+        raise ReportError(
+            f"{src.path}: holds a JSON {type(data).__name__}, not an object; expected {what}"
+        )
+    if data.get("format") != fmt:
+        raise ReportError(
+            f"{src.path}: format {data.get('format')!r}, not {fmt!r}; expected {what}"
+        )
+    return data
+
+
+def _malformed(path: Path, what: str, err: Exception) -> ReportError:
+    return ReportError(f"{path}: malformed {what} ({type(err).__name__}: {err})")
+
+
 def _scalar(v: Any) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
@@ -71,8 +119,11 @@ def _dataset_section(root: Path) -> Section:
     if not path.is_file():
         sec.text(f"No FileList.csv in {root}.")
         return sec
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ReportError(f"{path}: not a readable CSV file ({err})") from None
     splits: dict[str, int] = {}
     efs = []
     for r in rows:
@@ -111,27 +162,34 @@ def _generation_section(root: Path) -> Section:
     return sec
 
 
-def _privacy_section(path: Path) -> Section:
+def _privacy_section(src: Input) -> Section:
     sec = Section("Privacy filter")
-    if not path.is_file():
-        sec.text(f"No {path.name} (run the privacy filter).")
+    data = _read_input(src, PRIVACY_FORMAT, PRIVACY_WHAT, "--privacy")
+    if data is None:
+        sec.text(f"No {src.path.name} (run the privacy filter).")
         return sec
-    data = _read_json(path)
-    if isinstance(data, dict):
-        rows = [[k, _fmt(v)] for k, v in data.items() if _scalar(v)]
-        if rows:
-            sec.table(["field", "value"], rows)
-    for png in sorted(path.parent.glob("*.png")):
+    rows = [[k, _fmt(v)] for k, v in data.items() if _scalar(v)]
+    if rows:
+        sec.table(["field", "value"], rows)
+    for png in sorted(src.path.parent.glob("*.png")):
         sec.image(png, png.name)
     return sec
 
 
-def _metrics_section(path: Path) -> Section:
+def _metrics_section(src: Input) -> Section:
     sec = Section("Fidelity metrics")
-    if not path.is_file():
-        sec.text(f"No {path.name} (run `echofast metrics compute`).")
+    data = _read_input(src, METRICS_FORMAT, METRICS_WHAT, "--metrics")
+    if data is None:
+        sec.text(f"No {src.path.name} (run `echofast metrics compute`).")
         return sec
-    data = _read_json(path)
+    try:
+        _metrics_blocks(sec, data)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise _malformed(src.path, METRICS_WHAT, err) from None
+    return sec
+
+
+def _metrics_blocks(sec: Section, data: dict[str, Any]) -> None:
     metrics = data.get("metrics", {})
     names = {
         "fid": "FID",
@@ -152,18 +210,25 @@ def _metrics_section(path: Path) -> Section:
         + ", ".join(f"{k}={v}" for k, v in counts.items() if k.endswith("_videos"))
         + "."
     )
+
+
+def _downstream_section(src: Input, root: Path) -> Section:
+    sec = Section("Downstream EF regression")
+    data = _read_input(src, DOWNSTREAM_FORMAT, DOWNSTREAM_WHAT, "--downstream")
+    if data is None:
+        sec.text(
+            f"No {src.path} (run `echofast evaluate ef --train {root} --test REAL --out "
+            f"{src.path.parent}`)."
+        )
+        return sec
+    try:
+        _downstream_blocks(sec, data, src.path)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise _malformed(src.path, DOWNSTREAM_WHAT, err) from None
     return sec
 
 
-def _downstream_section(path: Path) -> Section:
-    sec = Section("Downstream EF regression")
-    if not path.is_file():
-        sec.text(
-            f"No {path} (run `echofast evaluate ef --train DATASET --test REAL --out "
-            f"{path.parent}`)."
-        )
-        return sec
-    data = _read_json(path)
+def _downstream_blocks(sec: Section, data: dict[str, Any], path: Path) -> None:
     cfg = data.get("config", {})
     rows = []
     for split, res in data.get("results", {}).items():
@@ -186,16 +251,15 @@ def _downstream_section(path: Path) -> Section:
         name = data.get("figures", {}).get(key)
         if name and (path.parent / name).is_file():
             sec.image(path.parent / name, caption)
-    return sec
 
 
-def build_sections(root: Path, metrics: Path, downstream: Path, privacy: Path) -> list[Section]:
+def build_sections(root: Path, metrics: Input, downstream: Input, privacy: Input) -> list[Section]:
     return [
         _dataset_section(root),
         _generation_section(root),
         _privacy_section(privacy),
         _metrics_section(metrics),
-        _downstream_section(downstream),
+        _downstream_section(downstream, root),
     ]
 
 
@@ -273,9 +337,9 @@ def write_report(
         down = down / "results.json"
     sections = build_sections(
         root,
-        Path(metrics) if metrics else root / "metrics.json",
-        down,
-        Path(privacy) if privacy else root / "privacy_report.json",
+        Input(Path(metrics), True) if metrics else Input(root / "metrics.json"),
+        Input(down, bool(downstream)),
+        Input(Path(privacy), True) if privacy else Input(root / "privacy_report.json"),
     )
     title = f"EchoNet-Synthetic dataset report: {root.resolve().name}"
     written = []

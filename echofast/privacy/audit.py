@@ -148,6 +148,12 @@ def run_audit(
     step = flt.frame_step
     records = read_latent_records(reference, "TRAIN")
     raw = [load_latents(r.path)[0] for r in records]
+    flt.check_clips(raw, [r.path for r in records])
+    held = read_latent_records(reference, heldout_split)
+    if not held:
+        raise PrivacyError(f"{reference}: no clips in the held-out split {heldout_split!r}")
+    held_clips = [load_latents(r.path)[0] for r in held]
+    flt.check_clips(held_clips, [r.path for r in held])
     sources = [(c, f) for c, x in enumerate(raw) for f in select_frames(len(x), step)]
     if not sources:
         raise PrivacyError(f"{reference}: no TRAIN reference frames to plant")
@@ -210,11 +216,8 @@ def run_audit(
             else None,
         }
 
-    held = read_latent_records(reference, heldout_split)
-    if not held:
-        raise PrivacyError(f"{reference}: no clips in the held-out split {heldout_split!r}")
     fs = frames_from_clips(
-        [load_latents(r.path)[0] for r in held],
+        held_clips,
         [r.name for r in held],
         frame_step=step,
         normalization=flt.model.normalization,

@@ -80,9 +80,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _staging(out: Path) -> Path:
+def _refuse_conflict(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not an empty folder (checked before the work and
+    again when the results are staged)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputConflict(f"{out} exists and is not empty; refusing to write into it")
+
+
+def _staging(out: Path) -> Path:
+    _refuse_conflict(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
@@ -120,7 +126,7 @@ def _setup(a: argparse.Namespace) -> FilterSetup:
 
 def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     """Filter candidate latents against a real latent dataset."""
-    from .data import candidate_files, load_candidates
+    from .data import load_candidates
 
     p = argparse.ArgumentParser(
         prog="echofast privacy-filter",
@@ -145,10 +151,12 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     if a.frame_step < 0 or a.candidate_frame_step < 1:
         p.error("--frame-step must be >= 0 and --candidate-frame-step >= 1")
     out = Path(a.out)
+    _refuse_conflict(out)
+    names, paths, clips = load_candidates(a.candidates)
     setup = _setup(a)
-    names, clips = load_candidates(a.candidates)
+    setup.filter.check_clips(clips, paths)
     scores = setup.filter.score_clips(clips, names, frame_step=a.candidate_frame_step)
-    files = dict(candidate_files(a.candidates))
+    files = dict(zip(names, paths))
     tmp = _staging(out)
     try:
         (tmp / "Latents").mkdir()
@@ -244,6 +252,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     if a.num_planted < 1 or any(not 0 < s <= 1 for s in a.strengths):
         p.error("--num-planted must be >= 1 and strengths in (0, 1]")
     out = Path(a.out)
+    _refuse_conflict(out)
     setup = _setup(a)
     audit, scores = run_audit(
         setup,

@@ -122,6 +122,55 @@ class Augmentation:
         return normalize_clip(y, normalization) if normalization != "clip" else y
 
 
+GALLERY = "the reference gallery (TRAIN)"
+"""How frame-shape errors name the frames a filter compares with."""
+
+
+class FrameShapeError(DatasetError):
+    """Latent frames whose (C, h, w) differ from the others they are compared with."""
+
+
+def clip_frame_shape(clip: torch.Tensor, where: str) -> tuple[int, int, int]:
+    """(C, h, w) of a clip (T, C, h, w) or an image (C, h, w); ``where`` names it in errors."""
+    if clip.dim() not in (3, 4):
+        raise FrameShapeError(
+            f"{where}: expected (T, C, h, w) or (C, h, w) latents, got shape {tuple(clip.shape)}"
+        )
+    c, h, w = (int(v) for v in clip.shape[-3:])
+    return c, h, w
+
+
+def check_frame_shape(
+    clip: torch.Tensor, where: str, expected: Sequence[int] | None, expected_from: str
+) -> tuple[int, ...]:
+    """The frame shape of ``clip``; raises :class:`FrameShapeError` naming ``where``, its shape
+    and ``expected`` (the shape of ``expected_from``) when they differ."""
+    shape = clip_frame_shape(clip, where)
+    if expected is not None and shape != tuple(expected):
+        raise FrameShapeError(
+            f"{where}: latent frames of shape {shape} (C, h, w), but {expected_from} has "
+            f"frames of shape {tuple(expected)}"
+        )
+    return shape
+
+
+def check_frame_shapes(
+    clips: Sequence[torch.Tensor],
+    sources: Sequence[str | os.PathLike],
+    expected: Sequence[int] | None = None,
+    expected_from: str = "",
+) -> tuple[int, ...] | None:
+    """The common frame shape (C, h, w) of ``clips``: each must have ``expected`` (the shape of
+    ``expected_from``) when given, else the first clip's; errors name the clip's source. None
+    for no clips and no ``expected``."""
+    shape = tuple(expected) if expected is not None else None
+    if expected is None and len(sources):
+        expected_from = str(sources[0])
+    for clip, where in zip(clips, sources):
+        shape = check_frame_shape(clip, str(where), shape, expected_from)
+    return shape
+
+
 def select_frames(length: int, frame_step: int) -> list[int]:
     """Frame indices checked in a clip of ``length`` frames (see the module docstring)."""
     if frame_step < 0:
@@ -158,20 +207,17 @@ def frames_from_clips(
     *,
     frame_step: int,
     normalization: str,
+    frame_shape: Sequence[int] | None = None,
+    expected_from: str = GALLERY,
 ) -> FrameSet:
-    """Normalise each clip (T, C, h, w) or image (C, h, w) and pick its frames."""
+    """Normalise each clip (T, C, h, w) or image (C, h, w) and pick its frames. Every clip's
+    frames must have ``frame_shape`` (C, h, w) (that of ``expected_from``) when given, else the
+    first clip's (:class:`FrameShapeError` otherwise)."""
+    check_frame_shapes(clips, names, frame_shape, expected_from)
     frames, cidx, fidx = [], [], []
-    shape = None
     for i, clip in enumerate(clips):
         if clip.dim() == 3:
             clip = clip[None]
-        if clip.dim() != 4:
-            raise DatasetError(f"{names[i]}: expected (T, C, h, w) or (C, h, w) latents")
-        if shape is not None and tuple(clip.shape[1:]) != shape:
-            raise DatasetError(
-                f"{names[i]}: latent frames of shape {tuple(clip.shape[1:])}, others have {shape}"
-            )
-        shape = tuple(clip.shape[1:])
         if not bool(torch.isfinite(clip).all()):
             raise DatasetError(f"{names[i]}: latents hold NaN or inf")
         idx = select_frames(clip.shape[0], frame_step)
@@ -197,8 +243,12 @@ def load_split_frames(
     frame_step: int,
     normalization: str,
     progress: bool = False,
+    frame_shape: Sequence[int] | None = None,
+    expected_from: str = GALLERY,
 ) -> FrameSet:
-    """Frames of every clip of ``split`` of a latent dataset (FileList order)."""
+    """Frames of every clip of ``split`` of a latent dataset (FileList order). Every clip's
+    frames must have ``frame_shape`` (that of ``expected_from``) when given, else the first
+    clip's; a :class:`FrameShapeError` names the file."""
     from tqdm.auto import tqdm
 
     records = read_latent_records(root, split)
@@ -208,6 +258,7 @@ def load_split_frames(
         load_latents(r.path)[0]
         for r in tqdm(records, desc=f"read {split}", unit="clip", disable=not progress)
     ]
+    check_frame_shapes(clips, [r.path for r in records], frame_shape, expected_from)
     return frames_from_clips(
         clips, [r.name for r in records], frame_step=frame_step, normalization=normalization
     )
@@ -226,11 +277,15 @@ def candidate_files(folder: str | os.PathLike) -> list[tuple[str, Path]]:
     return [(p.name[: -len(LATENT_SUFFIX)], p) for p in files]
 
 
-def load_candidates(folder: str | os.PathLike) -> tuple[list[str], list[torch.Tensor]]:
+def load_candidates(
+    folder: str | os.PathLike,
+) -> tuple[list[str], list[Path], list[torch.Tensor]]:
+    """(names, files, latents) of every candidate (:func:`candidate_files`); all must share one
+    frame shape (a :class:`FrameShapeError` names the file)."""
     items = candidate_files(folder)
     if not items:
         raise DatasetError(f"{folder}: no candidate latent files (*{LATENT_SUFFIX})")
-    names, clips = [], []
+    names, paths, clips = [], [], []
     for name, path in items:
         try:
             clips.append(load_latents(path)[0])
@@ -239,7 +294,9 @@ def load_candidates(folder: str | os.PathLike) -> tuple[list[str], list[torch.Te
                 f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
             ) from None
         names.append(name)
-    return names, clips
+        paths.append(path)
+    check_frame_shapes(clips, paths)
+    return names, paths, clips
 
 
 class LatentClips:
@@ -254,11 +311,15 @@ class LatentClips:
         self.names: list[str] = []
         self.clips: list[torch.Tensor] = []
         self.skipped: list[str] = []
+        self.frame_shape: tuple[int, ...] | None = None
+        first = ""
         for r in records:
             x = load_latents(r.path)[0]
             if x.dim() != 4 or x.shape[0] < min_frames:
                 self.skipped.append(r.name)
                 continue
+            self.frame_shape = check_frame_shape(x, str(r.path), self.frame_shape, first)
+            first = first or str(r.path)
             if not bool(torch.isfinite(x).all()):
                 raise DatasetError(f"{r.path}: latents hold NaN or inf")
             self.names.append(r.name)

@@ -39,9 +39,11 @@ import torch
 from ..errors import EchofastError
 from ..fsutil import sha256_file
 from .data import (
+    GALLERY,
     FrameSet,
     LatentClips,
     PairDataset,
+    check_frame_shapes,
     frames_from_clips,
     load_split_frames,
     shift_offsets,
@@ -59,6 +61,10 @@ embedded with it."""
 
 class PrivacyError(EchofastError, RuntimeError):
     """The privacy filter cannot give its guarantee (weak model, too few candidates, bad data)."""
+
+
+class StaleCacheError(PrivacyError):
+    """A cached filter state lacks what this version of echofast needs (recalibrate)."""
 
 
 # ---- embeddings and correlation ------------------------------------------------------------
@@ -314,10 +320,18 @@ class PrivacyFilter:
         num_test_frames: int,
         num_train_clips: int,
         num_test_clips: int,
+        frame_shape: Sequence[int],
         device: torch.device | str | None = None,
         shift_tolerance: int = 0,
     ):
         shift_offsets(shift_tolerance)  # validates
+        self.frame_shape = tuple(int(v) for v in frame_shape)
+        """(C, h, w) of the reference frames: every frame scored must have it."""
+        if len(self.frame_shape) != 3 or self.frame_shape[0] != model.n_channels:
+            raise PrivacyError(
+                f"reference frames of shape {self.frame_shape} (C, h, w) do not suit the "
+                f"re-identification model, which takes {model.n_channels}-channel frames"
+            )
         self.shift_tolerance = int(shift_tolerance)
         self.model = model
         self.gallery_unit = gallery_unit
@@ -353,8 +367,22 @@ class PrivacyFilter:
         train = load_split_frames(
             reference, train_split, frame_step=frame_step, normalization=norm, progress=progress
         )
+        if len(train) == 0:
+            raise PrivacyError(f"{reference}: split {train_split!r} holds no reference frames")
+        shape = tuple(train.frames.shape[1:])
+        if shape[0] != model.n_channels:
+            raise PrivacyError(
+                f"{reference}: {train_split} latent frames of shape {shape} (C, h, w), but the "
+                f"re-identification model takes {model.n_channels}-channel frames"
+            )
         test = load_split_frames(
-            reference, test_split, frame_step=frame_step, normalization=norm, progress=progress
+            reference,
+            test_split,
+            frame_step=frame_step,
+            normalization=norm,
+            progress=progress,
+            frame_shape=shape,
+            expected_from=f"{reference} {train_split}",
         )
         model = model.to(device or "cpu")
         r = shift_tolerance
@@ -391,6 +419,7 @@ class PrivacyFilter:
             num_test_frames=len(test),
             num_train_clips=train.num_clips,
             num_test_clips=test.num_clips,
+            frame_shape=shape,
             device=device,
             shift_tolerance=shift_tolerance,
         )
@@ -416,6 +445,7 @@ class PrivacyFilter:
             "num_train_clips": str(self.num_train_clips),
             "num_test_clips": str(self.num_test_clips),
             "shift_tolerance": str(self.shift_tolerance),
+            "frame_shape": json.dumps(list(self.frame_shape)),
             "gallery_clip": json.dumps(self.gallery_clip),
         }
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -433,6 +463,11 @@ class PrivacyFilter:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata()
             t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iter
+        if "frame_shape" not in meta:
+            raise StaleCacheError(
+                f"{path}: no reference frame shape (written by an older echofast); delete it to "
+                "recalibrate"
+            )
         cal = Calibration(
             tau=float(meta["tau"]),
             percentile=float(meta["percentile"]),
@@ -448,11 +483,20 @@ class PrivacyFilter:
             num_test_frames=int(meta["num_test_frames"]),
             num_train_clips=int(meta["num_train_clips"]),
             num_test_clips=int(meta["num_test_clips"]),
+            frame_shape=json.loads(meta["frame_shape"]),
             device=device,
             shift_tolerance=int(meta.get("shift_tolerance", "0")),
         )
 
     # ---- scoring ----------------------------------------------------------------------------
+
+    def check_clips(
+        self, clips: Sequence[torch.Tensor], sources: Sequence[str | os.PathLike]
+    ) -> None:
+        """Raise :class:`~echofast.privacy.data.FrameShapeError` naming the first clip (T, C, h,
+        w) or image (C, h, w) whose frames do not have the reference frames' shape: the
+        re-identification model pools globally, so it would score them without complaint."""
+        check_frame_shapes(clips, sources, self.frame_shape, GALLERY)
 
     def score_frames(
         self, frames: torch.Tensor, gallery_rows: torch.Tensor | None = None
@@ -460,6 +504,8 @@ class PrivacyFilter:
         """Max correlation (float64 of the fp32 value) and nearest gallery row of normalised
         frames (N, C, h, w); with a shift tolerance, the max over the moved views.
         ``gallery_rows``: score against these gallery rows only (indices into the subset)."""
+        if len(frames):
+            self.check_clips([frames[0]], ["frames to score"])
         norm = self.model.normalization
         r = self.shift_tolerance
         views = [
@@ -502,6 +548,10 @@ class PrivacyFilter:
         (``frame_step``, default the reference's) and score it."""
         step = self.frame_step if frame_step is None else frame_step
         fs = frames_from_clips(
-            clips, names, frame_step=step, normalization=self.model.normalization
+            clips,
+            names,
+            frame_step=step,
+            normalization=self.model.normalization,
+            frame_shape=self.frame_shape,
         )
         return self.score_frame_set(fs)

@@ -28,6 +28,7 @@ from .filter import (
     ClipScores,
     PrivacyError,
     PrivacyFilter,
+    StaleCacheError,
     evaluate_reid,
     model_digest,
     read_evaluation,
@@ -90,6 +91,11 @@ def model_strength(
     from .data import LatentClips
 
     clips = LatentClips(reference, "TEST", normalization=model.normalization)
+    if clips.frame_shape is not None and clips.frame_shape[0] != model.n_channels:
+        raise PrivacyError(
+            f"{reference}: TEST latent frames of shape {clips.frame_shape} (C, h, w), but the "
+            f"re-identification model takes {model.n_channels}-channel frames"
+        )
     result, _, _ = evaluate_reid(
         model,
         clips,
@@ -138,8 +144,11 @@ def setup_filter(
         )
     flt = None
     if cache is not None and Path(cache).is_file():
-        flt = PrivacyFilter.load(cache, model, device=device)
-        if flt.shift_tolerance != shift_tolerance:
+        try:
+            flt = PrivacyFilter.load(cache, model, device=device)
+        except StaleCacheError:
+            flt = None
+        if flt is not None and flt.shift_tolerance != shift_tolerance:
             flt = None
     if flt is None:
         flt = PrivacyFilter.from_reference(

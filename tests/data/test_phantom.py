@@ -16,6 +16,7 @@ import pytest
 from echofast.data.measure import gaussian_blur, measure_ef, measure_volumes
 from echofast.data.phantom import (
     N_CHORDS,
+    PhantomArgumentError,
     PhantomConflict,
     area_length_volume,
     main_phantom,
@@ -256,3 +257,60 @@ def test_cli_resume_and_refusals(dataset, tmp_path):
 def test_cli_rejects_impossible_clip_length(tmp_path):
     with pytest.raises(ValueError, match="cardiac cycle"):
         main_phantom(["--out", str(tmp_path / "x"), "--num-videos", "1", "--frames", "8"])
+
+
+TINY = ["--num-videos", "2", "--frames", "24", "--fps", "16", "--size", "16", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--hr-range", "100", "60"], "--hr-range LO 100 is above HI 60"),
+        (["--hr-range", "-50", "100"], "--hr-range must be positive"),
+        (["--hr-range", "0", "100"], "--hr-range must be positive"),
+        (["--ef-range", "90", "10"], "--ef-range LO 90 is above HI 10"),
+        (["--ef-range", "0", "50"], r"--ef-range must lie in \(0, 100\)"),
+        (["--ef-range", "50", "99.999"], r"--ef-range must lie in \(0, 100\)"),
+    ],
+)
+def test_cli_bad_ranges_leave_nothing_behind(tmp_path, bad, message):
+    out = tmp_path / "pC"
+    with pytest.raises(PhantomArgumentError, match=message):
+        main_phantom(["--out", str(out), *TINY, *bad])
+    assert not out.exists()
+    assert main_phantom(["--out", str(out), *TINY]) == 0  # the corrected retry
+    assert len(list((out / "Videos").glob("*.avi"))) == 2
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_cli_clip_that_cannot_be_made_is_undone(tmp_path, existed):
+    """4 frames at 1 fps and 30-110 bpm pass the argument checks, but clip 9 (seed 0) draws
+    timing with no diastasis frame: the run removes the 9 videos and the manifest it wrote."""
+    out = tmp_path / "pD"
+    if existed:
+        out.mkdir()
+    args = ["--num-videos", "10", "--frames", "4", "--fps", "1", "--size", "16"]
+    with pytest.raises(PhantomArgumentError, match=f"{out}: clip 9: .*removed what this run"):
+        main_phantom(["--out", str(out), *args, "--hr-range", "30", "110", "--no-progress"])
+    assert (out.exists() and not any(out.iterdir())) if existed else not out.exists()
+    args[1] = "9"
+    assert main_phantom(["--out", str(out), *args, "--hr-range", "30", "110", "--no-progress"]) == 0
+    assert len(list((out / "Videos").glob("*.avi"))) == 9
+
+
+@pytest.mark.parametrize("option", ["--fps", "--frames"])
+@pytest.mark.parametrize("value", ["29.97", "40:30", "x"])
+def test_cli_non_integer_rates_name_the_option(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exc:
+        main_phantom(["--out", str(tmp_path / "p"), "--num-videos", "1", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected an integer or LO:HI integers" in err and value in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_help_says_integer(capsys):
+    with pytest.raises(SystemExit):
+        main_phantom(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "frame rate: an integer F" in help_text and "frames per video: an integer T" in help_text

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from echofast.data.echonet import write_filelist
-from echofast.eval.report import ReportError, main_report
+from echofast.eval.report import (
+    DOWNSTREAM_FORMAT,
+    METRICS_FORMAT,
+    PRIVACY_FORMAT,
+    ReportError,
+    main_report,
+)
 from echofast.figures import save_png, scatter_png
 
 
@@ -43,6 +49,7 @@ def test_full_report(tmp_path, capsys):
     (root / "privacy_report.json").write_text(
         json.dumps(
             {
+                "format": PRIVACY_FORMAT,
                 "threshold": 0.8123,
                 "kept": 3,
                 "dropped": 1,
@@ -57,6 +64,7 @@ def test_full_report(tmp_path, capsys):
     (root / "metrics.json").write_text(
         json.dumps(
             {
+                "format": METRICS_FORMAT,
                 "metrics": {"fid": 28.81, "is_mean": 2.26, "is_std": 0.01, "fvd16": 103.5},
                 "counts": {"fid_images": 50000, "fvd16_videos": 2048},
                 "reference": {
@@ -76,6 +84,7 @@ def test_full_report(tmp_path, capsys):
     (ef / "results.json").write_text(
         json.dumps(
             {
+                "format": DOWNSTREAM_FORMAT,
                 "config": {"train": str(root), "test": "/data/real", "epochs": 45},
                 "train_videos": 2,
                 "best_epoch": 30,
@@ -111,10 +120,76 @@ def test_report_lists_missing_parts(tmp_path):
     root = _dataset(tmp_path / "d")
     assert main_report([str(root), "--format", "md", "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "echofast metrics compute" in md and "echofast evaluate ef" in md
+    assert "echofast metrics compute" in md
+    hint = f"echofast evaluate ef --train {root} --test REAL --out {root / 'evaluation' / 'ef'}`"
+    assert hint in md
     assert "No privacy_report.json" in md and not (tmp_path / "r" / "report.html").exists()
     (root / "metrics.json").write_text("{not json")
     with pytest.raises(ReportError, match="metrics.json"):
         main_report([str(root)])
     with pytest.raises(ReportError, match="no such dataset"):
         main_report([str(tmp_path / "missing")])
+
+
+def test_format_names_match_the_writers():
+    from echofast.eval.downstream import RESULTS_FORMAT
+    from echofast.eval.fidelity import METRICS_FORMAT as WRITTEN_METRICS
+    from echofast.privacy.report import REPORT_FORMAT
+
+    assert (METRICS_FORMAT, DOWNSTREAM_FORMAT, PRIVACY_FORMAT) == (
+        WRITTEN_METRICS,
+        RESULTS_FORMAT,
+        REPORT_FORMAT,
+    )
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--downstream", "--privacy"])
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "3", "null"])
+def test_json_that_is_not_an_object_is_refused(tmp_path, option, content):
+    root = _dataset(tmp_path / "d")
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(ReportError, match=f"{bad}: holds a JSON .*, not an object"):
+        main_report([str(root), option, str(bad)])
+    assert not (root / "report.md").exists() and not (root / "report.html").exists()
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--downstream", "--privacy"])
+def test_named_files_must_exist(tmp_path, option):
+    root = _dataset(tmp_path / "d")
+    missing = tmp_path / "nothere.json"
+    with pytest.raises(ReportError, match=f"{missing} \\(given as {option}\\) does not exist"):
+        main_report([str(root), option, str(missing)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match=f"given as {option}"):
+        main_report([str(root), option, str(empty)])
+    assert not (root / "report.md").exists()
+
+
+def test_files_of_another_kind_are_refused(tmp_path):
+    root = _dataset(tmp_path / "d")
+    metrics = root / "metrics.json"
+    metrics.write_text(json.dumps({"format": METRICS_FORMAT, "metrics": {"fid": 1.0}}))
+    with pytest.raises(ReportError, match=f"{metrics}: format 'echofast-metrics', not "):
+        main_report([str(root), "--downstream", str(metrics)])
+    with pytest.raises(ReportError, match=f"{metrics}: format"):
+        main_report([str(root), "--privacy", str(metrics)])
+    (root / "privacy_report.json").write_text(json.dumps({"kept": 3}))  # a default, no format
+    with pytest.raises(ReportError, match="privacy_report.json: format None"):
+        main_report([str(root)])
+    assert not (root / "report.md").exists()
+
+
+def test_malformed_contents_are_named(tmp_path):
+    root = _dataset(tmp_path / "d")
+    res = tmp_path / "results.json"
+    res.write_text(
+        json.dumps({"format": DOWNSTREAM_FORMAT, "results": {"test": {"all_clips": {"n": 3}}}})
+    )
+    with pytest.raises(ReportError, match=f"{res}: malformed downstream results .*KeyError"):
+        main_report([str(root), "--downstream", str(tmp_path)])
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"format": METRICS_FORMAT, "metrics": [1]}))
+    with pytest.raises(ReportError, match=f"{metrics}: malformed fidelity metrics"):
+        main_report([str(root), "--metrics", str(metrics)])

@@ -72,6 +72,7 @@ def _filter(model, gallery: torch.Tensor, tolerance: int) -> PrivacyFilter:
         num_test_frames=1,
         num_train_clips=n,
         num_test_clips=1,
+        frame_shape=gallery.shape[1:],
         shift_tolerance=tolerance,
     )
 
