@@ -36,10 +36,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def _generate(argv: list[str]) -> int:
     import argparse
+    import math
 
     import torch
 
-    from .pipelines.dataset import GenerateConfig, Shard, generate_dataset
+    from .pipelines.dataset import GenerateConfig, Shard, check_device, ef_bounds, generate_dataset
 
     p = argparse.ArgumentParser(
         prog="echofast generate",
@@ -53,7 +54,11 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--dataset", default="dynamic", choices=["dynamic", "ped_a4c", "ped_psax"])
-    p.add_argument("--num-videos", type=int, help=f"default {_defaults_help('num_videos')}")
+    p.add_argument(
+        "--num-videos",
+        type=int,
+        help="videos in the dataset (required with --weights; without: see demo.json)",
+    )
     p.add_argument(
         "--frames", type=int, help=f"frames per video (default {_defaults_help('frames')})"
     )
@@ -89,7 +94,7 @@ def _generate(argv: list[str]) -> int:
     p.add_argument(
         "--shard",
         help="i/N: generate samples with index %% N == i (default: "
-        "torchrun's RANK/WORLD_SIZE, else all)",
+        "torchrun's RANK/WORLD_SIZE, else all); a value starting with '-' needs --shard=VALUE",
     )
     p.add_argument("--name-prefix", default="synthetic_")
     p.add_argument(
@@ -184,8 +189,15 @@ def _generate(argv: list[str]) -> int:
     for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
-    if a.num_videos < 1 or a.frames < 1 or a.fps <= 0 or a.batch_size < 1 or a.steps < 1:
-        p.error("--num-videos, --frames, --batch-size, --steps must be >= 1 and --fps > 0")
+    if a.num_videos < 1 or a.frames < 1 or a.batch_size < 1 or a.steps < 1:
+        p.error("--num-videos, --frames, --batch-size, --steps must be >= 1")
+    if not math.isfinite(a.fps) or a.fps <= 0:
+        p.error(f"--fps must be a finite number > 0, got {a.fps}")
+    try:
+        ef_bounds(a.ef_range)
+    except ValueError as err:
+        p.error(str(err))
+    check_device(a.device)
     if a.writer_threads < 0:
         p.error("--writer-threads must be >= 0")
     cfg = GenerateConfig(
@@ -360,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EchofastError, ValueError, OSError) as err:
         print(f"echofast {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"echofast {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

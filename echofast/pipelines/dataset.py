@@ -11,15 +11,19 @@ Layout written into the output folder::
     .echofast/journal-<shard>.jsonl   one fsynced line per finished video
 
 Crash safety: a video is written to a temporary file, synced and renamed; only then is its journal
-line appended and synced. On restart, journaled videos whose file is intact are kept, temporary
-files are removed, and the rest are generated again. Every sample's randomness depends only on
+line appended and synced. On restart, journaled videos whose file is intact are kept, stale
+temporary files are removed (a shard's process holds ``.echofast/running-<shard>.lock`` while it
+runs; temporary files of samples that another running shard owns are left alone), and the rest
+are generated again. Every sample's randomness depends only on
 (seed, index), and work is done in fixed chunks of ``batch_size`` consecutive samples (an
 interrupted chunk is recomputed whole), so a resumed run writes the same bytes as an
 uninterrupted one with the same batch size. ``FileList.csv`` is rebuilt from the journals.
 Videos are encoded by a :class:`~echofast.io.VideoWriter` (``writer_threads`` background threads,
 at most two batches queued) while the next batch is generated; it journals in sample order, each
 line after its file, exactly as writing inline does (``writer_threads=0``).
-A folder made with different arguments is refused, never overwritten.
+A folder made with different arguments is refused, never overwritten; one in which no video was
+finished yet (a start that failed after creating it) is taken over by the corrected job. Arguments,
+the EF source and the models are checked (the models loaded) before anything is written.
 
 Privacy (``privacy`` = a re-identification model folder, ``reference_latents`` = the real
 training data encoded with the generator's VAE; see :mod:`echofast.privacy`):
@@ -46,6 +50,7 @@ supported with ``privacy`` (the replacement order is sequential).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import fcntl
 import functools
@@ -53,11 +58,13 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -77,6 +84,9 @@ from ..io import VideoWriter
 from ..rng import sample_seed
 from .echo_synthetic import EchoSyntheticPipeline
 
+if TYPE_CHECKING:
+    from ..privacy.report import FilterSetup
+
 MANIFEST = "generation.json"
 STATE_DIR = ".echofast"
 SEED_RULE = (
@@ -89,6 +99,10 @@ SEED_RULE = (
 
 class GenerationConflict(EchofastError, RuntimeError):
     """The output folder holds a different job (or something that is not an echofast dataset)."""
+
+
+class GenerationArgumentError(EchofastError, ValueError):
+    """An argument of a generation job (or the EF source file) is invalid; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -247,27 +261,108 @@ def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
     }
 
 
+def ef_bounds(ef_range: Sequence[float]) -> tuple[int, int]:
+    """The integers ``(ceil(LO), floor(HI))`` that ``requested_ef`` draws between; a range that is
+    not two finite numbers with LO <= HI holding an integer is refused."""
+    if len(ef_range) != 2:
+        raise GenerationArgumentError(f"--ef-range needs LO and HI, got {list(ef_range)!r}")
+    lo, hi = ef_range
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise GenerationArgumentError(f"--ef-range must be finite numbers, got {lo!r} {hi!r}")
+    if lo > hi:
+        raise GenerationArgumentError(f"--ef-range needs LO <= HI, got {lo:g} {hi:g}")
+    first, last = math.ceil(lo), math.floor(hi)
+    if first > last:
+        raise GenerationArgumentError(
+            f"--ef-range {lo:g} {hi:g} holds no integer (EFs are drawn as integers)"
+        )
+    return first, last
+
+
 def requested_ef(cfg: GenerateConfig, index: int, pool: Sequence[float] | None) -> float:
     """The EF (percent) of sample ``index``: a uniform integer in ``ef_range`` (inclusive), or a
     value drawn with replacement from ``pool`` (the EF column of ``--ef-from``)."""
     g = torch.Generator().manual_seed(sample_seed(cfg.seed, index, "ef"))
     if pool is not None:
         return float(pool[int(torch.randint(len(pool), (1,), generator=g))])
-    lo, hi = int(cfg.ef_range[0]), int(cfg.ef_range[1])
+    lo, hi = ef_bounds(cfg.ef_range)
     return float(torch.randint(lo, hi + 1, (1,), generator=g))
 
 
 def _ef_pool(path: str | None) -> list[float] | None:
+    """The finite EF values of ``path`` (a FileList.csv); refused naming the file and the row."""
     if path is None:
         return None
-    rows = read_filelist(path)
     try:
-        pool = [float(r["EF"]) for r in rows if r["EF"] not in ("", None)]
-    except ValueError as err:
-        raise ValueError(f"{path}: EF column holds a non-number ({err})") from None
+        rows = read_filelist(path)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise GenerationArgumentError(f"{path}: not a readable UTF-8 CSV file ({err})") from None
+    pool = []
+    for number, row in enumerate(rows, start=1):
+        text = row["EF"]
+        if text in ("", None):
+            continue
+        where = f"{path}: row {number} (FileName {row.get('FileName')!r})"
+        try:
+            value = float(text)
+        except ValueError:
+            raise GenerationArgumentError(f"{where}: EF {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise GenerationArgumentError(f"{where}: EF {text!r} is not finite")
+        pool.append(value)
     if not pool:
-        raise ValueError(f"{path}: no EF values")
+        raise GenerationArgumentError(f"{path}: no EF values")
     return pool
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that this torch can use; refused with the reason otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise GenerationArgumentError(
+            f"--device {device!r} is not a torch device ({err})"
+        ) from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise GenerationArgumentError(
+                f"--device {device!r}: this torch ({torch.__version__}) was built without CUDA"
+            )
+        count = torch.cuda.device_count()
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise GenerationArgumentError(f"--device {device!r}: {count} CUDA device(s) available")
+    return dev
+
+
+def _check_arguments(cfg: GenerateConfig) -> None:
+    """Refuse invalid arguments (typed errors naming them) before anything is read or written."""
+    for key in ("num_videos", "frames", "steps", "batch_size", "decode_chunk_size"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GenerationArgumentError(f"{key} must be an int >= 1, got {value!r}")
+    fps = cfg.fps
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps):
+        raise GenerationArgumentError(f"fps must be a finite number, got {fps!r}")
+    if fps <= 0:
+        raise GenerationArgumentError(f"fps must be > 0, got {fps!r}")
+    ef_bounds(cfg.ef_range)
+    if not isinstance(cfg.shard, Shard):
+        raise GenerationArgumentError(f"shard must be a Shard, got {cfg.shard!r}")
+    if isinstance(cfg.writer_threads, bool) or not isinstance(cfg.writer_threads, int):
+        raise ValueError(f"writer threads must be an int >= 0, got {cfg.writer_threads!r}")
+    if cfg.writer_threads < 0:
+        raise ValueError(f"writer threads must be >= 0, got {cfg.writer_threads}")
+    if cfg.decode_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(
+            f"decode_dtype must be float32, float16 or bfloat16, got {cfg.decode_dtype!r}"
+        )
+    if cfg.cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be None, True or False, got {cfg.cuda_graphs!r}")
+    if cfg.cuda_graphs is True and check_device(cfg.device).type != "cuda":
+        raise BackendUnavailable(
+            "unet_call", "cuda_graph", [f"device {cfg.device!r} is not a CUDA device"]
+        )
+    check_device(cfg.device)
 
 
 def _versions() -> dict[str, str | None]:
@@ -289,6 +384,61 @@ def _locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+RUNNING = "running-{tag}.lock"
+_RUNNING_TAG = re.compile(r"running-(\d+)of(\d+)\.lock")
+
+
+@contextlib.contextmanager
+def _running(folder: Path, shard: Shard) -> Iterator[None]:
+    """Held (under the folder lock) while this shard's job runs in ``folder``: a second process
+    for the same shard is refused, other processes leave this shard's temporary files alone."""
+    path = folder / STATE_DIR / RUNNING.format(tag=shard.tag)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GenerationConflict(
+                f"{folder}: shard {shard} is being generated by another process right now "
+                f"({path} is locked)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _others_running(folder: Path, own: Shard | None) -> list[Shard | None]:
+    """The shards that other processes are generating in ``folder`` now (None: a lock file of
+    unknown form). Call under the folder lock (runners take their lock under it)."""
+    found: list[Shard | None] = []
+    for path in sorted((folder / STATE_DIR).glob(RUNNING.format(tag="*"))):
+        match = _RUNNING_TAG.fullmatch(path.name)
+        shard = Shard(int(match[1]), int(match[2])) if match else None
+        if own is not None and shard == own:
+            continue
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                found.append(shard)
+            else:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    return found
+
+
+def _remove_stale_temporaries(folder: Path, cfg: GenerateConfig) -> None:
+    """Remove the temporary video files that no running process may be writing: those of
+    samples that no other running shard owns (all of them when no other shard runs)."""
+    others = _others_running(folder, cfg.shard)
+    pattern = re.compile(rf"\.{re.escape(cfg.name_prefix)}(\d+)\.avi\..*\.tmp")
+    for tmp in (folder / "Videos").glob(".*.tmp"):
+        if others:
+            match = pattern.fullmatch(tmp.name)
+            if match is None or any(s is None or s.owns(int(match[1])) for s in others):
+                continue
+        tmp.unlink(missing_ok=True)
 
 
 def read_journal(path: Path) -> list[dict]:
@@ -333,10 +483,14 @@ def rebuild_filelist(folder: Path) -> int:
     return len(rows)
 
 
+def _lock_file(name: str) -> bool:
+    return name == "lock" or _RUNNING_TAG.fullmatch(name) is not None
+
+
 def _fresh(folder: Path) -> bool:
-    """Empty, or holding only what another shard's start has just created (lock, empty Videos)."""
+    """Empty, or holding only what another shard's start has just created (locks, empty Videos)."""
     for item in folder.iterdir():
-        if item.name == STATE_DIR and {p.name for p in item.iterdir()} <= {"lock"}:
+        if item.name == STATE_DIR and all(_lock_file(p.name) for p in item.iterdir()):
             continue
         if item.name == "Videos" and item.is_dir() and not any(item.iterdir()):
             continue
@@ -352,19 +506,55 @@ def _refuse_foreign(folder: Path) -> None:
         )
 
 
-def _prepare(folder: Path, manifest: dict) -> None:
-    """Create the folder, or check that an existing one holds this very job."""
+def read_manifest(path: Path) -> dict:
+    """A generation.json; GenerationConflict naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GenerationConflict(f"{path}: unreadable generation manifest ({err})") from None
+    args = data.get("arguments") if isinstance(data, dict) else None
+    if not isinstance(args, dict) or not isinstance(args.get("num_videos"), int):
+        raise GenerationConflict(
+            f"{path}: not an echofast generation manifest (needs an 'arguments' object with "
+            "'num_videos')"
+        )
+    return data
+
+
+def _manifest_matches(folder: Path, manifest: dict) -> bool:
+    """Whether ``folder`` holds a manifest with these very arguments (read-only)."""
+    path = folder / MANIFEST
+    return path.is_file() and read_manifest(path)["arguments"] == manifest["arguments"]
+
+
+def _unstarted(folder: Path, own: Shard | None) -> bool:
+    """No video of the folder's job was finished and no other process works in it: a start that
+    failed after creating the folder, which a corrected job may take over."""
+    state = folder / STATE_DIR
+    for item in state.iterdir() if state.is_dir() else ():
+        if _lock_file(item.name):
+            continue
+        if item.name.startswith("journal-") and item.is_file() and item.stat().st_size == 0:
+            continue
+        return False
+    videos = folder / "Videos"
+    if videos.is_dir() and any(not p.name.endswith(".tmp") for p in videos.iterdir()):
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return names <= {MANIFEST, STATE_DIR, "Videos"} and not _others_running(folder, own)
+
+
+def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> None:
+    """Create the folder, or check that an existing one holds this very job (one whose job never
+    finished a video is taken over). Call under the folder lock."""
     existing = folder / MANIFEST
     if existing.exists():
-        try:
-            old = json.loads(existing.read_text())["arguments"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise GenerationConflict(
-                f"{existing}: unreadable manifest ({err}); refusing to write into this folder"
-            ) from None
+        old = read_manifest(existing)["arguments"]
         diff = {k: (old.get(k), v) for k, v in manifest["arguments"].items() if old.get(k) != v}
         diff.update({k: (v, None) for k, v in old.items() if k not in manifest["arguments"]})
-        if diff:
+        if not diff:
+            return
+        if not _unstarted(folder, own):
             lines = "\n".join(
                 f"  {k}: folder has {a!r}, this run asks {b!r}"
                 for k, (a, b) in sorted(diff.items())
@@ -373,7 +563,6 @@ def _prepare(folder: Path, manifest: dict) -> None:
                 f"{folder} holds a dataset generated with other arguments; refusing to mix or "
                 f"overwrite it (use another --out):\n{lines}"
             )
-        return
     (folder / "Videos").mkdir(parents=True, exist_ok=True)
     atomic_write_text(existing, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -406,22 +595,16 @@ def _journal_video(journal: Path, index: int, row: dict, bar: tqdm | None, path:
         bar.update(1)
 
 
+def _load(cfg: GenerateConfig) -> EchoSyntheticPipeline:
+    return EchoSyntheticPipeline.from_pretrained(
+        cfg.weights, dataset=cfg.dataset, device=cfg.device
+    )
+
+
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:
-    """Run (or resume) a generation job; returns a summary dict."""
-    if isinstance(cfg.writer_threads, bool) or not isinstance(cfg.writer_threads, int):
-        raise ValueError(f"writer threads must be an int >= 0, got {cfg.writer_threads!r}")
-    if cfg.writer_threads < 0:
-        raise ValueError(f"writer threads must be >= 0, got {cfg.writer_threads}")
-    if cfg.decode_dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(
-            f"decode_dtype must be float32, float16 or bfloat16, got {cfg.decode_dtype!r}"
-        )
-    if cfg.cuda_graphs not in (None, True, False):
-        raise ValueError(f"cuda_graphs must be None, True or False, got {cfg.cuda_graphs!r}")
-    if cfg.cuda_graphs is True and torch.device(cfg.device).type != "cuda":
-        raise BackendUnavailable(
-            "unet_call", "cuda_graph", [f"device {cfg.device!r} is not a CUDA device"]
-        )
+    """Run (or resume) a generation job; returns a summary dict. Arguments, the EF source and the
+    models are checked before anything is written (a new job loads the models first)."""
+    _check_arguments(cfg)
     if cfg.privacy is not None or cfg.reference_latents is not None:
         return _generate_private(cfg, pipe)
     folder = Path(cfg.out)
@@ -440,10 +623,24 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
         "esv_edv": "empty: synthetic videos have no measured volumes",
     }
     _refuse_foreign(folder)
-    with _locked(folder):
-        _prepare(folder, manifest)
-        for tmp in (folder / "Videos").glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+    if pipe is None and not _manifest_matches(folder, manifest):
+        pipe = _load(cfg)
+    with contextlib.ExitStack() as running:
+        with _locked(folder):
+            running.enter_context(_running(folder, cfg.shard))
+            _prepare(folder, manifest, cfg.shard)
+            _remove_stale_temporaries(folder, cfg)
+        return _generate_videos(cfg, pipe, folder, counts, pool)
+
+
+def _generate_videos(
+    cfg: GenerateConfig,
+    pipe: EchoSyntheticPipeline | None,
+    folder: Path,
+    counts: tuple[int, int, int],
+    pool: list[float] | None,
+) -> dict:
+    """The generation loop of a prepared folder (this shard's running lock held)."""
     journal = folder / STATE_DIR / f"journal-{cfg.shard.tag}.jsonl"
     done = {e["index"] for j in _journals(folder) for e in read_journal(j) if _intact(folder, e)}
     owned = [i for i in range(cfg.num_videos) if cfg.shard.owns(i)]
@@ -451,9 +648,7 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
     todo = [c for c in chunks if not done.issuperset(c)]
     missing = sum(len(set(c) - done) for c in todo)
     if todo and pipe is None:
-        pipe = EchoSyntheticPipeline.from_pretrained(
-            cfg.weights, dataset=cfg.dataset, device=cfg.device
-        )
+        pipe = _load(cfg)
     start = time.perf_counter()
     bar = tqdm(total=missing, unit="video", desc="generate", disable=not cfg.progress)
     with _writer(cfg) as writer:
@@ -489,14 +684,23 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
 
 
 def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> dict:
-    """Combine shard folders of one job into ``out`` (videos hard-linked or copied)."""
+    """Combine shard folders of one job into ``out`` (videos hard-linked or copied). Every check
+    (manifests, shards given twice, samples in two shards) is done before ``out`` is touched."""
     out = Path(out)
+    if not shards:
+        raise GenerationArgumentError("merge needs at least one shard folder")
+    given: dict[Path, str] = {}
+    for shard in shards:
+        key = Path(shard).resolve()
+        if key in given:
+            raise GenerationConflict(f"{shard}: given twice (also as {given[key]})")
+        given[key] = str(shard)
     manifests = []
     for shard in shards:
         path = Path(shard) / MANIFEST
         if not path.is_file():
             raise GenerationConflict(f"{shard}: not an echofast generation folder (no {MANIFEST})")
-        manifests.append(json.loads(path.read_text()))
+        manifests.append(read_manifest(path))
     first = manifests[0]["arguments"]
     for shard, m in zip(shards[1:], manifests[1:]):
         if m["arguments"] != first:
@@ -506,32 +710,35 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
             raise GenerationConflict(
                 f"{shard}: generated with other arguments than {shards[0]} (differs in {keys})"
             )
-    _refuse_foreign(out)
     seen: dict[int, str] = {}
+    plan: list[tuple[Path, Path, list[dict]]] = []
+    for shard in map(Path, shards):
+        for journal in _journals(shard):
+            entries = [e for e in read_journal(journal) if _intact(shard, e)]
+            for e in entries:
+                if e["index"] in seen and seen[e["index"]] != str(shard):
+                    raise GenerationConflict(
+                        f"sample {e['index']} is in both {seen[e['index']]} and {shard}"
+                    )
+                seen[e["index"]] = str(shard)
+            plan.append((shard, journal, entries))
+    _refuse_foreign(out)
     with _locked(out):
         _prepare(out, manifests[0])
-        for shard in shards:
-            shard = Path(shard)
-            for journal in _journals(shard):
-                target = out / STATE_DIR / journal.name
-                entries = [e for e in read_journal(journal) if _intact(shard, e)]
-                for e in entries:
-                    if e["index"] in seen and seen[e["index"]] != str(shard):
-                        raise GenerationConflict(
-                            f"sample {e['index']} is in both {seen[e['index']]} and {shard}"
-                        )
-                    seen[e["index"]] = str(shard)
-                    src = shard / "Videos" / f"{e['FileName']}.avi"
-                    dst = out / "Videos" / src.name
-                    if not dst.exists():
-                        try:
-                            os.link(src, dst)
-                        except OSError:
-                            shutil.copy2(src, dst)
-                existing = {e["index"] for e in read_journal(target)}
-                for e in entries:
-                    if e["index"] not in existing:
-                        _append(target, e)
+        for shard, journal, entries in plan:
+            target = out / STATE_DIR / journal.name
+            for e in entries:
+                src = shard / "Videos" / f"{e['FileName']}.avi"
+                dst = out / "Videos" / src.name
+                if not dst.exists():
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+            existing = {e["index"] for e in read_journal(target)}
+            for e in entries:
+                if e["index"] not in existing:
+                    _append(target, e)
         written = rebuild_filelist(out)
         _write_not_filtered(out, first.get("seed"))
     expected = first["num_videos"]
@@ -668,9 +875,8 @@ def _journal_private(journal: Path, index: int, row: dict, attempt, path: Path) 
 
 
 def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -> dict:
-    from ..privacy.data import select_frames
-    from ..privacy.filter import PrivacyError, model_digest, reference_digest
-    from ..privacy.report import build_report, not_filtered_report, setup_filter, write_report
+    from ..privacy.filter import model_digest, reference_digest
+    from ..privacy.report import setup_filter
 
     if cfg.privacy is None or cfg.reference_latents is None:
         raise ValueError("privacy filtering needs both --privacy and --reference-latents")
@@ -730,10 +936,33 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         cache=cache if cache.is_file() else None,
         shift_tolerance=cfg.privacy_shift_tolerance,
     )
-    with _locked(folder):
-        _prepare(folder, manifest)
-        for tmp in (folder / "Videos").glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+    if pipe is None and not _manifest_matches(folder, manifest):
+        pipe = _load(cfg)
+    with contextlib.ExitStack() as running:
+        with _locked(folder):
+            running.enter_context(_running(folder, cfg.shard))
+            _prepare(folder, manifest, cfg.shard)
+            _remove_stale_temporaries(folder, cfg)
+        return _generate_private_videos(cfg, pipe, folder, manifest, setup, start, pool, counts)
+
+
+def _generate_private_videos(
+    cfg: GenerateConfig,
+    pipe: EchoSyntheticPipeline | None,
+    folder: Path,
+    manifest: dict,
+    setup: FilterSetup,
+    start: float,
+    pool: list[float] | None,
+    counts: tuple[int, int, int],
+) -> dict:
+    """The privacy-filtered generation of a prepared folder (the running lock held)."""
+    from ..privacy.data import select_frames
+    from ..privacy.filter import PrivacyError
+    from ..privacy.report import build_report, not_filtered_report, write_report
+
+    state = folder / STATE_DIR / PRIVACY_DIR
+    cache = state / "reference.safetensors"
     state.mkdir(parents=True, exist_ok=True)
     if not cache.is_file():
         setup.filter.save(cache)
@@ -748,9 +977,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
     passed_known = sum(1 for e in attempts.values() if e["passed"])
     need_work = passed_known < cfg.num_videos or len(done) < cfg.num_videos
     if need_work and pipe is None:
-        pipe = EchoSyntheticPipeline.from_pretrained(
-            cfg.weights, dataset=cfg.dataset, device=cfg.device
-        )
+        pipe = _load(cfg)
     if pipe is None:
         cands = torch.cat([_load_chunk(p) for p in sorted(state.glob("candidates-*.safetensors"))])
     else:
