@@ -78,6 +78,58 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def read_sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` from the shards that a diffusers index file names.
+
+    ``index`` (e.g. ``diffusion_pytorch_model.safetensors.index.json``) maps every tensor name to
+    its shard (``"weight_map"``). Each shard must be a file of the index's format inside the
+    index's folder, and hold exactly the tensors the index places there.
+    """
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{index}: cannot read shard index ({err})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(shard, str) for shard in weight_map.values())
+    ):
+        raise WeightsError(
+            f'{index}: shard index needs a non-empty "weight_map" of tensor name -> shard file'
+        )
+    kind = Path(index.name.split(".index")[0]).suffix  # ".safetensors" or ".bin"
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    for shard in shards:
+        rel = Path(shard)
+        if not shard or rel.is_absolute() or ".." in rel.parts:
+            raise WeightsError(f"{index}: shard {shard!r} is not a file inside {index.parent}")
+        if rel.suffix != kind:
+            raise WeightsError(f"{index}: shard {shard!r} is not a {kind} file")
+        if not (index.parent / rel).is_file():
+            raise MissingFileError(
+                f"{index.parent / rel}: shard file listed in {index.name} is missing"
+            )
+    state: dict[str, torch.Tensor] = {}
+    for shard, keys in shards.items():
+        path = index.parent / shard
+        tensors = read_state_dict(path)
+        absent = sorted(set(keys) - set(tensors))
+        if absent:
+            raise WeightsError(
+                f"{path}: does not hold {clip_keys(absent)}, which {index.name} places there"
+            )
+        unlisted = sorted(set(tensors) - set(keys))
+        if unlisted:
+            raise WeightsError(
+                f"{path}: holds {clip_keys(unlisted)}, which {index.name} does not place there"
+            )
+        state.update(tensors)
+    return state
+
+
 def check_state_dict(
     module: nn.Module,
     state: dict[str, torch.Tensor],

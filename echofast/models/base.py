@@ -12,6 +12,9 @@ import copy
 import inspect
 import json
 import os
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,13 +23,14 @@ from torch import nn
 
 from .. import __version__
 from ..config import Config, require  # noqa: F401 - require is re-exported for the models
-from ..errors import ConfigError, MissingFileError, WeightsError
+from ..errors import ConfigError, EchofastError, MissingFileError, WeightsError
 from ..fsutil import atomic_write, atomic_write_text
 from ..weights_io import (
     allowed_pickle,
     check_state_dict,
     clip_keys,
     read_folder_config,
+    read_sharded_state_dict,
     read_state_dict,
 )
 
@@ -34,6 +38,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 DIFFUSERS_FORMAT_VERSION = "0.27.0"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: The dtypes ``from_pretrained(dtype=...)`` loads weights in, by torch name.
+LOAD_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def _jsonable(value: Any) -> Any:
@@ -42,6 +53,54 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether the JSON ``value`` fits the ``__init__`` annotation ``hint``; annotations other
+    than unions, ``None``, ``bool``/``int``/``float``/``str`` and ``Sequence[...]`` pass."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin in (Sequence, list):
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in JSON terms, for error messages: ``int or list of int or null``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin in (Sequence, list):
+        args = typing.get_args(hint)
+        return f"list of {_describe(args[0])}" if args else "list"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _load_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The weights dtype ``from_pretrained`` was asked for (float32 by default)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype in LOAD_DTYPES:
+        return LOAD_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in LOAD_DTYPES.values():
+        return dtype
+    raise ValueError(
+        f"dtype must be one of {', '.join(LOAD_DTYPES)} (a torch.dtype or its name), got {dtype!r}"
+    )
 
 
 class ModelBase(nn.Module):
@@ -118,10 +177,26 @@ class ModelBase(nn.Module):
                 f"{source}: config key(s) {unknown} not supported by {cls.__name__} "
                 f"(known keys: {sorted(cls.config_defaults())})"
             )
+        hints = typing.get_type_hints(cls.__init__)
+        for key, value in params.items():
+            if key in hints and not _matches(value, hints[key]):
+                raise ConfigError(
+                    f"{source}: config key {key!r}: value {value!r} ({type(value).__name__}) "
+                    f"is not a valid {_describe(hints[key])}"
+                )
         try:
             model = cls(**params)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+        except EchofastError:
+            raise
+        except (TypeError, ValueError, LookupError, ArithmeticError, RuntimeError) as err:
+            # A value of the right type that the layers reject (e.g. channels not divisible
+            # by norm_num_groups): the layer's own message is the most precise one there is.
+            raise ConfigError(
+                f"{source}: config values do not build a {cls.__name__} "
+                f"({type(err).__name__}: {err})"
+            ) from err
         model.relayout_convs()
         return model
 
@@ -191,26 +266,37 @@ class ModelBase(nn.Module):
         *,
         subfolder: str | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         variant: str | None = None,
         allow_pickle: bool = False,
     ) -> ModelBase:
-        """Load a diffusers ``save_pretrained`` folder.
+        """Load a diffusers ``save_pretrained`` folder, single-file or sharded.
 
         Args:
             path: the folder (or its parent, with ``subfolder``).
             device: where the weights go (default CPU).
-            dtype: floating-point dtype of the weights (default float32, as diffusers).
-            variant: load ``diffusion_pytorch_model.<variant>.safetensors``.
+            dtype: dtype of the floating-point weights: float32 (the default, as diffusers),
+                float16, bfloat16 or float64, as a ``torch.dtype`` or by name.
+            variant: load ``diffusion_pytorch_model.<variant>.safetensors`` (or the sharded
+                variant's ``diffusion_pytorch_model.safetensors.index.<variant>.json``).
             allow_pickle: also accept a pickled ``.bin`` (read with ``weights_only=True``).
+
+        Raises:
+            ValueError: ``dtype`` is not one of the above.
+            ConfigError: ``config.json`` is malformed or holds a value the model cannot take.
+            WeightsError: the weights are missing, unreadable or do not fit the model.
         """
+        load_dtype = _load_dtype(dtype)
         folder = Path(path) / subfolder if subfolder else Path(path)
         config = read_folder_config(folder, CONFIG_NAME)
         with torch.device("meta"):
             model = cls.from_config(config, source=str(folder / CONFIG_NAME))
         weights_path = cls._find_weights(folder, variant, allow_pickle)
-        state = read_state_dict(weights_path)
-        model._assign_state_dict(state, weights_path, dtype or torch.float32)
+        if weights_path.name.endswith(".json"):
+            state = read_sharded_state_dict(weights_path)
+        else:
+            state = read_state_dict(weights_path)
+        model._assign_state_dict(state, weights_path, load_dtype)
         model.to(device or "cpu")
         leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         if leftover:
@@ -219,13 +305,22 @@ class ModelBase(nn.Module):
 
     @staticmethod
     def _find_weights(folder: Path, variant: str | None, allow_pickle: bool) -> Path:
+        """The weights file of ``folder``, or the index of its shards (``*.index*.json``), in
+        diffusers' order: safetensors file, safetensors index, then pickles if allowed."""
         stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+        index_suffix = f".index.{variant}.json" if variant else ".index.json"
         safe = folder / f"{stem}.safetensors"
-        if safe.is_file():
-            return safe
-        found = allowed_pickle(safe, [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES], allow_pickle)
+        safe_index = folder / f"{WEIGHTS_STEM}.safetensors{index_suffix}"
+        for candidate in (safe, safe_index):
+            if candidate.is_file():
+                return candidate
+        pickled = [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES]
+        pickled.append(folder / f"{WEIGHTS_STEM}.bin{index_suffix}")
+        found = allowed_pickle(safe, pickled, allow_pickle)
         if found is None:
-            raise MissingFileError(f"{safe}: weights file is missing")
+            raise MissingFileError(
+                f"{safe}: weights file is missing (nor is there a sharded {safe_index.name})"
+            )
         return found
 
     def _assign_state_dict(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import MissingFileError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write, atomic_write_text
 from ..png import write_png
 
 RUNS = {"vae": "vae", "lidm_dynamic": "lidm", "lvdm": "lvdm"}
@@ -53,7 +53,7 @@ def export_fp16(src: Path, dst: Path) -> int:
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "config.json", dst / "config.json")
-    save_file(half, str(dst / WEIGHTS_FILE))
+    atomic_write(dst / WEIGHTS_FILE, lambda tmp: save_file(half, tmp))
     return (dst / WEIGHTS_FILE).stat().st_size
 
 

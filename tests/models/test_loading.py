@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DModel
 from safetensors.torch import load_file, save_file
 from support.configs import LIDM_SMALL_CONFIG, VAE_SMALL_CONFIG
-from support.models import save_diffusers
+from support.models import build_diffusers, save_diffusers
 
+from echofast import fsutil
 from echofast.errors import ConfigError, MissingFileError, WeightsError
 from echofast.models import LIDM, VAE
+from echofast.models.tiny import TINY_LIDM
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -169,3 +173,185 @@ def test_save_is_atomic_and_roundtrips(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     assert dict(again.config) == json.loads(json.dumps(dict(model.config)))
+
+
+# ---- config value types ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_diffusers(UNet2DModel, TINY_LIDM)
+
+
+@pytest.fixture()
+def unet_dir(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "unet")
+    return tmp_path / "unet"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("layers_per_block", "1", "'layers_per_block'.*'1' \\(str\\).*int"),
+        ("block_out_channels", 32, "'block_out_channels'.*32 \\(int\\).*list of int"),
+        ("norm_eps", True, "'norm_eps'.*True \\(bool\\).*float"),
+        ("down_block_types", ["DownBlock2D", 2, "DownBlock2D"], "'down_block_types'"),
+        ("norm_num_groups", 5, r"must be divisible by num_groups \(5\)"),
+        ("in_channels", -1, "negative dimension -1"),
+    ],
+)
+def test_bad_config_value_is_a_config_error(unet_dir, key, value, named):
+    _edit_config(unet_dir, **{key: value})
+    with pytest.raises(ConfigError, match=rf"config\.json: .*{named}"):
+        LIDM.from_pretrained(unet_dir)
+
+
+# ---- dtype ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [("float16", torch.float16), ("bfloat16", torch.bfloat16), (torch.float16, torch.float16)],
+)
+def test_dtype_by_name_or_dtype(unet_dir, dtype, expected):
+    model = LIDM.from_pretrained(unet_dir, dtype=dtype)
+    assert model.dtype == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, "int64", "fp16", torch.float8_e4m3fn, 16])
+def test_bad_dtype_is_refused(unet_dir, dtype):
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, float16, bfloat16"):
+        LIDM.from_pretrained(unet_dir, dtype=dtype)
+
+
+# ---- sharded folders ------------------------------------------------------------------------
+
+SHARD = "100KB"  # the tiny UNet's weights are ~1.8 MB: a couple dozen shards
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@pytest.fixture()
+def sharded_dir(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "sharded", max_shard_size=SHARD)
+    return tmp_path / "sharded"
+
+
+def _assert_same(model, ref):
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        assert torch.equal(ours[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    ("variant", "safe"),
+    [(None, True), ("fp16", True), (None, False), ("fp16", False)],
+)
+def test_sharded_loads_like_single_file(tmp_path, unet, unet_dir, variant, safe):
+    folder = tmp_path / "sharded"
+    unet.save_pretrained(folder, max_shard_size=SHARD, variant=variant, safe_serialization=safe)
+    shards = [p for p in folder.iterdir() if p.name != "config.json" and "index" not in p.name]
+    assert len(shards) > 2
+    single = LIDM.from_pretrained(unet_dir)
+    if not safe:
+        with pytest.raises(WeightsError, match=r"index.*pickled weights are not loaded"):
+            LIDM.from_pretrained(folder, variant=variant)
+    sharded = LIDM.from_pretrained(folder, variant=variant, allow_pickle=not safe)
+    _assert_same(sharded, single)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(sharded(x, 10).sample, single(x, 10).sample)
+
+
+def test_sharded_variant_is_not_taken_for_plain(sharded_dir):
+    with pytest.raises(
+        MissingFileError, match=r"model\.fp16\.safetensors: weights file is missing"
+    ):
+        LIDM.from_pretrained(sharded_dir, variant="fp16")
+
+
+def _edit_index(folder, fn):
+    path = folder / INDEX
+    index = json.loads(path.read_text())
+    fn(index["weight_map"])
+    path.write_text(json.dumps(index))
+    return index["weight_map"]
+
+
+def _shard(folder, i):
+    """The name of shard ``i`` (from 1) of a sharded folder."""
+    shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    return shards[i - 1]
+
+
+def test_sharded_missing_shard(sharded_dir):
+    (sharded_dir / _shard(sharded_dir, 2)).unlink()
+    with pytest.raises(MissingFileError, match=rf"00002-of-.*: shard file listed in {INDEX}"):
+        LIDM.from_pretrained(sharded_dir)
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"]
+)
+def test_sharded_shard_outside_folder(sharded_dir, shard):
+    outside = sharded_dir.parent / "outside.safetensors"
+    shutil.copy(sharded_dir / _shard(sharded_dir, 1), outside)
+    _edit_index(sharded_dir, lambda m: m.__setitem__("conv_in.weight", shard))
+    with pytest.raises(WeightsError, match="is not a file inside"):
+        LIDM.from_pretrained(sharded_dir)
+
+
+def test_sharded_index_cannot_name_a_pickle(sharded_dir):
+    torch.save({"conv_in.weight": torch.zeros(1)}, sharded_dir / "evil.bin")
+    _edit_index(sharded_dir, lambda m: m.__setitem__("conv_in.weight", "evil.bin"))
+    with pytest.raises(WeightsError, match="'evil.bin' is not a .safetensors file"):
+        LIDM.from_pretrained(sharded_dir)
+
+
+def test_sharded_tensor_not_in_its_shard(sharded_dir):
+    path = sharded_dir / _shard(sharded_dir, 1)
+    state = load_file(path)
+    del state["conv_in.weight"]
+    save_file(state, path)
+    with pytest.raises(WeightsError, match=r"does not hold \['conv_in.weight'\].*places there"):
+        LIDM.from_pretrained(sharded_dir)
+
+
+def test_sharded_tensor_missing_from_index(sharded_dir):
+    _edit_index(sharded_dir, lambda m: m.pop("conv_in.weight"))
+    with pytest.raises(WeightsError, match=r"holds \['conv_in.weight'\].*does not place there"):
+        LIDM.from_pretrained(sharded_dir)
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[]", '{"weight_map": {}}', '{"weight_map": {"a": 1}}']
+)
+def test_sharded_malformed_index(sharded_dir, text):
+    (sharded_dir / INDEX).write_text(text)
+    with pytest.raises(WeightsError, match=f"{INDEX}: "):
+        LIDM.from_pretrained(sharded_dir)
+
+
+# ---- file modes -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def umask_022():
+    old = os.umask(0o022)
+    fsutil._umask.cache_clear()
+    yield
+    os.umask(old)
+    fsutil._umask.cache_clear()
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_saved_files_get_umask_mode(tmp_path, umask_022):
+    VAE.from_config(VAE_SMALL_CONFIG).save_pretrained(tmp_path)
+    assert _mode(tmp_path / WEIGHTS) == _mode(tmp_path / "config.json") == 0o644
+    path = fsutil.atomic_write(
+        tmp_path / "latents.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp)
+    )
+    assert _mode(path) == 0o644
