@@ -601,6 +601,23 @@ def _load(cfg: GenerateConfig) -> EchoSyntheticPipeline:
     )
 
 
+@contextlib.contextmanager
+def _prepared(
+    folder: Path, cfg: GenerateConfig, manifest: dict, pipe: EchoSyntheticPipeline | None
+) -> Iterator[EchoSyntheticPipeline | None]:
+    """Load the models unless ``folder`` already holds this job (a bad weights root fails before
+    anything is written), prepare the folder, and hold this shard's running lock while the
+    caller generates. Yields the pipeline (None: the caller loads it when it needs it)."""
+    if pipe is None and not _manifest_matches(folder, manifest):
+        pipe = _load(cfg)
+    with contextlib.ExitStack() as running:
+        with _locked(folder):
+            running.enter_context(_running(folder, cfg.shard))
+            _prepare(folder, manifest, cfg.shard)
+            _remove_stale_temporaries(folder, cfg)
+        yield pipe
+
+
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:
     """Run (or resume) a generation job; returns a summary dict. Arguments, the EF source and the
     models are checked before anything is written (a new job loads the models first)."""
@@ -623,13 +640,7 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
         "esv_edv": "empty: synthetic videos have no measured volumes",
     }
     _refuse_foreign(folder)
-    if pipe is None and not _manifest_matches(folder, manifest):
-        pipe = _load(cfg)
-    with contextlib.ExitStack() as running:
-        with _locked(folder):
-            running.enter_context(_running(folder, cfg.shard))
-            _prepare(folder, manifest, cfg.shard)
-            _remove_stale_temporaries(folder, cfg)
+    with _prepared(folder, cfg, manifest, pipe) as pipe:
         return _generate_videos(cfg, pipe, folder, counts, pool)
 
 
@@ -936,13 +947,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         cache=cache if cache.is_file() else None,
         shift_tolerance=cfg.privacy_shift_tolerance,
     )
-    if pipe is None and not _manifest_matches(folder, manifest):
-        pipe = _load(cfg)
-    with contextlib.ExitStack() as running:
-        with _locked(folder):
-            running.enter_context(_running(folder, cfg.shard))
-            _prepare(folder, manifest, cfg.shard)
-            _remove_stale_temporaries(folder, cfg)
+    with _prepared(folder, cfg, manifest, pipe) as pipe:
         return _generate_private_videos(cfg, pipe, folder, manifest, setup, start, pool, counts)
 
 

@@ -85,6 +85,18 @@ def reference_lvdm(unet, cond, ef, seeds, num_frames, plan=None):
     return latents[:, :num_frames]
 
 
+def _latents(pipe, cond, ef, seeds, num_frames):
+    return pipe(
+        cond,
+        ef,
+        num_frames=num_frames,
+        generator=_gens(seeds),
+        num_inference_steps=STEPS,
+        output_type="latent",
+        progress=False,
+    ).latents
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = make_weights_root(tmp_path_factory.mktemp("weights"))
@@ -140,15 +152,7 @@ def test_lvdm_pipeline_matches_reference(models, num_frames):
     with torch.no_grad():
         expected = reference_lvdm(ref["lvdm"], cond, ef, seeds, num_frames)
     pipe = LVDMPipeline(ours["lvdm"], ours["vae"], OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
-    got = pipe(
-        cond,
-        ef,
-        num_frames=num_frames,
-        generator=_gens(seeds),
-        num_inference_steps=STEPS,
-        output_type="latent",
-        progress=False,
-    ).latents
+    got = _latents(pipe, cond, ef, seeds, num_frames)
     assert got.shape == expected.shape == (2, num_frames, 4, 6, 6)
     assert rel_err(got, expected) <= TOL
 
@@ -171,15 +175,7 @@ def test_lvdm_pipeline_with_an_odd_window(models, tmp_path, num_frames, plan):
     pipe = LVDMPipeline(
         LVDM.from_pretrained(tmp_path / "lvdm"), scheduler=OurDDPM(**REFERENCE_SCHEDULER_CONFIG)
     )
-    got = pipe(
-        cond,
-        ef,
-        num_frames=num_frames,
-        generator=_gens(seeds),
-        num_inference_steps=STEPS,
-        output_type="latent",
-        progress=False,
-    ).latents
+    got = _latents(pipe, cond, ef, seeds, num_frames)
     assert got.shape == expected.shape == (2, num_frames, 4, 6, 6)
     assert rel_err(got, expected) <= TOL
 
