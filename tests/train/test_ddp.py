@@ -21,14 +21,6 @@ from echofast.train.loop import load_checkpoint, read_log
 SCRIPT = "import sys\nfrom echofast.train import main_train\nsys.exit(main_train(sys.argv[1:]))\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_config(out, *, steps, batch, accum=1):
     return config_from_dict(
         {

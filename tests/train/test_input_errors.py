@@ -21,14 +21,6 @@ from echofast.train.loop import TrainingConflict
 from echofast.train.reid import reid_config_from_dict, train_reid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _latents(root: Path, clips: int = 4, frames: int = 8, ef: bool = True) -> Path:
     """A latent dataset (echofast encode layout): ``clips`` random (frames, 4, 6, 6) clips."""
     (root / "Latents").mkdir(parents=True)

@@ -15,14 +15,6 @@ from echofast.train.config import config_from_dict
 from echofast.train.objectives import PatchDiscriminator, build_objective
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(kind, arch, **sections):
     return config_from_dict(
         {"model": {"type": kind, "config": arch}, "data": {"source": "random"}, **sections}

@@ -26,15 +26,6 @@ DIFFUSERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and much faster on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_config(out, kind, *, steps=4, batch=2, accum=1, **sections):
     data = {
         "model": {"type": kind, "config": ARCH[kind]},
