@@ -644,7 +644,10 @@ def _common(p) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing output file made differently"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (reference: one made differently, since identical "
+        "statistics are reused; compute: any existing metrics file)",
     )
 
 
