@@ -126,18 +126,22 @@ def read_records(
     names, or None/"ALL" for every row), with the file path ``root/folder/<name><suffix>``.
 
     With ``require_files`` rows whose file does not exist are skipped (as the reference does).
+    The file is UTF-8, with or without a byte order mark (as spreadsheet programs save it).
     Raises :class:`DatasetError` naming the file for a missing or malformed FileList.csv.
     """
     root = Path(root)
     path = Path(filelist) if filelist is not None else root / "FileList.csv"
     if not path.is_file():
         raise DatasetError(f"{path}: no FileList.csv (is {root} an EchoNet-layout dataset?)")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"FileName"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{path}: FileList lacks column(s) {sorted(missing)}")
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"FileName"} - set(reader.fieldnames or [])
+            if missing:
+                raise DatasetError(f"{path}: FileList lacks column(s) {sorted(missing)}")
+            rows = list(reader)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
     wanted = _split_set(split)
     records = []
     for row in rows:

@@ -78,11 +78,15 @@ def write_empty_tracings(root: str | os.PathLike) -> Path:
 
 
 def read_filelist(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a FileList.csv as dicts; raises ValueError naming the file on a bad header."""
+    """Rows of a FileList.csv (UTF-8, with or without a byte order mark) as dicts; raises
+    ValueError naming the file on a bad header or bytes that are not UTF-8."""
     path = Path(path)
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"FileName", "EF"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: FileList lacks column(s) {sorted(missing)}")
-        return list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"FileName", "EF"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: FileList lacks column(s) {sorted(missing)}")
+            return list(reader)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None

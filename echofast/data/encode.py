@@ -43,6 +43,7 @@ from .datasets import (
     LATENT_SUFFIX,
     LATENTS_DIR,
     DatasetError,
+    VideoRecord,
     read_records,
     to_model_pixels,
 )
@@ -168,6 +169,21 @@ def _write_filelist(out: Path, columns: list[str], rows: list[dict]) -> None:
     atomic_write_text(out / "FileList.csv", buf.getvalue())
 
 
+def _check_names(filelist: Path, records: Sequence[VideoRecord]) -> None:
+    """Refuse FileNames that are not plain file names (they would read and write outside the
+    dataset folders) and FileNames naming the same video twice (``a`` and ``a.avi`` too)."""
+    seen: dict[str, str] = {}
+    for rec in records:
+        given = rec.row.get("FileName")
+        if rec.name in (".", "..") or any(c in rec.name for c in "/\\\0"):
+            raise DatasetError(f"{filelist}: FileName {given!r} is not a plain file name")
+        if rec.name in seen:
+            raise DatasetError(
+                f"{filelist}: FileName {given!r} names the same video as {seen[rec.name]!r}"
+            )
+        seen[rec.name] = given
+
+
 def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> EncodeSummary:
     """Encode (or finish encoding) ``cfg.input`` into ``cfg.out``; see the module docstring."""
     from safetensors.torch import save_file
@@ -185,7 +201,8 @@ def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> Enc
     records = read_records(src, None, require_files=False)
     if not records:
         raise DatasetError(f"{src}/FileList.csv lists no videos")
-    with (src / "FileList.csv").open(newline="") as fh:
+    _check_names(src / "FileList.csv", records)
+    with (src / "FileList.csv").open(newline="", encoding="utf-8-sig") as fh:
         columns = list(csv.DictReader(fh).fieldnames or [])
     columns += [c for c in ("FPS", "NumberOfFrames") if c not in columns]
 

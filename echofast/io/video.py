@@ -768,6 +768,13 @@ def write_video(
         raise VideoEncodeError(f"{path}: fps must be a positive number, got {fps!r}") from None
     if not rate > 0:
         raise VideoEncodeError(f"{path}: fps must be positive, got {fps}")
+    stored = rate.limit_denominator(1001)
+    if not stored > 0 or abs(stored - rate) > rate * Fraction(1, 1000):
+        raise VideoEncodeError(
+            f"{path}: fps {fps} cannot be stored in an AVI (a ratio with denominator <= 1001)"
+        )
+    if path.suffix.lower() != ".avi":
+        raise VideoEncodeError(f"{path}: write_video writes AVI files; the name must end in .avi")
     if codec != "mjpeg":
         raise VideoEncodeError(f"{path}: only codec 'mjpeg' is written, got {codec!r}")
     count, height, width = tensor.shape[:3]
@@ -789,9 +796,7 @@ def write_video(
 
     def encode(tmp: str) -> None:
         with av.open(tmp, "w", format="avi") as container:
-            stream = container.add_stream(
-                "mjpeg", rate=rate.limit_denominator(1001), options={"qmin": "1"}
-            )
+            stream = container.add_stream("mjpeg", rate=stored, options={"qmin": "1"})
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuvj420p"
             stream.codec_context.qscale = True
@@ -801,6 +806,11 @@ def write_video(
             for t in range(count):
                 container.mux(stream.encode(make(t)))
             container.mux(stream.encode())
+            if stream.time_base != 1 / stored:
+                raise VideoEncodeError(
+                    f"{path}: fps {fps} cannot be stored in an AVI (FFmpeg would store "
+                    f"{float(1 / stream.time_base):g})"
+                )
 
     try:
         atomic_write(path, encode)

@@ -297,3 +297,16 @@ def test_latent_video_dataset_needs_ef(tmp_path):
     assert len(LatentVideoDataset(root, "VAL", frames=4, require_ef=False)) == 1
     item = LatentVideoDataset(root, "TRAIN", frames=4, require_ef=False)[1]
     assert item["name"] == "b" and math.isnan(float(item["ef"]))
+
+
+def test_read_records_takes_a_byte_order_mark_and_names_bad_bytes(tmp_path):
+    """Spreadsheet programs save CSV with a BOM; the column names must still be found."""
+    from echofast.data.datasets import DatasetError, read_records
+
+    path = tmp_path / "FileList.csv"
+    path.write_bytes(b"\xef\xbb\xbfFileName,EF,Split\r\nv0,50,TRAIN\r\n")
+    records = read_records(tmp_path, require_files=False)
+    assert [(r.name, r.ef) for r in records] == [("v0", 50.0)]
+    path.write_bytes(b"FileName,EF\nv\xe9,50\n")
+    with pytest.raises(DatasetError, match="FileList.csv: not UTF-8"):
+        read_records(tmp_path, require_files=False)

@@ -13,6 +13,8 @@ from support.models import rel_err, save_diffusers
 from support.weights import TINY_VAE
 
 from echofast.data import LatentFrameDataset, LatentVideoDataset, write_filelist
+from echofast.data.datasets import DatasetError
+from echofast.data.echonet import read_filelist
 from echofast.data.encode import EncodeConflict, main_encode
 from echofast.io import read_video, write_video
 
@@ -154,3 +156,24 @@ def test_weights_root_and_real_size(tmp_path):
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mean * ref.config.scaling_factor
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["v0", "../v1"], "not a plain file name"), (["v0", "v0.avi"], "same video as 'v0'")],
+)
+def test_unsafe_or_duplicate_filenames_are_refused(tiny_vae, videos, tmp_path, names, message):
+    write_filelist(videos, [{"FileName": n, "EF": 50} for n in names])
+    out = tmp_path / "lat"
+    with pytest.raises(DatasetError, match=message):
+        _encode(tiny_vae[0], videos, out)
+    assert not out.exists()
+
+
+def test_read_filelist_bom_and_bad_bytes(tmp_path):
+    path = tmp_path / "FileList.csv"
+    path.write_bytes(b"\xef\xbb\xbfFileName,EF\r\nv0,50\r\n")
+    assert read_filelist(path) == [{"FileName": "v0", "EF": "50"}]
+    path.write_bytes(b"FileName,EF\nv\xe9,50\n")
+    with pytest.raises(ValueError, match="FileList.csv: not UTF-8"):
+        read_filelist(path)
