@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import sys
 import tempfile
 import uuid
@@ -695,6 +696,8 @@ def _resolve(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[torch.d
         p.error("--frames, --steps, --repeats, --unet-repeats, --batch-size must be >= 1")
     if plan.warmup < 0 or a.decode_chunk < 1:
         p.error("--warmup must be >= 0 and --decode-chunk >= 1")
+    if not (math.isfinite(a.threshold) and a.threshold >= 0):
+        p.error(f"--threshold must be a finite percentage >= 0, got {a.threshold}")
     if a.weights:
         plan = dataclasses.replace(plan, config="weights")
     configs = SMOKE_CONFIGS if smoke else _reference_configs()
@@ -804,6 +807,12 @@ def main_bench(argv: list[str]) -> int:
         _say(
             f"\ncompared with {a.compare} (threshold {a.threshold:g}%): {len(lines)} matching rows"
         )
+        if not lines:
+            _say(
+                f"  warning: no row of {a.compare} has this run's card ({env['card']}) and "
+                f"configuration ({plan.config}, {plan.frames} frames, {plan.steps} steps, "
+                "dtype, batch, path, phase): nothing was compared"
+            )
         for line in lines:
             _say("  " + line)
         if regressions:

@@ -84,12 +84,25 @@ def check_csv(path: Path) -> bool:
     header raises, so that a run fails before it measures, not when it writes."""
     if not (path.exists() and path.stat().st_size):
         return False
-    with path.open(newline="") as fh:
-        header = next(csv.reader(fh), [])
+    if path.is_dir():
+        raise EchofastError(f"{path}: is a directory, not a CSV file")
+    try:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise EchofastError(f"{path}: existing file is not a readable CSV ({err})") from err
     if header != CSV_FIELDS:
         raise EchofastError(
             f"{path}: existing CSV has other columns ({len(header)}, expected {len(CSV_FIELDS)}); "
             "not appending — write to a new file with --out"
+        )
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        complete = fh.read(1) == b"\n"
+    if not complete:
+        raise EchofastError(
+            f"{path}: last line is incomplete (a run stopped while writing?); not appending — "
+            "repair the file or write to a new file with --out"
         )
     return True
 
@@ -116,16 +129,38 @@ def _fmt(value: Any) -> Any:
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of an earlier ``echofast bench`` CSV (a missing or foreign file raises)."""
+    if path.is_dir():
+        raise EchofastError(f"{path}: is a directory, not a CSV file")
     if not path.is_file():
         raise EchofastError(f"{path}: CSV file does not exist")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [
-            k for k in ("card", "median_s", *COMPARE_KEY) if k not in (reader.fieldnames or [])
-        ]
-        if missing:
-            raise EchofastError(f"{path}: not an echofast bench CSV (no column(s) {missing})")
-        return list(reader)
+    if not path.stat().st_size:
+        raise EchofastError(f"{path}: empty file, not an echofast bench CSV")
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [
+                k for k in ("card", "median_s", *COMPARE_KEY) if k not in (reader.fieldnames or [])
+            ]
+            if missing:
+                raise EchofastError(f"{path}: not an echofast bench CSV (no column(s) {missing})")
+            return [_checked_row(path, reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise EchofastError(f"{path}: not a readable CSV ({err})") from err
+
+
+def _checked_row(path: Path, line: int, row: dict[str, str]) -> dict[str, str]:
+    """``row`` (read at ``line`` of ``path``) if it has every column and a numeric median."""
+    if None in row or None in row.values():
+        raise EchofastError(
+            f"{path}, line {line}: malformed row (not as many fields as the header's columns)"
+        )
+    median = row["median_s"]
+    try:
+        if median != "":
+            float(median)
+    except ValueError:
+        raise EchofastError(f"{path}, line {line}: median_s {median!r} is not a number") from None
+    return row
 
 
 def journal_path(out: Path) -> Path:

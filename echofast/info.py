@@ -35,6 +35,7 @@ def collect() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
+        "gpu": None,
         "extension": _ext.build_info(),
     }
     from .io import video_backend
@@ -70,7 +71,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} {ver or 'not installed'}")
     lines.append(
         f"  torch CUDA   {info['torch_cuda'] or 'none (CPU build)'}; "
-        f"GPU available: {info['cuda_available']}" + (f" ({info['gpu']})" if "gpu" in info else "")
+        f"GPU available: {info['cuda_available']}" + (f" ({info['gpu']})" if info["gpu"] else "")
     )
     ext = info["extension"]
     lines.append("")

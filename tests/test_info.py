@@ -39,3 +39,11 @@ def test_unknown_command_fails_with_usage():
     out = _run(sys.executable, "-m", "echofast", "frobnicate")
     assert out.returncode == 2
     assert "unknown command 'frobnicate'" in out.stderr and "info" in out.stderr
+
+
+def test_json_keys_are_the_same_with_or_without_a_gpu():
+    from echofast.info import collect
+
+    info = collect()
+    assert "gpu" in info  # None without CUDA, the device name with it
+    assert (info["gpu"] is None) == (not info["cuda_available"])
