@@ -29,6 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_devices
 from ._dispatch import Backend, Op
 from ._triton import interpret, kernel_reasons
 
@@ -53,6 +54,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    check_devices("attention", "q", q, k=k, v=v)
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

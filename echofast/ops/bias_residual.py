@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_devices
 from ._dispatch import Backend, Op
 from ._triton import interpret, kernel_reasons
 
@@ -36,8 +37,19 @@ def _check(y, residual, bias, bias2, weight, out) -> None:
     for name, t in (("bias", bias), ("bias2", bias2)):
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"bias_residual: {name} must be ({c},), got {tuple(t.shape)}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"bias_residual: weight must be a one-element tensor, got {type(weight).__name__}"
+        )
     if weight is not None and weight.numel() != 1:
         raise ValueError(f"bias_residual: weight must have one element, got {tuple(weight.shape)}")
+    if out is not None and not out.is_floating_point():
+        raise ValueError(
+            f"bias_residual: out must be floating point, got {out.dtype} {tuple(out.shape)}"
+        )
+    check_devices(
+        "bias_residual", "y", y, residual=residual, bias=bias, bias2=bias2, weight=weight, out=out
+    )
 
 
 def bias_residual_reference(

@@ -50,6 +50,8 @@ def _check(x, w1, b1, w2, b2, residual, out) -> None:
     for name, t in (("residual", residual), ("out", out)):
         if t is not None and shape(t) != want:
             raise ValueError(f"feed_forward: {name} must be {want}, got {shape(t)}")
+    if out is not None and not out.is_floating_point():
+        raise ValueError(f"feed_forward: out must be floating point, got {out.dtype} {shape(out)}")
 
 
 def feed_forward_reference(

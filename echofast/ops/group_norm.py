@@ -16,6 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_devices, check_eps
 from ._dispatch import Backend, Op
 from ._triton import interpret, kernel_reasons
 
@@ -31,6 +32,7 @@ def _check(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     add: torch.Tensor | None = None,
+    eps: float = 1e-5,
 ) -> None:
     if x.dim() < 3:
         raise ValueError(f"group_norm: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
@@ -45,10 +47,14 @@ def _check(
             raise ValueError(f"group_norm: {name} must have shape ({n}, {c}), got {tuple(p.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if add is not None and (add.dim() != 2 or add.shape[1] != c or n % max(add.shape[0], 1)):
+    if add is not None and (
+        add.dim() != 2 or add.shape[1] != c or add.shape[0] == 0 or n % add.shape[0]
+    ):
         raise ValueError(
             f"group_norm: add must be (M, {c}) with M dividing N = {n}, got {tuple(add.shape)}"
         )
+    check_devices("group_norm", "x", x, weight=weight, bias=bias, scale=scale, shift=shift, add=add)
+    check_eps("group_norm", eps)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -338,7 +344,7 @@ def group_norm(
     Returns:
         Tensor of x's shape, dtype and memory format. Statistics are computed in fp32.
     """
-    _check(x, num_groups, weight, bias, activation, scale, shift, add)
+    _check(x, num_groups, weight, bias, activation, scale, shift, add, eps)
     return _op(
         x,
         num_groups,

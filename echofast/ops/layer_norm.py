@@ -30,6 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_eps
 from ._dispatch import Backend, Op
 from ._triton import interpret, kernel_reasons
 
@@ -39,7 +40,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 16384
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+def _check(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> None:
     if x.dim() == 0:
         raise ValueError("layer_norm: x must have at least one dim (the normalised one), got 0-D")
     c = x.shape[-1]
@@ -51,6 +54,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
             )
         if t is not None and t.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {t.device}, x on {x.device}")
+    check_eps("layer_norm", eps)
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -207,7 +211,7 @@ def layer_norm(
     Raises:
         ValueError: x is 0-D, or weight/bias are not (C,) on x's device.
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, eps)
     return _op(x, weight, bias, eps, backend=backend)
 
 
@@ -262,6 +266,8 @@ def _rows_add(
 ) -> torch.Tensor:
     """h + add[(r // group) % M] for h (..., C) viewed as R rows and add (M, C) (group default
     R/M), in h's dtype."""
+    if h.numel() == 0:
+        return h if inplace else h.clone()
     m, c = add.shape
     group = group or h.numel() // (m * c)
     a = add[:, None].to(h.dtype)
@@ -410,6 +416,6 @@ def add_layer_norm(
         ValueError: residual does not match x, add is not (M, C) with M dividing x's rows, or
             weight/bias/shift are not (C,) on x's device.
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, eps)
     _check_add(x, residual, add, shift, add_group)
     return _add_op(x, residual, add, weight, bias, eps, shift, add_group, backend=backend)
