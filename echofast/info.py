@@ -86,7 +86,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"extension echofast._C: not built ({ext.get('reason')})")
     video = info["video"]
     if video["backend"] == "native":
-        where = "CPU + CUDA" if video["cuda"] else f"CPU only ({video['reason']})"
+        if video["cuda"]:
+            where = "CPU + CUDA"
+        elif video["cuda_built"]:
+            where = f"CPU only; CUDA built but not usable here: {video['reason']}"
+        else:
+            where = f"CPU only: {video['reason']}"
         lines.append(f"video pixel path: native, echofast._C ({where})")
     else:
         lines.append(f"video pixel path: PyAV fallback ({video['reason']})")

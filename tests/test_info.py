@@ -47,3 +47,74 @@ def test_json_keys_are_the_same_with_or_without_a_gpu():
     info = collect()
     assert "gpu" in info  # None without CUDA, the device name with it
     assert (info["gpu"] is None) == (not info["cuda_available"])
+
+
+def _video_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("video pixel path:"))
+
+
+def test_video_cuda_is_reported_as_this_machine_can_use_it():
+    """The video line agrees with the CUDA device query above it: a CUDA build whose runtime
+    cannot run here (e.g. cudaErrorInsufficientDriver) is "built but not usable", with why."""
+    from echofast.info import collect, format_info
+
+    info = collect()
+    video, ext = info["video"], info["extension"]
+    if video["backend"] != "native":
+        pytest.skip(f"the video pixel path is PyAV here: {video['reason']}")
+    devices = ext["cuda_devices"]
+    runs = isinstance(devices, int) and devices > 0 and info["cuda_available"]
+    assert video["cuda"] == runs
+    assert video["cuda_built"] == bool(ext["cuda"])
+    line = _video_line(format_info(info))
+    if runs:
+        assert video["reason"] is None and line.endswith("(CPU + CUDA)")
+        return
+    assert "CPU + CUDA" not in line and video["reason"] in line
+    if video["cuda_built"]:
+        assert "CUDA built but not usable here" in line
+        if isinstance(devices, str):  # the runtime's own error, as the device query shows it
+            assert devices.removeprefix("unavailable: ") in video["reason"]
+    else:
+        assert "built without CUDA" in video["reason"]
+
+
+@pytest.mark.parametrize(
+    ("built", "runtime", "torch_cuda", "expected"),
+    [
+        (True, (True, None), True, "(CPU + CUDA)"),
+        (
+            True,
+            (False, "echofast._C cannot use CUDA: old driver"),
+            True,
+            "(CPU only; CUDA built but not usable here: echofast._C cannot use CUDA: old driver)",
+        ),
+        (True, (True, None), False, "CUDA built but not usable here: torch ("),
+        (
+            False,
+            (False, "echofast._C was built without CUDA"),
+            True,
+            "(CPU only: echofast._C was built without CUDA)",
+        ),
+    ],
+    ids=["usable", "runtime-fails", "torch-without-cuda", "built-without-cuda"],
+)
+def test_video_cuda_states(monkeypatch, built, runtime, torch_cuda, expected):
+    import torch
+
+    from echofast.info import collect, format_info
+    from echofast.io import pixels, video_backend
+
+    monkeypatch.setattr(
+        pixels, "native_status", lambda: {"cpu": True, "cuda": built, "reason": None}
+    )
+    monkeypatch.setattr(pixels, "cuda_usable", lambda: runtime)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_cuda)
+    video = video_backend()
+    assert video["backend"] == "native" and video["cuda_built"] == built
+    assert video["cuda"] == (runtime[0] and torch_cuda)
+    assert (video["reason"] is None) == video["cuda"]
+    monkeypatch.undo()
+    info = {**collect(), "video": video}
+    assert expected in _video_line(format_info(info))
+    assert json.loads(json.dumps(info))["video"] == video

@@ -101,16 +101,19 @@ class VideoRecord:
     num_frames: int | None
     row: dict
     """The CSV row as read (strings)."""
+    row_number: int
+    """The row's place among FileList.csv's rows, from 1, the header not counted (as errors
+    name it)."""
 
 
 def _number(row: dict, key: str, kind: type) -> float | int | None:
-    value = (row.get(key) or "").strip()
-    if not value:
-        return None
+    """``row[key]`` as a finite number of ``kind``; None when empty, not a number or not
+    finite."""
     try:
-        return kind(float(value))
+        number = float((row.get(key) or "").strip())
     except ValueError:
         return None
+    return kind(number) if math.isfinite(number) else None
 
 
 def read_records(
@@ -144,7 +147,7 @@ def read_records(
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
     wanted = _split_set(split)
     records = []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         name = strip_avi((row.get("FileName") or "").strip())
         if not name:
             continue
@@ -163,9 +166,47 @@ def read_records(
                 fps=_number(row, "FPS", float),
                 num_frames=_number(row, "NumberOfFrames", int),
                 row=dict(row),
+                row_number=number,
             )
         )
     return records
+
+
+def _ef_problem(record: VideoRecord) -> str:
+    """Where and why a record whose ``ef`` is None has none: its EF is empty, not a number or
+    not finite."""
+    where = f"row {record.row_number} (FileName {record.row.get('FileName')!r})"
+    value = (record.row.get("EF") or "").strip()
+    if not value:
+        return f"{where}: EF is empty"
+    try:
+        float(value)
+    except ValueError:
+        return f"{where}: EF {value!r} is not a number"
+    return f"{where}: EF {value!r} is not finite"
+
+
+def _check_ef(records: Sequence[VideoRecord], filelist: Path, split, needed_by: str) -> None:
+    """Raise :class:`DatasetError` unless every one of the (non-empty) ``records`` has an EF,
+    naming ``filelist``, the ``EF`` column and each row without a usable one (row number,
+    FileName, what is wrong); ``needed_by`` says what needs EF."""
+    if "EF" not in records[0].row:
+        columns = ", ".join(repr(c) for c in records[0].row)
+        raise DatasetError(
+            f"{filelist}: no column 'EF' (columns: {columns}), which {needed_by}; add it, or "
+            "pass require_ef=False"
+        )
+    bad = [r for r in records if r.ef is None]
+    if not bad:
+        return
+    shown = "; ".join(_ef_problem(r) for r in bad[:10])
+    if len(bad) > 10:
+        shown += f"; (+{len(bad) - 10} more)"
+    raise DatasetError(
+        f"{filelist}: {len(bad)} of {len(records)} row(s) of split {split!r} have no usable EF "
+        f"in column 'EF', which {needed_by}: {shown}; fill in their EF or drop them, or pass "
+        "require_ef=False"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,6 +287,11 @@ class _Seeded:
         return np.random.default_rng([int(self.seed), self.epoch, int(index), stream])
 
 
+def _ef_tensor(record: VideoRecord) -> torch.Tensor:
+    """EF / 100 as a float32 0-d tensor; nan without an EF."""
+    return torch.tensor(math.nan if record.ef is None else record.ef / 100.0, dtype=torch.float32)
+
+
 def _require(records: list, root: Path, split, what: str) -> None:
     if not records:
         raise DatasetError(f"{root}: no {what} in split {split!r}")
@@ -271,6 +317,10 @@ class EchoVideoDataset(_Seeded, torch.utils.data.Dataset):
     Item: ``dict(video=uint8 (frames, H, W) zero-padded, valid=int, ef=float32 tensor EF/100,
     fps=float target fps, name=str)``. Frames are grey levels as decoded (convert with
     :func:`to_model_pixels`). ``target_fps=None`` keeps the clip's own rate.
+
+    ``require_ef`` (the default): every selected row must have a finite number in the EF
+    column, else :class:`DatasetError` names the FileList, the column and each row without one.
+    With ``require_ef=False`` (EF not needed) such rows give ``ef = nan``.
     """
 
     def __init__(
@@ -282,12 +332,15 @@ class EchoVideoDataset(_Seeded, torch.utils.data.Dataset):
         random_window: bool = True,
         seed: int | None = None,
         drop_short: bool = False,
+        require_ef: bool = True,
     ):
         self.root = Path(root)
         self.frames, self.target_fps = int(frames), target_fps
         self.random_window, self.seed = random_window, seed
         records = _long_enough(read_records(self.root, split), self.frames, target_fps, drop_short)
         _require(records, self.root, split, "videos")
+        if require_ef:
+            _check_ef(records, self.root / "FileList.csv", split, "every item carries as 'ef'")
         self.records = records
 
     def __len__(self) -> int:
@@ -306,7 +359,7 @@ class EchoVideoDataset(_Seeded, torch.utils.data.Dataset):
         return {
             "video": clip,
             "valid": valid,
-            "ef": torch.tensor((rec.ef or 0.0) / 100.0, dtype=torch.float32),
+            "ef": _ef_tensor(rec),
             "fps": float(target),
             "name": rec.name,
         }
@@ -419,9 +472,9 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
     ``random_window=False`` (evaluation): phase 0, start 0, and the conditioning frame drawn from
     a generator seeded with ``[seed or 0, epoch, index]`` (deterministic).
 
-    ``require_ef`` (the default: the LVDM is conditioned on EF): every selected row must have an
-    EF, else :class:`DatasetError` names the FileList and the rows without one. With
-    ``require_ef=False`` such rows give ``ef = nan``.
+    ``require_ef`` (the default: the LVDM is conditioned on EF): every selected row must have a
+    finite number in the EF column, else :class:`DatasetError` names the FileList, the column and
+    each row without one. With ``require_ef=False`` such rows give ``ef = nan``.
     """
 
     def __init__(
@@ -442,16 +495,8 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
             read_latent_records(self.root, split), self.frames, target_fps, drop_short
         )
         _require(records, self.root, split, "encoded videos")
-        missing = [r.name for r in records if r.ef is None]
-        if require_ef and missing:
-            shown = ", ".join(missing[:10])
-            if len(missing) > 10:
-                shown += f" (+{len(missing) - 10} more)"
-            raise DatasetError(
-                f"{self.root / 'FileList.csv'}: {len(missing)} of {len(records)} row(s) of split "
-                f"{split!r} have no EF, which conditions the LVDM: {shown}; fill in their EF "
-                "column or drop them"
-            )
+        if require_ef:
+            _check_ef(records, self.root / "FileList.csv", split, "conditions the LVDM")
         self.records = records
 
     def __len__(self) -> int:
@@ -473,7 +518,7 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
         cond = latents[int(rng.integers(len(latents)))]
         return {
             "latents": pad_frames(latents[torch.from_numpy(idx)], self.frames),
-            "ef": torch.tensor(math.nan if rec.ef is None else rec.ef / 100.0, dtype=torch.float32),
+            "ef": _ef_tensor(rec),
             "cond": cond.clone(),
             "valid": valid,
             "name": rec.name,

@@ -121,11 +121,28 @@ class VideoEncodeError(EchofastError, ValueError):
 
 def video_backend() -> dict[str, Any]:
     """The pixel path ``backend="auto"`` uses: ``{"backend": "native" | "pyav", "cuda": bool,
-    "reason": why not native / not CUDA, or None}``."""
+    "cuda_built": bool, "reason": str | None}``.
+
+    ``cuda_built``: the extension was built with CUDA kernels. ``cuda``: they can run here, so
+    CUDA frames are converted on the GPU: built with CUDA, the extension's CUDA runtime sees a
+    device (it may need a newer driver than PyTorch's) and PyTorch has CUDA. ``reason``: why the
+    path is not native, or why it has no usable CUDA (None when it has)."""
     status = pixels.native_status()
-    if status["cpu"]:
-        return {"backend": "native", "cuda": status["cuda"], "reason": status["reason"]}
-    return {"backend": "pyav", "cuda": False, "reason": status["reason"]}
+    if not status["cpu"]:
+        return {"backend": "pyav", "cuda": False, "cuda_built": False, "reason": status["reason"]}
+    usable, why = pixels.cuda_usable()
+    reasons = [] if usable else [why]
+    if not torch.cuda.is_available():
+        build = (
+            "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        )
+        reasons.append(f"torch ({build}) has no usable CUDA device")
+    return {
+        "backend": "native",
+        "cuda": not reasons,
+        "cuda_built": status["cuda"],
+        "reason": "; ".join(reasons) or None,
+    }
 
 
 def _use_native(backend: str) -> bool:
@@ -732,6 +749,19 @@ def _frames_tensor(frames: torch.Tensor | np.ndarray, path: Path) -> torch.Tenso
     return frames.detach()
 
 
+def _yuv420_frame(planes: np.ndarray, height: int) -> Any:
+    """A yuvj420p ``VideoFrame`` of ``height`` rows from a (3H/2, W) buffer of
+    :func:`~echofast.io.pixels.yuv420_buffer`'s layout. The buffer is used in place when 4
+    divides H; otherwise it is copied, because PyAV's ``from_numpy_buffer`` takes such a buffer
+    for a frame of ``3H/2 // 6 * 4`` rows (H − 2: the chroma planes then start at the wrong row,
+    and H = 2 gives an empty frame FFmpeg refuses)."""
+    import av
+
+    if height % 4:
+        return av.VideoFrame.from_ndarray(planes, format="yuvj420p")
+    return av.VideoFrame.from_numpy_buffer(planes, format="yuvj420p")
+
+
 def reference_uint8(frames: torch.Tensor) -> torch.Tensor:
     """The reference's ``uint8(clamp((x + 1) * 128, 0, 255))`` in fp32 (truncating; NaN → 0);
     uint8 frames are returned as they are. PyTorch twin of the extension's conversion."""
@@ -785,7 +815,7 @@ def write_video(
         planes = pixels.frames_to_yuv(tensor, threads=threads).cpu().numpy()
 
         def make(t: int):
-            return av.VideoFrame.from_numpy_buffer(planes[t], format="yuvj420p")
+            return _yuv420_frame(planes[t], height)
 
     else:
         array = reference_uint8(tensor).cpu().numpy()

@@ -16,7 +16,8 @@ class GroupNorm(nn.GroupNorm):
 
     ``forward(x, scale=None, shift=None, add=None)`` computes
     ``act(GN(x + add) * (1 + scale) + shift)`` through :func:`echofast.ops.group_norm`; x is
-    (N, C, *spatial), scale/shift (N, C), add (M, C) with M dividing N (see the op).
+    (N, C) or (N, C, *spatial) (every input ``nn.GroupNorm`` takes), scale/shift (N, C), add
+    (M, C) with M dividing N (see the op).
     """
 
     def __init__(

@@ -34,8 +34,10 @@ def _check(
     add: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> None:
-    if x.dim() < 3:
-        raise ValueError(f"group_norm: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"group_norm: x must be (N, C) or (N, C, *spatial), got shape {tuple(x.shape)}"
+        )
     n, c = x.shape[:2]
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"group_norm: num_groups={num_groups} must divide C={c}")
@@ -330,7 +332,9 @@ def group_norm(
     """GroupNorm (+ ``y * (1 + scale) + shift``) (+ SiLU) of ``x`` (+ ``add``) (N, C, *spatial).
 
     Args:
-        x: (N, C, *spatial): 4D (N, C, H, W) or 5D (N, C, T, H, W); a group spans all spatial dims.
+        x: (N, C, *spatial), e.g. (N, C, L), (N, C, H, W) or (N, C, T, H, W), a group spanning
+            all spatial dims; or (N, C), as ``torch.nn.GroupNorm`` takes it (normalised as
+            (N, C, 1)).
         num_groups: G, dividing C.
         weight, bias: (C,) affine parameters, or None.
         eps: added to the variance.
@@ -345,8 +349,9 @@ def group_norm(
         Tensor of x's shape, dtype and memory format. Statistics are computed in fp32.
     """
     _check(x, num_groups, weight, bias, activation, scale, shift, add, eps)
-    return _op(
-        x,
+    flat = x.dim() == 2
+    y = _op(
+        x[..., None] if flat else x,
         num_groups,
         weight,
         bias,
@@ -357,3 +362,4 @@ def group_norm(
         add=add,
         backend=backend,
     )
+    return y[..., 0] if flat else y

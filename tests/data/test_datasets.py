@@ -173,6 +173,56 @@ def test_video_dataset_windows(videos):
     assert [r.name for r in kept] == ["a"]  # b lasts 0.8 s < 30 frames at 32 fps
 
 
+def _set_filelist_column(root: Path, column: str, values: dict[str, str]) -> None:
+    """Rewrite FileList.csv with ``column`` set to ``values[FileName]`` (others kept)."""
+    import csv
+
+    path = root / "FileList.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row[column] = values.get(row["FileName"], row[column])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_video_dataset_refuses_rows_without_a_numeric_ef(tmp_path):
+    spec = [(name, 8, 32.0, "VAL" if name == "b" else "TRAIN") for name in "abcde"]
+    root = _video_dataset(tmp_path / "v", spec)
+    _set_filelist_column(root, "EF", {"c": "", "d": "abc", "e": "nan"})
+    filelist = str(root / "FileList.csv")
+    with pytest.raises(DatasetError) as caught:
+        EchoVideoDataset(root, "TRAIN", frames=4)
+    message = str(caught.value)
+    assert message.startswith(f"{filelist}: 3 of 4 row(s) of split 'TRAIN' have no usable EF")
+    assert "in column 'EF'" in message
+    assert "row 3 (FileName 'c'): EF is empty" in message
+    assert "row 4 (FileName 'd'): EF 'abc' is not a number" in message
+    assert "row 5 (FileName 'e'): EF 'nan' is not finite" in message
+    assert float(EchoVideoDataset(root, "VAL", frames=4)[0]["ef"]) == pytest.approx(0.41)
+    lenient = EchoVideoDataset(root, "TRAIN", frames=4, require_ef=False, random_window=False)
+    assert [r.name for r in lenient.records] == ["a", "c", "d", "e"]
+    assert float(lenient[0]["ef"]) == pytest.approx(0.40)
+    assert all(math.isnan(float(lenient[i]["ef"])) for i in (1, 2, 3))
+
+
+def test_video_dataset_names_a_missing_ef_column(tmp_path):
+    root = _video_dataset(tmp_path / "v", [("a", 8, 32.0, "TRAIN")])
+    path = root / "FileList.csv"
+    path.write_text("FileName,FPS,Split\na,32.0,TRAIN\n")
+    with pytest.raises(DatasetError, match=r"FileList.csv: no column 'EF' \(columns: 'FileName', "):
+        EchoVideoDataset(root, "TRAIN", frames=4)
+    assert math.isnan(float(EchoVideoDataset(root, "TRAIN", frames=4, require_ef=False)[0]["ef"]))
+
+
+def test_read_records_takes_non_finite_numbers_as_missing(tmp_path):
+    (tmp_path / "FileList.csv").write_text("FileName,EF,FPS,NumberOfFrames\nv,inf,nan,1e400\n")
+    (record,) = read_records(tmp_path, require_files=False)
+    assert (record.ef, record.fps, record.num_frames, record.row_number) == (None, None, None, 1)
+
+
 def test_frame_dataset(videos):
     ds = FrameDataset(videos, "TRAIN", size=None)
     assert len(ds) == 50 + 20
@@ -292,7 +342,11 @@ def test_latent_video_dataset_needs_ef(tmp_path):
     )
     text = (root / "FileList.csv").read_text().replace("b,20,", "b,,").replace("c,30,", "c,,")
     (root / "FileList.csv").write_text(text)
-    with pytest.raises(DatasetError, match=r"FileList.csv: 1 of 2 row\(s\).*no EF.*: b;"):
+    with pytest.raises(
+        DatasetError,
+        match=r"FileList.csv: 1 of 2 row\(s\) of split 'TRAIN' have no usable EF in column 'EF', "
+        r"which conditions the LVDM: row 2 \(FileName 'b'\): EF is empty; .*require_ef=False",
+    ):
         LatentVideoDataset(root, "TRAIN", frames=4)
     assert len(LatentVideoDataset(root, "VAL", frames=4, require_ef=False)) == 1
     item = LatentVideoDataset(root, "TRAIN", frames=4, require_ef=False)[1]

@@ -88,7 +88,7 @@ def test_gradients_flow_to_every_input():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(x=torch.randn(4, 6)), r"\(N, C, \*spatial\), got shape \(4, 6\)"),
+        (dict(x=torch.randn(6)), r"\(N, C\) or \(N, C, \*spatial\), got shape \(6,\)"),
         (dict(num_groups=4), "num_groups=4 must divide C=6"),
         (dict(weight=torch.ones(5)), r"weight must have shape \(6,\), got \(5,\)"),
         (dict(scale=torch.ones(6)), r"scale must have shape \(2, 6\), got \(6,\)"),
@@ -102,6 +102,22 @@ def test_bad_arguments_are_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         group_norm(**args)
+
+
+@pytest.mark.parametrize(("n", "c", "groups"), [(2, 6, 3), (5, 9, 3), (1, 4, 1), (3, 8, 2)])
+def test_flat_input_is_normalised_as_torch_does(n, c, groups):
+    """(N, C), which torch.nn.GroupNorm takes: normalised as (N, C, 1), shape kept."""
+    g = torch.Generator().manual_seed(n * c + groups)
+    x = torch.randn(n, c, generator=g) * 3 + 1
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    scale, shift = torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    out = group_norm(x, groups, w, b, activation="silu", scale=scale, shift=shift)
+    assert out.shape == (n, c) and out.is_contiguous()
+    ref = _oracle(x, groups, w, b, 1e-5, "silu", scale, shift)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    torch.testing.assert_close(
+        group_norm(x, groups, w, b), torch.nn.functional.group_norm(x, groups, w, b)
+    )
 
 
 @pytest.mark.parametrize("rows", [6, 2, 1], ids=["per-sample", "per-video-of-3", "shared"])

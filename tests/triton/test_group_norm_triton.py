@@ -461,3 +461,19 @@ def test_rows_kernel_choice(monkeypatch):
         sx = kernels.ncs_strides(t)
         assert kernels.Plan(t, 32).num_chunks == 1
         assert kernels.RowsPlan.of(kernels.Plan(t, 32), sx, sx, t) is None, shape
+
+
+@pytest.mark.usefixtures("interpret")
+def test_flat_input_runs_the_kernels():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 12, generator=g, requires_grad=True)
+    w = torch.randn(12, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    y = group_norm(x, 4, w, b, activation="silu", backend="triton")
+    ref = F.silu(F.group_norm(x, 4, w, b))
+    assert y.shape == (5, 12)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(y.square().sum(), (x, w, b))
+    expected = torch.autograd.grad(ref.square().sum(), (x, w, b))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
