@@ -1,4 +1,4 @@
-"""Noise schedulers: DDPM (the reference sampler) and deterministic DDIM.
+"""Noise schedulers: DDPM (the reference sampler) and DDIM (deterministic unless ``eta`` > 0).
 
 Both are our own implementations of diffusers' ``DDPMScheduler`` / ``DDIMScheduler``: built
 from the same config (``from_config`` / ``from_pretrained`` read a diffusers

@@ -11,8 +11,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ CONFIG_NAME = "scheduler_config.json"
 DIFFUSERS_FORMAT_VERSION = "0.27.0"
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: DDPM also has these (diffusers' DDIMScheduler raises NotImplementedError for them).
+DDPM_BETA_SCHEDULES = (*BETA_SCHEDULES, "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -54,14 +57,36 @@ class SchedulerOutput(ModelOutput):
 # ---- beta schedules and timestep spacings --------------------------------------------------------
 
 
-def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal's cosine schedule (s = 0.008), betas capped at ``max_beta``."""
+def _cosine_alpha_bar(t: float) -> float:
+    """Nichol & Dhariwal's cosine schedule (s = 0.008)."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
+def _laplace_alpha_bar(t: float) -> float:
+    """The Laplace noise schedule (log-SNR of a Laplace distribution), as diffusers has it."""
+    lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr = math.exp(lmb)
+    return math.sqrt(snr / (1 + snr))
+
+
+def _alpha_bar_betas(
+    n: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> torch.Tensor:
+    """Betas that discretise the continuous ᾱ(t), t in [0, 1], capped at ``max_beta``."""
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so that ᾱ at the last training timestep is 0 (Algorithm 1 of
+    arXiv:2305.08891): √ᾱ shifted to end at 0 and scaled to keep its first value."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= last
+    alphas_bar_sqrt *= first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
 
 
 def make_betas(
@@ -75,7 +100,12 @@ def make_betas(
     if schedule == "scaled_linear":  # linear in sqrt(beta): the latent-diffusion schedule
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
     if schedule == "squaredcos_cap_v2":
-        return _cosine_betas(n)
+        return _alpha_bar_betas(n, _cosine_alpha_bar)
+    if schedule == "laplace":
+        return _alpha_bar_betas(n, _laplace_alpha_bar)
+    if schedule == "sigmoid":  # sigmoid of 12 even steps from -6 to 6, scaled to the range
+        ramp = torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32))
+        return ramp * (beta_end - beta_start) + beta_start
     raise ConfigError(f"config key 'beta_schedule': value {schedule!r} is not supported")
 
 
@@ -126,6 +156,8 @@ class SchedulerBase:
     #: only that class has (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom).
     convertible_from: ClassVar[tuple[str, ...]] = ()
     _registry: ClassVar[dict[str, type[SchedulerBase]]] = {}
+    #: the ``beta_schedule`` values this class supports (those its diffusers class has)
+    beta_schedules: ClassVar[tuple[str, ...]] = BETA_SCHEDULES
     order: ClassVar[int] = 1
     init_noise_sigma: float = 1.0
 
@@ -162,6 +194,8 @@ class SchedulerBase:
         self.betas = make_betas(
             c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas
         )
+        if c.rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self._alphas_cumprod_on: dict[torch.device, torch.Tensor] = {}
@@ -173,7 +207,7 @@ class SchedulerBase:
         _require_number("num_train_timesteps", c.num_train_timesteps, integer=True, minimum=1)
         _require_number("beta_start", c.beta_start)
         _require_number("beta_end", c.beta_end)
-        require("beta_schedule", c.beta_schedule, BETA_SCHEDULES)
+        require("beta_schedule", c.beta_schedule, self.beta_schedules)
         if c.trained_betas is not None and len(c.trained_betas) != c.num_train_timesteps:
             raise ConfigError(
                 f"config key 'trained_betas': {len(c.trained_betas)} values, but "
@@ -182,21 +216,30 @@ class SchedulerBase:
         require("clip_sample", c.clip_sample, (True, False))
         _require_number("clip_sample_range", c.clip_sample_range)
         require("prediction_type", c.prediction_type, PREDICTION_TYPES)
-        require("thresholding", c.thresholding, (False,))
+        require("thresholding", c.thresholding, (True, False))
         _require_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio)
+        if c.thresholding and c.dynamic_thresholding_ratio > 1:
+            raise ConfigError(
+                f"config key 'dynamic_thresholding_ratio': value {c.dynamic_thresholding_ratio!r} "
+                "must be a quantile in [0, 1] when thresholding is on"
+            )
         _require_number("sample_max_value", c.sample_max_value)
         require("timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
         _require_number("steps_offset", c.steps_offset, integer=True)
-        require("rescale_betas_zero_snr", c.rescale_betas_zero_snr, (False,))
+        require("rescale_betas_zero_snr", c.rescale_betas_zero_snr, (True, False))
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, source: str = "scheduler config"):
+    def from_config(
+        cls, config: dict[str, Any], *, source: str = "scheduler config", **overrides: Any
+    ) -> Any:
         """Build from a config dict (a diffusers ``scheduler_config.json``).
 
         ``_``-prefixed metadata is ignored; an unknown key or unsupported value raises
         :class:`ConfigError` naming it. A config of a class in ``convertible_from`` loads with
         the keys only that class knows dropped; so does a config naming no class (an in-memory
         ``scheduler.config``, as in diffusers' ``DDIMScheduler.from_config(ddpm.config)``).
+        Keyword arguments override config keys, as in diffusers
+        (``DDIMScheduler.from_config(config, timestep_spacing="trailing")``).
         """
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
@@ -222,6 +265,7 @@ class SchedulerBase:
                 for k in cls._registry[other].config_defaults()
             } - set(known)
             params = {k: v for k, v in params.items() if k not in theirs}
+        params.update(overrides)
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(
@@ -234,8 +278,11 @@ class SchedulerBase:
             raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str | None = None):
-        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline's ``scheduler/``)."""
+    def from_pretrained(
+        cls, path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
+    ) -> Any:
+        """Load ``scheduler_config.json`` from a folder (e.g. a pipeline's ``scheduler/``);
+        keyword arguments override its keys, as in :meth:`from_config`."""
         folder = Path(path) / subfolder if subfolder else Path(path)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
@@ -244,7 +291,7 @@ class SchedulerBase:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-        return cls.from_config(config, source=str(config_path))
+        return cls.from_config(config, source=str(config_path), **overrides)
 
     def save_config(self, path: str | os.PathLike) -> Path:
         """Write ``scheduler_config.json`` into the folder ``path`` (diffusers loads it)."""
@@ -261,6 +308,11 @@ class SchedulerBase:
         target = folder / CONFIG_NAME
         atomic_write_text(target, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return target
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """diffusers' name for :meth:`save_config` (a scheduler's only saved state is its
+        config)."""
+        return self.save_config(path)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -279,12 +331,16 @@ class SchedulerBase:
         self, num_inference_steps: int, device: torch.device | str | None = None
     ) -> None:
         """Choose ``num_inference_steps`` timesteps (``self.timesteps``, descending)."""
+        self._set_spaced(num_inference_steps, device)
+
+    def _set_spaced(self, num_inference_steps: int, device: torch.device | str | None) -> None:
         n, num_train = num_inference_steps, self.config.num_train_timesteps
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_train:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= num_train:
             raise ValueError(
                 f"num_inference_steps must be an integer in 1..{num_train} "
                 f"(num_train_timesteps), got {n!r}"
             )
+        n = int(n)
         c = self.config
         steps = spaced_timesteps(c.timestep_spacing, num_train, n, c.steps_offset)
         if steps[0] >= num_train:
@@ -418,7 +474,10 @@ class SchedulerBase:
             x̂_0 = clip(c0·x_t + c1·m)        (clip: ``clip_bound``, or none)
             x_prev = c2·x̂_0 + c3·x_t + c4·m + c5·z
 
-        with m the model output and z the step's noise; ``step`` computes the same map."""
+        with m the model output and z the step's noise; ``step`` computes the same map.
+        Configs whose step is no such map (``thresholding``; DDPM's learned variances) raise
+        :class:`ConfigError` naming the key."""
+        self._check_affine()
         steps = self._timestep_list(timestep)
         if len(steps) == 1:
             steps = steps * batch_size
@@ -436,11 +495,32 @@ class SchedulerBase:
         shape from the generator(s))."""
         return False
 
-    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.config.clip_sample:
-            bound = self.config.clip_sample_range
-            return x0.clamp(-bound, bound)
+    def _bound_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x̂_0 after dynamic thresholding (``thresholding``), else clipping (``clip_sample``)."""
+        c = self.config
+        if c.thresholding:
+            return self._threshold(x0)
+        if c.clip_sample:
+            return x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         return x0
+
+    def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
+        """Imagen's dynamic thresholding (arXiv:2205.11487), per sample: s is the
+        ``dynamic_thresholding_ratio`` quantile of |x̂_0| clamped to [1, ``sample_max_value``];
+        x̂_0 is clamped to ±s and divided by s."""
+        flat = x0.reshape(x0.shape[0], -1)
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+
+    def _check_affine(self) -> None:
+        """Raise :class:`ConfigError` for a config whose step is not an affine map."""
+        if self.config.thresholding:
+            raise ConfigError(
+                "config key 'thresholding': value True is not supported by step_coefficients "
+                "(the fused step of echofast's pipelines): dynamic thresholding divides x̂_0 by "
+                "a per-sample quantile, which is no affine map; use step()"
+            )
 
 
 def check_step_inputs(model_output: torch.Tensor, sample: torch.Tensor) -> None:

@@ -245,7 +245,7 @@ def test_ddim_is_deterministic_and_draws_nothing():
     assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(g.get_state(), state)
     assert sched.previous_timestep(800) == 600
     with pytest.raises(ValueError, match="eta"):
-        sched.step(out, 800, x, eta=1.0)
+        sched.step(out, 800, x, eta=-1.0)
     with pytest.raises(ValueError, match="set_timesteps"):
         DDIMScheduler().step(out, 800, x)
 
@@ -335,19 +335,20 @@ def test_alphas_match_diffusers():
 @pytest.mark.parametrize(
     "cls, key, value",
     [
-        (DDPMScheduler, "beta_schedule", "sigmoid"),
-        (DDPMScheduler, "variance_type", "learned_range"),
-        (DDPMScheduler, "variance_type", "fixed_large"),
-        (DDPMScheduler, "thresholding", True),
-        (DDPMScheduler, "rescale_betas_zero_snr", True),
+        (DDPMScheduler, "beta_schedule", "cosine"),
+        (DDPMScheduler, "variance_type", "fixed_large_log"),
+        (DDPMScheduler, "variance_type", "learned_rang"),
+        (DDPMScheduler, "thresholding", "yes"),
+        (DDPMScheduler, "rescale_betas_zero_snr", "yes"),
         (DDPMScheduler, "prediction_type", "flow"),
         (DDPMScheduler, "timestep_spacing", "karras"),
         (DDPMScheduler, "num_train_timesteps", 0),
         (DDPMScheduler, "steps_offset", 1.5),
         (DDPMScheduler, "trained_betas", [0.1, 0.2]),
-        (DDIMScheduler, "thresholding", True),
+        (DDIMScheduler, "thresholding", None),
         (DDIMScheduler, "set_alpha_to_one", "yes"),
         (DDIMScheduler, "beta_schedule", "laplace"),
+        (DDIMScheduler, "beta_schedule", "sigmoid"),
         (DDPMScheduler, "no_such_key", 1),
         (DDIMScheduler, "variance_type", "fixed_small"),
     ],
