@@ -40,7 +40,14 @@ def _generate(argv: list[str]) -> int:
 
     import torch
 
-    from .pipelines.dataset import GenerateConfig, Shard, check_device, ef_bounds, generate_dataset
+    from .pipelines.dataset import (
+        GenerateConfig,
+        Shard,
+        check_device,
+        ef_bounds,
+        generate_dataset,
+        recorded_batch_size,
+    )
 
     p = argparse.ArgumentParser(
         prog="echofast generate",
@@ -64,7 +71,10 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument("--fps", type=float, help=f"frame rate in AVI and CSV ({_defaults_help('fps')})")
     p.add_argument(
-        "--batch-size", type=int, help=f"videos per UNet batch ({_defaults_help('batch_size')})"
+        "--batch-size",
+        type=int,
+        help="videos per UNet batch (default: the one --out records, else "
+        f"{_defaults_help('batch_size')}); every shard of a sharded job uses the same",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -93,8 +103,9 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument(
         "--shard",
-        help="i/N: generate samples with index %% N == i (default: "
-        "torchrun's RANK/WORLD_SIZE, else all); a value starting with '-' needs --shard=VALUE",
+        help="i/N: generate the chunks c of --batch-size consecutive samples with c %% N == i "
+        "(default: torchrun's RANK/WORLD_SIZE, else all); a value starting with '-' needs "
+        "--shard=VALUE",
     )
     p.add_argument("--name-prefix", default="synthetic_")
     p.add_argument(
@@ -186,6 +197,8 @@ def _generate(argv: list[str]) -> int:
         defaults = dict(_WEIGHTS_DEFAULTS)
         if a.num_videos is None:
             p.error("--num-videos is required with --weights")
+    if a.batch_size is None:
+        a.batch_size = recorded_batch_size(a.out)
     for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)

@@ -5,7 +5,8 @@ Layout written into the output folder::
     Videos/<FileName>.avi        MJPEG, yuvj420p, best quality, at the FPS of the CSV
     FileList.csv                 FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split
     VolumeTracings.csv           header only (synthetic videos have no tracings)
-    generation.json              arguments, seed rule, weights' SHA-256, package versions
+    generation.json              arguments, seed rule, weights' SHA-256, package versions, the
+                                 batch size and the shard rule
     privacy_report.json/.png     the privacy report (with ``--privacy``), or a report saying the
                                  dataset is NOT privacy-filtered
     .echofast/journal-<shard>.jsonl   one fsynced line per finished video
@@ -14,16 +15,29 @@ Crash safety: a video is written to a temporary file, synced and renamed; only t
 line appended and synced. On restart, journaled videos whose file is intact are kept, stale
 temporary files are removed (a shard's process holds ``.echofast/running-<shard>.lock`` while it
 runs; temporary files of samples that another running shard owns are left alone), and the rest
-are generated again. Every sample's randomness depends only on
-(seed, index), and work is done in fixed chunks of ``batch_size`` consecutive samples (an
-interrupted chunk is recomputed whole), so a resumed run writes the same bytes as an
-uninterrupted one with the same batch size. ``FileList.csv`` is rebuilt from the journals.
+are generated again. ``FileList.csv`` is rebuilt from the journals.
+
 Videos are encoded by a :class:`~echofast.io.VideoWriter` (``writer_threads`` background threads,
 at most two batches queued) while the next batch is generated; it journals in sample order, each
 line after its file, exactly as writing inline does (``writer_threads=0``).
 A folder made with different arguments is refused, never overwritten; one in which no video was
 finished yet (a start that failed after creating it) is taken over by the corrected job. Arguments,
 the EF source and the models are checked (the models loaded) before anything is written.
+
+Batches and shards: every sample's randomness depends only on (seed, index), and the job's
+samples are cut into chunks of ``batch_size`` consecutive indices ``[c·B, (c+1)·B)`` (the last may
+be short), each generated as one batch (an interrupted chunk is recomputed whole). Shard ``i`` of
+``N`` (``--shard i/N``) generates the chunks with ``c % N == i``, so shards (sharing one folder,
+or in separate folders combined by :func:`merge_datasets`) and resumed runs write the same bytes
+as one uninterrupted process with that batch size. ``generation.json`` records the batch size
+(outside the dataset's identity: it changes float rounding, not what is sampled). Every shard and
+every restart of a sharded job must use it (ownership depends on it; another value is refused); an
+unsharded job may resume with another batch size, with a warning that the videos generated from
+then on may differ by float rounding from an uninterrupted run. Folders of earlier versions
+(no recorded batch size) keep their rule: shard ``i`` of ``N`` owns the samples with
+``index % N == i``, batched in chunks of the run's ``batch_size``, so they resume and merge without
+regenerating or duplicating anything; :func:`merge_datasets` refuses shards that record different
+batch sizes (or rules).
 
 Privacy (``privacy`` = a re-identification model folder, ``reference_latents`` = the real
 training data encoded with the generator's VAE; see :mod:`echofast.privacy`):
@@ -61,6 +75,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +104,13 @@ if TYPE_CHECKING:
 
 MANIFEST = "generation.json"
 STATE_DIR = ".echofast"
+BATCH_SIZE = "batch_size"
+"""The manifest's key for the job's batch size (absent in folders of earlier versions)."""
+SHARD_RULE = (
+    "samples are cut into chunks c of batch_size consecutive indices [c*batch_size, "
+    "(c+1)*batch_size), each generated as one batch; shard i of N generates the chunks with "
+    "c % N == i"
+)
 SEED_RULE = (
     "sample i of a job with seed S draws from torch CPU generators seeded with "
     "echofast.rng.sample_seed(S, i, stream) = first 8 bytes (big-endian, 63 bits) of "
@@ -133,14 +155,26 @@ class Shard:
     def tag(self) -> str:
         return f"{self.index}of{self.count}"
 
-    def owns(self, sample: int) -> bool:
-        return sample % self.count == self.index
+    def owns(self, sample: int, batch_size: int | None) -> bool:
+        """Whether this shard generates ``sample``: its chunk ``sample // batch_size`` satisfies
+        ``chunk % count == index``; ``batch_size`` None is the rule of folders written before the
+        batch size was recorded (``sample % count == index``)."""
+        unit = sample if batch_size is None else sample // batch_size
+        return unit % self.count == self.index
+
+    def chunks(self, num_videos: int, batch_size: int, rule: int | None) -> list[list[int]]:
+        """This shard's samples of a job of ``num_videos``, in the batches of ``batch_size`` that
+        it generates. ``rule`` is the folder's recorded batch size (None: the per-sample rule); a
+        sharded job runs with ``batch_size == rule``, so its batches are exactly the chunks
+        ``[c·B, (c+1)·B)`` of a single-process run."""
+        owned = [i for i in range(num_videos) if self.owns(i, rule)]
+        return [owned[s : s + batch_size] for s in range(0, len(owned), batch_size)]
 
 
 @dataclass
 class GenerateConfig:
-    """Arguments of a generation job. All but ``batch_size``, ``device``-independent knobs and the
-    shard define the dataset: resuming with a different value is refused."""
+    """Arguments of a generation job. All but ``NON_IDENTITY`` define the dataset: resuming with a
+    different value is refused. ``batch_size`` is recorded apart (see the module docstring)."""
 
     weights: str
     out: str
@@ -428,15 +462,16 @@ def _others_running(folder: Path, own: Shard | None) -> list[Shard | None]:
     return found
 
 
-def _remove_stale_temporaries(folder: Path, cfg: GenerateConfig) -> None:
+def _remove_stale_temporaries(folder: Path, cfg: GenerateConfig, rule: int | None) -> None:
     """Remove the temporary video files that no running process may be writing: those of
-    samples that no other running shard owns (all of them when no other shard runs)."""
+    samples that no other running shard owns under the folder's ``rule`` (all of them when no
+    other shard runs)."""
     others = _others_running(folder, cfg.shard)
     pattern = re.compile(rf"\.{re.escape(cfg.name_prefix)}(\d+)\.avi\..*\.tmp")
     for tmp in (folder / "Videos").glob(".*.tmp"):
         if others:
             match = pattern.fullmatch(tmp.name)
-            if match is None or any(s is None or s.owns(int(match[1])) for s in others):
+            if match is None or any(s is None or s.owns(int(match[1]), rule) for s in others):
                 continue
         tmp.unlink(missing_ok=True)
 
@@ -518,7 +553,47 @@ def read_manifest(path: Path) -> dict:
             f"{path}: not an echofast generation manifest (needs an 'arguments' object with "
             "'num_videos')"
         )
+    batch = data.get(BATCH_SIZE)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise GenerationConflict(f"{path}: '{BATCH_SIZE}' must be an int >= 1, got {batch!r}")
     return data
+
+
+def recorded_batch_size(folder: str | os.PathLike) -> int | None:
+    """The batch size that ``folder``'s generation.json records (None: no manifest, or one of an
+    earlier version)."""
+    path = Path(folder) / MANIFEST
+    return read_manifest(path).get(BATCH_SIZE) if path.is_file() else None
+
+
+def _rule_text(batch_size: int | None) -> str:
+    if batch_size is None:
+        return "no batch size (an earlier echofast's folder: shards own samples by index)"
+    return f"batch size {batch_size}"
+
+
+def _other_batch_size(
+    path: Path, recorded: int | None, given: int | None, own: Shard | None
+) -> None:
+    """A started job resumed with another batch size than ``path`` records: refused for a merge
+    (``own`` None) and for a shard of a sharded job, a warning for an unsharded job."""
+    if own is None:
+        raise GenerationConflict(
+            f"{path} records {_rule_text(recorded)}; the shards merged into it record "
+            f"{_rule_text(given)}: refusing to mix ownership rules (use another --out)"
+        )
+    if own.count > 1:
+        raise GenerationConflict(
+            f"{path} records batch size {recorded}, this run (shard {own}) asks {given}: every "
+            f"shard and restart of a sharded job must use batch size {recorded}, which decides "
+            f"the samples each shard owns (pass --batch-size {recorded}, or leave it out)"
+        )
+    warnings.warn(
+        f"{path} records batch size {recorded}, this run uses {given}: videos generated from now "
+        "on may differ by float rounding from an uninterrupted run's (pass --batch-size "
+        f"{recorded}, or leave it out, for identical bytes)",
+        stacklevel=2,
+    )
 
 
 def _manifest_matches(folder: Path, manifest: dict) -> bool:
@@ -544,17 +619,24 @@ def _unstarted(folder: Path, own: Shard | None) -> bool:
     return names <= {MANIFEST, STATE_DIR, "Videos"} and not _others_running(folder, own)
 
 
-def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> None:
+def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> int | None:
     """Create the folder, or check that an existing one holds this very job (one whose job never
-    finished a video is taken over). Call under the folder lock."""
+    finished a video is taken over). ``own``: this run's shard (None: a merge, which must match
+    the folder's batch size exactly). Returns the batch size that the folder records (None: an
+    earlier version's folder, whose shards own samples by index). Call under the folder lock."""
     existing = folder / MANIFEST
+    given = manifest.get(BATCH_SIZE)
     if existing.exists():
-        old = read_manifest(existing)["arguments"]
+        data = read_manifest(existing)
+        old, recorded = data["arguments"], data.get(BATCH_SIZE)
         diff = {k: (old.get(k), v) for k, v in manifest["arguments"].items() if old.get(k) != v}
         diff.update({k: (v, None) for k, v in old.items() if k not in manifest["arguments"]})
-        if not diff:
-            return
+        if not diff and (recorded == given or (recorded is None and own is not None)):
+            return recorded
         if not _unstarted(folder, own):
+            if not diff:
+                _other_batch_size(existing, recorded, given, own)
+                return recorded
             lines = "\n".join(
                 f"  {k}: folder has {a!r}, this run asks {b!r}"
                 for k, (a, b) in sorted(diff.items())
@@ -565,6 +647,7 @@ def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> None:
             )
     (folder / "Videos").mkdir(parents=True, exist_ok=True)
     atomic_write_text(existing, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return given
 
 
 def _writer(cfg: GenerateConfig) -> VideoWriter:
@@ -604,18 +687,19 @@ def _load(cfg: GenerateConfig) -> EchoSyntheticPipeline:
 @contextlib.contextmanager
 def _prepared(
     folder: Path, cfg: GenerateConfig, manifest: dict, pipe: EchoSyntheticPipeline | None
-) -> Iterator[EchoSyntheticPipeline | None]:
+) -> Iterator[tuple[EchoSyntheticPipeline | None, int | None]]:
     """Load the models unless ``folder`` already holds this job (a bad weights root fails before
     anything is written), prepare the folder, and hold this shard's running lock while the
-    caller generates. Yields the pipeline (None: the caller loads it when it needs it)."""
+    caller generates. Yields the pipeline (None: the caller loads it when it needs it) and the
+    folder's recorded batch size (see :func:`_prepare`)."""
     if pipe is None and not _manifest_matches(folder, manifest):
         pipe = _load(cfg)
     with contextlib.ExitStack() as running:
         with _locked(folder):
             running.enter_context(_running(folder, cfg.shard))
-            _prepare(folder, manifest, cfg.shard)
-            _remove_stale_temporaries(folder, cfg)
-        yield pipe
+            rule = _prepare(folder, manifest, cfg.shard)
+            _remove_stale_temporaries(folder, cfg, rule)
+        yield pipe, rule
 
 
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:
@@ -635,13 +719,15 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
         ),
         "weights_root": str(Path(cfg.weights).resolve()),
         "seed_rule": SEED_RULE,
+        BATCH_SIZE: cfg.batch_size,
+        "shard_rule": SHARD_RULE,
         "packages": _versions(),
         "file_names": f"{cfg.name_prefix}<index, 6 digits>",
         "esv_edv": "empty: synthetic videos have no measured volumes",
     }
     _refuse_foreign(folder)
-    with _prepared(folder, cfg, manifest, pipe) as pipe:
-        return _generate_videos(cfg, pipe, folder, counts, pool)
+    with _prepared(folder, cfg, manifest, pipe) as (pipe, rule):
+        return _generate_videos(cfg, pipe, folder, counts, pool, rule)
 
 
 def _generate_videos(
@@ -650,12 +736,13 @@ def _generate_videos(
     folder: Path,
     counts: tuple[int, int, int],
     pool: list[float] | None,
+    rule: int | None,
 ) -> dict:
-    """The generation loop of a prepared folder (this shard's running lock held)."""
+    """The generation loop of a prepared folder (this shard's running lock held) that records
+    batch size ``rule`` (None: an earlier version's per-sample ownership)."""
     journal = folder / STATE_DIR / f"journal-{cfg.shard.tag}.jsonl"
     done = {e["index"] for j in _journals(folder) for e in read_journal(j) if _intact(folder, e)}
-    owned = [i for i in range(cfg.num_videos) if cfg.shard.owns(i)]
-    chunks = [owned[s : s + cfg.batch_size] for s in range(0, len(owned), cfg.batch_size)]
+    chunks = cfg.shard.chunks(cfg.num_videos, cfg.batch_size, rule)
     todo = [c for c in chunks if not done.issuperset(c)]
     missing = sum(len(set(c) - done) for c in todo)
     if todo and pipe is None:
@@ -696,7 +783,8 @@ def _generate_videos(
 
 def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> dict:
     """Combine shard folders of one job into ``out`` (videos hard-linked or copied). Every check
-    (manifests, shards given twice, samples in two shards) is done before ``out`` is touched."""
+    (manifests, recorded batch sizes, shards given twice, samples in two shards) is done before
+    ``out`` is touched."""
     out = Path(out)
     if not shards:
         raise GenerationArgumentError("merge needs at least one shard folder")
@@ -720,6 +808,12 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
             )
             raise GenerationConflict(
                 f"{shard}: generated with other arguments than {shards[0]} (differs in {keys})"
+            )
+        if m.get(BATCH_SIZE) != manifests[0].get(BATCH_SIZE):
+            raise GenerationConflict(
+                f"{shard}: its {MANIFEST} records {_rule_text(m.get(BATCH_SIZE))}, that of "
+                f"{shards[0]} {_rule_text(manifests[0].get(BATCH_SIZE))}: shards of one job share "
+                "the batch size that decides which samples each shard owns"
             )
     seen: dict[int, str] = {}
     plan: list[tuple[Path, Path, list[dict]]] = []
@@ -923,6 +1017,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         ),
         "weights_root": str(Path(cfg.weights).resolve()),
         "seed_rule": SEED_RULE,
+        BATCH_SIZE: cfg.batch_size,
         "privacy_rule": PRIVACY_RULE,
         "packages": _versions(),
         "file_names": f"{cfg.name_prefix}<index, 6 digits>",
@@ -947,7 +1042,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
         cache=cache if cache.is_file() else None,
         shift_tolerance=cfg.privacy_shift_tolerance,
     )
-    with _prepared(folder, cfg, manifest, pipe) as pipe:
+    with _prepared(folder, cfg, manifest, pipe) as (pipe, _):
         return _generate_private_videos(cfg, pipe, folder, manifest, setup, start, pool, counts)
 
 

@@ -159,7 +159,8 @@ def test_avi_decodes_to_generated_frames(reference_run, weights_root):
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(reference_run, weights_root):
     out, _ = reference_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "Videos").iterdir()}
-    summary = generate_dataset(_cfg(weights_root, out, batch_size=3))
+    with pytest.warns(UserWarning, match="records batch size 2, this run uses 3"):
+        summary = generate_dataset(_cfg(weights_root, out, batch_size=3))
     assert summary["generated"] == 0 and summary["already_done"] == N
     with pytest.raises(GenerationConflict, match=r"seed: folder has 4, this run asks 5"):
         generate_dataset(_cfg(weights_root, out, seed=5))
@@ -231,9 +232,12 @@ def test_torn_journal_line_is_dropped(tmp_path):
 
 def test_shards_merge_to_the_single_process_dataset(reference_run, weights_root, tmp_path):
     ref_out, _ = reference_run
-    for i in range(2):
+    for i, owned in enumerate(([0, 1, 4], [2, 3])):  # chunks of batch size 2: c % 2 == i
         s = generate_dataset(_cfg(weights_root, tmp_path / f"s{i}", shard=Shard(i, 2)))
-        assert not s["complete"] and s["in_dataset"] == len(range(i, N, 2))
+        assert not s["complete"] and s["in_dataset"] == len(owned)
+        assert sorted(p.name for p in (tmp_path / f"s{i}" / "Videos").iterdir()) == [
+            f"synthetic_{j:06d}.avi" for j in owned
+        ]
     summary = merge_datasets(tmp_path / "merged", [tmp_path / "s0", tmp_path / "s1"])
     assert summary["complete"]
     assert _videos(tmp_path / "merged") == _videos(ref_out)

@@ -55,8 +55,9 @@ class _FailingPipe:
 def test_restart_keeps_temporary_files_of_a_running_shard(weights_root, tmp_path):
     out = tmp_path / "shared"
     generate_dataset(_cfg(weights_root, out, shard=Shard(1, 2)))
-    theirs = out / "Videos" / ".synthetic_000001.avi.k3j2h1g0.tmp"
-    stale = out / "Videos" / ".synthetic_000000.avi.a1b2c3d4.tmp"
+    # batch size 2: shard 1/2 owns chunk 1 (sample 2), shard 0/2 chunk 0 (samples 0 and 1)
+    theirs = out / "Videos" / ".synthetic_000002.avi.k3j2h1g0.tmp"
+    stale = out / "Videos" / ".synthetic_000001.avi.a1b2c3d4.tmp"
     with _running(out, Shard(1, 2)):
         theirs.write_bytes(b"being written by shard 1/2")
         stale.write_bytes(b"left by a killed shard 0/2")
