@@ -2,8 +2,9 @@
 
 Both are our own implementations of diffusers' ``DDPMScheduler`` / ``DDIMScheduler``: built
 from the same config (``from_config`` / ``from_pretrained`` read a diffusers
-``scheduler_config.json``, ``save_config`` writes one diffusers loads), with the same timesteps
-and float32 step arithmetic, so trajectories match diffusers' to float32 rounding.
+``scheduler_config.json``, also another scheduler class's, whose other keys are dropped with a
+warning, as diffusers drops them; ``save_config`` writes one diffusers loads), with the same
+timesteps and float32 step arithmetic, so trajectories match diffusers' to float32 rounding.
 """
 
 from __future__ import annotations

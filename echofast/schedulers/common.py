@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,8 @@ class SchedulerBase:
     """
 
     diffusers_class: ClassVar[str]
-    #: diffusers scheduler classes whose configs this class also loads, dropping the keys that
-    #: only that class has (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom).
+    #: sibling classes whose own keys ``from_config`` drops silently from a config that names
+    #: such a class or none (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom)
     convertible_from: ClassVar[tuple[str, ...]] = ()
     _registry: ClassVar[dict[str, type[SchedulerBase]]] = {}
     #: the ``beta_schedule`` values this class supports (those its diffusers class has)
@@ -232,45 +233,84 @@ class SchedulerBase:
     def from_config(
         cls, config: dict[str, Any], *, source: str = "scheduler config", **overrides: Any
     ) -> Any:
-        """Build from a config dict (a diffusers ``scheduler_config.json``).
+        """Build from a config dict (a diffusers ``scheduler_config.json`` or ``.config``).
 
-        ``_``-prefixed metadata is ignored; an unknown key or unsupported value raises
-        :class:`ConfigError` naming it. A config of a class in ``convertible_from`` loads with
-        the keys only that class knows dropped; so does a config naming no class (an in-memory
-        ``scheduler.config``, as in diffusers' ``DDIMScheduler.from_config(ddpm.config)``).
-        Keyword arguments override config keys, as in diffusers
-        (``DDIMScheduler.from_config(config, timestep_spacing="trailing")``).
+        As in diffusers, ``_``-prefixed metadata is ignored, keys listed in
+        ``_use_default_values`` take this class's defaults, and keyword arguments override
+        config keys (``DDIMScheduler.from_config(config, timestep_spacing="trailing")``).
+        Which keys load depends on the class the config names in ``_class_name``:
+
+        - this class, or none (an in-memory ``scheduler.config``): every key must be one of
+          this class's; an unknown key raises :class:`ConfigError` naming it (a typo, most
+          likely); but the keys only the sibling class (DDPM's, DDIM's) has are dropped from a
+          config naming none (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom).
+        - another scheduler class (``PNDMScheduler``, ``EulerDiscreteScheduler``, ...): the
+          keys this class knows are kept, the others dropped with one warning naming them, as
+          diffusers' ``from_config`` drops them (it logs them); the sibling's own keys are
+          dropped without a warning from a config naming the sibling.
+
+        Kept keys and overrides are validated: an unknown override or an unsupported value
+        raises :class:`ConfigError` naming it.
         """
+        return cls._from_config(config, source, overrides)
+
+    @classmethod
+    def _from_config(cls, config: Any, source: str, overrides: dict[str, Any]) -> Any:
+        """:meth:`from_config`, for it and :meth:`from_pretrained` (its warning names the line
+        that called them)."""
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
-        params = {k: v for k, v in config.items() if not k.startswith("_")}
-        known = cls.config_defaults()
         name = config.get("_class_name")
-        if name is not None and name not in (cls.diffusers_class, cls.__name__):
-            other = cls._registry.get(name) if name in cls.convertible_from else None
-            if other is None:
-                raise ConfigError(
-                    f"{source}: describes a {name!r}, but {cls.__name__} loads "
-                    f"{cls.diffusers_class!r}" + "".join(f" or {o!r}" for o in cls.convertible_from)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{source}: config key '_class_name': {name!r} is not a class name")
+        if name is not None and not name.endswith("Scheduler"):
+            raise ConfigError(
+                f"{source}: describes a {name!r}, which is no scheduler ({cls.__name__} loads "
+                "the scheduler_config.json of a diffusers scheduler)"
+            )
+        used_defaults = config.get("_use_default_values", [])
+        if not isinstance(used_defaults, list) or not all(
+            isinstance(k, str) for k in used_defaults
+        ):
+            raise ConfigError(
+                f"{source}: config key '_use_default_values': expected a list of key names, "
+                f"got {used_defaults!r}"
+            )
+        known = cls.config_defaults()
+        siblings = {
+            k
+            for other in cls.convertible_from
+            if other in cls._registry
+            for k in cls._registry[other].config_defaults()
+        } - set(known)
+        own = name in (cls.diffusers_class, cls.__name__)
+        silent = siblings if name is None or name in cls.convertible_from else set()
+        params = {
+            k: v
+            for k, v in config.items()
+            if not k.startswith("_") and k not in used_defaults and k not in silent
+        }
+        if name is not None and not own:
+            dropped = sorted(set(params) - set(known))
+            if dropped:
+                warnings.warn(
+                    f"{source}: {cls.__name__} ignores the {name!r} config's key(s) {dropped}, "
+                    "which it does not have (diffusers' from_config ignores them too)",
+                    stacklevel=3,
                 )
-            theirs = set(other.config_defaults()) - set(known)
-            params = {k: v for k, v in params.items() if k not in theirs}
-        elif name is None:
-            # an in-memory ``.config`` names no class: drop the keys that only a convertible
-            # class knows (a key no class knows is still refused below)
-            theirs = {
-                k
-                for other in cls.convertible_from
-                if other in cls._registry
-                for k in cls._registry[other].config_defaults()
-            } - set(known)
-            params = {k: v for k, v in params.items() if k not in theirs}
+            params = {k: v for k, v in params.items() if k in known}
+        hint = ""
+        if name is None and set(params) - set(known):
+            hint = (
+                "; a config of another scheduler class loads, its other keys dropped, when "
+                "its '_class_name' names that class"
+            )
         params.update(overrides)
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(
                 f"{source}: config key(s) {unknown} not supported by {cls.__name__} "
-                f"(known keys: {sorted(known)})"
+                f"(known keys: {sorted(known)}{hint})"
             )
         try:
             return cls(**params)
@@ -291,7 +331,7 @@ class SchedulerBase:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-        return cls.from_config(config, source=str(config_path), **overrides)
+        return cls._from_config(config, str(config_path), overrides)
 
     def save_config(self, path: str | os.PathLike) -> Path:
         """Write ``scheduler_config.json`` into the folder ``path`` (diffusers loads it)."""

@@ -24,7 +24,8 @@ from .common import (
 #: Variances whose σ comes from the model: its output has twice the sample's channels (the
 #: prediction, then a variance value v per element).
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", *LEARNED_VARIANCE_TYPES)
+#: None is fixed_small, as in diffusers (DPMSolver-family configs carry ``variance_type=None``).
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", *LEARNED_VARIANCE_TYPES, None)
 
 #: A variance this small stands for zero (diffusers clamps before taking logs and roots).
 MIN_VARIANCE = 1e-20
@@ -40,10 +41,11 @@ class DDPMScheduler(SchedulerBase):
     With steps_offset or trailing spacing the last step has t > 0 and s = -1: σ² is then 0,
     clamped to 1e-20, so noise is still drawn and adds 1e-10·z, as in diffusers.
 
-    ``variance_type``: σ = √σ² (fixed_small), exp(½·log σ²) (fixed_small_log), √β
-    (fixed_large); with a model output of 2C channels (prediction, then v): σ = √v (learned)
-    or exp(½·((v+1)/2·log β + (1−(v+1)/2)·log σ²)) (learned_range). ``fixed_large_log`` is
-    refused: diffusers' step scales its noise by √(log β) with log β < 0, so it returns NaN.
+    ``variance_type``: σ = √σ² (fixed_small; None too, as in diffusers), exp(½·log σ²)
+    (fixed_small_log), √β (fixed_large); with a model output of 2C channels (prediction, then
+    v): σ = √v (learned) or exp(½·((v+1)/2·log β + (1−(v+1)/2)·log σ²)) (learned_range).
+    ``fixed_large_log`` is refused: diffusers' step scales its noise by √(log β) with
+    log β < 0, so it returns NaN.
     """
 
     diffusers_class = "DDPMScheduler"
@@ -57,7 +59,7 @@ class DDPMScheduler(SchedulerBase):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
-        variance_type: str = "fixed_small",
+        variance_type: str | None = "fixed_small",
         clip_sample: bool = True,
         prediction_type: str = "epsilon",
         thresholding: bool = False,

@@ -65,6 +65,7 @@ Schema (defaults: LIDM / LVDM / VAE where they differ)::
     [diffusion]                    # LIDM / LVDM only
     noise_offset = 0.0 / 0.1       # noise += offset * randn per (sample, channel)
     [diffusion.scheduler]          # overrides of echofast.schedulers.REFERENCE_SCHEDULER_CONFIG
+                                   #  (DDPMScheduler keys; see TrainConfig.noise_scheduler)
 
     [vae]                          # VAE only (LDM's LPIPSWithDiscriminator, minus LPIPS)
     reconstruction = "l1"          # l1 | l2, summed over pixels, averaged over the batch
@@ -90,9 +91,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..schedulers import DDPMScheduler
 
 MODEL_TYPES = ("vae", "lidm", "lvdm")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -276,6 +280,73 @@ class TrainConfig:
         if self.diffusion is not None:
             cfg.update(self.diffusion.scheduler)
         return cfg
+
+    def noise_scheduler(self, source: str = "config") -> DDPMScheduler:
+        """The training noise schedule: a ``DDPMScheduler`` of :meth:`scheduler_config`.
+
+        ``diffusion.scheduler`` takes ``DDPMScheduler``'s keys. Training uses the betas
+        (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``rescale_betas_zero_snr``)
+        and ``prediction_type``; the other keys say how to sample the trained model (with
+        ``train_config.json``), where echofast's pipelines need an affine step. Refused, with a
+        :class:`ConfigError` naming ``source`` and the key: keys ``DDPMScheduler`` lacks,
+        ``thresholding`` (sampling only, and no affine step), learned variances (the objective
+        trains no variance), zero terminal SNR with epsilon prediction (x̂_0 is undefined at
+        the last timestep), and a ``steps_offset`` the pipelines' default step count cannot
+        take (the scheduler returned has that step count's timesteps set).
+        """
+        from ..schedulers import REFERENCE_NUM_INFERENCE_STEPS, DDPMScheduler
+        from ..schedulers.ddpm import LEARNED_VARIANCE_TYPES
+
+        def fail(key: str, value: Any, why: str) -> NoReturn:
+            raise ConfigError(
+                f"{source}: config key 'diffusion.scheduler.{key}': value {value!r} {why}"
+            )
+
+        known = DDPMScheduler.config_defaults()
+        given = self.diffusion.scheduler if self.diffusion is not None else {}
+        unknown = sorted(f"diffusion.scheduler.{k}" for k in set(given) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown config key(s) {unknown} (diffusion.scheduler takes "
+                f"echofast.schedulers.DDPMScheduler's keys: {sorted(known)})"
+            )
+        scheduler = DDPMScheduler.from_config(
+            self.scheduler_config(), source=f"{source}: config key 'diffusion.scheduler'"
+        )
+        c = scheduler.config
+        if c.thresholding:
+            fail(
+                "thresholding",
+                c.thresholding,
+                "is not supported in training: dynamic thresholding changes sampling only, "
+                "and the fused step of echofast's pipelines refuses it",
+            )
+        if c.variance_type in LEARNED_VARIANCE_TYPES:
+            fail(
+                "variance_type",
+                c.variance_type,
+                "is not supported in training: a learned variance needs a model with twice "
+                "the output channels and a variational-bound loss term, which the training "
+                "objective does not have (use fixed_small, fixed_small_log or fixed_large)",
+            )
+        if c.rescale_betas_zero_snr and c.prediction_type == "epsilon":
+            fail(
+                "rescale_betas_zero_snr",
+                c.rescale_betas_zero_snr,
+                "needs prediction_type 'v_prediction' or 'sample' (arXiv:2305.08891): with "
+                "zero terminal SNR, ᾱ = 0 at the last timestep, where an epsilon model's "
+                "x̂_0 = (x_t - √(1-ᾱ)·ε̂)/√ᾱ is undefined",
+            )
+        steps = min(REFERENCE_NUM_INFERENCE_STEPS, c.num_train_timesteps)
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError as err:
+            fail(
+                "steps_offset",
+                c.steps_offset,
+                f"does not fit the pipelines' default {steps} sampling steps ({err})",
+            )
+        return scheduler
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -533,11 +604,7 @@ def validate(cfg: TrainConfig, *, source: str = "config") -> None:
         )
     if cfg.diffusion is not None:
         positive("diffusion.noise_offset", cfg.diffusion.noise_offset, zero=True)
-        from ..schedulers import DDPMScheduler
-
-        DDPMScheduler.from_config(
-            cfg.scheduler_config(), source=f"{source}: config key 'diffusion.scheduler'"
-        )
+        cfg.noise_scheduler(source)
     if cfg.vae is not None:
         v = cfg.vae
         choice("vae.reconstruction", v.reconstruction, ("l1", "l2"))

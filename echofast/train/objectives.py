@@ -92,11 +92,7 @@ class Objective:
 class DiffusionObjective(Objective):
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__(cfg, model)
-        from ..schedulers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler.from_config(
-            cfg.scheduler_config(), source="config key 'diffusion.scheduler'"
-        )
+        self.scheduler = cfg.noise_scheduler()
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction = self.scheduler.config.prediction_type
         self.noise_offset = cfg.diffusion.noise_offset

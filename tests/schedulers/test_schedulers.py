@@ -375,9 +375,13 @@ def test_config_conversion_and_class_check():
     assert DDIMScheduler.from_config(DDPMScheduler().config).config == DDIMScheduler().config
     with pytest.raises(ConfigError, match="variance_typo"):  # a key no class knows: refused
         DDIMScheduler.from_config({"variance_typo": "fixed_small"})
+    # another class's config: its other keys are dropped with a warning naming them
     euler = {**EulerDiscreteScheduler().config, "_class_name": "EulerDiscreteScheduler"}
-    with pytest.raises(ConfigError, match="EulerDiscreteScheduler"):
-        DDPMScheduler.from_config(euler)
+    with pytest.warns(UserWarning, match="'EulerDiscreteScheduler'.*use_karras_sigmas"):
+        assert DDPMScheduler.from_config({**euler, "_use_default_values": []}).config == {
+            **DDPMScheduler().config,
+            "timestep_spacing": "linspace",
+        }
     with pytest.raises(ConfigError, match="JSON object"):
         DDPMScheduler.from_config([1, 2])
 
