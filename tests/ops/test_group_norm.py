@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from echofast.ops import group_norm, group_norm_reference
 
@@ -39,8 +42,11 @@ SHAPES = [
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("modulated", [False, True])
 def test_matches_fp64_oracle(shape, groups, activation, modulated):
-    g = torch.Generator().manual_seed(hash((shape, activation, modulated)) % 2**31)
+    """Within 1e-5 of the output's scale, or twice the error of fp32 torch.nn.functional (a group
+    of two close values is ill-conditioned in fp32 for every implementation)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, activation, modulated)).encode()))
     n, c = shape[:2]
+    extra = (1,) * (len(shape) - 2)
     x = torch.randn(shape, generator=g) * 3 + 1
     w = torch.randn(c, generator=g)
     b = torch.randn(c, generator=g)
@@ -48,8 +54,17 @@ def test_matches_fp64_oracle(shape, groups, activation, modulated):
     shift = torch.randn(n, c, generator=g) if modulated else None
     out = group_norm(x, groups, w, b, 1e-5, activation=activation, scale=scale, shift=shift)
     ref = _oracle(x, groups, w, b, 1e-5, activation, scale, shift)
+    torch_fp32 = F.group_norm(x, groups, w, b, 1e-5)
+    if modulated:
+        torch_fp32 = torch_fp32 * (1 + scale.reshape(*scale.shape, *extra)) + shift.reshape(
+            *shift.shape, *extra
+        )
+    if activation == "silu":
+        torch_fp32 = F.silu(torch_fp32)
     assert out.dtype == x.dtype and out.shape == x.shape
-    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    error = (out.double() - ref).abs().max().item()
+    torch_error = (torch_fp32.double() - ref).abs().max().item()
+    assert error <= max(1e-5 * ref.abs().max().item(), 2 * torch_error)
 
 
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
