@@ -206,6 +206,17 @@ class RowJournal:
         os.replace(tmp, self.path)
 
 
+#: path prefix of the ceiling rows, measured in their own precision (bf16 on a GPU, fp32 on CPU)
+CEILING_PATH = "gemm/"
+
+
+def run_dtype(rows: Sequence[dict]) -> str:
+    """The sampling precision of a run's rows (the ceiling's own aside; several joined by "/";
+    "dtype not recorded" for a run that recorded nothing else)."""
+    dtypes = sorted({str(r["dtype"]) for r in rows if not str(r["path"]).startswith(CEILING_PATH)})
+    return "/".join(dtypes) or "dtype not recorded"
+
+
 def report(path: Path) -> str:
     """The summary table of every run in an ``echofast bench`` CSV (a results file or a journal
     left by a stopped run), ratios computed from the rows of the same run."""
@@ -221,7 +232,7 @@ def report(path: Path) -> str:
         out.append(
             f"run {run} | {first['card']} | git {first.get('git_sha', '?')} | config "
             f"{first['config']}: {first['frames']} frames x {first['steps']} steps, "
-            f"{first['dtype']} | {len(rows)} rows"
+            f"{run_dtype(rows)} | {len(rows)} rows"
         )
         out.append(summary_table(rows))
         out.append("")
@@ -229,7 +240,7 @@ def report(path: Path) -> str:
 
 
 #: path prefixes of the rows that measure other code than echofast's
-BASELINE_PATHS = ("gemm/", "pipeline/reference", "unet/diffusers")
+BASELINE_PATHS = (CEILING_PATH, "pipeline/reference", "unet/diffusers")
 
 
 def is_baseline(path: str) -> bool:

@@ -113,3 +113,36 @@ def test_report_errors(tmp_path):
     empty = tmp_path / "empty.csv"
     rows_mod.append_csv(empty, [])
     assert rows_mod.report(empty) == f"{empty}: no rows"
+
+
+#: two runs as ``echofast bench`` writes them on a GPU: the GEMM ceiling first (always measured
+#: in bf16), then the run's own rows in its precision; the second run stopped after the ceiling
+HEADER = (
+    "timestamp,run,card,device,torch,triton,cuda,diffusers,echofast,git_sha,config,dtype,frames,"
+    "steps,batch,path,phase,repeats,median_s,p20_s,p80_s,s_per_video,frames_per_s,videos_per_s,"
+    "gflop,tflops,gemm_tflops,gemm_fraction,peak_mem_mib,kernels,speedup_vs_reference,"
+    "speedup_vs_compiled,note"
+)
+GPU_RUNS = f"""{HEADER}
+2026-11-26T09:41:47Z,r1,NVIDIA H100 80GB HBM3,cuda,2.11.0+cu130,3.6.0,13.0,0.42.1,0.1.0,5f536c1,\
+full,bf16,192,64,,gemm/bf16-8192,call,10,0.00141338,0.00139953,0.00141894,,,,1099.51,777.933,,,,,\
+,,"ceiling: random inputs, CUDA events"
+2026-11-26T09:42:18Z,r1,NVIDIA H100 80GB HBM3,cuda,2.11.0+cu130,3.6.0,13.0,0.42.1,0.1.0,5f536c1,\
+full,float16,192,64,1,pipeline/echofast,total,3,1.2351,1.23509,1.23532,1.2351,155.453,0.809653,,,\
+,,3577.5,,,,random weights (seed 0)
+2026-11-26T09:50:00Z,r2,NVIDIA H100 80GB HBM3,cuda,2.11.0+cu130,3.6.0,13.0,0.42.1,0.1.0,5f536c1,\
+full,bf16,192,64,,gemm/bf16-8192,call,10,0.00141338,0.00139953,0.00141894,,,,1099.51,777.933,,,,,\
+,,"ceiling: random inputs, CUDA events"
+"""
+
+
+def test_report_names_the_runs_own_dtype_not_the_ceilings(tmp_path):
+    path = tmp_path / "echofast_bench_gpu.csv"
+    path.write_text(GPU_RUNS)
+    heads = [line for line in rows_mod.report(path).splitlines() if line.startswith("run ")]
+    assert heads == [
+        "run r1 | NVIDIA H100 80GB HBM3 | git 5f536c1 | config full: 192 frames x 64 steps, "
+        "float16 | 2 rows",
+        "run r2 | NVIDIA H100 80GB HBM3 | git 5f536c1 | config full: 192 frames x 64 steps, "
+        "dtype not recorded | 1 rows",
+    ]

@@ -74,6 +74,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -95,9 +96,9 @@ from ..data.echonet import (
 )
 from ..errors import BackendUnavailable, EchofastError
 from ..fsutil import atomic_write_text, sha256_file
-from ..io import VideoWriter
+from ..io import VideoEncodeError, VideoWriter, write_video
 from ..rng import sample_seed
-from .echo_synthetic import EchoSyntheticPipeline
+from .echo_synthetic import DATASETS, EchoSyntheticPipeline
 
 if TYPE_CHECKING:
     from ..privacy.report import FilterSetup
@@ -140,12 +141,19 @@ class Shard:
             if rank is None or world is None:
                 return cls()
             text = f"{rank}/{world}"
+            source = "RANK/WORLD_SIZE"
+        else:
+            source = "--shard"
         try:
             i, n = (int(p) for p in text.split("/"))
         except ValueError:
-            raise ValueError(f"shard must look like 'i/N', got {text!r}") from None
+            raise GenerationArgumentError(
+                f"{source}: shard must look like 'i/N', got {text!r}"
+            ) from None
         if not 0 <= i < n:
-            raise ValueError(f"shard index must satisfy 0 <= i < N, got {text!r}")
+            raise GenerationArgumentError(
+                f"{source}: shard index must satisfy 0 <= i < N, got {text!r}"
+            )
         return cls(i, n)
 
     def __str__(self) -> str:
@@ -331,6 +339,12 @@ def _ef_pool(path: str | None) -> list[float] | None:
         rows = read_filelist(path)
     except (UnicodeDecodeError, csv.Error) as err:
         raise GenerationArgumentError(f"{path}: not a readable UTF-8 CSV file ({err})") from None
+    except ValueError as err:
+        raise GenerationArgumentError(f"--ef-from {err}") from None
+    except OSError as err:
+        raise GenerationArgumentError(
+            f"--ef-from {path}: cannot be read ({err.strerror or err})"
+        ) from None
     pool = []
     for number, row in enumerate(rows, start=1):
         text = row["EF"]
@@ -365,38 +379,183 @@ def check_device(device: str) -> torch.device:
         count = torch.cuda.device_count()
         if count == 0 or (dev.index is not None and dev.index >= count):
             raise GenerationArgumentError(f"--device {device!r}: {count} CUDA device(s) available")
+    elif dev.type == "meta":
+        raise GenerationArgumentError(f"--device {device!r} holds no data: use cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, ImportError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise GenerationArgumentError(
+                f"--device {device!r}: this torch ({torch.__version__}) cannot use it ({first})"
+            ) from None
     return dev
 
 
+def _check_avi_rate(fps: float) -> None:
+    """``--fps`` must be a frame rate that an AVI stores: checked by writing a one-frame video,
+    as the job's writer does, into a temporary folder (not the job's)."""
+    with tempfile.TemporaryDirectory(prefix="echofast-fps-") as tmp:
+        path = Path(tmp) / "probe.avi"
+        try:
+            write_video(path, torch.zeros(1, 2, 2, dtype=torch.uint8), fps)
+        except VideoEncodeError as err:
+            raise GenerationArgumentError(
+                f"--fps {fps:g}: {str(err).removeprefix(f'{path}: ')}"
+            ) from None
+        except OverflowError:
+            raise GenerationArgumentError(f"--fps {fps:g} cannot be stored in an AVI") from None
+
+
+TEMPORARY_SUFFIX = ".avi.XXXXXXXX.tmp"
+"""What a video's temporary file adds to its name (after a leading dot; see ``atomic_write``)."""
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) that the file system of ``folder``, or of its nearest
+    existing ancestor, allows (255 where it cannot be asked)."""
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            try:
+                return os.pathconf(parent, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                break
+    return 255
+
+
+def _check_name_prefix(cfg: GenerateConfig) -> None:
+    """``--name-prefix`` must make plain file names inside ``Videos/`` (no path separator or
+    control character) that, with the temporary file's additions, the file system allows."""
+    prefix = cfg.name_prefix
+    if not isinstance(prefix, str):
+        raise GenerationArgumentError(f"--name-prefix must be a string, got {prefix!r}")
+    bad = sorted({c for c in prefix if c in (os.sep, os.altsep) or not c.isprintable()})
+    if bad:
+        raise GenerationArgumentError(
+            f"--name-prefix {prefix!r} holds {bad}: file names of videos take no path "
+            "separators or control characters"
+        )
+    last = cfg.num_videos - 1
+    size = len(os.fsencode(f".{prefix}{last:06d}{TEMPORARY_SUFFIX}"))
+    limit = _name_max(Path(cfg.out).absolute())
+    if size > limit:
+        raise GenerationArgumentError(
+            f"--name-prefix is too long ({len(os.fsencode(prefix))} bytes): video {last}'s "
+            f"temporary file name would take {size} bytes, over the {limit}-byte limit of the "
+            f"file system of {cfg.out}"
+        )
+
+
+def _check_sampling(cfg: GenerateConfig, device: torch.device) -> None:
+    """Refuse what sampling would refuse at its start: the precisions, forced CUDA graphs that
+    cannot run, a step count that the reference sampler (that of the pipelines
+    :meth:`EchoSyntheticPipeline.from_pretrained` builds) does not have."""
+    from .common import PRECISIONS, check_precision, reference_scheduler
+    from .graphs import ENV_VAR, _disabled_by_env
+
+    if not isinstance(cfg.dtype, str) or cfg.dtype not in PRECISIONS:
+        raise GenerationArgumentError(
+            f"--dtype must be one of {list(PRECISIONS)}, got {cfg.dtype!r}"
+        )
+    try:
+        check_precision(cfg.dtype, device)
+    except ValueError as err:
+        raise GenerationArgumentError(f"--dtype {cfg.dtype}: {err}") from None
+    if not isinstance(cfg.decode_dtype, str) or cfg.decode_dtype not in PRECISIONS:
+        raise GenerationArgumentError(
+            f"--decode-dtype must be one of {list(PRECISIONS)}, got {cfg.decode_dtype!r}"
+        )
+    if cfg.cuda_graphs is not None and not isinstance(cfg.cuda_graphs, bool):
+        raise GenerationArgumentError(
+            "--cuda-graphs must be auto, on or off (cuda_graphs None, True or False), got "
+            f"{cfg.cuda_graphs!r}"
+        )
+    if cfg.cuda_graphs is True:
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"--cuda-graphs on: --device {cfg.device!r} is not a CUDA device")
+        if _disabled_by_env():
+            reasons.append(f"--cuda-graphs on: disabled by {ENV_VAR}={os.environ[ENV_VAR]!r}")
+        if reasons:
+            raise BackendUnavailable("unet_call", "cuda_graph", reasons)
+    try:
+        reference_scheduler().set_timesteps(cfg.steps)
+    except ValueError as err:
+        raise GenerationArgumentError(f"--steps {cfg.steps}: {err}") from None
+
+
+def _check_privacy_arguments(cfg: GenerateConfig) -> None:
+    """The privacy options of a filtered job (see :func:`_generate_private`)."""
+    from ..privacy.model import NORMALIZATIONS
+
+    if cfg.privacy is None or cfg.reference_latents is None:
+        raise GenerationArgumentError(
+            "privacy filtering needs both --privacy and --reference-latents"
+        )
+    if cfg.shard.count != 1:
+        raise GenerationArgumentError(
+            "--privacy does not support sharding (dropped videos are replaced in order); run "
+            "one process per dataset"
+        )
+    numbers = {
+        "--oversample": (cfg.oversample, "a finite number >= 1", lambda v: 1 <= v < math.inf),
+        "--auc-threshold": (cfg.auc_threshold, "a number in [0, 1]", lambda v: 0 <= v <= 1),
+        "--privacy-percentile": (cfg.privacy_percentile, "in (0, 100)", lambda v: 0 < v < 100),
+    }
+    for option, (value, what, ok) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise GenerationArgumentError(f"{option} must be {what}, got {value!r}")
+    for option, value in (
+        ("--privacy-frame-step", cfg.privacy_frame_step),
+        ("--privacy-shift-tolerance", cfg.privacy_shift_tolerance),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GenerationArgumentError(f"{option} must be an int >= 0, got {value!r}")
+    if cfg.privacy_normalization not in (None, *NORMALIZATIONS):
+        raise GenerationArgumentError(
+            f"--privacy-normalization must be one of {list(NORMALIZATIONS)}, got "
+            f"{cfg.privacy_normalization!r}"
+        )
+
+
 def _check_arguments(cfg: GenerateConfig) -> None:
-    """Refuse invalid arguments (typed errors naming them) before anything is read or written."""
+    """Refuse invalid arguments (typed errors naming them) before anything is read or written,
+    including every one that sampling would refuse at its start."""
     for key in ("num_videos", "frames", "steps", "batch_size", "decode_chunk_size"):
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GenerationArgumentError(f"{key} must be an int >= 1, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise GenerationArgumentError(f"--seed must be an int, got {cfg.seed!r}")
     fps = cfg.fps
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps):
         raise GenerationArgumentError(f"fps must be a finite number, got {fps!r}")
     if fps <= 0:
         raise GenerationArgumentError(f"fps must be > 0, got {fps!r}")
+    _check_avi_rate(fps)
     ef_bounds(cfg.ef_range)
+    if cfg.dataset not in DATASETS:
+        raise GenerationArgumentError(
+            f"--dataset must be one of {list(DATASETS)}, got {cfg.dataset!r}"
+        )
+    try:
+        split_counts(cfg.num_videos, cfg.splits, cfg.dataset)
+    except (TypeError, ValueError) as err:
+        raise GenerationArgumentError(f"--splits: {err}") from None
     if not isinstance(cfg.shard, Shard):
         raise GenerationArgumentError(f"shard must be a Shard, got {cfg.shard!r}")
     if isinstance(cfg.writer_threads, bool) or not isinstance(cfg.writer_threads, int):
-        raise ValueError(f"writer threads must be an int >= 0, got {cfg.writer_threads!r}")
+        raise GenerationArgumentError(
+            f"--writer-threads: writer threads must be an int >= 0, got {cfg.writer_threads!r}"
+        )
     if cfg.writer_threads < 0:
-        raise ValueError(f"writer threads must be >= 0, got {cfg.writer_threads}")
-    if cfg.decode_dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(
-            f"decode_dtype must be float32, float16 or bfloat16, got {cfg.decode_dtype!r}"
+        raise GenerationArgumentError(
+            f"--writer-threads: writer threads must be >= 0, got {cfg.writer_threads}"
         )
-    if cfg.cuda_graphs not in (None, True, False):
-        raise ValueError(f"cuda_graphs must be None, True or False, got {cfg.cuda_graphs!r}")
-    if cfg.cuda_graphs is True and check_device(cfg.device).type != "cuda":
-        raise BackendUnavailable(
-            "unet_call", "cuda_graph", [f"device {cfg.device!r} is not a CUDA device"]
-        )
-    check_device(cfg.device)
+    _check_name_prefix(cfg)
+    _check_sampling(cfg, check_device(cfg.device))
+    if cfg.privacy is not None or cfg.reference_latents is not None:
+        _check_privacy_arguments(cfg)
 
 
 def _versions() -> dict[str, str | None]:
@@ -983,21 +1142,6 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
     from ..privacy.filter import model_digest, reference_digest
     from ..privacy.report import setup_filter
 
-    if cfg.privacy is None or cfg.reference_latents is None:
-        raise ValueError("privacy filtering needs both --privacy and --reference-latents")
-    if cfg.shard.count != 1:
-        raise ValueError(
-            "--privacy does not support sharding (dropped videos are replaced in order); run "
-            "one process per dataset"
-        )
-    if cfg.oversample < 1:
-        raise ValueError(f"--oversample must be >= 1, got {cfg.oversample}")
-    if cfg.privacy_frame_step < 0:
-        raise ValueError(f"the privacy frame step must be >= 0, got {cfg.privacy_frame_step}")
-    if cfg.privacy_shift_tolerance < 0:
-        raise ValueError(
-            f"the privacy shift tolerance must be >= 0, got {cfg.privacy_shift_tolerance}"
-        )
     folder = Path(cfg.out)
     counts = split_counts(cfg.num_videos, cfg.splits, cfg.dataset)
     pool = _ef_pool(cfg.ef_from)

@@ -53,6 +53,13 @@ class EchoSyntheticPipeline:
     def vae(self) -> VAE:
         return self.lvdm_pipe.vae
 
+    def release_graphs(self) -> None:
+        """Free both sub-pipelines' CUDA graphs, kept UNet inputs and reduced-precision UNet
+        copies (:meth:`~echofast.pipelines.common.SamplingPipeline.release_graphs`); the next
+        call captures again."""
+        self.lidm_pipe.release_graphs()
+        self.lvdm_pipe.release_graphs()
+
     @staticmethod
     def folders(root: str | os.PathLike, dataset: str) -> dict[str, Path]:
         """The model folders the pipeline reads for ``dataset`` (checked to exist)."""

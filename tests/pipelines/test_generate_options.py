@@ -1,5 +1,6 @@
 """`echofast generate` options that do not define the dataset's content (CUDA graphs, writer
-threads) and one that does (decode precision)."""
+threads) and one that does (decode precision); bad values of any option refused before the
+folder is made."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import pytest
 
 from echofast.cli import main
 from echofast.errors import BackendUnavailable
-from echofast.pipelines.dataset import GenerateConfig, generate_dataset
+from echofast.pipelines.dataset import (
+    GenerateConfig,
+    GenerationArgumentError,
+    generate_dataset,
+)
 
 
 def _cfg(weights_root, out, **kw) -> GenerateConfig:
@@ -39,14 +44,76 @@ def test_identity_records_decode_dtype_only_when_reduced(tmp_path):
     assert _cfg("w", tmp_path, cuda_graphs=False).identity(sha, None) == plain
 
 
-def test_bad_options_refused_before_anything_is_written(weights_root, tmp_path):
+#: options that sampling would refuse at its start (or that would write elsewhere than Videos/,
+#: or fail on the file system): each refused naming the option, before the folder is made
+REFUSED = [
+    (dict(dtype="float16"), "--dtype float16: .*needs a CUDA device"),
+    (dict(dtype="bfloat16"), "--dtype bfloat16: .*needs a CUDA device"),
+    (dict(dtype="float64"), "--dtype must be one of"),
+    (dict(decode_dtype="float8"), "--decode-dtype must be one of"),
+    (dict(cuda_graphs="yes"), "--cuda-graphs must be auto, on or off"),
+    (dict(steps=1001), r"--steps 1001: num_inference_steps must be an integer in 1\.\.1000"),
+    (dict(seed=1.0), "--seed must be an int"),
+    (dict(fps=1200.0), r"--fps 1200: .*cannot be stored in an AVI \(FFmpeg would store 600\)"),
+    (dict(fps=1e-300), r"--fps 1e-300: .*cannot be stored in an AVI"),
+    (dict(fps=1e300), r"--fps 1e\+300 cannot be stored in an AVI"),
+    (dict(dataset="adult"), "--dataset must be one of"),
+    (dict(splits=(1, 1)), "--splits: splits must be 3 non-negative counts summing to 2"),
+    (dict(name_prefix="../up_"), r"--name-prefix '\.\./up_' holds \['/'\]"),
+    (dict(name_prefix="a\nb"), "--name-prefix .* holds .*control characters"),
+    (dict(name_prefix="x" * 250), r"--name-prefix is too long \(250 bytes\)"),
+    (dict(device="meta"), "--device 'meta' holds no data"),
+    (dict(device="fpga"), "--device 'fpga': this torch .* cannot use it"),
+    (dict(ef_from="no_such_filelist.csv"), "--ef-from no_such_filelist.csv: cannot be read"),
+    (dict(privacy="m", reference_latents="r", oversample=float("nan")), "--oversample must be"),
+    (dict(privacy="m", reference_latents="r", oversample=float("inf")), "--oversample must be"),
+    (dict(privacy="m", reference_latents="r", auc_threshold=2.0), "--auc-threshold must be"),
+    (dict(privacy="m", reference_latents="r", privacy_percentile=100.0), "--privacy-percentile"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"), REFUSED, ids=[f"{[*k][-1]}={[*k.values()][-1]!r}"[:32] for k, _ in REFUSED]
+)
+def test_bad_options_refused_before_anything_is_written(weights_root, tmp_path, kw, message):
     out = tmp_path / "ds"
-    with pytest.raises(ValueError, match="decode_dtype"):
-        generate_dataset(_cfg(weights_root, out, decode_dtype="float8"))
-    with pytest.raises(BackendUnavailable, match="not a CUDA device"):
+    with pytest.raises(GenerationArgumentError, match=message):
+        generate_dataset(_cfg(weights_root, out, **kw))
+    assert not out.exists()
+
+
+def test_forced_cuda_graphs_that_cannot_run_are_refused_before_anything_is_written(
+    weights_root, tmp_path, monkeypatch
+):
+    out = tmp_path / "ds"
+    monkeypatch.setenv("ECHOFAST_CUDA_GRAPHS", "0")
+    with pytest.raises(BackendUnavailable) as info:
         generate_dataset(_cfg(weights_root, out, cuda_graphs=True))
-    with pytest.raises(ValueError, match="cuda_graphs"):
-        generate_dataset(_cfg(weights_root, out, cuda_graphs="yes"))
+    assert "--cuda-graphs on: --device 'cpu' is not a CUDA device" in str(info.value)
+    assert "--cuda-graphs on: disabled by ECHOFAST_CUDA_GRAPHS='0'" in str(info.value)
+    assert not out.exists()
+
+
+CLI_REFUSED = [
+    (["--dtype", "float16"], "GenerationArgumentError: --dtype float16: "),
+    (["--dtype", "bfloat16"], "GenerationArgumentError: --dtype bfloat16: "),
+    (["--steps", "1001"], "GenerationArgumentError: --steps 1001: "),
+    (["--fps", "1200"], "GenerationArgumentError: --fps 1200: "),
+    (["--name-prefix", "../up_"], "GenerationArgumentError: --name-prefix '../up_' "),
+    (["--shard", "3/2"], "GenerationArgumentError: --shard: shard index must satisfy"),
+    (["--ef-from", "missing.csv"], "GenerationArgumentError: --ef-from missing.csv: "),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), CLI_REFUSED, ids=[" ".join(e) for e, _ in CLI_REFUSED]
+)
+def test_cli_refuses_bad_options_before_creating_the_folder(tmp_path, capsys, extra, message):
+    """`echofast generate` (demo weights) on CPU: one error line naming the option, no folder."""
+    out = tmp_path / "ds"
+    argv = ["generate", "--out", str(out), "--num-videos", "2", "--frames", "8", "--steps", "2"]
+    assert main([*argv, "--device", "cpu", "--no-progress", *extra]) == 1
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
