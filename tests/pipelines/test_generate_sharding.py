@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pipelines.test_generate_robustness import _cfg as robustness_cfg
 
 import echofast.pipelines.dataset as dataset_mod
 from echofast.cli import main
@@ -29,21 +30,7 @@ SINGLE_PROCESS_BATCHES = [[0, 1], [2, 3], [4]]
 
 
 def _cfg(weights_root: Path | str, out: Path, **kw: object) -> GenerateConfig:
-    base: dict[str, object] = dict(
-        weights=str(weights_root),
-        out=str(out),
-        num_videos=5,
-        frames=4,
-        fps=16.0,
-        steps=1,
-        seed=2,
-        batch_size=2,
-        device="cpu",
-        progress=False,
-        writer_threads=0,
-    )
-    base.update(kw)
-    return GenerateConfig(**base)
+    return robustness_cfg(weights_root, out, **{"num_videos": 5, **kw})
 
 
 class _RecordingPipe:
