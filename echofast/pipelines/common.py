@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from ..rng import randn_tensor, sample_generators
 
+if TYPE_CHECKING:
+    from ..models.base import ModelBase
+    from ..schedulers import SchedulerBase
+
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PipelineT = TypeVar("PipelineT", bound="SamplingPipeline")
 
 
 def resolve_generators(
@@ -276,6 +285,8 @@ class SamplingPipeline:
     inputs those graphs read in place. ``_model`` is the UNet attribute's name."""
 
     _model = ""
+    #: the UNet's echofast class (``from_pretrained`` loads it)
+    _model_class: ClassVar[type[ModelBase]]
 
     def __init__(self, unet: torch.nn.Module, vae, scheduler) -> None:
         from .graphs import CUDAGraphUNet
@@ -292,6 +303,28 @@ class SamplingPipeline:
         self.graphs = CUDAGraphUNet(unet, borrow_inputs=True)
         self._inputs = StaticInputs()
         self._autocast_model: tuple[tuple, torch.nn.Module] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls: type[PipelineT],
+        path: str | os.PathLike,
+        *,
+        vae: str | os.PathLike | None = None,
+        scheduler: SchedulerBase | None = None,
+        device: torch.device | str | None = None,
+    ) -> PipelineT:
+        """The pipeline of the UNet in the model folder ``path`` (a diffusers folder, e.g. what
+        ``echofast train export`` writes), sampling with the scheduler the folder records (see
+        :func:`model_scheduler`: the noise schedule the model was trained with; the reference
+        DDPM where it records none, as in the published folders). ``scheduler`` replaces the
+        recorded one. ``vae``: a VAE model folder, to decode (none: latents only)."""
+        from ..models import VAE
+
+        if scheduler is None:
+            scheduler = model_scheduler(path)
+        unet = cls._model_class.from_pretrained(path, device=device)
+        decoder = None if vae is None else VAE.from_pretrained(vae, device=device)
+        return cls(unet, decoder, scheduler)
 
     def release_graphs(self) -> None:
         """Free the captured CUDA graphs (memory pools), the kept UNet input tensors and the
@@ -414,8 +447,47 @@ def frames_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((gray + 1) * 128).clamp_(0, 255).to(torch.uint8)
 
 
-def reference_scheduler():
+def reference_scheduler() -> SchedulerBase:
     """The reference's sampler: DDPM, v-prediction, leading spacing, clip ±4, fixed_small."""
     from ..schedulers import REFERENCE_SCHEDULER_CONFIG, DDPMScheduler
 
     return DDPMScheduler(**REFERENCE_SCHEDULER_CONFIG)
+
+
+def model_scheduler(folder: str | os.PathLike) -> SchedulerBase:
+    """The scheduler to sample the UNet of the model folder ``folder`` with: the one its
+    ``scheduler_config.json`` records (``echofast train export`` writes the training noise
+    schedule there; diffusers' model loading ignores the file), else the reference sampler
+    (:func:`reference_scheduler`: the published folders record none).
+
+    The file must name ``DDPMScheduler`` or ``DDIMScheduler`` and hold a config whose step the
+    pipelines' fused step can run (no ``thresholding``, no learned variances); otherwise
+    :class:`ConfigError` names the file and the key."""
+    from ..schedulers import CONFIG_NAME, DDIMScheduler, DDPMScheduler
+
+    path = Path(folder) / CONFIG_NAME
+    if not path.exists():
+        return reference_scheduler()
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the model's recorded scheduler ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    name = config.get("_class_name")
+    classes = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+    if name not in classes:
+        raise ConfigError(
+            f"{path}: config key '_class_name': value {name!r}: the model's recorded scheduler "
+            f"must be one of {list(classes)}, whose step echofast's pipelines run; "
+            "pass scheduler= to sample this model with another"
+        )
+    scheduler = classes[name].from_config(config, source=str(path))
+    try:
+        scheduler._check_affine()
+    except ConfigError as err:
+        raise ConfigError(
+            f"{path}: {err} (the model's recorded scheduler: pass scheduler= to sample this model "
+            "with another)"
+        ) from None
+    return scheduler

@@ -293,14 +293,19 @@ class GenerateConfig:
 
 
 def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
-    """SHA-256 of each model folder's weights and config file."""
-    return {
-        name: {
+    """SHA-256 of each model folder's weights and config file, and of the noise schedule it
+    records (``scheduler_config.json``, written by ``echofast train export``), if any."""
+    from ..schedulers import CONFIG_NAME
+
+    digests = {}
+    for name, folder in EchoSyntheticPipeline.folders(root, dataset).items():
+        digests[name] = {
             "weights": sha256_file(folder / "diffusion_pytorch_model.safetensors"),
             "config": sha256_file(folder / "config.json"),
         }
-        for name, folder in EchoSyntheticPipeline.folders(root, dataset).items()
-    }
+        if (folder / CONFIG_NAME).is_file():
+            digests[name]["scheduler"] = sha256_file(folder / CONFIG_NAME)
+    return digests
 
 
 def ef_bounds(ef_range: Sequence[float]) -> tuple[int, int]:
@@ -448,9 +453,10 @@ def _check_name_prefix(cfg: GenerateConfig) -> None:
 
 def _check_sampling(cfg: GenerateConfig, device: torch.device) -> None:
     """Refuse what sampling would refuse at its start: the precisions, forced CUDA graphs that
-    cannot run, a step count that the reference sampler (that of the pipelines
-    :meth:`EchoSyntheticPipeline.from_pretrained` builds) does not have."""
-    from .common import PRECISIONS, check_precision, reference_scheduler
+    cannot run, a step count that the LIDM's or the LVDM's sampler (the schedule its folder
+    records, else the reference sampler: see :func:`~echofast.pipelines.common.model_scheduler`)
+    does not have."""
+    from .common import PRECISIONS, check_precision, model_scheduler
     from .graphs import ENV_VAR, _disabled_by_env
 
     if not isinstance(cfg.dtype, str) or cfg.dtype not in PRECISIONS:
@@ -478,10 +484,13 @@ def _check_sampling(cfg: GenerateConfig, device: torch.device) -> None:
             reasons.append(f"--cuda-graphs on: disabled by {ENV_VAR}={os.environ[ENV_VAR]!r}")
         if reasons:
             raise BackendUnavailable("unet_call", "cuda_graph", reasons)
-    try:
-        reference_scheduler().set_timesteps(cfg.steps)
-    except ValueError as err:
-        raise GenerationArgumentError(f"--steps {cfg.steps}: {err}") from None
+    root = Path(cfg.weights)
+    for folder in (root / DATASETS[cfg.dataset], root / "lvdm"):
+        scheduler = model_scheduler(folder)
+        try:
+            scheduler.set_timesteps(cfg.steps)
+        except ValueError as err:
+            raise GenerationArgumentError(f"--steps {cfg.steps}: {folder.name}: {err}") from None
 
 
 def _check_privacy_arguments(cfg: GenerateConfig) -> None:

@@ -12,7 +12,8 @@ import torch
 from ..errors import MissingFileError
 from ..models import LIDM, LVDM, VAE
 from ..outputs import ModelOutput
-from .common import check_precision, reference_scheduler
+from ..schedulers import SchedulerBase
+from .common import check_precision, model_scheduler
 from .lidm import LIDMPipeline
 from .lvdm import LVDMPipeline
 
@@ -34,12 +35,30 @@ class EchoSyntheticPipeline:
     ``from_pretrained(root, dataset="dynamic")`` reads ``root/vae``, ``root/lidm_<dataset>`` and
     ``root/lvdm`` (diffusers folders). Randomness is per sample and global index, so a video
     depends only on (seed, index): batch size and sharding do not change it.
+
+    ``scheduler``: both pipelines' (default: the reference DDPM); or ``lidm_scheduler`` /
+    ``lvdm_scheduler``, one pipeline's each (an unset one is the reference DDPM).
     """
 
-    def __init__(self, lidm: LIDM, lvdm: LVDM, vae: VAE, scheduler=None):
-        self.scheduler = scheduler if scheduler is not None else reference_scheduler()
-        self.lidm_pipe = LIDMPipeline(lidm, vae, self.scheduler)
-        self.lvdm_pipe = LVDMPipeline(lvdm, vae, self.scheduler)
+    def __init__(
+        self,
+        lidm: LIDM,
+        lvdm: LVDM,
+        vae: VAE,
+        scheduler: SchedulerBase | None = None,
+        *,
+        lidm_scheduler: SchedulerBase | None = None,
+        lvdm_scheduler: SchedulerBase | None = None,
+    ):
+        if scheduler is not None and (lidm_scheduler, lvdm_scheduler) != (None, None):
+            raise ValueError(
+                "pass either scheduler= (both pipelines') or lidm_scheduler= / lvdm_scheduler=, "
+                "not both"
+            )
+        if scheduler is not None:
+            lidm_scheduler = lvdm_scheduler = scheduler
+        self.lidm_pipe = LIDMPipeline(lidm, vae, lidm_scheduler)
+        self.lvdm_pipe = LVDMPipeline(lvdm, vae, lvdm_scheduler)
 
     @property
     def lidm(self) -> LIDM:
@@ -79,12 +98,26 @@ class EchoSyntheticPipeline:
         *,
         dataset: str = "dynamic",
         device: torch.device | str | None = None,
+        scheduler: SchedulerBase | None = None,
     ) -> EchoSyntheticPipeline:
+        """The pipeline of the models in ``root`` (see :meth:`folders`). The LIDM and the LVDM
+        each sample with the scheduler their folder records (:func:`~.common.model_scheduler`:
+        the noise schedule the model was trained with, which ``echofast train export``
+        records; the reference DDPM where none is recorded, as in the published folders);
+        ``scheduler`` replaces both."""
         f = cls.folders(root, dataset)
+        if scheduler is None:
+            schedulers = {
+                "lidm_scheduler": model_scheduler(f["lidm"]),
+                "lvdm_scheduler": model_scheduler(f["lvdm"]),
+            }
+        else:
+            schedulers = {"scheduler": scheduler}
         return cls(
             LIDM.from_pretrained(f["lidm"], device=device),
             LVDM.from_pretrained(f["lvdm"], device=device),
             VAE.from_pretrained(f["vae"], device=device),
+            **schedulers,
         )
 
     @torch.no_grad()

@@ -67,6 +67,7 @@ class LIDMPipeline(SamplingPipeline):
     """
 
     _model = "lidm"
+    _model_class = LIDM
     lidm: LIDM
 
     def __init__(self, lidm: LIDM, vae: VAE | None = None, scheduler=None):

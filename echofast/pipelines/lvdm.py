@@ -87,6 +87,7 @@ class LVDMPipeline(SamplingPipeline):
     """
 
     _model = "lvdm"
+    _model_class = LVDM
     lvdm: LVDM
 
     def __init__(self, lvdm: LVDM, vae: VAE | None = None, scheduler=None):

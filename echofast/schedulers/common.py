@@ -26,6 +26,7 @@ from ..config import Config, require
 from ..errors import ConfigError, MissingFileError
 from ..fsutil import atomic_write_text
 from ..outputs import ModelOutput
+from .diffusers_keys import DIFFUSERS_SCHEDULER_KEYS, DIFFUSERS_SCHEDULER_KEYS_VERSION
 
 CONFIG_NAME = "scheduler_config.json"
 DIFFUSERS_FORMAT_VERSION = "0.27.0"
@@ -240,10 +241,16 @@ class SchedulerBase:
         config keys (``DDIMScheduler.from_config(config, timestep_spacing="trailing")``).
         Which keys load depends on the class the config names in ``_class_name``:
 
-        - this class, or none (an in-memory ``scheduler.config``): every key must be one of
-          this class's; an unknown key raises :class:`ConfigError` naming it (a typo, most
-          likely); but the keys only the sibling class (DDPM's, DDIM's) has are dropped from a
-          config naming none (diffusers' ``DDIMScheduler.from_config(ddpm.config)`` idiom).
+        - this class: the keys of other diffusers scheduler classes (any class's, as of
+          diffusers :data:`~.diffusers_keys.DIFFUSERS_SCHEDULER_KEYS_VERSION`) are dropped with
+          one warning naming them: diffusers keeps a source class's keys when it converts a
+          config and saves them (the Stable Diffusion 2.x ``DDIMScheduler`` config carries
+          PNDM's ``skip_prk_steps``); a key no diffusers scheduler has raises
+          :class:`ConfigError` naming it (a typo, most likely).
+        - none (an in-memory ``scheduler.config``): every key must be one of this class's; an
+          unknown key raises :class:`ConfigError` naming it; but the keys only the sibling
+          class (DDPM's, DDIM's) has are dropped (diffusers'
+          ``DDIMScheduler.from_config(ddpm.config)`` idiom).
         - another scheduler class (``PNDMScheduler``, ``EulerDiscreteScheduler``, ...): the
           keys this class knows are kept, the others dropped with one warning naming them, as
           diffusers' ``from_config`` drops them (it logs them); the sibling's own keys are
@@ -290,20 +297,34 @@ class SchedulerBase:
             for k, v in config.items()
             if not k.startswith("_") and k not in used_defaults and k not in silent
         }
-        if name is not None and not own:
-            dropped = sorted(set(params) - set(known))
+        if name is not None:
+            foreign = set(params) - set(known)
+            if own:  # other classes' keys, kept by diffusers' conversions
+                foreign &= DIFFUSERS_SCHEDULER_KEYS
+            dropped = sorted(foreign)
             if dropped:
+                why = (
+                    ": other diffusers scheduler classes' keys, which diffusers keeps when it "
+                    "converts a config"
+                    if own
+                    else ""
+                )
                 warnings.warn(
                     f"{source}: {cls.__name__} ignores the {name!r} config's key(s) {dropped}, "
-                    "which it does not have (diffusers' from_config ignores them too)",
+                    f"which it does not have{why} (diffusers' from_config ignores them too)",
                     stacklevel=3,
                 )
-            params = {k: v for k, v in params.items() if k in known}
+            params = {k: v for k, v in params.items() if k not in foreign}
         hint = ""
         if name is None and set(params) - set(known):
             hint = (
                 "; a config of another scheduler class loads, its other keys dropped, when "
                 "its '_class_name' names that class"
+            )
+        elif own and set(params) - set(known):
+            hint = (
+                "; other diffusers scheduler classes' keys are dropped, but no diffusers "
+                f"scheduler (as of diffusers {DIFFUSERS_SCHEDULER_KEYS_VERSION}) has these"
             )
         params.update(overrides)
         unknown = sorted(set(params) - set(known))

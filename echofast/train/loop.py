@@ -29,8 +29,8 @@ Files in ``output_dir``: ``train_config.json`` (resolved config), ``checkpoints/
 (written atomically: model, EMA, optimizer(s), LR schedule(s), GradScaler, step, every rank's
 RNG states, sampler position, config), ``log.csv`` (step, loss, lr, time [s], extra terms; loss
 is the mean over the ``log_every`` steps ending at ``step``, over all ranks), ``loss.png`` (loss
-curve, written at the end) and ``export/`` (the released weights, a diffusers folder, replaced
-as a whole: see :func:`export_checkpoint`).
+curve, written at the end) and ``export/`` (the released weights, a diffusers folder with the
+training noise schedule for the LIDM/LVDM, replaced as a whole: see :func:`export_checkpoint`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from ..errors import ConfigError, EchofastError, NonFiniteError
 from ..figures import write_loss_plot
 from ..fsutil import _umask, atomic_write
 from ..rng import sample_seed
+from ..schedulers import CONFIG_NAME as SCHEDULER_CONFIG_NAME
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
 from .ema import EMA
 from .objectives import build_objective
@@ -495,7 +496,11 @@ def export_checkpoint(
     weights: str = "ema",
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint's weights as a diffusers folder (``config.json`` + safetensors).
+    """Write a checkpoint's weights as a diffusers folder (``config.json`` + safetensors) and,
+    for the LIDM and the LVDM, the noise schedule they were trained with
+    (:meth:`TrainConfig.noise_scheduler`) as ``scheduler_config.json``, a ``DDPMScheduler``
+    config: echofast's pipelines sample the model with it (``from_pretrained``), and diffusers'
+    model loading ignores the file.
 
     ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
     had no EMA) or ``"model"`` (the raw trained weights).
@@ -511,6 +516,10 @@ def export_checkpoint(
     state = load_checkpoint(checkpoint)
     cls = model_class(state["config"]["model"]["type"])
     model = cls.from_config(state["model_config"], source=f"{checkpoint} (model config)")
+    noise_scheduler = None
+    if state["config"]["model"]["type"] in ("lidm", "lvdm"):
+        source = f"{checkpoint} (config)"
+        noise_scheduler = config_from_dict(state["config"], source=source).noise_scheduler(source)
     model.load_state_dict(state["model"])
     if weights == "ema" and state.get("ema") is not None:
         shadow = state["ema"]["shadow"]
@@ -522,6 +531,8 @@ def export_checkpoint(
     old = tmp.with_suffix(".old")
     try:
         model.save_pretrained(tmp)
+        if noise_scheduler is not None:
+            noise_scheduler.save_config(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         if replace:
             os.replace(out, old)
@@ -566,7 +577,8 @@ def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: 
     extra = sorted(
         p.name
         for p in out.iterdir()
-        if p.name != "config.json" and not p.name.startswith(WEIGHTS_STEM)
+        if p.name not in ("config.json", SCHEDULER_CONFIG_NAME)
+        and not p.name.startswith(WEIGHTS_STEM)
     )
     if extra:
         raise TrainingConflict(

@@ -43,8 +43,11 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def export_fp16(src: Path, dst: Path) -> int:
-    """Copy a diffusers folder with floating tensors stored as float16; returns the file size."""
+    """Copy a diffusers folder with floating tensors stored as float16, with the noise schedule
+    it records (``scheduler_config.json``) if any; returns the weights file's size."""
     from safetensors.torch import load_file, save_file
+
+    from ..schedulers import CONFIG_NAME
 
     for name in ("config.json", WEIGHTS_FILE):
         if not (src / name).is_file():
@@ -53,6 +56,8 @@ def export_fp16(src: Path, dst: Path) -> int:
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "config.json", dst / "config.json")
+    if (src / CONFIG_NAME).is_file():
+        shutil.copyfile(src / CONFIG_NAME, dst / CONFIG_NAME)
     atomic_write(dst / WEIGHTS_FILE, lambda tmp: save_file(half, tmp))
     return (dst / WEIGHTS_FILE).stat().st_size
 

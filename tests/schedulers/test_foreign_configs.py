@@ -165,11 +165,17 @@ def test_values_and_overrides_stay_validated_and_own_configs_strict():
         DDIMScheduler.from_config({**pndm, "timestep_spacing": "karras"})
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="skip_prk_step"):
         DDIMScheduler.from_config(pndm, skip_prk_step=False)  # overrides are never dropped
-    # our own class, or none: an unknown key is refused (a typo, most likely)
-    for name in ("DDIMScheduler", None):
-        config = {"beta_start": 0.001, "skip_prk_steps": True, "_class_name": name}
-        with pytest.raises(ConfigError, match="skip_prk_steps"):
-            DDIMScheduler.from_config({k: v for k, v in config.items() if v is not None})
+    # no class: an unknown key is refused, a diffusers one too; our own class: a key no
+    # diffusers scheduler has is refused (a typo, most likely), others' keys are dropped
+    # (tests/schedulers/test_diffusers_keys.py)
+    with pytest.raises(ConfigError, match="skip_prk_steps"):
+        DDIMScheduler.from_config({"beta_start": 0.001, "skip_prk_steps": True})
+    for config in (
+        {"skip_prk_step": True},
+        {"skip_prk_step": True, "_class_name": "DDIMScheduler"},
+    ):
+        with pytest.raises(ConfigError, match="skip_prk_step"):
+            DDIMScheduler.from_config(config)
     # the sibling's config: its own keys go silently, a third class's with the warning
     ddpm = {**DDPMScheduler().config, "_class_name": "DDPMScheduler", "skip_prk_steps": True}
     with pytest.warns(UserWarning, match=r"'DDPMScheduler' config's key\(s\) \['skip_prk_steps'\]"):

@@ -350,7 +350,7 @@ def test_alphas_match_diffusers():
         (DDIMScheduler, "beta_schedule", "laplace"),
         (DDIMScheduler, "beta_schedule", "sigmoid"),
         (DDPMScheduler, "no_such_key", 1),
-        (DDIMScheduler, "variance_type", "fixed_small"),
+        (DDIMScheduler, "variance_typ", "fixed_small"),
     ],
 )
 def test_unsupported_config_raises_naming_the_key(cls, key, value):
