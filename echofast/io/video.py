@@ -40,6 +40,7 @@ from ..fsutil import atomic_write
 from . import pixels
 
 __all__ = [
+    "AVI_MAX_FPS",
     "BACKENDS",
     "CHUNK_FRAMES",
     "CONTAINERS",
@@ -62,6 +63,9 @@ __all__ = [
 MJPEG_QSCALE = 1
 """JPEG quantiser scale of written MJPEG frames: 1 is the best quality FFmpeg offers
 (the reference asks imageio for quality 10, i.e. ``-qscale:v 1``)."""
+
+AVI_MAX_FPS = 1000
+"""Highest frame rate an AVI holds: FFmpeg's AVI muxer stores a higher video rate as 600."""
 
 READ_CODECS = ("mjpeg", "h264", "ffv1", "rawvideo", "png", "gif")
 """Video codecs :func:`read_video` decodes."""
@@ -771,10 +775,49 @@ def reference_uint8(frames: torch.Tensor) -> torch.Tensor:
     return ((x + 1) * 128).clamp_(0, 255).to(torch.uint8)
 
 
+def _fps_text(fps: object) -> str:
+    """``fps`` for a message: at most 40 characters (a huge int or Fraction has no repr)."""
+    try:
+        text = str(fps)
+    except ValueError:
+        return f"a {type(fps).__name__} too large to print"
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _avi_rate(fps: Any, path: Path) -> Fraction:
+    """The rate an AVI stores for ``fps``: the nearest ratio with denominator <= 1001, which
+    must be within 0.1 % of ``fps`` and at most ``AVI_MAX_FPS``; else VideoEncodeError naming
+    ``path`` and ``fps``."""
+    if isinstance(fps, bool | np.bool_ | str | bytes):
+        raise VideoEncodeError(
+            f"{path}: fps must be a number, got {type(fps).__name__} {_fps_text(repr(fps))}"
+        )
+    try:
+        rate = fps if isinstance(fps, Fraction) else Fraction(float(fps))
+    except (TypeError, ValueError, OverflowError):
+        raise VideoEncodeError(
+            f"{path}: fps must be a finite positive number, got {_fps_text(fps)}"
+        ) from None
+    if not rate > 0:
+        raise VideoEncodeError(f"{path}: fps must be positive, got {_fps_text(fps)}")
+    stored = rate.limit_denominator(1001)
+    if not stored > 0 or abs(stored - rate) > rate * Fraction(1, 1000):
+        raise VideoEncodeError(
+            f"{path}: fps {_fps_text(fps)} cannot be stored in an AVI (a ratio with "
+            "denominator <= 1001)"
+        )
+    if stored > AVI_MAX_FPS:
+        raise VideoEncodeError(
+            f"{path}: fps {_fps_text(fps)} cannot be stored in an AVI (FFmpeg would store "
+            f"600): an AVI holds at most {AVI_MAX_FPS} fps"
+        )
+    return stored
+
+
 def write_video(
     path: str | os.PathLike,
     frames: torch.Tensor | np.ndarray,
-    fps: float,
+    fps: float | Fraction,
     *,
     codec: str = "mjpeg",
     backend: str = "auto",
@@ -784,25 +827,17 @@ def write_video(
 
     ``frames``: gray (T, H, W) or RGB (T, H, W, 3), uint8 pixel values or float (float32 /
     float16 / bfloat16) in [−1, 1] made uint8 with the reference's truncation; on CPU or CUDA;
-    H and W even. The file appears atomically: it is written to a temporary file in the same
-    folder, synced, then renamed over ``path``. On any error nothing is left behind.
-    ``backend`` as in :func:`read_video`.
+    H and W even. ``fps``: a number (not a bool or str) that an AVI stores: within 0.1 % of a
+    ratio with denominator <= 1001 and at most ``AVI_MAX_FPS``; other rates raise
+    VideoEncodeError naming the file and the rate. The file appears atomically: it is written
+    to a temporary file in the same folder, synced, then renamed over ``path``. On any error
+    nothing is left behind. ``backend`` as in :func:`read_video`.
     """
     import av
 
     path = Path(path)
     tensor = _frames_tensor(frames, path)
-    try:
-        rate = fps if isinstance(fps, Fraction) else Fraction(float(fps))
-    except (TypeError, ValueError, OverflowError):
-        raise VideoEncodeError(f"{path}: fps must be a positive number, got {fps!r}") from None
-    if not rate > 0:
-        raise VideoEncodeError(f"{path}: fps must be positive, got {fps}")
-    stored = rate.limit_denominator(1001)
-    if not stored > 0 or abs(stored - rate) > rate * Fraction(1, 1000):
-        raise VideoEncodeError(
-            f"{path}: fps {fps} cannot be stored in an AVI (a ratio with denominator <= 1001)"
-        )
+    stored = _avi_rate(fps, path)
     if path.suffix.lower() != ".avi":
         raise VideoEncodeError(f"{path}: write_video writes AVI files; the name must end in .avi")
     if codec != "mjpeg":
@@ -838,7 +873,7 @@ def write_video(
             container.mux(stream.encode())
             if stream.time_base != 1 / stored:
                 raise VideoEncodeError(
-                    f"{path}: fps {fps} cannot be stored in an AVI (FFmpeg would store "
+                    f"{path}: fps {_fps_text(fps)} cannot be stored in an AVI (FFmpeg would store "
                     f"{float(1 / stream.time_base):g})"
                 )
 

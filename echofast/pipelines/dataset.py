@@ -408,8 +408,6 @@ def _check_avi_rate(fps: float) -> None:
             raise GenerationArgumentError(
                 f"--fps {fps:g}: {str(err).removeprefix(f'{path}: ')}"
             ) from None
-        except OverflowError:
-            raise GenerationArgumentError(f"--fps {fps:g} cannot be stored in an AVI") from None
 
 
 TEMPORARY_SUFFIX = ".avi.XXXXXXXX.tmp"
@@ -495,6 +493,7 @@ def _check_sampling(cfg: GenerateConfig, device: torch.device) -> None:
 
 def _check_privacy_arguments(cfg: GenerateConfig) -> None:
     """The privacy options of a filtered job (see :func:`_generate_private`)."""
+    from ..privacy.data import ShiftToleranceError, check_reference_shift_tolerance
     from ..privacy.model import NORMALIZATIONS
 
     if cfg.privacy is None or cfg.reference_latents is None:
@@ -525,6 +524,12 @@ def _check_privacy_arguments(cfg: GenerateConfig) -> None:
             f"--privacy-normalization must be one of {list(NORMALIZATIONS)}, got "
             f"{cfg.privacy_normalization!r}"
         )
+    try:
+        check_reference_shift_tolerance(
+            cfg.privacy_shift_tolerance, cfg.reference_latents, option="--privacy-shift-tolerance"
+        )
+    except ShiftToleranceError as err:
+        raise GenerationArgumentError(str(err)) from None
 
 
 def _check_arguments(cfg: GenerateConfig) -> None:

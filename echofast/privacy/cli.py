@@ -16,6 +16,7 @@ import torch
 
 from ..errors import EchofastError
 from ..fsutil import atomic_write_text
+from .data import check_reference_shift_tolerance
 from .report import (
     DEFAULT_AUC_THRESHOLD,
     REPORT_JSON,
@@ -74,7 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="R",
         help="also match frames moved by up to R latent pixels (calibration included); 0 = exact "
-        "matching, the reference (see README, Privacy)",
+        "matching, the reference; at most (min(h, w) - 1) // 2 for h x w latent frames (see "
+        "README, Privacy)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -105,6 +107,12 @@ def _csv(rows: list[list], header: list[str]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+def _check_shift_tolerance(a: argparse.Namespace) -> None:
+    """Refuse a ``--shift-tolerance`` that the reference's frame size does not allow, before
+    any work (naming the option)."""
+    check_reference_shift_tolerance(a.shift_tolerance, a.reference, option="--shift-tolerance")
 
 
 def _setup(a: argparse.Namespace) -> FilterSetup:
@@ -152,6 +160,7 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
         p.error("--frame-step must be >= 0 and --candidate-frame-step >= 1")
     out = Path(a.out)
     _refuse_conflict(out)
+    _check_shift_tolerance(a)
     names, paths, clips = load_candidates(a.candidates)
     setup = _setup(a)
     setup.filter.check_clips(clips, paths)
@@ -253,6 +262,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
         p.error("--num-planted must be >= 1 and strengths in (0, 1]")
     out = Path(a.out)
     _refuse_conflict(out)
+    _check_shift_tolerance(a)
     setup = _setup(a)
     audit, scores = run_audit(
         setup,

@@ -47,6 +47,7 @@ from ..data.datasets import (
     load_latents,
     read_latent_records,
 )
+from ..errors import EchofastError
 from .model import normalize_clip
 
 
@@ -63,10 +64,15 @@ def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out if x.dim() == 4 else out[0]
 
 
+class ShiftToleranceError(EchofastError, ValueError):
+    """A shift tolerance that is not an int >= 0, or that leaves no interior of the latent frames
+    (see :func:`max_shift_tolerance`)."""
+
+
 def shift_offsets(tolerance: int) -> list[tuple[int, int]]:
     """Every (dy, dx) with |dy|, |dx| <= ``tolerance``, the identity first."""
     if tolerance < 0:
-        raise ValueError(f"shift tolerance must be >= 0, got {tolerance}")
+        raise ShiftToleranceError(f"shift tolerance must be >= 0, got {tolerance}")
     r = range(-tolerance, tolerance + 1)
     return [(0, 0)] + [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
 
@@ -169,6 +175,78 @@ def check_frame_shapes(
     for clip, where in zip(clips, sources):
         shape = check_frame_shape(clip, str(where), shape, expected_from)
     return shape
+
+
+def max_shift_tolerance(frame_shape: Sequence[int]) -> int:
+    """The largest shift tolerance R that latent frames (C, h, w) allow: R replaces each frame's
+    outer R-pixel ring with its replicated interior, so an interior must be left, 2R < h and
+    2R < w."""
+    return (min(int(v) for v in frame_shape[-2:]) - 1) // 2
+
+
+def check_shift_tolerance(
+    tolerance: int,
+    frame_shape: Sequence[int] | None = None,
+    *,
+    option: str = "shift_tolerance",
+    frames_from: str = "the reference",
+) -> int:
+    """``tolerance`` as an int, refused with :class:`ShiftToleranceError` naming ``option``
+    unless it is an int >= 0 and (with ``frame_shape``, that of ``frames_from``'s frames) at most
+    :func:`max_shift_tolerance`."""
+    if isinstance(tolerance, bool | np.bool_) or not isinstance(tolerance, int | np.integer):
+        raise ShiftToleranceError(f"{option} must be an int >= 0, got {tolerance!r}")
+    if tolerance < 0:
+        raise ShiftToleranceError(f"{option} must be >= 0, got {tolerance}")
+    if frame_shape is not None and tolerance > (most := max_shift_tolerance(frame_shape)):
+        h, w = (int(v) for v in frame_shape[-2:])
+        raise ShiftToleranceError(
+            f"{option} {tolerance}: {frames_from} has {h}x{w} latent frames (shape "
+            f"{tuple(int(v) for v in frame_shape)}), which allow a shift tolerance of at most "
+            f"{most} (R replaces each frame's outer R-pixel ring with its interior: 2R must be "
+            f"below {min(h, w)})"
+        )
+    return int(tolerance)
+
+
+def split_frame_shape(root: str | os.PathLike, split: str = "TRAIN") -> tuple[int, int, int]:
+    """(C, h, w) of the first clip of ``split`` of a latent dataset, read from its file's header
+    (the latents are not loaded)."""
+    from safetensors import safe_open
+
+    records = read_latent_records(root, split)
+    if not records:
+        raise DatasetError(f"{root}: no encoded videos in split {split!r}")
+    path = records[0].path
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            shape = tuple(int(v) for v in fh.get_slice(LATENT_KEY).get_shape())
+    except Exception as err:  # noqa: BLE001 - any unreadable file is named
+        raise DatasetError(
+            f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
+        ) from None
+    if len(shape) not in (3, 4):
+        raise FrameShapeError(
+            f"{path}: expected (T, C, h, w) or (C, h, w) latents, got shape {shape}"
+        )
+    c, h, w = shape[-3:]
+    return c, h, w
+
+
+def check_reference_shift_tolerance(
+    tolerance: int,
+    reference: str | os.PathLike,
+    *,
+    option: str = "shift_tolerance",
+    split: str = "TRAIN",
+) -> int:
+    """:func:`check_shift_tolerance` against the frame shape of ``reference``'s ``split`` (read
+    from one file's header), before any frame is loaded; a tolerance of 0 reads nothing."""
+    tolerance = check_shift_tolerance(tolerance, option=option)
+    if tolerance:
+        shape = split_frame_shape(reference, split)
+        check_shift_tolerance(tolerance, shape, option=option, frames_from=f"{reference} ({split})")
+    return tolerance
 
 
 def select_frames(length: int, frame_step: int) -> list[int]:

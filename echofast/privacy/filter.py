@@ -44,6 +44,8 @@ from .data import (
     LatentClips,
     PairDataset,
     check_frame_shapes,
+    check_reference_shift_tolerance,
+    check_shift_tolerance,
     frames_from_clips,
     load_split_frames,
     shift_offsets,
@@ -324,7 +326,6 @@ class PrivacyFilter:
         device: torch.device | str | None = None,
         shift_tolerance: int = 0,
     ):
-        shift_offsets(shift_tolerance)  # validates
         self.frame_shape = tuple(int(v) for v in frame_shape)
         """(C, h, w) of the reference frames: every frame scored must have it."""
         if len(self.frame_shape) != 3 or self.frame_shape[0] != model.n_channels:
@@ -332,7 +333,9 @@ class PrivacyFilter:
                 f"reference frames of shape {self.frame_shape} (C, h, w) do not suit the "
                 f"re-identification model, which takes {model.n_channels}-channel frames"
             )
-        self.shift_tolerance = int(shift_tolerance)
+        self.shift_tolerance = check_shift_tolerance(
+            shift_tolerance, self.frame_shape, frames_from=GALLERY
+        )
         self.model = model
         self.gallery_unit = gallery_unit
         self.gallery_clip = gallery_clip
@@ -363,7 +366,8 @@ class PrivacyFilter:
         shift_tolerance: int = 0,
     ) -> PrivacyFilter:
         norm = model.normalization
-        offsets = shift_offsets(shift_tolerance)
+        r = check_reference_shift_tolerance(shift_tolerance, reference, split=train_split)
+        offsets = shift_offsets(r)
         train = load_split_frames(
             reference, train_split, frame_step=frame_step, normalization=norm, progress=progress
         )
@@ -385,7 +389,6 @@ class PrivacyFilter:
             expected_from=f"{reference} {train_split}",
         )
         model = model.to(device or "cpu")
-        r = shift_tolerance
         g = unit_rows(
             embed(
                 model,
@@ -421,7 +424,7 @@ class PrivacyFilter:
             num_test_clips=test.num_clips,
             frame_shape=shape,
             device=device,
-            shift_tolerance=shift_tolerance,
+            shift_tolerance=r,
         )
 
     # ---- cache ------------------------------------------------------------------------------

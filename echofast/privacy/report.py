@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..figures import BLUE, GREEN, ORANGE, histogram_png, save_png, text_png
 from ..fsutil import atomic_write_text
+from .data import check_reference_shift_tolerance
 from .filter import (
     ClipScores,
     PrivacyError,
@@ -127,9 +128,11 @@ def setup_filter(
     shift_tolerance: int = 0,
 ) -> FilterSetup:
     """Load the model, apply the fail-closed rule, calibrate τ on ``reference`` (or read the
-    calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same inputs)."""
+    calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same inputs).
+    ``shift_tolerance`` is checked against the reference's frame size first."""
     if not 0 <= auc_threshold <= 1:
         raise ValueError(f"the AUC threshold must be in [0, 1], got {auc_threshold}")
+    shift_tolerance = check_reference_shift_tolerance(shift_tolerance, reference)
     model = load_model(
         model_dir, normalization=normalization, allow_pickle=allow_pickle, device=device
     )

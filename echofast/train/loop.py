@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import json
 import math
 import os
@@ -289,6 +290,11 @@ class Dist:
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
+            # DDP imports torch.distributed.nn.functional lazily; imported once the group exists,
+            # its functions keep the group as a default argument, so destroy_process_group cannot
+            # free it and Gloo's threads run into interpreter shutdown, where one can abort the
+            # process (SIGABRT, "terminate called without an active exception")
+            importlib.import_module("torch.distributed.nn.functional")
             dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
             self.owns_group = True
         if self.world > 1:

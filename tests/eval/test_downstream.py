@@ -367,11 +367,25 @@ def test_cli_ef(small_phantoms, tmp_path, capsys):
         downstream.main_evaluate([*argv[:-1], "--layers", "1,1"])
 
 
-SCRIPT = (
-    "import sys\n"
-    "from echofast.eval.downstream import main_evaluate\n"
-    "sys.exit(main_evaluate(sys.argv[1:]))\n"
-)
+SCRIPT = """
+import os
+import sys
+
+from echofast.eval.downstream import main_evaluate
+
+code = main_evaluate(sys.argv[1:])
+names = []
+if os.path.isdir("/proc/self/task"):
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                names.append(fh.read().strip())
+        except OSError:
+            pass
+left = sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+print("distributed threads left:", left)
+sys.exit(code or (3 if left else 0))
+"""
 
 
 def _free_port() -> int:
@@ -383,7 +397,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_ranks(small_phantoms, tmp_path):
     """Two Gloo ranks (env:// as under torchrun) train one epoch; the sharded, gathered TEST
-    predictions equal a single-process evaluation of the saved best weights."""
+    predictions equal a single-process evaluation of the saved best weights. When the command
+    returns, no Gloo or TCPStore thread is left (DDP's lazy import kept the process group alive
+    after destroy_process_group, and its threads met interpreter shutdown: a rare SIGABRT)."""
     script = tmp_path / "ef_main.py"
     script.write_text(SCRIPT)
     out = tmp_path / "ddp"
@@ -446,6 +462,7 @@ def test_ddp_two_ranks(small_phantoms, tmp_path):
             log.close()
     logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in range(2))
     assert codes == [0, 0], logs
+    assert logs.count("distributed threads left: []") == 2, logs
     result = json.loads((out / "results.json").read_text())
     assert result["world_size"] == 2 and result["results"]["test"]["all_clips"]["n"] == 3
     assert len((out / "log.csv").read_text().splitlines()) == 2

@@ -5,6 +5,7 @@ non-empty ``--out`` before any work. Tiny random latents and an untrained model:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from echofast.cli import main
 from echofast.data import write_filelist
 from echofast.privacy import PrivacyError, PrivacyFilter, ReIdentificationModel, setup_filter
 from echofast.privacy.audit import run_audit
-from echofast.privacy.data import FrameShapeError
+from echofast.privacy.data import FrameShapeError, ShiftToleranceError
 from echofast.privacy.metrics import AUCResult
 from echofast.privacy.report import FilterSetup
 
@@ -186,3 +187,57 @@ def test_non_empty_out_is_refused_before_the_work(
         )
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("command", ["privacy-filter", "privacy-audit"])
+@pytest.mark.parametrize(
+    ("tolerance", "message"),
+    [
+        ("3", r"--shift-tolerance 3: .*reference.* \(TRAIN\) has 6x6 latent frames .* at most 2"),
+        ("100", r"--shift-tolerance 100: .* 6x6 latent frames .* at most 2"),
+        ("-1", r"--shift-tolerance must be >= 0, got -1"),
+    ],
+    ids=["3", "100", "-1"],
+)
+def test_shift_tolerance_the_frames_do_not_allow_is_refused_before_the_work(
+    model_dir, reference, tmp_path, capsys, monkeypatch, command, tolerance, message
+):
+    """A ring as wide as half the latent frame left nothing to embed (an untyped RuntimeError
+    from torch after the candidates were read and the filter set up)."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before --shift-tolerance was checked")
+
+    monkeypatch.setattr(privacy_cli, "setup_filter", no_work)
+    monkeypatch.setattr("echofast.privacy.data.load_candidates", no_work)
+    out = tmp_path / "out"
+    extra = ["--candidates", str(reference)] if command == "privacy-filter" else []
+    args = [command, *_common(model_dir, reference, out), *extra]
+    assert main([*args, "--shift-tolerance", tolerance]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: ShiftToleranceError: {message}", err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_setup_filter_checks_the_shift_tolerance_first(model_dir, reference, monkeypatch):
+    import echofast.privacy.filter as privacy_filter
+    import echofast.privacy.report as privacy_report
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before shift_tolerance was checked")
+
+    monkeypatch.setattr(privacy_report, "model_strength", no_work)
+    monkeypatch.setattr(privacy_filter, "load_split_frames", no_work)
+    with pytest.raises(ShiftToleranceError, match=r"shift_tolerance 3: .* 6x6 latent frames"):
+        setup_filter(model_dir, reference, shift_tolerance=3)
+    model = ReIdentificationModel(layers=(1, 1, 1, 1), width=8, n_features=32)
+    with pytest.raises(ShiftToleranceError, match=r"shift_tolerance 3: .* 6x6 latent frames"):
+        PrivacyFilter.from_reference(model, reference, shift_tolerance=3)
+
+
+def test_largest_shift_tolerance_the_frames_allow_filters(model_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["privacy-filter", *_common(model_dir, reference, out), "--candidates"]
+    assert main([*args, str(reference), "--shift-tolerance", "2"]) == 0
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert '"shift_tolerance": 2' in json.dumps(report)

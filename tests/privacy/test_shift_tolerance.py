@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from echofast.privacy import PrivacyFilter, ReIdentificationModel, unit_rows
-from echofast.privacy.data import shift_offsets, shifted_view, translate
+from echofast.privacy.data import (
+    ShiftToleranceError,
+    check_shift_tolerance,
+    max_shift_tolerance,
+    shift_offsets,
+    shifted_view,
+    translate,
+)
 from echofast.privacy.filter import (
     Calibration,
     calibrate,
@@ -31,6 +38,46 @@ def test_offsets_and_views():
     assert torch.equal(moved, normalize_clip(translate(x, 1, -1), "frame"))
     assert torch.equal(moved[2], normalize_clip(translate(x[2], 1, -1)[None], "frame")[0])
     assert torch.equal(shifted_view(x, 0, 1, "clip"), translate(x, 0, 1))
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 3), (6, 6), (7, 7), (6, 9), (12, 5)])
+def test_tolerance_range_leaves_an_interior(hw):
+    """R replaces the outer R-pixel ring: every view works up to (min(h, w) - 1) // 2, and one
+    more is refused naming the option and the frame size (it failed inside torch)."""
+    shape = (4, *hw)
+    most = max_shift_tolerance(shape)
+    assert most == (min(hw) - 1) // 2 and 2 * most < min(hw) <= 2 * (most + 1)
+    x = torch.randn(3, *shape)
+    for dy, dx in shift_offsets(most):
+        assert shifted_view(x, dy, dx, "frame", most).shape == x.shape
+    assert check_shift_tolerance(most, shape, option="--shift-tolerance") == most
+    h, w = hw
+    message = rf"--shift-tolerance {most + 1}: .* {h}x{w} latent frames .* at most {most}"
+    with pytest.raises(ShiftToleranceError, match=message):
+        check_shift_tolerance(most + 1, shape, option="--shift-tolerance")
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "message"),
+    [
+        (-1, "must be >= 0, got -1"),
+        (True, "must be an int"),
+        (1.0, "must be an int"),
+        ("1", "must be an int >= 0, got .1."),
+    ],
+)
+def test_tolerance_must_be_an_int_at_least_zero(tolerance, message):
+    with pytest.raises(ShiftToleranceError, match=f"^--opt {message}"):
+        check_shift_tolerance(tolerance, (4, 6, 6), option="--opt")
+
+
+def test_filter_refuses_a_tolerance_its_frames_do_not_allow(model):
+    gallery = unit_rows(torch.randn(2, 32))
+    args = (model, gallery, ["a", "b"], np.zeros(2, dtype=np.int64), Calibration(0.9, 95.0, []))
+    kw = dict(frame_step=0, num_test_frames=1, num_train_clips=2, num_test_clips=1)
+    assert PrivacyFilter(*args, **kw, frame_shape=(4, 6, 6), shift_tolerance=2).shift_tolerance == 2
+    with pytest.raises(ShiftToleranceError, match=r"shift_tolerance 3: .* 6x6 latent frames"):
+        PrivacyFilter(*args, **kw, frame_shape=(4, 6, 6), shift_tolerance=3)
 
 
 def test_max_over_views_matches_brute_force():
