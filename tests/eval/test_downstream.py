@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.threads import one_torch_thread
 
 import echofast
 from echofast.data.echonet import write_filelist
@@ -34,13 +35,7 @@ from echofast.eval.weights import save_weights
 from echofast.figures import bland_altman_png, save_png, scatter_png
 from echofast.io import write_video
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_threads = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def test_metrics_match_reference_formulas():

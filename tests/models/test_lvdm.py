@@ -12,6 +12,7 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 from support.models import build_diffusers, randomize_norms, rel_err
+from support.threads import one_torch_thread
 from support.weights import TINY_LVDM
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -48,6 +49,9 @@ GENERAL_CONFIG = {
     "addition_time_embed_dim": 4,
     "projection_class_embeddings_input_dim": 8,
 }
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _randomized(config: dict, seed: int = 0) -> torch.nn.Module:
@@ -620,16 +624,27 @@ def test_pipeline_gives_a_compiled_lvdm_the_precomputed_inputs(monkeypatch):
     calls = []
     forward = ours.forward
 
+    @torch._dynamo.disable
+    def record(kwargs):  # outside the trace: appending there made dynamo guard on len(calls)
+        calls.append(kwargs)  # and compile the whole model again at every step
+
     def spy(*args, **kwargs):
-        calls.append(kwargs)
+        record(kwargs)
         return forward(*args, **kwargs)
+
+    graphs = []
+
+    def eager(gm, example_inputs):  # backend="eager", counting the graphs it is given
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
 
     monkeypatch.setattr(ours, "forward", spy)
     torch._dynamo.reset()
-    compiled = torch.compile(ours, backend="eager", dynamic=False)
+    compiled = torch.compile(ours, backend=eager, dynamic=False)
     assert echofast_model(compiled, LVDM) is ours and echofast_model(ours, LVDM) is ours
     latents = LVDMPipeline(compiled)(cond, [55.0], **kw).latents
     torch._dynamo.reset()
+    assert graphs and max(graphs) > 100  # the UNet itself was traced, not only the spy
     assert calls and all(c["time_features"] is not None for c in calls)
     assert all(c["channels_last_output"] for c in calls)
     torch.testing.assert_close(latents, plain, rtol=1e-5, atol=1e-5)

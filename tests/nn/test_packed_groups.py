@@ -11,9 +11,12 @@ import torch
 from support.configs import LIDM_SMALL_CONFIG, LVDM_SMALL_CONFIG
 from support.dispatch import CountOps
 from support.models import rel_err
+from support.threads import one_torch_thread
 
 from echofast.models import LIDM, LVDM
 from echofast.nn._packing import adjacent
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _lvdm():

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.threads import one_torch_thread
 from support.weights import TINY_LIDM, TINY_LVDM
 
 from echofast.models import LIDM, LVDM
 from echofast.pipelines import LIDMPipeline, LVDMPipeline, lidm, lvdm
 
 BF16 = torch.bfloat16
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture

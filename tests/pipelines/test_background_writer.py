@@ -20,6 +20,7 @@ import torch
 from pipelines.test_generate import N
 from pipelines.test_generate import _cfg as generate_cfg
 from privacy.phantom_latents import write_phantom_latents
+from support.threads import one_torch_thread
 
 import echofast.io.writer as writer_mod
 from echofast.fsutil import atomic_write
@@ -28,6 +29,9 @@ from echofast.privacy import ReIdentificationModel
 
 JOURNAL = Path(".echofast") / "journal-0of1.jsonl"
 ATTEMPTS = Path(".echofast") / "privacy" / "attempts.jsonl"
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _cfg(weights_root, out, **kw) -> GenerateConfig:
@@ -106,6 +110,8 @@ DRIVER = textwrap.dedent(
     import dataclasses, json, sys, time
     from pathlib import Path
 
+    import torch
+
     import echofast.io.writer as w
     from echofast.pipelines.dataset import GenerateConfig, Shard, generate_dataset
 
@@ -113,6 +119,7 @@ DRIVER = textwrap.dedent(
     args["shard"] = Shard(**args["shard"])
     cfg = GenerateConfig(**args)
     marker = Path(sys.argv[2])
+    torch.set_num_threads(int(sys.argv[3]))  # the test's: its video 0 meets the resumed ones
     real, calls = w.write_video, []
 
     def stuck_on_second(path, frames, fps):
@@ -138,7 +145,14 @@ def test_kill_9_with_videos_queued_then_resume(inline_run, weights_root, tmp_pat
     out, marker = tmp_path / "ds", tmp_path / "queued"
     cfg = _cfg(weights_root, out, writer_threads=1)
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, json.dumps(dataclasses.asdict(cfg)), str(marker)],
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            json.dumps(dataclasses.asdict(cfg)),
+            str(marker),
+            str(torch.get_num_threads()),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

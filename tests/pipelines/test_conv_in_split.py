@@ -15,12 +15,16 @@ from __future__ import annotations
 import pytest
 import torch
 from support.models import randomize_norms, rel_err
+from support.threads import one_torch_thread
 from support.weights import TINY_LVDM
 
 from echofast.models import LVDM
 from echofast.pipelines import LVDMPipeline
 
 PIPE_TOL = 1e-5
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _model(config=TINY_LVDM, seed=0) -> LVDM:

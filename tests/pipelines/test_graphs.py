@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.threads import one_torch_thread
 from support.weights import TINY_LIDM, TINY_LVDM
 
 from echofast.errors import BackendUnavailable, NonFiniteError
@@ -23,6 +24,8 @@ from echofast.models import LIDM, LVDM
 from echofast.pipelines import LIDMPipeline, LVDMPipeline, common, graphs
 from echofast.pipelines.graphs import CUDAGraphUNet, not_supported_reasons, signature
 from echofast.rng import randn_tensor
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def cuda(test):

@@ -13,6 +13,7 @@ from diffusers import (
     UNetSpatioTemporalConditionModel,
 )
 from support.models import rel_err
+from support.threads import one_torch_thread
 from support.weights import make_weights_root
 
 from echofast.models import LIDM, LVDM, VAE
@@ -22,6 +23,9 @@ from echofast.schedulers import DDPMScheduler as OurDDPM
 
 STEPS = 6
 TOL = 1e-5
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _gens(seeds):
