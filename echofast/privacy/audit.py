@@ -9,8 +9,9 @@ caught (max correlation ≥ τ) per kind, with a Wilson 95% interval:
 - ``brightness``: per-channel gain U(0.9, 1.1) and offset U(−0.1, 0.1)·std;
 - ``noise``: plus Gaussian noise of 0.05·std;
 - ``renoise_<s>``: partially re-noised to timestep ``s·1000`` (x_t = √ᾱ·x + √(1−ᾱ)·ε) and
-  denoised. With a LIDM (``--lidm``: a LIDM folder or a weights root) the reference sampler runs
-  from that timestep to 0 (SDEdit). Without one, the denoiser is the posterior mean under a
+  denoised. With a LIDM (``--lidm``: a LIDM folder or a weights root) the sampler its folder
+  records (``scheduler_config.json``, else the reference sampler) runs from that timestep to 0
+  (SDEdit). Without one, the denoiser is the posterior mean under a
   per-element Gaussian prior fitted to the TRAIN reference frames,
   ``x̂ = μ + √ᾱ·σ²/(ᾱ·σ² + 1 − ᾱ)·(x_t − √ᾱ·μ)``, which pulls the copy toward the data mean
   by the same amount of signal the noise destroyed (the report names the denoiser used);
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ from .data import frames_from_clips, select_frames, translate
 from .filter import PrivacyError
 from .metrics import wilson_interval
 from .report import FilterSetup
+
+if TYPE_CHECKING:
+    from ..schedulers import SchedulerBase
 
 LIGHT_KINDS = ("exact", "shift", "brightness", "noise")
 DEFAULT_STRENGTHS = (0.1, 0.25, 0.5)
@@ -83,13 +87,19 @@ def _timestep(scheduler, strength: float) -> tuple[int, list[int]]:
 
 @torch.no_grad()
 def renoise_lidm(
-    x0: torch.Tensor, strength: float, lidm, *, seed: int, batch_size: int = 32
+    x0: torch.Tensor,
+    strength: float,
+    lidm,
+    *,
+    seed: int,
+    batch_size: int = 32,
+    scheduler: SchedulerBase | None = None,
 ) -> torch.Tensor:
-    """SDEdit with the reference sampler: noise (N, C, h, w) latents to ``strength`` and run the
-    LIDM back to t = 0. Sample ``i`` draws from its own generator."""
+    """SDEdit with ``scheduler`` (None: the reference sampler): noise (N, C, h, w) latents to
+    ``strength`` and run the LIDM back to t = 0. Sample ``i`` draws from its own generator."""
     from ..pipelines.common import latent_padding, pad_replicate, reference_scheduler, unpad
 
-    sched = reference_scheduler()
+    sched = reference_scheduler() if scheduler is None else scheduler
     t0, steps = _timestep(sched, strength)
     cfg = lidm.config
     pad = latent_padding(x0.shape[-1], 2 ** (len(cfg.block_out_channels) - 1))
@@ -174,10 +184,19 @@ def run_audit(
         [noise(x, _gen(seed, i, "audit-noise")) for i, x in enumerate(base)]
     )
     if lidm is not None:
+        from ..pipelines.common import model_scheduler
+        from ..schedulers import CONFIG_NAME
+
         model, folder = _load_lidm(lidm, dataset)
-        denoiser = f"LIDM {folder.name} (reference DDPM sampler from the re-noised timestep)"
+        sched = model_scheduler(folder)
+        sampler = (
+            f"its recorded {type(sched).__name__} sampler, {CONFIG_NAME}"
+            if (folder / CONFIG_NAME).is_file()
+            else "reference DDPM sampler"
+        )
+        denoiser = f"LIDM {folder.name} ({sampler}, from the re-noised timestep)"
         for s in strengths:
-            planted[f"renoise_{s:g}"] = renoise_lidm(base, s, model, seed=seed)
+            planted[f"renoise_{s:g}"] = renoise_lidm(base, s, model, seed=seed, scheduler=sched)
     else:
         frames = torch.stack([raw[c][f] for c, f in sources]).float()
         mean, var = frames.mean(0), frames.var(0, unbiased=False)
