@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--csv", type=Path, help="append one row per implementation and precision")
     a = p.parse_args(argv)
+    from echofast.ops._triton import triton_too_old
+
+    if triton_too_old():  # the dispatcher would pick torch everywhere: no estimate of the GPU's
+        p.error(f"{triton_too_old()}: the CUDA dispatch cannot be reproduced")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 

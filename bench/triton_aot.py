@@ -42,6 +42,11 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
     sys.exit("triton_aot.py compiles kernels: unset TRITON_INTERPRET")
 
+from echofast.ops._triton import triton_too_old  # noqa: E402
+
+if triton_too_old():  # its compiler API differs too (ASTSource, attributes)
+    sys.exit(f"triton_aot.py: {triton_too_old()}")
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.triton_interp import require_triton
 
-pytest.importorskip("triton", reason="triton is not importable")
+require_triton()
 pytest.importorskip("diffusers", reason="the baseline is diffusers' UNet")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernels_cpu.py"

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from support.triton_interp import require_triton
 
-pytest.importorskip("triton", reason="triton is not importable")
+require_triton()
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "triton_aot.py"
 

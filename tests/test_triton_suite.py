@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.triton_interp import require_triton
 
 TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreting")
 def test_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton", reason="triton is not importable")
+    require_triton()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "triton")],

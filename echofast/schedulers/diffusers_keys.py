@@ -12,8 +12,13 @@ from __future__ import annotations
 DIFFUSERS_SCHEDULER_KEYS_VERSION = "0.42.1"
 """The diffusers version :data:`DIFFUSERS_SCHEDULER_KEYS` was taken from."""
 
-DIFFUSERS_SCHEDULER_KEYS: frozenset[str] = frozenset(
-    """
+REMOVED_CLASS_KEYS: frozenset[str] = frozenset({"dtype"})
+"""Keys only classes that diffusers has since removed had: the Flax schedulers' ``dtype``
+(diffusers 0.35.2 still ships them)."""
+
+DIFFUSERS_SCHEDULER_KEYS: frozenset[str] = (
+    frozenset(
+        """
     algorithm_type alpha_cum_end alpha_cum_start base_image_seq_len base_shift beta_end beta_max
     beta_min beta_schedule beta_start block_length clip_denoised clip_sample clip_sample_range
     correct_steps corrector_k corrector_order corrector_selection corrector_selection_tau
@@ -32,7 +37,10 @@ DIFFUSERS_SCHEDULER_KEYS: frozenset[str] = frozenset(
     use_beta_sigmas use_dynamic_shifting use_exponential_sigmas use_flow_sigmas use_karras_sigmas
     use_lu_lambdas variance_type
     """.split()
+    )
+    | REMOVED_CLASS_KEYS
 )
 """Every ``__init__`` (config) key of diffusers' scheduler classes (those of
 ``diffusers/schedulers/scheduling_*.py``, the deprecated ones and those behind optional
-dependencies included) as of diffusers :data:`DIFFUSERS_SCHEDULER_KEYS_VERSION`."""
+dependencies included) as of diffusers :data:`DIFFUSERS_SCHEDULER_KEYS_VERSION`, and the keys of
+classes removed since: :data:`REMOVED_CLASS_KEYS`."""

@@ -196,7 +196,7 @@ def unet_dir(tmp_path, unet):
         ("block_out_channels", 32, "'block_out_channels'.*32 \\(int\\).*list of int"),
         ("norm_eps", True, "'norm_eps'.*True \\(bool\\).*float"),
         ("down_block_types", ["DownBlock2D", 2, "DownBlock2D"], "'down_block_types'"),
-        ("norm_num_groups", 5, r"must be divisible by num_groups \(5\)"),
+        ("norm_num_groups", 5, r"must be divisible by num_groups"),  # torch's words
         ("in_channels", -1, "negative dimension -1"),
     ],
 )

@@ -152,3 +152,49 @@ def test_triton_backends_say_when_triton_is_missing(monkeypatch):
         if name != "group_norm":  # group_norm's reasons are cached per argument metadata
             assert reasons[0] == "triton is not installed", (name, reasons)
         assert reasons, name
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "3.5.1", "2.3.1"])
+def test_a_triton_older_than_the_checked_one_is_refused(version, monkeypatch):
+    """Triton releases older than the kernels were checked with (the ones torch <= 2.10 pins):
+    every Triton backend gives the version as its reason, automatic dispatch falls back quietly,
+    and a forced Triton backend fails loudly with the version."""
+    import importlib.metadata
+
+    from echofast.ops import _triton
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda d: version if d == "triton" else real(d)
+    )
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU's cheap checks pass: only the version
+    _triton.triton_too_old.cache_clear()
+    try:
+        want = f"triton {version} is older than 3.6, the oldest release these kernels are checked"
+        for name, op in registered_ops().items():
+            if "triton" not in op.backends or name == "group_norm":  # (cached per metadata)
+                continue
+            args, kwargs = op._example("cpu")
+            reasons = op.backends["triton"].not_supported_reasons(*args, **kwargs)
+            assert len(reasons) == 1 and reasons[0].startswith(want), (name, reasons)
+            assert op.select(*args, **kwargs).name != "triton", name
+        y = torch.randn(2, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+        add = registered_ops()["bias_residual"]
+        with pytest.raises(BackendUnavailable, match=rf"triton {version} is older than 3\.6"):
+            add(y, residual=y.clone(), backend="triton")
+    finally:
+        _triton.triton_too_old.cache_clear()
+
+
+@pytest.mark.parametrize(("version", "old"), [("3.6.0", False), ("3.10.2", False), ("3.5.9", True)])
+def test_triton_version_comparison_is_numeric(version, old, monkeypatch):
+    import importlib.metadata
+
+    from echofast.ops import _triton
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: version)
+    _triton.triton_too_old.cache_clear()
+    try:
+        assert (_triton.triton_too_old() is not None) == old
+    finally:
+        _triton.triton_too_old.cache_clear()

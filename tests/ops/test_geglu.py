@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers.models.activations import GEGLU as DiffusersGEGLU
+from support.triton_interp import require_triton
 
 from echofast.errors import BackendUnavailable
 from echofast.nn.spatiotemporal import GEGLU
@@ -159,7 +160,8 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses(dtype, approx_tanh):
     non-constexpr globals are an error there only) through PTX and cubin for an H100 (sm_90) with
     the bundled ptxas. With 16-divisible pointers, D and row strides (the model's case) every
     load and store is a 16-byte vector access."""
-    triton = pytest.importorskip("triton")
+    require_triton()
+    import triton
     from triton.backends import backends
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

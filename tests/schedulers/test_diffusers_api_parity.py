@@ -11,6 +11,7 @@ import inspect
 import json
 import random
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -289,6 +290,10 @@ def test_thresholding_and_zero_snr_chains_match_diffusers(kind, seed):
 
 @pytest.mark.parametrize("schedule", ["sigmoid", "laplace"])
 def test_ddpm_sigmoid_and_laplace_betas_match_diffusers(schedule):
+    try:
+        DiffusersDDPM(beta_schedule=schedule)
+    except NotImplementedError:
+        pytest.skip(f"diffusers {diffusers.__version__} has no {schedule} betas (0.37 added them)")
     rng = random.Random(schedule)
     for _ in range(3):
         config = {

@@ -14,13 +14,24 @@ from types import ModuleType
 
 import pytest
 
+from echofast.ops._triton import triton_too_old
+
+
+def require_triton() -> None:
+    """Skip (also at module level) unless Triton is importable and not older than the oldest
+    release echofast's kernels are checked with (``echofast.ops._triton.MIN_TRITON``)."""
+    pytest.importorskip("triton", reason="triton is not importable")
+    too_old = triton_too_old()
+    if too_old:
+        pytest.skip(f"{too_old}: its Triton backends are refused", allow_module_level=True)
+
 
 def kernels_module(name: str) -> ModuleType:
     """``echofast.kernels.<name>`` as it is imported (for its launch plans and tables, not to run
-    kernels on CPU); skips the calling module when Triton or the installed package is missing
-    (e.g. pytest run with the source tree first on sys.path: kernels/ becomes echofast.kernels
-    only at install time)."""
-    pytest.importorskip("triton", reason="triton is not importable")
+    kernels on CPU); skips the calling module when Triton is missing or too old, or when the
+    installed package is missing (e.g. pytest run with the source tree first on sys.path:
+    kernels/ becomes echofast.kernels only at install time)."""
+    require_triton()
     try:
         return importlib.import_module(f"echofast.kernels.{name}")
     except ModuleNotFoundError as e:

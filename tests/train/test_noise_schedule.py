@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,10 @@ def test_training_noise_schedules_match_diffusers(scheduler):
     model = LIDM.from_config(TINY_LIDM)
     cfg = config_from_dict(_lidm_config(scheduler))
     obj = build_objective(cfg, model)
-    theirs = DiffusersDDPM(**cfg.scheduler_config())
+    try:
+        theirs = DiffusersDDPM(**cfg.scheduler_config())
+    except NotImplementedError as e:  # laplace betas: diffusers >= 0.37
+        pytest.skip(f"diffusers {diffusers.__version__}: {e}")
     n = theirs.config.num_train_timesteps
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 4, 6, 6, generator=g), torch.randn(6, 4, 6, 6, generator=g)
