@@ -163,6 +163,13 @@ step_build() {
         rc=1
     fi
     (cd /tmp && x "$PY" -m echofast.info) || return 1
+    # a Triton older than the kernels are checked with is refused by every Triton backend: the
+    # kernel measurements would then time the PyTorch fallbacks
+    if ! (cd /tmp && x "$PY" -c "import sys; from echofast.ops._triton import triton_too_old as t; sys.exit(t())"); then
+        log "build: the Triton backends cannot run with this Triton (above): ops fall back to" \
+            "PyTorch, so the kernel benchmarks time the fallbacks; reporting FAIL"
+        rc=1
+    fi
     echo "$want" >"$STATE/built"
     return $rc
 }

@@ -130,3 +130,24 @@ def test_benchmarks_compare_with_the_cards_committed_rows(tmp_path):
     assert baseline.read_text() == committed.read_text()
     bench = [c for c in re.findall(r"^\+ (.*)$", out.stdout, re.M) if " bench " in f" {c} "]
     assert len(bench) == 2 and all(f"--compare {baseline} --threshold 10" in c for c in bench)
+
+
+def test_build_fails_when_the_triton_backends_cannot_run(tmp_path):
+    """A device whose torch pins a Triton older than the kernels are checked with would time the
+    PyTorch fallbacks in every kernel benchmark: the build step's check (printed in a dry run)
+    exits non-zero with the reason there, and zero with a recent Triton."""
+    from echofast.ops._triton import triton_too_old
+
+    out = _run(tmp_path, GPU_SESSION_STEPS="build")
+    assert out.returncode == 0, out.stderr
+    check = next(c for c in re.findall(r"^\+ (.*)$", out.stdout, re.M) if "triton_too_old" in c)
+    program = check.split(" -c ", 1)[1]
+    fake = (
+        "import importlib.metadata as m\n"
+        "real = m.version\n"
+        "m.version = lambda d: '3.1.0' if d == 'triton' else real(d)\n"
+    )
+    old = subprocess.run([sys.executable, "-c", fake + program], capture_output=True, text=True)
+    assert old.returncode == 1 and "triton 3.1.0 is older than 3.6" in old.stderr, old.stderr
+    here = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert here.returncode == (1 if triton_too_old() else 0), here.stderr
