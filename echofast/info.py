@@ -26,13 +26,14 @@ def collect() -> dict[str, Any]:
     import torch
 
     from . import __version__, _ext
-    from .ops import registered_ops
+    from .ops import _triton, registered_ops
 
     info: dict[str, Any] = {
         "echofast": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {name: _version(name) for name in PACKAGES},
+        "triton_too_old": _triton.triton_too_old(),
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "gpu": None,
@@ -68,7 +69,10 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [f"echofast {info['echofast']}  (python {info['python']}, {info['platform']})", ""]
     lines.append("packages:")
     for name, ver in info["packages"].items():
-        lines.append(f"  {name:<12} {ver or 'not installed'}")
+        note = ""
+        if name == "triton" and info["triton_too_old"]:
+            note = f"  ({info['triton_too_old']}: the Triton backends are refused)"
+        lines.append(f"  {name:<12} {ver or 'not installed'}{note}")
     lines.append(
         f"  torch CUDA   {info['torch_cuda'] or 'none (CPU build)'}; "
         f"GPU available: {info['cuda_available']}" + (f" ({info['gpu']})" if info["gpu"] else "")

@@ -118,3 +118,25 @@ def test_video_cuda_states(monkeypatch, built, runtime, torch_cuda, expected):
     info = {**collect(), "video": video}
     assert expected in _video_line(format_info(info))
     assert json.loads(json.dumps(info))["video"] == video
+
+
+def test_a_triton_too_old_for_the_kernels_is_named_beside_its_version(monkeypatch):
+    import importlib.metadata
+
+    from echofast.info import collect, format_info
+    from echofast.ops import _triton
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda d: "3.1.0" if d == "triton" else real(d)
+    )
+    _triton.triton_too_old.cache_clear()
+    try:
+        info = collect()
+    finally:
+        _triton.triton_too_old.cache_clear()
+    assert info["packages"]["triton"] == "3.1.0"
+    assert info["triton_too_old"].startswith("triton 3.1.0 is older than 3.6")
+    line = next(x for x in format_info(info).splitlines() if x.strip().startswith("triton "))
+    assert "3.1.0  (triton 3.1.0 is older than 3.6" in line and "backends are refused" in line
+    assert collect()["triton_too_old"] == _triton.triton_too_old()
