@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    torch._dynamo.config.recompile_limit = 64  # guards differ per eps/activation/grad mode
+    # guards differ per eps/activation/grad mode (torch 2.5 names the limit cache_size_limit)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, 64)
     run(args)
     return 0
 
