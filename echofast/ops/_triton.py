@@ -15,10 +15,10 @@ _TRUE = ("1", "true", "yes", "on", "y")
 
 MIN_TRITON = (3, 6)
 """The oldest Triton release the kernels are checked with: 3.6.0 ran every GPU check on an H100
-(torch 2.11); 3.8 and 3.9 (torch 2.14 and 2.13) run them under the interpreter and compile them
-for sm_90. Older releases (those torch <= 2.10 pins) are refused, so that dispatch falls back to
-the torch backends: the interpreters of 3.0 and 3.5 fail on these kernels, and no older compiler
-was checked on a GPU."""
+(torch 2.11), and the current kernels pass its interpreter and compile for sm_90 with it; 3.8
+and 3.9 (torch 2.14 and 2.13) too. Older releases (those torch <= 2.10 pins) are refused, so that
+dispatch falls back to the torch backends: none ran the kernels on a GPU, and 3.0's interpreter
+rejects them ("arange's arguments must be of type tl.constexpr")."""
 
 
 @functools.cache
