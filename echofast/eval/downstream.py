@@ -436,10 +436,13 @@ def run_ef_evaluation(cfg: EFConfig) -> dict[str, Any]:
         raise EvaluationConflict(f"{out} exists, is not empty and holds no EF evaluation")
 
     dist = Dist(cfg.device)
+    finished = False
     try:
-        return _run(cfg, ident, dist, out)
+        results = _run(cfg, ident, dist, out)
+        finished = True
+        return results
     finally:
-        dist.close()
+        dist.close(finished=finished)
 
 
 def _run(cfg: EFConfig, ident: dict[str, Any], dist, out: Path) -> dict[str, Any]:

@@ -327,10 +327,18 @@ class Dist:
 
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, *, finished: bool) -> None:
+        """Destroy the group this process made. After a finished run the ranks first meet at a
+        barrier, so that no rank tears its part of the group down, and exits, while a peer's
+        collectives may still be in flight (once, under load, with torch 2.5.1, the second rank
+        of a finished two-rank Gloo run hung in ``destroy_process_group`` after the first had
+        exited). After an error a rank leaves at once: a barrier would wait on peers stuck in
+        another collective."""
         if self.owns_group:
             import torch.distributed as dist
 
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -673,10 +681,13 @@ def train(
     (``"latest"`` with no checkpoint yet starts from scratch).
     """
     dist = Dist(cfg.train.device)
+    finished = False
     try:
-        return _train(cfg, dist, dataset, resume)
+        summary = _train(cfg, dist, dataset, resume)
+        finished = True
+        return summary
     finally:
-        dist.close()
+        dist.close(finished=finished)
 
 
 def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dict[str, Any]:

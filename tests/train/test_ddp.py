@@ -145,3 +145,23 @@ def test_ddp_resume_is_exact(runs, tmp_path):
     assert (
         read_log(tmp_path / "resumed" / "log.csv")[1] == read_log(runs / "ddp" / "log.csv")[1][2:]
     )
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_ranks_meet_before_the_group_is_destroyed_only_after_a_finished_run(finished, monkeypatch):
+    """After a finished run every rank waits at a barrier before destroy_process_group (no rank
+    exits while a peer may still have collectives in flight); after an error it leaves at once
+    (a barrier would wait on peers stuck in another collective)."""
+    import torch.distributed as tdist
+
+    from echofast.train.loop import Dist
+
+    calls = []
+    monkeypatch.setattr(tdist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    d = Dist("cpu")  # WORLD_SIZE unset: one process, no group of its own
+    d.close(finished=finished)
+    assert calls == []
+    d.owns_group = True  # as a rank of a torchrun job that made the group
+    d.close(finished=finished)
+    assert calls == (["barrier", "destroy"] if finished else ["destroy"])
