@@ -1,14 +1,15 @@
 """echofast vs diffusers forward on CPU, fp32, same weights and inputs, alternating in one process.
 
     python bench/models_cpu.py [--models vae_decode,vae_encode,lidm,lvdm] [--repeats 7]
-                               [--frames 16] [--attention auto|sdpa|torch]
+                               [--frames 16] [--attention auto|sdpa|torch] [--layout cl|nchw]
                                [--csv bench/results/models_cpu.csv]
 
 Full EchoNet-Synthetic configs with random weights. Each round times diffusers then echofast (the
 order alternates between rounds); the reported number is the median over rounds of the per-round
 ratio diffusers_time / echofast_time (> 1 means echofast is faster). CPU timings on shared machines
 are noisy: compare ratios, not absolute times. ``--attention`` forces echofast's attention backend
-(default: automatic, i.e. sdpa on CPU).
+(default: automatic, i.e. sdpa on CPU); ``--layout nchw`` runs echofast's models in NCHW
+(``use_channels_last(False)``) instead of the default channels-last.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ class Case:
     candidate: Callable[[], torch.Tensor]
 
 
-def _pair(diffusers_cls, ours_cls, config):
+def _pair(diffusers_cls, ours_cls, config, layout="cl"):
     ref = build_diffusers(diffusers_cls, config)
     ours = ours_cls.from_config(config).eval()
     ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return ref, ours.use_channels_last(layout == "cl")
 
 
 def _decode(model, z):
@@ -60,7 +61,7 @@ def _unet(model, sample, **kwargs):
     return model(sample, 500, **kwargs).sample
 
 
-def make_cases(names: list[str], batch: int, frames: int) -> list[Case]:
+def make_cases(names: list[str], batch: int, frames: int, layout: str = "cl") -> list[Case]:
     from diffusers import AutoencoderKL, UNet2DModel
 
     from echofast.models import LIDM, VAE
@@ -68,7 +69,7 @@ def make_cases(names: list[str], batch: int, frames: int) -> list[Case]:
     g = torch.Generator().manual_seed(0)
     cases = []
     if {"vae_decode", "vae_encode"} & set(names):
-        ref, ours = _pair(AutoencoderKL, VAE, VAE_FULL_CONFIG)
+        ref, ours = _pair(AutoencoderKL, VAE, VAE_FULL_CONFIG, layout)
         z = torch.randn(batch, 4, 14, 14, generator=g)
         x = torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1
         if "vae_decode" in names:
@@ -90,7 +91,7 @@ def make_cases(names: list[str], batch: int, frames: int) -> list[Case]:
                 )
             )
     if "lidm" in names:
-        ref, ours = _pair(UNet2DModel, LIDM, LIDM_FULL_CONFIG)
+        ref, ours = _pair(UNet2DModel, LIDM, LIDM_FULL_CONFIG, layout)
         s = torch.randn(batch, 4, 16, 16, generator=g)
         cases.append(
             Case(
@@ -106,7 +107,7 @@ def make_cases(names: list[str], batch: int, frames: int) -> list[Case]:
 
         from echofast.models import LVDM
 
-        ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, LVDM_FULL_CONFIG)
+        ref, ours = _pair(UNetSpatioTemporalConditionModel, LVDM, LVDM_FULL_CONFIG, layout)
         s = torch.randn(1, frames, 8, 16, 16, generator=g)
         ehs = torch.rand(1, 1, 1, generator=g)
         ids = torch.zeros(1, 1)
@@ -165,15 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--attention", default="auto", help="echofast attention backend (auto, sdpa, torch, ...)"
     )
+    parser.add_argument(
+        "--layout",
+        choices=("cl", "nchw"),
+        default="cl",
+        help="echofast's activation layout: channels-last (the default) or NCHW",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     rows = []
-    for case in make_cases(names, args.batch, args.frames):
+    for case in make_cases(names, args.batch, args.frames, args.layout):
         row = run_case(case, args.repeats, args.attention)
         if args.attention != "auto":
             row["shape"] += f", attention={args.attention}"
+        if args.layout != "cl":
+            row["shape"] += f", layout={args.layout}"
         row.update(
             device=f"cpu: {platform.processor() or platform.machine()}",
             threads=args.threads,

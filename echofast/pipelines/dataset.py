@@ -937,7 +937,6 @@ def _generate_videos(
                     cfg.fps,
                     then=functools.partial(_journal_video, journal, i, row, bar),
                 )
-            bar.set_postfix(videos_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
     bar.close()
     with _locked(folder):
         written = rebuild_filelist(folder)
