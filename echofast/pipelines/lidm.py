@@ -136,7 +136,9 @@ class LIDMPipeline(SamplingPipeline):
                     )
                 )
         latents = torch.cat(out)
-        images = None if output_type == "latent" else self._previews(latents, output_type)
+        images = (
+            None if output_type == "latent" else self._previews(latents, output_type, batch_size)
+        )
         result = LIDMPipelineOutput(latents=latents, images=images)
         return result if return_dict else result.to_tuple()
 
@@ -189,11 +191,21 @@ class LIDMPipeline(SamplingPipeline):
         watch.check()
         return latents[:, 0]
 
-    def _previews(self, latents: torch.Tensor, output_type: str):
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+    def _previews(self, latents: torch.Tensor, output_type: str, chunk_size: int):
+        """The VAE decode of ``latents`` as grayscale previews, ``chunk_size`` images per decode
+        call, on the VAE's device and in its dtype; "pt" previews on the latents' device."""
+        flat = latents / self.vae.config.scaling_factor
+        decoded = torch.cat(
+            [
+                self.vae.decode(flat[s : s + chunk_size].to(self.vae.device, self.vae.dtype))
+                .sample.float()
+                .to(latents.device)
+                for s in range(0, flat.shape[0], chunk_size)
+            ]
+        )
         if output_type == "pil":
             from PIL import Image
 
             return [Image.fromarray(f.cpu().numpy(), mode="L") for f in frames_to_uint8(decoded)]
-        gray = ((decoded.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
+        gray = ((decoded.mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
         return gray if output_type == "pt" else gray.permute(0, 2, 3, 1).cpu().numpy()

@@ -114,6 +114,60 @@ def test_output_types(pipe):
         lidm(1, seed=0, output_type="gif", progress=False)
 
 
+def test_previews_are_the_vae_decode_of_the_latents(pipe):
+    """The previews decode the returned latents (÷ scaling_factor): "pt" is the channel mean
+    mapped by (x + 1) / 2 and clamped to [0, 1], "np" the same values channels-last, "pil" the
+    uint8 frames of ``frames_to_uint8`` (truncated (x + 1) * 128). Same decode call, so exact."""
+    import numpy as np
+
+    lidm = pipe.lidm_pipe
+    kw = dict(seed=0, num_inference_steps=2, progress=False)
+    pt = lidm(2, output_type="pt", **kw)
+    with torch.no_grad():
+        x = lidm.vae.decode(pt.latents / lidm.vae.config.scaling_factor).sample
+    assert x.shape == (2, 3, 12, 12)
+    mean = x.float().mean(dim=1, keepdim=True)
+    expected = ((mean + 1) / 2).clamp(0, 1)
+    assert 0 < expected.min() and expected.max() < 1  # the clamp does not hide the scale
+    assert torch.equal(pt.images, expected)
+    np_out = lidm(2, output_type="np", **kw)
+    assert torch.equal(np_out.latents, pt.latents)
+    assert isinstance(np_out.images, np.ndarray) and np_out.images.shape == (2, 12, 12, 1)
+    assert np.array_equal(np_out.images, expected.permute(0, 2, 3, 1).numpy())
+    pil = lidm(2, output_type="pil", **kw).images
+    assert len(pil) == 2 and all(im.mode == "L" and im.size == (12, 12) for im in pil)
+    as_uint8 = ((mean[:, 0] + 1) * 128).clamp(0, 255).to(torch.uint8).numpy()
+    for im, ref in zip(pil, as_uint8):
+        assert np.array_equal(np.asarray(im), ref)
+
+
+def test_previews_follow_the_vae_dtype_in_chunks(pipe):
+    """A bfloat16 VAE decodes the fp32 latents after converting them to its dtype (a bf16 VAE
+    given fp32 latents raised), ``batch_size`` images per decode call; the previews are fp32 and
+    within bf16's rounding of the fp32 VAE's."""
+    import copy
+
+    from echofast.pipelines import LIDMPipeline
+
+    lidm = pipe.lidm_pipe
+    kw = dict(seed=0, num_inference_steps=2, progress=False, output_type="pt", batch_size=2)
+    want = lidm(3, **kw)
+    vae = copy.deepcopy(lidm.vae).to(torch.bfloat16)
+    calls = []
+    real = vae.decode
+
+    def counted(z, *a, **k):
+        calls.append((z.shape[0], z.dtype))
+        return real(z, *a, **k)
+
+    vae.decode = counted
+    got = LIDMPipeline(lidm.lidm, vae, lidm.scheduler)(3, **kw)
+    assert calls == [(2, torch.bfloat16), (1, torch.bfloat16)]
+    assert torch.equal(got.latents, want.latents)
+    assert got.images.dtype == torch.float32 and got.images.shape == want.images.shape
+    assert (got.images - want.images).abs().max() < 0.05
+
+
 def test_non_finite_is_named(pipe, monkeypatch):
     from echofast.errors import NonFiniteError
 
