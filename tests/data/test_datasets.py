@@ -89,6 +89,44 @@ def test_normalize_split():
     ]
 
 
+SPEC_SPLITS = {  # spec "Output dataset": the reference datasets' TRAIN/VAL/TEST sizes
+    "dynamic": (7465, 1288, 1277),  # EchoNet-Dynamic, 10,030 videos
+    "ped_a4c": (2580, 336, 368),  # EchoNet-Pediatric A4C, 3,284 videos
+    "ped_psax": (3559, 448, 519),  # EchoNet-Pediatric PSAX, 4,526 videos
+}
+
+
+@pytest.mark.parametrize(
+    "dataset, num_videos, expected",
+    [
+        ("dynamic", 10030, (7465, 1288, 1277)),
+        ("ped_a4c", 3284, (2580, 336, 368)),
+        ("ped_psax", 4526, (3559, 448, 519)),
+        # scaled: TRAIN and VAL the nearest integers to their shares, TEST the remainder
+        ("dynamic", 1000, (744, 128, 128)),  # shares 744.27, 128.41, 127.32
+        ("dynamic", 20000, (14885, 2568, 2547)),  # 14885.34, 2568.30, 2546.36
+        ("ped_a4c", 1000, (786, 102, 112)),  # 785.63, 102.31, 112.06
+        ("ped_psax", 1000, (786, 99, 115)),  # 786.35, 98.98, 114.67
+    ],
+)
+def test_split_counts_follow_the_reference_proportions(dataset, num_videos, expected):
+    """split_counts without given splits: the reference dataset's proportions (spec) scaled to
+    ``num_videos``; TEST takes the rounding remainder (docstring)."""
+    from fractions import Fraction
+
+    from echofast.data import split_counts, split_of
+
+    counts = split_counts(num_videos, None, dataset)
+    assert counts == expected and sum(counts) == num_videos
+    ref = SPEC_SPLITS[dataset]
+    for count, share in zip(counts[:2], ref[:2]):
+        assert abs(count - Fraction(num_videos * share, sum(ref))) < Fraction(1, 2)
+    train, val, _ = counts
+    edges = {0: "TRAIN", train - 1: "TRAIN", train: "VAL", train + val - 1: "VAL"}
+    edges.update({train + val: "TEST", num_videos - 1: "TEST"})
+    assert {i: split_of(i, counts) for i in edges} == edges
+
+
 # ------------------------------------------------------------------------------------------
 # Video datasets (constant frames of value 4·t identify the decoded frame)
 # ------------------------------------------------------------------------------------------

@@ -159,6 +159,26 @@ def test_native_write_is_byte_identical_to_ffmpeg_conversion(tmp_path):
         assert a.read_bytes() == b.read_bytes()
 
 
+def test_float_read_without_resize_is_x_over_128_minus_1(tmp_path):
+    """dtype float: ``x / 128 − 1`` of the 8-bit values (read_video's docstring, the spec's VAE
+    input), exact in fp32, on both pixel paths, when no resize happens (also a ``size`` equal
+    to the decoded one)."""
+    frames = gray_clip(4, 32)
+    frames[:, :8, :8], frames[:, 8:16, :8] = 0, 255  # both ends of the range
+    path = write_video(tmp_path / "clip.avi", frames, 25)
+    for backend in ("pyav", "auto"):
+        u8, _ = read_video(path, backend=backend)
+        assert u8.min() <= 2 and u8.max() >= 253 and len(u8.unique()) > 100
+        want = u8.double() / 128 - 1  # exact: 8-bit values over a power of two
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for size in (None, (32, 32)):
+                got, _ = read_video(path, backend=backend, dtype=dtype, size=size)
+                assert got.dtype == dtype and got.shape == u8.shape
+                torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
+        got, _ = read_video(path, backend=backend, dtype=torch.float32)
+        assert torch.equal(got.double(), want)
+
+
 def test_read_options(codec_clips):
     path = codec_clips["mjpeg420"]
     frames, _ = read_video(path, max_frames=4, size=32, dtype=torch.float32)

@@ -7,7 +7,8 @@ compared with the full-input forward in fp64; it must be within 1e-5 (the repo's
 tolerance) and within 4x the fp32 full-input forward's own error (measured, TINY_LVDM with random
 norms: split 2.1e-6 / 1.2e-6 vs full 5.8e-6 / 1.6e-6 at 8x8 / 7x7). In fp64 the two agree to
 1e-12, gradients included. The split pipeline equals the unsplit pipeline (same weights, full
-2c-channel input) within 1e-5 after 4 steps (measured 6.1e-7 with one window, 1.4e-6 with two).
+2c-channel input) within 1e-5 after 4 steps (measured 6.1e-7 with one window, 1.4e-6 with two,
+1.1e-6 with two videos of three windows in one batch).
 """
 
 from __future__ import annotations
@@ -129,9 +130,12 @@ def _record_calls(model: LVDM):
     return calls, conv_in_calls, feature_calls
 
 
-@pytest.mark.parametrize("num_frames", [8, 12])
-def test_pipeline_split_equals_unsplit_and_is_taken(num_frames):
-    """8 frames: one window; 12: two windows per video. Two batches of one video, 4 steps."""
+@pytest.mark.parametrize(("num_frames", "batch_size"), [(8, 1), (12, 1), (16, 2)])
+def test_pipeline_split_equals_unsplit_and_is_taken(num_frames, batch_size):
+    """8 frames: one window; 12: two windows per video; two batches of one video, 4 steps.
+    16 frames, one batch of both videos: 3 windows each, so the unsplit input must lay out its
+    conditioning channels sample-major (video 0's windows, then video 1's), as the noisy windows
+    and the EF are laid out; the two videos have different conditioning latents."""
     steps = 4
     model = _model(seed=2)
     cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
@@ -139,7 +143,7 @@ def test_pipeline_split_equals_unsplit_and_is_taken(num_frames):
         num_frames=num_frames,
         seed=4,
         num_inference_steps=steps,
-        batch_size=1,
+        batch_size=batch_size,
         output_type="latent",
         progress=False,
     )
@@ -147,9 +151,10 @@ def test_pipeline_split_equals_unsplit_and_is_taken(num_frames):
     calls, conv_in_calls, feature_calls = _record_calls(model)
     split = LVDMPipeline(model)(cond, [30.0, 65.0], **kw)
     # the split path ran: c = 4 noisy channels + features at every call, features once per
-    # batch (on the padded 8x8 conditioning latent), the full conv_in module never
-    assert calls == [(4, True)] * (2 * steps)
-    assert feature_calls == [(1, 4, 8, 8)] * 2
+    # batch (on the padded 8x8 conditioning latents), the full conv_in module never
+    batches = 2 // batch_size
+    assert calls == [(4, True)] * (batches * steps)
+    assert feature_calls == [(batch_size, 4, 8, 8)] * batches
     assert conv_in_calls == []
     assert rel_err(split.latents, unsplit.latents) <= PIPE_TOL
     assert split.latents.shape == (2, num_frames, 4, 6, 6)

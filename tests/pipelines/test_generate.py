@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from echofast.errors import EchofastError
 from echofast.pipelines import EchoSyntheticPipeline
@@ -154,6 +157,50 @@ def test_avi_decodes_to_generated_frames(reference_run, weights_root):
         assert frames.shape == video.shape and fps == FPS
         err = np.abs(frames.astype(int) - video.astype(int))
         assert err.mean() <= 2.0 and err.max() <= 24, (err.mean(), err.max())
+
+
+class _NonSquarePipe:
+    """Stands in for the models (whose frames are square): uint8 videos of ``height`` ×
+    ``width``, a different smooth ramp per sample."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, efs, *, sample_indices, num_frames, **_):
+        t, y, x = torch.meshgrid(
+            torch.arange(num_frames),
+            torch.arange(self.height),
+            torch.arange(self.width),
+            indexing="ij",
+        )
+        videos = [
+            ((40 + 8 * t + 5 * y + 3 * x + 11 * i) % 200).to(torch.uint8) for i in sample_indices
+        ]
+        return SimpleNamespace(videos=torch.stack(videos))
+
+
+def test_filelist_rows_describe_the_avi_non_square_at_a_fractional_fps(weights_root, tmp_path):
+    """FrameHeight/FrameWidth/NumberOfFrames are the AVI's frame rows/columns/count and FPS its
+    frame rate (``f"{fps:g}"``, the same rate in AVI and CSV), for non-square videos (the real
+    generation loop and writer, with a stand-in for the models) at the NTSC-style 29.97 fps."""
+    out = tmp_path / "ds"
+    summary = generate_dataset(
+        _cfg(weights_root, out, num_videos=3, frames=4, fps=29.97), pipe=_NonSquarePipe(16, 24)
+    )
+    assert summary["complete"] and summary["generated"] == 3
+    with open(out / "FileList.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["FileName"] for r in rows] == [f"synthetic_{i:06d}" for i in range(3)]
+    for row in rows:
+        path = out / "Videos" / f"{row['FileName']}.avi"
+        frames, fps = _decode(path)
+        with av.open(str(path)) as c:
+            rate = c.streams.video[0].average_rate
+        assert frames.shape == (4, 16, 24)  # (T, rows, columns) as the stand-in made them
+        columns = ("NumberOfFrames", "FrameHeight", "FrameWidth")
+        assert tuple(int(row[k]) for k in columns) == frames.shape
+        assert rate == Fraction(2997, 100) and fps == 29.97
+        assert row["FPS"] == "29.97" and float(row["FPS"]) == fps
 
 
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(reference_run, weights_root):

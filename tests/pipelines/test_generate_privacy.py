@@ -111,6 +111,60 @@ def test_private_dataset_is_consistent(private_run, weights_root, reid_dir, refe
     assert (out / "privacy_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_video_scoring_exactly_tau_is_dropped(
+    private_run, weights_root, reid_dir, reference, tmp_path, monkeypatch
+):
+    """The video check drops a video with any checked frame at or above τ (module docstring,
+    PRIVACY_RULE): one whose max correlation equals τ is dropped and the next attempt takes its
+    place. The first video that passed in ``private_run`` is given the score τ exactly."""
+    import echofast.pipelines.dataset as dataset_module
+
+    ref_out, _ = private_run
+    ref = read_journal(ref_out / ".echofast" / "privacy" / "attempts.jsonl")
+    tied = next(e for e in ref if e["passed"])
+    real = dataset_module._check_videos
+    seen = []
+
+    def tie_first_pass(flt, vae, videos, step):
+        out = real(flt, vae, videos, step)
+        for k, score in enumerate(out):
+            if len(seen) == tied["attempt"]:
+                assert score[0] == tied["max_correlation"] < flt.tau
+                out[k] = (flt.tau, *score[1:])
+            seen.append(score[0])
+        return out
+
+    monkeypatch.setattr(dataset_module, "_check_videos", tie_first_pass)
+    out = tmp_path / "ds"
+    summary = generate_dataset(_cfg(weights_root, out, reid_dir, reference))
+    assert summary["complete"] and summary["in_dataset"] == N
+    tau = summary["privacy"]["tau"]
+    attempts = {
+        e["attempt"]: e for e in read_journal(out / ".echofast" / "privacy" / "attempts.jsonl")
+    }
+    e = attempts[tied["attempt"]]
+    assert e["candidate"] == tied["candidate"] and e["max_correlation"] == tau
+    assert e["passed"] is False and e["slot"] is None
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert e["candidate"] in [d["candidate"] for d in report["video_check"]["dropped"]]
+    # every other attempt is as in private_run; the later passes move up one slot
+    moved = 0
+    for b in ref:
+        a = attempts.get(b["attempt"])
+        if a is None or a is e:
+            continue
+        assert (a["candidate"], a["max_correlation"]) == (b["candidate"], b["max_correlation"])
+        assert a["passed"] == b["passed"]
+        if b["passed"] and tied["slot"] < b["slot"] < N:
+            assert a["slot"] == b["slot"] - 1
+            mine, theirs = (f"synthetic_{a['slot']:06d}.avi", f"synthetic_{b['slot']:06d}.avi")
+            assert (out / "Videos" / mine).read_bytes() == (
+                ref_out / "Videos" / theirs
+            ).read_bytes()
+            moved += 1
+    assert moved >= 1
+
+
 def test_kill_9_then_resume_gives_same_dataset_and_report(
     private_run, weights_root, reid_dir, reference, tmp_path
 ):

@@ -74,6 +74,27 @@ def test_restart_keeps_temporary_files_of_a_running_shard(weights_root, tmp_path
     assert not theirs.exists()
 
 
+def test_resume_regenerates_a_journaled_video_whose_size_changed(weights_root, tmp_path):
+    """A journaled video whose file no longer has the recorded byte size (truncated, or grown)
+    is not intact: a resumed run writes it again, byte-identical; nothing else is touched."""
+    out = tmp_path / "ds"
+    assert generate_dataset(_cfg(weights_root, out))["complete"]
+    before = _videos(out)
+    filelist = (out / "FileList.csv").read_bytes()
+    journal = (out / ".echofast" / "journal-0of1.jsonl").read_text()
+    cut, grown = out / "Videos" / "synthetic_000001.avi", out / "Videos" / "synthetic_000002.avi"
+    cut.write_bytes(before[cut.name][: len(before[cut.name]) // 2])
+    grown.write_bytes(before[grown.name] + b"\0" * 16)
+    untouched = (out / "Videos" / "synthetic_000000.avi").stat().st_mtime_ns
+    summary = generate_dataset(_cfg(weights_root, out))
+    assert summary["complete"] and summary["generated"] == 2 and summary["already_done"] == 1
+    assert _videos(out) == before
+    assert (out / "Videos" / "synthetic_000000.avi").stat().st_mtime_ns == untouched
+    assert (out / "FileList.csv").read_bytes() == filelist
+    assert not list((out / "Videos").glob(".*"))
+    assert (out / ".echofast" / "journal-0of1.jsonl").read_text().startswith(journal)
+
+
 def test_failed_starts_write_nothing_and_the_corrected_run_proceeds(weights_root, tmp_path):
     out = tmp_path / "ds"
     broken = tmp_path / "weights"

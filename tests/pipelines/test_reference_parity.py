@@ -33,7 +33,8 @@ def _gens(seeds):
 
 
 def _pad(x):
-    """The reference: pad = (8 - 14 % 8) // 2 for a 4-level UNet; (4 - 6 % 4) // 2 = 1 here."""
+    """The reference: pad = (8 - 14 % 8) // 2 for a 4-level UNet; (4 - 6 % 4) // 2 = 1 here,
+    and (4 - 10 % 4) // 2 = 1 for 10×10 latents (where a multiple of 8 would pad by 3)."""
     return F.pad(x, (1, 1, 1, 1), mode="replicate")
 
 
@@ -63,7 +64,8 @@ def reference_lvdm(unet, cond, ef, seeds, num_frames, plan=None):
     window = min(window, total)
     gens = _gens(seeds)
     b = cond.shape[0]
-    latents = torch.cat([torch.randn(1, total, 4, 6, 6, generator=g) for g in gens])
+    size = cond.shape[-2:]
+    latents = torch.cat([torch.randn(1, total, 4, *size, generator=g) for g in gens])
     for t in scheduler.timesteps:
         wins, efs = [], []
         for s in starts:
@@ -75,7 +77,8 @@ def reference_lvdm(unet, cond, ef, seeds, num_frames, plan=None):
         x = torch.cat(wins)
         ehs = torch.cat(efs).reshape(-1, 1, 1)
         ids = torch.zeros(x.shape[0], 1)
-        pad = _pad(x.flatten(0, 1)).reshape(*x.shape[:3], 8, 8)
+        pad = _pad(x.flatten(0, 1))
+        pad = pad.reshape(*x.shape[:3], *pad.shape[-2:])
         out = unet(pad, t, encoder_hidden_states=ehs, added_time_ids=ids).sample
         out = out[..., 1:-1, 1:-1]
         stitched = torch.zeros_like(latents)
@@ -161,6 +164,21 @@ def test_lvdm_pipeline_matches_reference(models, num_frames):
     assert rel_err(got, expected) <= TOL
 
 
+def test_lvdm_pipeline_with_10x10_latents(models):
+    """10×10 latents, padded by 1 (to 12×12, a multiple of 4 for the 3-level UNet) as the
+    reference pads; two videos of two windows."""
+    ref, ours = models
+    seeds = [41, 42]
+    cond = torch.randn(2, 4, 10, 10, generator=torch.Generator().manual_seed(7))
+    ef = torch.tensor([40.0, 75.0])
+    with torch.no_grad():
+        expected = reference_lvdm(ref["lvdm"], cond, ef, seeds, 12)
+    pipe = LVDMPipeline(ours["lvdm"], scheduler=OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = _latents(pipe, cond, ef, seeds, 12)
+    assert got.shape == expected.shape == (2, 12, 4, 10, 10)
+    assert rel_err(got, expected) <= TOL
+
+
 @pytest.mark.parametrize(
     ("num_frames", "plan"), [(5, (6, [0])), (7, (7, [0])), (8, (10, [0, 3])), (12, (13, [0, 3, 6]))]
 )
@@ -184,13 +202,40 @@ def test_lvdm_pipeline_with_an_odd_window(models, tmp_path, num_frames, plan):
     assert rel_err(got, expected) <= TOL
 
 
+def _reference_uint8(x):
+    """The reference's conversion as written: ``uint8(clamp((x + 1) * 128, 0, 255))`` of the
+    decoder's channel mean (truncation)."""
+    return ((x.mean(dim=1) + 1) * 128).clamp(0, 255).to(torch.uint8)
+
+
 def test_decode_matches_reference_conversion(models):
+    """Against diffusers' VAE, within 1 uint8 level: the two decoders' fp32 rounding differs,
+    and truncation turns any difference across an integer into a level. Against our own VAE's
+    decode (the same calls, the same floats), exactly: that checks the conversion itself."""
     ref, ours = models
     latents = torch.randn(1, 3, 4, 6, 6, generator=torch.Generator().manual_seed(9))
     pipe = LVDMPipeline(ours["lvdm"], ours["vae"])
     videos = pipe.decode(latents, chunk_size=2)
     with torch.no_grad():
         x = ref["vae"].decode(latents[0] / ref["vae"].config.scaling_factor).sample
-    expected = ((x.mean(dim=1) + 1) * 128).clamp(0, 255).to(torch.uint8)
+        scaled = latents[0] / ours["vae"].config.scaling_factor
+        same = torch.cat([ours["vae"].decode(scaled[s : s + 2]).sample for s in (0, 2)])
     assert videos.dtype == torch.uint8 and videos.shape == (1, 3, 12, 12)
-    assert (videos[0].int() - expected.int()).abs().max() <= 1
+    assert (videos[0].int() - _reference_uint8(x).int()).abs().max() <= 1
+    assert torch.equal(videos[0], _reference_uint8(same))
+
+
+def test_uint8_conversion_on_known_values():
+    """frames_to_uint8 on channel means exact in fp32: (x + 1) * 128, clamped, truncated."""
+    from echofast.pipelines.common import frames_to_uint8
+
+    gray = torch.tensor(
+        [-1.5, -1, -0.5, -0.25, -1 / 256, 0, 1 / 256, 0.5, 0.984375, 1 - 1 / 256, 1, 1.5]
+    )
+    x = (gray[:, None] + torch.tensor([-0.25, 0.0, 0.25])).reshape(2, 6, 3).permute(0, 2, 1)
+    x = x[..., None]  # (N=2, C=3, H=6, W=1)
+    got = frames_to_uint8(x)
+    assert got.dtype == torch.uint8 and got.shape == (2, 6, 1)
+    expected = [0, 0, 64, 96, 127, 128, 128, 192, 254, 255, 255, 255]
+    assert got.flatten().tolist() == expected
+    assert torch.equal(got, _reference_uint8(x))

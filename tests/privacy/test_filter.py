@@ -130,6 +130,33 @@ def test_heldout_frames_flagged_at_the_calibrated_rate(tmp_path_factory, vae_dir
     assert audit["positive_control"]["exact"]["fraction_caught"] == 1.0
 
 
+def test_a_score_equal_to_tau_is_dropped(phantom_latents):
+    """The rule (spec "Privacy filter", filter.py's docstring): a candidate is kept only if its
+    max correlation is below τ, so one that scores exactly τ is dropped. An untrained tiny model
+    (any model serves: τ is set to a candidate's own score), 8 VAL clips as candidates."""
+    import dataclasses
+
+    from echofast.data.datasets import load_latents, read_latent_records
+
+    torch.manual_seed(0)
+    model = ReIdentificationModel(
+        layers=(1, 1, 1, 1), width=8, n_features=32, normalization="frame"
+    )
+    flt = PrivacyFilter.from_reference(model, phantom_latents, frame_step=0)
+    records = read_latent_records(phantom_latents, "VAL")[:8]
+    clips = [load_latents(r.path)[0] for r in records]
+    names = [r.name for r in records]
+    scores = flt.score_clips(clips, names).max_corr
+    assert len(np.unique(scores)) == len(scores)
+    for k in (int(np.argsort(scores)[len(scores) // 2]), int(np.argmin(scores))):
+        tau = float(scores[k])  # the float64 of the fp32 score, as score_clips compares it
+        flt.calibration = dataclasses.replace(flt.calibration, tau=tau)
+        tied = flt.score_clips(clips, names)
+        np.testing.assert_array_equal(tied.max_corr, scores)
+        assert tied.max_corr[k] == flt.tau and not tied.kept[k]
+        assert tied.kept.tolist() == [bool(v < tau) for v in scores]
+
+
 def test_fail_closed(trained_reid, phantom_latents, tmp_path):
     """A model below the AUC threshold is refused unless weak privacy is allowed, and then the
     report says so; a model folder without evaluation.json is evaluated on the TEST split."""

@@ -406,6 +406,31 @@ def test_rows_kernels_welford_over_many_positions(chunks):
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("use_rows", [True, False], ids=["rows", "per-group"])
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-launch", "split"])
+def test_forward_eps_on_a_low_variance_input(use_rows, chunks):
+    """var(x) ~ 1e-4 (x·1e-2 + 0.5), eps = 1e-5: eps moves rstd by ~5%, so rstd = 1/sqrt(var +
+    eps) must add eps itself, once (elsewhere var >= 1e-2 hides eps under the tolerance). The
+    rows kernels, one launch and split (stats, then apply from the merged partials), and the
+    per-group kernels on the same channels-last input, against fp64 F.group_norm."""
+    shape, groups, eps = (2, 16, 4, 6), 4, 1e-5  # S = 24: 3 chunks of 8 positions when split
+    tensors, _ = _inputs(shape, groups, mod=(False, False), seed=61)
+    _, w, b, _, _ = tensors
+    g = torch.Generator().manual_seed(62)
+    x = (torch.randn(shape, generator=g) * 1e-2 + 0.5).contiguous(memory_format=torch.channels_last)
+    plan = {"num_chunks": chunks, "block_s": 4 if chunks > 1 else None}
+    p = kernels.Plan(x, groups, **plan)
+    assert (kernels.RowsPlan(p, x, **plan) if use_rows else p).num_chunks == chunks
+    args = (x, groups, w, b, eps, None, None, None, torch.channels_last)
+    y, mean, rstd = kernels.group_norm_fwd(*args, use_rows=use_rows, **plan)
+    var = x.double().reshape(2, groups, -1).var(-1, unbiased=False)
+    assert ((var + eps / 10).rsqrt() / (var + eps).rsqrt()).min() > 1.03  # eps matters here
+    torch.testing.assert_close(rstd.double(), (var + eps).rsqrt(), rtol=1e-5, atol=0)
+    y_ref = F.group_norm(x.double(), groups, w.double(), b.double(), eps)
+    assert _rel(y, y_ref) <= 1e-5
+
+
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rows_kernel_half_precision(dtype):
     tensors, _ = _inputs((4, 64, 6, 6), 32, dtype=dtype, fmt=torch.channels_last, seed=9)

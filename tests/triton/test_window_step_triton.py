@@ -87,6 +87,50 @@ def test_matches_reference(device, shape, scheduler, pred_dtype):
     torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_frames_spanning_several_tiles(device, monkeypatch):
+    """40×40 latents: H·W = 1600 positions, over the launcher's largest tile (1024), so each
+    (video, frame, channel) plane is two programs along the grid's second axis (the second one
+    ragged), in the step and in the scatter into the padded 42×42 windows: every position is
+    computed from its own tile's offsets (one channel, 3 frames in 2 windows: a cheap case).
+    The launcher is called directly (what the backend runs) so that its grids can be watched:
+    the dispatcher would refuse spies in place of interpreted kernels."""
+    shape = (1, 3, 2, 1, 40, 40, 1)
+    s = DDPMScheduler(prediction_type="v_prediction", clip_sample=True)
+    s.set_timesteps(10)
+    t = int(s.timesteps[3])
+    pred, latents, noise, tables, nxt_shape = case(*shape, device, torch.float32, seed=9)
+    coeffs = s.step_coefficients(t, latents.shape[0]).to(device)
+    want_next = torch.full(nxt_shape, 3.0, device=device)
+    want = window_step(
+        pred,
+        latents,
+        coeffs,
+        noise,
+        *tables,
+        pad=1,
+        clip=s.clip_bound,
+        next_input=want_next,
+        backend="torch",
+    )
+    grids = {}
+    for name in ("_window_step_kernel", "_window_scatter_kernel"):
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                grids[name] = tuple(grid)
+                return kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Spy())
+    got_next = torch.full(nxt_shape, 3.0, device=device)
+    got = kernels.window_step_fwd(pred, latents, coeffs, noise, *tables, 1, s.clip_bound, got_next)
+    # (b·t·c planes, tiles per plane) and (b·n_win·window·c planes, tiles per plane)
+    assert grids == {"_window_step_kernel": (3, 2), "_window_scatter_kernel": (4, 2)}
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_next, want_next, rtol=0, atol=0)
+
+
 def _frames_last(t: torch.Tensor) -> torch.Tensor:
     """(N, T, C, H, W) with channels-last frames (the LVDM's activation layout), same values."""
     return t.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, t.shape[:2])
