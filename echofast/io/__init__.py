@@ -10,6 +10,7 @@ from .video import (
     convert_frames,
     read_video,
     reference_uint8,
+    stored_fps,
     video_backend,
     write_video,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "read_video",
     "read_videos",
     "reference_uint8",
+    "stored_fps",
     "video_backend",
     "write_video",
     "yuv_to_frames",

@@ -56,6 +56,7 @@ __all__ = [
     "convert_frames",
     "read_video",
     "reference_uint8",
+    "stored_fps",
     "video_backend",
     "write_video",
 ]
@@ -812,6 +813,12 @@ def _avi_rate(fps: Any, path: Path) -> Fraction:
             f"600): an AVI holds at most {AVI_MAX_FPS} fps"
         )
     return stored
+
+
+def stored_fps(fps: float | Fraction) -> Fraction:
+    """The frame rate an AVI that :func:`write_video` writes at ``fps`` stores (the nearest ratio
+    with denominator <= 1001, e.g. 30000/1001 for 29.97002997); VideoEncodeError if none can."""
+    return _avi_rate(fps, Path("fps"))
 
 
 def write_video(

@@ -96,7 +96,7 @@ from ..data.echonet import (
 )
 from ..errors import BackendUnavailable, EchofastError
 from ..fsutil import atomic_write_text, sha256_file
-from ..io import VideoEncodeError, VideoWriter, write_video
+from ..io import VideoEncodeError, VideoWriter, stored_fps, write_video
 from ..rng import sample_seed
 from .echo_synthetic import DATASETS, EchoSyntheticPipeline
 
@@ -837,7 +837,7 @@ def _row(cfg: GenerateConfig, name: str, ef: float, video: torch.Tensor, split: 
         "EDV": None,
         "FrameHeight": video.shape[1],
         "FrameWidth": video.shape[2],
-        "FPS": f"{cfg.fps:g}",
+        "FPS": f"{float(stored_fps(cfg.fps)):.10g}",  # the AVI's rate: 29.97 or 29.97002997
         "NumberOfFrames": video.shape[0],
         "Split": split,
     }

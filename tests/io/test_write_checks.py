@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 import torch
 
-from echofast.io import VideoEncodeError, read_video, write_video
+from echofast.io import VideoEncodeError, read_video, stored_fps, write_video
 
 #: (fps, what the message says after the file name): every rate an AVI cannot hold
 UNSTORABLE = [
@@ -68,6 +69,14 @@ def test_fps_that_avi_cannot_store_is_refused(tmp_path, fps, message):
 def test_storable_fps_reads_back(tmp_path, fps, stored):
     path = write_video(tmp_path / "v.avi", torch.zeros(2, 16, 16, dtype=torch.uint8), fps)
     assert read_video(path)[1] == pytest.approx(stored)
+    with av.open(str(path)) as container:
+        assert stored_fps(fps) == container.streams.video[0].average_rate
+
+
+@pytest.mark.parametrize(("fps", "message"), UNSTORABLE, ids=[_id(f) for f, _ in UNSTORABLE])
+def test_stored_fps_refuses_what_write_video_refuses(fps, message):
+    with pytest.raises(VideoEncodeError, match=rf"^fps: {message}"):
+        stored_fps(fps)
 
 
 def test_non_avi_name_is_refused(tmp_path):

@@ -179,13 +179,24 @@ class _NonSquarePipe:
         return SimpleNamespace(videos=torch.stack(videos))
 
 
-def test_filelist_rows_describe_the_avi_non_square_at_a_fractional_fps(weights_root, tmp_path):
-    """FrameHeight/FrameWidth/NumberOfFrames are the AVI's frame rows/columns/count and FPS its
-    frame rate (``f"{fps:g}"``, the same rate in AVI and CSV), for non-square videos (the real
-    generation loop and writer, with a stand-in for the models) at the NTSC-style 29.97 fps."""
+@pytest.mark.parametrize(
+    "fps,stored,text",
+    [
+        (29.97, Fraction(2997, 100), "29.97"),
+        (30000 / 1001, Fraction(30000, 1001), "29.97002997"),
+        (12.3456789, Fraction(1000, 81), "12.34567901"),
+    ],
+)
+def test_filelist_rows_describe_the_avi_non_square_at_a_fractional_fps(
+    weights_root, tmp_path, fps, stored, text
+):
+    """FrameHeight/FrameWidth/NumberOfFrames are the AVI's frame rows/columns/count and FPS the
+    rate the AVI stores (10 significant digits: 30000/1001 is 29.97002997, where ``f"{fps:g}"``
+    said 29.97), for non-square videos (the real generation loop and writer, with a stand-in for
+    the models) at fractional rates."""
     out = tmp_path / "ds"
     summary = generate_dataset(
-        _cfg(weights_root, out, num_videos=3, frames=4, fps=29.97), pipe=_NonSquarePipe(16, 24)
+        _cfg(weights_root, out, num_videos=3, frames=4, fps=fps), pipe=_NonSquarePipe(16, 24)
     )
     assert summary["complete"] and summary["generated"] == 3
     with open(out / "FileList.csv", newline="") as f:
@@ -193,14 +204,14 @@ def test_filelist_rows_describe_the_avi_non_square_at_a_fractional_fps(weights_r
     assert [r["FileName"] for r in rows] == [f"synthetic_{i:06d}" for i in range(3)]
     for row in rows:
         path = out / "Videos" / f"{row['FileName']}.avi"
-        frames, fps = _decode(path)
+        frames, _ = _decode(path)
         with av.open(str(path)) as c:
             rate = c.streams.video[0].average_rate
         assert frames.shape == (4, 16, 24)  # (T, rows, columns) as the stand-in made them
         columns = ("NumberOfFrames", "FrameHeight", "FrameWidth")
         assert tuple(int(row[k]) for k in columns) == frames.shape
-        assert rate == Fraction(2997, 100) and fps == 29.97
-        assert row["FPS"] == "29.97" and float(row["FPS"]) == fps
+        assert rate == stored and row["FPS"] == text
+        assert abs(float(row["FPS"]) - float(rate)) <= 1e-9 * float(rate)
 
 
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(reference_run, weights_root):
