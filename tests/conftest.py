@@ -1,6 +1,7 @@
 """Test-suite defaults: deterministic, single-threaded-friendly CPU runs."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,24 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # The Triton interpreter tests need TRITON_INTERPRET=1 from process start;
 # tests/test_triton_suite.py runs them in such a process.
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton"]
+TRITON_TESTS = Path(__file__).resolve().parent / "triton"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A ``TRITON_INTERPRET`` set for the whole run (``TRITON_INTERPRET=1 pytest``) is hidden
+    while a test outside tests/triton runs, fixtures of any scope it sets up included: automatic
+    dispatch, which picks Triton on CPU when the variable is set at call time, then chooses as
+    in a plain run, which those tests expect (and no fixture samples a model through the
+    interpreter). Tests that want the interpreter set it themselves (``support.triton_interp``)."""
+    hidden = None
+    if TRITON_TESTS not in item.path.resolve().parents:
+        hidden = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            os.environ["TRITON_INTERPRET"] = hidden
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DModel
 from support.configs import LIDM_FULL_CONFIG, LIDM_SMALL_CONFIG
 from support.models import build_diffusers, rel_err, save_diffusers
+from support.triton_interp import without_interpreter
 
 import echofast.nn.attention as attention_nn
 from echofast.models import LIDM
@@ -109,7 +110,8 @@ def test_full_config_parameter_count_and_parity():
 def _runnable_attention_backends() -> list[str]:
     op = registered_ops()["attention"]
     q = torch.empty(2, 2, 8, 8)
-    return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
+    with without_interpreter():  # as in the tests' run (tests/conftest.py)
+        return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
 
 
 @pytest.mark.parametrize("fused", [False, True])

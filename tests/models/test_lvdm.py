@@ -13,6 +13,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from support.configs import LVDM_FULL_CONFIG, LVDM_SMALL_CONFIG
 from support.models import build_diffusers, randomize_norms, rel_err
 from support.threads import one_torch_thread
+from support.triton_interp import without_interpreter
 from support.weights import TINY_LVDM
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -309,7 +310,8 @@ def test_bad_inputs_raise_value_errors(pair):
 def _runnable_attention_backends() -> list[str]:
     op = registered_ops()["attention"]
     q = torch.empty(2, 2, 8, 16)
-    return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
+    with without_interpreter():  # as in the tests' run (tests/conftest.py)
+        return [name for name, b in op.backends.items() if not b.not_supported_reasons(q, q, q)]
 
 
 @pytest.mark.parametrize("backend", _runnable_attention_backends())

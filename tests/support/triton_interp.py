@@ -8,13 +8,29 @@ picks ``torch`` unless ``TRITON_INTERPRET`` is set at call time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
 from echofast.ops._triton import triton_too_old
+
+
+@contextlib.contextmanager
+def without_interpreter() -> Iterator[None]:
+    """``TRITON_INTERPRET`` unset for the block (restored after): backend availability as in a
+    plain CPU run, e.g. for a parametrization computed at collection under
+    ``TRITON_INTERPRET=1 pytest`` (tests/conftest.py hides the variable from the tests outside
+    tests/triton while they run)."""
+    had = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if had is not None:
+            os.environ["TRITON_INTERPRET"] = had
 
 
 def require_triton() -> None:
