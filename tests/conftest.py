@@ -1,11 +1,13 @@
 """Test-suite defaults: deterministic, single-threaded-friendly CPU runs."""
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from support.markers import unmarked_gpu_tests
+from support.triton_interp import without_interpreter
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -22,14 +24,9 @@ def pytest_runtest_protocol(item, nextitem):
     dispatch, which picks Triton on CPU when the variable is set at call time, then chooses as
     in a plain run, which those tests expect (and no fixture samples a model through the
     interpreter). Tests that want the interpreter set it themselves (``support.triton_interp``)."""
-    hidden = None
-    if TRITON_TESTS not in item.path.resolve().parents:
-        hidden = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    in_triton_tests = TRITON_TESTS in item.path.resolve().parents
+    with contextlib.nullcontext() if in_triton_tests else without_interpreter():
         yield
-    finally:
-        if hidden is not None:
-            os.environ["TRITON_INTERPRET"] = hidden
 
 
 def pytest_collection_modifyitems(config, items):
