@@ -9,6 +9,8 @@ import torch
 from support.markers import unmarked_gpu_tests
 from support.triton_interp import without_interpreter
 
+from echofast.ops import _triton
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 # The Triton interpreter tests need TRITON_INTERPRET=1 from process start;
@@ -27,6 +29,21 @@ def pytest_runtest_protocol(item, nextitem):
     in_triton_tests = TRITON_TESTS in item.path.resolve().parents
     with contextlib.nullcontext() if in_triton_tests else without_interpreter():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_faked_triton_lookup_left_cached():
+    """Fails the test (at teardown, after monkeypatch has undone its fakes) that leaves one of
+    echofast's cached Triton lookups answering otherwise than a fresh lookup: a faked "triton
+    3.1.0" once stayed cached and every later test of the kernels skipped as "too old"."""
+    yield
+    for lookup in (_triton.triton_too_old, _triton.triton_installed):
+        if lookup.cache_info().currsize and lookup() != lookup.__wrapped__():
+            lookup.cache_clear()
+            pytest.fail(
+                f"this test left echofast.ops._triton.{lookup.__name__}() cached with a faked "
+                "answer: clear its cache before the test ends"
+            )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -133,10 +133,10 @@ def test_a_triton_too_old_for_the_kernels_is_named_beside_its_version(monkeypatc
     _triton.triton_too_old.cache_clear()
     try:
         info = collect()
+        assert collect()["triton_too_old"] == _triton.triton_too_old()
     finally:
-        _triton.triton_too_old.cache_clear()
+        _triton.triton_too_old.cache_clear()  # not to leave the faked version cached
     assert info["packages"]["triton"] == "3.1.0"
     assert info["triton_too_old"].startswith("triton 3.1.0 is older than 3.6")
     line = next(x for x in format_info(info).splitlines() if x.strip().startswith("triton "))
     assert "3.1.0  (triton 3.1.0 is older than 3.6" in line and "backends are refused" in line
-    assert collect()["triton_too_old"] == _triton.triton_too_old()
