@@ -32,3 +32,18 @@ class MissingFileError(WeightsError, FileNotFoundError):
 
 class NonFiniteError(EchofastError, FloatingPointError):
     """A latent or frame became NaN or infinite; the message names the sample and the step."""
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """Attach ``note`` to ``err`` (PEP 678): ``err.add_note`` on Python >= 3.11, which tracebacks
+    print under the message; on 3.10 the note is appended to ``err.__notes__`` all the same
+    (where 3.11's code and the ``exceptiongroup`` backport read it), but 3.10's own tracebacks
+    do not print it."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+        return
+    notes = getattr(err, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        err.__notes__ = notes
+    notes.append(note)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..errors import add_note
 from .video import write_video
 
 __all__ = ["VideoWriter"]
@@ -63,7 +64,7 @@ def _name_file(err: BaseException, path: Path) -> None:
     if isinstance(err, OSError) and err.errno is not None and err.filename is None:
         err.filename = str(path)
     elif str(path) not in str(err):
-        err.add_note(f"while writing {path}")
+        add_note(err, f"while writing {path}")
 
 
 def _run_write(job: _Job) -> Path:
@@ -86,7 +87,7 @@ def _run_then(job: _Job, path: Path | None) -> None:
             job.then(path)
     except Exception as err:
         if job.path is not None and str(job.path) not in str(err):
-            err.add_note(f"in the bookkeeping after writing {job.path}")
+            add_note(err, f"in the bookkeeping after writing {job.path}")
         raise
 
 
@@ -195,7 +196,7 @@ class VideoWriter:
             self.close()
         except Exception as err:  # noqa: BLE001 - the caller's exception goes on; keep this one
             if err is not exc:
-                exc.add_note(f"the video writer failed too: {type(err).__name__}: {err}")
+                add_note(exc, f"the video writer failed too: {type(err).__name__}: {err}")
 
     @property
     def pending(self) -> int:
