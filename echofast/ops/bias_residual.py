@@ -62,16 +62,17 @@ def bias_residual_reference(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch ops in y's dtype (each rounded, as the unfused modules compute it); the result is
-    copied into ``out`` when given (without autograd), else returned as a new tensor."""
+    copied into ``out`` when given (without autograd), else returned as a new tensor in y's
+    dtype (a residual of a wider dtype is added in its dtype, then the sum rounded once)."""
     v = y if bias is None else y + _channel(bias.to(y.dtype), y)
     if weight is not None:
         v = v * weight.to(y.dtype).reshape(())
     if residual is not None:
         v = residual + v
     if bias2 is not None:
-        v = v + _channel(bias2.to(y.dtype), y)
+        v = v + _channel(bias2.to(v.dtype), y)
     if out is None or torch.is_grad_enabled():
-        return v
+        return v.to(y.dtype)
     return out.copy_(v)
 
 

@@ -67,14 +67,15 @@ def feed_forward_reference(
 ) -> torch.Tensor:
     """Plain PyTorch in x's dtype: projection, ``x * F.gelu(gate)``, projection, residual add
     (each result rounded, as diffusers' modules compute them); copied into ``out`` when given
-    (without autograd)."""
+    (without autograd), else returned in x's dtype (a residual of a wider dtype is added in its
+    dtype, then the sum rounded once)."""
     h = F.linear(x, w1, b1)
     i = h.shape[-1] // 2
     v = F.linear(h[..., :i] * F.gelu(h[..., i:], approximate=approximate), w2, b2)
     if residual is not None:
         v = residual + v
     if out is None or torch.is_grad_enabled():
-        return v
+        return v.to(x.dtype)
     return out.copy_(v)
 
 

@@ -74,3 +74,17 @@ def test_dispatch_on_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     reasons = _op.backends["triton"].not_supported_reasons(torch.zeros(2, 4, 3, 3), residual=y)
     assert any("y is not channels-last" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_wider_residual_returns_ys_dtype(dtype):
+    """An fp32 residual with a half y (the residual of an fp32 block input under autocast): the
+    result is in y's dtype, as the triton backend writes it, within one rounding of the sum (the
+    biased y is rounded once before the add, as the unfused modules round it)."""
+    y, r, b, b2, _ = tensors((2, 5, 3, 3), seed=7)
+    y = y.to(dtype)
+    want = bias_residual_oracle(y, r, b.to(dtype), b2)
+    got = bias_residual(y, residual=r, bias=b, bias2=b2)
+    assert got.dtype == dtype
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= 2 * ulp

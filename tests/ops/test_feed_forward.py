@@ -111,3 +111,18 @@ def test_the_ops_width_limit_is_the_kernels():
 
     kernel = kernels_module("feed_forward")
     assert importlib.import_module("echofast.ops.feed_forward").MAX_DIM == kernel.MAX_DIM
+
+
+@torch.no_grad()
+def test_a_wider_residual_returns_xs_dtype():
+    """An fp32 residual with bf16 x and weights: the sum comes back in x's dtype (as the triton
+    backend writes it), the fp32 residual added before the one rounding."""
+    ff = diffusers_ff(16, 8, seed=5)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 16, generator=g)
+    r = torch.randn(4, 8, generator=g) * 100
+    ws = [w.to(torch.bfloat16) for w in weights(ff)]
+    got = feed_forward(x.to(torch.bfloat16), *ws, residual=r)
+    assert got.dtype == torch.bfloat16
+    want = r.double() + feed_forward(x.to(torch.bfloat16), *ws).double()
+    assert ((got.double() - want).abs() / want.abs()).max() <= 2.0**-8

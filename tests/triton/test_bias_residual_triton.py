@@ -64,6 +64,22 @@ def test_half_precision_one_rounding(dtype):
     assert ((out.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= ulp
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_wider_residual_agrees_with_the_reference(dtype):
+    """An fp32 residual with a half y: both backends return y's dtype, within an ulp of the
+    fp64 sum (relative to the larger of the sum and the biased y, <= 8 here)."""
+    y = channels_last((2, 24, 3, 3), 8, dtype)
+    r = channels_last((2, 24, 3, 3), 9) * 100
+    b = torch.randn(24)
+    want = bias_residual_oracle(y, r, b)
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    for backend in ("torch", "triton"):
+        with torch.no_grad():
+            out = bias_residual(y.clone(), residual=r, bias=b, backend=backend)
+        assert out.dtype == dtype, backend
+        assert ((out.double() - want).abs() / want.abs().clamp_min(8.0)).max() <= ulp, backend
+
+
 def test_gpu_tiles():
     """Compiled tiles: BLOCK_C divides C where a power of two >= 32 does."""
     for c, block_c in [(320, 64), (640, 128), (1280, 256), (37, 64)]:

@@ -110,6 +110,16 @@ def test_fp16_within_twice_plain_pytorch():
     assert err <= 2 * max((plain.double() - ref).abs().max().item(), floor)
 
 
+def test_a_wider_residual_agrees_with_the_reference():
+    """An fp32 residual with fp16 x and weights: both backends return x's dtype."""
+    x, w1, b1, w2, b2, _ = operands(40, 32, 64, 24, torch.float16, seed=8)
+    r = torch.randn(40, 24) * 100
+    want = feed_forward(x, w1, b1, w2, b2, residual=r, backend="torch")
+    out = feed_forward(x, w1, b1, w2, b2, residual=r, backend="triton")
+    assert out.dtype == want.dtype == torch.float16
+    assert rel_err(out, want.double()) <= 2.0**-10
+
+
 @torch.no_grad()
 def test_the_models_feed_forward_on_the_fused_path(monkeypatch):
     """st.FeedForward on FUSED_FF_DEVICES: forward and add_to (h already holding the output
