@@ -280,6 +280,28 @@ def test_video_entry_points_validate_descriptors(ext):
         ext.frames_to_planes(_frames(1, frames=2), _planes(1), 1, -1, 0)
 
 
+def test_rgb_to_yuv420_averages_partial_chroma_blocks(ext):
+    """At odd sizes (reachable through the C API; echofast.io.frames_to_yuv needs even sizes)
+    an edge block's Cb/Cr are those of the mean of the 2 or 1 pixels it has: a flat colour
+    gives the same chroma in every block, the BT.601 full-range value."""
+    import numpy as np
+
+    r, g, b = 30, 60, 220
+    rgb = np.empty((1, 3, 3, 3), np.uint8)
+    rgb[...] = (r, g, b)
+    y, u, v = np.zeros(9, np.uint8), np.zeros(4, np.uint8), np.zeros(4, np.uint8)
+    src = _frames(rgb.ctypes.data, height=3, width=3, channels=3, stride=(27, 9, 3, 1))
+    dst = _planes(0, height=3, width=3, row_stride=(3, 2, 2))
+    dst["data"] = (y.ctypes.data, u.ctypes.data, v.ctypes.data)
+    ext.frames_to_planes(src, dst, 1, -1, 0)
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    assert (u == u[0]).all() and abs(int(u[0]) - cb) <= 1, (u, cb)
+    assert (v == v[0]).all() and abs(int(v[0]) - cr) <= 1, (v, cr)
+    assert (y == y[0]).all() and abs(int(y[0]) - luma) <= 1, (y, luma)
+
+
 def test_video_cuda_entry_points_fail_cleanly_without_a_gpu(ext, info):
     if info["cuda"]:
         try:

@@ -116,6 +116,29 @@ def test_corrupt_video_is_reported_and_others_encoded(tiny_vae, videos, tmp_path
         assert [r["FileName"] for r in csv.DictReader(fh)] == ["v0", "v2"]
 
 
+def test_non_finite_latents_are_reported_not_written(
+    tiny_vae, videos, tmp_path, monkeypatch, capsys
+):
+    from echofast.data import encode
+
+    real = encode.encode_frames
+
+    def nan_for_v1(vae, frames, **kw):  # v1 is the 5-frame video
+        if len(frames) == 5:
+            return torch.full((5, 4, 2, 2), float("nan"))
+        return real(vae, frames, **kw)
+
+    monkeypatch.setattr(encode, "encode_frames", nan_for_v1)
+    out = tmp_path / "lat"
+    assert _encode(tiny_vae[0], videos, out) == 1
+    err = capsys.readouterr().err
+    assert "1 video(s) failed" in err and "v1" in err and "non-finite latents" in err
+    assert sorted(p.name for p in (out / "Latents").iterdir()) == [
+        "v0.safetensors",
+        "v2.safetensors",
+    ]
+
+
 def test_refusals(tiny_vae, videos, tmp_path):
     from diffusers import AutoencoderKL
 
@@ -131,6 +154,8 @@ def test_refusals(tiny_vae, videos, tmp_path):
     save_diffusers(AutoencoderKL, TINY_VAE, other, seed=5)
     with pytest.raises(EncodeConflict, match="another VAE"):
         _encode(other, videos, out)
+    with pytest.raises(EncodeConflict, match=r"differs in \['dtype'\]"):
+        _encode(vae_dir, videos, out, "--dtype", "bfloat16")
     with pytest.raises(EncodeConflict, match="differ"):
         _encode(vae_dir, videos, videos)
 

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from echofast.data.measure import gaussian_blur, measure_ef, measure_volumes
+from echofast.data.measure import (
+    _local_quadratic,
+    _otsu,
+    _trimmed_mean,
+    gaussian_blur,
+    measure_ef,
+    measure_volumes,
+)
 from echofast.data.phantom import (
     N_CHORDS,
     PhantomArgumentError,
@@ -67,6 +74,16 @@ def test_ground_truth_is_exact(ef):
     cover = clip.cavity.reshape(clip.num_frames, -1).sum(1)
     np.testing.assert_allclose(cover, clip.areas, rtol=4e-3)
     assert _drawn_ef(clip) == pytest.approx(ef, abs=0.3)
+
+
+def test_end_diastole_is_the_last_relaxed_frame_before_end_systole():
+    """ED is the frame where the contraction starts: every later frame up to ES is smaller."""
+    for seed in range(6):
+        clip = make_phantom(seed, frames=48, fps=32)
+        v = clip.volumes
+        assert v[clip.ed_frame] == pytest.approx(clip.edv, rel=1e-12)
+        if clip.ed_frame < clip.es_frame:
+            assert (v[clip.ed_frame + 1 : clip.es_frame + 1] < clip.edv).all(), seed
 
 
 def test_tracings_geometry():
@@ -147,6 +164,42 @@ def test_measure_volumes_details(clips):
     iou = (m.masks & truth).sum() / (m.masks | truth).sum()
     assert iou > 0.9
     np.testing.assert_allclose(m.areas, clip.areas, rtol=0.06)
+
+
+def test_otsu_threshold_is_the_upper_edge_of_the_dark_class():
+    """Every value of the dark mode, even one in the upper half of its histogram bin, lies
+    below the threshold; the bright mode does not."""
+    values = np.array([10.7] * 50 + [12.9] * 30 + [200.2] * 60, dtype=np.float32)
+    assert 12.9 < _otsu(values) <= 200.2
+
+
+def test_blood_level_is_a_ten_percent_trimmed_mean():
+    values = np.concatenate([np.arange(1.0, 19.0), [1000.0, -1000.0]])
+    assert _trimmed_mean(values) == pytest.approx(np.sort(values)[2:-2].mean())
+
+
+def test_volume_smoothing_is_savitzky_golay():
+    """A quadratic fit over ±2 frames is the 5-point Savitzky-Golay filter (-3, 12, 17, 12,
+    -3)/35; a frame with fewer than 4 valid neighbours keeps its raw value."""
+    y = np.random.default_rng(0).normal(100.0, 10.0, 12)
+    out = _local_quadratic(y, np.ones(12, dtype=bool))
+    sg = np.convolve(y, np.array([-3.0, 12.0, 17.0, 12.0, -3.0]) / 35.0, mode="valid")
+    np.testing.assert_allclose(out[2:-2], sg, rtol=1e-9)
+    assert out[0] == y[0] and out[-1] == y[-1]
+
+
+def test_frame_inconsistent_with_its_neighbours_is_dropped(clips):
+    """A frame whose cavity is half filled (area −57 % from its neighbours', still above 0.2×
+    the clip's median) departs by more than 50 % from the running median of 3: dropped."""
+    clip = clips[20]
+    frames = clip.frames.copy()
+    cavity = clip.cavity[5] > 0.5
+    rows = np.flatnonzero(cavity.any(1))
+    cavity[: rows.min() + int(0.45 * (rows.max() - rows.min()))] = False
+    frames[5][cavity] = 150
+    m = measure_volumes(frames, clip.fps)
+    assert not m.valid[5] and m.valid.sum() == clip.num_frames - 1
+    assert m.ef == pytest.approx(clip.ef, abs=3)
 
 
 def test_measure_rejects_non_echo():

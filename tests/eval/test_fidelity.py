@@ -117,6 +117,11 @@ def test_frames_are_resampled_to_32_fps(tmp_path):
     assert len(frames) == math.floor(32 / 50 * 50) == 32
     resized = load_frames(root / "Videos" / "v000.avi", 50, size=16)
     assert resized.shape == (32, 16, 16) and resized.dtype == torch.uint8
+    # antialiased bilinear, rounded to the nearest grey level (not truncated)
+    x = F.interpolate(frames[:, None].float(), size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(
+        resized, x[:, 0].round().clamp(0, 255).to(torch.uint8), atol=0, rtol=0
+    )
 
 
 def test_reference_statistics_equal_direct_computation(tmp_path):
@@ -177,6 +182,12 @@ def test_generated_side_limits_and_short_videos(tmp_path):
     )
     assert out["counts"]["fid_images"] == 35  # 20 + 10 + 5: first frames in file-name order
     assert out["counts"]["fvd16_videos"] == 2 and out["counts"]["fvd16_skipped_short"] == 1
+    # FVD16 of the generated side: the first 16 frames (offset 0) of each long enough video
+    clips = [load_frames(gen / "Videos" / f"{n}.avi", 32, size=SIZE)[:16] for n in ("v000", "v002")]
+    feats = TinyClips().extract(torch.stack(clips)).double().numpy()
+    mu, sigma = feats.mean(0), np.cov(feats.T, bias=True)
+    expected = fidelity.frechet_distance(mu, sigma, *ref.stats["fvd16"])
+    assert out["metrics"]["fvd16"] == pytest.approx(expected, rel=1e-9)
     wrong = Extractors(TinyImages(), None, "other-weights", None)
     with pytest.raises(MetricsError, match="inception weights differ"):
         compute_metrics(gen, ref, wrong, progress=False)

@@ -131,6 +131,17 @@ def test_report_lists_missing_parts(tmp_path):
         main_report([str(tmp_path / "missing")])
 
 
+def test_ef_summary_skips_rows_without_ef(tmp_path):
+    root = tmp_path / "d"
+    efs = [30.0, 50.0, "", "n/a"]
+    write_filelist(
+        root, [{"FileName": f"v{i}", "EF": ef, "Split": "TRAIN"} for i, ef in enumerate(efs)]
+    )
+    assert main_report([str(root), "--format", "md", "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "EF (%): min 30.0, mean 40.0, max 50.0." in md and "| all | 4 |" in md
+
+
 def test_format_names_match_the_writers():
     from echofast.eval.downstream import RESULTS_FORMAT
     from echofast.eval.fidelity import METRICS_FORMAT as WRITTEN_METRICS

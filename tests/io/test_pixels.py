@@ -365,6 +365,13 @@ def test_validation_names_the_values():
             "channel",
         ),
         (lambda: pixels.frames_to_yuv(torch.zeros(1, 7, 10)), "7x10"),
+        (lambda: pixels.frames_to_yuv(torch.zeros(1, 8, 9)), "8x9"),
+        (
+            lambda: pixels.yuv_to_frames(
+                y.as_strided((2, 8, 10), (80, 5, 1)), u, u, out, full_range=True
+            ),
+            r"strides \(80, 5, 1\)",
+        ),
         (lambda: pixels.frames_to_yuv(torch.zeros(1, 8, 10, 2)), r"\(1, 8, 10, 2\)"),
         (lambda: pixels.frames_to_yuv(torch.zeros(1, 8, 10, dtype=torch.int32)), "torch.int32"),
         (lambda: pixels.yuv_to_frames(y, u, u, out.to("meta"), full_range=True), "one device"),

@@ -115,6 +115,39 @@ def test_disk_full_surfaces_typed_names_the_file_and_stops(tmp_path, monkeypatch
     _wait_for(_no_writer_threads, "the workers to end")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_failed_job_gets_no_step_and_the_earliest_failure_wins(tmp_path, monkeypatch, threads):
+    """A failed file's step never runs; with two workers the second job fails first (the first
+    is slow), yet the error raised is the first job's: the first in submission order."""
+
+    def write(path, frames, fps):
+        if path.name == "a.avi":
+            time.sleep(0.3 if threads > 1 else 0.0)
+        raise RuntimeError(f"cannot write {path}")
+
+    monkeypatch.setattr(writer_mod, "write_video", write)
+    steps: list = []
+    with pytest.raises(RuntimeError, match="a.avi"):
+        with VideoWriter(threads, max_pending=8) as w:
+            w.write(tmp_path / "a.avi", _frames(0), 25, then=steps.append)
+            w.write(tmp_path / "b.avi", _frames(1), 25, then=steps.append)
+    assert steps == []
+    _wait_for(_no_writer_threads, "the workers to end")
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_error_that_does_not_name_the_file_gets_a_note(tmp_path, monkeypatch, threads):
+    def write(path, frames, fps):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(writer_mod, "write_video", write)
+    with pytest.raises(RuntimeError, match="encoder exploded") as info:
+        with VideoWriter(threads) as w:
+            w.write(tmp_path / "x.avi", _frames(0), 25)
+    assert f"while writing {tmp_path / 'x.avi'}" in getattr(info.value, "__notes__", [])
+    _wait_for(_no_writer_threads, "the workers to end")
+
+
 def test_error_surfaces_at_the_next_submit(tmp_path, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(writer_mod, "write_video", _disk_full_on(1, calls))

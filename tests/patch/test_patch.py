@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from support.models import randomize_norms, rel_err
+from support.models import build_diffusers, randomize_norms, rel_err
 from support.triton_interp import without_interpreter
 
 import echofast
@@ -478,3 +478,84 @@ def test_attention_processor_paths(processor):
         assert rel_err(got, expected) <= TOL, path
         echofast.unpatch(attn)
         assert type(attn.processor).__name__ == processor
+
+
+@torch.no_grad()
+def test_classic_attention_processor_uses_the_module_scale():
+    """``AttnProcessor`` scales the scores by ``attn.scale`` (1 with ``scale_qk=False``), where
+    ``AttnProcessor2_0`` keeps SDPA's 1/sqrt(D): the replacement must do the same."""
+    from diffusers.models import attention_processor as ap
+
+    torch.manual_seed(0)
+    attn = ap.Attention(32, heads=2, dim_head=16, bias=True, scale_qk=False).eval()
+    attn.set_processor(ap.AttnProcessor())
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    expected = attn(x)
+    assert echofast.patch(attn).counts() == {"attention": 1}
+    got = attn(x)
+    assert attn.processor.last_path == "general"
+    assert rel_err(got, expected) <= TOL
+    echofast.unpatch(attn)
+
+
+@torch.no_grad()
+def test_resnet_block_options():
+    """Patched ``ResnetBlock2D`` options the test models leave at their defaults, against
+    diffusers: output scale factor, no activation on the time embedding, up/down sampling with
+    a shortcut conv, scale-shift modulation, no time embedding."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    base = dict(in_channels=16, out_channels=16, temb_channels=12, groups=4)
+    cases = [
+        dict(base, output_scale_factor=2.0),
+        dict(base, skip_time_act=True),
+        dict(base, out_channels=24, up=True),
+        dict(base, down=True, time_embedding_norm="scale_shift"),
+        dict(base, out_channels=24, temb_channels=None),
+    ]
+    for kwargs in cases:
+        block = randomize_norms(ResnetBlock2D(**kwargs).eval())
+        x = torch.randn(2, 16, 6, 6, generator=g)
+        temb = None if kwargs["temb_channels"] is None else torch.randn(2, 12, generator=g)
+        expected = block(x, temb)
+        assert echofast.patch(block).counts().get("resnet") == 1, kwargs
+        got = block(x, temb)
+        assert got.shape == expected.shape and rel_err(got, expected) <= TOL, kwargs
+        echofast.unpatch(block)
+    # another activation than SiLU: left alone (the fused op would apply SiLU)
+    mish = randomize_norms(ResnetBlock2D(**base, non_linearity="mish").eval())
+    x, temb = torch.randn(2, 16, 6, 6, generator=g), torch.randn(2, 12, generator=g)
+    expected = mish(x, temb)
+    assert "resnet" not in echofast.patch(mish).counts()
+    assert rel_err(mish(x, temb), expected) <= TOL
+    echofast.unpatch(mish)
+
+
+@torch.no_grad()
+def test_replaced_unet_still_refuses_class_labels(kit, models):
+    """A UNet2DModel without class embedding refuses class labels (diffusers raises); served by
+    echofast, such a call still goes to diffusers instead of being silently ignored."""
+    model, x = models["lidm"], kit.inputs("lidm")
+    report = echofast.patch(model, replace_models=True)
+    assert [r.diffusers_class for r in report.replaced] == ["UNet2DModel"]
+    with pytest.raises(ValueError, match="class_embedding"):
+        model(**x, class_labels=torch.tensor([1, 2]))
+
+
+@torch.no_grad()
+def test_replaced_model_follows_the_training_mode(kit):
+    """The echofast model serving a diffusers model takes its train/eval mode at each call:
+    with dropout, training-mode outputs differ from evaluation-mode ones."""
+    from diffusers import UNet2DModel
+
+    model = build_diffusers(UNet2DModel, {**kit.configs["lidm"], "dropout": 0.5}, 0)
+    x = kit.inputs("lidm")
+    echofast.patch(model, replace_models=True)
+    evaluated = model(**x).sample
+    model.train()
+    torch.manual_seed(0)
+    assert (model(**x).sample - evaluated).abs().max() > 1e-3
+    model.eval()
+    torch.testing.assert_close(model(**x).sample, evaluated, rtol=0, atol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from privacy.phantom_latents import reid_config
@@ -11,7 +12,7 @@ from privacy.phantom_latents import reid_config
 from echofast.errors import ConfigError
 from echofast.privacy import ReIdentificationModel
 from echofast.train.loop import TrainingConflict
-from echofast.train.reid import EarlyStopping, reid_config_from_dict, train_reid
+from echofast.train.reid import EarlyStopping, _batches, reid_config_from_dict, train_reid
 
 
 def test_early_stopping_follows_the_reference_rule():
@@ -21,6 +22,15 @@ def test_early_stopping_follows_the_reference_rule():
     es = EarlyStopping(patience=5)
     es.step(1.0)
     assert es.step(float("nan")) is True
+
+
+def test_batches_never_leave_a_single_item_batch():
+    """Batch norm needs two samples per training batch: a last batch of one joins the previous."""
+    assert _batches(7, 3) == [range(0, 3), range(3, 7)]
+    assert _batches(6, 3) == [range(0, 3), range(3, 6)]
+    assert _batches(5, 2) == [range(0, 2), range(2, 5)]
+    assert _batches(1, 4) == [range(0, 1)]
+    assert _batches(3, 8) == [range(0, 3)]
 
 
 def test_config_errors_name_the_key(phantom_latents, tmp_path):
@@ -72,4 +82,14 @@ def test_cli(phantom_latents, tmp_path):
     folder = tmp_path / "run" / "reidentification"
     assert (folder / "reidentification_best_network.safetensors").is_file()
     assert ReIdentificationModel.from_pretrained(folder).width == 4
+    # test_scores.csv: the saved model on the TEST pairs of the documented seed (seed + 2)
+    from echofast.privacy.data import LatentClips
+    from echofast.privacy.filter import evaluate_reid
+
+    model = ReIdentificationModel.from_pretrained(folder)
+    clips = LatentClips(phantom_latents, "TEST", normalization="frame")
+    _, labels, scores = evaluate_reid(model, clips, seed=42 + 2, n_bootstrap=20)
+    rows = [line.split(",") for line in (folder / "test_scores.csv").read_text().split()[1:]]
+    assert [int(y) for y, _ in rows] == labels.astype(int).tolist()
+    np.testing.assert_allclose([float(s) for _, s in rows], scores, rtol=1e-5)
     assert main(["train", "reid", "--config", str(cfg), "--set", "optim.lr=-1"]) == 1

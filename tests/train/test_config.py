@@ -128,6 +128,7 @@ def test_unknown_keys_are_named(data, named):
         ({"model": {"type": "lidm"}, "train": {"batch_size": 0}}, "'train.batch_size'"),
         ({"model": {"type": "lidm"}, "train": {"compile": 1}}, "'train.compile'"),
         ({"model": {"type": "lidm"}, "optim": {"betas": [0.9]}}, "'optim.betas'"),
+        ({"model": {"type": "lidm"}, "optim": {"betas": [0.9, 1.0]}}, r"'optim\.betas\[1\]'"),
         ({"model": {"type": "lidm"}, "train": {"mixed_precision": "fp8"}}, "mixed_precision"),
         ({"model": {"type": "lidm"}, "ema": {"decay": 1.5}}, "'ema.decay'"),
         ({"model": {"type": "lidm"}, "data": {"source": "files", "root": ""}}, "'data.root'"),

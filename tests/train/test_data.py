@@ -58,6 +58,19 @@ def test_global_batch_is_split_invariant():
     assert positions == list(range(72))
 
 
+def test_micro_batch_layout_is_the_documented_one():
+    """Micro-batch ``a`` of rank ``r`` at step ``s`` starts at ``s·G + (a·world + r)·batch``:
+    accumulation runs over the ranks' interleaved blocks, not over rank-contiguous ones."""
+    batch, world, accum = 2, 3, 2
+    g = batch * world * accum
+    for r in range(world):
+        it = iter(StreamBatchSampler(50, batch_size=batch, world=world, rank=r, grad_accum=accum))
+        for s in range(2):
+            for a in range(accum):
+                start = s * g + (a * world + r) * batch
+                assert [p for p, _ in next(it)] == list(range(start, start + batch))
+
+
 def test_epochs_are_permutations():
     s = StreamBatchSampler(7, batch_size=7, seed=3)
     batches = list(itertools.islice(iter(s), 4))

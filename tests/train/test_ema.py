@@ -79,3 +79,22 @@ def test_state_dict_and_copy_to():
         torch.testing.assert_close(p, s, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="does not match"):
         other.load_state_dict({**state, "shadow": {"x": torch.zeros(1)}})
+
+
+def test_frozen_parameters_are_copied_not_averaged():
+    net = _net()
+    net[2].bias.requires_grad_(False)
+    ours = EMA(net, decay=0.9, use_warmup=False)
+    theirs = EMAModel(net.parameters(), decay=0.9, use_ema_warmup=False, foreach=True)
+    start = [p.detach().clone() for p in net.parameters()]
+    for k in range(1, 4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(float(k))
+        ours.step(net.parameters())
+        theirs.step(net.parameters())
+    for a, b in zip(ours.shadow, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the frozen bias follows the model; a trained weight lags behind it (decay 0.25 at step 3)
+    torch.testing.assert_close(ours.shadow[3], start[3] + 6, rtol=0, atol=0)
+    assert (ours.shadow[2] - net[2].weight).abs().min() > 0.1

@@ -175,6 +175,30 @@ def test_vae_loss_definition_and_discriminator(tmp_path):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_vae_kl_term_and_adaptive_weight():
+    """The logged KL is the posterior's KL to N(0, I) (its weight 1e-6 hides it in the loss),
+    and d_weight is LDM's ``disc_weight · ‖∇rec‖ / (‖∇g‖ + 1e-4)`` at the decoder's last conv."""
+    torch.manual_seed(0)
+    vae = VAE.from_config(TINY_VAE)
+    cfg = _cfg("vae", TINY_VAE, vae={"disc_start": 0, "disc_layers": 1, "disc_channels": 8})
+    obj = build_objective(cfg, vae)
+    x = torch.rand(2, 3, 12, 12) * 2 - 1
+    _, logs = obj.loss(obj.module, x, torch.tensor([0, 1]), 0, torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, p, "train")) for p in (0, 1)]
+    eps = torch.stack([torch.randn(4, 6, 6, generator=g) for g in gens])
+    dist = vae.encode(x).latent_dist
+    mean, logvar = dist.mean.double(), dist.logvar.double()
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / 2
+    assert logs["kl"] == pytest.approx(float(kl.detach()), rel=1e-5)
+    rec = vae.decode(dist.mean + dist.std * eps).sample
+    last = vae.decoder.conv_out.weight
+    (g_rec,) = torch.autograd.grad((x - rec).abs().sum() / 2, last, retain_graph=True)
+    (g_g,) = torch.autograd.grad(-obj.disc(rec).mean(), last)
+    expected = 0.5 * float(g_rec.norm() / (g_g.norm() + 1e-4))
+    assert 0 < expected < 1e4
+    assert logs["d_weight"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_lpips_switch(tmp_path):
     class FakeLPIPS(torch.nn.Module):
         def forward(self, x, y):

@@ -210,6 +210,26 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         )
 
 
+def test_accumulated_gradients_are_averaged_not_summed(tmp_path):
+    """Each micro-batch's loss is divided by grad_accum. Adam's normalisation hides a constant
+    gradient factor, so this runs with eps = 1 (update ≈ lr · gradient) and no clipping."""
+    x = torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    states = []
+    for name, batch, accum in [("b4", 4, 1), ("b1a4", 1, 4)]:
+        cfg = make_config(
+            tmp_path / name,
+            "lidm",
+            steps=1,
+            batch=batch,
+            accum=accum,
+            train={"export_at_end": False, "checkpoint_every": 1},
+            optim={"eps": 1.0, "lr": 0.1, "warmup_steps": 0, "max_grad_norm": 0.0},
+        )
+        train(cfg, dataset=list(x))
+        states.append(load_checkpoint(tmp_path / name / "checkpoints" / "step-00000001.pt"))
+    _assert_states_close(states[1]["model"], states[0]["model"], atol=1e-6)
+
+
 def without_key_biases(state: dict) -> dict:
     """Attention key biases get a zero gradient in exact arithmetic (softmax ignores a constant
     added to every score): their float gradients are rounding noise, which Adam's normalisation
