@@ -134,9 +134,10 @@ def _triton_reasons(
     shift: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
 ) -> list[str]:
-    """Why the Triton kernels cannot run this call. Cached on the arguments' metadata (device,
-    dtype, rank, layout, ...), never on the tensors themselves: a cache keyed by a tensor would
-    keep every input alive."""
+    """Why the Triton kernels cannot run this call. The checks of the arguments are cached on
+    their metadata (device, dtype, rank, layout, ...), never on the tensors themselves: a cache
+    keyed by a tensor would keep every input alive. Whether Triton is there, recent enough and
+    imported for this device is asked on every call, not cached here."""
     layout_ok = (
         x.dim() not in (3, 4, 5)
         or x.is_contiguous()
@@ -153,24 +154,25 @@ def _triton_reasons(
         )
         if p is not None
     )
-    return list(
-        _triton_reasons_for(
-            x.device,
-            x.dtype,
-            x.dim(),
-            x.shape[1] if x.dim() >= 2 else 0,
-            x.numel() == 0,
-            None if layout_ok else x.stride(),
-            num_groups,
-            activation,
-            params,
-            interpret(),
-        )
+    reasons = _argument_reasons(
+        x.device,
+        x.dtype,
+        x.dim(),
+        x.shape[1] if x.dim() >= 2 else 0,
+        x.numel() == 0,
+        None if layout_ok else x.stride(),
+        num_groups,
+        activation,
+        params,
+        interpret(),
+    )
+    return kernel_reasons(
+        list(reasons), "group_norm", "_gn_fwd_stats_kernel", x.device.type == "cuda"
     )
 
 
 @functools.cache
-def _triton_reasons_for(
+def _argument_reasons(
     device: torch.device,
     dtype: torch.dtype,
     dim: int,
@@ -205,9 +207,7 @@ def _triton_reasons_for(
         reasons.append(f"C/G = {channels // num_groups} channels per group > 1024")
     if activation not in ACTIVATIONS:
         reasons.append(f"activation {activation!r} unsupported")
-    return tuple(
-        kernel_reasons(reasons, "group_norm", "_gn_fwd_stats_kernel", device.type == "cuda")
-    )
+    return tuple(reasons)
 
 
 class _GroupNormTriton(torch.autograd.Function):
