@@ -39,6 +39,19 @@ def test_forward_matches_diffusers(pair, timestep, size):
     assert rel_err(b, a) <= TOL
 
 
+def test_autograd_path_matches_diffusers(pair):
+    """With autograd on (training) the blocks take their out-of-place paths."""
+    ref, ours = pair
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(x, torch.tensor([5, 600])).sample
+    x.requires_grad_(True)
+    out = ours(x, torch.tensor([5, 600])).sample
+    assert rel_err(out.detach(), expected) <= TOL
+    out.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_default_layout_is_channels_last_and_nchw_matches_too(pair):
     ref, ours = pair
     assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -75,6 +88,13 @@ def test_return_dict_false(pair):
             "center_input_sample": True,
         },
         {"attn_norm_num_groups": 4, "time_embedding_dim": 48, "mid_block_scale_factor": 1.4142},
+        {  # a plain DownBlock2D/UpBlock2D inside the UNet resamples with convs whatever the
+            # types say; the conv downsampler pads per downsample_padding; every norm's eps
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+            "downsample_padding": 0,
+            "norm_eps": 0.05,
+        },
     ],
 )
 def test_config_variants(variant, tmp_path):
@@ -188,6 +208,18 @@ def test_time_features_give_the_calls_values_and_are_checked(pair):
             ours(x, 321, time_features=table.double())
 
 
+def test_time_features_under_autocast_are_in_autocasts_dtype(pair):
+    """An fp32 model called under bf16 autocast takes bf16 time features (the call's dtype)."""
+    _, ours = pair
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        table = ours.time_features(321)
+        assert table.dtype == torch.bfloat16
+        assert torch.equal(ours(x, 321, time_features=table).sample, ours(x, 321).sample)
+        with pytest.raises(ValueError, match="torch.bfloat16"):
+            ours(x, 321, time_features=table.float())
+
+
 def test_sampling_cache_sees_weight_changes():
     ref = build_diffusers(UNet2DModel, LIDM_SMALL_CONFIG, seed=4)
     ours = LIDM.from_config(LIDM_SMALL_CONFIG).eval()
@@ -201,3 +233,16 @@ def test_sampling_cache_sees_weight_changes():
         got = ours(x, 500).sample
         assert memo.misses > 0
         assert rel_err(got, ref(x, 500).sample) <= TOL
+
+
+def test_sampling_cache_keeps_autocast_and_plain_calls_apart(pair):
+    """A timestep embedded under autocast (bf16) is not reused by a plain fp32 call."""
+    _, ours = pair
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        plain = ours(x, 250).sample
+        with ours.sampling_cache():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours(x, 250)
+            cached = ours(x, 250).sample
+    assert torch.equal(cached, plain)

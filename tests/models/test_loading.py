@@ -59,15 +59,18 @@ def test_missing_folder_and_files(tmp_path, vae_dir):
         VAE.from_pretrained(vae_dir)
 
 
-def test_malformed_config(vae_dir):
-    (vae_dir / "config.json").write_text("{not json")
+@pytest.mark.parametrize(
+    "data", [b"{not json", b'{"in_channels": "\xff"}'], ids=["not_json", "not_utf8"]
+)
+def test_malformed_config(vae_dir, data):
+    (vae_dir / "config.json").write_bytes(data)
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         VAE.from_pretrained(vae_dir)
 
 
 def test_unknown_key_is_named(vae_dir):
     _edit_config(vae_dir, frobnicate=3)
-    with pytest.raises(ConfigError, match="frobnicate"):
+    with pytest.raises(ConfigError, match=r"\['frobnicate'\] not supported by VAE"):
         VAE.from_pretrained(vae_dir)
 
 
@@ -125,9 +128,10 @@ def test_shape_mismatch(vae_dir):
         VAE.from_pretrained(vae_dir)
 
 
-def test_non_finite(vae_dir):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite(vae_dir, value):
     def poison(state):
-        state["decoder.conv_in.bias"][0] = float("nan")
+        state["decoder.conv_in.bias"][0] = value
 
     _edit_weights(vae_dir, poison)
     with pytest.raises(WeightsError, match="'decoder.conv_in.bias' holds non-finite"):
@@ -150,6 +154,25 @@ def test_pickle_needs_opt_in(vae_dir):
         VAE.from_pretrained(vae_dir)
     model = VAE.from_pretrained(vae_dir, allow_pickle=True)
     assert torch.equal(model.state_dict()["decoder.conv_in.bias"], state["decoder.conv_in.bias"])
+
+
+def test_pickled_state_dict_wrapper_is_unwrapped(vae_dir):
+    """A training checkpoint's ``{"state_dict": ...}`` wrapper is read as its state dict."""
+    state = load_file(vae_dir / WEIGHTS)
+    (vae_dir / WEIGHTS).unlink()
+    torch.save({"state_dict": state}, vae_dir / "diffusion_pytorch_model.bin")
+    model = VAE.from_pretrained(vae_dir, allow_pickle=True)
+    assert torch.equal(model.state_dict()["decoder.conv_in.bias"], state["decoder.conv_in.bias"])
+
+
+@pytest.mark.parametrize(
+    "obj", [{"encoder.conv_in.bias": torch.zeros(32), "epoch": 3}, [torch.zeros(1)]]
+)
+def test_pickle_that_is_not_a_dict_of_tensors_is_refused(vae_dir, obj):
+    (vae_dir / WEIGHTS).unlink()
+    torch.save(obj, vae_dir / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"model\.bin: expected a dict of tensors"):
+        VAE.from_pretrained(vae_dir, allow_pickle=True)
 
 
 def test_pickle_with_code_is_refused(vae_dir):
@@ -175,6 +198,22 @@ def test_save_is_atomic_and_roundtrips(tmp_path):
     assert dict(again.config) == json.loads(json.dumps(dict(model.config)))
 
 
+def test_save_pretrained_variant_loads_here_and_in_diffusers(tmp_path):
+    model = VAE.from_config(VAE_SMALL_CONFIG)
+    model.save_pretrained(tmp_path, variant="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    with pytest.raises(MissingFileError, match=f"{WEIGHTS}: weights file is missing"):
+        VAE.from_pretrained(tmp_path)
+    again = VAE.from_pretrained(tmp_path, variant="fp16")
+    theirs = AutoencoderKL.from_pretrained(tmp_path, variant="fp16")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+        assert torch.equal(theirs.state_dict()[k], v), k
+
+
 # ---- config value types ---------------------------------------------------------------------
 
 
@@ -195,6 +234,7 @@ def unet_dir(tmp_path, unet):
         ("layers_per_block", "1", "'layers_per_block'.*'1' \\(str\\).*int"),
         ("block_out_channels", 32, "'block_out_channels'.*32 \\(int\\).*list of int"),
         ("norm_eps", True, "'norm_eps'.*True \\(bool\\).*float"),
+        ("layers_per_block", True, "'layers_per_block'.*True \\(bool\\).*int"),
         ("down_block_types", ["DownBlock2D", 2, "DownBlock2D"], "'down_block_types'"),
         ("norm_num_groups", 5, r"must be divisible by num_groups"),  # torch's words
         ("in_channels", -1, "negative dimension -1"),
@@ -261,6 +301,19 @@ def test_sharded_loads_like_single_file(tmp_path, unet, unet_dir, variant, safe)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(sharded(x, 10).sample, single(x, 10).sample)
+
+
+def test_a_folder_with_an_index_and_a_single_file_loads_the_shards_like_diffusers(
+    sharded_dir, tmp_path
+):
+    """diffusers looks for the safetensors index first: a folder that has one loads its shards
+    even when a single weights file of other values sits beside them."""
+    other = build_diffusers(UNet2DModel, TINY_LIDM, seed=1)
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "diffusion_pytorch_model.safetensors", sharded_dir)
+    ref = UNet2DModel.from_pretrained(sharded_dir)
+    _assert_same(LIDM.from_pretrained(sharded_dir), ref)
+    assert not torch.equal(ref.conv_in.weight, other.conv_in.weight)
 
 
 def test_sharded_variant_is_not_taken_for_plain(sharded_dir):

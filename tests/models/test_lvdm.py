@@ -126,6 +126,20 @@ def test_forward_matches_diffusers_general_context(general_pair, hw):
     assert _cross_attention_paths(ours) == {"general"}
 
 
+@pytest.mark.parametrize("hw", [(9, 16), (16, 12)])
+def test_forward_matches_diffusers_non_square(pair, hw):
+    """Only one side off the 2^levels grid: the up path still resizes to the skips' sizes."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(sum(hw))
+    x = torch.randn(1, 3, 8, *hw, generator=g)
+    ef, ids = torch.rand(1, 1, 1, generator=g), torch.randn(1, 1, generator=g)
+    with torch.no_grad():
+        a = ref(x, 500, ef, ids).sample
+        b = ours(x, 500, ef, ids).sample
+    assert b.shape == a.shape == (1, 3, 4, *hw)
+    assert rel_err(b, a) <= TOL
+
+
 @pytest.mark.parametrize(
     "timestep", [0, 15.7, torch.tensor(500), torch.tensor([7]), torch.tensor([3.5, 999.0])]
 )
@@ -256,6 +270,40 @@ def test_save_pretrained_loads_in_diffusers(general_pair, tmp_path):
     x, ctx, ids = _inputs(2, 5, 14, ctx_len=2, ctx_dim=8, ids=2, seed=9)
     with torch.no_grad():
         assert rel_err(ours(x, 77, ctx, ids).sample, back(x, 77, ctx, ids).sample) <= TOL
+
+
+# per-block lists that differ from their reverse: the up path reads level n-1-i's entries
+ASYMMETRIC_CONFIG = {
+    **LVDM_SMALL_CONFIG,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 2,
+    "up_block_types": ["CrossAttnUpBlockSpatioTemporal"] * 2,
+    "num_attention_heads": [2, 8],
+    "layers_per_block": [2, 1],
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 4,
+    "addition_time_embed_dim": 2,
+    "projection_class_embeddings_input_dim": 4,
+}
+
+
+def test_asymmetric_per_block_lists_match_diffusers(tmp_path):
+    ref = _randomized(ASYMMETRIC_CONFIG, seed=5)
+    ref.save_pretrained(tmp_path)
+    ours = LVDM.from_pretrained(tmp_path)
+    x, ctx, ids = _inputs(1, 3, 5, ctx_len=2, ctx_dim=4, ids=2, seed=6)
+    with torch.no_grad():
+        assert rel_err(ours(x, 40, ctx, ids).sample, ref(x, 40, ctx, ids).sample) <= TOL
+
+
+def test_per_block_cross_attention_dims_follow_diffusers():
+    """Each level's cross-attentions read its own context width, the up path's reversed."""
+    cfg = {**ASYMMETRIC_CONFIG, "cross_attention_dim": [4, 8]}
+    torch.manual_seed(0)
+    ref = UNetSpatioTemporalConditionModel(**cfg)
+    ours = LVDM.from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
 def test_full_config_parameter_count_and_parity():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from support.configs import VAE_FULL_CONFIG, VAE_SMALL_CONFIG
 from support.models import build_diffusers, rel_err, save_diffusers
 
 from echofast.models import VAE
+from echofast.models.outputs import DiagonalGaussian
 
 TOL = 1e-5
 
@@ -44,6 +46,50 @@ def test_decode_matches_diffusers(pair, shape):
     assert b.shape == a.shape
     assert rel_err(b, a) <= TOL
     assert isinstance(t, tuple) and torch.equal(t[0], b)
+
+
+def test_forward_samples_the_posterior_like_diffusers(pair):
+    ref, ours = pair
+    x = torch.rand(2, 3, 24, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        a = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(6)).sample
+        b = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(6)).sample
+        mode = ours(x).sample
+    assert rel_err(b, a) <= TOL
+    assert rel_err(b, mode) > 1e-3  # the sample is not the mean
+
+
+def test_posterior_statistics_match_diffusers():
+    """DiagonalGaussian's std, KL (to N(0, 1) and to another posterior) and NLL against
+    diffusers' DiagonalGaussianDistribution, with log-variances beyond both clamp bounds."""
+    g = torch.Generator().manual_seed(11)
+    moments = [torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    moments[0][:, 3:, 0, 0] = -45.0  # below the -30 clamp (exp(-45) is not 0 in fp64)
+    moments[0][:, 3:, 1, 1] = 25.0  # above the 20 clamp
+    ours = [DiagonalGaussian(m) for m in moments]
+    ref = [DiagonalGaussianDistribution(m) for m in moments]
+    sample = torch.randn(2, 3, 3, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ours[0].std, ref[0].std, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours[0].kl(), ref[0].kl(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours[0].kl(ours[1]), ref[0].kl(ref[1]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours[1].kl(ours[0]), ref[1].kl(ref[0]), rtol=1e-12, atol=0)
+    for i in range(2):
+        torch.testing.assert_close(ours[i].nll(sample), ref[i].nll(sample), rtol=1e-12, atol=0)
+    det = DiagonalGaussian(moments[1], deterministic=True)
+    det_ref = DiagonalGaussianDistribution(moments[1], deterministic=True)
+    assert torch.equal(det.std, det_ref.std) and torch.equal(det.var, det_ref.var)
+    assert torch.equal(det.sample(torch.Generator().manual_seed(0)), det.mean)
+
+
+def test_autograd_path_matches_diffusers(pair):
+    """With autograd on (training) the blocks take their out-of-place paths."""
+    ref, ours = pair
+    z = torch.randn(1, 4, 3, 2, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+    z.requires_grad_(True)
+    out = ours.decode(z).sample
+    assert out.requires_grad and rel_err(out.detach(), expected) <= TOL
 
 
 def test_nchw_mode(pair):

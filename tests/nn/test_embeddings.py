@@ -4,7 +4,7 @@ timestep_features: diffusers' sinusoidal ``get_timestep_embedding``, odd dims in
 import pytest
 import torch
 
-from echofast.nn.embeddings import distinct_timesteps, timestep_features
+from echofast.nn.embeddings import batch_timesteps, distinct_timesteps, timestep_features
 
 
 def test_shared_and_distinct_timesteps():
@@ -13,6 +13,16 @@ def test_shared_and_distinct_timesteps():
     assert distinct_timesteps(torch.tensor([7, 7, 7])).tolist() == [7]
     assert distinct_timesteps(torch.tensor([7, 8, 7])).tolist() == [7, 8, 7]
     assert distinct_timesteps(torch.tensor([3])).tolist() == [3]
+
+
+def test_batch_timesteps_forms_and_a_count_that_is_not_the_batch():
+    cpu = torch.device("cpu")
+    assert batch_timesteps(15.7, 3, cpu).tolist() == [15, 15, 15]  # truncated, as diffusers
+    assert batch_timesteps(torch.tensor(4), 2, cpu).tolist() == [4, 4]
+    assert batch_timesteps(torch.tensor([1, 2, 3]), 3, cpu).tolist() == [1, 2, 3]
+    for n in (2, 5):  # 2 rows would broadcast over a batch of 4 by groups: refused
+        with pytest.raises(ValueError, match=f"got {n} timesteps for a batch of 4"):
+            batch_timesteps(torch.arange(n), 4, cpu)
 
 
 @pytest.mark.parametrize("shift", [0.0, 1.0])

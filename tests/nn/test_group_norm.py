@@ -100,6 +100,15 @@ def test_modulation_and_add_on_flat_input():
     torch.testing.assert_close(y, want)
 
 
+@pytest.mark.parametrize("eps", [1e-6, 0.25])
+def test_eps_is_the_modules(eps):
+    """Low-variance groups (e.g. a VAE's 1e-6 norms on near-constant maps) depend on eps."""
+    ours = GroupNorm(3, 6, eps=eps, activation="silu")
+    x = torch.randn(2, 6, 5, 3, generator=torch.Generator().manual_seed(7)) * 1e-3
+    want = F.silu(F.group_norm(x.double(), 3, eps=eps)).float()
+    torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
+
+
 def test_input_without_channels_is_refused_with_its_shape():
     with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, \*spatial\), got shape \(6,\)"):
         GroupNorm(3, 6)(torch.randn(6))

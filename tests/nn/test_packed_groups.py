@@ -14,7 +14,7 @@ from support.models import rel_err
 from support.threads import one_torch_thread
 
 from echofast.models import LIDM, LVDM
-from echofast.nn._packing import adjacent
+from echofast.nn._packing import adjacent, pack_rows
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -161,3 +161,21 @@ def test_frame_features_are_computed_once_per_width_and_call():
     assert ops.counts["sin"] == time_features + len(widths)
     assert grad_ops.counts["sin"] == time_features + len(transformers)
     assert rel_err(shared, own.detach()) <= 1e-5  # grad mode: per-block GEMMs, no in-place
+
+
+def test_pack_rows_packs_like_parameters_and_leaves_mixed_ones_alone():
+    """Same trailing shape, dtype and device: one storage, values unchanged. Otherwise (e.g. one
+    layer converted on its own) every parameter keeps its dtype, shape and storage."""
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(rows, 5, generator=g)) for rows in (2, 3, 1)]
+    values = [p.detach().clone() for p in ps]
+    pack_rows(ps)
+    assert adjacent(ps) and all(torch.equal(p, v) for p, v in zip(ps, values))
+    for other in (
+        torch.randn(2, 5, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, generator=g),
+    ):
+        mixed = [torch.nn.Parameter(torch.randn(3, 5, generator=g)), torch.nn.Parameter(other)]
+        before = [(p.dtype, p.shape, p.data_ptr()) for p in mixed]
+        pack_rows(mixed)
+        assert [(p.dtype, p.shape, p.data_ptr()) for p in mixed] == before
