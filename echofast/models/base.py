@@ -306,12 +306,13 @@ class ModelBase(nn.Module):
     @staticmethod
     def _find_weights(folder: Path, variant: str | None, allow_pickle: bool) -> Path:
         """The weights file of ``folder``, or the index of its shards (``*.index*.json``), in
-        diffusers' order: safetensors file, safetensors index, then pickles if allowed."""
+        diffusers' order: safetensors index (a folder that has one is sharded, whatever else it
+        holds), safetensors file, then pickles if allowed."""
         stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
         index_suffix = f".index.{variant}.json" if variant else ".index.json"
         safe = folder / f"{stem}.safetensors"
         safe_index = folder / f"{WEIGHTS_STEM}.safetensors{index_suffix}"
-        for candidate in (safe, safe_index):
+        for candidate in (safe_index, safe):
             if candidate.is_file():
                 return candidate
         pickled = [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES]
