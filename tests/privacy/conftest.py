@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from privacy.phantom_latents import reid_config, write_phantom_latents
+from privacy.phantom_latents import reid_config, save_untrained_reid, write_phantom_latents
 from support.models import save_diffusers
 from support.weights import TINY_VAE
 
@@ -26,6 +26,13 @@ def vae_dir(tmp_path_factory):
 def phantom_latents(tmp_path_factory, vae_dir):
     """48 TRAIN / 16 VAL / 24 TEST phantom clips of 8 frames, latents 4×6×6."""
     return write_phantom_latents(tmp_path_factory.mktemp("latents"), vae_dir, (48, 16, 24))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """An untrained tiny re-identification model whose saved evaluation passes the AUC
+    threshold (read only)."""
+    return save_untrained_reid(tmp_path_factory.mktemp("models") / "reidentification_tiny")
 
 
 @pytest.fixture(scope="session")

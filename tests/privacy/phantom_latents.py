@@ -1,6 +1,7 @@
-"""Phantom latent datasets for the privacy tests: phantom echo clips (echofast.data.phantom),
-resized to the tiny VAE's 12×12 frames and encoded with that VAE, written in the layout of
-``echofast encode`` (FileList.csv, Latents/<name>.safetensors, encode.json)."""
+"""Latent datasets for the privacy tests: phantom echo clips (echofast.data.phantom), resized to
+the tiny VAE's 12×12 frames and encoded with that VAE, written in the layout of ``echofast
+encode`` (FileList.csv, Latents/<name>.safetensors, encode.json); single latent files; and an
+untrained tiny re-identification model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from echofast.data import write_filelist
 from echofast.data.encode import _vae_digest, encode_frames
 from echofast.data.phantom import make_phantom
 from echofast.models import VAE
+from echofast.privacy import ReIdentificationModel
+from echofast.privacy.metrics import AUCResult
 from echofast.rng import sample_seed
 
 
@@ -33,6 +36,26 @@ def phantom_frames(index: int, frames: int, seed: int = 0, size: int = 12) -> to
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
     x = x[:, 0]
     return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def write_latents(path: Path, latents: torch.Tensor) -> Path:
+    """One clip's latents at ``path`` (key ``latents``, as ``echofast encode`` writes them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(path))
+    return path
+
+
+def save_untrained_reid(folder: Path) -> Path:
+    """An untrained tiny re-identification model (seed 0) in ``folder``, with a saved evaluation
+    that passes the AUC threshold, so the CLIs accept it."""
+    torch.manual_seed(0)
+    model = ReIdentificationModel(
+        layers=(1, 1, 1, 1), width=8, n_features=32, normalization="frame"
+    )
+    model.save_pretrained(folder)
+    auc = AUCResult(0.95, 0.9, 0.99, 0.95, 0.95, 10, 10, 16, 8, 8, 0)
+    (folder / "evaluation.json").write_text(json.dumps({"test_auc": auc.to_dict()}))
+    return folder
 
 
 def write_phantom_latents(

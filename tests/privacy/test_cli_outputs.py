@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from privacy.phantom_latents import write_latents
 
 import echofast.privacy.audit as audit_mod
 from echofast.cli import main
 from echofast.data import write_filelist
-from echofast.privacy import PrivacyFilter, ReIdentificationModel, setup_filter
+from echofast.privacy import PrivacyFilter, setup_filter
 from echofast.privacy.audit import run_audit
-from echofast.privacy.metrics import AUCResult
 from echofast.privacy.model import normalize_clip
 from echofast.privacy.report import FilterSetup
 from echofast.rng import sample_seed
@@ -27,12 +26,6 @@ from echofast.rng import sample_seed
 SHAPE = (4, 6, 6)
 SPLITS = {"TRAIN": 7, "VAL": 5, "TEST": 4}
 FRAMES = 3
-
-
-def _write(path: Path, latents: torch.Tensor) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +37,11 @@ def reference(tmp_path_factory) -> Path:
         for i in range(n):
             name = f"{split.lower()}_{i}"
             clip = torch.randn(FRAMES, *SHAPE, generator=g)
-            _write(root / "Latents" / f"{name}.safetensors", clip)
+            write_latents(root / "Latents" / f"{name}.safetensors", clip)
             rows.append({"FileName": name, "EF": 50, "FPS": 2, "NumberOfFrames": FRAMES,
                          "Split": split})  # fmt: skip
     write_filelist(root, rows)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny model whose saved evaluation passes the AUC threshold."""
-    torch.manual_seed(0)
-    model = ReIdentificationModel(
-        layers=(1, 1, 1, 1), width=8, n_features=32, normalization="frame"
-    )
-    folder = tmp_path_factory.mktemp("models") / "reidentification_tiny"
-    model.save_pretrained(folder)
-    auc = AUCResult(0.95, 0.9, 0.99, 0.95, 0.95, 10, 10, 16, 8, 8, 0)
-    (folder / "evaluation.json").write_text(json.dumps({"test_auc": auc.to_dict()}))
-    return folder
 
 
 def _common(model_dir: Path, reference: Path, out: Path) -> list[str]:
@@ -79,10 +58,11 @@ def _candidates(root: Path, reference: Path) -> Path:
     names = []
     for k in range(3):
         clip = load_latents(reference / "Latents" / f"train_{k}.safetensors")[0]
-        _write(root / "Latents" / f"copy_{k}.safetensors", clip)
+        write_latents(root / "Latents" / f"copy_{k}.safetensors", clip)
         names.append(f"copy_{k}")
     for k in range(9):
-        _write(root / "Latents" / f"new_{k}.safetensors", torch.randn(FRAMES, *SHAPE, generator=g))
+        clip = torch.randn(FRAMES, *SHAPE, generator=g)
+        write_latents(root / "Latents" / f"new_{k}.safetensors", clip)
         names.append(f"new_{k}")
     write_filelist(root, [{"FileName": f"{n}.avi", "EF": i, "Split": "TRAIN"}
                           for i, n in enumerate(names)])  # fmt: skip

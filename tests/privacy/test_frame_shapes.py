@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from privacy.phantom_latents import write_latents
 from safetensors.torch import save_file
 
 import echofast.privacy.cli as privacy_cli
@@ -18,17 +19,10 @@ from echofast.data import write_filelist
 from echofast.privacy import PrivacyError, PrivacyFilter, ReIdentificationModel, setup_filter
 from echofast.privacy.audit import run_audit
 from echofast.privacy.data import FrameShapeError, ShiftToleranceError
-from echofast.privacy.metrics import AUCResult
 from echofast.privacy.report import FilterSetup
 
 SHAPE = (4, 6, 6)
 SPLITS = {"TRAIN": 6, "VAL": 3, "TEST": 4}
-
-
-def _write(path: Path, latents: torch.Tensor) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(path))
-    return path
 
 
 def _reference(root: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
@@ -39,24 +33,11 @@ def _reference(root: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> 
         shape = (shapes or {}).get(split, SHAPE)
         for i in range(n):
             name = f"{split.lower()}_{i}"
-            _write(root / "Latents" / f"{name}.safetensors", torch.randn(2, *shape, generator=g))
+            clip = torch.randn(2, *shape, generator=g)
+            write_latents(root / "Latents" / f"{name}.safetensors", clip)
             rows.append({"FileName": name, "EF": 50, "FPS": 2, "NumberOfFrames": 2, "Split": split})
     write_filelist(root, rows)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny model whose saved evaluation passes the AUC threshold."""
-    torch.manual_seed(0)
-    model = ReIdentificationModel(
-        layers=(1, 1, 1, 1), width=8, n_features=32, normalization="frame"
-    )
-    folder = tmp_path_factory.mktemp("models") / "reidentification_tiny"
-    model.save_pretrained(folder)
-    auc = AUCResult(0.95, 0.9, 0.99, 0.95, 0.95, 10, 10, 16, 8, 8, 0)
-    (folder / "evaluation.json").write_text(json.dumps({"test_auc": auc.to_dict()}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +72,7 @@ def _common(model_dir: Path, reference: Path, out: Path) -> list[str]:
 def test_filter_cli_refuses_candidates_of_another_shape(
     model_dir, reference, tmp_path, capsys, candidate
 ):
-    file = _write(tmp_path / "cands" / "Latents" / "c.safetensors", torch.randn(candidate))
+    file = write_latents(tmp_path / "cands" / "Latents" / "c.safetensors", torch.randn(candidate))
     out = tmp_path / "out"
     args = ["privacy-filter", *_common(model_dir, reference, out), "--candidates"]
     assert main([*args, str(tmp_path / "cands")]) == 1
@@ -100,14 +81,14 @@ def test_filter_cli_refuses_candidates_of_another_shape(
     assert f"{tuple(candidate[-3:])}" in err and f"{SHAPE}" in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cands"]
     file.unlink()
-    _write(file, torch.randn(SHAPE))
+    write_latents(file, torch.randn(SHAPE))
     assert main([*args, str(tmp_path / "cands")]) == 0  # the corrected retry runs
     assert (out / "privacy_report.json").is_file()
 
 
 def test_candidates_of_mixed_shapes_name_the_file(model_dir, reference, tmp_path, capsys):
-    _write(tmp_path / "cands" / "a.safetensors", torch.randn(SHAPE))
-    odd = _write(tmp_path / "cands" / "b.safetensors", torch.randn(4, 7, 7))
+    write_latents(tmp_path / "cands" / "a.safetensors", torch.randn(SHAPE))
+    odd = write_latents(tmp_path / "cands" / "b.safetensors", torch.randn(4, 7, 7))
     args = ["privacy-filter", *_common(model_dir, reference, tmp_path / "out")]
     assert main([*args, "--candidates", str(tmp_path / "cands")]) == 1
     err = capsys.readouterr().err
