@@ -30,7 +30,8 @@ that a video and its latents give the same frames.
 ``[0, m − frames]`` when training (the reference's ``np.arange(0, m − frames)`` never picks the
 last start: fixed here) and 0 otherwise. Shorter clips are zero-padded at the end and ``valid``
 says how many frames are real (the reference's ``padding``). The reference also drops clips
-shorter than a window; ``drop_short=True`` does that here.
+that last no longer than a window (its ``Duration > duration_seconds``: one lasting exactly a
+window is dropped too); ``drop_short=True`` does that here.
 
 **Randomness**: with ``seed=None`` every item draws from fresh OS entropy (different in every
 DataLoader worker and epoch). With a seed, item ``i`` in epoch ``e`` draws from

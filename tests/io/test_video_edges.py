@@ -1,0 +1,150 @@
+"""Edge cases of read_video / write_video / stored_fps / reference_uint8 that the main tests
+leave open: each is checked against an independent reference (numpy, FFmpeg through PyAV)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from echofast.io import VideoDecodeError, VideoEncodeError, read_video, reference_uint8, write_video
+from echofast.io import video as video_module
+from echofast.io.video import convert_frames, stored_fps
+
+
+def _ffmpeg_gray(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+
+
+def test_reference_uint8_matches_numpy_truncation():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.2, 1.2, (4, 8, 8)).astype(np.float32)
+    x.flat[:6] = [np.nan, np.inf, -np.inf, 1.0, 0.99609375, -1.0]  # 0.996 → 255
+    finite = np.nan_to_num(x, nan=-1.0, posinf=np.inf, neginf=-np.inf)
+    expected = np.clip((finite + 1) * 128, 0, 255).astype(np.uint8)
+    got = reference_uint8(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert got.flat[0] == 0 and got.flat[1] == 255 and got.flat[4] == 255
+
+
+def test_stored_fps_edges():
+    assert stored_fps(30000 / 1001) == Fraction(30000, 1001)  # NTSC needs denominator 1001
+    assert stored_fps(Fraction(24000, 1001)) == Fraction(24000, 1001)
+    assert stored_fps(video_module.AVI_MAX_FPS) == video_module.AVI_MAX_FPS  # the limit is allowed
+    with pytest.raises(VideoEncodeError, match="at most 1000 fps"):
+        stored_fps(1000.5)
+    # 0.000995 is 0.4 % from 1/1001, its nearest storable rate: beyond the 0.1 % tolerance
+    with pytest.raises(VideoEncodeError, match="denominator <= 1001"):
+        stored_fps(0.000995)
+    assert stored_fps(1 / 1001 * (1 + 2e-4)) == Fraction(1, 1001)  # within 0.1 %
+
+
+def test_write_refuses_odd_width_and_takes_upper_case_suffix(tmp_path):
+    frames = torch.zeros((2, 16, 16), dtype=torch.uint8)
+    with pytest.raises(VideoEncodeError, match="even") as excinfo:
+        write_video(tmp_path / "odd.avi", frames[:, :, :15], 30)
+    assert "odd.avi" in str(excinfo.value) and not (tmp_path / "odd.avi").exists()
+    path = write_video(tmp_path / "UPPER.AVI", frames + 100, 30)
+    assert path.is_file() and read_video(path)[0].shape == (2, 16, 16)
+
+
+def test_pyav_resize_rounds_like_torch(codec_clips):
+    path = codec_clips["mjpeg420"]
+    gray = torch.from_numpy(_ffmpeg_gray(path)).float()[:, None]
+    for mode in ("area", "bilinear"):
+        kw = {} if mode == "area" else {"align_corners": False}
+        expected = F.interpolate(gray, size=(20, 30), mode=mode, **kw)[:, 0]
+        expected = expected.round().clamp(0, 255).to(torch.uint8)
+        got, _ = read_video(path, size=(20, 30), resize=mode, backend="pyav")
+        assert torch.equal(got, expected), mode
+
+
+def test_limits_are_inclusive(codec_clips, monkeypatch):
+    path = codec_clips["mjpeg420"]  # 6 frames of 64x48
+    monkeypatch.setattr(video_module, "MAX_FRAMES", 6)
+    assert len(read_video(path)[0]) == 6
+    monkeypatch.setattr(video_module, "MAX_FRAMES", 5)
+    with pytest.raises(VideoDecodeError, match="more than 5 frames"):
+        read_video(path)
+    monkeypatch.setattr(video_module, "MAX_FRAMES", 1_000_000)
+    monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 64 * 48)
+    assert read_video(path)[0].shape == (6, 48, 64)
+    monkeypatch.setattr(video_module, "MAX_FRAME_PIXELS", 64 * 48 - 1)
+    with pytest.raises(VideoDecodeError, match="64x48, outside the limits"):
+        read_video(path)
+
+
+def test_output_grows_without_a_frame_count(tmp_path):
+    """Matroska gives no frame count: the output buffer grows past its first capacity and
+    must keep the frames decoded before."""
+    import av
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (video_module.CHUNK_FRAMES * 2 + 7, 16, 16), dtype=np.uint8)
+    path = tmp_path / "long.mkv"
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "gray"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    for backend in ("auto", "pyav"):
+        got, _ = read_video(path, backend=backend)
+        np.testing.assert_array_equal(got.numpy(), frames)
+
+
+def test_yuv440_rgb_is_ffmpegs(tmp_path):
+    """4:4:0 chroma is interpolated by FFmpeg: RGB must be FFmpeg's conversion exactly."""
+    import av
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "c440.mkv"
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv440p"
+        for _ in range(3):
+            rgb = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+        assert decoded[0].format.name == "yuv440p"
+        expected = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+    got, _ = read_video(path, grayscale=False)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def _bt601_full(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 YUV 4:2:0 (chroma nearest) → RGB, in float64."""
+    u = u.repeat(2, 0).repeat(2, 1).astype(np.float64) - 128
+    v = v.repeat(2, 0).repeat(2, 1).astype(np.float64) - 128
+    y = y.astype(np.float64)
+    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+    return np.clip(np.rint(rgb), 0, 255)
+
+
+def test_yuv420_tagged_full_range_is_converted_as_full_range():
+    """yuv420p frames tagged with the JPEG (full) colour range convert like yuvj420p."""
+    import av
+
+    rng = np.random.default_rng(3)
+    h, w = 16, 24
+    planes = rng.integers(0, 256, (3 * h // 2, w), dtype=np.uint8)
+    y = planes[:h]
+    u = planes[h : h + h // 4].reshape(h // 2, w // 2)
+    v = planes[h + h // 4 :].reshape(h // 2, w // 2)
+    expected = _bt601_full(y, u, v)
+    tagged = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    tagged.color_range = 2  # AVCOL_RANGE_JPEG
+    jpeg = av.VideoFrame.from_ndarray(planes, format="yuvj420p")
+    for frame in (tagged, jpeg):
+        got = convert_frames([frame], grayscale=False).numpy()[0].astype(np.float64)
+        assert np.abs(got - expected).max() <= 2, frame.format.name
