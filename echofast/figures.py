@@ -420,7 +420,7 @@ def text_png(
     canvas = Canvas(width, height)
     for i, line in enumerate(lines):
         canvas.text(20, 20 + i * 18 * scale, line, RED if i == 0 else BLACK, scale)
-    return canvas.png({"Title": name, "Description": " ".join(lines)})
+    return canvas.png({"Title": name, "Description": " ".join(lines), "Software": _software()})
 
 
 # ---- EF predictions --------------------------------------------------------------------------

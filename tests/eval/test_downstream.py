@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import torch
 from support.threads import one_torch_thread
 
 import echofast
-from echofast.data.echonet import write_filelist
+from echofast.data.echonet import read_filelist, write_filelist
 from echofast.data.phantom import PhantomDatasetConfig, write_phantom_dataset
 from echofast.eval import downstream
 from echofast.eval.downstream import (
@@ -254,8 +256,6 @@ def test_regressor_learns_ef_on_phantoms(phantoms, tmp_path):
 
 
 def _rows(root):
-    import csv
-
     with open(root / "FileList.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
@@ -303,23 +303,33 @@ def _small_cfg(root, out, **kw) -> EFConfig:
     return EFConfig(**base)
 
 
+def _interrupted_run(monkeypatch, cfg: EFConfig, epoch: int, stage: str = "log") -> None:
+    """Runs ``cfg`` until a simulated crash in epoch ``epoch``: while its log row is written
+    (``stage="log"``) or, the row written, while its checkpoint is (``stage="checkpoint"``)."""
+    add, save = downstream._Log.add, downstream._save
+
+    def crash_adding(self, row):
+        if stage == "log" and row["epoch"] == epoch:
+            raise KeyboardInterrupt("simulated crash")
+        add(self, row)
+
+    def crash_saving(path, payload):
+        if stage == "checkpoint" and path.name == f"epoch-{epoch:03d}.pt":
+            raise KeyboardInterrupt("simulated crash")
+        save(path, payload)
+
+    with monkeypatch.context() as m:
+        m.setattr(downstream._Log, "add", crash_adding)
+        m.setattr(downstream, "_save", crash_saving)
+        with pytest.raises(KeyboardInterrupt):
+            run_ef_evaluation(cfg)
+    assert not (Path(cfg.out) / "results.json").exists()
+
+
 def test_resume_after_interruption_matches(small_phantoms, tmp_path, monkeypatch):
     whole = run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "a"))
 
-    calls = {"n": 0}
-    original = downstream._Log.add
-
-    def crash_on_second_epoch(self, row):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-        original(self, row)
-
-    monkeypatch.setattr(downstream._Log, "add", crash_on_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b"))
-    monkeypatch.setattr(downstream._Log, "add", original)
-    assert not (tmp_path / "b" / "results.json").exists()
+    _interrupted_run(monkeypatch, _small_cfg(small_phantoms, tmp_path / "b"), epoch=1)
     resumed = run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b"))
     assert resumed["results"] == whole["results"]
     assert (tmp_path / "a" / "test_predictions.csv").read_text() == (
@@ -375,11 +385,15 @@ def test_cli_ef(small_phantoms, tmp_path, capsys):
         "cpu",
         "--no-progress",
     ]
-    assert downstream.main_evaluate(argv) == 0
+    val = shutil.copytree(small_phantoms, tmp_path / "val")
+    assert downstream.main_evaluate([*argv, "--val", str(val), "--weight-decay", "0.002"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["test_all_clips"]) == {"r2", "mae", "rmse"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["layers"] == [1, 1, 1, 1] and saved["config"]["optimizer"] == "sgd"
+    assert saved["config"]["val"] == str(val.resolve())
+    assert saved["config"]["weight_decay"] == 0.002
+    assert saved["results"]["val"]["dataset"] == str(val.resolve())
     with pytest.raises(ValueError, match="4 comma-separated"):
         downstream.main_evaluate([*argv[:-1], "--layers", "1,1"])
 
@@ -500,3 +514,193 @@ def test_ddp_two_ranks(small_phantoms, tmp_path):
     rows = (out / "test_predictions.csv").read_text().splitlines()[1:]
     gathered = [float(r.split(",")[2]) for r in rows]
     assert gathered == pytest.approx([single[i][0] for i in range(len(ds))], abs=1e-4)
+
+
+def test_config_identity_leaves_out_run_facts_and_resolves_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short = EFConfig(train="a", test="b", out="o")
+    spelled_out = EFConfig(
+        train=str(tmp_path / "a"),
+        test=str(tmp_path / "b"),
+        val=str(tmp_path / "b"),  # the default: --test's VAL split
+        out="elsewhere",
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
+    assert short.identity() == spelled_out.identity()
+    assert short.identity()["val"] == str(tmp_path / "b")
+    EFConfig(train="a", test="b", out="o", epochs=0, pad=0, bootstrap=20).check()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"epochs": -1},
+        {"batch_size": 0},
+        {"frames": 0},
+        {"period": 0},
+        {"test_period": 0},
+        {"pad": -1},
+        {"bootstrap": 19},
+        {"optimizer": "adam"},
+        {"normalization": "dataset"},
+    ],
+)
+def test_config_values_out_of_range_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EFConfig(train="a", test="b", out="o", **bad).check()
+
+
+def test_non_empty_folder_and_foreign_checkpoints_are_refused(tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EvaluationConflict, match="not empty"):
+        run_ef_evaluation(EFConfig(train="t", test="t", out=str(out)))
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(EvaluationConflict, match="not an echofast EF-evaluation checkpoint"):
+        downstream._load_ckpt(tmp_path / "other.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EvaluationConflict, match="unreadable checkpoint"):
+        downstream._load_ckpt(tmp_path / "broken.pt")
+
+
+def test_pixels_are_normalised_per_channel(tmp_path):
+    root = _flat_video_dataset(tmp_path, [6])
+    mean, std = (8.0, 20.0, 40.0), (2.0, 4.0, 8.0)
+    ds = EFVideos(root, "TRAIN", frames=2, period=3, mean=mean, std=std, mode="all")
+    video = ds[0]["video"]
+    levels = 8.0 * (np.arange(6) + 1)  # frame t is flat grey 8·(t+1), ±1 after MJPEG
+    for c in range(3):
+        expected = (levels - mean[c]) / std[c]
+        np.testing.assert_allclose(video[c, :, 16, 16].numpy(), expected, atol=1.01 / std[c])
+    with pytest.raises(ValueError, match="mode"):
+        EFVideos(root, "TRAIN", frames=2, period=3, mode="every")
+
+
+def test_clip_starts_follow_the_documented_generator(tmp_path):
+    """Item ``i`` of epoch ``e`` starts at ``default_rng([seed, e, i, stream]).integers(n)``."""
+    root = _flat_video_dataset(tmp_path, [20])
+    seen = []
+    for stream in range(4):
+        ds = EFVideos(root, "TRAIN", frames=4, period=3, std=(8, 8, 8), seed=5, stream=stream)
+        ds.set_normalization((0, 0, 0), (8, 8, 8))
+        ds.set_epoch(3)
+        start = int(ds[0]["video"][0, 0, 5, 5].round()) - 1  # frame t has level t+1
+        expected = int(np.random.default_rng([5, 3, 0, stream]).integers(20 - 3 * 3))
+        assert start == expected, stream
+        seen.append(start)
+    assert len(set(seen)) > 1  # the streams draw differently
+
+
+def test_training_mean_std_reads_only_train_videos(tmp_path):
+    root = _flat_video_dataset(tmp_path, [20, 5])
+    rows = read_filelist(root / "FileList.csv")
+    rows[1]["Split"] = "VAL"
+    write_filelist(root, rows)
+    levels = 8.0 * (np.arange(20) + 1)
+    mean, std = downstream.training_mean_std(root)
+    np.testing.assert_allclose(mean, [levels.mean()] * 3, rtol=1e-9)
+    np.testing.assert_allclose(std, [levels.std()] * 3, rtol=1e-9)
+
+
+def test_report_intervals_are_seeded_bootstraps(tmp_path):
+    rng = np.random.default_rng(4)
+    y = rng.uniform(20, 80, 23)
+    p = y + rng.normal(0, 5, 23)
+    rep = regression_report(y, p, samples=200, seed=3)
+    for key, func in (("r2", r2_score), ("mae", mean_absolute_error)):
+        assert tuple(rep[key].values()) == bootstrap(y, p, func, 200, 3)
+    mse = bootstrap(y, p, mean_squared_error, 200, 3)
+    assert tuple(rep["rmse"].values()) == pytest.approx(tuple(math.sqrt(v) for v in mse))
+    assert regression_report(y, p, samples=200, seed=4)["mae"] != rep["mae"]
+    with pytest.raises(ValueError, match="samples >= 1"):
+        bootstrap(y, p, mean_absolute_error, samples=0)
+
+
+def _closed_form_report(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """R² as 1 − SS_res/SS_tot, MAE, RMSE, written out."""
+    ss_res, ss_tot = ((y - p) ** 2).sum(), ((y - y.mean()) ** 2).sum()
+    return {
+        "r2": 1 - ss_res / ss_tot,
+        "mae": np.abs(y - p).mean(),
+        "rmse": math.sqrt(((y - p) ** 2).mean()),
+    }
+
+
+def test_resumed_run_tests_the_best_weights(small_phantoms, tmp_path, monkeypatch):
+    """AdamW at a high rate: VAL loss falls, then rises; the epoch-1 weights are the best ones
+    (also across a crash after epoch 2 was logged) and are what VAL and TEST numbers come
+    from, on clips of every ``test_period``-th frame."""
+    cfg = _small_cfg(small_phantoms, tmp_path / "ev", optimizer="adamw", lr=0.1, period=1)
+    _interrupted_run(monkeypatch, cfg, epoch=2, stage="checkpoint")
+    result = run_ef_evaluation(cfg)
+    out = Path(cfg.out)
+    # finished: a re-run only returns the stored results
+    stored = (out / "results.json").read_text()
+    assert run_ef_evaluation(cfg) == json.loads(stored)
+    assert (out / "results.json").read_text() == stored
+    with open(out / "log.csv", newline="") as fh:
+        log = list(csv.DictReader(fh))
+    val_losses = [float(r["val_loss"]) for r in log]
+    assert [int(r["epoch"]) for r in log] == [0, 1, 2]
+    assert [float(r["lr"]) for r in log] == pytest.approx([0.1, 0.1, 0.01])
+    best = int(np.argmin(val_losses))
+    assert best != len(log) - 1, "the run should overshoot after its best epoch"
+    assert result["best_epoch"] == best and result["best_val_loss"] == val_losses[best]
+    assert result["train_videos"] == 8
+    assert result["normalization"] == {
+        "mean": list(downstream.ECHONET_MEAN),
+        "std": list(downstream.ECHONET_STD),
+    }
+    last = torch.load(out / "checkpoints" / "epoch-002.pt", weights_only=True)
+    group = last["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == cfg.weight_decay
+    # every epoch is len(train) // batch = 8 // 3 = 2 steps
+    assert int(last["optimizer"]["state"][0]["step"]) == 3 * 2
+
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert state["epoch"] == best
+    model = R2Plus1D(1, width=2, layers=(1, 1, 1, 1))
+    model.load_state_dict(state["model"])
+    model.eval()
+    norm = dict(frames=4, period=2, mean=tuple(state["mean"]), std=tuple(state["std"]))
+    # the VAL loss of the best epoch: one clip per VAL video, drawn from stream 1
+    val = EFVideos(small_phantoms, "VAL", stream=1, **norm)
+    val.set_epoch(best)
+    with torch.no_grad():
+        p = model(torch.stack([val[i]["video"] for i in range(len(val))])).view(-1)
+    y = np.array([r.ef for r in val.records])
+    assert np.mean((y - p.double().numpy()) ** 2) == pytest.approx(val_losses[best], rel=1e-5)
+    # TEST: the mean over every clip start, and one clip from stream 2
+    with open(out / "test_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    every = EFVideos(small_phantoms, "TEST", mode="all", **norm)
+    one = EFVideos(small_phantoms, "TEST", stream=2, **norm)
+    assert [r["FileName"] for r in rows] == [r.name for r in every.records]
+    for k, row in enumerate(rows):
+        video = every[k]["video"]
+        n = video.shape[1] - 3 * 2
+        clips = torch.stack([video[:, s + 2 * torch.arange(4)] for s in range(n)])
+        with torch.no_grad():
+            assert int(row["Clips"]) == n
+            assert float(row["Predicted"]) == pytest.approx(float(model(clips).mean()), abs=2e-4)
+            single = float(model(one[k]["video"][None]))
+            assert float(row["PredictedOneClip"]) == pytest.approx(single, abs=2e-4)
+    y = np.array([float(r["EF"]) for r in rows])
+    test = result["results"]["test"]
+    for kind, column in (("all_clips", "Predicted"), ("one_clip", "PredictedOneClip")):
+        p = np.array([float(r[column]) for r in rows])
+        for key, value in _closed_form_report(y, p).items():
+            assert test[kind][key]["value"] == pytest.approx(value, rel=1e-4, abs=1e-4)
+        assert test[kind]["n"] == 3
+
+
+def test_sgd_keeps_the_reference_momentum_and_decay(small_phantoms, tmp_path, capsys):
+    cfg = _small_cfg(small_phantoms, tmp_path / "sgd", epochs=1, weight_decay=3e-4, progress=True)
+    run_ef_evaluation(cfg)
+    assert "epoch 0" in capsys.readouterr().err  # the progress bar of the epoch
+    group = torch.load(tmp_path / "sgd" / "best.pt", weights_only=True)["optimizer"]
+    group = group["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"], group["lr"]) == (0.9, 3e-4, 1e-3)

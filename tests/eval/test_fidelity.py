@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echofast.data.echonet import write_filelist
+from echofast.data.echonet import read_filelist, write_filelist
 from echofast.eval import fidelity
 from echofast.eval.fidelity import (
     Extractors,
@@ -193,17 +193,18 @@ def test_generated_side_limits_and_short_videos(tmp_path):
         compute_metrics(gen, ref, wrong, progress=False)
 
 
+def fake_load(inception, i3d, **kw):
+    """``load_extractors`` with the tiny stand-ins for whichever weights are named."""
+    return Extractors(
+        TinyImages() if inception else None,
+        TinyClips() if i3d else None,
+        "inc-fp" if inception else None,
+        "i3d-fp" if i3d else None,
+    )
+
+
 def test_cli_reference_cache_and_compute(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ECHOFAST_CACHE", str(tmp_path / "cache"))
-
-    def fake_load(inception, i3d, **kw):
-        return Extractors(
-            TinyImages() if inception else None,
-            TinyClips() if i3d else None,
-            "inc-fp" if inception else None,
-            "i3d-fp" if i3d else None,
-        )
-
     monkeypatch.setattr(fidelity, "load_extractors", fake_load)
     real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 5)
     gen = make_dataset(tmp_path / "gen", [(16, 32, "TRAIN")] * 5, shift=30)
@@ -288,3 +289,194 @@ def test_cli_reference_cache_and_compute(tmp_path, monkeypatch, capsys):
                 str(tmp_path / "m.json"),
             ]
         )
+
+
+def edit_filelist(root, **changes):
+    """Rewrite ``root/FileList.csv`` with ``changes[FileName] = {column: value}`` applied."""
+    rows = read_filelist(root / "FileList.csv")
+    for row in rows:
+        row.update(changes.get(row["FileName"], {}))
+    write_filelist(root, rows)
+
+
+def numpy_inception_score(probs: np.ndarray, splits: int) -> tuple[float, float]:
+    """The original Inception Score: exp of the mean KL(p(y|x) ‖ p(y)) per equal part."""
+    scores = []
+    for part in np.array_split(probs, splits):
+        kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_filelist_fps_is_the_source_rate_and_must_be_positive(tmp_path):
+    path = tmp_path / "v.avi"
+    write_video(path, clip_frames(0, 50), 50)
+    assert len(load_frames(path, 25, size=SIZE)) == math.floor(32 / 25 * 50) == 64
+    assert len(load_frames(path, None, size=SIZE)) == 32  # the file's own 50 fps
+    with pytest.raises(MetricsError, match="no frame rate"):
+        load_frames(path, -25.0, size=SIZE)
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_flags(flags: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("before", [(True, False), (False, True)])
+def test_exact_fp32_turns_tf32_off_and_restores_both_flags(before):
+    saved = _tf32_flags()
+    _set_tf32_flags(before)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), fidelity.exact_fp32():
+            assert _tf32_flags() == (False, False)
+            raise RuntimeError("inside")
+        assert _tf32_flags() == before
+    finally:
+        _set_tf32_flags(saved)
+
+
+def test_unusable_reference_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(MetricsError, match="does not exist"):
+        ReferenceStats.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(MetricsError, match="not a readable safetensors"):
+        ReferenceStats.load(tmp_path / "junk.safetensors")
+    tensors = {"fid.mu": torch.zeros(3), "fid.sigma": torch.eye(3)}
+    save_file(tensors, tmp_path / "other.safetensors", metadata={"format": "other"})
+    with pytest.raises(MetricsError, match="not an echofast reference statistics"):
+        ReferenceStats.load(tmp_path / "other.safetensors")
+    meta = {"format": fidelity.STATS_FORMAT, "protocol": json.dumps({"version": 2})}
+    save_file(tensors, tmp_path / "future.safetensors", metadata=meta)
+    with pytest.raises(MetricsError, match="statistics version 2"):
+        ReferenceStats.load(tmp_path / "future.safetensors")
+
+
+def test_reference_selection_across_splits_and_durations_from_the_files(tmp_path):
+    root = make_dataset(tmp_path / "all", [(30, 50, "TRAIN"), (30, 50, "VAL"), (30, 50, "TEST")])
+    assert {r.name for r in select_reference_videos(root, 16, split="all")} == {
+        "v000",
+        "v001",
+        "v002",
+    }
+    # without NumberOfFrames the duration is the decoded length over the FileList FPS (else the
+    # file's): 20 frames at 25 fps last 0.8 s, at the file's 50 fps only 0.4 s (< 16/32 s)
+    root = make_dataset(tmp_path / "d", [(20, 50, "TRAIN"), (20, 50, "TRAIN"), (40, 50, "TRAIN")])
+    edit_filelist(
+        root,
+        v000={"FPS": 25, "NumberOfFrames": ""},
+        v001={"FPS": "", "NumberOfFrames": ""},
+        v002={"FPS": "", "NumberOfFrames": ""},
+    )
+    assert sorted(r.name for r in select_reference_videos(root, 16)) == ["v000", "v002"]
+
+
+def test_a_filelist_that_overstates_a_video_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "real", [(10, 32, "TRAIN")])
+    edit_filelist(root, v000={"NumberOfFrames": 40})
+    with pytest.raises(MetricsError, match="FileList says"):
+        build_reference(root, 16, extractors(), size=SIZE, progress=False)
+    with pytest.raises(MetricsError, match="Inception weights"):
+        build_reference(root, 16, Extractors(), size=SIZE, progress=False)
+
+
+def test_reference_fvd_clips_are_the_first_videos_by_name(tmp_path):
+    root = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 4)
+    ref = build_reference(root, 16, extractors(), size=SIZE, fvd_videos=2, progress=False)
+    assert ref.protocol["counts"] == {"fid": 64, "fvd16": 2}
+    assert ref.protocol["fvd16_offset"] == "0"
+    clips = [load_frames(root / "Videos" / f"{n}.avi", 32, size=SIZE) for n in ("v000", "v001")]
+    feats = TinyClips().extract(torch.stack(clips)).double().numpy()
+    np.testing.assert_allclose(ref.stats["fvd16"][0].numpy(), feats.mean(0), atol=1e-12)
+    np.testing.assert_allclose(
+        ref.stats["fvd16"][1].numpy(), np.cov(feats.T, bias=True), atol=1e-12
+    )
+    loaded = ReferenceStats.load(ref.save(tmp_path / "ref.safetensors"))
+    assert loaded.protocol == ref.protocol and set(loaded.stats) == {"fid", "fvd16"}
+    for name, (mu, sigma) in ref.stats.items():
+        assert torch.equal(loaded.stats[name][0], mu) and torch.equal(loaded.stats[name][1], sigma)
+
+
+def test_generated_side_reads_in_file_name_order_and_stops_when_done(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 4)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    gen = make_dataset(tmp_path / "gen", [(16, 32, "TRAIN")] * 3, shift=20)
+    write_filelist(gen, read_filelist(gen / "FileList.csv")[::-1])
+    out = compute_metrics(
+        gen, ref, extractors(), fid_images=32, fvd_videos=1, is_splits=4, progress=False
+    )
+    counts = out["counts"]
+    assert counts["videos_read"] == 2 and counts["fid_images"] == 32
+    assert counts["fvd16_videos"] == 1 and counts["fid_images_reference"] == 64
+    videos = [load_frames(gen / "Videos" / f"{n}.avi", 32, size=SIZE) for n in ("v000", "v001")]
+    feats, probs = TinyImages().extract(torch.cat(videos))
+    feats = feats.double().numpy()
+    expected = fidelity.frechet_distance(
+        feats.mean(0), np.cov(feats.T, bias=True), *ref.stats["fid"]
+    )
+    assert out["metrics"]["fid"] == pytest.approx(expected, rel=1e-9)
+    is_mean, is_std = numpy_inception_score(probs.double().numpy(), 4)
+    assert out["metrics"]["is_mean"] == pytest.approx(is_mean, rel=1e-9)
+    assert out["metrics"]["is_std"] == pytest.approx(is_std, rel=1e-4)
+    clip = TinyClips().extract(videos[0][None]).double().numpy()
+    expected = fidelity.frechet_distance(clip[0], np.zeros((7, 7)), *ref.stats["fvd16"])
+    assert out["metrics"]["fvd16"] == pytest.approx(expected, rel=1e-9)
+    # IS needs as many frames as splits, no more
+    out = compute_metrics(gen, ref, extractors(), fid_images=32, is_splits=32, progress=False)
+    assert "is_mean" in out["metrics"]
+
+
+def test_only_the_networks_given_are_used(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 3)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    images_only = Extractors(TinyImages(), None, "inc-fp", None)
+    out = compute_metrics(real, ref, images_only, split="train", is_splits=4, progress=False)
+    assert set(out["metrics"]) == {"fid", "is_mean", "is_std"}
+    assert out["split"] == "TRAIN" and out["weights"] == {"inception": "inc-fp", "i3d": None}
+    with pytest.raises(MetricsError, match="no videos in split"):
+        compute_metrics(real, ref, extractors(), split="VAL", progress=False)
+
+
+def test_cache_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("ECHOFAST_CACHE", str(tmp_path / "own"))
+    assert fidelity.cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("ECHOFAST_CACHE")
+    assert fidelity.cache_dir() == tmp_path / "xdg" / "echofast"
+
+
+def test_cli_reference_refuses_to_replace_other_statistics(tmp_path, monkeypatch):
+    monkeypatch.setattr(fidelity, "load_extractors", fake_load)
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    out = tmp_path / "ref.safetensors"
+    args = ["reference", "--dataset", str(real), "--frames", "16", "--size", str(SIZE)]
+    args += ["--i3d-weights", "y", "--no-progress", "--workers", "0", "--out", str(out)]
+    assert main_metrics([*args, "--seed", "0"]) == 0
+    with pytest.raises(MetricsError, match=r"made differently \(differs in \['seed'\]\)"):
+        main_metrics([*args, "--seed", "1"])
+    assert ReferenceStats.load(out).protocol["seed"] == 0
+    assert main_metrics([*args, "--seed", "1", "--overwrite"]) == 0
+    assert ReferenceStats.load(out).protocol["seed"] == 1
+
+
+def test_generated_side_reads_on_until_every_clip_length_is_served(tmp_path):
+    real = make_dataset(tmp_path / "real", [(130, 32, "TRAIN"), (140, 32, "TRAIN")])
+    ref = build_reference(real, 128, extractors(clip_frames=128), size=SIZE, progress=False)
+    gen = make_dataset(tmp_path / "gen", [(16, 32, "TRAIN"), (130, 32, "TRAIN"), (20, 32, "TEST")])
+    out = compute_metrics(
+        gen,
+        ref,
+        extractors(clip_frames=128),
+        fid_images=16,
+        fvd_videos=1,
+        is_splits=2,
+        progress=False,
+    )
+    counts = out["counts"]
+    assert counts["videos_read"] == 2 and counts["fid_images"] == 16
+    assert counts["fvd16_videos"] == 1 and counts["fvd128_videos"] == 1
+    assert counts["fvd128_skipped_short"] == 1 and set(out["metrics"]) >= {"fvd16", "fvd128"}
