@@ -311,9 +311,13 @@ def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
 def ef_bounds(ef_range: Sequence[float]) -> tuple[int, int]:
     """The integers ``(ceil(LO), floor(HI))`` that ``requested_ef`` draws between; a range that is
     not two finite numbers with LO <= HI holding an integer is refused."""
+    if isinstance(ef_range, (str, bytes)) or not isinstance(ef_range, Sequence):
+        raise GenerationArgumentError(f"--ef-range needs LO and HI, got {ef_range!r}")
     if len(ef_range) != 2:
         raise GenerationArgumentError(f"--ef-range needs LO and HI, got {list(ef_range)!r}")
     lo, hi = ef_range
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (lo, hi)):
+        raise GenerationArgumentError(f"--ef-range must be two numbers, got {lo!r} {hi!r}")
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise GenerationArgumentError(f"--ef-range must be finite numbers, got {lo!r} {hi!r}")
     if lo > hi:
@@ -828,11 +832,17 @@ def _writer(cfg: GenerateConfig) -> VideoWriter:
     return VideoWriter(cfg.writer_threads, max_pending=2 * max(1, cfg.batch_size))
 
 
+def _ef_text(ef: float) -> str:
+    """The FileList.csv text of an EF: the shortest that reads back as the very value the video
+    was conditioned on ("53" for a whole number, "68.2120227" from an EchoNet-Dynamic FileList)."""
+    return repr(float(ef)).removesuffix(".0")
+
+
 def _row(cfg: GenerateConfig, name: str, ef: float, video: torch.Tensor, split: str) -> dict:
     """The FileList.csv row of a uint8 (T, H, W) video."""
     return {
         "FileName": name,
-        "EF": f"{ef:g}",
+        "EF": _ef_text(ef),
         "ESV": None,
         "EDV": None,
         "FrameHeight": video.shape[1],
@@ -1281,7 +1291,7 @@ def _generate_private_videos(
                     "video_frame": vid_f,
                     "passed": ok,
                     "slot": slot if ok else None,
-                    "EF": f"{ef:g}",
+                    "EF": _ef_text(ef),
                 }
                 new_attempt = None
                 if r not in attempts:

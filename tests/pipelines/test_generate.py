@@ -337,3 +337,17 @@ def test_shard_parsing():
         Shard.parse("4/4")
     with pytest.raises(ValueError, match="'i/N'"):
         Shard.parse("x")
+
+
+def test_shard_from_torchrun_needs_both_rank_and_world_size(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert Shard.parse(None) == Shard(0, 1)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert Shard.parse(None) == Shard(0, 1)
+    monkeypatch.setenv("RANK", "2")
+    assert Shard.parse(None) == Shard(2, 3)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match=r"RANK/WORLD_SIZE: .*0 <= i < N, got '3/3'"):
+        Shard.parse(None)

@@ -5,6 +5,7 @@ folder is made."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from echofast.errors import BackendUnavailable
 from echofast.pipelines.dataset import (
     GenerateConfig,
     GenerationArgumentError,
+    Shard,
+    _check_arguments,
     generate_dataset,
 )
 
@@ -69,6 +72,30 @@ REFUSED = [
     (dict(privacy="m", reference_latents="r", oversample=float("inf")), "--oversample must be"),
     (dict(privacy="m", reference_latents="r", auc_threshold=2.0), "--auc-threshold must be"),
     (dict(privacy="m", reference_latents="r", privacy_percentile=100.0), "--privacy-percentile"),
+    (dict(num_videos=0), "num_videos must be an int >= 1, got 0"),
+    (dict(frames=True), "frames must be an int >= 1, got True"),
+    (dict(seed=True), "--seed must be an int, got True"),
+    (dict(fps=0.0), "fps must be > 0, got 0.0"),
+    (dict(fps=-16.0), "fps must be > 0, got -16.0"),
+    (dict(ef_range=(10, 50, 90)), r"--ef-range needs LO and HI, got \[10, 50, 90\]"),
+    (dict(ef_range=(50,)), r"--ef-range needs LO and HI, got \[50\]"),
+    (dict(ef_range=(10, float("inf"))), "--ef-range must be finite numbers"),
+    (dict(device="xpu"), "--device 'xpu': this torch .* cannot use it"),
+    (dict(privacy="m"), "needs both --privacy and --reference-latents"),
+    (dict(reference_latents="r"), "needs both --privacy and --reference-latents"),
+    (dict(privacy="m", reference_latents="r", shard=Shard(1, 2)), "does not support sharding"),
+    (dict(privacy="m", reference_latents="r", oversample=0.99), "--oversample must be"),
+    (dict(privacy="m", reference_latents="r", auc_threshold=-0.01), "--auc-threshold must be"),
+    (dict(privacy="m", reference_latents="r", privacy_percentile=0.0), "--privacy-percentile"),
+    (dict(privacy="m", reference_latents="r", privacy_frame_step=-1), "--privacy-frame-step"),
+    (
+        dict(privacy="m", reference_latents="r", privacy_shift_tolerance=True),
+        "--privacy-shift-tolerance must be an int >= 0, got True",
+    ),
+    (
+        dict(privacy="m", reference_latents="r", privacy_normalization="pixel"),
+        "--privacy-normalization must be one of",
+    ),
 ]
 
 
@@ -80,6 +107,38 @@ def test_bad_options_refused_before_anything_is_written(weights_root, tmp_path, 
     with pytest.raises(GenerationArgumentError, match=message):
         generate_dataset(_cfg(weights_root, out, **kw))
     assert not out.exists()
+
+
+def test_values_on_the_edge_of_each_range_are_accepted(weights_root, tmp_path):
+    """The inclusive ends of each documented range pass the checks (nothing is written)."""
+    accepted = [
+        dict(ef_range=(50, 50)),
+        dict(fps=16, seed=-1),
+        dict(privacy="m", reference_latents="r", oversample=1.0, auc_threshold=0.0),
+        dict(privacy="m", reference_latents="r", auc_threshold=1.0, privacy_percentile=1e-9),
+        dict(privacy="m", reference_latents="r", privacy_frame_step=0, privacy_normalization=None),
+        dict(privacy="m", reference_latents="r", privacy_normalization="channel"),
+    ]
+    for kw in accepted:
+        _check_arguments(_cfg(weights_root, tmp_path / "ds", **kw))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_name_prefix_may_fill_the_file_system_name_limit_exactly(weights_root, tmp_path):
+    """The longest file name is video ``num_videos - 1``'s temporary file
+    (``.<prefix><index>.avi.XXXXXXXX.tmp``, 24 bytes besides the prefix for a 6-digit index)."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    fits = "p" * (limit - 24)
+    _check_arguments(_cfg(weights_root, tmp_path / "ds", name_prefix=fits))
+    _check_arguments(_cfg(weights_root, tmp_path / "ds", name_prefix=fits, num_videos=10**6))
+    with pytest.raises(GenerationArgumentError, match=f"would take {limit + 1} bytes"):
+        _check_arguments(_cfg(weights_root, tmp_path / "ds", name_prefix=fits + "p"))
+    # a 7-digit index (video 1000000) takes one byte more
+    with pytest.raises(GenerationArgumentError, match=f"video 1000000's .* {limit + 1} bytes"):
+        _check_arguments(
+            _cfg(weights_root, tmp_path / "ds", name_prefix=fits, num_videos=10**6 + 1)
+        )
+    assert not (tmp_path / "ds").exists()
 
 
 def test_forced_cuda_graphs_that_cannot_run_are_refused_before_anything_is_written(

@@ -3,11 +3,14 @@ fail-closed refusals, and resume after kill -9 giving the same dataset and repor
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,3 +256,106 @@ def test_fail_closed_refusals(weights_root, reid_dir, reference, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "--privacy and --reference-latents go together" in bad.stderr
+
+
+def test_candidate_count_is_the_ceiling_of_the_exact_product(
+    weights_root, reid_dir, reference, tmp_path, monkeypatch
+):
+    """M = ceil(oversample · num_videos): 25/11 · 11 is 25 (its float product 25.000000000000004
+    must not add a 26th candidate)."""
+    import echofast.pipelines.dataset as dataset_module
+
+    counts = []
+
+    def stop(cfg, pipe, state, count, progress):
+        counts.append(count)
+        raise RuntimeError("stopped before the candidates")
+
+    monkeypatch.setattr(dataset_module, "_candidates", stop)
+    cfg = _cfg(
+        weights_root, tmp_path / "ds", reid_dir, reference, num_videos=11, oversample=25 / 11
+    )
+    assert cfg.oversample * cfg.num_videos > 25
+    with pytest.raises(RuntimeError, match="stopped before the candidates"):
+        generate_dataset(cfg, pipe=SimpleNamespace())
+    assert counts == [25]
+
+
+def test_private_attempts_record_the_checked_video_frame_and_the_calibration_is_cached(
+    private_run,
+):
+    out, _ = private_run
+    attempts = read_journal(out / ".echofast" / "privacy" / "attempts.jsonl")
+    checked = {e["video_frame"] for e in attempts}
+    assert checked <= {0, 4} and 4 in checked  # every 4th of 8 frames (privacy_frame_step=4)
+    assert (out / ".echofast" / "privacy" / "reference.safetensors").is_file()
+
+
+def test_private_resume_rewrites_only_the_lost_video(
+    private_run, weights_root, reid_dir, reference, tmp_path
+):
+    """A lost video of a privacy-filtered dataset is animated again (its whole attempt batch is
+    recomputed); the other video of that batch is neither rewritten nor journaled twice."""
+    ref_out, _ = private_run
+    out = tmp_path / "ds"
+    shutil.copytree(ref_out, out)
+    attempts = read_journal(out / ".echofast" / "privacy" / "attempts.jsonl")
+    slots = {}
+    for e in attempts:
+        if e["passed"] and e["slot"] < N:
+            slots.setdefault(e["attempt"] // 2, []).append(e["slot"])
+    keep, lost = next(s for s in slots.values() if len(s) == 2)
+    videos = out / "Videos"
+    (videos / f"synthetic_{lost:06d}.avi").unlink()
+    kept_mtime = (videos / f"synthetic_{keep:06d}.avi").stat().st_mtime_ns
+    journal = (out / ".echofast" / "journal-0of1.jsonl").read_text()
+    summary = generate_dataset(_cfg(weights_root, out, reid_dir, reference))
+    assert summary["complete"] and summary["generated"] == 1 and summary["already_done"] == N - 1
+    assert (videos / f"synthetic_{keep:06d}.avi").stat().st_mtime_ns == kept_mtime
+    for name in ("FileList.csv", "privacy_report.json"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+    for video in sorted(videos.iterdir()):
+        assert video.read_bytes() == (ref_out / "Videos" / video.name).read_bytes()
+    added = (out / ".echofast" / "journal-0of1.jsonl").read_text().removeprefix(journal)
+    assert [json.loads(line)["index"] for line in added.splitlines()] == [lost]
+
+
+def test_a_dropped_video_gives_its_slot_to_the_next_attempt_that_passes(
+    private_run, weights_root, reid_dir, reference, tmp_path, monkeypatch
+):
+    """Video i is the i-th attempt that passed: attempt 1 dropped, attempt 2 becomes video 1.
+    The report counts the attempts up to the last video's (attempt 5, computed in its batch and
+    dropped too, is surplus). The candidates and the calibration of ``private_run`` are reused
+    (its folder, videos and journals removed); the video check drops attempts 1 and 5 only."""
+    import echofast.pipelines.dataset as dataset_module
+
+    out = tmp_path / "ds"
+    shutil.copytree(private_run[0], out)
+    for item in [*(out / "Videos").iterdir(), *(out / ".echofast").rglob("*.jsonl")]:
+        item.unlink()
+    checked = []
+
+    def drop_second(flt, vae, videos, step):
+        scores = []
+        for _ in videos:
+            scores.append((flt.tau if len(checked) in (1, 5) else -1.0, "clip", 0, 0))
+            checked.append(len(checked))
+        return scores
+
+    monkeypatch.setattr(dataset_module, "_check_videos", drop_second)
+    assert generate_dataset(_cfg(weights_root, out, reid_dir, reference))["complete"]
+    attempts = read_journal(out / ".echofast" / "privacy" / "attempts.jsonl")
+    assert [(e["attempt"], e["passed"], e["slot"]) for e in attempts] == [
+        (0, True, 0),
+        (1, False, None),
+        (2, True, 1),
+        (3, True, 2),
+        (4, True, 3),
+        (5, False, None),
+    ]
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["counts"]["video_attempts"] == 5 and report["counts"]["dropped_video_level"] == 1
+    assert [d["candidate"] for d in report["video_check"]["dropped"]] == [attempts[1]["candidate"]]
+    with open(out / "FileList.csv", newline="") as fh:
+        efs = [row["EF"] for row in csv.DictReader(fh)]
+    assert efs == [attempts[r]["EF"] for r in (0, 2, 3, 4)]

@@ -3,11 +3,14 @@ name the argument or file, nothing written by a refused start, no other process'
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from echofast.cli import main
 from echofast.errors import ConfigError
@@ -16,7 +19,10 @@ from echofast.pipelines.dataset import (
     GenerationArgumentError,
     GenerationConflict,
     Shard,
+    _ef_pool,
     _running,
+    _weights_sha,
+    check_device,
     generate_dataset,
     merge_datasets,
     requested_ef,
@@ -208,3 +214,102 @@ def test_merge_checks_everything_before_writing(weights_root, tmp_path):
     for shard in (Shard(1, 2), Shard(0, 2)):
         generate_dataset(_cfg(weights_root, shared, shard=shard))
     assert _videos(out) == _videos(shared)
+
+
+def test_ef_from_skips_empty_cells_and_refuses_a_file_without_values(tmp_path):
+    """Rows without an EF are left out of the pool; a FileList with no EF at all is refused
+    naming the file; a field that the csv module cannot read is refused naming the file too."""
+    src = tmp_path / "FileList.csv"
+    src.write_text("FileName,EF,Split\na,,TRAIN\nb,47.5,TEST\nc,,VAL\n")
+    assert _ef_pool(str(src)) == [47.5]
+    src.write_text("FileName,EF,Split\na,,TRAIN\n")
+    with pytest.raises(GenerationArgumentError, match=r"FileList.csv: no EF values"):
+        _ef_pool(str(src))
+    src.write_text('FileName,EF\na,"' + "9" * (csv.field_size_limit() + 1) + '"\n')
+    with pytest.raises(GenerationArgumentError, match=r"FileList.csv: not a readable UTF-8 CSV"):
+        _ef_pool(str(src))
+
+
+def test_a_device_index_beyond_the_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda:1")
+    assert check_device("cuda") == torch.device("cuda")
+    with pytest.raises(GenerationArgumentError, match=r"--device 'cuda:2': 2 CUDA device\(s\)"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(GenerationArgumentError, match=r"--device 'cuda': 0 CUDA device\(s\)"):
+        check_device("cuda")
+
+
+def test_identity_depends_on_what_is_sampled_not_on_how_it_is_spelled(tmp_path):
+    """Default splits equal the same counts given explicitly; a device index or a number of
+    writer threads does not change the dataset, a device type does."""
+    sha = {"vae": {"weights": "x"}}
+
+    def ident(**kw: object) -> dict:
+        return _cfg("w", tmp_path, num_videos=10, **kw).identity(sha, None)
+
+    default = ident()
+    assert default["splits"] == [7, 1, 2] == ident(splits=(7, 1, 2))["splits"]
+    assert ident(device="cuda:1") == ident(device="cuda") != default
+    assert ident(device="cuda:1")["device_type"] == "cuda" and default["device_type"] == "cpu"
+    assert ident(writer_threads=3, batch_size=5, decode_chunk_size=2) == default
+    assert ident(splits=(6, 2, 2)) != default
+
+
+def test_weights_digests_cover_weights_config_and_a_recorded_schedule(weights_root, tmp_path):
+    root = tmp_path / "w"
+    shutil.copytree(weights_root, root)
+    (root / "lvdm" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
+    digests = _weights_sha(str(root), "dynamic")
+    assert sorted(digests) == ["lidm", "lvdm", "vae"]
+    for name, folder in (("lidm", "lidm_dynamic"), ("lvdm", "lvdm"), ("vae", "vae")):
+        expected = {
+            "weights": _sha256(root / folder / "diffusion_pytorch_model.safetensors"),
+            "config": _sha256(root / folder / "config.json"),
+        }
+        if name == "lvdm":
+            expected["scheduler"] = _sha256(root / folder / "scheduler_config.json")
+        assert digests[name] == expected
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifests_with_a_bad_batch_size_or_no_video_count_are_refused(weights_root, tmp_path):
+    bad = {
+        "zero_batch": json.dumps({"arguments": {"num_videos": 3}, "batch_size": 0}),
+        "bool_batch": json.dumps({"arguments": {"num_videos": 3}, "batch_size": True}),
+        "no_count": json.dumps({"arguments": {"seed": 2}}),
+    }
+    for name, text in bad.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "generation.json").write_text(text)
+        with pytest.raises(GenerationConflict, match=rf"{name}/generation.json: "):
+            generate_dataset(_cfg(weights_root, out))
+    out = tmp_path / "latin1"
+    out.mkdir()
+    (out / "generation.json").write_bytes(b'{"arguments": {"num_videos": 3, "x": "\xe9"}}')
+    with pytest.raises(GenerationConflict, match=r"latin1/generation.json: unreadable"):
+        generate_dataset(_cfg(weights_root, out))
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json"]
+
+
+def test_a_private_identity_records_the_reference_by_digest_and_tolerance_only_when_set(tmp_path):
+    """The privacy options define a filtered dataset, the reference folder's path does not (its
+    digest does); shift tolerance 0 (the reference behaviour) is left out, as before it existed."""
+    sha = {"vae": {"weights": "x"}}
+    digest = {"model": "m0", "reference_latents_digest": "r0"}
+
+    def ident(**kw: object) -> dict:
+        cfg = _cfg("w", tmp_path, privacy="model", reference_latents="/data/latents", **kw)
+        return cfg.identity(sha, None, digest)
+
+    plain = ident()
+    assert plain["privacy"] == digest and plain["oversample"] == 2.0
+    assert "reference_latents" not in plain and "privacy_shift_tolerance" not in plain
+    assert ident(privacy_shift_tolerance=2)["privacy_shift_tolerance"] == 2
+    assert _cfg("w", tmp_path).identity(sha, None).keys().isdisjoint({"privacy", "oversample"})
