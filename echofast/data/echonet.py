@@ -54,6 +54,12 @@ def split_of(index: int, counts: tuple[int, ...]) -> str:
     raise IndexError(f"sample {index} is beyond the {sum(counts)} videos of the split plan")
 
 
+def number_text(value: float) -> str:
+    """The FileList.csv text of a number: the shortest that reads back as the same float ("53"
+    for a whole number, "68.2120227", "29.97002997002997")."""
+    return repr(float(value)).removesuffix(".0")
+
+
 def _csv_text(columns: Iterable[str], rows: Iterable[Mapping[str, object]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")

@@ -47,6 +47,7 @@ from .datasets import (
     read_records,
     to_model_pixels,
 )
+from .echonet import number_text
 
 MANIFEST = "encode.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -266,7 +267,7 @@ def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> Enc
         else:
             summary.already_done += 1
         row = dict(rec.row)
-        row["FPS"] = f"{done[0]:g}" if done[0] == done[0] else row.get("FPS", "")
+        row["FPS"] = number_text(done[0]) if done[0] == done[0] else row.get("FPS", "")
         row["NumberOfFrames"] = done[1]
         rows.append(row)
     bar.close()

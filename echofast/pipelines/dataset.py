@@ -88,6 +88,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.echonet import (
+    number_text,
     read_filelist,
     split_counts,
     split_of,
@@ -832,17 +833,11 @@ def _writer(cfg: GenerateConfig) -> VideoWriter:
     return VideoWriter(cfg.writer_threads, max_pending=2 * max(1, cfg.batch_size))
 
 
-def _ef_text(ef: float) -> str:
-    """The FileList.csv text of an EF: the shortest that reads back as the very value the video
-    was conditioned on ("53" for a whole number, "68.2120227" from an EchoNet-Dynamic FileList)."""
-    return repr(float(ef)).removesuffix(".0")
-
-
 def _row(cfg: GenerateConfig, name: str, ef: float, video: torch.Tensor, split: str) -> dict:
     """The FileList.csv row of a uint8 (T, H, W) video."""
     return {
         "FileName": name,
-        "EF": _ef_text(ef),
+        "EF": number_text(ef),
         "ESV": None,
         "EDV": None,
         "FrameHeight": video.shape[1],
@@ -1291,7 +1286,7 @@ def _generate_private_videos(
                     "video_frame": vid_f,
                     "passed": ok,
                     "slot": slot if ok else None,
-                    "EF": _ef_text(ef),
+                    "EF": number_text(ef),
                 }
                 new_attempt = None
                 if r not in attempts:

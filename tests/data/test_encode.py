@@ -90,7 +90,8 @@ def test_resume_skips_finished_videos(tiny_vae, videos, tmp_path, capsys):
     stamps = {p.name: p.stat().st_mtime_ns for p in files}
     capsys.readouterr()
     assert _encode(vae_dir, videos, out) == 0
-    assert "encoded 0 video(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "encoded 0 video(s)" in printed and "3 already done; FileList.csv lists 3" in printed
     assert {p.name: p.stat().st_mtime_ns for p in files} == stamps
     (out / "Latents" / "v1.safetensors").unlink()
     (out / "Latents" / "v2.safetensors").write_bytes(b"torn")  # not a finished file
@@ -106,7 +107,9 @@ def test_corrupt_video_is_reported_and_others_encoded(tiny_vae, videos, tmp_path
     (videos / "Videos" / "v1.avi").write_bytes(b"RIFF not really a video")
     out = tmp_path / "lat"
     assert _encode(vae_dir, videos, out) == 1
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "encoded 2 video(s)" in printed.out and "FileList.csv lists 2" in printed.out
+    err = printed.err
     assert "1 video(s) failed" in err and "v1" in err and "v1.avi" in err
     assert sorted(p.name for p in (out / "Latents").iterdir()) == [
         "v0.safetensors",
@@ -185,7 +188,11 @@ def test_weights_root_and_real_size(tmp_path):
 
 @pytest.mark.parametrize(
     ("names", "message"),
-    [(["v0", "../v1"], "not a plain file name"), (["v0", "v0.avi"], "same video as 'v0'")],
+    [
+        (["v0", "../v1"], "not a plain file name"),
+        (["v0", ".."], "not a plain file name"),
+        (["v0", "v0.avi"], "same video as 'v0'"),
+    ],
 )
 def test_unsafe_or_duplicate_filenames_are_refused(tiny_vae, videos, tmp_path, names, message):
     write_filelist(videos, [{"FileName": n, "EF": 50} for n in names])
@@ -202,3 +209,82 @@ def test_read_filelist_bom_and_bad_bytes(tmp_path):
     path.write_bytes(b"FileName,EF\nv\xe9,50\n")
     with pytest.raises(ValueError, match="FileList.csv: not UTF-8"):
         read_filelist(path)
+
+
+def test_filelist_keeps_all_columns_with_the_decoded_fps_and_frames(tiny_vae, videos, tmp_path):
+    (videos / "FileList.csv").write_text(
+        "FileName,EF,Split,FPS,Notes\nv0,50,TRAIN,99,a\nv1.avi,51,TRAIN,99,b\nv2,52,VAL,99,c\n"
+    )
+    out = tmp_path / "lat"
+    assert _encode(tiny_vae[0], videos, out) == 0
+    assert float(_latents(out / "Latents" / "v0.safetensors")[1]["fps"]) == 50.0
+    header, *lines = (out / "FileList.csv").read_text().splitlines()
+    assert header == "FileName,EF,Split,FPS,Notes,NumberOfFrames"
+    rows = [line.split(",") for line in lines]
+    assert [(n, ef, s, float(fps), x, int(t)) for n, ef, s, fps, x, t in rows] == [
+        ("v0", "50", "TRAIN", 50.0, "a", 7),
+        ("v1.avi", "51", "TRAIN", 32.0, "b", 5),
+        ("v2", "52", "VAL", 30.0, "c", 6),
+    ]
+
+
+def test_resume_redoes_foreign_files_and_clears_temporaries(tiny_vae, videos, tmp_path, capsys):
+    """A readable (T, C, h, w) file counts as finished (its FPS from the FileList when it has
+    no fps metadata); a file of another shape is redone; a crashed run's temporaries go."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "lat"
+    assert _encode(tiny_vae[0], videos, out) == 0
+    save_file({"latents": torch.zeros(7, 4, 8, 8)}, str(out / "Latents" / "v0.safetensors"))
+    save_file({"latents": torch.zeros(5, 8, 8)}, str(out / "Latents" / "v1.safetensors"))
+    temporary = out / "Latents" / ".v2.safetensors.x1y2.tmp"
+    temporary.write_bytes(b"half")
+    capsys.readouterr()
+    assert _encode(tiny_vae[0], videos, out) == 0
+    assert "encoded 1 video(s)" in capsys.readouterr().out
+    assert _latents(out / "Latents" / "v1.safetensors")[0].shape == (5, 4, 8, 8)
+    assert not temporary.exists()
+    rows = read_filelist(out / "FileList.csv")
+    got = [(float(r["FPS"]), int(r["NumberOfFrames"])) for r in rows]
+    assert got == [(50.0, 7), (32.0, 5), (30.0, 6)]  # v0: the FileList's 50.0
+
+
+def test_manifest_mismatch_and_damage_are_refused(tiny_vae, videos, tmp_path):
+    """Same weights with another architecture config, or another scaling factor, is another
+    VAE; an unreadable encode.json is not guessed at."""
+    import shutil
+
+    vae_dir, _ = tiny_vae
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 0
+    other = tmp_path / "regrouped_vae"
+    shutil.copytree(vae_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "norm_num_groups": 4}))
+    with pytest.raises(EncodeConflict, match=r"differs in \['vae_sha256'\]"):
+        _encode(other, videos, out)
+    manifest = json.loads((out / "encode.json").read_text())
+    (out / "encode.json").write_text(json.dumps({**manifest, "scaling_factor": 0.18215}))
+    with pytest.raises(EncodeConflict, match=r"differs in \['scaling_factor'\]"):
+        _encode(vae_dir, videos, out)
+    (out / "encode.json").write_text("{not json")
+    with pytest.raises(EncodeConflict, match="unreadable manifest"):
+        _encode(vae_dir, videos, out)
+
+
+def test_bad_arguments(tiny_vae, videos, tmp_path, capsys):
+    from echofast.data.encode import EncodeConfig, encode_dataset
+
+    out = tmp_path / "lat"
+    with pytest.raises(SystemExit) as exit_:
+        _encode(tiny_vae[0], videos, out, "--batch-size", "0")
+    assert exit_.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err
+    base = dict(vae=str(tiny_vae[0]), input=str(videos), out=str(out), progress=False)
+    with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
+        encode_dataset(EncodeConfig(**base, batch_size=0))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        encode_dataset(EncodeConfig(**base, dtype="float64"))
+    write_filelist(videos, [])
+    with pytest.raises(DatasetError, match="lists no videos"):
+        encode_dataset(EncodeConfig(**base))
+    assert not out.exists()

@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 import torch
 from privacy.phantom_latents import reid_config
+from support.threads import one_torch_thread
 
 from echofast.errors import ConfigError
 from echofast.privacy import ReIdentificationModel
 from echofast.train.loop import TrainingConflict
 from echofast.train.reid import EarlyStopping, _batches, reid_config_from_dict, train_reid
 
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
+
 
 def test_early_stopping_follows_the_reference_rule():
     es = EarlyStopping(patience=2)
     assert [es.step(v) for v in (1.0, 0.9, 0.95, 0.9)] == [False, False, False, True]
     assert EarlyStopping(patience=0).step(float("nan")) is False
+    never = EarlyStopping(patience=0)
+    assert not any(never.step(v) for v in (1.0, 2.0, 3.0, float("nan")))
     es = EarlyStopping(patience=5)
     es.step(1.0)
     assert es.step(float("nan")) is True
@@ -41,6 +46,39 @@ def test_config_errors_name_the_key(phantom_latents, tmp_path):
         reid_config_from_dict({**base, "model": {"architecture": "ResNet-50", "width": 8}})
     with pytest.raises(ConfigError, match="model.normalization"):
         reid_config_from_dict({**base, "model": {**base["model"], "normalization": "global"}})
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"seed": True}, "'seed'"),
+        ({"seed": "42"}, "'seed'"),
+        ({"train": {"batch_size": 1}}, "'train.batch_size'"),
+        ({"train": {"keep_checkpoints": -1}}, "'train.patience'.*keep_checkpoints"),
+        ({"train": {"patience": -1}}, "'train.patience'"),
+        ({"augment": {"gain": 1.0}}, "'augment.gain'"),
+        ({"augment": {"copy_positives": 1.5}}, "'augment.copy_positives'"),
+        ({"name": "log.csv"}, "'name'.*used by the run itself"),
+        ({"name": "checkpoints"}, "'name'.*used by the run itself"),
+    ],
+)
+def test_bad_settings_name_their_key(phantom_latents, tmp_path, change, key):
+    base = reid_config(phantom_latents, tmp_path)
+    data = {k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in change.items()}
+    with pytest.raises(ConfigError, match=key):
+        reid_config_from_dict({**base, **data})
+
+
+def test_boundary_settings_are_accepted(phantom_latents, tmp_path):
+    base = reid_config(phantom_latents, tmp_path)
+    cfg = reid_config_from_dict(
+        {
+            **base,
+            "augment": {"enabled": True, "copy_positives": 1.0, "gain": 0.0, "noise": 0.0},
+            "train": {**base["train"], "batch_size": 2, "keep_checkpoints": 0, "patience": 0},
+        }
+    )
+    assert cfg.augment.augmentation().copy_positives == 1.0 and cfg.train.batch_size == 2
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -93,3 +131,113 @@ def test_cli(phantom_latents, tmp_path):
     assert [int(y) for y, _ in rows] == labels.astype(int).tolist()
     np.testing.assert_allclose([float(s) for _, s in rows], scores, rtol=1e-5)
     assert main(["train", "reid", "--config", str(cfg), "--set", "optim.lr=-1"]) == 1
+
+
+def _pair_batches(pairs, size):
+    """Consecutive batches of ``size`` pairs as (x1, x2, y) tensors (no batch of one here)."""
+    for start in range(0, len(pairs), size):
+        items = [pairs[i] for i in range(start, min(start + size, len(pairs)))]
+        yield tuple(torch.stack(column) for column in zip(*items))
+
+
+def test_training_is_adam_on_bce_and_keeps_the_best_validation_weights(phantom_latents, tmp_path):
+    """Two epochs replayed with torch's Adam and BCE-with-logits on the documented pairs: TRAIN
+    pairs re-drawn per epoch (seed), VAL pairs fixed (seed + 1) and scored in eval mode."""
+    import torch.nn.functional as F
+
+    from echofast.privacy.data import LatentClips, PairDataset
+    from echofast.train.reid import build_reid_model, list_reid_checkpoints
+
+    config = reid_config(phantom_latents, tmp_path / "run", max_epochs=2, keep_checkpoints=0)
+    config["data"] = {**config["data"], "pairs_per_video": 2, "eval_pairs_per_video": 1}
+    config["eval"]["bootstrap"] = 20
+    cfg = reid_config_from_dict(config)
+    summary = train_reid(cfg)
+
+    clips = {s: LatentClips(phantom_latents, s, normalization="frame") for s in ("TRAIN", "VAL")}
+    train_pairs = PairDataset(clips["TRAIN"], seed=42, pairs_per_video=2)
+    val_pairs = PairDataset(clips["VAL"], seed=43, pairs_per_video=1, shuffle=False)
+    model = build_reid_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=config["optim"]["lr"])
+    checkpoints = dict(list_reid_checkpoints(tmp_path / "run"))
+    assert sorted(checkpoints) == [1, 2]
+    val_losses, weights = [], []
+    for epoch in range(2):
+        train_pairs.set_epoch(epoch)
+        model.train()
+        for x1, x2, y in _pair_batches(train_pairs, 32):
+            loss = F.binary_cross_entropy_with_logits(model(x1, x2).reshape(-1), y.float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val = [
+                float(F.binary_cross_entropy_with_logits(model(x1, x2).reshape(-1), y.float()))
+                for x1, x2, y in _pair_batches(val_pairs, 32)
+            ]
+        val_losses.append(float(np.mean(val)))
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        saved = torch.load(checkpoints[epoch + 1], weights_only=True)["model"]
+        for k, v in weights[-1].items():
+            torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+    rows = [line.split(",") for line in (tmp_path / "run" / "log.csv").read_text().split()]
+    assert rows[0] == ["epoch", "train_loss", "val_loss", "time"]
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], val_losses, rtol=1e-4)
+    best = int(np.argmin(val_losses))
+    assert summary["best_epoch"] == best + 1
+    assert summary["best_val_loss"] == pytest.approx(val_losses[best], rel=1e-4)
+    exported = ReIdentificationModel.from_pretrained(tmp_path / "run" / cfg.name).state_dict()
+    for k, v in weights[best].items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("max_epochs, early", [(1, False), (3, True)])
+def test_an_early_stop_is_saved_and_reported(
+    phantom_latents, tmp_path, monkeypatch, max_epochs, early
+):
+    """The epoch that stops the run is checkpointed whatever checkpoint_every says, and the run
+    counts as stopped early only when epochs were left."""
+    from echofast.train import reid
+    from echofast.train.reid import list_reid_checkpoints
+
+    monkeypatch.setattr(reid.EarlyStopping, "step", lambda self, value: True)
+    config = reid_config(
+        phantom_latents, tmp_path / "run", max_epochs=max_epochs, checkpoint_every=5, patience=1
+    )
+    config["data"] = {**config["data"], "pairs_per_video": 1, "eval_pairs_per_video": 1}
+    config["eval"]["bootstrap"] = 20
+    summary = train_reid(reid_config_from_dict(config))
+    assert summary["epochs"] == 1 and summary["stopped_early"] is early
+    assert [e for e, _ in list_reid_checkpoints(tmp_path / "run")] == [1]
+    ev = json.loads((tmp_path / "run" / config["name"] / "evaluation.json").read_text())
+    assert ev["stopped_early"] is early and ev["epochs_run"] == 1
+
+
+def test_resume_restores_early_stopping_state_and_history(phantom_latents, tmp_path, monkeypatch):
+    from echofast.train import reid
+    from echofast.train.reid import list_reid_checkpoints
+
+    def count_epochs(self, value):  # an epoch without improvement, every time
+        self.bad += 1
+        return False
+
+    monkeypatch.setattr(reid.EarlyStopping, "step", count_epochs)
+
+    def run(out, epochs, resume=None):
+        config = reid_config(
+            phantom_latents, out, max_epochs=epochs, patience=10, keep_checkpoints=1
+        )
+        config["data"] = {**config["data"], "pairs_per_video": 1, "eval_pairs_per_video": 1}
+        config["eval"]["bootstrap"] = 20
+        train_reid(reid_config_from_dict(config), resume=resume)
+        (epoch, path), *older = reversed(list_reid_checkpoints(out))
+        assert epoch == epochs and not older  # keep_checkpoints = 1
+        log = [line.split(",")[:3] for line in (out / "log.csv").read_text().split()]
+        return torch.load(path, weights_only=True)["es_bad"], log
+
+    full = run(tmp_path / "full", 3)
+    run(tmp_path / "part", 2)
+    assert run(tmp_path / "part", 3, resume="latest") == full
+    assert full[0] == 3 and len(full[1]) == 4

@@ -93,13 +93,21 @@ class _GlobalRNGDataset(torch.utils.data.Dataset):
 
 def test_items_are_seeded_by_position_and_global_rngs_untouched():
     ds = PositionedDataset(_GlobalRNGDataset(), seed=1)
-    torch.manual_seed(0)
-    before = torch.rand(3)
-    torch.manual_seed(0)
+
+    def reseed():
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+
+    reseed()
+    before = (torch.rand(3), np.random.rand(3), random.random())
+    reseed()
     pos_a, a = ds[(17, 2)]
     _, a2 = ds[(17, 2)]
     _, b = ds[(18, 2)]
-    assert torch.equal(torch.rand(3), before)  # the global stream is not consumed
+    # the global streams (torch, NumPy, Python) are not consumed
+    assert torch.equal(torch.rand(3), before[0])
+    assert np.array_equal(np.random.rand(3), before[1]) and random.random() == before[2]
     assert pos_a == 17 and torch.equal(a, a2) and not torch.equal(a[1:], b[1:])
     positions, batch = collate([ds[(3, 1)], ds[(4, 0)]])
     assert positions.tolist() == [3, 4] and batch.shape == (2, 4)
@@ -111,6 +119,8 @@ def test_random_items_structure():
     assert video["latents"].shape == (8, 4, 6, 6) and video["cond"].shape == (4, 6, 6)
     assert 4 <= video["valid"] <= 8 and 0 <= video["ef"] <= 1
     assert video["latents"][video["valid"] :].abs().sum() == 0
+    valid = {RandomItems("lvdm", 16, arch, frames=8, seed=0)[i]["valid"] for i in range(16)}
+    assert len(valid) > 1 and min(valid) >= 4  # some windows end early: the mask is exercised
     frame = RandomItems("vae", 4, {"sample_size": 12, "in_channels": 3}, 1, 0)[0]
     assert frame.shape == (3, 12, 12) and frame.abs().max() <= 1
     latent = RandomItems("lidm", 4, {"sample_size": 6, "in_channels": 4}, 1, 0)[3]

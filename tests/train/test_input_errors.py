@@ -225,3 +225,94 @@ def test_reid_non_finite_loss(tmp_path):
     with pytest.raises(NonFiniteError, match=r"training loss is not finite \(nan\) in epoch"):
         train_reid(cfg)
     assert not (tmp_path / "run" / "reidentification").exists()
+
+
+def test_checkpoints_that_are_not_ours_are_refused(lidm_run, tmp_path):
+    good = torch.load(lidm_run / "checkpoints" / "step-00000002.pt", weights_only=True)
+    cases = {
+        "newer.pt": ({**good, "version": 2}, "checkpoint version 2"),
+        "other.pt": ({**good, "format": "someone-else"}, "not an echofast training checkpoint"),
+        "list.pt": ([good["model"]], "not an echofast training checkpoint"),
+    }
+    for name, (payload, match) in cases.items():
+        torch.save(payload, tmp_path / name)
+        with pytest.raises(TrainingConflict, match=match):
+            export_checkpoint(tmp_path / name, tmp_path / "out")
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(TrainingConflict, match="torn.pt: cannot read checkpoint"):
+        train(make_config(tmp_path / "run", "lidm", steps=3), resume=tmp_path / "torn.pt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_export_refuses_bad_targets_and_weights(lidm_run, tmp_path):
+    ckpt = lidm_run / "checkpoints" / "step-00000002.pt"
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'model'"):
+        export_checkpoint(ckpt, tmp_path / "x", weights="raw")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingConflict, match="is not a folder"):
+        export_checkpoint(ckpt, tmp_path / "file")
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    (unnamed / "config.json").write_text(json.dumps({"in_channels": 4}))
+    with pytest.raises(TrainingConflict, match="not a model folder"):
+        export_checkpoint(ckpt, unnamed, overwrite=True)
+    # this model's export with files of someone else's in it: replaced only as a whole
+    same = export_checkpoint(ckpt, tmp_path / "same")
+    (same / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingConflict, match=r"other files \['notes.txt'\]"):
+        export_checkpoint(ckpt, same)
+    assert (same / "notes.txt").is_file()
+    export_checkpoint(ckpt, same, overwrite=True)
+    assert not (same / "notes.txt").exists()
+    assert (tmp_path / "file").read_text() == "x" and list(unnamed.iterdir()) == [
+        unnamed / "config.json"
+    ]
+
+
+def test_latest_checkpoint_is_the_highest_step(tmp_path):
+    from echofast.train.loop import resolve_resume
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("step-00000009.pt", "step-00000010.pt", "step-00000002.pt", "step-11.pt.tmp"):
+        (folder / name).write_bytes(b"")
+    assert resolve_resume("latest", str(tmp_path)) == folder / "step-00000010.pt"
+    assert resolve_resume("latest", str(tmp_path / "none")) is None
+    assert resolve_resume(None, str(tmp_path)) is None
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="the training dataset is empty"):
+        train(make_config(tmp_path / "run", "lidm"), dataset=[])
+
+
+def test_export_interrupted_while_renaming_keeps_the_old_folder(lidm_run, tmp_path, monkeypatch):
+    """The old export is moved aside before the new one is renamed into place: a failure in
+    between puts it back."""
+    import os
+
+    out = tmp_path / "out"
+    export_checkpoint(lidm_run / "checkpoints" / "step-00000001.pt", out)
+    old = _tree(out)
+    real = os.replace
+
+    def fail_into_place(src, dst):
+        if Path(dst) == out and str(src).endswith(".export"):
+            raise OSError("simulated failure")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="simulated"):
+        export_checkpoint(lidm_run / "checkpoints" / "step-00000002.pt", out)
+    assert _tree(out) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_folder_gets_the_umask_permissions(lidm_run, tmp_path):
+    """Not the private 0700 of the temporary folder it is written in."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = export_checkpoint(lidm_run / "checkpoints" / "step-00000002.pt", tmp_path / "x")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -12,7 +12,7 @@ from echofast.models import LIDM, LVDM, VAE
 from echofast.rng import sample_seed
 from echofast.schedulers import REFERENCE_SCHEDULER_CONFIG, DDPMScheduler
 from echofast.train.config import config_from_dict
-from echofast.train.objectives import PatchDiscriminator, build_objective
+from echofast.train.objectives import PatchDiscriminator, build_objective, load_lpips
 
 
 def _cfg(kind, arch, **sections):
@@ -217,16 +217,16 @@ def test_lpips_switch(tmp_path):
         _cfg(
             "vae",
             TINY_VAE,
-            vae={"sample_posterior": False, "perceptual_weight": 1.0, "lpips_model": str(path)},
+            vae={"sample_posterior": False, "perceptual_weight": 0.5, "lpips_model": str(path)},
         ),
         vae,
     )
     pos = torch.tensor([0, 1])
     l0, logs0 = base.loss(base.module, x, pos, 0, torch.device("cpu"))
     l1, logs1 = perc.loss(perc.module, x, pos, 0, torch.device("cpu"))
-    # LDM adds the per-sample LPIPS to every pixel's error: + C·H·W·mean|x - x̂| here
+    # LDM adds the weighted per-sample LPIPS to every pixel's error: + 0.5·C·H·W·mean|x - x̂|
     torch.testing.assert_close(
-        logs1["rec"], logs0["rec"] * (1 + 3 * 12 * 12 / (3 * 12 * 12)), rtol=1e-5, atol=0
+        logs1["rec"], logs0["rec"] * (1 + 0.5 * 3 * 12 * 12 / (3 * 12 * 12)), rtol=1e-5, atol=0
     )  # (the logs are Python floats: fp64 tolerances by default, for two fp32 sums)
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not torchscript")
@@ -242,3 +242,86 @@ def test_patch_discriminator_shapes():
     # LDM's layer sizes: 64 → 128 → 256 → 512 channels
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+
+
+def test_loaded_lpips_is_frozen(tmp_path):
+    """The perceptual network is a fixed metric: none of its parameters takes gradients."""
+
+    class ScaledL1(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x, y):
+            return self.scale * (x - y).abs().mean(dim=(1, 2, 3))
+
+    path = tmp_path / "lpips.pt"
+    torch.jit.save(torch.jit.script(ScaledL1()), str(path))
+    module = load_lpips(str(path))
+    params = list(module.parameters())
+    assert params and not any(p.requires_grad for p in params)
+
+
+@pytest.mark.parametrize("size, padded", [(12, 12), (10, 12), (4, 4)])
+def test_lidm_input_is_padded_to_a_multiple_of_the_downsampling(size, padded):
+    """A 3-level UNet halves twice: inputs are padded (replicate) to a multiple of 4 only."""
+    model = LIDM.from_config(TINY_LIDM)
+    obj = build_objective(_cfg("lidm", TINY_LIDM), model)
+    spy = Spy(model)
+    x0 = torch.randn(1, 4, size, size)
+    obj.loss(spy, x0, torch.tensor([0]), 0, torch.device("cpu"))
+    assert spy.calls[0][0][0].shape == (1, 4, padded, padded)
+    with pytest.raises(ValueError, match="different paddings"):
+        obj.loss(spy, torch.randn(1, 4, 6, 8), torch.tensor([0]), 0, torch.device("cpu"))
+
+
+def test_vae_gradients_exclude_the_discriminator_loss():
+    """The VAE gets rec + kl_weight·kl + d_weight·g; the hinge loss trains the discriminator
+    only (its inputs are detached)."""
+    torch.manual_seed(0)
+    vae = VAE.from_config(TINY_VAE)
+    cfg = _cfg("vae", TINY_VAE, vae={"disc_start": 0, "disc_layers": 1, "disc_channels": 8})
+    obj = build_objective(cfg, vae)
+    x = torch.rand(2, 3, 12, 12) * 2 - 1
+    positions = torch.tensor([0, 1])
+    loss, logs = obj.loss(obj.module, x, positions, 0, torch.device("cpu"))
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in vae.named_parameters()}
+    vae.zero_grad()
+
+    gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, p, "train")) for p in (0, 1)]
+    eps = torch.stack([torch.randn(4, 6, 6, generator=g) for g in gens])
+    dist = vae.encode(x).latent_dist
+    rec = vae.decode(dist.mean + dist.std * eps).sample
+    obj.disc.requires_grad_(False)
+    g = -obj.disc(rec).mean()
+    expected = (x - rec).abs().sum() / 2 + 1e-6 * dist.kl().sum() / 2 + logs["d_weight"] * g
+    expected.backward()
+    assert logs["d_weight"] > 0 and logs["g"] == pytest.approx(float(g.detach()), rel=1e-5)
+    for k, p in vae.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_malformed_batches_are_typed_errors():
+    cpu, pos = torch.device("cpu"), torch.tensor([0, 1])
+    lidm = build_objective(_cfg("lidm", TINY_LIDM), LIDM.from_config(TINY_LIDM))
+    with pytest.raises(TypeError, match="LIDM batch: expected a batch of tensors, got list"):
+        lidm.loss(lidm.module, [torch.zeros(4, 6, 6)] * 2, pos, 0, cpu)
+    with pytest.raises(ValueError, match=r"LIDM batch must be \(B, C, h, w\)"):
+        lidm.loss(lidm.module, torch.zeros(2, 8, 4, 6, 6), pos, 0, cpu)
+    lvdm = build_objective(_cfg("lvdm", TINY_LVDM), LVDM.from_config(TINY_LVDM))
+    batch = {
+        "latents": torch.zeros(2, 8, 4, 6, 6),
+        "ef": [0.5, 0.5],
+        "cond": torch.zeros(2, 4, 6, 6),
+    }
+    with pytest.raises(TypeError, match="'latents', 'ef', 'cond'"):
+        lvdm.loss(lvdm.module, {k: v for k, v in batch.items() if k != "cond"}, pos, 0, cpu)
+    with pytest.raises(ValueError, match=r"latents must be \(B, T, C, h, w\)"):
+        lvdm.loss(lvdm.module, {**batch, "latents": torch.zeros(2, 4, 6, 6)}, pos, 0, cpu)
+
+
+def test_lvdm_time_ids_must_fill_the_projection():
+    arch = {**TINY_LVDM, "addition_time_embed_dim": 2, "projection_class_embeddings_input_dim": 3}
+    with pytest.raises(ConfigError, match="projection_class_embeddings_input_dim 3 is not a"):
+        build_objective(_cfg("lvdm", arch), LVDM.from_config(arch))

@@ -130,37 +130,35 @@ def test_vae_loss_decreases_with_progress_bar(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "kind, k, batch, accum", [("lidm", 3, 2, 2), ("vae", 2, 2, 1), ("lvdm", 2, 1, 1)]
+    "kind, k, batch, accum, extra",
+    [
+        ("lidm", 3, 2, 2, {}),
+        ("vae", 2, 2, 1, {}),
+        ("lvdm", 2, 1, 1, {}),
+        # dropout draws from the global RNG, restored from the checkpoint
+        ("lidm", 2, 2, 1, {"model": {"config": {**TINY_LIDM, "dropout": 0.5}}}),
+        # the discriminator and its optimizer already train before the checkpoint
+        ("vae", 2, 2, 1, {"vae": {"disc_start": 1}}),
+    ],
+    ids=["lidm", "vae", "lvdm", "lidm-dropout", "vae-discriminator"],
 )
-def test_resume_is_exact(tmp_path, kind, k, batch, accum):
-    straight = make_config(
-        tmp_path / "a",
-        kind,
-        steps=2 * k,
-        batch=batch,
-        accum=accum,
-        train={"checkpoint_every": k, "export_at_end": False},
-    )
-    train(straight)
-    first = make_config(
-        tmp_path / "b",
-        kind,
-        steps=k,
-        batch=batch,
-        accum=accum,
-        train={"checkpoint_every": k, "export_at_end": False},
-    )
-    train(first)
-    second = make_config(
-        tmp_path / "b",
-        kind,
-        steps=2 * k,
-        batch=batch,
-        accum=accum,
-        train={"checkpoint_every": k, "export_at_end": False},
-    )
+def test_resume_is_exact(tmp_path, kind, k, batch, accum, extra):
+    def config(out, steps):
+        return make_config(
+            out,
+            kind,
+            steps=steps,
+            batch=batch,
+            accum=accum,
+            train={"checkpoint_every": k, "export_at_end": False},
+            **extra,
+        )
+
+    train(config(tmp_path / "a", 2 * k))
+    train(config(tmp_path / "b", k))
+    second = config(tmp_path / "b", 2 * k)
     summary = train(second, resume="latest")
-    assert summary["step"] == 2 * k
+    assert summary["step"] == 2 * k and summary["steps_trained"] == k
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / f"step-{2 * k:08d}.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / f"step-{2 * k:08d}.pt")
     for key in (
@@ -175,6 +173,8 @@ def test_resume_is_exact(tmp_path, kind, k, batch, accum):
     ):
         _assert_states_close(a[key], b[key], atol=1e-6, path=key)
     assert read_log(tmp_path / "a" / "log.csv") == read_log(tmp_path / "b" / "log.csv")
+    times = [float(r["time"]) for r in _rows(tmp_path / "b")]
+    assert times == sorted(times)  # the clock goes on from the checkpoint's
 
 
 def test_grad_accumulation_matches_big_batch(tmp_path):
@@ -307,3 +307,48 @@ def test_cli(tmp_path, capsys):
         main_train(["vae", "--config", str(config)])
     with pytest.raises(SystemExit):
         main_train(["gan", "--config", str(config)])
+
+
+def test_log_rows_average_their_interval_and_the_last_step_is_logged_and_saved(tmp_path):
+    """With log_every = 2 and checkpoint_every = 2 a 5-step run logs and saves steps 2, 4 and 5;
+    each row's loss is the mean of the per-step losses since the previous row, and its lr the
+    one the logged step trained with."""
+    every_step = make_config(tmp_path / "a", "lidm", steps=5, train={"export_at_end": False})
+    train(every_step)
+    per_step = _rows(tmp_path / "a")
+    grouped = make_config(
+        tmp_path / "b",
+        "lidm",
+        steps=5,
+        train={"export_at_end": False, "log_every": 2, "checkpoint_every": 2},
+    )
+    summary = train(grouped)
+    rows = _rows(tmp_path / "b")
+    assert [int(r["step"]) for r in rows] == [2, 4, 5]
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2, 4, 5]
+    assert summary["checkpoint"].endswith("step-00000005.pt")
+    losses = [float(r["loss"]) for r in per_step]
+    want = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
+    assert [float(r["loss"]) for r in rows] == pytest.approx(want, rel=1e-6)
+    assert [r["lr"] for r in rows] == [per_step[i]["lr"] for i in (1, 3, 4)]
+    assert summary["loss"] == pytest.approx(losses[4], rel=1e-6)
+    assert "export" not in summary and not (tmp_path / "b" / "export").exists()
+    # resuming the finished run trains nothing and reports the last logged loss
+    again = train(grouped, resume="latest")
+    assert again["steps_trained"] == 0 and again["loss"] == float(rows[-1]["loss"])
+    assert _rows(tmp_path / "b") == rows
+
+
+def test_resumed_log_keeps_only_its_own_rows_up_to_the_checkpoint(tmp_path):
+    from echofast.train.loop import CSVLog
+
+    columns = ["step", "loss", "lr", "time"]
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss,lr,time\n1,0.5,0.0,1.0\n2,0.4,0.1,2.0\n3,0.3,0.1,3.0\n")
+    log = CSVLog(path, columns, resume_step=2)
+    log.write({"step": 3, "loss": 0.25, "lr": 0.1, "time": 3.5})
+    log.close()
+    assert read_log(path) == ([1, 2, 3], [0.5, 0.4, 0.25])
+    path.write_text("step,loss\n1,0.5\n")  # another layout (an older run): not carried over
+    CSVLog(path, columns, resume_step=2).close()
+    assert path.read_text().splitlines() == ["step,loss,lr,time"]
