@@ -140,3 +140,39 @@ def test_a_triton_too_old_for_the_kernels_is_named_beside_its_version(monkeypatc
     assert info["triton_too_old"].startswith("triton 3.1.0 is older than 3.6")
     line = next(x for x in format_info(info).splitlines() if x.strip().startswith("triton "))
     assert "3.1.0  (triton 3.1.0 is older than 3.6" in line and "backends are refused" in line
+
+
+def test_versions_and_backend_choices_agree_with_their_sources(monkeypatch):
+    """Versions are the installed distributions' (None when not installed); per op and device,
+    the selected backend is the first one that can run, and only the others are listed, each
+    with its reasons."""
+    import importlib.metadata
+
+    from echofast import info as info_module
+    from echofast.ops import registered_ops
+
+    monkeypatch.setattr(info_module, "PACKAGES", (*info_module.PACKAGES, "no-such-dist-x9"))
+    info = info_module.collect()
+    assert info["packages"]["diffusers"] == importlib.metadata.version("diffusers")
+    assert info["packages"]["torch"] == importlib.metadata.version("torch")
+    assert info["packages"]["no-such-dist-x9"] is None
+    text = info_module.format_info(info)
+    assert any(
+        line.split() == ["no-such-dist-x9", "not", "installed"] for line in text.splitlines()
+    )
+    for name, op in registered_ops().items():
+        reasons = op.report("cpu")
+        entry = info["ops"][name]["cpu"]
+        assert entry["selected"] == next(b for b, why in reasons.items() if not why)
+        assert entry["unavailable"] == {b: why for b, why in reasons.items() if why}
+        assert entry["selected"] not in entry["unavailable"]
+
+
+def test_a_too_old_triton_is_named_on_the_triton_line_only(monkeypatch):
+    from echofast import info as info_module
+    from echofast.ops import _triton
+
+    monkeypatch.setattr(_triton, "triton_too_old", lambda: "triton 3.1.0 is older than 3.6")
+    text = info_module.format_info(info_module.collect())
+    noted = [line for line in text.splitlines() if "backends are refused" in line]
+    assert len(noted) == 1 and noted[0].split()[0] == "triton"

@@ -331,7 +331,7 @@ def _replace_reason(m: nn.Module, d: dict) -> str | None:
         if why:
             return f"{path} {why}"
         if d["Attention"] is not None and isinstance(sub, d["Attention"]):
-            if not isinstance(sub.processor, (*defaults, sites.AttentionProcessor)):
+            if type(sub.processor) not in (*defaults, sites.AttentionProcessor):
                 return f"{path} has custom attention processor {type(sub.processor).__name__}"
         if d["AlphaBlender"] is not None and isinstance(sub, d["AlphaBlender"]):
             if sub.merge_strategy != "learned_with_images" or sub.switch_spatial_to_temporal_mix:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from support.configs import LIDM_SMALL_CONFIG, VAE_SMALL_CONFIG
-from support.models import build_diffusers
+from support.models import build_diffusers, randomize_norms
 from support.weights import TINY_LVDM
 
 from echofast.ops import Backend, registered_ops
@@ -90,11 +90,26 @@ def run(kind: str, model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[s
     return {"sample": model(**x).sample}
 
 
+def resnet(**kwargs) -> torch.nn.Module:
+    """A small diffusers ``ResnetBlock2D`` (8 channels, time embedding of 6, 4 groups) with
+    random weights and norm affines, in eval mode; ``kwargs`` override its options."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    options = {"in_channels": 8, "out_channels": 8, "temb_channels": 6, "groups": 4, **kwargs}
+    return randomize_norms(ResnetBlock2D(**options)).eval()
+
+
 @pytest.fixture(scope="session")
 def kit() -> SimpleNamespace:
     """The helpers above, for the test modules (conftest is not importable by name)."""
     return SimpleNamespace(
-        configs=CONFIGS, build=build, inputs=inputs, run=run, diffusers_class=diffusers_class
+        configs=CONFIGS,
+        build=build,
+        inputs=inputs,
+        run=run,
+        diffusers_class=diffusers_class,
+        resnet=resnet,
     )
 
 

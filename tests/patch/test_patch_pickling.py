@@ -182,3 +182,24 @@ def test_unpatch_of_a_module_patched_through_its_pipeline_names_the_modules():
             echofast.unpatch(block.resnets[0])
     finally:
         assert echofast.unpatch(pipe) is True
+
+
+@torch.no_grad()
+def test_a_processor_shared_by_attention_modules_stays_shared_when_pickled(kit):
+    """One processor object set on every attention module (as ``set_attn_processor`` does): the
+    pickle of the patched model keeps that sharing, as the pickle of the plain model does."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    model = kit.build("lidm")
+    processor = AttnProcessor()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.set_processor(processor)
+    plain = {id(p) for p in _processors(_pickled(model))}
+    echofast.patch(model)
+    assert len({id(p) for p in _processors(model)}) > 1  # one echofast processor per module
+    for loaded in (_pickled(model), _torch_saved(model)):
+        shared = {id(p) for p in _processors(loaded)}
+        assert len(shared) == len(plain) == 1
+        assert type(_processors(loaded)[0]) is AttnProcessor
+    echofast.unpatch(model)

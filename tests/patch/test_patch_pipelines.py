@@ -181,3 +181,23 @@ def test_pipeline_whose_model_was_patched_before():
     assert echofast.unpatch(pipe) is True
     assert echofast.patch(unet) is own  # untouched by the pipeline's patch and unpatch
     assert echofast.unpatch(unet) is True
+
+
+@torch.no_grad()
+def test_pipeline_components_that_are_not_diffusers_models_are_reported_and_kept():
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    class WithHelper(DiffusionPipeline):
+        def __init__(self, unet, helper):
+            super().__init__()
+            self.register_modules(unet=unet, helper=helper)
+
+    helper = torch.nn.Sequential(torch.nn.GroupNorm(2, 4))
+    pipe = WithHelper(build_diffusers(UNet2DModel, LIDM_SMALL_CONFIG), helper)
+    report = echofast.patch(pipe)
+    assert [r.path for r in report.replaced] == ["unet"]
+    assert [(i.path, i.what, i.reason) for i in report.left_alone] == [
+        ("helper", "Sequential", "not a diffusers model (left as is)")
+    ]
+    assert type(helper[0]) is torch.nn.GroupNorm
+    assert echofast.unpatch(pipe) is True
