@@ -407,3 +407,58 @@ def test_half_outputs_are_rounded_float32_outputs(dtype):
         f32 = convert(y, u, u, full=True, size=(211, 173), dtype=torch.float32, resize=mode)
         half = convert(y, u, u, full=True, size=(211, 173), dtype=dtype, resize=mode)
         assert torch.equal(half.view(torch.int16), f32.to(dtype).view(torch.int16))
+
+
+def test_more_validation_names_the_values():
+    y = torch.zeros(2, 8, 10, dtype=torch.uint8)
+    u = torch.zeros(2, 4, 5, dtype=torch.uint8)
+    rgb = torch.zeros(2, 8, 10, 3, dtype=torch.uint8)
+    cases = [
+        (
+            lambda: pixels.yuv_to_frames(y, u, u, torch.empty(3, 8, 10), full_range=True),
+            "out has 3 frames, the input 2",
+        ),
+        (
+            lambda: pixels.yuv_to_frames(
+                y, u, u, torch.empty(2, 8, 10), chroma_shift=(1, 2), full_range=True
+            ),
+            r"\(1, 2\)",
+        ),
+        (lambda: pixels.frames_to_yuv(torch.zeros(1, 0, 4)), r"H, W >= 1, got shape \(1, 0, 4\)"),
+        (
+            lambda: pixels.packed_to_frames(
+                rgb.as_strided((2, 8, 10, 3), (240, 30, 3, 0)), torch.empty(2, 8, 10, 3)
+            ),
+            r"packed rows .* got \(240, 30, 3, 0\)",
+        ),
+        (
+            lambda: pixels.frames_to_yuv(torch.zeros(1, 8, 10), out=torch.empty(1, 12, 10)),
+            "out must be uint8",
+        ),
+        (
+            lambda: pixels.frames_to_yuv(
+                torch.zeros(1, 8, 10), out=torch.empty(1, 10, 12, dtype=torch.uint8).transpose(1, 2)
+            ),
+            "out must be contiguous",
+        ),
+        (
+            lambda: pixels.yuv_to_frames(
+                y.to("meta"),
+                u.to("meta"),
+                u.to("meta"),
+                torch.empty(2, 8, 10, device="meta"),
+                full_range=True,
+            ),
+            "CPU or CUDA, got meta",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(pixels.PixelFormatError, match=message):
+            call()
+
+
+@pytest.mark.parametrize(("torch_threads", "cpus", "expected"), [(8, 3, 3), (2, 16, 2), (4, 1, 1)])
+def test_default_threads_is_capped_by_the_usable_cpus(monkeypatch, torch_threads, cpus, expected):
+    monkeypatch.setattr(pixels.torch, "get_num_threads", lambda: torch_threads)
+    monkeypatch.setattr(pixels.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert pixels.default_threads() == expected

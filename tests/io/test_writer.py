@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,8 @@ def test_caller_exception_finishes_queued_jobs(tmp_path):
     _wait_for(_no_writer_threads, "the workers to end")
 
 
-def test_keyboard_interrupt_drops_the_queue_and_joins(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_interrupt_drops_the_queue_and_joins(tmp_path, monkeypatch, interrupt):
     started, release = threading.Event(), threading.Event()
     real = writer_mod.write_video
 
@@ -233,14 +235,94 @@ def test_keyboard_interrupt_drops_the_queue_and_joins(tmp_path, monkeypatch):
     monkeypatch.setattr(writer_mod, "write_video", blocked)
     steps: list[int] = []
     threading.Timer(0.3, release.set).start()
-    with pytest.raises(KeyboardInterrupt), VideoWriter(1, max_pending=8) as w:
+    with pytest.raises(interrupt), VideoWriter(1, max_pending=8) as w:
         for k in range(4):
             w.write(tmp_path / f"{k}.avi", _frames(k), 25, then=lambda p, k=k: steps.append(k))
         assert started.wait(WAIT_S)
-        raise KeyboardInterrupt
+        raise interrupt
     assert steps == [0]  # the file being written is finished and recorded, the queue dropped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.avi"]
     assert _no_writer_threads() and all(t.daemon for t in w._workers)
+
+
+def test_caller_exception_keeps_a_note_of_the_writer_failure(tmp_path, monkeypatch):
+    def write(path, frames, fps):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(writer_mod, "write_video", write)
+    with pytest.raises(ZeroDivisionError) as info, VideoWriter(1) as w:
+        w.write(tmp_path / "x.avi", _frames(0), 25)
+        _wait_for(lambda: w.pending == 0, "the failure")
+        _ = 1 / 0
+    assert "the video writer failed too: RuntimeError: encoder exploded" in info.value.__notes__
+    _wait_for(_no_writer_threads, "the workers to end")
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_writer_error_leaving_the_block_gets_no_note_about_itself(tmp_path, monkeypatch, threads):
+    calls: list[str] = []
+    monkeypatch.setattr(writer_mod, "write_video", _disk_full_on(1, calls))
+    with pytest.raises(OSError) as info, VideoWriter(threads) as w:
+        w.write(tmp_path / "a.avi", _frames(0), 25)
+        w.flush()
+    assert not any("failed too" in note for note in getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_interrupt_in_a_step_stops_the_writer(tmp_path, threads):
+    def interrupt(path):
+        raise KeyboardInterrupt
+
+    w = VideoWriter(threads)
+    with pytest.raises(KeyboardInterrupt) as first:
+        w.write(tmp_path / "a.avi", _frames(0), 25, then=interrupt)
+        w.flush()
+    with pytest.raises(KeyboardInterrupt) as again:
+        w.write(tmp_path / "b.avi", _frames(1), 25)
+    assert again.value is first.value and not (tmp_path / "b.avi").exists()
+    w.abort()
+    _wait_for(_no_writer_threads, "the workers to end")
+
+
+def test_written_frames_are_released_before_earlier_jobs_finish(tmp_path, monkeypatch):
+    """With two workers, the second file is done while the first is still being written: the
+    writer no longer holds the second job's frames while its step waits for its turn."""
+    release = threading.Event()
+    real = writer_mod.write_video
+
+    def write(path, frames, fps):
+        if path.name == "a.avi":
+            assert release.wait(WAIT_S)
+        return real(path, frames, fps)
+
+    monkeypatch.setattr(writer_mod, "write_video", write)
+    steps: list[str] = []
+    w = VideoWriter(2)
+    w.write(tmp_path / "a.avi", _frames(0), 25, then=lambda p: steps.append(p.name))
+    frames = _frames(1)
+    ref = weakref.ref(frames)
+    w.write(tmp_path / "b.avi", frames, 25, then=lambda p: steps.append(p.name))
+    del frames
+    _wait_for(lambda: (tmp_path / "b.avi").is_file(), "the second file")
+    _wait_for(lambda: ref() is None, "the second job's frames to be released")
+    assert steps == []
+    release.set()
+    w.close()
+    assert steps == ["a.avi", "b.avi"]
+
+
+def test_default_writer_writes_on_a_background_thread(tmp_path):
+    names: list[str] = []
+
+    def step(path):
+        names.append(threading.current_thread().name)
+
+    with VideoWriter() as w:
+        w.write(tmp_path / "a.avi", _frames(0), 25, then=step)
+    assert names == ["echofast-writer-0"]
+    assert (tmp_path / "a.avi").read_bytes() == write_video(
+        tmp_path / "inline.avi", _frames(0), 25
+    ).read_bytes()
 
 
 def test_invalid_arguments():
