@@ -1,5 +1,6 @@
 """The one-kernel GEGLU feed-forward (``echofast.ops.feed_forward``) against the models' two-GEMM
-path on a CUDA GPU, at the LVDM's feed-forward call sites: decides ``FUSED_FF_DEVICES``.
+path on a CUDA GPU, at the LVDM's feed-forward call sites: decides ``FUSED_FF_DEVICES`` and
+``FUSED_FF_MAX_DIM`` (echofast/nn/spatiotemporal.py).
 
     python bench/bench_feed_forward.py [--dtype float16] [--windows 5 40] [--csv FILE]
 
@@ -12,14 +13,15 @@ feed-forwards, ``h += ff(x)`` with h already holding the output bias:
 * ``two_gemms``: the models' path today: the GEGLU GEMM (``ops.geglu_linear``, Triton, tiles from
   the tuned table) writes g (M, I), then cuBLAS's ``addmm_`` reads it and accumulates into h;
 * ``fused``: ``ops.feed_forward(x, ..., residual=h, out=h)``, one kernel (g stays on chip), with
-  its default tiles; ``fused_m64w4`` and ``fused_s3``: the same kernel with 64-row tiles over 4
-  warps, or 3 pipeline stages (sites with N = 128 only: at 256 they spill or overflow shared
-  memory).
+  its default tiles; ``fused_m64w4`` and ``fused_s2``: the same kernel with 64-row tiles over 4
+  warps, or 2 pipeline stages instead of the default's 3 (sites with N = 128 only: at 256 they
+  spill or overflow shared memory).
 
 Every provider is checked against ``two_gemms`` on fresh inputs first (relative max error <=
 2e-2 at fp16), then timed as in the pipelines' CUDA graphs (:func:`benchutil.graph_timed`).
-TFLOP/s count both products, 2·M·C·2I + 2·M·I·N. The summary prints, per windows count, both
-paths' total per UNet call over the sites measured and the ratio.
+TFLOP/s count both products, 2·M·C·2I + 2·M·I·N. The summary prints, per windows count and
+provider, the total per UNet call over the sites that provider was measured at and its ratio to
+``two_gemms`` over the same sites.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from benchutil import append_csv, graph_timed, no_cuda, positive_int, versions
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ALTERNATIVES = {
     "fused_m64w4": {"BLOCK_M": 64, "BLOCK_I": 64, "num_warps": 4, "num_stages": 2},
-    "fused_s3": {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 3},
+    "fused_s2": {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 2},
 }
 
 
@@ -150,18 +152,24 @@ def run(args) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Per windows count and provider: the total per UNet call over the sites measured (each
-    site's median times its count), and its ratio to ``two_gemms``."""
-    totals: dict[tuple[int, str], float] = {}
+    """Per windows count and provider: the total per UNet call over the sites that provider was
+    measured at (each site's median times its count), and ``two_gemms``' total over the same
+    sites divided by it (a provider timed at some sites only is compared at those)."""
+    times: dict[tuple[int, str], dict[tuple[int, int], float]] = {}
     for r in rows:
         if r["status"] == "ok":
-            key = (r["windows"], r["provider"])
-            totals[key] = totals.get(key, 0.0) + r["count"] * r["median_ms"]
+            site = (r["m"], r["c"])
+            times.setdefault((r["windows"], r["provider"]), {})[site] = r["count"] * r["median_ms"]
     lines = []
-    for (windows, name), total in sorted(totals.items()):
-        base = totals.get((windows, "two_gemms"))
-        ratio = f"  {base / total:.2f}x two_gemms" if base and name != "two_gemms" else ""
-        lines.append(f"windows {windows:<3} {name:<12} {total:8.3f} ms per UNet call{ratio}")
+    for (windows, name), sites in sorted(times.items()):
+        total = sum(sites.values())
+        line = f"windows {windows:<3} {name:<12} {total:8.3f} ms per UNet call"
+        base = times.get((windows, "two_gemms"), {})
+        if name != "two_gemms" and all(site in base for site in sites):
+            line += f"  {sum(base[site] for site in sites) / total:.2f}x two_gemms"
+            if len(sites) < len(base):
+                line += f" (at {len(sites)} of {len(base)} sites)"
+        lines.append(line)
     return lines
 
 

@@ -92,14 +92,14 @@ def count_triton_launches(counts: collections.Counter):
 
 
 @contextlib.contextmanager
-def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
+def dispatched_as_on_cuda(scale: float, half: bool) -> Iterator[None]:
     """Every op chosen as on an H100/H200 (132 SMs): the fused paths that the modules enable on
-    CUDA (``*_DEVICES``: QKV, the resblocks' bias epilogues, the GEGLU GEMM, the one-kernel
-    feed-forward), residual adds
-    fused into norms (no CPU chunking), and GroupNorm's kernels and splits as the
-    GPU plans them for a call whose samples and sizes are 1/``scale`` times this one's (the
-    per-group kernels' split for 132 SMs; the rows kernels' choice between one launch, N >=
-    SMs, and a split)."""
+    CUDA (``*_DEVICES``: QKV, the resblocks' bias epilogues, the GEGLU GEMM, and with ``half``
+    (fp16/bf16 activations) the one-kernel feed-forward, which leaves fp32 to the two GEMMs on
+    CUDA but runs it under the interpreter), residual adds fused into norms (no CPU chunking),
+    and GroupNorm's kernels and splits as the GPU plans them for a call whose samples and sizes
+    are 1/``scale`` times this one's (the per-group kernels' split for 132 SMs; the rows
+    kernels' choice between one launch, N >= SMs, and a split)."""
     import echofast.nn.attention as attention_nn
     import echofast.nn.resnet as resnet_nn
     import echofast.nn.spatiotemporal as st
@@ -112,7 +112,7 @@ def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
         (attention_nn, "FUSED_QKV_DEVICES", as_on_cuda(attention_nn.FUSED_QKV_DEVICES)),
         (resnet_nn, "FUSED_EPILOGUE_DEVICES", as_on_cuda(resnet_nn.FUSED_EPILOGUE_DEVICES)),
         (st, "FUSED_GEGLU_DEVICES", as_on_cuda(st.FUSED_GEGLU_DEVICES)),
-        (st, "FUSED_FF_DEVICES", as_on_cuda(st.FUSED_FF_DEVICES)),
+        (st, "FUSED_FF_DEVICES", as_on_cuda(st.FUSED_FF_DEVICES) if half else frozenset()),
         (st, "CPU_CHUNK_BYTES", 0),
         (gn, "target_programs", lambda x: H100_SMS * gn.PROGRAMS_PER_SM),
         (gn, "multiprocessors", lambda x: max(1, int(H100_SMS * scale))),
@@ -131,7 +131,7 @@ def dispatched_as_on_cuda(scale: float) -> Iterator[None]:
 def _count(call, autocast: torch.dtype | None, scale: float) -> collections.Counter:
     """Kernels of ``call()`` under ``autocast``, dispatched as on CUDA."""
     mode = KernelCount()
-    with dispatched_as_on_cuda(scale):
+    with dispatched_as_on_cuda(scale, half=autocast is not None):
         restore = count_triton_launches(mode.counts)
         try:
             amp = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)

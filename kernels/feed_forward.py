@@ -47,12 +47,15 @@ from .geglu import _gelu
 #: the widest C and N one program's tiles hold (fp32 accumulator [BLOCK_M, N], x tile [BLOCK_M, C])
 MAX_DIM = 256
 #: tile configuration on a GPU, per BLOCK_N: 64 fp32 accumulator registers per thread (128 x
-#: 128 or 64 x 256 over 8 warps). Compiled for sm_90 with Triton 3.6 (bench/triton_aot.py): fp16
-#: and bf16 use 222-225 registers at N = 128 and 169-172 at N = 256, no local memory, 128 KiB of
-#: shared memory (a 64-column chunk at N = 128; 32 columns at N = 256, where 64 took 224 of the
-#: 227 KiB and 251 registers); fp32 spills (the op leaves fp32 on a GPU to the two-GEMM path).
+#: 128 or 64 x 256 over 8 warps). Compiled for sm_90 (bench/triton_aot.py, Triton 3.9): fp16 and
+#: bf16 use 223-226 registers at N = 128 and 173-181 at N = 256, no local memory; shared memory
+#: 176 KiB at N = 128 (64-column chunks, 3 pipeline stages), 128 KiB at N = 256 (32 columns, 2
+#: stages: 64 columns took 224 of the 227 KiB and 251 registers); fp32 spills (the op leaves
+#: fp32 on a GPU to the two-GEMM path). At N = 128, 3 stages ran 3.6-3.8 % faster than 2 on an
+#: H100 at the LVDM's level-0 sites (143.6 vs 149.0 us at 81920 rows, 1056 vs 1098 us at 655360;
+#: bench/bench_feed_forward.py, 2026-11-27).
 GPU_CONFIGS = {
-    128: {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 2},
+    128: {"BLOCK_M": 128, "BLOCK_I": 64, "num_warps": 8, "num_stages": 3},
     256: {"BLOCK_M": 64, "BLOCK_I": 32, "num_warps": 8, "num_stages": 2},
 }
 #: the interpreter pays per program: one large tile

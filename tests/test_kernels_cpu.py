@@ -67,6 +67,12 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
     # GEGLUs as on CUDA: the projection's GEMM with the GEGLU in its epilogue, nothing else
     assert counts["triton._geglu_linear_kernel"] > 0 and "aten.gelu" not in counts
     assert "triton._geglu_fwd_kernel" not in counts
+    # in half precision the small config's feed-forwards (C <= 128) are one kernel each, as on
+    # CUDA (FUSED_FF_MAX_DIM); fp32 stays on the two GEMMs there
+    half = out.stdout.split("echofast, autocast bfloat16:")[1].split("echofast step,")[0]
+    assert "triton._ff_fwd_kernel" not in counts
+    assert f" {counts['triton._geglu_linear_kernel']} triton._ff_fwd_kernel" in half
+    assert "triton._geglu_linear_kernel" not in half
     assert counts.get("aten.sigmoid", 0) == 1  # the packed AlphaBlender weights
     # transformer residual adds fused into the LayerNorm after them (add_layer_norm)
     assert counts["triton._layer_norm_fwd_kernel"] > 0

@@ -91,9 +91,14 @@ FUSED_GEGLU_DEVICES: frozenset[str] = frozenset({"cuda"})
 #: device types on which a whole feed-forward (GEGLU projection, gate, output projection and the
 #: block's residual add) runs as one Triton kernel that keeps the GEGLU output on chip
 #: (:func:`echofast.ops.feed_forward`) in eager inference, where the op takes the operands (fp16 /
-#: bf16, C and N <= 256): none until a GPU benchmark (``bench/bench_feed_forward.py``) shows it
-#: beating the two-GEMM path at the LVDM's call sites.
-FUSED_FF_DEVICES: frozenset[str] = frozenset()
+#: bf16) and the rows are at most :data:`FUSED_FF_MAX_DIM` wide. ``bench/bench_feed_forward.py``
+#: (H100, 2026-11-27, git c0b27e8, CUDA-graph timings, fp16) timed it against the two-GEMM path
+#: at the LVDM's call sites: at C = 128 (the 15 level-0 sites) 0.80x the time at 5 windows (143.6
+#: vs 178.9 us, 3 pipeline stages) and at 40 windows (1056 vs 1325 us); at C = 256 2.3-3.4x
+#: slower (its tiles hold 64 rows and 32 inner columns; the GEMMs reach 250-296 TFLOP/s there).
+FUSED_FF_DEVICES: frozenset[str] = frozenset({"cuda"})
+#: the widest feed-forward (C) that goes to the one kernel on :data:`FUSED_FF_DEVICES` (above)
+FUSED_FF_MAX_DIM = 128
 
 
 class GEGLU(nn.Module):
@@ -114,7 +119,8 @@ class GEGLU(nn.Module):
 
 class FeedForward(nn.Module):
     """GEGLU (dim → 4·dim) then Linear (→ dim_out); keys ``net.0.proj``, ``net.2``. One kernel
-    (:func:`echofast.ops.feed_forward`) on :data:`FUSED_FF_DEVICES`."""
+    (:func:`echofast.ops.feed_forward`) on :data:`FUSED_FF_DEVICES` up to
+    :data:`FUSED_FF_MAX_DIM` wide."""
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
         super().__init__()
@@ -126,6 +132,7 @@ class FeedForward(nn.Module):
     def _fused(self, x: torch.Tensor) -> bool:
         return (
             x.device.type in FUSED_FF_DEVICES
+            and x.shape[-1] <= FUSED_FF_MAX_DIM
             and eager_inference()
             and ops.feed_forward_supported(x, self.net[0].proj.weight, self.net[2].weight)
         )

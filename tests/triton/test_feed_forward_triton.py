@@ -140,3 +140,20 @@ def test_the_models_feed_forward_on_the_fused_path(monkeypatch):
     assert ff.add_to(h, x) is h
     torch.testing.assert_close(h, added, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2 and calls[1]["residual"] is calls[1]["out"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dim", [128, 129, 256])
+def test_the_models_fuse_only_up_to_the_measured_width(dim, monkeypatch):
+    """Wider feed-forwards than FUSED_FF_MAX_DIM stay on the two GEMMs (slower fused on the
+    GPU), though the kernel holds them."""
+    ff = st.FeedForward(dim)
+    x = torch.randn(3, dim)
+    calls = []
+    real = st.ops.feed_forward
+    monkeypatch.setattr(st, "FUSED_FF_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(st.ops, "feed_forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert st.ops.feed_forward_supported(x, ff.net[0].proj.weight, ff.net[2].weight)
+    ff(x)
+    ff.add_to(torch.zeros(3, dim), x)
+    assert len(calls) == (2 if dim <= st.FUSED_FF_MAX_DIM else 0)
