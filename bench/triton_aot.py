@@ -176,6 +176,8 @@ def _group_norm_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
         ("lvdm-temporal", (5, 640, 64, 8, 8), 32, cf),  # (B, C, T, H, W): a group spans T·H·W
         # the LVDM's temporal resnets read channels-last frames: the split rows kernels
         ("lvdm-temporal-cl", (5, 128, 64, 16, 16), 32, cl3),
+        # 16 channels per group: the DENSE form (16-byte loads, per-element Welford)
+        ("lvdm-temporal-512-cl", (5, 512, 64, 8, 8), 32, cl3),
         ("vae-decoder", (8, 128, 112, 112), 32, cl),  # the VAE's largest maps
         ("odd", (2, 63, 5, 7), 21, cl),
     ]

@@ -24,15 +24,19 @@ Design
   channels at one position are 8-80 contiguous bytes, and the per-group programs above read only
   those: a fraction of every 32-byte sector, many requests for few bytes (the H200 measured 10-28
   % of copy bandwidth on the LVDM's shapes). When x and y are channels-last, a program reads tiles
-  of whole rows [BLOCK_S positions, BLOCK_G * BLOCK_CG channel columns] (contiguous) and keeps one
-  Welford accumulator per tile element (elementwise updates: no reduction, so no cross-warp
-  traffic, inside the loop); the [BLOCK_S] partials of each channel are merged once at the end,
-  then a group's channels (equal counts). With CG a power of two (``DENSE``) the compiler sees the
-  columns contiguous and loads 16 bytes per thread. (Earlier forms: [BLOCK_S, BLOCK_G, BLOCK_CG]
-  tiles reduced to per-group moments at every tile, 160-255 registers per thread for sm_90; then
-  per-channel accumulators with one reduction along the positions per tile, which the H100
-  measured at 14 % of copy bandwidth where the compiler vectorized the loads and spread the
-  positions across warps (C = 512), the reduction then crossing warps at every tile.) When the N
+  of whole rows [BLOCK_S positions, BLOCK_G * BLOCK_CG channel columns] (contiguous) and keeps
+  per-channel moments, merged at the end into a group's (equal counts), in one of two forms
+  (``DENSE``). Tiles: per-channel accumulators, each tile's moments from one reduction along the
+  positions, merged across tiles; the loads are per element where CG is not a multiple of 16.
+  Where it is (``DENSE``: CG == BLOCK_CG, a multiple of 16) the compiler vectorizes the loads
+  (16 bytes per thread) and spreads the positions across warps, so that reduction would cross
+  warps at every tile (the H100 measured it at 14 % of copy bandwidth, C = 512); there a Welford
+  accumulator per tile element takes elementwise updates (no reduction inside the loop) and the
+  [BLOCK_S] partials of each channel are merged once at the end. On the H100 (fp16, graph
+  timings, LVDM shapes) the element form with 16-byte loads everywhere CG is a power of two was
+  3.2x faster at C = 512 (8x8 maps at 512 frames) but 1.2-3.8x slower at C = 128-384 and 768 than
+  the tile form, hence the split by CG. (A first form reduced [BLOCK_S, BLOCK_G, BLOCK_CG] tiles
+  to per-group moments at every tile: 160-255 registers per thread for sm_90.) When the N
   samples alone fill the device (N >= multiprocessors: the LVDM's spatial GroupNorms over B·T
   frames) one program per sample takes its statistics and then writes y (its rows are still in L2:
   one sample is S·C elements). Fewer samples (the temporal GroupNorms over B·windows videos of
@@ -40,9 +44,9 @@ Design
   groups: stage 1 stores every group's partial moments per (sample, chunk) in the per-group
   layout, stage 2 merges a [BLOCK_G, BLOCK_K] tile of them in its prologue and writes y.
   Trade-off: the per-group kernels fill the device with fewer launches (one when N*G alone fills
-  it), the rows kernels read whole sectors. Their statistics are Welford's per element (stable for
-  |mean| >> std as the two-pass tiles below), the per-element arithmetic of y the same as the
-  group kernels'.
+  it), the rows kernels read whole sectors. Their statistics are the two-pass tiles below or
+  Welford's per element (as stable for |mean| >> std), the per-element arithmetic of y the same
+  as the group kernels'.
 * Statistics in fp32, parallel Welford (Chan et al.): each tile's mean and M2 = sum((x - mean)^2)
   are computed exactly two-pass in registers, tiles and then chunks are merged with Chan's
   formula. This reads x once for the statistics (a global two-pass would read it twice) while
@@ -81,8 +85,8 @@ Kernel arguments (all tensors on one device; "fp32" buffers are scratch/outputs 
   eps                  variance epsilon
   BLOCK_C, BLOCK_S, BLOCK_K   tile sizes (powers of two); BLOCK_K = next_pow2(num_chunks)
   BLOCK_G, BLOCK_CG    rows kernels: next_pow2(G), next_pow2(CG) (a row tile is BLOCK_G·BLOCK_CG)
-  DENSE                rows kernels: CG == BLOCK_CG (the tile's columns are the channels, in
-                       order: 16-byte loads)
+  DENSE                rows kernels: CG == BLOCK_CG and a multiple of 16 (the tile's columns
+                       are the channels, in order: 16-byte loads; per-element Welford moments)
   chunk_s, num_chunks  rows kernels: the same per-sample split of the positions
   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT_SILU   constexpr switches
 """
@@ -100,6 +104,9 @@ MAX_GROUP_CHANNELS = 1024
 PROGRAMS_PER_SM = 4
 MAX_ROW_PARTIALS = 2048
 SECTOR_BYTES = 32
+#: the rows kernels' DENSE form (16-byte loads, per-element Welford) where CG is a power of two
+#: and a multiple of this (the module docstring's H100 measurement)
+DENSE_MULTIPLE = 16
 ROWS_SPLIT_MIN_BYTES = 4 << 20
 
 
@@ -475,7 +482,7 @@ def _gn_fwd_fused_kernel(
 @triton.jit
 def _row_channels(G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, DENSE: tl.constexpr):
     """Channel index c = g * CG + j of a row tile's [BLOCK_G * BLOCK_CG] columns (column
-    i = g * BLOCK_CG + j), and its mask. ``DENSE`` (CG == BLOCK_CG, a power of two): c = i,
+    i = g * BLOCK_CG + j), and its mask. ``DENSE`` (CG == BLOCK_CG): c = i,
     written so that the compiler sees the columns contiguous and loads 16 bytes per thread
     (computed from a run-time CG it issues one 2-byte load per half-precision element)."""
     i = tl.arange(0, BLOCK_G * BLOCK_CG)
@@ -498,6 +505,86 @@ def _per_channel(v, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(xbase, addv, s, s_end, sxs, mask_c, HAS_ADD: tl.constexpr):
+    """The fp32 tile [BLOCK_S, columns] of x (+ ``addv``) at positions ``s``, and its mask
+    (positions before ``s_end``, columns in ``mask_c``): 0 where masked."""
+    mask = (s < s_end)[:, None] & mask_c[None, :]
+    xv = tl.load(xbase[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask, other=0.0)
+    xv = xv.to(tl.float32)
+    if HAS_ADD:
+        xv = tl.where(mask, xv + addv[None, :], 0.0)
+    return xv, mask
+
+
+@triton.jit
+def _row_channel_moments_tiles(
+    xbase,
+    addv,
+    s_start,
+    s_end,
+    sxs,
+    mask_c,
+    BLOCK_S: tl.constexpr,
+    width: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Per channel (mean, M2, count) over positions [s_start, s_end): each tile's moments exact
+    two-pass in registers (one reduction along the positions), merged across tiles with Chan's
+    formula."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mean = tl.zeros([width], tl.float32)
+    m2 = tl.zeros([width], tl.float32)
+    cnt = 0.0
+    for s0 in range(s_start, s_end, BLOCK_S):
+        xv, mask = _row_tile(xbase, addv, s0 + offs_s, s_end, sxs, mask_c, HAS_ADD)
+        n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        m_t = tl.sum(xv, axis=0) / n_t
+        d = tl.where(mask, xv - m_t[None, :], 0.0)
+        cnt_new = cnt + n_t
+        delta = m_t - mean
+        mean = mean + delta * (n_t / cnt_new)
+        m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (cnt * n_t / cnt_new)
+        cnt = cnt_new
+    return mean, m2, cnt
+
+
+@triton.jit
+def _row_channel_moments_elements(
+    xbase,
+    addv,
+    s_start,
+    s_end,
+    sxs,
+    mask_c,
+    BLOCK_S: tl.constexpr,
+    width: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """Per channel (mean, M2, count) over positions [s_start, s_end): Welford per element of the
+    tile, accumulator (r, c) taking positions s_start + r, s_start + r + BLOCK_S, ... of channel
+    c (elementwise updates, no reduction in the loop, so the compiler may lay the tile out for
+    16-byte loads with warps along the positions at no cost); the [BLOCK_S] partials of a
+    channel merged once at the end with Chan's formula."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mean = tl.zeros([BLOCK_S, width], tl.float32)
+    m2 = tl.zeros([BLOCK_S, width], tl.float32)
+    cnt = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        xv, mask = _row_tile(xbase, addv, s, s_end, sxs, mask_c, HAS_ADD)
+        in_s = s < s_end
+        cnt = cnt + in_s.to(tl.float32)
+        inv = tl.where(in_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # rows past the end: unchanged
+        delta = xv - mean
+        mean = mean + delta * inv[:, None]
+        m2 = m2 + tl.where(mask, delta * (xv - mean), 0.0)
+    total = tl.sum(cnt, axis=0)
+    mean_c = tl.sum(mean * (cnt / total)[:, None], axis=0)
+    dr = mean - mean_c[None, :]
+    return mean_c, tl.sum(m2 + dr * dr * cnt[:, None], axis=0), total
+
+
+@triton.jit
 def _row_moments(
     xbase,
     addv,
@@ -509,37 +596,22 @@ def _row_moments(
     BLOCK_S: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr,
+    DENSE: tl.constexpr,
     HAS_ADD: tl.constexpr,
 ):
     """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``) over positions [s_start,
     s_end), from tiles of whole rows ``xbase + s * sxs`` ([BLOCK_G * BLOCK_CG] pointers of one
-    position's channels). Welford per element of the tile: accumulator (r, c) takes positions
-    s_start + r, s_start + r + BLOCK_S, ... of channel c (elementwise updates, no reduction in
-    the loop, so the compiler may lay the tile out for 16-byte loads with warps along the
-    positions at no cost); once at the end the [BLOCK_S] partials of a channel are merged with
-    Chan's formula, then a group's channels (equal counts: mean of means, M2 = sum M2 + count *
-    sum (mean_c - mean)^2)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    mean = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
-    m2 = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
-    cnt = tl.zeros([BLOCK_S], tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + offs_s
-        in_s = s < s_end
-        mask = in_s[:, None] & mask_c[None, :]
-        xv = tl.load(xbase[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask, other=0.0)
-        xv = xv.to(tl.float32)
-        if HAS_ADD:
-            xv = xv + addv[None, :]
-        cnt = cnt + in_s.to(tl.float32)
-        inv = tl.where(in_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # rows past the end: unchanged
-        delta = xv - mean
-        mean = mean + delta * inv[:, None]
-        m2 = m2 + tl.where(mask, delta * (xv - mean), 0.0)
-    total = tl.sum(cnt, axis=0)
-    mean_c = tl.sum(mean * (cnt / total)[:, None], axis=0)
-    dr = mean - mean_c[None, :]
-    m2_c = tl.sum(m2 + dr * dr * cnt[:, None], axis=0)
+    position's channels): per channel (``DENSE``: Welford per tile element, else per tile), then
+    the channels of a group merged (equal counts: mean of means, M2 = sum M2 + count * sum
+    (mean_c - mean)^2)."""
+    if DENSE:
+        mean_c, m2_c, total = _row_channel_moments_elements(
+            xbase, addv, s_start, s_end, sxs, mask_c, BLOCK_S, BLOCK_G * BLOCK_CG, HAS_ADD
+        )
+    else:
+        mean_c, m2_c, total = _row_channel_moments_tiles(
+            xbase, addv, s_start, s_end, sxs, mask_c, BLOCK_S, BLOCK_G * BLOCK_CG, HAS_ADD
+        )
     valid = tl.reshape(mask_c, (BLOCK_G, BLOCK_CG))
     mean_gc = tl.reshape(mean_c, (BLOCK_G, BLOCK_CG))
     group_mean = tl.sum(tl.where(valid, mean_gc, 0.0), axis=1) / CG
@@ -641,7 +713,9 @@ def _gn_fwd_rows_kernel(
     c, mask_c = _row_channels(G, CG, BLOCK_G, BLOCK_CG, DENSE)
     addv = _add_vector(add_ptr, n, add_rep, c, mask_c, stride_add, HAS_ADD)
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64)
-    mean, m2 = _row_moments(xbase, addv, 0, S, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, HAS_ADD)
+    mean, m2 = _row_moments(
+        xbase, addv, 0, S, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, DENSE, HAS_ADD
+    )
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_count, 0.0) + eps)
     offs_g = tl.arange(0, BLOCK_G)
     tl.store(mean_ptr + n * G + offs_g, mean, mask=offs_g < G)
@@ -708,7 +782,7 @@ def _gn_fwd_rows_stats_kernel(
     s_start = k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
     mean, m2 = _row_moments(
-        xbase, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, HAS_ADD
+        xbase, addv, s_start, s_end, sxs, mask_c, CG, BLOCK_S, BLOCK_G, BLOCK_CG, DENSE, HAS_ADD
     )
     offs_g = tl.arange(0, BLOCK_G)
     idx = (n * G + offs_g) * num_chunks + k
@@ -1150,7 +1224,7 @@ def _rows_fwd(
         "BLOCK_S": rows.BLOCK_S,
         "BLOCK_G": rows.BLOCK_G,
         "BLOCK_CG": rows.BLOCK_CG,
-        "DENSE": p.CG == rows.BLOCK_CG,
+        "DENSE": p.CG == rows.BLOCK_CG and p.CG % DENSE_MULTIPLE == 0,
     }
     if rows.num_chunks == 1:
         _gn_fwd_rows_kernel[(p.N,)](

@@ -44,7 +44,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     }
     assert "kernels never launched" not in out.stdout
     # compiled with the JIT's alignment hints: the channels-last GroupNorm rows kernels over
-    # whole contiguous rows (DENSE: CG a power of two) load 16 bytes per thread
+    # whole contiguous rows (DENSE: CG a power of two and a multiple of 16) load 16 bytes per
+    # thread
     dense = [
         r
         for r in rows

@@ -406,6 +406,52 @@ def test_rows_kernels_welford_over_many_positions(chunks):
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-launch", "split"])
+@pytest.mark.parametrize(
+    "channels, groups, dense",
+    [(8, 2, False), (48, 4, False), (96, 2, False), (32, 2, True), (96, 3, True), (64, 1, True)],
+    ids=["cg4", "cg12", "cg48", "cg16", "cg32", "cg64-one-group"],
+)
+def test_rows_kernels_moment_forms(channels, groups, dense, chunks, monkeypatch):
+    """The rows kernels' two forms of the statistics: per-tile moments (CG not a multiple of 16:
+    4, 12, 48: not a power of two) and per-element Welford with contiguous columns (DENSE: CG a
+    power of two and a multiple of 16). Every one over |mean| = 100 std, S = 37 in 4-position
+    tiles (a ragged last tile, unequal chunks), with a time-embedding add, against fp64."""
+    shape = (2, channels, 37, 1)
+    g = torch.Generator().manual_seed(channels + groups)
+    x = torch.randn(shape, generator=g) * 0.5 + 50.0
+    add = torch.randn(2, channels, generator=g)
+    w, b = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    seen = []
+    for name in ("_gn_fwd_rows_kernel", "_gn_fwd_rows_stats_kernel", "_gn_fwd_rows_apply_kernel"):
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel):
+                def launch(*args, **kw):
+                    seen.append(kw["DENSE"])
+                    return kernel[grid](*args, **kw)
+
+                return launch
+
+        monkeypatch.setattr(kernels, name, Spy())
+    args = (x_cl, groups, w, b, 1e-5, None, None, None, torch.channels_last)
+    y, mean, rstd = kernels.group_norm_fwd(
+        *args, add=add, use_rows=True, num_chunks=chunks, block_s=4
+    )
+    assert seen == [dense] * (1 if chunks == 1 else 2)
+    h = x.double() + add.double()[:, :, None, None]
+    hg = h.reshape(2, groups, -1)
+    torch.testing.assert_close(mean.double(), hg.mean(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        rstd.double(), (hg.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4, atol=0
+    )
+    ref = F.group_norm(h, groups, w.double(), b.double(), 1e-5)
+    assert _rel(y, ref) <= 1e-5
+
+
+@pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("use_rows", [True, False], ids=["rows", "per-group"])
 @pytest.mark.parametrize("chunks", [1, 3], ids=["one-launch", "split"])
 def test_forward_eps_on_a_low_variance_input(use_rows, chunks):
