@@ -29,16 +29,19 @@
 # (new CSV rows appended, logs into bench/results/logs_<card>/, the tuned table checked).
 #
 # Steps, most wanted first (name: what). The H100 lease of 2026-11-26 (git 5f536c1) ran every
-# step but bench_compile in three calls on one machine (patch stopped at its cap): 14+96+72+65+15+
-# 136+87 s in the first call, bench_b8 57 s in the second. That lease timed the GEGLU GEMM
-# (since then the LVDM's feed-forward path on CUDA) at 160-240 TFLOP/s with its one default tile
-# configuration: geglu_tune now comes right after the build, and every later step runs the tiles
-# it chose. Then the batch-1 benchmark (kernels per step, s/video), the GPU tests (the tuned
-# tiles and the changed GroupNorm rows kernels included), the two microbenchmarks that decide
-# code paths, without their torch.compile baselines (one inductor compile per call site; earlier
-# leases measured those): group_norm (kernels.group_norm.RowsPlan.of), geglu
-# (FUSED_GEGLU_DEVICES) and feed_forward (FUSED_FF_DEVICES: the whole feed-forward in one
-# kernel). Then batch 8, the 100-video precision check and the compiled-diffusers ratio.
+# step but bench_compile in three calls on one machine (patch stopped at its cap). The second
+# (2026-11-27, git c0b27e8; geglu_tune then second) ran 10 steps in two calls of 540 and 195 s:
+# build 24, geglu_tune 93, bench_b1 135, tests_gpu 112, group_norm 78, geglu 19, feed_forward 14,
+# bench_b8 51 (its cap then), precision 105, unet_compile 76 (its cap then). Its GEGLU table is
+# committed, and it decided the feed-forward (FUSED_FF_DEVICES, FUSED_FF_MAX_DIM) and the
+# GroupNorm rows kernels' two forms (kernels.group_norm.DENSE_MULTIPLE) from microbenchmarks:
+# so now the batch-1 benchmark (kernels per step, s/video: those changes end to end) comes right
+# after the build, then the GPU tests, the microbenchmarks that decide code paths without their
+# torch.compile baselines (one inductor compile per call site; earlier leases measured those):
+# group_norm (kernels.group_norm.RowsPlan.of, DENSE_MULTIPLE), feed_forward, geglu
+# (FUSED_GEGLU_DEVICES); batch 8, the compiled-diffusers ratio, the steps no lease has run since
+# the first, the precision check (measured in both leases), and the GEGLU re-tuning last but one
+# (every step after it runs the tiles it chose).
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   geglu_tune    bench/tune_geglu_linear.py --budget-s 150: the GEGLU GEMM's tile candidates at
@@ -73,7 +76,7 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build geglu_tune bench_b1 tests_gpu group_norm geglu feed_forward bench_b8 precision unet_compile layer_norm attention memory video patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu group_norm feed_forward geglu bench_b8 unet_compile layer_norm attention memory precision video geglu_tune patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [layer_norm]=90 [group_norm]=90 [attention]=180 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
