@@ -517,74 +517,6 @@ def _row_tile(xbase, addv, s, s_end, sxs, mask_c, HAS_ADD: tl.constexpr):
 
 
 @triton.jit
-def _row_channel_moments_tiles(
-    xbase,
-    addv,
-    s_start,
-    s_end,
-    sxs,
-    mask_c,
-    BLOCK_S: tl.constexpr,
-    width: tl.constexpr,
-    HAS_ADD: tl.constexpr,
-):
-    """Per channel (mean, M2, count) over positions [s_start, s_end): each tile's moments exact
-    two-pass in registers (one reduction along the positions), merged across tiles with Chan's
-    formula."""
-    offs_s = tl.arange(0, BLOCK_S)
-    mean = tl.zeros([width], tl.float32)
-    m2 = tl.zeros([width], tl.float32)
-    cnt = 0.0
-    for s0 in range(s_start, s_end, BLOCK_S):
-        xv, mask = _row_tile(xbase, addv, s0 + offs_s, s_end, sxs, mask_c, HAS_ADD)
-        n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
-        m_t = tl.sum(xv, axis=0) / n_t
-        d = tl.where(mask, xv - m_t[None, :], 0.0)
-        cnt_new = cnt + n_t
-        delta = m_t - mean
-        mean = mean + delta * (n_t / cnt_new)
-        m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (cnt * n_t / cnt_new)
-        cnt = cnt_new
-    return mean, m2, cnt
-
-
-@triton.jit
-def _row_channel_moments_elements(
-    xbase,
-    addv,
-    s_start,
-    s_end,
-    sxs,
-    mask_c,
-    BLOCK_S: tl.constexpr,
-    width: tl.constexpr,
-    HAS_ADD: tl.constexpr,
-):
-    """Per channel (mean, M2, count) over positions [s_start, s_end): Welford per element of the
-    tile, accumulator (r, c) taking positions s_start + r, s_start + r + BLOCK_S, ... of channel
-    c (elementwise updates, no reduction in the loop, so the compiler may lay the tile out for
-    16-byte loads with warps along the positions at no cost); the [BLOCK_S] partials of a
-    channel merged once at the end with Chan's formula."""
-    offs_s = tl.arange(0, BLOCK_S)
-    mean = tl.zeros([BLOCK_S, width], tl.float32)
-    m2 = tl.zeros([BLOCK_S, width], tl.float32)
-    cnt = tl.zeros([BLOCK_S], tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
-        s = s0 + offs_s
-        xv, mask = _row_tile(xbase, addv, s, s_end, sxs, mask_c, HAS_ADD)
-        in_s = s < s_end
-        cnt = cnt + in_s.to(tl.float32)
-        inv = tl.where(in_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # rows past the end: unchanged
-        delta = xv - mean
-        mean = mean + delta * inv[:, None]
-        m2 = m2 + tl.where(mask, delta * (xv - mean), 0.0)
-    total = tl.sum(cnt, axis=0)
-    mean_c = tl.sum(mean * (cnt / total)[:, None], axis=0)
-    dr = mean - mean_c[None, :]
-    return mean_c, tl.sum(m2 + dr * dr * cnt[:, None], axis=0), total
-
-
-@triton.jit
 def _row_moments(
     xbase,
     addv,
@@ -601,17 +533,46 @@ def _row_moments(
 ):
     """Every group's (mean, M2) ([BLOCK_G] fp32) of x (+ ``addv``) over positions [s_start,
     s_end), from tiles of whole rows ``xbase + s * sxs`` ([BLOCK_G * BLOCK_CG] pointers of one
-    position's channels): per channel (``DENSE``: Welford per tile element, else per tile), then
-    the channels of a group merged (equal counts: mean of means, M2 = sum M2 + count * sum
+    position's channels). First per channel: ``DENSE``, Welford per element of the tile,
+    accumulator (r, c) taking positions s_start + r, s_start + r + BLOCK_S, ... of channel c
+    (elementwise updates, no reduction in the loop, so the compiler may lay the tile out for
+    16-byte loads with warps along the positions at no cost), the [BLOCK_S] partials of a
+    channel merged once at the end with Chan's formula; else each tile's moments exact two-pass
+    in registers (one reduction along the positions), merged across tiles with Chan's formula.
+    Then the channels of a group (equal counts: mean of means, M2 = sum M2 + count * sum
     (mean_c - mean)^2)."""
+    offs_s = tl.arange(0, BLOCK_S)
     if DENSE:
-        mean_c, m2_c, total = _row_channel_moments_elements(
-            xbase, addv, s_start, s_end, sxs, mask_c, BLOCK_S, BLOCK_G * BLOCK_CG, HAS_ADD
-        )
+        mean = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
+        m2 = tl.zeros([BLOCK_S, BLOCK_G * BLOCK_CG], tl.float32)
+        cnt = tl.zeros([BLOCK_S], tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + offs_s
+            xv, mask = _row_tile(xbase, addv, s, s_end, sxs, mask_c, HAS_ADD)
+            in_s = s < s_end
+            cnt = cnt + in_s.to(tl.float32)
+            inv = tl.where(in_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)  # rows past the end: unchanged
+            delta = xv - mean
+            mean = mean + delta * inv[:, None]
+            m2 = m2 + tl.where(mask, delta * (xv - mean), 0.0)
+        total = tl.sum(cnt, axis=0)
+        mean_c = tl.sum(mean * (cnt / total)[:, None], axis=0)
+        dr = mean - mean_c[None, :]
+        m2_c = tl.sum(m2 + dr * dr * cnt[:, None], axis=0)
     else:
-        mean_c, m2_c, total = _row_channel_moments_tiles(
-            xbase, addv, s_start, s_end, sxs, mask_c, BLOCK_S, BLOCK_G * BLOCK_CG, HAS_ADD
-        )
+        mean_c = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
+        m2_c = tl.zeros([BLOCK_G * BLOCK_CG], tl.float32)
+        total = 0.0
+        for s0 in range(s_start, s_end, BLOCK_S):
+            xv, mask = _row_tile(xbase, addv, s0 + offs_s, s_end, sxs, mask_c, HAS_ADD)
+            n_t = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+            m_t = tl.sum(xv, axis=0) / n_t
+            d = tl.where(mask, xv - m_t[None, :], 0.0)
+            cnt_new = total + n_t
+            delta = m_t - mean_c
+            mean_c = mean_c + delta * (n_t / cnt_new)
+            m2_c = m2_c + tl.sum(d * d, axis=0) + delta * delta * (total * n_t / cnt_new)
+            total = cnt_new
     valid = tl.reshape(mask_c, (BLOCK_G, BLOCK_CG))
     mean_gc = tl.reshape(mean_c, (BLOCK_G, BLOCK_CG))
     group_mean = tl.sum(tl.where(valid, mean_gc, 0.0), axis=1) / CG
