@@ -91,7 +91,16 @@ def load_numpy_pickle(path: str | os.PathLike) -> Any:
             obj = NumpyOnlyUnpickler(fh).load()
     except pickle.UnpicklingError as err:
         raise WeightsError(f"{path}: refused to unpickle: {err}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except (
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,  # a length field past sys.maxsize
+        MemoryError,  # a length field announcing more bytes than can be allocated
+    ) as err:
         raise WeightsError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
     _check_numeric(obj, path)
     return obj

@@ -116,3 +116,74 @@ def test_inception_score_matches_bruteforce():
     ours = inception_score(torch.from_numpy(p), splits=5)
     ref = numpy_inception_score(p, 5)
     assert ours == pytest.approx(ref, rel=1e-10)
+
+
+def test_feature_stats_without_features_refuses_a_mean():
+    with pytest.raises(ValueError, match="no features"):
+        FeatureStats(4).mean_cov()
+    fs = FeatureStats(4)
+    fs.update(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="no features"):
+        fs.mean_cov()
+
+
+def test_feature_stats_accumulate_in_float64():
+    """float32 features whose spread is tiny next to their mean: float32 sums would lose it."""
+    x = (1e4 + torch.arange(6, dtype=torch.float64)[:, None] * torch.ones(1, 2)).float()
+    fs = FeatureStats(2)
+    for row in x:
+        fs.update(row[None])
+    _, cov = fs.mean_cov()
+    ref = np.cov(x.double().numpy(), rowvar=False, bias=True)
+    np.testing.assert_allclose(cov.numpy(), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((3,), (3, 3), (4,), (3, 3)),  # means of different sizes
+        ((3,), (3, 3), (3,), (4, 4)),  # covariances of different sizes
+        ((3,), (4, 4), (3,), (4, 4)),  # covariance not (d, d)
+        ((3,), (3, 2), (3,), (3, 2)),  # not square
+    ],
+)
+def test_frechet_refuses_mismatched_shapes(shapes):
+    mu1, s1, mu2, s2 = (np.eye(*s) if len(s) == 2 else np.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_frechet_uses_the_symmetric_part_of_each_covariance():
+    """Covariances accumulated in low precision are symmetric only up to round-off; the distance
+    is that of their symmetric parts (both triangles count, not just one)."""
+    rng = np.random.default_rng(6)
+    mu1, s1, _ = random_gaussian(rng, 8, 60)
+    mu2, s2, _ = random_gaussian(rng, 8, 60, shift=0.5)
+    skew = np.triu(rng.standard_normal((8, 8)) * 0.05 * np.abs(s1).max(), 1)
+    ref = numpy_frechet(mu1, s1, mu2, s2)
+    for a, b in ((s1 + skew - skew.T, s2), (s1, s2 - skew + skew.T)):
+        assert frechet_distance(mu1, a, mu2, b) == pytest.approx(ref, rel=1e-9)
+
+
+def test_frechet_keeps_float64_precision():
+    """Means far from zero that differ below float32 resolution: the distance is still the
+    squared difference of the means (the covariances are equal)."""
+    rng = np.random.default_rng(7)
+    mu1 = 1e4 + rng.standard_normal(10)
+    delta = 1e-4 * rng.standard_normal(10)
+    _, s, _ = random_gaussian(rng, 10, 40)
+    for mu2 in (mu1 + delta, torch.from_numpy(mu1 + delta)):
+        assert frechet_distance(mu1, s, mu2, s) == pytest.approx(delta @ delta, rel=1e-4)
+
+
+def test_inception_score_argument_checks():
+    p = torch.full((6, 3), 1 / 3)
+    assert inception_score(p, splits=6) == pytest.approx((1.0, 0.0))  # one row per split
+    assert inception_score(p, splits=1) == pytest.approx((1.0, 0.0))
+    for bad in (
+        lambda: inception_score(p, splits=7),
+        lambda: inception_score(p, splits=0),
+        lambda: inception_score(torch.full((12,), 0.5), splits=2),
+    ):
+        with pytest.raises(ValueError, match="need"):
+            bad()
