@@ -153,10 +153,14 @@ def _generation_section(root: Path) -> Section:
         sec.text("No generation.json (not made by `echofast generate`).")
         return sec
     man = _read_json(path)
-    args = man.get("arguments", {}) if isinstance(man, dict) else {}
+    if not isinstance(man, dict):
+        raise ReportError(f"{path}: not a JSON object (got {type(man).__name__})")
+    args = man.get("arguments", {})
+    if not isinstance(args, dict):
+        raise ReportError(f"{path}: 'arguments' is not a JSON object (got {type(args).__name__})")
     rows = [[k, _fmt(v) if _scalar(v) else json.dumps(v)] for k, v in sorted(args.items())]
     for key in ("echofast_version", "weights_root", "seed_rule"):
-        if isinstance(man, dict) and key in man:
+        if key in man:
             rows.append([key, _fmt(man[key])])
     sec.table(["argument", "value"], rows)
     return sec

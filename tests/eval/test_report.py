@@ -204,3 +204,162 @@ def test_malformed_contents_are_named(tmp_path):
     metrics.write_text(json.dumps({"format": METRICS_FORMAT, "metrics": [1]}))
     with pytest.raises(ReportError, match=f"{metrics}: malformed fidelity metrics"):
         main_report([str(root), "--metrics", str(metrics)])
+
+
+def _md(root, *args):
+    """report.md of ``root`` written alone into ``root/r``."""
+    assert main_report([str(root), "--format", "md", "--out", str(root / "r"), *args]) == 0
+    return (root / "r" / "report.md").read_text()
+
+
+def test_split_counts_are_case_blind_sorted_and_name_a_missing_split(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    rows = ["train,192,32", "TRAIN,128,50", "val,64,25", ",48,30", "TEST,32,20"]
+    (root / "FileList.csv").write_text(
+        "FileName,Split,NumberOfFrames,FPS\n"
+        + "".join(f"v{i},{row}\n" for i, row in enumerate(rows))
+    )
+    md = _md(root)
+    table = "| split | videos |\n|---|---|\n| ? | 1 |\n| TEST | 1 |\n| TRAIN | 2 |\n| VAL | 1 |\n"
+    assert table + "| all | 5 |" in md
+    assert "Frames per video: 128, 192, 32, 48, 64; FPS: 20, 25, 30, 32, 50." in md
+    assert "EF (%)" not in md
+
+
+def test_frames_without_fps_are_still_summarised(tmp_path):
+    root = tmp_path / "d"
+    write_filelist(root, [{"FileName": "v", "NumberOfFrames": 96, "Split": "TRAIN"}])
+    assert "Frames per video: 96; FPS: ." in _md(root)
+
+
+def test_generation_arguments_sorted_with_json_values_and_run_facts(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    manifest = {
+        "arguments": {"steps": 64, "ef": [None, True], "seed": 7, "mode": {"a": "x"}},
+        "echofast_version": "9.9",
+        "weights_root": "/w",
+        "seed_rule": "per-video",
+    }
+    (root / "generation.json").write_text(json.dumps(manifest))
+    rows = [line for line in _md(root).splitlines() if line.startswith("| ")]
+    assert rows[1:] == [
+        "| ef | [null, true] |",
+        '| mode | {"a": "x"} |',
+        "| seed | 7 |",
+        "| steps | 64 |",
+        "| echofast_version | 9.9 |",
+        "| weights_root | /w |",
+        "| seed_rule | per-video |",
+    ]
+
+
+def test_privacy_fields_keep_empty_values_escape_pipes_and_sort_figures(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    report = {"format": PRIVACY_FORMAT, "auc": None, "note": "a|b", "passed": True}
+    (root / "privacy_report.json").write_text(json.dumps(report))
+    names = ["d.png", "b.png", "e.png", "a.png", "c.png"]
+    for name in names:
+        save_png(root / name, scatter_png(np.arange(3.0), np.arange(3.0), name))
+    md = _md(root)
+    assert "| auc |  |\n| note | a\\|b |\n| passed | True |" in md
+    figures = [line for line in md.splitlines() if line.startswith("![")]
+    assert figures == [f"![{n}](../{n})" for n in sorted(names)]
+
+
+def _metrics(path, **extra):
+    path.write_text(json.dumps({"format": METRICS_FORMAT, "metrics": {"fvd128": 300.0}, **extra}))
+    return path
+
+
+def test_metrics_name_fvd128_and_list_only_generated_clip_counts(tmp_path):
+    root = _dataset(tmp_path / "d")
+    counts = {"fid_images": 10, "fvd16_videos": 4, "fvd16_videos_reference": 8}
+    md = _md(_dataset(root), "--metrics", str(_metrics(tmp_path / "m.json", counts=counts)))
+    assert "| FVD128 | 300 |" in md
+    assert "Generated frames for FID/IS: 10; FVD clips: fvd16_videos=4." in md
+    md = _md(root, "--metrics", str(_metrics(tmp_path / "m.json")))
+    assert "Reference: ? (?, ? frames at ? fps, ? videos). Generated frames for FID/IS: -; " in md
+
+
+def _results(path, results, **extra):
+    path.write_text(json.dumps({"format": DOWNSTREAM_FORMAT, "results": results, **extra}))
+    return path
+
+
+def test_downstream_rows_per_clip_mode_and_default_interval(tmp_path):
+    root = _dataset(tmp_path / "d")
+
+    def entry(v):
+        return {
+            "n": 5,
+            **{k: {"value": v, "ci_low": v, "ci_high": v} for k in ("r2", "mae", "rmse")},
+        }
+
+    res = {
+        "val": {"one_clip": entry(0.5)},
+        "test": {"all_clips": entry(0.25), "one_clip": entry(1)},
+    }
+    md = _md(root, "--downstream", str(_results(tmp_path / "res.json", res)))
+    rows = [
+        line for line in md.splitlines() if line.startswith("| val") or line.startswith("| test")
+    ]
+    assert [r.split(" | ")[:4] for r in rows] == [
+        ["| val", "one clip", "5", "0.500 (0.500–0.500)"],
+        ["| test", "all clips", "5", "0.250 (0.250–0.250)"],
+        ["| test", "one clip", "5", "1.000 (1.000–1.000)"],
+    ]
+    assert "| split | clips | videos | R² | MAE | RMSE |\n|---|---|---|---|---|---|" in md
+    assert "Intervals: bootstrap." in md
+
+
+@pytest.mark.parametrize(
+    "results",
+    [[1], {"test": {"all_clips": {"n": 1, "r2": {"value": "x", "ci_low": 0, "ci_high": 0}}}}],
+    ids=["list", "text-value"],
+)
+def test_malformed_downstream_values_are_named(tmp_path, results):
+    root = _dataset(tmp_path / "d")
+    res = _results(tmp_path / "res.json", results)
+    with pytest.raises(ReportError, match=f"{res}: malformed downstream results"):
+        main_report([str(root), "--downstream", str(res)])
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--privacy"])
+def test_a_folder_given_as_a_file_is_named_as_a_folder(tmp_path, option):
+    root = _dataset(tmp_path / "d")
+    with pytest.raises(ReportError, match=f"{tmp_path} \\(given as {option}\\) is a folder"):
+        main_report([str(root), option, str(tmp_path)])
+
+
+def test_html_escapes_names_and_values_and_ends_with_a_newline(tmp_path, capsys):
+    root = tmp_path / "a<b>&c"
+    root.mkdir()
+    (root / "sub").mkdir()
+    report = {"format": PRIVACY_FORMAT, "note": "<i>x</i>"}
+    (root / "privacy_report.json").write_text(json.dumps(report))
+    assert main_report([str(root / "sub" / ".."), "--format", "html"]) == 0
+    assert capsys.readouterr().out.split() == [str(root / "sub" / ".." / "report.html")]
+    assert not (root / "report.md").exists()
+    page = (root / "report.html").read_text()
+    assert "<title>EchoNet-Synthetic dataset report: a&lt;b&gt;&amp;c</title>" in page
+    assert "<td>&lt;i&gt;x&lt;/i&gt;</td>" in page and "<i>" not in page
+    assert "a<b>" not in page and page.endswith("</body></html>\n")
+
+
+@pytest.mark.parametrize("fmt", ["pdf", "md,pdf", " , "])
+def test_unknown_formats_are_refused(tmp_path, fmt):
+    root = _dataset(tmp_path / "d")
+    with pytest.raises(ValueError, match="--format must list md and/or html"):
+        main_report([str(root), "--format", fmt])
+    assert not (root / "report.md").exists()
+
+
+def test_a_filelist_that_is_not_text_is_named(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "FileList.csv").write_bytes(b"FileName,Split\n\xff\xfe\x00,TRAIN\n")
+    with pytest.raises(ReportError, match="FileList.csv: not a readable CSV file"):
+        main_report([str(root)])
