@@ -433,7 +433,8 @@ def sample_pair(
 class PairDataset(torch.utils.data.Dataset):
     """Pairs for positions ``0 .. len·pairs_per_video − 1`` of an epoch: position ``p`` anchors
     video ``order[p mod len]`` and draws from ``default_rng([seed, epoch, p])``. ``order`` is a
-    permutation per epoch when ``shuffle`` (seeded by ``[seed, epoch]``), else the file order.
+    permutation per epoch when ``shuffle`` (from ``default_rng([seed, epoch, 2**31])``, a key
+    no pair position takes), else the file order.
     Items: ``(x1, x2, label)``."""
 
     def __init__(

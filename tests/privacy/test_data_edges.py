@@ -380,6 +380,8 @@ def test_shuffled_order_is_a_new_permutation_each_epoch(six_clips):
         assert sorted(orders[-1]) == list(range(6))
         assert [ds.pair(p)[0] for p in range(12)] == orders[-1] * 2
     assert orders[0] == orders[2] != orders[1] and orders[0] != list(range(6))
+    # the documented key: no pair position's generator key collides with it
+    assert orders[1] == np.random.default_rng([5, 1, 2**31]).permutation(6).tolist()
 
 
 def test_augmented_negative_pairs_edit_both_videos(six_clips):
