@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EchofastError
+from ..errors import EchofastError, WeightsError
 from ..fsutil import sha256_file
 from .data import (
     GALLERY,
@@ -82,27 +82,19 @@ def embed(
     desc: str = "embed",
 ) -> torch.Tensor:
     """Eval-mode embeddings (N, D) fp32 CPU of normalised frames (N, C, h, w), in zero-padded
-    batches of exactly :data:`EMBED_BATCH` frames."""
-    from tqdm.auto import tqdm
+    batches of exactly :data:`EMBED_BATCH` frames (:meth:`ReIdentificationModel.embed_frames`).
 
-    device = torch.device(device) if device is not None else model.device
-    was_training = model.training
-    model.eval()
-    out = []
-    n = frames.shape[0]
+    Raises:
+        PrivacyError: an embedding is not finite.
+    """
     try:
-        for s in tqdm(range(0, n, EMBED_BATCH), desc=desc, unit="batch", disable=not progress):
-            x = frames[s : s + EMBED_BATCH].to(device=device, dtype=torch.float32)
-            k = x.shape[0]
-            if k < EMBED_BATCH:
-                x = torch.cat([x, x.new_zeros((EMBED_BATCH - k, *x.shape[1:]))])
-            out.append(model.embed(x)[:k].float().cpu())
-    finally:
-        model.train(was_training)
-    emb = torch.cat(out) if out else torch.zeros(0, model.n_features)
-    if not bool(torch.isfinite(emb).all()):
-        raise PrivacyError("re-identification embeddings are not finite (NaN/inf in the model?)")
-    return emb
+        return model.embed_frames(
+            frames, batch_size=EMBED_BATCH, device=device, progress=progress, desc=desc
+        )
+    except WeightsError:
+        raise PrivacyError(
+            "re-identification embeddings are not finite (NaN/inf in the model?)"
+        ) from None
 
 
 def unit_rows(emb: torch.Tensor) -> torch.Tensor:

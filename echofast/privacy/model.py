@@ -206,18 +206,31 @@ class ReIdentificationModel(nn.Module):
         *,
         batch_size: int = 256,
         device: torch.device | str | None = None,
+        progress: bool = False,
+        desc: str = "embed",
     ) -> torch.Tensor:
         """Eval-mode embeddings of normalised frames (N, C, h, w) → fp32 CPU (N, n_features), in
-        fixed batches of ``batch_size`` (so a frame's embedding does not depend on how many
-        frames are embedded with it)."""
+        batches of exactly ``batch_size`` (the last one zero-padded, so that a frame's embedding
+        does not depend on how many frames are embedded with it); ``progress``: a progress bar
+        of the batches, labelled ``desc``.
+
+        Raises:
+            WeightsError: an embedding is not finite.
+        """
+        from tqdm.auto import tqdm
+
         device = torch.device(device) if device is not None else self.device
         was_training = self.training
         self.eval()
         out = []
         try:
-            for s in range(0, frames.shape[0], batch_size):
+            batches = range(0, frames.shape[0], batch_size)
+            for s in tqdm(batches, desc=desc, unit="batch", disable=not progress):
                 x = frames[s : s + batch_size].to(device=device, dtype=torch.float32)
-                out.append(self.embed(x).float().cpu())
+                k = x.shape[0]
+                if k < batch_size:
+                    x = torch.cat([x, x.new_zeros((batch_size - k, *x.shape[1:]))])
+                out.append(self.embed(x)[:k].float().cpu())
         finally:
             self.train(was_training)
         if not out:

@@ -153,15 +153,28 @@ def test_full_size_i3d_shapes_follow_kinetics_i3d():
     assert net.logits_of(x).shape == (2, 400)
 
 
+def _hollowed(make, identities, last: str, projection: nn.Module, seed: int) -> nn.Module:
+    """``make()`` with the named children replaced by identities and ``last`` by ``projection``,
+    then every parameter and buffer drawn at random (built on the meta device: no full-size
+    initialisation)."""
+    with torch.device("meta"):
+        net = make()
+    for name in identities:
+        setattr(net, name, nn.Identity())
+    setattr(net, last, projection.to("meta"))
+    return randomize_(net.to_empty(device="cpu"), torch.Generator().manual_seed(seed))
+
+
 def test_i3d_features_are_the_time_mean_of_the_logits():
     """Only the pools and the logits of the network run: the convolutions and Inception blocks
     are replaced by identities (and Mixed_5c by a 3 → 1024 channel projection)."""
-    with torch.device("meta"):
-        net = I3D()
-    for name in ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3", *MIXED):
-        setattr(net, name, nn.Identity())
-    net.Mixed_5c = nn.Conv3d(3, 1024, 1)
-    randomize_(net.to_empty(device="cpu"), torch.Generator().manual_seed(1))
+    net = _hollowed(
+        I3D,
+        ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3", *MIXED),
+        "Mixed_5c",
+        nn.Conv3d(3, 1024, 1),
+        seed=1,
+    )
     seen: list[torch.Tensor] = []
     net.logits.register_forward_hook(lambda _m, _i, out: seen.append(out))
     with torch.no_grad():
@@ -244,11 +257,8 @@ def test_inception_pool3_is_the_spatial_mean_of_mixed_7c():
     """The Inception blocks before Mixed_7c are replaced by identities, Mixed_7c by a
     192 → 2048 channel projection: only the stem, its pools and the final pooling run."""
     with torch.device("meta"):
-        net = FIDInceptionV3()
-    for name in [n for n, _ in net.named_children() if n.startswith("Mixed_")]:
-        setattr(net, name, nn.Identity())
-    net.Mixed_7c = nn.Conv2d(192, 2048, 1)
-    randomize_(net.to_empty(device="cpu"), torch.Generator().manual_seed(3))
+        mixed = [n for n, _ in FIDInceptionV3().named_children() if n.startswith("Mixed_")]
+    net = _hollowed(FIDInceptionV3, mixed, "Mixed_7c", nn.Conv2d(192, 2048, 1), seed=3)
     seen: list[torch.Tensor] = []
     net.Mixed_7c.register_forward_hook(lambda _m, _i, out: seen.append(out))
     with torch.no_grad():

@@ -107,3 +107,23 @@ def reid_config(root, out, **train) -> dict:
         "train": {"batch_size": 32, "max_epochs": 25, "patience": 0, "progress": False, **train},
         "eval": {"bootstrap": 1000},
     }
+
+
+def write_random_latents(
+    root: Path, splits: dict[str, int], frames: int, shape=(4, 6, 6), seed: int = 0
+) -> Path:
+    """A latent dataset of standard-normal clips (``frames`` frames of ``shape``): ``splits``
+    maps each split to its clip count; clips are named ``<split>_<k>``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for split, n in splits.items():
+        for k in range(n):
+            name = f"{split.lower()}_{k}"
+            write_latents(
+                root / "Latents" / f"{name}.safetensors", torch.randn(frames, *shape, generator=g)
+            )
+            rows.append(
+                {"FileName": name, "EF": 50, "FPS": 2, "NumberOfFrames": frames, "Split": split}
+            )
+    write_filelist(root, rows)
+    return root
