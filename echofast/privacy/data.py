@@ -296,6 +296,8 @@ def frames_from_clips(
     for i, clip in enumerate(clips):
         if clip.dim() == 3:
             clip = clip[None]
+        if clip.shape[0] == 0:
+            raise DatasetError(f"{names[i]}: latents hold no frames (shape {tuple(clip.shape)})")
         if not bool(torch.isfinite(clip).all()):
             raise DatasetError(f"{names[i]}: latents hold NaN or inf")
         idx = select_frames(clip.shape[0], frame_step)

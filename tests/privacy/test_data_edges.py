@@ -232,6 +232,8 @@ def test_frames_are_picked_after_normalising_the_whole_clip():
     bad[3, 1, 2, 2] = float("nan")
     with pytest.raises(DatasetError, match="^b: latents hold NaN or inf"):
         frames_from_clips([clips[0], bad], ["a", "b"], frame_step=0, normalization="frame")
+    with pytest.raises(DatasetError, match=r"^e: latents hold no frames \(shape \(0, 4, 6, 6\)\)"):
+        frames_from_clips([clips[0], clips[0][:0]], ["a", "e"], frame_step=0, normalization="clip")
     with pytest.raises(FrameShapeError, match=r"^c: .*\(4, 5, 5\).*but a has"):
         frames_from_clips(
             [clips[0], _rand(4, 5, 5)], ["a", "c"], frame_step=0, normalization="frame"
