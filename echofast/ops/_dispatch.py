@@ -62,8 +62,11 @@ _FORCED: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.Contex
 )
 
 
-def _parse_spec(spec: str) -> dict[str, str]:
-    """``"torch"`` -> {"*": "torch"}; ``"group_norm=torch, attention=sdpa"`` -> per-op entries."""
+def _parse_spec(spec: str, source: str) -> dict[str, str]:
+    """``"torch"`` -> {"*": "torch"}; ``"group_norm=torch, attention=sdpa"`` -> per-op entries.
+
+    An unknown op, or a name for every op that no op has a backend of (a typo that would
+    otherwise force nothing, silently), is a ValueError naming ``source`` and what is known."""
     out: dict[str, str] = {}
     for part in spec.split(","):
         part = part.strip()
@@ -72,9 +75,14 @@ def _parse_spec(spec: str) -> dict[str, str]:
         if "=" in part:
             op, name = (s.strip() for s in part.split("=", 1))
             if op not in _OPS:
-                raise ValueError(f"{ENV_VAR}: unknown op {op!r} in {spec!r}; ops: {sorted(_OPS)}")
+                raise ValueError(f"{source}: unknown op {op!r} in {spec!r}; ops: {sorted(_OPS)}")
             out[op] = name
         else:
+            known = sorted({b for o in _OPS.values() for b in o.backends})
+            if part not in known:
+                raise ValueError(
+                    f"{source}: no op has a backend named {part!r} (in {spec!r}); backends: {known}"
+                )
             out["*"] = part
     return out
 
@@ -116,7 +124,7 @@ class Op:
                 return spec["*"], "use_backend()"
         env = os.environ.get(ENV_VAR, "")
         if env:
-            spec = _parse_spec(env)
+            spec = _parse_spec(env, ENV_VAR)
             if self.name in spec:
                 return spec[self.name], f"{ENV_VAR}={env!r}"
             if spec.get("*") in self.backends:
@@ -166,7 +174,7 @@ def use_backend(spec: str | None = None, **per_op: str) -> Iterator[None]:
     ``use_backend("torch")`` forces the backend named ``torch`` for every op that has one;
     ``use_backend(attention="sdpa")`` forces one op. A forced backend that cannot run raises.
     """
-    forced = _parse_spec(spec) if spec else {}
+    forced = _parse_spec(spec, "use_backend") if spec else {}
     for op, name in per_op.items():
         if op not in _OPS:
             raise ValueError(f"use_backend: unknown op {op!r}; ops: {sorted(_OPS)}")

@@ -48,7 +48,7 @@ def triton_too_old() -> str | None:
 
 def interpret() -> bool:
     """``TRITON_INTERPRET`` as Triton reads it, looked up at call time."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
 def kernel_reasons(reasons: list[str], module: str, probe: str, on_cuda: bool) -> list[str]:
