@@ -82,10 +82,10 @@ def add_ratios(rows: list[dict]) -> None:
 def check_csv(path: Path) -> bool:
     """Whether ``path`` exists with echofast's header (False: absent or empty). A file with another
     header raises, so that a run fails before it measures, not when it writes."""
+    if path.is_dir():  # (first: some file systems give an empty directory st_size 0)
+        raise EchofastError(f"{path}: is a directory, not a CSV file")
     if not (path.exists() and path.stat().st_size):
         return False
-    if path.is_dir():
-        raise EchofastError(f"{path}: is a directory, not a CSV file")
     try:
         with path.open(newline="") as fh:
             header = next(csv.reader(fh), [])
@@ -300,7 +300,7 @@ def _cells(row: dict, columns: Sequence[tuple[str, str, int]]) -> str:
             text = "-" if value == "" else str(value)
         elif col == "gemm_fraction" and value != "":
             text = f"{100 * float(value):.1f}%"
-        elif col == "median_s" and spec == "ms":
+        elif col == "median_s" and spec == "ms" and value not in ("", None):
             text = f"{1e3 * float(value):.3f}"
         else:
             text = _g(value, spec)

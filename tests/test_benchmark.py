@@ -365,3 +365,62 @@ def test_op_time_table_by_input_shape():
     table = {"kinds": {"GEMM": (1, 1.0)}, "kernels": [("k", 1, 1.0)], "ops": ops}
     text = "\n".join(measure.format_kernel_times(table, top=5))
     assert "by input shape" in text and "convolution  [[2, 3, 9, 11]" in text
+
+
+class _Clock:
+    """A stand-in ``time.perf_counter`` that moves only when told."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_call_times_only_the_calls_after_the_warmup(monkeypatch):
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    seconds = [5.0, 7.0, 0.25, 0.5, 2.0]
+
+    def fn(i):
+        calls.append(i)
+        clock.now += seconds[i]
+
+    timing = measure.time_call(fn, torch.device("cpu"), warmup=2, repeats=3)
+    assert calls == [0, 1, 2, 3, 4] and timing.samples == [0.25, 0.5, 2.0]
+
+
+def test_phase_clock_adds_each_lap_to_its_phase(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    phases = measure.PhaseClock(torch.device("cpu"))
+    for name, sec in (("lidm", 1.5), ("lvdm", 4.0), ("lidm", 0.25)):
+        clock.now += sec
+        phases.lap(name)
+    assert phases.phases == {"lidm": 1.75, "lvdm": 4.0}
+
+
+def test_quantile_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="quantile of no values"):
+        measure.quantile([], 0.5)
+
+
+def test_cpu_card_names_and_their_file_names():
+    card = measure.card_name(torch.device("cpu"))
+    assert card.startswith("cpu: ") and measure.card_slug(card).startswith("cpu-")
+    assert measure.card_slug("cpu: Intel(R) Xeon(R) CPU @ 2.20GHz") == (
+        "cpu-intel-r-xeon-r-cpu-2-20ghz"
+    )
+    assert measure.card_slug("(?)") == "unknown"
+
+
+def test_cpu_gemm_ceiling_is_an_fp32_512_product():
+    timing, flop, label = measure.gemm_ceiling(torch.device("cpu"), repeats=4)
+    assert label == "gemm/fp32-512-cpu" and flop == 2 * 512**3
+    assert len(timing.samples) == 4 and min(timing.samples) > 0
+
+
+def test_git_revision_from_the_environment_wins(monkeypatch):
+    monkeypatch.setenv("ECHOFAST_GIT_SHA", "abc1234-dirty")
+    env = measure.environment(torch.device("cpu"))
+    assert env["git_sha"] == "abc1234-dirty" and env["device"] == "cpu"

@@ -5,6 +5,7 @@ ceiling, end-to-end time), the printed per-video table, the CSV's number format 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,6 +30,7 @@ def _setup(gemm_tflops=None, frames=12):
         device=torch.device("cpu"),
         profile=False,
         failures=[],
+        seed=0,
     )
 
 
@@ -156,3 +158,230 @@ def test_compare_exit_status(tmp_path, monkeypatch, capsys, path, new_median, th
     assert bench.main_bench([*argv, "--threshold", threshold]) == status
     text = capsys.readouterr().out
     assert "1 matching rows" in text and ("1 regression(s)" in text) == bool(status)
+
+
+def test_ratios_pair_every_echofast_row_with_its_baselines_of_the_same_batch_and_phase():
+    rng = np.random.default_rng(1)
+    ours = ("pipeline/echofast", "pipeline/echofast+compile", "unet/echofast", "unet/echofast+step")
+    bases = ("pipeline/reference", "pipeline/reference+compile", "unet/diffusers")
+    rows = [
+        _row(batch=b, path=p, phase=ph, median_s=float(rng.uniform(0.1, 9.0)))
+        for b in (1, 3)
+        for ph in ("total", "lvdm")
+        for p in (*ours, *bases)
+    ]
+    rows.append(_row(batch=1, path="unet/diffusers+compile", phase="total", median_s=""))
+    bench_rows.add_ratios(rows)
+    med = {(r["batch"], r["path"], r["phase"]): r["median_s"] for r in rows}
+    for r in rows:
+        ref = comp = None
+        if r["path"] in ours:
+            family = r["path"].split("/")[0]
+            ref, comp = {"pipeline": bases[:2], "unet": (bases[2], "unet/diffusers+compile")}[
+                family
+            ]
+        for col, base in (("speedup_vs_reference", ref), ("speedup_vs_compiled", comp)):
+            other = med.get((r["batch"], base, r["phase"]))
+            if other not in (None, ""):
+                assert r[col] == pytest.approx(other / r["median_s"], rel=1e-12), (r, col)
+            else:
+                assert r[col] == "", (r, col)
+
+
+def test_compare_skips_rows_without_a_median_and_labels_every_baseline():
+    key = dict(config="full", dtype="float16", frames=192, steps=64, batch=1, phase="total")
+    old = [
+        {**key, "card": "A", "path": "pipeline/echofast", "median_s": "2.0", "git_sha": "ok"},
+        {**key, "card": "A", "path": "pipeline/echofast", "median_s": "", "git_sha": "empty"},
+        {**key, "card": "A", "path": "pipeline/reference", "median_s": "1.0"},
+        {**key, "card": "A", "path": "pipeline/echofast+compile", "median_s": "1.0"},
+        {**key, "card": "A", "path": "unet/echofast", "median_s": "0"},
+        {**key, "card": "A", "path": "unet/diffusers", "median_s": "1.0", "dtype": "float32"},
+        {**key, "card": "A", "path": "unet/echofast+compile", "median_s": "1.0"},
+    ]
+    new = [
+        {**key, "card": "A", "path": "pipeline/echofast", "median_s": 2.1},
+        {**key, "card": "A", "path": "pipeline/echofast", "median_s": ""},
+        {**key, "card": "A", "path": "pipeline/reference", "median_s": 5.0},
+        {**key, "card": "A", "path": "pipeline/echofast+compile", "median_s": 5.0},
+        {**key, "card": "A", "path": "unet/echofast", "median_s": 1.0},
+        {**key, "card": "A", "path": "unet/diffusers", "median_s": 1.0},  # another dtype
+        {**key, "card": "A", "path": "unet/echofast+compile", "median_s": 1.2},
+    ]
+    lines, regressions = bench_rows.compare(new, old, 10)
+    labels = ["ok", "baseline", "REGRESSION", "ok", "REGRESSION"]
+    assert [line.split()[0] for line in lines] == labels
+    assert "(+5.0%, ok -> ?)" in lines[0]  # the latest old row with a median
+    assert "+0.0%" in lines[3]  # no ratio to an old median of zero
+    assert regressions == [lines[2], lines[4]] and "pipeline/echofast+compile total" in lines[2]
+
+
+def test_the_call_table_prints_milliseconds_percent_of_gemm_and_dashes():
+    rows = [
+        _row(
+            batch=2,
+            path="unet/echofast",
+            phase="call",
+            median_s=0.0125,
+            tflops=3.5,
+            gemm_fraction=0.4321,
+            kernels=612,
+            speedup_vs_reference=2.5,
+        ),
+        _row(batch="", path="gemm/fp32-512-cpu", phase="call", median_s=0.002, tflops=0.1),
+    ]
+    lines = bench_rows.summary_table(rows).splitlines()
+    assert lines[0] == "" and lines[1].split()[:3] == ["batch", "path", "(1"]
+    assert lines[2].split() == ["2", "unet/echofast", "12.500", "3.5", "43.2%", "612", "2.50", "-"]
+    assert lines[3].split() == ["-", "gemm/fp32-512-cpu", "2.000", "0.1", "-", "-", "-", "-"]
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_the_gemm_ceiling_row(monkeypatch):
+    setup = bench.Setup(torch.device("cpu"), _setup().plan, torch.float32, {"card": "c"}, None)
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda device: (
+        Timing([2.0, 0.5, 1.0]), 3e12, "gemm/fp32-512-cpu"))  # fmt: skip
+    monkeypatch.setattr(bench, "_flop_per_window", lambda setup: (_ for _ in ()).throw(_Stop))
+    with pytest.raises(_Stop):
+        bench._measure(setup)
+    (row,) = setup.rows
+    assert setup.gemm_tflops == pytest.approx(3.0)
+    assert (row["path"], row["phase"], row["batch"], row["dtype"]) == (
+        "gemm/fp32-512-cpu", "call", "", "fp32")  # fmt: skip
+    assert (row["median_s"], row["gflop"], row["tflops"]) == (1.0, 3000.0, pytest.approx(3.0))
+
+
+def test_a_failing_unet_call_is_reported_and_the_others_still_run(monkeypatch):
+    warmups = []
+    monkeypatch.setattr(bench, "_unet_inputs", lambda setup, batch: [(None, 1, None, None)])
+
+    def fake_time_call(fn, device, warmup, repeats):
+        warmups.append(warmup)
+        fn(0)
+        return Timing([0.5])
+
+    def broken(x, t, **kw):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(bench, "time_call", fake_time_call)
+    setup = _setup()  # warm-up 0: a UNet call still gets one untimed call (graph capture)
+    setup.profile = True
+    unets = {"unet/broken": broken, "unet/echofast": lambda x, t, **kw: None}
+    rows = list(bench.run_unet_calls(setup, 2, None, unets))
+    assert [r["path"] for r in rows] == ["unet/echofast"] and warmups == [1, 1]
+    assert setup.failures == ["unet/broken b=2: RuntimeError: no kernel"]
+    assert rows[0]["kernels"] == 0 and rows[0]["note"].startswith("kernels = ATen ops")
+
+
+def _models():
+    lin = torch.nn.Linear(2, 2)
+    return SimpleNamespace(lidm=lin, lvdm=lin, vae=lin, d_lidm=lin, d_lvdm=lin, d_vae=lin,
+                           source="random weights")  # fmt: skip
+
+
+def test_reference_rows_on_cpu_are_float32(monkeypatch):
+    timings = {p: Timing([1.0]) for p in ("lidm", "lvdm", "decode")}
+    monkeypatch.setattr(bench, "_runs", lambda setup, desc, run, weights: (timings, "", 2.0))
+    setup = _setup()
+    setup.models, setup.env["diffusers"] = _models(), "0.0"
+    setup.dtype = torch.float16  # echofast's precision: not the reference's
+    rows = bench.run_reference(setup, 1, None, (None, None), "pipeline/reference")
+    assert {r["dtype"] for r in rows} == {"float32"}
+    assert "fp32 (CPU: no autocast)" in rows[0]["note"]
+
+
+@pytest.mark.parametrize("avi", [True, False])
+def test_echofast_path_passes_its_options_to_the_pipelines(monkeypatch, tmp_path, avi):
+    import echofast.io
+    import echofast.pipelines
+
+    seen, written = {}, []
+
+    class Stage:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, *args, **kw):
+            seen[self.name] = kw
+            return SimpleNamespace(latents=torch.zeros(1))
+
+        def decode(self, latents, chunk, dtype):
+            seen["decode"] = (chunk, dtype)
+            return torch.zeros(3, 2, 4, 4, dtype=torch.uint8)
+
+    class Pipe:
+        def __init__(self, lidm, lvdm, vae):
+            self.lidm_pipe, self.lvdm_pipe = Stage("lidm"), Stage("lvdm")
+
+    monkeypatch.setattr(echofast.pipelines, "EchoSyntheticPipeline", Pipe)
+    monkeypatch.setattr(echofast.io, "write_video", lambda path, video, fps: written.append(fps))
+    setup = _setup()
+    setup.plan = bench.Plan("smoke", 12, 2, (3,), repeats=1, warmup=0, unet_repeats=1)
+    setup.models, setup.decode_chunk, setup.avi = _models(), 5, avi
+    setup.graphs, setup.progress = True, False  # --graphs on a CPU: eager UNet calls
+    rows = bench.run_echofast(setup, 3, None, decode_dtype=torch.bfloat16)
+    assert seen["lidm"]["cuda_graphs"] is False and seen["lvdm"]["cuda_graphs"] is False
+    assert seen["lvdm"]["num_frames"] == 12 and seen["lvdm"]["num_inference_steps"] == 2
+    assert seen["decode"] == (5, torch.bfloat16) and "decode bfloat16 chunk 5" in rows[0]["note"]
+    assert written == ([32.0] * 3 if avi else [])
+    assert ("end_to_end" in {r["phase"] for r in rows}) == avi
+
+
+def test_warmup_runs_are_not_timed_but_the_first_one_is_reported():
+    calls = iter(range(10))
+
+    def run():
+        i = next(calls)
+        return {"lidm": 10.0 * (i + 1), "lvdm": 0.5 * i}
+
+    setup = _setup()
+    setup.plan, setup.progress = dataclasses.replace(setup.plan, warmup=2, repeats=3), False
+    timings, peak, first = bench._runs(setup, "x", run, 0)
+    assert first == 10.0 and peak == ""
+    assert timings["lidm"].samples == [30.0, 40.0, 50.0]
+    assert timings["lvdm"].samples == [1.0, 1.5, 2.0]
+
+
+def test_without_a_ceiling_the_lvdm_row_has_no_fraction_of_it():
+    timings = {p: Timing([1.0, 2.0]) for p in ("lidm", "lvdm", "decode")}
+    rows = bench._pipeline_rows(_setup(), 1, "pipeline/echofast", timings, "",
+                                ("lidm", "lvdm", "decode"), 4e12, "n")  # fmt: skip
+    (lvdm,) = [r for r in rows if r["phase"] == "lvdm"]
+    assert lvdm["tflops"] == pytest.approx(4 / 1.5) and lvdm["gemm_fraction"] == ""
+
+
+def test_unet_calls_rotate_their_input_sets(monkeypatch):
+    sets = [(torch.zeros(1), 900, None, None), (torch.ones(1), 500, None, None)]
+    monkeypatch.setattr(bench, "_unet_inputs", lambda setup, batch: sets)
+    seen = []
+
+    def fake_time_call(fn, device, warmup, repeats):
+        for i in range(warmup + repeats):
+            fn(i)
+        return Timing([1.0])
+
+    monkeypatch.setattr(bench, "time_call", fake_time_call)
+    unets = {"unet/echofast": lambda x, t, **kw: seen.append(t)}
+    list(bench.run_unet_calls(_setup(), 1, None, unets))
+    assert seen == [900, 500, 900, 500, 900]  # one warm-up, four timed calls
+
+
+def test_a_failing_pipeline_path_is_reported_and_the_unet_calls_still_run(monkeypatch):
+    setup = bench.Setup(torch.device("cpu"), _setup().plan, torch.float32, {"card": "c"},
+                        SimpleNamespace(lvdm=None, d_lvdm=None), reference=False,
+                        progress=False)  # fmt: skip
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda device: (Timing([1.0]), 1e12, "gemm/x-1"))
+    monkeypatch.setattr(bench, "_flop_per_window", lambda setup: 1e9)
+    monkeypatch.setattr(bench, "_lvdm_shapes", lambda setup, batch: (2, 8, (2 * batch, 8)))
+    monkeypatch.setattr(bench, "run_echofast", lambda *a: 1 / 0)
+
+    def unet_calls(setup, batch, flop, unets):
+        yield bench._row(setup, batch, "unet/echofast", "call", Timing([0.5]))
+
+    monkeypatch.setattr(bench, "run_unet_calls", unet_calls)
+    bench._measure(setup)
+    assert setup.failures == ["pipeline/echofast b=3: ZeroDivisionError: division by zero"]
+    assert [r["path"] for r in setup.rows] == ["gemm/x-1", "unet/echofast"]

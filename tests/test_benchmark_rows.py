@@ -146,3 +146,15 @@ def test_report_names_the_runs_own_dtype_not_the_ceilings(tmp_path):
         "run r2 | NVIDIA H100 80GB HBM3 | git 5f536c1 | config full: 192 frames x 64 steps, "
         "dtype not recorded | 1 rows",
     ]
+
+
+def test_report_computes_the_ratios_a_journal_lacks(tmp_path):
+    journal = tmp_path / "bench.partial.csv"
+    row = {"run": "r", "card": "c", "config": "smoke", "batch": 1, "phase": "total"}
+    rows_mod.append_csv(journal, [
+        {**row, "path": "pipeline/echofast", "median_s": 2.0, "s_per_video": 2.0},
+        {**row, "path": "pipeline/reference", "median_s": 5.0, "s_per_video": 5.0},
+    ])  # fmt: skip
+    lines = rows_mod.report(journal).splitlines()
+    (ours,) = [line.split() for line in lines if "pipeline/echofast" in line]
+    assert ours[-2:] == ["2.50", "-"]  # vs the reference; no compiled reference in this run

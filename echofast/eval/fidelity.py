@@ -271,11 +271,25 @@ class ReferenceStats:
             raise MetricsError(f"{path}: not a readable safetensors file ({err})") from None
         if meta.get("format") != STATS_FORMAT:
             raise MetricsError(f"{path}: not an echofast reference statistics file")
-        protocol = json.loads(meta["protocol"])
+        try:
+            protocol = json.loads(meta["protocol"])
+        except (KeyError, json.JSONDecodeError) as err:
+            raise MetricsError(f"{path}: no readable protocol in its metadata ({err!r})") from None
+        if not isinstance(protocol, dict):
+            raise MetricsError(f"{path}: protocol metadata is not a JSON object")
         if protocol.get("version") != STATS_VERSION:
             raise MetricsError(f"{path}: statistics version {protocol.get('version')}")
-        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-        stats = {n: (tensors[f"{n}.mu"], tensors[f"{n}.sigma"]) for n in names}
+        stats = {}
+        for n in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+            mu, sigma = tensors.get(f"{n}.mu"), tensors.get(f"{n}.sigma")
+            d = -1 if mu is None or mu.dim() != 1 else mu.shape[0]
+            if sigma is None or tuple(sigma.shape) != (d, d):
+                shapes = [None if t is None else tuple(t.shape) for t in (mu, sigma)]
+                raise MetricsError(
+                    f"{path}: statistics {n!r} need a mean (d,) and a covariance (d, d), "
+                    f"found {shapes[0]} and {shapes[1]}"
+                )
+            stats[n] = (mu, sigma)
         return cls(stats, protocol)
 
 
@@ -293,8 +307,11 @@ def select_reference_videos(
     fps: float = TARGET_FPS,
     max_videos: int | None = None,
 ) -> list:
-    """The reference set's videos (``VideoRecord`` list, in shuffled selection order)."""
-    from ..data.datasets import normalize_split, read_records
+    """The reference set's videos (``VideoRecord`` list, in shuffled selection order): those of
+    ``split`` that resample to at least ``frames`` frames at ``fps``, by the reference loader's
+    own formula (``floor(fps / video_fps · n)`` in floating point, which a video lasting exactly
+    ``frames / fps`` seconds can miss by one: such a video is passed over, not refused later)."""
+    from ..data.datasets import normalize_split, read_records, resample_indices
     from ..io import read_video
 
     root = Path(root)
@@ -308,18 +325,19 @@ def select_reference_videos(
         if wanted != "ALL" and rec.split != wanted:
             continue
         if rec.num_frames and rec.fps:
-            duration = rec.num_frames / rec.fps
+            n, video_fps = rec.num_frames, rec.fps
         else:
             video, file_fps = read_video(rec.path)
-            duration = len(video) / (rec.fps or file_fps)
-        if duration < frames / fps:
+            n, video_fps = len(video), rec.fps or file_fps
+        if len(resample_indices(n, video_fps, fps)) < frames:
             continue
         chosen.append(rec)
         if len(chosen) >= target:
             break
     if not chosen:
         raise MetricsError(
-            f"{root}: no {wanted} video lasts {frames / fps:g} s ({frames} frames at {fps:g} fps)"
+            f"{root}: no {wanted} video lasts {frames / fps:g} s ({frames} frames at {fps:g} fps "
+            "after resampling)"
         )
     return chosen
 

@@ -87,6 +87,20 @@ def test_bootstrap_with_few_samples(samples):
     assert lo <= hi and value == mean_absolute_error(y, p)
 
 
+@pytest.mark.parametrize("samples, positions", [(50, (2, 48)), (70, (4, 66))])
+def test_bootstrap_percentiles_round_halves_to_even_as_echonet(samples, positions):
+    """echonet indexes the sorted resamples at Python's ``round``: 2.5 → 2, 47.5 → 48, 3.5 → 4,
+    66.5 → 66 (not truncated, not rounded half up)."""
+    y = np.linspace(20, 70, 13)
+    p = y + np.cos(np.arange(13)) * 4
+    draws = sorted(
+        mean_absolute_error(y[i], p[i])
+        for i in np.random.default_rng(2).integers(0, 13, (samples, 13))
+    )
+    _, lo, hi = bootstrap(y, p, mean_absolute_error, samples=samples, seed=2)
+    assert (lo, hi) == (draws[positions[0]], draws[positions[1]])
+
+
 def test_too_few_bootstrap_resamples_are_refused_before_any_file(tmp_path):
     cfg = EFConfig(train="t", test="t", out=str(tmp_path / "ev"), bootstrap=10)
     with pytest.raises(ValueError, match="--bootstrap 10: need at least 20"):
@@ -394,6 +408,7 @@ def test_cli_ef(small_phantoms, tmp_path, capsys):
     assert saved["config"]["val"] == str(val.resolve())
     assert saved["config"]["weight_decay"] == 0.002
     assert saved["results"]["val"]["dataset"] == str(val.resolve())
+    assert saved["results"]["test"]["dataset"] == str(small_phantoms.resolve())
     with pytest.raises(ValueError, match="4 comma-separated"):
         downstream.main_evaluate([*argv[:-1], "--layers", "1,1"])
 
@@ -530,6 +545,8 @@ def test_config_identity_leaves_out_run_facts_and_resolves_paths(tmp_path, monke
     )
     assert short.identity() == spelled_out.identity()
     assert short.identity()["val"] == str(tmp_path / "b")
+    weights = EFConfig(train="a", test="b", out="o", init_weights="w.pt").identity()
+    assert weights["init_weights"] == str(tmp_path / "w.pt")
     EFConfig(train="a", test="b", out="o", epochs=0, pad=0, bootstrap=20).check()
 
 
@@ -704,3 +721,242 @@ def test_sgd_keeps_the_reference_momentum_and_decay(small_phantoms, tmp_path, ca
     group = torch.load(tmp_path / "sgd" / "best.pt", weights_only=True)["optimizer"]
     group = group["param_groups"][0]
     assert (group["momentum"], group["weight_decay"], group["lr"]) == (0.9, 3e-4, 1e-3)
+
+
+def test_defaults_are_the_documented_protocol():
+    """The module docstring's EchoNet-Dynamic settings, and the CLI's defaults are the same."""
+    assert tuple(round(v, 2) for v in downstream.ECHONET_MEAN) == (32.66, 32.79, 33.08)
+    assert tuple(round(v, 2) for v in downstream.ECHONET_STD) == (49.80, 49.89, 50.18)
+    d = EFConfig(train="a", test="b", out="o")
+    assert (d.epochs, d.batch_size, d.optimizer, d.lr, d.momentum, d.weight_decay) == (
+        45,
+        20,
+        "sgd",
+        1e-4,
+        0.9,
+        1e-4,
+    )
+    assert (d.lr_step_epochs, d.frames, d.period, d.test_period, d.pad) == (15, 32, 2, 2, 12)
+    assert (d.normalization, d.layers, d.output_bias, d.bootstrap) == (
+        "echonet",
+        (2, 2, 2, 2),
+        55.6,
+        10_000,
+    )
+
+
+def _cli_config(monkeypatch, argv) -> EFConfig:
+    """The EFConfig ``echofast evaluate ef argv`` runs (the run itself replaced)."""
+    seen = []
+    monkeypatch.setattr(downstream, "run_ef_evaluation", lambda cfg: seen.append(cfg) or {})
+    assert downstream.main_evaluate(["ef", *argv]) == 0
+    return seen[0]
+
+
+def test_cli_passes_every_option_to_the_run(monkeypatch):
+    need = ["--train", "tr", "--test", "te", "--out", "o"]
+    assert _cli_config(monkeypatch, need) == EFConfig(train="tr", test="te", out="o")
+    argv = [*need, "--val", "va", "--epochs", "7", "--batch-size", "5", "--optimizer", "adamw"]
+    argv += ["--lr", "0.25", "--weight-decay", "0.125", "--lr-step-epochs", "3", "--frames", "6"]
+    argv += ["--period", "3", "--test-period", "4", "--pad", "5", "--normalization", "train"]
+    argv += ["--width", "9", "--layers", "1,2,3,1", "--output-bias", "41.5"]
+    argv += ["--init-weights", "w.pt", "--allow-pickle", "--seed", "11", "--bootstrap", "33"]
+    argv += ["--num-workers", "2", "--device", "cpu", "--no-progress"]
+    expected = EFConfig(
+        train="tr",
+        test="te",
+        out="o",
+        val="va",
+        epochs=7,
+        batch_size=5,
+        optimizer="adamw",
+        lr=0.25,
+        weight_decay=0.125,
+        lr_step_epochs=3,
+        frames=6,
+        period=3,
+        test_period=4,
+        pad=5,
+        normalization="train",
+        width=9,
+        layers=(1, 2, 3, 1),
+        output_bias=41.5,
+        init_weights="w.pt",
+        allow_pickle=True,
+        seed=11,
+        bootstrap=33,
+        num_workers=2,
+        device="cpu",
+        progress=False,
+    )
+    assert _cli_config(monkeypatch, argv) == expected
+
+
+def test_training_mean_std_draws_at_most_samples_videos(tmp_path):
+    root = _flat_video_dataset(tmp_path, [3, 5, 9])
+    per_video = [8.0 * (np.arange(n) + 1) for n in (3, 5, 9)]
+    for seed in range(3):
+        mean, std = downstream.training_mean_std(root, samples=1, seed=seed)
+        assert any(
+            np.allclose([mean[0], std[0]], [v.mean(), v.std()], rtol=1e-9) for v in per_video
+        ), seed
+    subsets = [np.concatenate([per_video[a], per_video[b]]) for a, b in ((0, 1), (0, 2), (1, 2))]
+    mean, std = downstream.training_mean_std(root, samples=2, seed=1)
+    assert any(np.allclose([mean[0], std[0]], [v.mean(), v.std()], rtol=1e-9) for v in subsets)
+
+
+def test_a_split_without_ef_labels_is_refused_naming_the_dataset(tmp_path):
+    from echofast.data.datasets import DatasetError
+
+    root = _flat_video_dataset(tmp_path, [6, 6, 6])
+    rows = read_filelist(root / "FileList.csv")
+    rows[1].update(EF="")  # a video without an EF is left out
+    rows[2].update(EF="", Split="VAL")
+    write_filelist(root, rows)
+    assert [r.name for r in EFVideos(root, "TRAIN", frames=2, period=1).records] == ["c0"]
+    with pytest.raises(DatasetError, match=f"{tmp_path}: no VAL videos with an EF"):
+        EFVideos(root, "VAL", frames=2, period=1)
+
+
+def test_checkpoints_are_found_by_epoch_number(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    epochs = [12, 3, 1000, 7, 999, 0, 45, 100, 8, 21, 66, 5]
+    for epoch in epochs:
+        (folder / f"epoch-{epoch:03d}.pt").write_bytes(b"")
+    for stray in ("epoch-best.pt", "epoch-.pt", "epoch.pt"):
+        (folder / stray).write_bytes(b"")
+    found = downstream._checkpoints(tmp_path)
+    assert [e for e, _ in found] == sorted(epochs)
+    assert [p.name for _, p in found][-2:] == ["epoch-999.pt", "epoch-1000.pt"]
+
+
+def test_checkpoints_holding_arbitrary_objects_are_not_unpickled(tmp_path):
+    from fractions import Fraction
+
+    path = tmp_path / "epoch-000.pt"
+    torch.save({"format": downstream.CHECKPOINT_FORMAT, "epoch": Fraction(1, 3)}, path)
+    with pytest.raises(EvaluationConflict, match=f"{path}: unreadable checkpoint"):
+        downstream._load_ckpt(path)
+
+
+def test_zero_epochs_tests_the_initial_weights_in_an_empty_folder(small_phantoms, tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()  # an existing empty folder is as good as none
+    result = run_ef_evaluation(_small_cfg(small_phantoms, out, epochs=0))
+    assert result["best_epoch"] is None and result["best_val_loss"] is None
+    assert (out / "log.csv").read_text() == "epoch,train_loss,val_loss,val_r2,lr,seconds\n"
+    assert not (out / "best.pt").exists() and result["results"]["test"]["all_clips"]["n"] == 3
+
+
+def test_training_normalisation_uses_the_training_set_statistics(
+    small_phantoms, tmp_path, monkeypatch
+):
+    """With ``normalization="train"``, every clip (TRAIN, VAL and TEST) is normalised by the
+    training set's mean/std, drawn with the run's seed."""
+    calls, used = [], set()
+
+    def fake_mean_std(root, samples=128, seed=0):
+        calls.append((Path(root), samples, seed))
+        return (10.0, 20.0, 30.0), (2.0, 3.0, 4.0)
+
+    getitem = EFVideos.__getitem__
+
+    def recording(self, index):
+        used.add((self.mode, self.stream, tuple(self.mean.flatten().tolist())))
+        used.add(("std", tuple(self.std.flatten().tolist())))
+        return getitem(self, index)
+
+    monkeypatch.setattr(downstream, "training_mean_std", fake_mean_std)
+    monkeypatch.setattr(EFVideos, "__getitem__", recording)
+    cfg = _small_cfg(small_phantoms, tmp_path / "ev", epochs=1, normalization="train", seed=4)
+    result = run_ef_evaluation(cfg)
+    assert calls == [(small_phantoms, 128, 4)]
+    means = (10.0, 20.0, 30.0)
+    assert used == {
+        ("random", 0, means),  # training clips
+        ("random", 1, means),  # VAL loss
+        ("random", 2, means),  # one clip per video
+        ("all", 0, means),  # every clip
+        ("std", (2.0, 3.0, 4.0)),
+    }
+    assert result["normalization"] == {"mean": list(means), "std": [2.0, 3.0, 4.0]}
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(small_phantoms, tmp_path):
+    cfg = _small_cfg(small_phantoms, tmp_path / "ev", epochs=1)
+    run_ef_evaluation(cfg)
+    out = Path(cfg.out)
+    (out / "results.json").unlink()
+    ckpt = out / "checkpoints" / "epoch-000.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = dict(state["config"], lr=0.5)
+    torch.save(state, ckpt)
+    with pytest.raises(EvaluationConflict, match=f"{ckpt}: made with another configuration"):
+        run_ef_evaluation(cfg)
+
+
+def test_best_weights_have_the_lowest_val_loss_and_results_are_seeded_reports(
+    small_phantoms, tmp_path, monkeypatch
+):
+    """VAL predictions off by 3, 1, 2, √2, 1 EF points in epochs 0-4 (VAL loss 9, 1, 4, 2, 1):
+    epoch 1 is the best (a later tie or a mere improvement on the epoch before does not replace
+    it). The reported numbers are :func:`regression_report` of the predictions with the run's
+    seed and resample count, for VAL and TEST, one clip and all clips."""
+    offsets = iter([3.0, 1.0, 2.0, math.sqrt(2.0), 1.0])
+    scripted = {}
+
+    def predict_one(model, ds, indices, batch, device, workers):
+        off = next(offsets, None)
+        if off is None:  # after training: a fixed function of the video
+            p = {i: 30.0 + 0.5 * ds.records[i].ef + (-1) ** i * 2.0 for i in indices}
+            scripted[(ds.records[0].split, "one")] = p
+            return p
+        return {i: ds.records[i].ef + off for i in indices}
+
+    def predict_all(model, ds, indices, batch, device, workers, progress, desc):
+        p = {i: (20.0 + 0.7 * ds.records[i].ef + 3.0 * math.cos(i), 5) for i in indices}
+        scripted[(ds.records[0].split, "all")] = {i: v[0] for i, v in p.items()}
+        return p
+
+    monkeypatch.setattr(downstream, "_predict_one", predict_one)
+    monkeypatch.setattr(downstream, "_predict_all", predict_all)
+    cfg = _small_cfg(small_phantoms, tmp_path / "ev", epochs=5, seed=3, bootstrap=20)
+    result = run_ef_evaluation(cfg)
+    with open(tmp_path / "ev" / "log.csv", newline="") as fh:
+        log = list(csv.DictReader(fh))
+    assert [float(r["val_loss"]) for r in log] == pytest.approx([9, 1, 4, 2, 1], rel=1e-12)
+    val = EFVideos(small_phantoms, "VAL", frames=4, period=2)
+    y = np.array([r.ef for r in val.records])
+    ss_tot = ((y - y.mean()) ** 2).sum()
+    r2 = [1 - len(y) * off**2 / ss_tot for off in (3, 1, 2, math.sqrt(2), 1)]
+    assert [float(r["val_r2"]) for r in log] == pytest.approx(r2, rel=1e-9)
+    assert (result["best_epoch"], result["best_val_loss"]) == (1, pytest.approx(1.0))
+    assert torch.load(tmp_path / "ev" / "best.pt", weights_only=True)["epoch"] == 1
+    for split in ("val", "test"):
+        ds = EFVideos(small_phantoms, split.upper(), frames=4, period=2)
+        y = np.array([r.ef for r in ds.records])
+        for kind, key in (("one_clip", "one"), ("all_clips", "all")):
+            p = scripted[(split.upper(), key)]
+            p = np.array([p[i] for i in range(len(y))])
+            expected = regression_report(y, p, 20, 3)
+            assert result["results"][split][kind] == expected, (split, kind)
+            assert expected != regression_report(y, p, 20, 0)
+
+
+def test_training_starts_from_the_initial_weights(small_phantoms, tmp_path):
+    """``init_weights`` (a pickled torchvision-layout file, read only with ``allow_pickle``)
+    initialises the backbone; with lr 0 the best weights still hold them."""
+    from echofast.eval.weights import WeightsError
+
+    kinetics = R2Plus1D(400, width=2, layers=(1, 1, 1, 1))
+    path = tmp_path / "r2plus1d_18.pt"
+    torch.save(kinetics.state_dict(), path)
+    cfg = _small_cfg(small_phantoms, tmp_path / "ev", epochs=1, lr=0.0, init_weights=str(path))
+    with pytest.raises(WeightsError, match="allow"):
+        run_ef_evaluation(cfg)
+    cfg.allow_pickle = True
+    run_ef_evaluation(cfg)
+    best = torch.load(tmp_path / "ev" / "best.pt", weights_only=True)["model"]
+    for key in ("stem.0.weight", "layer3.0.conv1.0.3.weight", "layer4.0.conv2.1.weight"):
+        assert torch.equal(best[key], kinetics.state_dict()[key]), key

@@ -354,6 +354,10 @@ def test_unusable_reference_files_are_refused(tmp_path):
     save_file(tensors, tmp_path / "future.safetensors", metadata=meta)
     with pytest.raises(MetricsError, match="statistics version 2"):
         ReferenceStats.load(tmp_path / "future.safetensors")
+    meta["protocol"] = json.dumps({"frames": 16})  # no version at all
+    save_file(tensors, tmp_path / "unversioned.safetensors", metadata=meta)
+    with pytest.raises(MetricsError, match="statistics version None"):
+        ReferenceStats.load(tmp_path / "unversioned.safetensors")
 
 
 def test_reference_selection_across_splits_and_durations_from_the_files(tmp_path):
@@ -380,6 +384,10 @@ def test_a_filelist_that_overstates_a_video_is_refused(tmp_path):
     edit_filelist(root, v000={"NumberOfFrames": 40})
     with pytest.raises(MetricsError, match="FileList says"):
         build_reference(root, 16, extractors(), size=SIZE, progress=False)
+    one_short = make_dataset(tmp_path / "short", [(15, 32, "TRAIN")])
+    edit_filelist(one_short, v000={"NumberOfFrames": 16})
+    with pytest.raises(MetricsError, match="v000.avi: 15 frames at 32 fps after resampling"):
+        build_reference(one_short, 16, extractors(), size=SIZE, progress=False)
     with pytest.raises(MetricsError, match="Inception weights"):
         build_reference(root, 16, Extractors(), size=SIZE, progress=False)
 
@@ -480,3 +488,118 @@ def test_generated_side_reads_on_until_every_clip_length_is_served(tmp_path):
     assert counts["videos_read"] == 2 and counts["fid_images"] == 16
     assert counts["fvd16_videos"] == 1 and counts["fvd128_videos"] == 1
     assert counts["fvd128_skipped_short"] == 1 and set(out["metrics"]) >= {"fvd16", "fvd128"}
+
+
+def test_reference_identity_defaults_and_what_it_separates(tmp_path):
+    """The documented protocol (3,125 videos of 16 frames, 2,048 of 128; 2,048 FVD clips; 32
+    fps; 112 px); the split's spelling does not matter; FVD clip counts and seeds do, as does
+    the cache file they name."""
+    root = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")])
+    ex = extractors()
+    ident = fidelity.reference_identity(root, 16, ex)
+    assert (ident["target_videos"], ident["fvd_videos"], ident["fvd_lengths"]) == (3125, 2048, [16])
+    assert (ident["split"], ident["fps"], ident["size"]) == ("TRAIN", 32.0, 112)
+    long = fidelity.reference_identity(root, 128, ex)
+    assert (long["target_videos"], long["fvd_lengths"]) == (2048, [16, 128])
+    assert fidelity.reference_identity(root, 16, ex, split="train") == ident
+    paths = {fidelity.reference_cache_path(ident)}
+    for changed in ({"fvd_videos": 100}, {"seed": 1}, {"max_videos": 7}):
+        other = fidelity.reference_identity(root, 16, ex, **changed)
+        assert other != ident, changed
+        paths.add(fidelity.reference_cache_path(other))
+    assert len(paths) == 4
+    with pytest.raises(MetricsError, match=f"{tmp_path / 'nothing'}: no FileList.csv"):
+        fidelity.reference_identity(tmp_path / "nothing", 16, ex)
+
+
+def test_fvd_lengths_are_16_and_the_reference_length():
+    assert fidelity.fvd_lengths(16) == (16,)
+    assert fidelity.fvd_lengths(128) == (16, 128)
+    with pytest.raises(MetricsError, match="need >= 16 frames, got 15"):
+        fidelity.fvd_lengths(15)
+
+
+def test_generated_side_defaults_are_the_documented_protocol(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    out = compute_metrics(real, ref, extractors(), progress=False)
+    proto = out["protocol"]
+    assert (proto["fid_images"], proto["fvd_videos"], proto["is_splits"]) == (50_000, 2048, 10)
+    assert out["split"] == "ALL" and out["counts"]["fid_images"] == 32
+
+
+def test_reference_duration_from_the_file_rate_when_the_filelist_has_none(tmp_path):
+    # NumberOfFrames given but no FPS: the file's 50 fps makes 20 frames last 0.4 s < 0.5 s
+    root = make_dataset(tmp_path / "d", [(20, 50, "TRAIN"), (40, 50, "TRAIN")])
+    edit_filelist(root, v000={"FPS": ""}, v001={"FPS": ""})
+    assert [r.name for r in select_reference_videos(root, 16)] == ["v001"]
+
+
+def test_i3d_weights_other_than_the_references_are_refused(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    wrong = Extractors(None, TinyClips(), None, "other-i3d")
+    with pytest.raises(MetricsError, match="i3d weights differ"):
+        compute_metrics(real, ref, wrong, progress=False)
+
+
+def test_no_generated_video_long_enough_for_fvd_is_refused_naming_the_dataset(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    gen = make_dataset(tmp_path / "gen", [(10, 32, "TRAIN"), (12, 32, "TEST")])
+    with pytest.raises(MetricsError, match=f"{gen}: no video has 16 frames at 32 fps"):
+        compute_metrics(gen, ref, extractors(), is_splits=2, progress=False)
+
+
+def test_an_inception_only_reference_leaves_fvd_and_its_weights_out(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    images_only = Extractors(TinyImages(), None, "inc-fp", None)
+    ref = build_reference(real, 16, images_only, size=SIZE, progress=False)
+    out = compute_metrics(real, ref, extractors(), is_splits=2, progress=False)
+    assert set(out["metrics"]) == {"fid", "is_mean", "is_std"}
+    assert out["weights"] == {"inception": "inc-fp", "i3d": None}
+
+
+def test_default_cache_is_under_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("ECHOFAST_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert fidelity.cache_dir() == tmp_path / ".cache" / "echofast"
+
+
+def test_features_are_computed_on_the_networks_device():
+    net = torch.nn.Linear(2, 2).to("meta")
+    assert fidelity._device_of(Extractors(None, net)) == torch.device("meta")
+    assert fidelity._device_of(Extractors(TinyImages(), None)) == torch.device("cpu")
+
+
+def test_cli_passes_the_protocol_options(tmp_path, monkeypatch):
+    monkeypatch.setattr(fidelity, "load_extractors", fake_load)
+    with pytest.raises(MetricsError, match="give --inception-weights"):
+        main_metrics(["reference", "--dataset", str(tmp_path), "--frames", "16"])
+    real = make_dataset(tmp_path / "real", [(30, 40, "VAL")] * 3 + [(30, 40, "TRAIN")] * 2)
+    ref = tmp_path / "ref.safetensors"
+    args = ["reference", "--dataset", str(real), "--frames", "16", "--size", str(SIZE)]
+    args += ["--fps", "25", "--max-videos", "2", "--fvd-videos", "1", "--split", "VAL"]
+    args += ["--inception-weights", "x", "--i3d-weights", "y", "--no-progress"]
+    assert main_metrics([*args, "--workers", "0", "--out", str(ref)]) == 0
+    proto = ReferenceStats.load(ref).protocol
+    assert (proto["fps"], proto["target_videos"], proto["fvd_videos"]) == (25.0, 2, 1)
+    assert (proto["split"], proto["counts"]) == ("VAL", {"fid": 32, "fvd16": 1})
+    out = tmp_path / "m.json"
+    compute = ["compute", "--dataset", str(real), "--reference", str(ref), "--out", str(out)]
+    compute += ["--split", "TRAIN", "--fid-images", "21", "--fvd-videos", "1", "--is-splits", "3"]
+    compute += ["--inception-weights", "x", "--i3d-weights", "y", "--no-progress"]
+    assert main_metrics([*compute, "--workers", "0"]) == 0
+    result = json.loads(out.read_text())
+    assert (result["split"], result["counts"]["fid_images"], result["counts"]["fvd16_videos"]) == (
+        "TRAIN",
+        21,
+        1,
+    )
+    assert (result["protocol"]["is_splits"], result["protocol"]["fps"]) == (3, 25.0)
+
+
+def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path):
+    with pytest.raises(MetricsError, match="must be a .safetensors file"):
+        main_metrics(["convert", "i3d", "--input", "x.ckpt", "--out", str(tmp_path / "i3d.pt")])
