@@ -128,7 +128,9 @@ def setup_filter(
     shift_tolerance: int = 0,
 ) -> FilterSetup:
     """Load the model, apply the fail-closed rule, calibrate τ on ``reference`` (or read the
-    calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same inputs).
+    calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same reference and
+    model: the caller's job identity guarantees those; a cache calibrated with another
+    ``percentile``, ``frame_step`` or ``shift_tolerance`` is not used, calibration runs again).
     ``shift_tolerance`` is checked against the reference's frame size first."""
     if not 0 <= auc_threshold <= 1:
         raise ValueError(f"the AUC threshold must be in [0, 1], got {auc_threshold}")
@@ -151,7 +153,11 @@ def setup_filter(
             flt = PrivacyFilter.load(cache, model, device=device)
         except StaleCacheError:
             flt = None
-        if flt is not None and flt.shift_tolerance != shift_tolerance:
+        if flt is not None and (
+            flt.shift_tolerance != shift_tolerance
+            or flt.frame_step != frame_step
+            or flt.calibration.percentile != float(percentile)
+        ):
             flt = None
     if flt is None:
         flt = PrivacyFilter.from_reference(

@@ -160,6 +160,7 @@ def test_audit_negative_control_against_independent_correlations(model_dir, refe
     vm = _pearson_max(held, train[rows])
     assert not np.any(np.abs(vm - tau) < 1e-5)
     assert m["flagged"] == int((vm >= tau).sum()) < neg["flagged"]  # smaller gallery, fewer
+    assert m["fraction_flagged"] == pytest.approx(m["flagged"] / n)
     assert m["wilson95"][0] <= m["fraction_flagged"] <= m["wilson95"][1]
     # a held-out frame scoring exactly tau is flagged (the filter would drop it)
     tie = float(np.sort(scores["heldout"])[n // 2])
@@ -221,7 +222,9 @@ def test_audit_cli_passes_its_options_and_fails_below_the_goal(
             "--strengths", "0.5", "--heldout-split", "TEST", "--seed", "11",
             "--percentile", "90", "--frame-step", "2"]  # fmt: skip
     rc = main(args)
-    audit = json.loads((out / "privacy_audit.json").read_text())
+    text = (out / "privacy_audit.json").read_text()
+    audit = json.loads(text)
+    assert text == json.dumps(audit, indent=2, sort_keys=True) + "\n"  # keys sorted
     assert rc == (0 if audit["light_copies_meet_goal"] else 1)
     neg = audit["negative_control"]
     assert neg["split"] == "TEST" and neg["frames"] == SPLITS["TEST"] * 2
