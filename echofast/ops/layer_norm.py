@@ -265,14 +265,18 @@ def _rows_add(
     h: torch.Tensor, add: torch.Tensor, inplace: bool, group: int | None = None
 ) -> torch.Tensor:
     """h + add[(r // group) % M] for h (..., C) viewed as R rows and add (M, C) (group default
-    R/M), in h's dtype."""
+    R/M), in h's dtype; ``inplace``: written over h whatever its layout (through a view of its
+    rows where its strides allow one, else computed apart and copied in)."""
     if h.numel() == 0:
         return h if inplace else h.clone()
     m, c = add.shape
     group = group or h.numel() // (m * c)
     a = add[:, None].to(h.dtype)
-    if inplace and h.is_contiguous():
-        h.view(-1, m, group, c).add_(a)
+    if inplace:
+        try:
+            h.view(-1, m, group, c).add_(a)
+        except RuntimeError:  # strides that no (rows, M, group, C) view can express
+            h.copy_((h.reshape(-1, m, group, c) + a).view(h.shape))
         return h
     return (h.reshape(-1, m, group, c) + a).view(h.shape)
 

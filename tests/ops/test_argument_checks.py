@@ -83,3 +83,5 @@ def test_add_layer_norm_with_no_rows(residual):
         x, torch.zeros_like(x) if residual else None, torch.randn(2, 6), backend="torch"
     )
     assert h.shape == y.shape == x.shape
+    if not residual:
+        assert h is not x  # h = x + add in a new tensor

@@ -268,3 +268,67 @@ def test_gpu_backward_through_reference():
     want = torch.autograd.grad(attention(q, k, v, backend="torch"), (q, k, v), dy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- argument edges, fp64, scale, two batch dims with a scale ----------------------------------
+
+
+def test_mixed_dtypes_are_named():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="dtypes differ: q torch.float32, k torch.float64"):
+        attention(q, q.double(), q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_scale_averages_the_values(backend):
+    """scale = 0 is a scale, not "the default": every query weighs the keys equally."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g) for L in (5, 7, 7))
+    out = attention(q, k, v, scale=0.0, backend=backend)
+    torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand_as(out))
+
+
+def test_reference_keeps_fp64():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=g, dtype=torch.float64) * 4 for _ in range(3))
+    out = attention(q, k, v, backend="torch")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _oracle(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_batch_dims_with_a_scale(backend):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 2, 6, 8, generator=g) for _ in range(3))
+    out = attention(q, k, v, scale=0.7, backend=backend)
+    assert (out.double() - _oracle(q, k, v, 0.7)).abs().max() <= 1e-5
+
+
+def test_triton_function_backward_is_the_references(monkeypatch):
+    """The Triton backend's autograd Function on CPU, its kernel replaced by PyTorch's SDPA: the
+    forward gets the resolved scale, the backward gives SDPA's gradients for the inputs that
+    need them (and None for the others)."""
+    scales = []
+
+    def attention_fwd(q, k, v, scale):
+        scales.append(scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    fake = types.ModuleType("echofast.kernels.attention")
+    fake.attention_fwd = attention_fwd
+    monkeypatch.setitem(sys.modules, "echofast.kernels.attention", fake)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g, dtype=torch.float64) for L in (5, 6, 6))
+    dy = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    for scale in (None, 0.3):
+        leaves = [q.clone().requires_grad_(), k.clone(), v.clone().requires_grad_()]
+        out = attn_module._attention_triton(*leaves, scale=scale)
+        out.backward(dy)
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = F.scaled_dot_product_attention(*ref, scale=scale)
+        want.backward(dy)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(leaves[0].grad, ref[0].grad)
+        torch.testing.assert_close(leaves[2].grad, ref[2].grad)
+        assert leaves[1].grad is None
+    assert scales == [pytest.approx(1 / math.sqrt(8)), 0.3]  # the kernel gets a number

@@ -88,3 +88,41 @@ def test_a_wider_residual_returns_ys_dtype(dtype):
     assert got.dtype == dtype
     ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
     assert ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max() <= 2 * ulp
+
+
+def test_one_dim_y_is_named():
+    with pytest.raises(ValueError, match=r"y must be \(N, C, \*spatial\), got \(4,\)"):
+        bias_residual(torch.zeros(4), bias=torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_y_with_fp32_bias_and_weight_rounds_each_step(dtype):
+    """fp32 bias and weight with a half y: each op in y's dtype, as a half conv's bias add and
+    the blender's multiply give it (the parameters rounded to y's dtype first)."""
+    y, _, b, _, _ = tensors((2, 6, 4, 4), seed=9)
+    y = y.to(dtype)
+    w = torch.tensor([0.7123456])
+    got = bias_residual(y, bias=b, weight=w)
+    want = (y + b.to(dtype)[:, None, None]) * w.to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_a_wider_residual_and_bias2_are_summed_before_the_rounding():
+    """fp32 residual and bias2 that cancel: the small remainder survives only if neither was
+    rounded to y's (fp16) dtype before the sum."""
+    y = torch.full((1, 2, 3, 3), 0.01, dtype=torch.float16)
+    r = torch.full((1, 2, 3, 3), 1000.3)
+    b2 = torch.full((2,), -1000.1)
+    got = bias_residual(y, residual=r, bias2=b2)
+    want = bias_residual_oracle(y, r, bias2=b2)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+
+def test_out_is_left_alone_under_autograd():
+    y, r, b, _, _ = tensors((2, 3, 2, 2), seed=10)
+    y.requires_grad_()
+    out = torch.zeros_like(r)
+    got = bias_residual(y, residual=r, bias=b, out=out)
+    assert got is not out and got.grad_fn is not None and (out == 0).all()
+    torch.testing.assert_close(got.double(), bias_residual_oracle(y.detach(), r, b))

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 
 import echofast.nn.spatiotemporal as st
 from echofast.errors import BackendUnavailable
-from echofast.ops import feed_forward, feed_forward_reference, registered_ops
+from echofast.ops import (
+    feed_forward,
+    feed_forward_reference,
+    feed_forward_supported,
+    registered_ops,
+)
 
 _op = registered_ops()["feed_forward"]
 
@@ -129,3 +135,43 @@ def test_a_wider_residual_returns_xs_dtype():
     assert got.dtype == torch.bfloat16
     want = r.double() + feed_forward(x.to(torch.bfloat16), *ws).double()
     assert ((got.double() - want).abs() / want.abs()).max() <= 2.0**-8
+
+
+@torch.no_grad()
+def test_tanh_approximation_reaches_the_gelu():
+    """approximate="tanh": the GEGLU with F.gelu's tanh form, in fp64 as the reference."""
+    g = torch.Generator().manual_seed(6)
+    x, w1, b1 = torch.randn(3, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(12)
+    w2, b2 = torch.randn(5, 6, generator=g), torch.randn(5, generator=g)
+    h = F.linear(x.double(), w1.double(), b1.double())
+    gated = h[:, :6] * F.gelu(h[:, 6:], approximate="tanh")
+    want = F.linear(gated, w2.double(), b2.double())
+    got = feed_forward(x, w1, b1, w2, b2, approximate="tanh")
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(feed_forward(x, w1, b1, w2, b2).double(), want, atol=1e-4)
+
+
+def test_a_weight_of_the_wrong_rank_is_named():
+    x, w1 = torch.randn(2, 8), torch.randn(32, 8)
+    with pytest.raises(ValueError, match=r"w2 \(4, 16, 1\)"):
+        feed_forward(x, w1, None, torch.randn(4, 16, 1), None)
+
+
+def test_out_is_left_alone_under_autograd():
+    """out is written without autograd only: under autograd the result is a new tensor."""
+    ff = diffusers_ff(16, 8, seed=7)
+    x = torch.randn(3, 16, requires_grad=True)
+    r = torch.randn(3, 8)
+    out = torch.zeros(3, 8)
+    got = feed_forward(x, *weights(ff), residual=r, out=out)
+    assert got is not out and got.grad_fn is not None and (out == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(got, r + ff(x))
+
+
+def test_feed_forward_supported_asks_the_triton_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w1, w2 = torch.randn(2, 8), torch.randn(32, 8), torch.randn(4, 16)
+    assert not feed_forward_supported(x, w1, w2)  # CPU without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not feed_forward_supported(torch.randn(2, 300), torch.randn(32, 300), w2)  # C > 256

@@ -238,3 +238,32 @@ def test_geglu_linear_on_cpu_is_torch_and_triton_says_why(monkeypatch):
         geglu_linear(x.double(), w, backend="triton")
     text = str(err.value)
     assert "not CUDA" in text and "float64" in text and "one GEMM dtype" in text
+
+
+def test_in_place_inference_path_allocates_only_gelus_output():
+    """The documented temporary saved without autograd: gelu's output is multiplied in place."""
+    from support.dispatch import CountOps
+
+    h = torch.randn(3, 2 * 16)
+    with torch.no_grad(), CountOps() as ops:
+        geglu(h, backend="torch")
+    assert ops.without_views() == {"gelu": 1, "mul_": 1}
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_linear_reference_matches_fp64_formula(approximate):
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(3, 5, 24, generator=g), torch.randn(80, 24, generator=g), torch.randn(80)
+    got = geglu_linear(x, w, b, approximate=approximate)
+    want = oracle(torch.nn.functional.linear(x.double(), w.double(), b.double()), approximate)
+    assert got.shape == (3, 5, 40) and rel(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("x", "w"),
+    [(torch.tensor(1.0), torch.randn(6, 1)), (torch.randn(2, 6), torch.randn(6))],
+    ids=["0-D x", "1-D weight"],
+)
+def test_geglu_linear_rank_errors_are_value_errors(x, w):
+    with pytest.raises(ValueError, match=r"need x \(\.\.\., K\), weight \(2·N, K\)"):
+        geglu_linear(x, w)

@@ -186,3 +186,81 @@ def test_add_layer_norm_half_residual_with_fp32_affine():
     h, y = add_layer_norm(x, r.clone(), None, w, b)
     assert h.dtype == y.dtype == torch.bfloat16
     assert torch.equal(h, want) and torch.equal(y, layer_norm(want, w, b))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mixed"])
+def test_eps_reaches_the_norm(backend):
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(3))
+    w, b = affine(24, seed=4)
+    y = layer_norm(x, w, b, 0.5, backend=backend)
+    assert rel(y, layer_norm_oracle(x, w, b, eps=0.5)) <= 1e-5
+    h, y = add_layer_norm(x, torch.zeros_like(x), None, w, b, 0.5, backend="torch")
+    assert rel(y, layer_norm_oracle(x, w, b, eps=0.5)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("residual", "message"),
+    [
+        (torch.zeros(3, 8, dtype=torch.bfloat16), "torch.bfloat16"),
+        (torch.zeros(3, 8, device="meta"), "meta"),
+    ],
+    ids=["dtype", "device"],
+)
+def test_add_layer_norm_residual_must_match_x(residual, message):
+    with pytest.raises(ValueError, match=f"residual must match x .*got .*{message}"):
+        add_layer_norm(torch.randn(3, 8), residual)
+
+
+@pytest.mark.parametrize(
+    ("add", "add_group", "message"),
+    [(torch.zeros(0, 8), None, r"add must be \(M, 8\)"), (torch.zeros(2, 8), 0, "add_group = 0")],
+)
+def test_add_layer_norm_empty_add_or_zero_group_is_a_value_error(add, add_group, message):
+    with pytest.raises(ValueError, match=message):
+        add_layer_norm(torch.randn(6, 8), torch.zeros(6, 8), add, add_group=add_group)
+
+
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no residual"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_add_layer_norm_add_group_adds_one_row_per_frame(with_residual, grad):
+    """Frame-major (B, T, S, C) tokens, add (T, C), add_group = S: token (b, t, s) gets add[t]."""
+    g = torch.Generator().manual_seed(12)
+    x, r = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(2))
+    add = torch.randn(3, 8, generator=g)
+    want = x + add[:, None] + (r if with_residual else 0)
+    residual = r.clone() if with_residual else None
+    with torch.set_grad_enabled(grad):
+        h, y = add_layer_norm(x, residual, add, add_group=5)
+    torch.testing.assert_close(h, want)
+    assert rel(y, layer_norm_oracle(want)) <= 1e-5
+
+
+@torch.no_grad()
+def test_add_layer_norm_without_residual_adds_in_xs_dtype_and_keeps_x():
+    x = torch.randn(4, 6, 16).bfloat16()
+    x0 = x.clone()
+    add = torch.randn(4, 16) * 3.3  # fp32 rows
+    h, _ = add_layer_norm(x, None, add)
+    assert torch.equal(x, x0)  # h is a new tensor
+    assert h.dtype == torch.bfloat16 and torch.equal(h, x + add.bfloat16()[:, None])
+
+
+@torch.no_grad()
+def test_add_layer_norm_in_place_over_a_strided_residual():
+    """A residual whose row dims do not merge (a permuted view), row groups that straddle them:
+    the adds still land on the right rows."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 8, generator=g)
+    r = torch.randn(3, 2, 8, generator=g).transpose(0, 1)
+    add = torch.randn(3, 8, generator=g)  # 6 rows, 3 groups of 2: rows (0, 0)-(0, 1), ...
+    want = r + x + add.repeat_interleave(2, 0).view(2, 3, 8)
+    h, y = add_layer_norm(x, r, add)
+    torch.testing.assert_close(h, want)
+
+
+@torch.no_grad()
+def test_add_layer_norm_shift_is_added_in_place_without_autograd():
+    x, r = torch.randn(3, 8), torch.randn(3, 8)
+    storage = r.data_ptr()
+    h, _ = add_layer_norm(x, r, None, shift=torch.randn(8))
+    assert h.data_ptr() == storage

@@ -118,6 +118,16 @@ def test_window_tables():
     ]
     with pytest.raises(ValueError, match="covered by no window"):
         window_tables(10, [0, 6], 4, 2)
+    with pytest.raises(ValueError, match=r"frames \[4\] of 5 are covered by no window"):
+        window_tables(5, [0], 4, 1)  # only the last frame uncovered
+
+
+def test_window_tables_clip_windows_to_the_video():
+    assert window_tables(3, [0], 5, 2) == [[0, 0, 0], [0, 1, 2]]  # shorter than a window
+    assert window_tables(5, [0, 3], 4, 1) == [
+        [0, 0, 0, 0, 1],
+        [0, 1, 2, 3, 1],
+    ]  # last one runs over
 
 
 def test_bad_shapes_name_the_argument():
@@ -136,3 +146,64 @@ def test_triton_forced_on_cpu_explains(monkeypatch):
     pred, latents, noise, starts, tables = make_case()
     with pytest.raises(BackendUnavailable, match="not CUDA"):
         window_step(pred, latents, torch.zeros(2, 6), None, *tables, pad=1, backend="triton")
+
+
+def _bad(case, **change):
+    """window_step's positional arguments of ``case`` with some replaced, and its keywords."""
+    pred, latents, noise, starts, (fw, fo, start) = case
+    args = {"pred": pred, "latents": latents, "coeffs": torch.zeros(2, 6), "noise": None}
+    args.update(frame_window=fw, frame_offset=fo, window_start=start)
+    kwargs = {"pad": 1, "next_input": None}
+    for name, value in change.items():
+        (kwargs if name in kwargs else args)[name] = value
+    return list(args.values()), kwargs
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"latents": torch.zeros(2, 11, 3, 5)}, "latents must be"),
+        ({"pad": -1}, "pad must be >= 0"),
+        ({"pred": torch.zeros(5, 6, 3, 7, 9)}, r"pred must be .*got \(5, 6, 3, 7, 9\)"),
+        ({"coeffs": torch.zeros(2, 5)}, "coeffs must be float32"),
+        ({"noise": torch.zeros(2, 10, 3, 5, 7)}, "noise must be"),
+        ({"frame_offset": torch.zeros(10, dtype=torch.int32)}, "frame_offset must be int32"),
+        ({"window_start": torch.tensor([0, 3, 5])}, "window_start must be int32"),
+        ({"next_input": torch.zeros(6, 6, 2, 7, 9)}, r"next_input must be .*got \(6, 6, 2, 7, 9\)"),
+        ({"next_input": torch.zeros(5, 6, 3, 7, 9)}, r"next_input must be .*got \(5, 6, 3, 7, 9\)"),
+        ({"coeffs": torch.zeros(2, 6, device="meta")}, "all tensors must be on one device"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_bad_arguments_name_the_argument(change, message):
+    args, kwargs = _bad(make_case(), **change)
+    with pytest.raises(ValueError, match=message):
+        window_step(*args, **kwargs)
+
+
+def test_next_input_of_exactly_c_channels():
+    pred, latents, noise, starts, tables = make_case(seed=3)
+    coeffs = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    wide = torch.zeros(6, 6, 5, 7, 9)
+    exact = torch.zeros(6, 6, 3, 7, 9)
+    for nxt in (wide, exact):
+        window_step(pred, latents, coeffs, noise, *tables, pad=1, next_input=nxt)
+    assert torch.equal(exact, wide[:, :, :3])
+
+
+def test_no_autograd_graph_is_built():
+    pred, latents, noise, starts, tables = make_case()
+    pred.requires_grad_()
+    out = window_step(pred, latents, torch.randn(2, 6), noise, *tables, pad=1)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_zero_clip_bound_clamps_x0_to_zero():
+    """clip = 0 is a bound (x̂_0 = 0), not "no clipping": the same as zero x̂_0 coefficients."""
+    pred, latents, noise, starts, tables = make_case(seed=4)
+    coeffs = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    no_x0 = coeffs.clone()
+    no_x0[:, :2] = 0
+    got = window_step(pred, latents, coeffs, noise, *tables, pad=1, clip=0.0)
+    want = window_step(pred, latents, no_x0, noise, *tables, pad=1)
+    torch.testing.assert_close(got, want)
