@@ -114,6 +114,20 @@ def test_fp16_error_within_twice_pytorch(n, h, length, d):
     assert _err(out, ref) <= 2 * max(_err(base, ref), half_ulp)
 
 
+def test_scores_far_below_zero_keep_the_softmax_exact():
+    """Every score near -370 in log2 units (q ≈ -4, k ≈ +4, D = 16): exp2 of a raw score
+    underflows fp32, so the softmax must subtract the row's running max from the first key tile
+    on (the softmax is shift-invariant: the fp64 oracle is unaffected)."""
+    g = torch.Generator().manual_seed(11)
+    q = -4 + 0.1 * torch.randn(2, 2, 9, 16, generator=g)
+    k = 4 + 0.1 * torch.randn(2, 2, 70, 16, generator=g)
+    v = torch.randn(2, 2, 70, 16, generator=g)
+    out = attention(q, k, v, scale=1.0, backend="triton")
+    ref = _oracle(q, k, v, 1.0)
+    assert torch.isfinite(out).all()
+    assert _err(out, ref) / ref.abs().max().item() <= 1e-4
+
+
 def test_strided_fused_qkv_views_in_token_major_out():
     b, length, heads, d = 3, 23, 4, 16
     qkv = torch.randn(b, length, 3 * heads * d, generator=torch.Generator().manual_seed(5))
@@ -154,9 +168,10 @@ def test_non_unit_head_stride():
     assert _err(out, _oracle(q, q, q)) <= 1e-5
 
 
-@pytest.mark.parametrize(("tile", "programs"), [(16, 3), (32, 2), (64, 1), (128, 5)])
+@pytest.mark.parametrize(("tile", "programs"), [(16, 3), (32, 2), (64, 1), (128, 5), (32, 0)])
 def test_persistent_loop_and_tile_sizes(tile, programs):
-    """Few programs walking many groups; packing factors from 1 to 32 sequences per tile."""
+    """Few programs walking many groups; packing factors from 1 to 32 sequences per tile. A cap
+    of 0 programs still launches one."""
     for length in (3, 16, 33):
         q, k, v = _qkv(5, 3, length, length, 16, seed=tile + length)
         out = kernels.attention_fwd(q, k, v, 0.25, tile=tile, max_programs=programs)
@@ -177,6 +192,18 @@ def test_plan_packs_short_sequences_and_tiles_long_ones():
     p = plan(1, d=8)
     assert (p.G, p.SUB_M, p.BLOCK_D) == (64, 1, 16)
     assert plan(64, nh=10**6).grid == (64,)  # a 1-D grid, whatever N·heads
+
+
+@pytest.mark.parametrize("tile", [16, 64])
+@pytest.mark.parametrize(("lq", "lk"), [(64, 1), (1, 64), (16, 2), (3, 1), (200, 1), (1, 200)])
+def test_plan_tiles_have_at_least_16_rows_and_keys(lq, lk, tile):
+    """tl.dot needs 16 rows and 16 columns (BLOCK_M = G·SUB_M, BLOCK_N = G·SUB_N): a one-key
+    or one-query sequence still gets 16-wide tiles, and a sequence's rows fit its sub-tile."""
+    q, k = torch.empty(7, 1, lq, 16), torch.empty(7, 1, lk, 16)
+    p = kernels.Plan(q, k, k, tile=tile)
+    assert p.G * p.SUB_M >= 16 and p.G * p.SUB_N >= 16
+    if p.G > 1:
+        assert p.SUB_M >= lq and p.SUB_N >= lk
 
 
 def test_backward_routes_through_the_reference():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.buffers import unchanged_outside
 from support.oracles import bias_residual_oracle
 from support.triton_interp import interpreted_kernels
 
@@ -80,9 +81,37 @@ def test_a_wider_residual_agrees_with_the_reference(dtype):
         assert ((out.double() - want).abs() / want.abs().clamp_min(8.0)).max() <= ulp, backend
 
 
+def test_rows_of_three_strides_and_nothing_written_outside_out():
+    """The launcher on (R, C) rows: y, the residual and out are column slices of wider buffers
+    (three row strides); out's buffer keeps its values outside out's rows and columns (R = 5:
+    the last program's rows past R are masked)."""
+    g = torch.Generator().manual_seed(10)
+    y = torch.randn(5, 30, generator=g)[:, 1:25]
+    r = torch.randn(5, 37, generator=g)[:, 9:33]
+    buf = torch.randn(6, 27, generator=g)
+    out = buf[:5, 2:26]
+    b, b2, w = torch.randn(24, generator=g), torch.randn(24, generator=g), torch.rand(1)
+    want = bias_residual_oracle(y, r, b, b2, w)
+    before = buf.clone()
+    kernels.bias_residual_fwd(y, out, residual=r, bias=b, bias2=b2, weight=w)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    assert unchanged_outside(buf, before, slice(None, 5), slice(2, 26))
+
+
+def test_rows_view_only_of_channels_last_tensors():
+    """(positions, C) rows as a view of channels-last memory; None for channels-first and 1-D."""
+    t = torch.randn(2, 4, 3, 5)
+    assert kernels.rows_view(t) is None
+    assert kernels.rows_view(torch.randn(5)) is None
+    cl = t.contiguous(memory_format=torch.channels_last)
+    rows = kernels.rows_view(cl)
+    assert rows.data_ptr() == cl.data_ptr()
+    assert torch.equal(rows, t.movedim(1, -1).reshape(-1, 4))
+
+
 def test_gpu_tiles():
     """Compiled tiles: BLOCK_C divides C where a power of two >= 32 does."""
-    for c, block_c in [(320, 64), (640, 128), (1280, 256), (37, 64)]:
+    for c, block_c in [(320, 64), (640, 128), (1280, 256), (37, 64), (96, 32)]:
         assert kernels.Plan(81920, c, interpreted=False).BLOCK_C == block_c, c
 
 

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support.buffers import unchanged_outside
 from support.triton_interp import interpreted_kernels
 
 import echofast.nn.spatiotemporal as st
@@ -62,7 +63,9 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("biases", [True, False], ids=["biases", "no_biases"])
 @pytest.mark.parametrize(
-    ("m", "c", "inner", "n"), [(37, 40, 160, 24), (130, 16, 72, 50), (5, 64, 256, 64)], ids=str
+    ("m", "c", "inner", "n"),
+    [(37, 40, 160, 24), (130, 16, 72, 50), (5, 64, 256, 64), (9, 20, 33, 17)],
+    ids=str,
 )
 def test_fp32_matches_fp64(m, c, inner, n, biases, approximate):
     x, w1, b1, w2, b2, r = operands(m, c, inner, n, seed=m + c, biases=biases)
@@ -157,3 +160,25 @@ def test_the_models_fuse_only_up_to_the_measured_width(dim, monkeypatch):
     ff(x)
     ff.add_to(torch.zeros(3, dim), x)
     assert len(calls) == (2 if dim <= st.FUSED_FF_MAX_DIM else 0)
+
+
+@pytest.mark.parametrize("which", ["b1", "b2"])
+def test_one_bias_without_the_other(which):
+    x, w1, b1, w2, b2, r = operands(37, 40, 72, 24, seed=9)
+    b1, b2 = (b1, None) if which == "b1" else (None, b2)
+    out = feed_forward(x, w1, b1, w2, b2, residual=r, backend="triton")
+    assert rel_err(out, oracle(x, w1, b1, w2, b2, r)) <= 1e-5
+
+
+def test_rows_of_three_strides_and_nothing_written_outside_out():
+    """x, the residual and out column slices of wider buffers (three row strides); out's buffer
+    keeps its values outside out's rows and columns (N = 24 in a 32-wide tile, M = 37)."""
+    x, w1, b1, w2, b2, r = operands(37, 40, 72, 24, seed=10)
+    xs = torch.cat([torch.randn(37, 3), x, torch.randn(37, 2)], 1)[:, 3:43]
+    rs = torch.cat([torch.randn(37, 5), r, torch.randn(37, 1)], 1)[:, 5:29]
+    buf = torch.randn(38, 27)
+    out = buf[:37, 1:25]
+    before = buf.clone()
+    kernels.feed_forward_fwd(xs, w1, b1, w2, b2, rs, out)
+    assert rel_err(out, oracle(x, w1, b1, w2, b2, r)) <= 1e-5
+    assert unchanged_outside(buf, before, slice(None, 37), slice(1, 25))

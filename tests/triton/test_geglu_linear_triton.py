@@ -148,3 +148,15 @@ def test_module_on_the_fused_path(monkeypatch):
     fused = module(x)
     assert len(calls) == 1
     assert rel_err(fused, plain.double()) <= 1e-5
+
+
+def test_config_check_limits():
+    """The documented limits, inclusive: up to 8 stages, and PROGRAMS_PER_SM any positive
+    integer (not only powers of two); one past them is refused, naming the key."""
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 8}
+    config["PROGRAMS_PER_SM"] = 3
+    assert kernels.check_config(config, "here") == config
+    with pytest.raises(ValueError, match="here: num_stages = 9 is above 8"):
+        kernels.check_config({**config, "num_stages": 9}, "here")
+    with pytest.raises(ValueError, match="here: PROGRAMS_PER_SM = 0 is not a positive integer"):
+        kernels.check_config({**config, "PROGRAMS_PER_SM": 0}, "here")

@@ -102,7 +102,8 @@ def test_ragged_tiles_in_both_directions():
 
 def test_gpu_tile_choice():
     """The compiled kernels' tiles: BLOCK_D divides the model's D = 4·C (no masked lanes)."""
-    for d, block_d, block_r in [(512, 256, 16), (1024, 256, 16), (320, 64, 64), (37, 64, 64)]:
+    cases = [(512, 256, 16), (1024, 256, 16), (320, 64, 64), (37, 64, 64), (96, 128, 32)]
+    for d, block_d, block_r in cases:  # D = 96: no power of two >= 64 divides it
         p = kernels.Plan(81920, d, interpreted=False)
         assert (p.BLOCK_D, p.BLOCK_R) == (block_d, block_r), d
         assert p.BLOCK_R * p.BLOCK_D <= kernels.TILE

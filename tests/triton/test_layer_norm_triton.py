@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.buffers import unchanged_outside
 from support.oracles import layer_norm_oracle
 from support.triton_interp import interpreted_kernels
 
@@ -208,3 +209,62 @@ def test_add_layer_norm_kernel_needs_an_h_output():
     x, w, b = inputs((2, 8))
     with pytest.raises(ValueError, match="need h_out"):
         kernels.layer_norm_fwd(x, w, b, 1e-5, residual=x)
+
+
+def test_add_layer_norm_frame_major_add_group():
+    """Frame-major (B, T, S, C) tokens with one row of ``add`` per frame: groups of S rows cycle
+    through the T rows of add (add_group = S), not R/M consecutive rows."""
+    b, t, s, c = 2, 3, 5, 37
+    x, w, bias = inputs((b, t, s, c), seed=18)
+    g = torch.Generator().manual_seed(19)
+    r = torch.randn(b, t, s, c, generator=g)
+    a = torch.randn(t, c, generator=g)
+    want_h = x + r + a[None, :, None, :]
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r.clone(), a, w, bias, add_group=s, backend="triton")
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
+    ref = layer_norm_oracle(want_h, w, bias)
+    assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_add_layer_norm_row_strided_operands_in_place():
+    """x, residual and add rows of three different strides (column slices of wider buffers): h
+    is written over the residual's rows in place, and nothing else of its buffer changes (the
+    last program's rows past R = 6 and the columns past C are left alone)."""
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(6, 29, generator=g)[:, 2:26]
+    r_buf = torch.randn(7, 31, generator=g)
+    r = r_buf[:6, 3:27]
+    a = torch.randn(2, 40, generator=g)[:, 5:29]
+    w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
+    want_h = x + r + a.repeat_interleave(3, 0)
+    before = r_buf.clone()
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r, a, w, b, backend="triton")
+    assert h.data_ptr() == r.data_ptr()
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
+    assert max_err(y, layer_norm_oracle(want_h, w, b)) <= 1e-4
+    assert unchanged_outside(r_buf, before, slice(None, 6), slice(3, 27))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_add_layer_norm_normalises_the_rounded_h(dtype):
+    """y is the LayerNorm of the h returned (rounded to the half dtype), bit for bit the plain
+    LayerNorm of that h, not of the unrounded fp32 sum."""
+    x, w, b = inputs((5, 7, 320), dtype, seed=21)
+    r = (torch.randn(5, 7, 320, generator=torch.Generator().manual_seed(22)) * 3).to(dtype)
+    with torch.no_grad():
+        h, y = add_layer_norm(x, r, None, w, b, backend="triton")
+        assert torch.equal(y, layer_norm(h, w, b, backend="triton"))
+
+
+def test_add_layer_norm_rows_only_without_a_residual():
+    """residual None: h = x + add[row group] in a new tensor, y its LayerNorm."""
+    x, w, b = inputs((3, 4, 37), seed=23)
+    a = torch.randn(3, 37, generator=torch.Generator().manual_seed(24))
+    want_h = x + a[:, None]
+    with torch.no_grad():
+        h, y = add_layer_norm(x, None, a, w, b, backend="triton")
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
+    ref = layer_norm_oracle(want_h, w, b)
+    assert max_err(y, ref) <= 1e-5 * ref.abs().max().item()

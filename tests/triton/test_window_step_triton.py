@@ -191,3 +191,42 @@ def test_auto_picks_triton_when_interpreting():
     pred, latents, noise, tables, _ = case(1, 4, 4, 1, 3, 3, 0, "cpu", torch.float32)
     chosen = _op.select(pred, latents, torch.zeros(1, 6), None, *tables, pad=0)
     assert chosen.name == "triton"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_latents_and_noise(device):
+    """Latents and noise read through their strides: channels-last frames and a transposed
+    (B, T, C, W, H) view give the values of their contiguous copies (torch backend)."""
+    shape = SHAPES[1]
+    s = DDPMScheduler(prediction_type="v_prediction", clip_sample=True)
+    s.set_timesteps(10)
+    t = int(s.timesteps[3])
+    pred, latents, noise, tables, _ = case(*shape, device, torch.float32, seed=11)
+    coeffs = s.step_coefficients(t, latents.shape[0]).to(device)
+    assert s.step_needs_noise(t)
+    kw = dict(pad=shape[-1], clip=s.clip_bound)
+    want = window_step(pred, latents, coeffs, noise, *tables, backend="torch", **kw)
+    lat = _frames_last(latents)
+    z = noise.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not lat.is_contiguous() and not z.is_contiguous()
+    got = window_step(pred, lat, coeffs, z, *tables, backend="triton", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_noise", [True, False], ids=["noise", "no_noise"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_video_takes_its_own_coefficients(device, with_noise):
+    """Two videos at different timesteps (one coefficient row each, the noise's among those
+    that differ), with clipping: each video's step uses its own row. Without noise the noise
+    coefficient is unused, as in the reference."""
+    s = DDPMScheduler(prediction_type="v_prediction", clip_sample=True)
+    s.set_timesteps(10)
+    t1, t2 = int(s.timesteps[2]), int(s.timesteps[6])
+    coeffs = torch.cat([s.step_coefficients(t1, 1), s.step_coefficients(t2, 1)]).to(device)
+    assert coeffs[0, 5] != coeffs[1, 5]
+    pred, latents, noise, tables, _ = case(*SHAPES[1], device, torch.float32, seed=12)
+    noise = noise if with_noise else None
+    kw = dict(pad=SHAPES[1][-1], clip=s.clip_bound)
+    want = window_step(pred, latents, coeffs, noise, *tables, backend="torch", **kw)
+    got = window_step(pred, latents, coeffs, noise, *tables, backend="triton", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
