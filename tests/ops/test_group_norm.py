@@ -110,6 +110,9 @@ def test_gradients_flow_to_every_input():
         (dict(activation="gelu"), "activation must be one of"),
         (dict(add=torch.ones(3, 6)), r"add must be \(M, 6\) with M dividing N = 2, got \(3, 6\)"),
         (dict(add=torch.ones(2, 5)), r"add must be \(M, 6\)"),
+        (dict(num_groups=0), "num_groups=0 must divide C=6"),
+        (dict(add=torch.ones(0, 6)), r"add must be \(M, 6\) .*got \(0, 6\)"),
+        (dict(add=torch.ones(2, 6, 1)), r"add must be \(M, 6\) .*got \(2, 6, 1\)"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

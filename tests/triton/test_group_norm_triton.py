@@ -548,3 +548,200 @@ def test_flat_input_runs_the_kernels():
     expected = torch.autograd.grad(ref.square().sum(), (x, w, b))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---- backward split, strided parameters and inputs, the add path under autograd ----------------
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(
+    ("shape", "groups", "fmt", "plan"),
+    [
+        ((2, 9, 5, 7), 3, torch.channels_last, {"block_s": 4, "num_chunks": 3}),
+        ((1, 6, 3, 11), 2, torch.contiguous_format, {"block_s": 8, "num_chunks": 5}),
+    ],
+    ids=["cl-3-chunks", "contiguous-5-chunks"],
+)
+def test_backward_split_into_unequal_chunks(shape, groups, fmt, plan):
+    """The backward kernels over a number of chunks that is not a power of two (the partials'
+    [BLOCK_K] tile is masked), a ragged last chunk and tile, dy in the other layout than x:
+    dx, ds = sum dz and dg = sum dz * xhat against fp64 autograd of the reference."""
+    tensors, dy = _inputs(shape, groups, fmt=fmt, seed=71)
+    x, w, b, scale, shift = tensors
+    p = kernels.Plan(x, groups, **plan)
+    assert p.num_chunks == plan["num_chunks"] and p.num_chunks * p.chunk_s > p.S
+    y, mean, rstd = kernels.group_norm_fwd(x, groups, w, b, 1e-5, "silu", scale, shift, fmt, **plan)
+    dy_other = dy.contiguous() if fmt == torch.channels_last else dy
+    dx, ds, dg = kernels.group_norm_bwd(
+        dy_other, x, mean, rstd, groups, w, b, "silu", scale, shift, **plan
+    )
+    _, ref = _run(group_norm_reference, [t.double() for t in tensors], groups, "silu", dy.double())
+    assert dx.is_contiguous(memory_format=fmt)
+    assert _rel(dx, ref[0], _dx_floor(x, dy)) <= 1e-5
+    assert _rel(ds, ref[4]) <= 1e-5  # d shift
+    assert _rel(dg * w + ds * b, ref[3]) <= 1e-5  # d scale = dg * w + ds * b
+
+
+@pytest.mark.usefixtures("interpret")
+def test_strided_parameters_are_read_as_their_values():
+    """weight/bias views with a step and (N, C) modulation that is a transposed (C, N) tensor:
+    the kernels read the values, not the storage order."""
+    shape, groups = (3, 8, 3, 5), 4
+    tensors, dy = _inputs(shape, groups, seed=81)
+    g = torch.Generator().manual_seed(82)
+    x = tensors[0]
+    w, b = torch.randn(2 * 8, generator=g)[::2], torch.randn(3 * 8, generator=g)[1::3]
+    scale = torch.randn(8, 3, generator=g).t() * 0.5
+    shift = torch.randn(8, 3, generator=g).t()
+    assert not any(t.is_contiguous() for t in (w, b, scale, shift))
+    strided = [x, w, b, scale, shift]
+    y, grads = _run(group_norm, strided, groups, "silu", dy, backend="triton")
+    y_ref, grads_ref = _run(group_norm_reference, strided, groups, "silu", dy)
+    assert _rel(y, y_ref) <= 1e-5
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        floor = _dx_floor(x, dy) if name == "x" else 0.0
+        assert _rel(gr, gr_ref, floor) <= 1e-5, name
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_input_add_with_strided_channels(fmt):
+    """An add whose channels are not adjacent (a transposed (C, M) tensor), with the fused and
+    the split forward, contiguous and channels-last x: the same y as the reference and y in
+    x's memory format."""
+    shape, groups = (4, 6, 3, 5), 3
+    tensors, _ = _inputs(shape, groups, fmt=fmt, seed=91)
+    x, w, b, scale, shift = tensors
+    add = torch.randn(6, 2, generator=torch.Generator().manual_seed(92)).t() * 2
+    assert add.stride(1) != 1
+    ref = group_norm_reference(
+        x, groups, w, b, activation="silu", scale=scale, shift=shift, add=add
+    )
+    for plan in ({}, {"block_s": 4, "num_chunks": 3}):
+        y = kernels.group_norm_fwd(
+            x, groups, w, b, 1e-5, "silu", scale, shift, fmt, add=add, use_rows=False, **plan
+        )[0]
+        assert _rel(y, ref) <= 1e-5, plan
+    with torch.no_grad():
+        y = group_norm(
+            x, groups, w, b, activation="silu", scale=scale, shift=shift, add=add, backend="triton"
+        )
+    assert y.is_contiguous(memory_format=fmt)
+    assert _rel(y, ref) <= 1e-5
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_input_add_under_autograd_keeps_x_dtype_and_reaches_add_alone(dtype):
+    """Only ``add`` (fp32) wants a gradient, x is half precision: y keeps x's dtype and the
+    gradient of add matches the reference's (x + add formed first, as under autograd)."""
+    shape, groups = (4, 8, 3, 5), 2
+    tensors, dy = _inputs(shape, groups, dtype=dtype, mod=(False, False), seed=101)
+    x, w, b, _, _ = tensors
+    add = torch.randn(2, 8, generator=torch.Generator().manual_seed(102))
+
+    def run(fn, **kw):
+        leaf = add.clone().requires_grad_()
+        y = fn(x, groups, w, b, activation="silu", add=leaf, **kw)
+        return y, torch.autograd.grad(y, leaf, dy)[0]
+
+    y, grad = run(group_norm, backend="triton")
+    y_ref, grad_ref = run(group_norm_reference)
+    assert y.dtype == dtype and grad.dtype == torch.float32
+    tol = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype] * 2
+    assert _rel(y, y_ref) <= tol
+    assert _rel(grad, grad_ref) <= 4 * tol
+
+
+# ---- launch plans ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "ask", "block_c", "block_s", "chunk_s"),
+    [
+        ((1, 4, 33), 2, {"block_s": 16, "num_chunks": 2}, 2, 16, 32),
+        ((1, 4, 33), 1, {"num_chunks": 1}, 4, 64, 64),
+        ((2, 12, 5, 7), 3, {"num_chunks": 9}, 4, 64, 64),
+        ((1, 2048, 3, 3), 1, {"num_chunks": 1}, 2048, 2, 10),
+        ((1, 8, 100), 8, {"block_s": 8, "num_chunks": 3}, 1, 8, 40),
+    ],
+)
+def test_plan_tiles_and_chunks(shape, groups, ask, block_c, block_s, chunk_s):
+    """BLOCK_C = next_pow2(C/G); BLOCK_S = MAX_TILE // BLOCK_C capped at next_pow2(S) (at least
+    1); a requested split gives that many chunks of whole tiles unless S has fewer tiles."""
+    p = kernels.Plan(torch.empty(shape), groups, **ask)
+    want_chunks = -(-p.S // chunk_s)
+    assert (p.BLOCK_C, p.BLOCK_S, p.chunk_s, p.num_chunks) == (
+        block_c,
+        block_s,
+        chunk_s,
+        want_chunks,
+    )
+    assert p.num_chunks <= ask["num_chunks"] and p.chunk_s % p.BLOCK_S == 0
+    assert p.BLOCK_K == 1 << (p.num_chunks - 1).bit_length()
+    assert p.grid == (shape[0] * groups, p.num_chunks)
+    assert p.inv_count == 1.0 / (shape[1] // groups * p.S)
+
+
+def test_rows_plan_choice_at_its_boundaries(monkeypatch):
+    """RowsPlan.of at each limit: a padded row of exactly MAX_TILE channels fits; N equal to the
+    multiprocessors is one launch; y channels-first is never rows; a tensor of exactly
+    ROWS_SPLIT_MIN_BYTES is not small; whole sectors keep the per-group kernel only where that
+    kernel needs a single launch."""
+    sms = {"n": 4}
+    monkeypatch.setattr(kernels, "multiprocessors", lambda t: sms["n"])
+    monkeypatch.setattr(kernels, "target_programs", lambda t: sms["n"] * kernels.PROGRAMS_PER_SM)
+
+    def choice(shape, groups, dtype=torch.float32, y_format=None):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        t = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+        sy = kernels.ncs_strides(torch.empty(shape) if y_format else t)
+        return kernels.RowsPlan.of(kernels.Plan(t, groups), kernels.ncs_strides(t), sy, t)
+
+    assert choice((4, 4096, 1, 2), 32).num_chunks == 1  # 32 x 128 = MAX_TILE
+    assert choice((4, 8192, 1, 2), 32) is None
+    assert choice((4, 64, 8, 8), 32).num_chunks == 1  # N == multiprocessors
+    assert choice((4, 64, 8, 8), 32, y_format=torch.contiguous_format) is None
+    sms["n"] = 132
+    monkeypatch.setattr(kernels, "target_programs", lambda t: 1)
+    exact = choice((1, 64, 128, 128), 32)  # 4 MiB, one per-group launch, 8-byte group rows
+    assert exact is not None and exact.num_chunks == 1
+    assert choice((1, 64, 128, 127), 32) is None  # just under 4 MiB
+    monkeypatch.setattr(kernels, "target_programs", lambda t: 132 * kernels.PROGRAMS_PER_SM)
+    wide = (2, 512, 16, 16, 16)  # 16 fp16 channels per group: whole sectors, but a split plan
+    t = torch.empty(wide)
+    assert kernels.Plan(t, 32).num_chunks > 1
+    assert choice(wide, 32, torch.float16).num_chunks > 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "ask", "block_s", "chunks", "chunk_s"),
+    [
+        ((1, 4, 33, 1), 2, {"block_s": 16, "num_chunks": 2}, 16, 2, 32),
+        ((2, 12, 5, 7), 3, {"num_chunks": 1}, 64, 1, 64),
+        ((1, 64, 300, 1), 32, {"num_chunks": 3}, 64, 3, 128),
+    ],
+)
+def test_rows_plan_tiles_and_chunks(shape, groups, ask, block_s, chunks, chunk_s):
+    """Row tiles of BLOCK_G x BLOCK_CG channels and MAX_TILE // that positions (capped at
+    next_pow2(S)); the positions split into the requested chunks of whole tiles."""
+    t = torch.empty(shape)
+    rows = kernels.RowsPlan(kernels.Plan(t, groups), t, **ask)
+    assert (rows.BLOCK_S, rows.num_chunks, rows.chunk_s) == (block_s, chunks, chunk_s)
+    assert rows.BLOCK_K == 1 << (rows.num_chunks - 1).bit_length()
+
+
+@pytest.mark.usefixtures("interpret")
+def test_input_add_without_grad_mode_is_folded_into_the_kernels():
+    """Parameters that require grad but ``torch.no_grad()``: no autograd, so ``add`` is still read
+    by the kernels (no ``x + add`` tensor) and y is the reference's."""
+    shape, groups = (4, 8, 3, 5), 2
+    tensors, _ = _inputs(shape, groups, mod=(False, False), seed=111)
+    x, w, b, _, _ = tensors
+    w.requires_grad_()
+    add = torch.randn(2, 8, generator=torch.Generator().manual_seed(112))
+    with torch.no_grad(), CountOps() as ops:
+        y = group_norm(x, groups, w, b, activation="silu", add=add, backend="triton")
+    assert ops.counts["add"] == 0, ops.counts
+    with torch.no_grad():
+        assert _rel(y, group_norm_reference(x, groups, w, b, activation="silu", add=add)) <= 1e-5
