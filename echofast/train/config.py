@@ -460,6 +460,11 @@ def config_from_dict(
     kind = model_type or file_type
     if kind is None:
         raise ConfigError(f"{source}: model.type is not set (one of {list(MODEL_TYPES)})")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: config key 'model.type': value {kind!r} is not supported "
+            f"(supported: {list(MODEL_TYPES)})"
+        )
     cfg = default_config(kind)
     unknown: list[str] = []
     for key, value in data.items():
@@ -663,6 +668,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
     if suffix == ".toml":
         tomllib = _toml()
         try:
