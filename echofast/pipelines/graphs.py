@@ -70,9 +70,31 @@ def not_supported_reasons(
     """Why ``module(sample, timestep, *args, **kwargs)`` cannot be captured (empty: it can).
 
     Checked: ``ECHOFAST_CUDA_GRAPHS``, CUDA availability, autograd, training mode, that every
-    tensor argument and parameter is on one CUDA device, that the timestep is an int or a tensor
-    of at most one element per sample, and that other arguments are tensors or hashable values.
+    tensor argument, parameter and buffer is on one CUDA device, that the timestep is an int or a
+    tensor of at most one element per sample, and that other arguments are tensors or hashable
+    values.
     """
+    return _reasons(module, _devices(_module_tensors(module)), sample, timestep, args, kwargs)
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of ``module``: what a captured graph reads besides its inputs."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _devices(tensors: list[torch.Tensor]) -> set[torch.device]:
+    return {t.device for t in tensors}
+
+
+def _reasons(
+    module: nn.Module,
+    module_devices: set[torch.device],
+    sample: Any,
+    timestep: Any,
+    args: tuple,
+    kwargs: dict,
+) -> list[str]:
+    """:func:`not_supported_reasons` given the devices of the module's parameters and buffers."""
     reasons = []
     if _disabled_by_env():
         reasons.append(f"disabled by {ENV_VAR}={os.environ[ENV_VAR]!r}")
@@ -104,9 +126,7 @@ def not_supported_reasons(
                 hash(value)
             except TypeError:
                 reasons.append(f"argument {name} ({type(value).__name__}) is not hashable")
-    for p in module.parameters():
-        devices.add(p.device)
-        break
+    devices |= module_devices
     not_cuda = sorted(str(d) for d in devices if d.type != "cuda")
     if not_cuda:
         reasons.append(f"tensors or parameters on {not_cuda}, not on a CUDA device")
@@ -240,12 +260,24 @@ def _copy_into(static: torch.Tensor, value: torch.Tensor) -> None:
         static.copy_(value, non_blocking=True)
 
 
-def _static(value: Any) -> Any:
-    return value.detach().clone() if torch.is_tensor(value) else value
+class _StaticInputs:
+    """Makes the static input buffers of one capture: copies of the capturing call's tensors, or
+    with ``borrow`` the tensors themselves, except a tensor sharing storage with one already
+    borrowed, which is copied (two static inputs on one storage would overwrite each other when
+    a later call loads two different tensors into them)."""
 
+    def __init__(self, borrow: bool):
+        self.borrow = borrow
+        self.storages: set[int] = set()
 
-def _borrowed(value: Any) -> Any:
-    return value.detach() if torch.is_tensor(value) else value
+    def __call__(self, value: Any) -> Any:
+        if not torch.is_tensor(value):
+            return value
+        storage = value.untyped_storage().data_ptr()
+        if self.borrow and storage not in self.storages:
+            self.storages.add(storage)
+            return value.detach()
+        return value.detach().clone()
 
 
 class CUDAGraphUNet:
@@ -264,7 +296,9 @@ class CUDAGraphUNet:
             capturing call's tensors themselves become the static inputs (the wrapper keeps a
             reference); a caller that writes each step's inputs into those same tensors and
             passes them again replays with no copy at all. A later call with other tensors of
-            the signature is copied into the borrowed ones (overwriting them).
+            the signature is copied into the borrowed ones (overwriting them). An argument that
+            shares storage with one borrowed before it (the same tensor passed twice) gets a
+            static buffer of its own.
 
     Attributes: ``last_reasons`` (why the last call ran eagerly, empty when it replayed),
     ``captures`` and ``replays`` (counts). A signature whose capture raised runs eagerly from
@@ -296,6 +330,7 @@ class CUDAGraphUNet:
         self._failed: dict[tuple, str] = {}
         self._tensors: list[torch.Tensor] | None = None
         self._weights: tuple | None = None
+        self._devices: set[torch.device] | None = None
 
     @property
     def num_graphs(self) -> int:
@@ -308,12 +343,27 @@ class CUDAGraphUNet:
         self._failed.clear()
         self._tensors = None
         self._weights = None
+        self._devices = None
 
     def reasons(self, sample: Any, timestep: Any, *args: Any, **kwargs: Any) -> list[str]:
         """Why this call would run eagerly (empty: it replays a graph)."""
         if self.enabled is False:
             return ["CUDA graphs are disabled for this wrapper (enabled=False)"]
-        return not_supported_reasons(self.module, sample, timestep, *args, **kwargs)
+        self._watch_weights()
+        return _reasons(self.module, self._devices, sample, timestep, args, kwargs)
+
+    def _watch_weights(self) -> None:
+        """Drop every graph when a parameter or buffer has moved to new storage since the last
+        call, and note the devices they are on (read again only then: it is per call)."""
+        if self._tensors is None:
+            self._tensors = _module_tensors(self.module)
+        weights = _weights_key(self._tensors)
+        if weights != self._weights:
+            self.reset()
+            # read again: a move (.to()) replaces buffer objects, where parameters keep theirs
+            self._tensors = _module_tensors(self.module)
+            self._weights = _weights_key(self._tensors)
+            self._devices = _devices(self._tensors)
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         reasons = self.reasons(sample, timestep, *args, **kwargs)
@@ -323,12 +373,6 @@ class CUDAGraphUNet:
             self.last_reasons = reasons
             return self.module(sample, timestep, *args, **kwargs)
         self.last_reasons = []
-        if self._tensors is None:
-            self._tensors = [*self.module.parameters(), *self.module.buffers()]
-        weights = _weights_key(self._tensors)
-        if weights != self._weights:
-            self.reset()
-            self._weights = weights
         key = signature(sample, timestep, *args, **kwargs)
         if key in self._failed:
             self.last_reasons = [self._failed[key]]
@@ -359,7 +403,7 @@ class CUDAGraphUNet:
             t_static = timestep.detach().to(device, copy=True)
         else:
             t_static = torch.full((), timestep, dtype=torch.int64, device=device)
-        static = _borrowed if self.borrow_inputs else _static
+        static = _StaticInputs(self.borrow_inputs)
         entry = _Entry(
             sample=static(sample),
             timestep=t_static,

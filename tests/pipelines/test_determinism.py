@@ -141,6 +141,25 @@ def test_previews_are_the_vae_decode_of_the_latents(pipe):
         assert np.array_equal(np.asarray(im), ref)
 
 
+def test_previews_clamp_decodes_outside_the_pixel_range(pipe, monkeypatch):
+    """A decode beyond [-1, 1] gives "pt" previews clamped to [0, 1] (as the uint8 frames are)."""
+    lidm = pipe.lidm_pipe
+    real = lidm.vae.decode
+
+    def loud(z, *args, **kwargs):
+        out = real(z, *args, **kwargs)
+        out.sample.mul_(8)
+        return out
+
+    monkeypatch.setattr(lidm.vae, "decode", loud)
+    got = lidm(2, output_type="pt", seed=0, num_inference_steps=2, progress=False)
+    with torch.no_grad():
+        x = real(got.latents / lidm.vae.config.scaling_factor).sample * 8
+    gray = (x.mean(dim=1, keepdim=True) + 1) / 2
+    assert gray.min() < 0 and gray.max() > 1
+    assert torch.equal(got.images, gray.clamp(0, 1))
+
+
 def test_previews_follow_the_vae_dtype_in_chunks(pipe):
     """A bfloat16 VAE decodes the fp32 latents after converting them to its dtype (a bf16 VAE
     given fp32 latents raised), ``batch_size`` images per decode call; the previews are fp32 and

@@ -14,6 +14,9 @@ noise) are run on CPU where they can be; on CUDA, real graphs vs eager pipelines
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from support.threads import one_torch_thread
@@ -132,7 +135,7 @@ class _EagerCapture:
 def eager_capture(monkeypatch):
     capture = _EagerCapture()
     monkeypatch.setattr(graphs, "cuda_graph_capture", capture)
-    monkeypatch.setattr(graphs, "not_supported_reasons", lambda *a, **k: [])
+    monkeypatch.setattr(graphs, "_reasons", lambda *a, **k: [])
     return capture
 
 
@@ -201,7 +204,7 @@ def test_failed_capture_falls_back_or_raises(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "cuda_graph_capture", broken)
-    monkeypatch.setattr(graphs, "not_supported_reasons", lambda *a, **k: [])
+    monkeypatch.setattr(graphs, "_reasons", lambda *a, **k: [])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     model = _lvdm()
     x, kw = _lvdm_inputs()
@@ -402,6 +405,19 @@ def test_non_finite_named_with_sample_and_step(monkeypatch, request, deferred):
         LVDMPipeline(lvdm)(cond, ef, **{**kw, "batch_size": 2, "sample_indices": [4, 5]})
 
 
+def test_non_finite_in_a_later_batch_names_its_own_sample(monkeypatch):
+    """Batches of one: the third image's first step goes non-finite. It is named by its global
+    index (given, or its position when none is given), not by the first of the whole call."""
+    kw = dict(seed=0, num_inference_steps=1, batch_size=1, progress=False)
+    for indices, named in ((None, 2), ([7, 9, 40], 40)):
+        lidm = _lidm()
+        _poison(lidm, monkeypatch, item=0, from_call=2)
+        with pytest.raises(
+            NonFiniteError, match=f"latent of sample {named} is not finite at step 0$"
+        ):
+            LIDMPipeline(lidm)(3, sample_indices=indices, **kw)
+
+
 @pytest.mark.parametrize("steps", [None, 3, 2], ids=["no_table", "table", "past_the_table"])
 def test_finite_watch_reports_the_earliest_step(deferred_on_cpu, steps):
     """Recorded in a (steps, batch) table (two kernels per step), or per sample's first bad step
@@ -477,3 +493,352 @@ def test_cuda_lidm_pipeline_graphs_match_eager(batch_size):
     graphed = pipe(3, cuda_graphs=True, **kw).latents
     assert _rel(graphed, eager) <= 1e-5
     assert pipe.graphs.captures == 1 and pipe.graphs.replays == 3 // batch_size * PIPE_STEPS
+
+
+# ---- what is decided on the host: reasons, signatures, bookkeeping ----------------------------
+
+
+class _Toy(torch.nn.Module):
+    """``sample * w + timestep``, then ``* scale`` and ``+ shift``: every input reaches the output.
+    Records the dtype and shape of each timestep it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 2.0, 3))
+        self.timesteps = []
+
+    def forward(self, sample, timestep, scale=None, *, shift=None):
+        t = torch.as_tensor(timestep)
+        self.timesteps.append((t.dtype, tuple(t.shape)))
+        out = sample * self.w + t.double().sum().float()
+        if scale is not None:
+            out = out * scale
+        if shift is not None:
+            out = out + shift
+        return SimpleNamespace(sample=out)
+
+
+def _toy_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, generator=g), torch.randn(2, 1, generator=g) + 2
+
+
+@torch.no_grad()
+def test_reasons_name_every_argument_a_graph_cannot_take():
+    model = _lvdm()
+    x, kw = _lvdm_inputs()
+
+    def reasons(*args, **kwargs):
+        return "\n".join(not_supported_reasons(model, *args, **kwargs))
+
+    assert "sample is a list, not a tensor" in reasons(x.tolist(), 5, **kw)
+    assert "timestep is a bool" in reasons(x, True, **kw)
+    assert "timestep has shape (2, 1); expected 0-d or 1-d" in reasons(x, torch.ones(2, 1), **kw)
+    assert "timestep" not in reasons(x, torch.ones(2, dtype=torch.int64), **kw)
+    assert "argument flags is a dict holding tensors" in reasons(x, 5, flags={"ef": x}, **kw)
+    assert "argument arg0 is a tuple holding tensors" in reasons(x, 5, ((x,),), **kw)
+    assert "argument arg1 is a list holding tensors" in reasons(x, 5, 1, [[0, x]], **kw)
+    assert "argument extra (dict) is not hashable" in reasons(x, 5, extra={"a": 1}, **kw)
+    assert "argument arg0 (list) is not hashable" in reasons(x, 5, [1, 2], **kw)
+    assert "argument" not in reasons(x, 5, 1, None, mode="a", pair=(1, 2), **kw)
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [("0", True), ("OFF", True), (" No ", True), ("False", True), ("1", False), ("", False)],
+)
+def test_environment_switch_reads_common_spellings(monkeypatch, value, disabled):
+    monkeypatch.setenv(graphs.ENV_VAR, value)
+    with torch.no_grad():
+        reasons = not_supported_reasons(_Toy().eval(), torch.zeros(2, 3), 5)
+    assert any(f"disabled by {graphs.ENV_VAR}={value!r}" in r for r in reasons) == disabled
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA reported available and not capturing, and a factory of fake tensors on CUDA devices
+    (shapes and devices only, no memory), so the device checks run without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.delenv(graphs.ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    mode = FakeTensorMode()
+
+    def make(*shape, device="cuda:0", param=False):
+        with mode:
+            t = torch.empty(shape, device=device)
+            return torch.nn.Parameter(t) if param else t
+
+    return make
+
+
+def _module_on(make, *devices):
+    module = torch.nn.Module()
+    for i, device in enumerate(devices):
+        module.register_parameter(f"p{i}", make(3, device=device, param=True))
+    return module.eval()
+
+
+@torch.no_grad()
+def test_one_cuda_device_is_supported_and_mixed_devices_are_named(fake_cuda, monkeypatch):
+    module = _module_on(fake_cuda, "cuda:0")
+    x, ef = fake_cuda(2, 3), fake_cuda(2, 1, 1)
+    assert not_supported_reasons(module, x, 5, encoder_hidden_states=ef) == []
+    assert not_supported_reasons(module, x, torch.tensor(5), ef) == []  # CPU timestep: copied
+    other = fake_cuda(2, 1, 1, device="cuda:1")
+    assert not_supported_reasons(module, x, 5, encoder_hidden_states=other) == [
+        "tensors on several devices ['cuda:0', 'cuda:1']"
+    ]
+    on_meta = "\n".join(not_supported_reasons(module, x, 5, torch.zeros(1, device="meta")))
+    assert "tensors or parameters on ['meta'], not on a CUDA device" in on_meta
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not_supported_reasons(module, x, 5) == [
+        "the current stream is already capturing a graph"
+    ]
+
+
+def test_signature_tells_apart_what_a_graph_depends_on():
+    x = torch.zeros(2, 3)
+    base = signature(x, torch.tensor(5))
+    assert signature(x, torch.tensor(5, dtype=torch.int32)) != base  # timestep dtype
+    assert signature(x, torch.tensor(5).reshape(1)) != base  # timestep shape
+    assert signature(x.to("meta"), torch.tensor(5)) != base  # device
+    # argument values of equal hash but other types: a module may branch on the type
+    assert len({signature(x, 5, flag=v) for v in (1, True, 1.0)}) == 3
+    assert signature(x, 5, flag=2) != signature(x, 5, flag=1)
+    try:  # the CUDA autocast state (settable without a GPU)
+        torch.set_autocast_enabled("cuda", True)
+        for dtype in (torch.float16, torch.bfloat16):
+            torch.set_autocast_dtype("cuda", dtype)
+            assert signature(x, torch.tensor(5))[-1] == ("cuda", dtype)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", torch.float16)
+    assert signature(x, torch.tensor(5)) == base
+
+
+def test_capture_reenters_autocast_without_the_cast_cache(monkeypatch):
+    made = []
+
+    def autocast(device_type, **kwargs):
+        made.append((device_type, kwargs))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    assert isinstance(graphs._capture_autocast(), contextlib.nullcontext) and made == []
+    try:
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        graphs._capture_autocast()
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", torch.float16)
+    assert made == [("cuda", {"dtype": torch.bfloat16, "cache_enabled": False})]
+
+
+class _FakeStreams:
+    """Stands in for torch.cuda's streams and graphs: records, in order, which stream each event
+    happens on (``current`` is the caller's, ``side`` the one ``torch.cuda.Stream`` makes)."""
+
+    def __init__(self, monkeypatch):
+        self.log, self.active = [], "current"
+        fake = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                fake.log.append(f"{self.name} waits for {other.name}")
+
+        streams = {"current": Stream("current"), "side": Stream("side")}
+
+        @contextlib.contextmanager
+        def on(stream):
+            before, self.active = self.active, stream.name
+            yield
+            self.active = before
+
+        @contextlib.contextmanager
+        def capture(graph):
+            self.active = "capture"  # like torch.cuda.graph, not restored on an exception
+            yield
+            self.active = "current"
+
+        class Graph:
+            def replay(self):
+                fake.log.append("replay")
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device: streams[self.active])
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device: streams["side"])
+        monkeypatch.setattr(torch.cuda, "stream", on)
+        monkeypatch.setattr(torch.cuda, "graph", capture)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(self, "active", s.name))
+
+    def call(self, fail_in=None):
+        def fn():
+            self.log.append(f"call on {self.active}")
+            if self.active == fail_in:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return "output"
+
+        return fn
+
+
+def test_capture_warms_up_on_a_side_stream_then_records_one_call(monkeypatch):
+    streams = _FakeStreams(monkeypatch)
+    replay, output = graphs.cuda_graph_capture(streams.call(), torch.device("cuda"), warmup=3)
+    assert output == "output" and streams.active == "current"
+    assert streams.log == [
+        "side waits for current",
+        *["call on side"] * 3,
+        "current waits for side",
+        "call on capture",
+    ]
+    replay()
+    assert streams.log[-1] == "replay"
+
+
+def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
+    streams = _FakeStreams(monkeypatch)
+    with pytest.raises(RuntimeError, match="capturing"):
+        graphs.cuda_graph_capture(streams.call(fail_in="capture"), torch.device("cuda"), 1)
+    assert streams.active == "current"
+
+
+def test_max_graphs_must_be_positive():
+    with pytest.raises(ValueError, match="max_graphs must be >= 1, got 0"):
+        CUDAGraphUNet(_Toy(), max_graphs=0)
+
+
+@torch.no_grad()
+def test_beyond_max_graphs_the_first_captured_is_dropped(eager_capture):
+    model = _Toy()
+    wrapped = CUDAGraphUNet(model, max_graphs=2)
+    a, b, c = (torch.zeros(n, 3) for n in (1, 2, 3))
+    for x in (a, b, c):
+        wrapped(x, 5)
+    assert wrapped.captures == 3 and wrapped.num_graphs == 2
+    wrapped(b, 6)  # kept
+    wrapped(c, 6)  # kept
+    assert wrapped.captures == 3
+    assert torch.equal(wrapped(a, 7).sample, model(a, 7).sample)  # dropped: captured again
+    assert wrapped.captures == 4 and wrapped.replays == 6
+
+
+@torch.no_grad()
+def test_a_failed_capture_is_tried_once_per_signature_until_reset(monkeypatch):
+    tries, synced = [], []
+
+    def broken(fn, device, warmup):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "cuda_graph_capture", broken)
+    monkeypatch.setattr(graphs, "_reasons", lambda *a, **k: [])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synced.append(device))
+    model = _Toy()
+    wrapped = CUDAGraphUNet(model)
+    x = torch.randn(2, 3)
+    for t in (900, 15, 3):
+        assert torch.equal(wrapped(x, t).sample, model(x, t).sample)
+        assert wrapped.last_reasons[0].startswith("capture failed (RuntimeError: operation not")
+    assert len(tries) == 1 and synced == [x.device]  # the failed stream work waited for once
+    wrapped(torch.randn(1, 3), 3)  # another signature: tried
+    assert len(tries) == 2
+    wrapped.reset()
+    wrapped(x, 3)
+    assert len(tries) == 3 and wrapped.captures == 0 and wrapped.replays == 0
+
+
+@torch.no_grad()
+def test_last_reasons_are_cleared_when_a_call_replays(eager_capture):
+    wrapped = CUDAGraphUNet(_Toy(), enabled=False)
+    x = torch.randn(2, 3)
+    wrapped(x, 5)
+    assert wrapped.last_reasons == ["CUDA graphs are disabled for this wrapper (enabled=False)"]
+    wrapped.enabled = None
+    wrapped(x, 5)
+    assert wrapped.last_reasons == [] and wrapped.captures == 1
+
+
+@torch.no_grad()
+def test_callers_tensors_are_only_read_unless_borrowed(eager_capture):
+    """Without ``borrow_inputs`` the wrapper copies into buffers of its own; a tensor timestep is
+    copied in either mode. A Python int timestep reaches the module as an int64 0-d tensor."""
+    for borrow in (False, True):
+        model = _Toy()
+        wrapped = CUDAGraphUNet(model, borrow_inputs=borrow)
+        x1, s1 = _toy_inputs(1)
+        t1, shift1 = torch.tensor(900), s1 + 1
+        kept = x1.clone(), s1.clone(), shift1.clone()
+        wrapped(x1, t1, s1, shift=shift1)
+        x2, s2 = _toy_inputs(2)
+        got = wrapped(x2, torch.tensor(15), s2, shift=s2 * 2).sample
+        assert torch.equal(got, model(x2, 15, s2, shift=s2 * 2).sample)
+        assert t1.item() == 900
+        if not borrow:
+            assert all(torch.equal(a, b) for a, b in zip((x1, s1, shift1), kept))
+    model = _Toy()
+    wrapped = CUDAGraphUNet(model)
+    for t in (945, 30):
+        x, s = _toy_inputs(t)
+        assert torch.equal(wrapped(x, t, s).sample, model(x, t, s).sample)
+    assert wrapped.captures == 1 and wrapped.replays == 2
+    assert set(model.timesteps[:-2]) == {(torch.int64, ())}  # the wrapper's calls
+
+
+@torch.no_grad()
+def test_reset_forgets_the_parameters_it_watched(eager_capture):
+    """After ``reset`` (parameter objects replaced) the new parameters are the ones watched: a
+    later move of one to new storage is a re-capture."""
+    model = _Toy()
+    wrapped = CUDAGraphUNet(model)
+    x = torch.randn(2, 3)
+    wrapped(x, 5)
+    model.w = torch.nn.Parameter(torch.randn(3))
+    wrapped.reset()
+    wrapped(x, 5)
+    assert wrapped.captures == 2
+    model.w.data = torch.randn(3)
+    assert torch.equal(wrapped(x, 5).sample, model(x, 5).sample)
+    assert wrapped.captures == 3
+
+
+# ---- contract points the current source does not meet ------------------------------------------
+
+
+@torch.no_grad()
+def test_every_parameter_must_be_on_the_one_cuda_device(fake_cuda):
+    """The docstring: "every tensor argument and every parameter on one CUDA device". A module
+    whose later parameters are on another GPU is named, not captured."""
+    module = _module_on(fake_cuda, "cuda:0", "cuda:1")
+    x = fake_cuda(2, 3)
+    assert not_supported_reasons(module, x, 5) == [
+        "tensors on several devices ['cuda:0', 'cuda:1']"
+    ]
+
+
+@torch.no_grad()
+def test_borrowed_inputs_passed_twice_replay_like_the_plain_call(eager_capture):
+    """A capturing call that passes one tensor as two arguments: a later call with two different
+    tensors must still give the plain call's result (the two static inputs must not alias)."""
+    model = _Toy()
+    wrapped = CUDAGraphUNet(model, borrow_inputs=True)
+    x1, s1 = _toy_inputs(1)
+    wrapped(x1, 900, s1, shift=s1)
+    x2, s2 = _toy_inputs(2)
+    got = wrapped(x2, 15, s2, shift=s2 * 2).sample
+    assert torch.equal(got, model(x2, 15, s2, shift=s2 * 2).sample)
+
+
+@torch.no_grad()
+def test_the_wrapper_checks_every_parameter_and_buffer():
+    module = torch.nn.Module().eval()
+    module.p0 = torch.nn.Parameter(torch.ones(3))
+    module.register_buffer("b0", torch.ones(3, device="meta"))
+    wrapped = CUDAGraphUNet(module)
+    reasons = wrapped.reasons(torch.ones(2, 3), 5)
+    assert "tensors or parameters on ['cpu', 'meta'], not on a CUDA device" in reasons

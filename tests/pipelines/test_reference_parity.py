@@ -12,9 +12,9 @@ from diffusers import (
     UNet2DModel,
     UNetSpatioTemporalConditionModel,
 )
-from support.models import rel_err
+from support.models import build_diffusers, rel_err
 from support.threads import one_torch_thread
-from support.weights import make_weights_root
+from support.weights import TINY_LVDM, make_weights_root
 
 from echofast.models import LIDM, LVDM, VAE
 from echofast.pipelines import LIDMPipeline, LVDMPipeline
@@ -161,6 +161,31 @@ def test_lvdm_pipeline_matches_reference(models, num_frames):
     pipe = LVDMPipeline(ours["lvdm"], ours["vae"], OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
     got = _latents(pipe, cond, ef, seeds, num_frames)
     assert got.shape == expected.shape == (2, num_frames, 4, 6, 6)
+    assert rel_err(got, expected) <= TOL
+
+
+def test_lvdm_pipeline_follows_the_timesteps_of_the_reference(tmp_path):
+    """The tiny LVDM's 32 channels make 32 GroupNorm groups of one channel each, which remove the
+    time embedding (a per-channel shift) entirely: that model's output hardly depends on the
+    timestep. With 64 channels (two per group) it does, so the timesteps and time features the
+    pipeline gives each step are checked against the reference loop."""
+    config = dict(TINY_LVDM, block_out_channels=[64, 64, 64])
+    ref = build_diffusers(UNetSpatioTemporalConditionModel, config, seed=3).eval()
+    ref.save_pretrained(tmp_path / "lvdm")
+    ours = LVDM.from_pretrained(tmp_path / "lvdm")
+    cond = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(8))
+    ef = torch.tensor([45.0, 20.0])
+    with torch.no_grad():
+        x = torch.randn(2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(9))
+        kw = dict(
+            encoder_hidden_states=(ef / 100).reshape(2, 1, 1), added_time_ids=torch.zeros(2, 1)
+        )
+        early, late = (ref(x, t, **kw).sample for t in (900, 100))
+        assert rel_err(early, late) > 1e-2  # the timestep matters to this model
+        expected = reference_lvdm(ref, cond, ef, [51, 52], 4)
+    pipe = LVDMPipeline(ours, scheduler=OurDDPM(**REFERENCE_SCHEDULER_CONFIG))
+    got = _latents(pipe, cond, ef, [51, 52], 4)
+    assert got.shape == expected.shape == (2, 4, 4, 6, 6)
     assert rel_err(got, expected) <= TOL
 
 

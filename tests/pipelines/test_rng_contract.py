@@ -89,3 +89,29 @@ def test_pipelines_seed_each_sample_from_its_own_stream(pipes):
     assert torch.equal(got, want)
     other = lvdm(cond, ef, generator=sample_generators(seed, indices[:2], "lidm"), **kw).latents
     assert not torch.allclose(got, other)
+
+
+def _after_draws(seed: int, *shapes: tuple[int, ...]) -> torch.Tensor:
+    """The state of a generator seeded ``seed`` after one ``randn`` of each shape."""
+    g = torch.Generator().manual_seed(seed)
+    for shape in shapes:
+        torch.randn(shape, generator=g)
+    return g.get_state()
+
+
+def test_each_generator_gives_exactly_the_documented_draws(pipes):
+    """Per sample: the initial latents, then one noise tensor per step with t > 0 and none for
+    the last step (t = 0): a caller's generators are left where that sequence ends."""
+    kw = dict(num_inference_steps=3, progress=False)
+    pipes.lidm_pipe.scheduler.set_timesteps(3)
+    assert pipes.lidm_pipe.scheduler.timesteps[-1] == 0
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    latents = pipes.lidm_pipe(2, generator=gens, batch_size=1, **kw).latents
+    for g, s in zip(gens, (3, 4)):
+        assert torch.equal(g.get_state(), _after_draws(s, *[(1, 4, 6, 6)] * 3))
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    kw = dict(kw, num_frames=6, output_type="latent")
+    pipes.lvdm_pipe(latents, [30.0, 60.0], generator=gens, **kw)
+    total = 8  # 6 frames rounded up to the 4-frame stride of the 8-frame window
+    for g, s in zip(gens, (5, 6)):
+        assert torch.equal(g.get_state(), _after_draws(s, *[(1, total, 4, 6, 6)] * 3))
