@@ -570,6 +570,10 @@ def fake_cuda(monkeypatch):
             t = torch.empty(shape, device=device)
             return torch.nn.Parameter(t) if param else t
 
+    try:
+        make(1)
+    except RuntimeError as err:  # torch 2.5's CUDA builds initialise CUDA for a fake CUDA tensor
+        pytest.skip(f"torch {torch.__version__} cannot make fake CUDA tensors here: {err}")
     return make
 
 
