@@ -703,7 +703,11 @@ def _lock_file(name: str) -> bool:
 def _fresh(folder: Path) -> bool:
     """Empty, or holding only what another shard's start has just created (locks, empty Videos)."""
     for item in folder.iterdir():
-        if item.name == STATE_DIR and all(_lock_file(p.name) for p in item.iterdir()):
+        if (
+            item.name == STATE_DIR
+            and item.is_dir()
+            and all(_lock_file(p.name) for p in item.iterdir())
+        ):
             continue
         if item.name == "Videos" and item.is_dir() and not any(item.iterdir()):
             continue

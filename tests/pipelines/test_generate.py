@@ -283,9 +283,9 @@ def test_kill_9_then_resume_gives_identical_dataset(
 
 def test_torn_journal_line_is_dropped(tmp_path):
     journal = tmp_path / "j.jsonl"
-    journal.write_text('{"index": 0}\n{"index": 1, "File')
+    journal.write_text('{"index": 0}\n\n{"index": 1, "File')
     assert read_journal(journal) == [{"index": 0}]
-    assert journal.read_text() == '{"index": 0}\n'
+    assert journal.read_text() == '{"index": 0}\n\n'
 
 
 def test_shards_merge_to_the_single_process_dataset(reference_run, weights_root, tmp_path):

@@ -12,6 +12,7 @@ from pipelines.test_generate_sharding import _RecordingPipe
 
 from echofast.pipelines.dataset import (
     GenerationArgumentError,
+    GenerationConflict,
     ef_bounds,
     generate_dataset,
     requested_ef,
@@ -21,6 +22,22 @@ from echofast.pipelines.dataset import (
 @pytest.mark.parametrize("ef_range", [("10", "90"), (10, None), None])
 def test_an_ef_range_that_is_not_two_numbers_is_refused_naming_the_option(ef_range):
     with pytest.raises(GenerationArgumentError, match="--ef-range"):
+        ef_bounds(ef_range)
+
+
+@pytest.mark.parametrize(
+    ("ef_range", "message"),
+    [
+        ("19", r"--ef-range needs LO and HI, got '19'"),
+        (b"19", r"--ef-range needs LO and HI, got b'19'"),
+        ((True, 90), "--ef-range must be two numbers, got True 90"),
+        ((10, False), "--ef-range must be two numbers, got 10 False"),
+    ],
+)
+def test_a_text_or_a_boolean_is_not_an_ef_bound(ef_range, message):
+    """A two-character string is not a pair of bounds, and a bool is not a number (``True``
+    would silently be 1)."""
+    with pytest.raises(GenerationArgumentError, match=message):
         ef_bounds(ef_range)
 
 
@@ -43,3 +60,19 @@ def test_filelist_records_the_ef_that_was_requested_from_an_ef_source(weights_ro
         written = [float(row["EF"]) for row in csv.DictReader(fh)]
     pool = [68.2120227, 31.98765432]
     assert written == [requested_ef(cfg, i, pool) for i in range(cfg.num_videos)]
+
+
+def test_an_ef_source_is_part_of_the_dataset_by_its_content_not_its_path(weights_root, tmp_path):
+    """The EF source is recorded by digest: the same FileList under another path resumes the job,
+    one with other EF values is refused naming ef_from."""
+    first, moved, edited = (tmp_path / name for name in ("a.csv", "b.csv", "c.csv"))
+    first.write_text("FileName,EF,Split\na,40,TRAIN\nb,55.5,TEST\n")
+    moved.write_bytes(first.read_bytes())
+    edited.write_text("FileName,EF,Split\na,40,TRAIN\nb,55.25,TEST\n")
+    out = tmp_path / "ds"
+    generate_dataset(_cfg(weights_root, out, ef_from=str(first)), pipe=_RecordingPipe())
+    pipe = _RecordingPipe()
+    summary = generate_dataset(_cfg(weights_root, out, ef_from=str(moved)), pipe=pipe)
+    assert summary["complete"] and summary["generated"] == 0 and pipe.batches == []
+    with pytest.raises(GenerationConflict, match="ef_from: folder has '[0-9a-f]{64}'"):
+        generate_dataset(_cfg(weights_root, out, ef_from=str(edited)), pipe=pipe)

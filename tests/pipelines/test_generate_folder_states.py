@@ -4,14 +4,18 @@ what is taken over, what is refused, what is kept and what is rewritten (no dupl
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
 from pipelines.test_generate_sharding import _cfg, _journaled, _make_legacy, _RecordingPipe, _videos
 
+import echofast.pipelines.dataset as dataset_mod
 from echofast.pipelines.dataset import (
+    GenerationArgumentError,
     GenerationConflict,
     Shard,
     _running,
@@ -44,6 +48,7 @@ def _journal_lines(folder: Path) -> list[int]:
         "Videos/clip.avi",
         ".echofast/journal-0of1.jsonl",
         ".echofast/notes.txt",
+        ".echofast/running-notes.txt",
         "FileList.csv",
     ],
 )
@@ -51,6 +56,8 @@ def test_a_folder_without_manifest_holding_more_than_locks_is_refused(
     weights_root, tmp_path, leftover
 ):
     out = tmp_path / "ds"
+    (out / ".echofast").mkdir(parents=True)
+    (out / ".echofast" / "lock").touch()  # as a run that crashed before its manifest leaves
     (out / Path(leftover).parent).mkdir(parents=True, exist_ok=True)
     (out / leftover).write_text("not ours")
     with pytest.raises(GenerationConflict, match="is not an echofast generation folder"):
@@ -149,6 +156,11 @@ def test_a_lock_of_unknown_form_held_by_another_process_keeps_every_temporary(
         assert other.exists()
     _generate(weights_root, out, shard=Shard(0, 2))
     assert not other.exists()
+    other.write_bytes(b"x")
+    with open(out / ".echofast" / "running-custom.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _generate(weights_root, out)  # an unsharded run too
+        assert other.exists()
 
 
 def test_merging_again_adds_no_row_twice_and_a_partial_merge_is_incomplete(weights_root, tmp_path):
@@ -182,3 +194,142 @@ def test_merging_into_a_folder_of_the_per_sample_rule_is_refused(weights_root, t
     with pytest.raises(GenerationConflict, match=r"legacy/generation.json records no batch size"):
         merge_datasets(legacy, [part])
     assert _videos(legacy) == before
+
+
+def test_merge_needs_generation_folders(weights_root, tmp_path):
+    with pytest.raises(GenerationArgumentError, match="at least one shard folder"):
+        merge_datasets(tmp_path / "merged", [])
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GenerationConflict, match=r"plain: not an echofast generation folder"):
+        merge_datasets(tmp_path / "merged", [_shard(weights_root, tmp_path), tmp_path / "plain"])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_leaves_out_journaled_videos_that_are_lost_or_cut(weights_root, tmp_path):
+    """A shard's journaled video whose file is gone or no longer has its recorded size is not
+    brought into the merged folder (nor is a cut copy): the merge is incomplete, and the shard,
+    resumed, completes it."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    _generate(weights_root, a, shard=Shard(0, 2))
+    _generate(weights_root, b, shard=Shard(1, 2))
+    (a / "Videos" / "synthetic_000001.avi").unlink()
+    cut = a / "Videos" / "synthetic_000004.avi"
+    cut.write_bytes(cut.read_bytes()[:100])
+    summary = merge_datasets(out, [a, b])
+    assert not summary["complete"] and summary["in_dataset"] == 3
+    assert sorted(_videos(out)) == [f"synthetic_{i:06d}.avi" for i in (0, 2, 3)]
+    assert _rows(out) == [f"synthetic_{i:06d}" for i in (0, 2, 3)]
+    _generate(weights_root, a, shard=Shard(0, 2))
+    assert merge_datasets(out, [a, b])["complete"]
+    assert _rows(out) == [f"synthetic_{i:06d}" for i in range(5)]
+
+
+def test_merge_takes_a_shard_whose_journal_lists_a_regenerated_video_twice(weights_root, tmp_path):
+    """A shard that regenerated a lost video journals it again (its old line stays): that sample
+    is still in one shard only, so the merge takes it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _generate(weights_root, a, shard=Shard(0, 2))
+    (a / "Videos" / "synthetic_000001.avi").unlink()
+    _generate(weights_root, a, shard=Shard(0, 2))
+    assert _journal_lines(a) == [0, 1, 1, 4]
+    _generate(weights_root, b, shard=Shard(1, 2))
+    summary = merge_datasets(tmp_path / "merged", [a, b])
+    assert summary["complete"] and _rows(tmp_path / "merged") == [
+        f"synthetic_{i:06d}" for i in range(5)
+    ]
+
+
+def test_merge_copies_videos_where_hard_links_fail(weights_root, tmp_path, monkeypatch):
+    """Shards on another file system than the merged folder (``os.link`` fails with EXDEV):
+    the videos are copied, byte for byte."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    _generate(weights_root, a, shard=Shard(0, 2))
+    _generate(weights_root, b, shard=Shard(1, 2))
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    assert merge_datasets(out, [a, b])["complete"]
+    assert _videos(out) == {**_videos(a), **_videos(b)}
+    assert all(p.stat().st_nlink == 1 for p in (out / "Videos").iterdir())
+
+
+def test_restart_in_a_folder_of_an_earlier_version_keeps_the_running_shards_temporaries(
+    weights_root, tmp_path
+):
+    """In a folder without a recorded batch size shard i of N owns ``index % N == i``: a shard
+    that restarts while another runs removes its own stale temporary files only, by that rule
+    (not by the chunks of its batch size)."""
+    out = tmp_path / "shared"
+    _make_legacy(weights_root, out, Shard(0, 2))
+    _generate(weights_root, out, shard=Shard(0, 2))
+    videos = out / "Videos"
+    temporaries = {i: videos / f".synthetic_{i:06d}.avi.a1b2c3d4.tmp" for i in (1, 2, 3)}
+    with _running(out, Shard(1, 2)):
+        for tmp in temporaries.values():
+            tmp.write_bytes(b"x")
+        _generate(weights_root, out, shard=Shard(0, 2))
+        assert sorted(i for i, tmp in temporaries.items() if tmp.exists()) == [1, 3]
+
+
+@pytest.mark.parametrize("left", ["a temporary video", "an empty journal"])
+def test_a_start_that_finished_no_video_is_taken_over(weights_root, tmp_path, left):
+    """A start that stopped before its first video was finished (a temporary file of the video
+    being written, or a journal created empty) holds no dataset: a job with other arguments
+    takes the folder over."""
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError, match="stopped"):
+        generate_dataset(_cfg(weights_root, out, seed=7), pipe=_RecordingPipe(stop_at=0))
+    if left == "a temporary video":
+        (out / "Videos" / ".synthetic_000000.avi.a1b2c3d4.tmp").write_bytes(b"RIFF")
+    else:
+        (out / ".echofast" / "journal-0of1.jsonl").touch()
+    assert _generate(weights_root, out)["complete"]
+    assert json.loads((out / "generation.json").read_text())["arguments"]["seed"] == 2
+    assert not list((out / "Videos").glob(".*"))
+
+
+def test_rerunning_a_finished_job_does_not_load_the_models(weights_root, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    _generate(weights_root, out)
+
+    def no_models(cfg: object) -> None:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(dataset_mod, "_load", no_models)
+    summary = generate_dataset(_cfg(weights_root, out))
+    assert summary["complete"] and summary["generated"] == 0 and summary["already_done"] == 5
+
+
+def test_a_restart_beside_a_running_shard_removes_its_stale_temporaries_of_any_name_prefix(
+    weights_root, tmp_path
+):
+    out = tmp_path / "shared"
+    _generate(weights_root, out, shard=Shard(1, 2), name_prefix="echo.")
+    theirs = out / "Videos" / ".echo.000002.avi.k3j2h1g0.tmp"
+    stale = out / "Videos" / ".echo.000001.avi.a1b2c3d4.tmp"
+    with _running(out, Shard(1, 2)):
+        theirs.write_bytes(b"being written by shard 1/2")
+        stale.write_bytes(b"left by a killed shard 0/2")
+        assert _generate(weights_root, out, shard=Shard(0, 2), name_prefix="echo.")["complete"]
+        assert theirs.exists() and not stale.exists()
+
+
+def test_the_summary_counts_the_videos_another_shard_finished_meanwhile(weights_root, tmp_path):
+    """Shards share a folder: ``in_dataset`` is the number of rows of the FileList.csv written at
+    the end, with the videos that shard 1/2 finished while shard 0/2 ran."""
+    out = tmp_path / "shared"
+
+    class OtherShardMeanwhile(_RecordingPipe):
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            if not self.batches:
+                _generate(weights_root, out, shard=Shard(1, 2))
+            return super().__call__(*args, **kwargs)
+
+    summary = generate_dataset(
+        _cfg(weights_root, out, shard=Shard(0, 2)), pipe=OtherShardMeanwhile()
+    )
+    assert summary["generated"] == 3 and summary["already_done"] == 0
+    assert summary["in_dataset"] == 5 and summary["complete"]
+    assert _rows(out) == [f"synthetic_{i:06d}" for i in range(5)]

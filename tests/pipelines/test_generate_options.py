@@ -96,6 +96,20 @@ REFUSED = [
         dict(privacy="m", reference_latents="r", privacy_normalization="pixel"),
         "--privacy-normalization must be one of",
     ),
+    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(decode_chunk_size=0), "decode_chunk_size must be an int >= 1, got 0"),
+    (dict(steps=2.0), "steps must be an int >= 1, got 2.0"),
+    (dict(fps=True), "fps must be a finite number, got True"),
+    (dict(writer_threads=True), "--writer-threads: writer threads must be an int >= 0, got True"),
+    (dict(shard="1/2"), "shard must be a Shard, got '1/2'"),
+    (dict(splits=(1, None, 1)), "--splits: "),
+    (dict(name_prefix=7), "--name-prefix must be a string, got 7"),
+    (dict(dtype=["float32"]), r"--dtype must be one of .*, got \['float32'\]"),
+    (dict(privacy="m", reference_latents="r", oversample=True), "--oversample must be .*True"),
+    (
+        dict(privacy="m", reference_latents="r", privacy_frame_step=True),
+        "--privacy-frame-step must be an int >= 0, got True",
+    ),
 ]
 
 
@@ -139,6 +153,18 @@ def test_name_prefix_may_fill_the_file_system_name_limit_exactly(weights_root, t
             _cfg(weights_root, tmp_path / "ds", name_prefix=fits, num_videos=10**6 + 1)
         )
     assert not (tmp_path / "ds").exists()
+
+
+def test_name_prefix_limit_is_255_bytes_where_the_file_system_cannot_be_asked(
+    weights_root, tmp_path, monkeypatch
+):
+    def unsupported(path: object, name: str) -> int:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "pathconf", unsupported)
+    _check_arguments(_cfg(weights_root, tmp_path / "ds", name_prefix="p" * (255 - 24)))
+    with pytest.raises(GenerationArgumentError, match="would take 256 bytes, over the 255-byte"):
+        _check_arguments(_cfg(weights_root, tmp_path / "ds", name_prefix="p" * (256 - 24)))
 
 
 def test_forced_cuda_graphs_that_cannot_run_are_refused_before_anything_is_written(

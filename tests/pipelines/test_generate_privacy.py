@@ -359,3 +359,49 @@ def test_a_dropped_video_gives_its_slot_to_the_next_attempt_that_passes(
     with open(out / "FileList.csv", newline="") as fh:
         efs = [row["EF"] for row in csv.DictReader(fh)]
     assert efs == [attempts[r]["EF"] for r in (0, 2, 3, 4)]
+
+
+def test_reference_latents_without_their_encode_manifest_are_refused(
+    weights_root, reid_dir, reference, tmp_path
+):
+    """Without encode.json nothing says which VAE encoded the reference: refused naming the file,
+    before anything is written."""
+    bare = tmp_path / "bare_ref"
+    bare.mkdir()
+    (bare / "FileList.csv").write_bytes((reference / "FileList.csv").read_bytes())
+    out = tmp_path / "ds"
+    with pytest.raises(PrivacyError, match=r"bare_ref/encode.json is missing: cannot verify"):
+        generate_dataset(_cfg(weights_root, out, reid_dir, bare))
+    assert not out.exists()
+
+
+def test_a_resume_reuses_saved_candidates_and_regenerates_a_torn_chunk(
+    private_run, weights_root, reid_dir, reference, tmp_path
+):
+    """The LIDM candidates are saved in chunks of batch_size: a resumed run samples only the
+    chunk whose file is torn (rewritten with the same bytes), animates no finished video again
+    and gives the same report."""
+    from echofast.pipelines import EchoSyntheticPipeline
+
+    ref_out, _ = private_run
+    out = tmp_path / "ds"
+    shutil.copytree(ref_out, out)
+    torn = out / ".echofast" / "privacy" / "candidates-0000002-2.safetensors"
+    whole = torn.read_bytes()
+    torn.write_bytes(whole[: len(whole) // 2])
+    pipe = EchoSyntheticPipeline.from_pretrained(weights_root)
+    sampled, lidm = [], pipe.lidm_pipe
+
+    def recording(*args, sample_indices, **kwargs):
+        sampled.append(list(sample_indices))
+        return lidm(*args, sample_indices=sample_indices, **kwargs)
+
+    def no_videos(*args, **kwargs):
+        raise AssertionError("every video is done: nothing is animated")
+
+    pipe.lidm_pipe, pipe.lvdm_pipe = recording, no_videos
+    summary = generate_dataset(_cfg(weights_root, out, reid_dir, reference), pipe=pipe)
+    assert summary["complete"] and summary["generated"] == 0
+    assert sampled == [[2, 3]] and torn.read_bytes() == whole
+    for name in ("FileList.csv", "privacy_report.json"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name

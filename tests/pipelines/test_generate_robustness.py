@@ -217,16 +217,24 @@ def test_merge_checks_everything_before_writing(weights_root, tmp_path):
 
 
 def test_ef_from_skips_empty_cells_and_refuses_a_file_without_values(tmp_path):
-    """Rows without an EF are left out of the pool; a FileList with no EF at all is refused
-    naming the file; a field that the csv module cannot read is refused naming the file too."""
+    """Rows without an EF (an empty cell, or a row that stops before the column) are left out of
+    the pool; a FileList with no EF at all is refused naming the file; a field that the csv
+    module cannot read, a missing EF column and bytes that are not UTF-8 are refused naming the
+    option and the file too."""
     src = tmp_path / "FileList.csv"
-    src.write_text("FileName,EF,Split\na,,TRAIN\nb,47.5,TEST\nc,,VAL\n")
+    src.write_text("FileName,EF,Split\na,,TRAIN\nb,47.5,TEST\nc,,VAL\nd\n")
     assert _ef_pool(str(src)) == [47.5]
     src.write_text("FileName,EF,Split\na,,TRAIN\n")
     with pytest.raises(GenerationArgumentError, match=r"FileList.csv: no EF values"):
         _ef_pool(str(src))
     src.write_text('FileName,EF\na,"' + "9" * (csv.field_size_limit() + 1) + '"\n')
     with pytest.raises(GenerationArgumentError, match=r"FileList.csv: not a readable UTF-8 CSV"):
+        _ef_pool(str(src))
+    src.write_text("FileName,Split\na,TRAIN\n")
+    with pytest.raises(GenerationArgumentError, match=r"^--ef-from .*FileList.csv: .*\['EF'\]"):
+        _ef_pool(str(src))
+    src.write_bytes(b"FileName,EF\na,4\xff\n")
+    with pytest.raises(GenerationArgumentError, match=r"^--ef-from .*FileList.csv: not UTF-8"):
         _ef_pool(str(src))
 
 
@@ -242,9 +250,21 @@ def test_a_device_index_beyond_the_visible_gpus_is_refused(monkeypatch):
         check_device("cuda")
 
 
+def test_a_rocm_torch_may_use_cuda_devices_and_a_cpu_only_torch_may_not(monkeypatch):
+    """torch for ROCm records no CUDA version but a HIP one, and names its GPUs "cuda"."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(GenerationArgumentError, match=r"--device 'cuda:0': .* built without CUDA"):
+        check_device("cuda:0")
+
+
 def test_identity_depends_on_what_is_sampled_not_on_how_it_is_spelled(tmp_path):
-    """Default splits equal the same counts given explicitly; a device index or a number of
-    writer threads does not change the dataset, a device type does."""
+    """Default splits equal the same counts given explicitly; a device index, a number of
+    writer threads, the progress bar, allow_pickle or where the weights lie (their digests are
+    recorded) does not change the dataset, a device type does."""
     sha = {"vae": {"weights": "x"}}
 
     def ident(**kw: object) -> dict:
@@ -255,6 +275,9 @@ def test_identity_depends_on_what_is_sampled_not_on_how_it_is_spelled(tmp_path):
     assert ident(device="cuda:1") == ident(device="cuda") != default
     assert ident(device="cuda:1")["device_type"] == "cuda" and default["device_type"] == "cpu"
     assert ident(writer_threads=3, batch_size=5, decode_chunk_size=2) == default
+    assert ident(progress=True, allow_pickle=True) == default
+    moved = _cfg(tmp_path / "weights_elsewhere", tmp_path, num_videos=10).identity(sha, None)
+    assert moved == default and "weights" not in default
     assert ident(splits=(6, 2, 2)) != default
 
 
@@ -272,6 +295,23 @@ def test_weights_digests_cover_weights_config_and_a_recorded_schedule(weights_ro
         if name == "lvdm":
             expected["scheduler"] = _sha256(root / folder / "scheduler_config.json")
         assert digests[name] == expected
+
+
+@pytest.mark.parametrize("damage", ["a folder", "latin-1 bytes"])
+def test_an_unreadable_recorded_schedule_is_refused_naming_it_before_writing(
+    weights_root, tmp_path, damage
+):
+    root = tmp_path / "w"
+    shutil.copytree(weights_root, root)
+    recorded = root / "lvdm" / "scheduler_config.json"
+    if damage == "a folder":
+        recorded.mkdir()
+    else:
+        recorded.write_bytes(b'{"_class_name": "DDPMScheduler", "note": "\xe9"}')
+    out = tmp_path / "ds"
+    with pytest.raises(ConfigError, match="lvdm/scheduler_config.json: cannot read the model's"):
+        generate_dataset(_cfg(root, out))
+    assert not out.exists()
 
 
 def _sha256(path: Path) -> str:

@@ -89,6 +89,10 @@ def test_shards_generate_the_batches_of_a_single_process_run(weights_root, tmp_p
             )
         assert sorted(pipe.batches) == SINGLE_PROCESS_BATCHES, count
         assert _videos(tmp_path / f"shared{count}") == _videos(tmp_path / "single")
+        journals = sorted(p.name for p in (tmp_path / f"shared{count}" / ".echofast").iterdir())
+        assert [j for j in journals if j.startswith("journal-")] == [
+            f"journal-{index}of{count}.jsonl" for index in range(count) if index < 3
+        ]
     parts = [tmp_path / "part0", tmp_path / "part1"]
     pipe = _RecordingPipe()
     for index, part in enumerate(parts):
@@ -251,3 +255,16 @@ def test_cli_batch_size_defaults_to_the_recorded_one(weights_root, tmp_path, mon
     assert main(common + weights + ["--out", str(tmp_path / "new")]) == 0
     assert main(common + ["--out", str(tmp_path / "demo")]) == 0
     assert seen == [3, 4, 8, demo_defaults()["batch_size"]]
+
+
+def test_a_start_that_finished_no_video_takes_the_new_batch_size(weights_root, tmp_path):
+    """Before the first video is finished, the recorded batch size binds nothing yet: a restart
+    with another one takes the folder over, without a warning, and records it."""
+    out = tmp_path / "shared"
+    with pytest.raises(RuntimeError, match="stopped"):
+        generate_dataset(_cfg(weights_root, out, shard=Shard(0, 2)), pipe=_RecordingPipe(stop_at=0))
+    pipe = _RecordingPipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_dataset(_cfg(weights_root, out, shard=Shard(0, 2), batch_size=3), pipe=pipe)
+    assert pipe.batches == [[0, 1, 2]] and _manifest(out)["batch_size"] == 3

@@ -187,3 +187,9 @@ def test_defaults_are_the_reference_sampling_run():
         assert params["num_inference_steps"].default == 64
         if "num_frames" in params:
             assert params["num_frames"].default == 192
+
+
+@pytest.mark.parametrize("dtype", ["float8", torch.float64, torch.int8])
+def test_lvdm_decode_dtype_must_be_a_supported_precision(no_sampling, dtype):
+    with pytest.raises(ValueError, match="decode_dtype must be one of"):
+        no_sampling.lvdm_pipe.decode(torch.zeros(1, 2, 4, 8, 8), dtype=dtype)
