@@ -163,3 +163,46 @@ def test_dtype_leaves_a_model_patched_through_another_call_alone(kit):
     assert [type(m) for m in model.modules()] == patched
     assert echofast.unpatch(model) is True
     assert torch.equal(model(**x).sample, expected)
+
+
+@torch.no_grad()
+def test_dtype_casts_back_floating_tensors_in_lists_and_tuples_only():
+    """Outputs of any structure: floating tensors in lists and nested tuples come back in the
+    input's dtype, integer tensors are left as they are."""
+
+    class Pieces(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            y = self.proj(x)  # bf16 under autocast
+            return [y, (y, y.argmax(dim=-1))]
+
+    torch.manual_seed(0)
+    module = Pieces()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    report = echofast.patch(module, dtype="bfloat16")
+    assert report.counts() == {"autocast": 1}
+    out = module(x)
+    assert type(out) is list and type(out[1]) is tuple
+    assert out[0].dtype == torch.float32 and out[1][0].dtype == torch.float32
+    assert out[1][1].dtype == torch.int64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = module.proj(x)
+    assert torch.equal(out[0], expected.float())
+    echofast.unpatch(module)
+
+
+@torch.no_grad()
+def test_dtype_on_a_replaced_model_is_its_call_under_autocast(kit):
+    """The echofast model serving a diffusers model runs under the patch's autocast too."""
+    model, x = kit.build("lidm"), kit.inputs("lidm")
+    assert echofast.patch(model).replaced
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**x).sample.float()
+    report = echofast.patch(model, dtype="bfloat16")
+    assert report.replaced and "autocast" not in report.counts()
+    got = model(**x).sample
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    echofast.unpatch(model)

@@ -201,3 +201,25 @@ def test_pipeline_components_that_are_not_diffusers_models_are_reported_and_kept
     ]
     assert type(helper[0]) is torch.nn.GroupNorm
     assert echofast.unpatch(pipe) is True
+
+
+@torch.no_grad()
+def test_save_pretrained_of_a_patched_pipeline_loads_in_diffusers(tmp_path):
+    """A pipeline built around an already patched UNet records the UNet's library from its
+    class's module: it is saved as ``["diffusers", "UNet2DModel"]`` and loads without
+    echofast."""
+    import json
+
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = build_diffusers(UNet2DModel, {**LIDM_SMALL_CONFIG, "sample_size": 16})
+    echofast.patch(unet)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50))
+    pipe.save_pretrained(tmp_path)
+    echofast.unpatch(unet)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.unet) is UNet2DModel
+    state = loaded.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
