@@ -336,3 +336,61 @@ def test_config_overrides_and_save_pretrained_match_diffusers(seed, tmp_path):
         assert dict(again.config) == {k: loaded.config[k] for k in again.config}
         with pytest.raises(ConfigError, match="timestep_spacin"):
             ours_cls.from_config(ours.config, timestep_spacin="trailing")
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_ddpm_learned_variance_steps_each_row_as_diffusers_and_none_at_t_zero(variance_type):
+    """A per-sample batch mixing t > 0 and t = 0 (one noise draw for the batch): each row steps
+    as diffusers steps the batch at that row's timestep, so the t = 0 row gets no noise
+    whatever its v; a
+    negative learned σ² gives NaN where diffusers does."""
+    ours = DDPMScheduler(variance_type=variance_type)
+    theirs = DiffusersDDPM(variance_type=variance_type)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    data = torch.Generator().manual_seed(21)
+    x, pred = torch.randn(SHAPE, generator=data), torch.randn(SHAPE, generator=data)
+    v = 2 * torch.rand(SHAPE, generator=data) - 1
+    t = int(ours.timesteps[4])
+    for scale in (0.02, -0.02) if variance_type == "learned" else (1.0,):
+        m = torch.cat([pred, scale * v.abs() if variance_type == "learned" else v], dim=1)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+        got = ours.step(m, torch.tensor([t, 0]), x, noise=z)
+        first = theirs.step(m, t, x, torch.Generator().manual_seed(5))  # draws z too
+        last = theirs.step(m, 0, x, torch.Generator().manual_seed(5))
+        close(got.prev_sample, torch.cat([first.prev_sample[:1], last.prev_sample[1:]]))
+        close(got.pred_original_sample[1:], last.pred_original_sample[1:])
+    assert got.prev_sample[:1].isnan().any() == (variance_type == "learned")
+    with pytest.raises(ValueError, match="twice the sample's channels"):
+        ours.step(torch.randn(8), t, torch.randn(4))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_step_coefficients_match_diffusers_for_every_prediction_type(kind, prediction_type):
+    ours_cls, theirs_cls = {
+        "ddpm": (DDPMScheduler, DiffusersDDPM),
+        "ddim": (DDIMScheduler, DiffusersDDIM),
+    }[kind]
+    config = {"prediction_type": prediction_type, "clip_sample_range": 2.0, "steps_offset": 1}
+    ours, theirs = ours_cls(**config), theirs_cls(**config)
+    ours.set_timesteps(7)
+    theirs.set_timesteps(7)
+    data = torch.Generator().manual_seed(len(prediction_type))
+    x = torch.randn(SHAPE, generator=data)
+    for t in timesteps_of(ours, theirs):
+        m = 2 * torch.randn(SHAPE, generator=data)
+        want = theirs.step(m, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
+        close(affine_prev(ours, m, t, x, z if kind == "ddpm" else 0 * z), want)
+        x = want
+
+
+def test_ddpm_custom_timesteps_must_be_one_dimensional():
+    ours = DDPMScheduler()
+    for bad in (torch.tensor(9), np.array(9), np.array([[9, 5]])):
+        with pytest.raises(ValueError, match="1-D sequence of integers"):
+            ours.set_timesteps(timesteps=bad)
+    assert ours.num_inference_steps is None and len(ours.timesteps) == 1000
+    ours.set_timesteps(timesteps=np.array([9, 5]))
+    assert ours.timesteps.tolist() == [9, 5]

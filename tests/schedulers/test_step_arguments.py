@@ -147,3 +147,68 @@ def test_from_pretrained_reads_the_subfolder(tmp_path):
     assert dict(got) == {k: want[k] for k in got} and got.clip_sample_range == 3.0
     assert DDPMScheduler.from_pretrained(tmp_path / "scheduler").config == got
     assert DDPMScheduler.from_pretrained(tmp_path).config == DDPMScheduler().config
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_set_timesteps_puts_timesteps_on_the_device_and_keeps_the_training_length(kind):
+    """``set_timesteps(n, device)`` puts ``timesteps`` on ``device`` (a meta tensor shows it on
+    a CPU-only machine), as diffusers does; ``len()`` stays ``num_train_timesteps``."""
+    ddpm, ddim = _schedulers(9)
+    ours = ddpm if kind == "ddpm" else ddim
+    theirs = (DiffusersDDPM if kind == "ddpm" else DiffusersDDIM)(**dict(ours.config))
+    ours.set_timesteps(9, device="meta")
+    theirs.set_timesteps(9, device="meta")
+    assert ours.timesteps.device == theirs.timesteps.device == torch.device("meta")
+    assert ours.timesteps.shape == (9,) and ours.timesteps.dtype == torch.long
+    assert len(ours) == len(theirs) == 1000
+
+
+def test_float_empty_or_two_dimensional_timesteps_are_refused():
+    """A float timestep (e.g. 930.0, or 930.7 that would be truncated) is no training index, a
+    string is no sequence of timesteps, and an empty one names no timestep at all."""
+    g = torch.Generator().manual_seed(8)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for sched in _schedulers(64):
+        for bad in (torch.tensor(930.0), torch.full((3,), 930.7), torch.tensor([[930], [915]])):
+            with pytest.raises(ValueError, match="integer scalar or 1-D tensor"):
+                sched.step(m, bad, x, noise=torch.randn(SHAPE, generator=g))
+            with pytest.raises(ValueError, match="integer scalar or 1-D tensor"):
+                sched.previous_timestep(bad)
+        with pytest.raises(ValueError, match="timestep must be an int"):  # not [9, 3, 0]
+            sched.step(m, "930", x, noise=torch.randn(SHAPE, generator=g))
+        for empty in ([], torch.tensor([], dtype=torch.long)):
+            with pytest.raises(ValueError, match="timestep is empty"):
+                sched.step(m, empty, x, noise=torch.randn(SHAPE, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ddim_low_precision_step_returns_the_sample_dtype(dtype):
+    """Both outputs come back in the sample's dtype, from float32 math on the same values."""
+    _, ddim = _schedulers(6)
+    g = torch.Generator().manual_seed(9)
+    x, m, z = (torch.randn(SHAPE, generator=g).to(dtype) for _ in range(3))
+    t = int(ddim.timesteps[2])
+    for eta in (0.0, 0.7):
+        got = ddim.step(m, t, x, eta=eta, variance_noise=z)
+        want = ddim.step(m.float(), t, x.float(), eta=eta, variance_noise=z.float())
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+
+
+def test_step_noise_of_another_shape_or_given_twice_is_refused():
+    """z of shape (1, ...) or transposed would broadcast (or fail deep inside): refused; so is
+    DDIM's z given both as ``variance_noise`` and as ``noise`` (one would be dropped)."""
+    ddpm, ddim = _schedulers(5)
+    g = torch.Generator().manual_seed(10)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t = int(ddpm.timesteps[1])
+    for bad in (torch.randn((1, *SHAPE[1:]), generator=g), torch.randn(SHAPE[::-1], generator=g)):
+        with pytest.raises(ValueError, match="variance_noise shape"):
+            ddim.step(m, t, x, eta=0.5, variance_noise=bad)
+        with pytest.raises(ValueError, match="variance_noise shape"):
+            ddim.step(m, t, x, eta=0.5, noise=bad)
+        with pytest.raises(ValueError, match="noise shape"):
+            ddpm.step(m, t, x, noise=bad)
+    z = torch.randn(SHAPE, generator=g)
+    with pytest.raises(ValueError, match="either noise or variance_noise"):
+        ddim.step(m, t, x, eta=0.5, variance_noise=z, noise=z)
