@@ -304,9 +304,12 @@ def _require(records: list, root: Path, split, what: str) -> None:
 
 
 def _long_enough(records: list, frames: int, target_fps: float | None, drop_short: bool) -> list:
-    """With ``drop_short``, only clips longer than one window at ``target_fps`` (the reference)."""
-    if not (drop_short and target_fps):
+    """With ``drop_short``, only clips longer than one window at ``target_fps`` (the reference),
+    or at the clip's own rate when ``target_fps`` is None: more than ``frames`` frames."""
+    if not drop_short:
         return records
+    if not target_fps:
+        return [r for r in records if r.num_frames and r.num_frames > frames]
     return [
         r for r in records if r.fps and r.num_frames and r.num_frames / r.fps > frames / target_fps
     ]
@@ -471,7 +474,8 @@ class LatentVideoDataset(_Seeded, torch.utils.data.Dataset):
     one latent frame drawn uniformly from the whole video, valid=int real frames in the window,
     name=str)``. The source rate is the FileList's FPS, else the file's ``fps`` metadata.
     ``random_window=False`` (evaluation): phase 0, start 0, and the conditioning frame drawn from
-    a generator seeded with ``[seed or 0, epoch, index]`` (deterministic).
+    a generator seeded with ``[seed or 0, epoch, index, 1]`` (deterministic; the trailing 1 keeps
+    it apart from the training draws' ``[seed, epoch, index]``).
 
     ``require_ef`` (the default: the LVDM is conditioned on EF): every selected row must have a
     finite number in the EF column, else :class:`DatasetError` names the FileList, the column and

@@ -32,7 +32,16 @@ def reference_indices(n: int, fps: float, target: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "n, fps, target", [(100, 50, 32), (211, 50, 32), (64, 32, 32), (30, 30, 32), (97, 47, 32)]
+    "n, fps, target",
+    [
+        (100, 50, 32),
+        (211, 50, 32),
+        (64, 32, 32),
+        (30, 30, 32),
+        (97, 47, 32),
+        # target / fps * n rounds just below an integer, target * n / fps does not
+        (39, 20.8, 32),
+    ],
 )
 def test_resample_indices_match_reference(n, fps, target):
     ours = resample_indices(n, fps, target)
@@ -402,3 +411,151 @@ def test_read_records_takes_a_byte_order_mark_and_names_bad_bytes(tmp_path):
     path.write_bytes(b"FileName,EF\nv\xe9,50\n")
     with pytest.raises(DatasetError, match="FileList.csv: not UTF-8"):
         read_records(tmp_path, require_files=False)
+
+
+# ------------------------------------------------------------------------------------------
+# FileList parsing, seeded draws and frame-rate errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_read_records_needs_a_filename_column_and_names_the_file(tmp_path):
+    (tmp_path / "FileList.csv").write_text("Name,EF,Split\na,50,TRAIN\n")
+    with pytest.raises(DatasetError) as caught:
+        read_records(tmp_path, require_files=False)
+    assert (
+        str(caught.value) == f"{tmp_path / 'FileList.csv'}: FileList lacks column(s) ['FileName']"
+    )
+
+
+def test_read_records_trims_names_skips_blank_rows_and_keeps_fractional_ef(tmp_path):
+    (tmp_path / "Videos" / "dir.avi").mkdir(parents=True)  # a folder is not a video
+    (tmp_path / "Videos" / "a.avi").write_bytes(b"")
+    text = "FileName,EF,FPS,NumberOfFrames,Split\n a.avi ,52.5,50.0,17, val\n,40,,,VAL\n"
+    (tmp_path / "FileList.csv").write_text(text + "dir,40,,,VAL\n")
+    (rec,) = read_records(tmp_path, "VAL")
+    assert (rec.name, rec.path, rec.split) == ("a", tmp_path / "Videos" / "a.avi", "VAL")
+    assert rec.ef == 52.5 and rec.fps == 50.0 and rec.row_number == 1
+    assert rec.num_frames == 17 and type(rec.num_frames) is int
+    for split in (None, "all", [" All ", "VAL"]):
+        names = [r.name for r in read_records(tmp_path, split, require_files=False)]
+        assert names == ["a", "dir"]
+
+
+def test_missing_ef_message_lists_ten_rows_then_counts_the_rest(tmp_path):
+    (tmp_path / "FileList.csv").write_text(
+        "FileName,EF,Split\nv1,  ,TRAIN\n" + "".join(f"v{i},,TRAIN\n" for i in range(2, 12))
+    )
+    records = read_records(tmp_path, "TRAIN", require_files=False)
+    from echofast.data.datasets import _check_ef
+
+    with pytest.raises(DatasetError) as caught:
+        _check_ef(records, tmp_path / "FileList.csv", "TRAIN", "test")
+    message = str(caught.value)
+    assert "row 1 (FileName 'v1'): EF is empty;" in message
+    assert "11 of 11 row(s)" in message and "row 10 (FileName 'v10')" in message
+    assert "row 11 (" not in message and "; (+1 more);" in message
+
+
+def test_resample_refuses_a_target_rate_that_is_not_positive():
+    for target in (0, -32.0, None):
+        with pytest.raises(ValueError, match="must be positive"):
+            resample_indices(10, 32, target)
+
+
+def test_heavy_upsampling_draws_phase_zero():
+    """20 frames at 8 fps → 80 at 32 fps: idx[1] is 0, so the only phase is 0."""
+    assert resample_indices(20, 8, 32)[1] == 0 and phase_offsets(20, 8, 32) == 1
+    idx, valid = window_indices(20, 8, 32, 16, np.random.default_rng(0))
+    assert valid == 16 and np.all(np.diff(idx) >= 0)
+
+
+def test_seeded_video_windows_draw_from_seed_epoch_and_index(videos):
+    """Module docstring: item i in epoch e draws from numpy.random.default_rng([seed, e, i])."""
+    ds = EchoVideoDataset(videos, "TRAIN", frames=8, target_fps=32, seed=11)
+    for epoch in (0, 3):
+        ds.set_epoch(epoch)
+        for i, (n, fps) in enumerate([(50, 50.0), (20, 25.0)]):
+            want, valid = window_indices(n, fps, 32, 8, np.random.default_rng([11, epoch, i]))
+            item = ds[i]
+            assert item["valid"] == valid
+            np.testing.assert_array_equal(_frame_ids(item["video"]), want)
+
+
+def test_sampled_frames_draw_from_seed_epoch_and_index(videos):
+    ds = FrameDataset(videos, "TRAIN", size=None, frames_per_video=4, seed=2)
+    frames, _ = read_video(videos / "Videos" / "a.avi")
+    for i in range(4):
+        k = int(np.random.default_rng([2, 0, i]).integers(len(frames)))
+        torch.testing.assert_close(ds[i], to_model_pixels(frames[k]), rtol=0, atol=0)
+
+
+def test_frame_count_comes_from_the_filelist_without_decoding(tmp_path):
+    (tmp_path / "Videos").mkdir()
+    (tmp_path / "Videos" / "a.avi").write_bytes(b"not decoded")
+    write_filelist(tmp_path, [{"FileName": "a", "NumberOfFrames": 9, "Split": "TRAIN"}])
+    assert len(FrameDataset(tmp_path, "TRAIN")) == 9
+
+
+def test_frame_dataset_resizes_like_antialiased_bilinear(tmp_path):
+    frames = np.random.default_rng(3).integers(0, 256, (2, 16, 16), dtype=np.uint8)
+    write_video(tmp_path / "Videos" / "r.avi", frames, 25)
+    write_filelist(tmp_path, [{"FileName": "r", "NumberOfFrames": 2, "Split": "TRAIN"}])
+    got = FrameDataset(tmp_path, "TRAIN", size=6)[1]
+    decoded, _ = read_video(tmp_path / "Videos" / "r.avi")
+    want = torch.nn.functional.interpolate(
+        to_model_pixels(decoded[1])[None], size=(6, 6), mode="bilinear", antialias=True
+    )[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_latent_files_may_lie_in_the_dataset_root(tmp_path):
+    root = _latent_dataset(tmp_path / "r", [("v", 6, 32.0, "TRAIN")])
+    (root / "Latents" / "v.safetensors").rename(root / "v.safetensors")
+    (root / "Latents").rmdir()
+    item = LatentVideoDataset(root, "TRAIN", frames=4, random_window=False)[0]
+    np.testing.assert_array_equal(item["latents"][:, 0, 0, 0].numpy(), np.arange(4))
+
+
+def test_latent_clip_without_a_frame_rate_is_a_dataset_error(tmp_path):
+    root = tmp_path / "nofps"
+    (root / "Latents").mkdir(parents=True)
+    save_file({"latents": torch.zeros(6, 4, 2, 2)}, str(root / "Latents" / "v.safetensors"))
+    write_filelist(root, [{"FileName": "v", "EF": 50, "Split": "TRAIN"}])
+    with pytest.raises(DatasetError, match=r"v.safetensors: no frame rate"):
+        LatentVideoDataset(root, "TRAIN", frames=4)[0]
+
+
+def test_evaluation_condition_frame_is_fixed_per_epoch_and_not_the_window(latents):
+    ds = LatentVideoDataset(latents, "TRAIN", frames=32, random_window=False, seed=4)
+    conds = []
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert torch.equal(ds[0]["cond"], item["cond"])
+        assert float(item["latents"][0, 0, 0, 0]) == 0  # phase 0, start 0
+        conds.append(float(item["cond"][0, 0, 0]))
+    assert len(set(conds)) > 3
+    assert item["cond"].untyped_storage().nbytes() == item["cond"].numel() * 4
+
+
+def test_latent_frames_reach_the_last_frame(tmp_path):
+    root = _latent_dataset(tmp_path / "f", [("v", 3, 32.0, "TRAIN")])
+    ds = LatentFrameDataset(root, "TRAIN", seed=0)
+    seen = set()
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        seen.add(float(ds[0][0, 0, 0]))
+    assert seen == {0.0, 1.0, 2.0}
+
+
+def test_half_precision_latent_files_are_read_as_float32(tmp_path):
+    root = tmp_path / "half"
+    (root / "Latents").mkdir(parents=True)
+    half = torch.randn(5, 4, 2, 2).to(torch.float16)
+    save_file({"latents": half}, str(root / "Latents" / "v.safetensors"))
+    write_filelist(root, [{"FileName": "v", "EF": 50, "FPS": 32, "Split": "TRAIN"}])
+    item = LatentVideoDataset(root, "TRAIN", frames=8, random_window=False)[0]
+    assert item["latents"].dtype == item["cond"].dtype == torch.float32
+    torch.testing.assert_close(item["latents"][:5], half.float(), rtol=0, atol=0)
+    frame = LatentFrameDataset(root, "TRAIN", seed=0)[0]
+    assert frame.dtype == torch.float32 and any(torch.equal(frame, h.float()) for h in half)

@@ -192,6 +192,7 @@ def test_weights_root_and_real_size(tmp_path):
         (["v0", "../v1"], "not a plain file name"),
         (["v0", ".."], "not a plain file name"),
         (["v0", "v0.avi"], "same video as 'v0'"),
+        (["v0", "sub\\v1"], "not a plain file name"),
     ],
 )
 def test_unsafe_or_duplicate_filenames_are_refused(tiny_vae, videos, tmp_path, names, message):
@@ -288,3 +289,49 @@ def test_bad_arguments(tiny_vae, videos, tmp_path, capsys):
     with pytest.raises(DatasetError, match="lists no videos"):
         encode_dataset(EncodeConfig(**base))
     assert not out.exists()
+
+
+def test_out_reaching_the_input_by_another_path_is_refused(tiny_vae, videos):
+    with pytest.raises(EncodeConflict, match="--out must differ from --input"):
+        _encode(tiny_vae[0], videos, videos / "Videos" / "..")
+
+
+def test_latents_with_one_infinite_value_are_reported(tiny_vae, videos, tmp_path, monkeypatch):
+    from echofast.data import encode
+
+    real = encode.encode_frames
+
+    def inf_in_v2(vae, frames, **kw):  # v2 is the 6-frame video
+        latents = real(vae, frames, **kw)
+        if len(frames) == 6:
+            latents[5, 3, 0, 1] = float("inf")
+        return latents
+
+    monkeypatch.setattr(encode, "encode_frames", inf_in_v2)
+    out = tmp_path / "lat"
+    assert _encode(tiny_vae[0], videos, out) == 1
+    assert not (out / "Latents" / "v2.safetensors").exists()
+
+
+def test_cli_batch_size_reaches_the_vae(tiny_vae, videos, tmp_path, monkeypatch):
+    from echofast.data import encode
+
+    real, sizes = encode.encode_frames, []
+
+    def spy(vae, frames, **kw):
+        sizes.append(kw["batch_size"])
+        return real(vae, frames, **kw)
+
+    monkeypatch.setattr(encode, "encode_frames", spy)
+    assert _encode(tiny_vae[0], videos, tmp_path / "lat") == 0
+    assert sizes == [3, 3, 3]
+
+
+def test_vae_folder_prefers_its_own_config(tmp_path):
+    from echofast.data.encode import vae_folder
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    assert vae_folder(tmp_path) == tmp_path / "vae"
+    (tmp_path / "config.json").write_text("{}")
+    assert vae_folder(tmp_path) == tmp_path
