@@ -868,11 +868,12 @@ def write_video(
 
     def encode(tmp: str) -> None:
         with av.open(tmp, "w", format="avi") as container:
-            stream = container.add_stream("mjpeg", rate=stored, options={"qmin": "1"})
+            # every frame at quantiser MJPEG_QSCALE (FFmpeg's default qmin 2 would clamp 1 away)
+            q = str(MJPEG_QSCALE)
+            stream = container.add_stream("mjpeg", rate=stored, options={"qmin": q, "qmax": q})
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuvj420p"
             stream.codec_context.qscale = True
-            stream.codec_context.global_quality = MJPEG_QSCALE * 118
             if threads is not None:
                 stream.codec_context.thread_count = threads
             for t in range(count):

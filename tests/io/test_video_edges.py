@@ -131,16 +131,21 @@ def _bt601_full(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255)
 
 
+def _random_yuv420(seed: int, height: int = 16, width: int = 24):
+    """A random (3H/2, W) yuv420 buffer and its Y, U, V planes."""
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 256, (3 * height // 2, width), dtype=np.uint8)
+    quarter = height // 4
+    u = planes[height : height + quarter].reshape(height // 2, width // 2)
+    v = planes[height + quarter :].reshape(height // 2, width // 2)
+    return planes, planes[:height], u, v
+
+
 def test_yuv420_tagged_full_range_is_converted_as_full_range():
     """yuv420p frames tagged with the JPEG (full) colour range convert like yuvj420p."""
     import av
 
-    rng = np.random.default_rng(3)
-    h, w = 16, 24
-    planes = rng.integers(0, 256, (3 * h // 2, w), dtype=np.uint8)
-    y = planes[:h]
-    u = planes[h : h + h // 4].reshape(h // 2, w // 2)
-    v = planes[h + h // 4 :].reshape(h // 2, w // 2)
+    planes, y, u, v = _random_yuv420(3)
     expected = _bt601_full(y, u, v)
     tagged = av.VideoFrame.from_ndarray(planes, format="yuv420p")
     tagged.color_range = 2  # AVCOL_RANGE_JPEG
@@ -148,3 +153,40 @@ def test_yuv420_tagged_full_range_is_converted_as_full_range():
     for frame in (tagged, jpeg):
         got = convert_frames([frame], grayscale=False).numpy()[0].astype(np.float64)
         assert np.abs(got - expected).max() <= 2, frame.format.name
+
+
+def test_colour_matrix_tag_picks_the_conversion(native):
+    """Untagged (BT.601) frames are converted natively, rounding (no FFmpeg truncation); frames
+    tagged BT.709 get FFmpeg's own conversion, which honours the tag; ``backend="pyav"`` is
+    FFmpeg's conversion whatever the tag."""
+    import av
+
+    planes, y, u, v = _random_yuv420(4)
+    frame = av.VideoFrame.from_ndarray(planes, format="yuvj420p")
+    assert frame.colorspace == 2  # AVCOL_SPC_UNSPECIFIED
+    ffmpeg_601 = frame.to_ndarray(format="rgb24")
+    got = convert_frames([frame], grayscale=False).numpy()[0]
+    np.testing.assert_array_equal(got, _bt601_full(y, u, v))
+    assert not np.array_equal(got, ffmpeg_601)  # FFmpeg truncates: this case tells them apart
+    pyav = convert_frames([frame], grayscale=False, backend="pyav").numpy()[0]
+    np.testing.assert_array_equal(pyav, ffmpeg_601)
+    frame.colorspace = 1  # AVCOL_SPC_BT709
+    got = convert_frames([frame], grayscale=False).numpy()[0]
+    np.testing.assert_array_equal(got, frame.to_ndarray(format="rgb24"))
+
+
+def test_frames_of_mixed_formats_in_one_call_are_each_converted_as_their_own(native):
+    """A stream may switch pixel format or colour range between frames: each frame must be
+    converted by its own layout (gray exactly as FFmpeg's; RGB of a packed frame exactly)."""
+    import av
+
+    planes = _random_yuv420(10)[0]
+    yuv = [av.VideoFrame.from_ndarray(planes, format=f) for f in ("yuvj420p", "yuv420p")]
+    gray = [yuv[0], yuv[1], yuv[0], yuv[1]]
+    expected = np.stack([f.to_ndarray(format="gray") for f in gray])
+    np.testing.assert_array_equal(convert_frames(gray).numpy(), expected)
+    rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(planes[:16, :, None].repeat(3, 2)))
+    mixed = convert_frames([yuv[0], rgb, yuv[0]], grayscale=False).numpy()
+    np.testing.assert_array_equal(mixed[1], rgb.to_ndarray(format="rgb24"))
+    np.testing.assert_array_equal(mixed[0], mixed[2])
+    assert np.abs(mixed[0].astype(int) - yuv[0].to_ndarray(format="rgb24")).max() <= 2
