@@ -30,18 +30,18 @@
 #
 # Steps, most wanted first (name: what). The H100 lease of 2026-11-26 (git 5f536c1) ran every
 # step but bench_compile in three calls on one machine (patch stopped at its cap). The second
-# (2026-11-27, git c0b27e8; geglu_tune then second) ran 10 steps in two calls of 540 and 195 s:
-# build 24, geglu_tune 93, bench_b1 135, tests_gpu 112, group_norm 78, geglu 19, feed_forward 14,
-# bench_b8 51 (its cap then), precision 105, unet_compile 76 (its cap then). Its GEGLU table is
-# committed, and it decided the feed-forward (FUSED_FF_DEVICES, FUSED_FF_MAX_DIM) and the
-# GroupNorm rows kernels' two forms (kernels.group_norm.DENSE_MULTIPLE) from microbenchmarks:
-# so now the batch-1 benchmark (kernels per step, s/video: those changes end to end) comes right
-# after the build, then the GPU tests, the microbenchmarks that decide code paths without their
-# torch.compile baselines (one inductor compile per call site; earlier leases measured those):
-# group_norm (kernels.group_norm.RowsPlan.of, DENSE_MULTIPLE), feed_forward, geglu
-# (FUSED_GEGLU_DEVICES); batch 8, the compiled-diffusers ratio, the steps no lease has run since
-# the first, the precision check (measured in both leases), and the GEGLU re-tuning last but one
-# (every step after it runs the tiles it chose).
+# (2026-11-27, git c0b27e8) ran 10 steps in two calls and decided the feed-forward
+# (FUSED_FF_DEVICES, FUSED_FF_MAX_DIM) and the GroupNorm rows kernels' two forms
+# (kernels.group_norm.DENSE_MULTIPLE) from microbenchmarks; the third (2026-11-27, git 3a36557)
+# timed those end to end in two calls of 522 and 202 s: build 23, bench_b1 146, tests_gpu 128,
+# group_norm 89, feed_forward 16, geglu 23, bench_b8 68, unet_compile stopped at 179 s before its
+# compiled-diffusers row (it also profiled four echofast paths bench_b1 had profiled; now
+# --no-profile). So now: the batch-1 benchmark right after the build (any change since, end to
+# end), the GPU tests, the compiled-diffusers ratio (last measured in the first lease), batch 8,
+# the steps no lease has run since the first, the precision check, then the microbenchmarks that
+# decide code paths (group_norm: kernels.group_norm.RowsPlan.of, DENSE_MULTIPLE; feed_forward;
+# geglu: FUSED_GEGLU_DEVICES; the third lease confirmed each choice), and the GEGLU re-tuning
+# last but one (every step after it runs the tiles it chose).
 #   build         ECHOFAST_FORCE_CUDA=1 pip install . (no deps, no network; falls back to a build
 #                 without the CUDA sources if nvcc fails, and the step then reports FAIL)
 #   geglu_tune    bench/tune_geglu_linear.py --budget-s 150: the GEGLU GEMM's tile candidates at
@@ -76,7 +76,7 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu group_norm feed_forward geglu bench_b8 unet_compile layer_norm attention memory precision video geglu_tune patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu unet_compile bench_b8 layer_norm attention memory video precision group_norm feed_forward geglu geglu_tune patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
                 [layer_norm]=90 [group_norm]=90 [attention]=180 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
@@ -209,7 +209,7 @@ step_bench_b8() {
     step_bench --batch-size 8 --no-compile --no-reference --decode-dtype float16 --repeats 1 \
         --warmup 1
 }
-step_unet_compile() { step_bench --batch-size 1 --compile --no-pipeline; }
+step_unet_compile() { step_bench --batch-size 1 --compile --no-pipeline --no-profile; }
 step_bench_compile() { step_bench --batch-size 1 --compile --compile-echofast; }
 
 bench_script() {
