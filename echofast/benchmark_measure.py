@@ -183,6 +183,8 @@ KERNEL_KINDS: tuple[tuple[str, str], ...] = (
     ("triton GroupNorm", r"_gn_"),
     ("triton attention", r"_attn_"),
     ("triton GEGLU", r"_geglu_"),
+    ("triton feed-forward", r"_ff_fwd"),
+    ("triton bias + residual", r"_bias_residual"),
     ("triton window step", r"_window_"),
     ("triton LayerNorm", r"_layer_norm_fwd"),
     ("convolution", r"conv|fprop|dgrad|wgrad"),
