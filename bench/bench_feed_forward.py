@@ -26,14 +26,12 @@ provider, the total per UNet call over the sites that provider was measured at a
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
-from benchutil import append_csv, graph_timed, no_cuda, positive_int, versions
+from benchutil import graph_timed, per_call_summary, print_rate, site_bench_main
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ALTERNATIVES = {
@@ -140,53 +138,21 @@ def run(args) -> list[dict]:
                     print(f"  {name} at {m}x{c}->{inner}: {row['status']}", flush=True)
                     continue
                 flops = 2 * m * c * 2 * inner + 2 * m * inner * c
-                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-                print(
-                    f"  w={windows:<3} {m:>7}x{c}->{inner:<5} x{count:<3} {name:<12} "
-                    f"{row['median_ms'] * 1e3:9.1f} us {row['tflops']:6.0f} TFLOP/s",
-                    flush=True,
-                )
+                site = f"{m:>7}x{c}->{inner:<5}"
+                print_rate(row, flops, f"w={windows:<3} {site} x{count:<3} {name:<12} ")
             del ops
             torch.cuda.empty_cache()
     return rows
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Per windows count and provider: the total per UNet call over the sites that provider was
-    measured at (each site's median times its count), and ``two_gemms``' total over the same
-    sites divided by it (a provider timed at some sites only is compared at those)."""
-    times: dict[tuple[int, str], dict[tuple[int, int], float]] = {}
-    for r in rows:
-        if r["status"] == "ok":
-            site = (r["m"], r["c"])
-            times.setdefault((r["windows"], r["provider"]), {})[site] = r["count"] * r["median_ms"]
-    lines = []
-    for (windows, name), sites in sorted(times.items()):
-        total = sum(sites.values())
-        line = f"windows {windows:<3} {name:<12} {total:8.3f} ms per UNet call"
-        base = times.get((windows, "two_gemms"), {})
-        if name != "two_gemms" and all(site in base for site in sites):
-            line += f"  {sum(base[site] for site in sites) / total:.2f}x two_gemms"
-            if len(sites) < len(base):
-                line += f" (at {len(sites)} of {len(base)} sites)"
-        lines.append(line)
-    return lines
+    """Per windows count and provider: the total per UNet call and its ratio to ``two_gemms``'
+    (see :func:`benchutil.per_call_summary`)."""
+    return per_call_summary(rows, ("m", "c"), "two_gemms")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    p.add_argument("--windows", type=positive_int, nargs="+", default=[5, 40])
-    p.add_argument("--csv", type=Path, help="append one row per site and provider")
-    args = p.parse_args(argv)
-    if no_cuda("bench_feed_forward.py"):
-        return 2
-    rows = run(args)
-    print("\n".join(summary(rows)))
-    if args.csv:
-        meta = versions()
-        append_csv(args.csv, [{**r, **meta} for r in rows])
-    return 0
+    return site_bench_main(__doc__, "bench_feed_forward.py", run, summary, DTYPES, argv)
 
 
 if __name__ == "__main__":

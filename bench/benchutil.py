@@ -128,6 +128,64 @@ def graph_timed(
     return med / calls, p20 / calls, p80 / calls
 
 
+def per_call_summary(
+    rows: list[dict], site_keys: tuple[str, ...], base: str, width: int = 12
+) -> list[str]:
+    """Per windows count and provider (``rows`` with windows, provider, status, count,
+    median_ms and the ``site_keys`` columns): the total per UNet call over the sites that
+    provider was timed at (each site's median times its count), and ``base``'s total over the
+    same sites divided by it (a provider timed at some sites only is compared at those)."""
+    times: dict[tuple[int, str], dict[tuple, float]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            site = tuple(r[k] for k in site_keys)
+            times.setdefault((r["windows"], r["provider"]), {})[site] = r["count"] * r["median_ms"]
+    lines = []
+    for (windows, name), sites in sorted(times.items()):
+        total = sum(sites.values())
+        line = f"windows {windows:<3} {name:<{width}} {total:8.3f} ms per UNet call"
+        base_sites = times.get((windows, base), {})
+        if name != base and all(site in base_sites for site in sites):
+            line += f"  {sum(base_sites[site] for site in sites) / total:.2f}x {base}"
+            if len(sites) < len(base_sites):
+                line += f" (at {len(sites)} of {len(base_sites)} sites)"
+        lines.append(line)
+    return lines
+
+
+def print_rate(row: dict, flops: float, label: str) -> None:
+    """Sets ``row["tflops"]`` from its ``median_ms`` and prints ``label``, the median in µs and
+    the rate."""
+    row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+    print(f"  {label}{row['median_ms'] * 1e3:9.1f} us {row['tflops']:6.0f} TFLOP/s", flush=True)
+
+
+def site_bench_main(
+    doc: str,
+    script: str,
+    run: Callable[[argparse.Namespace], list[dict]],
+    summary: Callable[[list[dict]], list[str]],
+    dtypes: dict,
+    argv: list[str] | None = None,
+) -> int:
+    """The command line of a benchmark over the LVDM's call sites: ``--dtype``, ``--windows``
+    (default 5 and 40) and ``--csv``; ``run(args)`` gives the rows, ``summary(rows)`` the lines
+    printed last, and ``--csv`` gets the rows with :func:`versions`. 2 without CUDA."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--dtype", default="float16", choices=list(dtypes))
+    p.add_argument("--windows", type=positive_int, nargs="+", default=[5, 40])
+    p.add_argument("--csv", type=Path, help="append one row per site and provider")
+    args = p.parse_args(argv)
+    if no_cuda(script):
+        return 2
+    rows = run(args)
+    print("\n".join(summary(rows)))
+    if args.csv:
+        meta = versions()
+        append_csv(args.csv, [{**r, **meta} for r in rows])
+    return 0
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy GB/s measured now (bytes read + written), the memory ceiling."""
     src = torch.randn(64 * 2**20, device="cuda")

@@ -66,6 +66,9 @@
 #   feed_forward  bench/bench_feed_forward.py: the one-kernel feed-forward vs the two-GEMM path at
 #                 the LVDM's sites (5 and 40 windows)  -> feed_forward_<card>.csv; decides
 #                 FUSED_FF_DEVICES
+#   temporal_conv bench/bench_temporal_conv.py: the temporal resnets' (3,1,1) convolution as the
+#                 models' Conv2d vs Conv3d (two layouts) vs three cuBLAS GEMMs at the LVDM's sites
+#                 -> temporal_conv_<card>.csv; would decide TemporalResnetBlock._conv's form
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   attention     bench/bench_attention.py --sweep (the kernel's other tiles and grid sizes too,
 #                 graph-timed: TILE and PROGRAMS_PER_SM)  -> attention_<card>.csv
@@ -76,10 +79,10 @@
 #                 pipelines compiled (inductor compiles four UNets: the slowest step)
 set -uo pipefail
 
-ALL_STEPS="build bench_b1 tests_gpu unet_compile bench_b8 layer_norm attention memory video precision group_norm feed_forward geglu geglu_tune patch bench_compile"
+ALL_STEPS="build bench_b1 tests_gpu unet_compile bench_b8 layer_norm attention memory video precision temporal_conv group_norm feed_forward geglu geglu_tune patch bench_compile"
 read -r -a STEPS <<<"${GPU_SESSION_STEPS:-$ALL_STEPS}"
 declare -A CAP=([build]=240 [geglu_tune]=270 [bench_b1]=200 [bench_b8]=240 [unet_compile]=200 [tests_gpu]=180
-                [layer_norm]=90 [group_norm]=90 [attention]=180 [geglu]=90 [feed_forward]=120 [precision]=150 [memory]=90
+                [layer_norm]=90 [group_norm]=90 [attention]=180 [geglu]=90 [feed_forward]=120 [temporal_conv]=60 [precision]=150 [memory]=90
                 [video]=90 [patch]=150 [bench_compile]=420)
 
 for step in "${STEPS[@]}"; do
@@ -242,6 +245,9 @@ step_geglu() {
 }
 step_feed_forward() {
     bench_script bench_feed_forward.py --csv "bench/results/feed_forward_${SLUG}.csv"
+}
+step_temporal_conv() {
+    bench_script bench_temporal_conv.py --csv "bench/results/temporal_conv_${SLUG}.csv"
 }
 step_attention() {
     bench_script bench_attention.py --sweep --csv "bench/results/attention_${SLUG}.csv"

@@ -77,6 +77,8 @@ def test_one_call_runs_every_step_in_order(tmp_path):
     order = [out.stdout.index(s) for s in marks]
     assert order == sorted(order)
     assert any("bench/memory_profile.py --batch-size 1 8" in c for c in commands)
+    (conv,) = [c for c in commands if "bench/bench_temporal_conv.py" in c]
+    assert "--csv bench/results/temporal_conv_" in conv
     for script in ("bench_group_norm.py", "bench_geglu.py"):  # no inductor compiles there
         (call,) = [c for c in commands if script in c]
         assert "--providers echofast_triton," in call and "torch_compile" not in call
