@@ -17,7 +17,8 @@ Exact rewrites of diffusers' computation (same values up to fp rounding):
 Layout and CPU speed (same values): the UNet keeps activations channels-last, so a frame map
 (B·T, C, H, W) is physically (B·T, H·W, C) tokens and its (B, C, T, H, W) view, used by the
 temporal resnet, is channels-last-3d: no permute copies at the transformers or temporal resnets.
-The temporal (3,1,1) Conv3d runs as a (3,1) Conv2d over (T, H·W). Without autograd, residual sums
+The temporal (3,1,1) Conv3d runs as a (3,1) Conv2d over (T, H·W) (as three GEMMs on shifted token
+rows in inference on :data:`TEMPORAL_GEMMS_DEVICES`, none yet). Without autograd, residual sums
 reuse the storage of fresh temporaries, and on CPU per-token branches (feed-forwards, self-
 attention) run in chunks of rows (:data:`CPU_CHUNK_BYTES`).
 """
@@ -99,6 +100,59 @@ FUSED_GEGLU_DEVICES: frozenset[str] = frozenset({"cuda"})
 FUSED_FF_DEVICES: frozenset[str] = frozenset({"cuda"})
 #: the widest feed-forward (C) that goes to the one kernel on :data:`FUSED_FF_DEVICES` (above)
 FUSED_FF_MAX_DIM = 128
+
+#: device types on which the temporal resnets' (3,1,1) convolutions run, in inference on
+#: channels-last-3d maps, as three GEMMs on shifted token rows (:func:`temporal_conv_gemms`)
+#: instead of a (3,1) Conv2d over (T, H·W). Empty until a GPU lease's
+#: ``bench/bench_temporal_conv.py`` decides: the third H100 lease (2026-11-27, git 3a36557) saw
+#: the Conv2d at C = 128 (5 windows) on cuDNN's sm80 kernel at about 120 TFLOP/s (0.66 ms per
+#: UNet call in 10 convolutions) while cuBLAS ran a (81920, 128) x (128, 128) product in about
+#: 12 us; on the CPU the GEMMs were about 2x slower than the Conv2d.
+TEMPORAL_GEMMS_DEVICES: frozenset[str] = frozenset()
+
+
+def temporal_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A (3,1,1) Conv3d with padding (1,0,0) as a (3,1) Conv2d over (T, H·W): same sums, and the
+    2D kernels are much faster on CPU. x (B, C, T, H, W) (any strides; channels-last-3d stays
+    channels-last), weight (N, C, 3, 1, 1), bias (N,) or None → y (B, N, T, H, W)."""
+    b, c, t, h, w = x.shape
+    if x.stride(3) == w * x.stride(4):
+        # explicit strides: flatten() may rewrite a size-1 batch's stride, which makes a
+        # channels-last input look channels-first to the convolution
+        x4 = x.as_strided((b, c, t, h * w), (*x.stride()[:3], x.stride(4)))
+    else:
+        x4 = x.flatten(3)
+    y = F.conv2d(x4, weight.view(*weight.shape[:3], 1), bias, padding=(1, 0))
+    return y.unflatten(3, (h, w))
+
+
+def temporal_conv_gemms(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A (3,1,1) Conv3d with padding (1,0,0) as three GEMMs, no temporaries.
+
+    x (B, C, T, H, W) channels-last-3d (its tokens (B, T·H·W, C) contiguous), weight
+    (N, C, 3, 1, 1), bias (N,) or None → y (B, N, T, H, W) channels-last-3d: the centre tap (and
+    the bias) by one ``addmm`` into y, then the previous and next frames' taps by ``baddbmm_``
+    into y's token rows shifted by H·W (each batch element's first and last frames get no
+    neighbour, as the zero padding gives). Each product is rounded to y's dtype before the next
+    adds to it (three roundings where a convolution has one)."""
+    b, c, t, h, w = x.shape
+    hw = h * w
+    tokens = x.permute(0, 2, 3, 4, 1).view(b, t * hw, c)
+    taps = weight.view(weight.shape[0], c, 3).permute(2, 1, 0)  # (3, C, N)
+    out = torch.empty(b, t * hw, weight.shape[0], dtype=x.dtype, device=x.device)
+    flat_out, flat_in = out.view(-1, out.shape[-1]), tokens.reshape(-1, c)
+    if bias is None:
+        torch.mm(flat_in, taps[1], out=flat_out)
+    else:
+        torch.addmm(bias, flat_in, taps[1], out=flat_out)
+    if t > 1:
+        out[:, hw:].baddbmm_(tokens[:, :-hw], taps[0].expand(b, -1, -1))
+        out[:, :-hw].baddbmm_(tokens[:, hw:], taps[2].expand(b, -1, -1))
+    return out.view(b, t, h, w, -1).permute(0, 4, 1, 2, 3)
 
 
 class GEGLU(nn.Module):
@@ -417,18 +471,14 @@ class TemporalResnetBlock(nn.Module):
 
     @staticmethod
     def _conv(conv: nn.Conv3d, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
-        # a (3,1,1) Conv3d is a (3,1) Conv2d over (T, H·W): same sums, and the 2D kernels are
-        # much faster on CPU (channels-last (B, C, T, H, W) stays channels-last)
-        b, c, t, h, w = x.shape
-        if x.stride(3) == w * x.stride(4):
-            # explicit strides: flatten() may rewrite a size-1 batch's stride, which makes a
-            # channels-last input look channels-first to the convolution
-            x4 = x.as_strided((b, c, t, h * w), (*x.stride()[:3], x.stride(4)))
-        else:
-            x4 = x.flatten(3)
-        k = conv.weight
-        y = F.conv2d(x4, k.view(*k.shape[:3], 1), conv.bias if bias else None, padding=(1, 0))
-        return y.unflatten(3, (h, w))
+        b = conv.bias if bias else None
+        if (
+            x.device.type in TEMPORAL_GEMMS_DEVICES
+            and not torch.is_grad_enabled()
+            and x.permute(0, 2, 3, 4, 1).is_contiguous()
+        ):
+            return temporal_conv_gemms(x, conv.weight, b)
+        return temporal_conv2d(x, conv.weight, b)
 
     def branch(
         self, x: torch.Tensor, temb: torch.Tensor | TimeEmbedding, *, conv2_bias: bool = True
