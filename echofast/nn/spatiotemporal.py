@@ -107,7 +107,10 @@ FUSED_FF_MAX_DIM = 128
 #: ``bench/bench_temporal_conv.py`` decides: the third H100 lease (2026-11-27, git 3a36557) saw
 #: the Conv2d at C = 128 (5 windows) on cuDNN's sm80 kernel at about 120 TFLOP/s (0.66 ms per
 #: UNet call in 10 convolutions) while cuBLAS ran a (81920, 128) x (128, 128) product in about
-#: 12 us; on the CPU the GEMMs were about 2x slower than the Conv2d.
+#: 12 us; on the CPU the GEMMs were about 2x slower than the Conv2d. The form is 3 kernels where
+#: the Conv2d is 1: at all 44 temporal convolutions of an LVDM call that is 88 kernels more (646
+#: -> 734 per call, over issue 9's 700), at the 10 of C = 128 only 20; a width limit beside this
+#: set, as FUSED_FF_MAX_DIM is for the feed-forward, is the likely shape of the decision.
 TEMPORAL_GEMMS_DEVICES: frozenset[str] = frozenset()
 
 
