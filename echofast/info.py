@@ -1,4 +1,5 @@
-"""``python -m echofast.info`` / ``echofast info``: versions, the extension, and op backends."""
+"""``python -m echofast.info`` / ``echofast info``: versions, the extension, op backends, and the
+models' fused paths per device type."""
 
 from __future__ import annotations
 
@@ -62,7 +63,23 @@ def collect() -> dict[str, Any]:
                 "unavailable": {b: r for b, r in reasons.items() if r},
             }
     info["ops"] = backends
+    info["model_paths"] = model_paths()
     return info
+
+
+def model_paths() -> dict[str, dict[str, Any]]:
+    """The LVDM's fused paths and the device types that take them in inference (the constants in
+    :mod:`echofast.nn.spatiotemporal`, each set from a GPU lease's benchmark)."""
+    from .nn import spatiotemporal as st
+
+    return {
+        "GEGLU projection + gate (one GEMM)": {"devices": sorted(st.FUSED_GEGLU_DEVICES)},
+        "feed-forward (one kernel)": {
+            "devices": sorted(st.FUSED_FF_DEVICES),
+            "max_width": st.FUSED_FF_MAX_DIM,
+        },
+        "temporal convolution (three GEMMs)": {"devices": sorted(st.TEMPORAL_GEMMS_DEVICES)},
+    }
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -106,6 +123,15 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  {name:<14} {device:<5} -> {entry['selected']}")
             for backend, reasons in entry["unavailable"].items():
                 lines.append(f"      {backend}: {'; '.join(reasons)}")
+    lines.append("")
+    lines.append(
+        "model paths (device types that take them in inference; echofast.nn.spatiotemporal):"
+    )
+    for name, entry in info["model_paths"].items():
+        where = ", ".join(entry["devices"]) or "none (the unfused path everywhere)"
+        if entry.get("max_width") is not None and entry["devices"]:
+            where += f" (rows up to {entry['max_width']} wide)"
+        lines.append(f"  {name:<36} {where}")
     return "\n".join(lines)
 
 

@@ -176,3 +176,28 @@ def test_a_too_old_triton_is_named_on_the_triton_line_only(monkeypatch):
     text = info_module.format_info(info_module.collect())
     noted = [line for line in text.splitlines() if "backends are refused" in line]
     assert len(noted) == 1 and noted[0].split()[0] == "triton"
+
+
+def test_model_paths_are_the_models_settings(monkeypatch):
+    """The fused paths' device sets as echofast.nn.spatiotemporal holds them, in JSON and text."""
+    import echofast.nn.spatiotemporal as st
+    from echofast import info as info_module
+
+    monkeypatch.setattr(st, "TEMPORAL_GEMMS_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(st, "FUSED_FF_MAX_DIM", 96)
+    monkeypatch.setattr(st, "FUSED_GEGLU_DEVICES", frozenset())
+    info = info_module.collect()
+    paths = info["model_paths"]
+    assert paths["temporal convolution (three GEMMs)"] == {"devices": ["cpu", "cuda"]}
+    assert paths["feed-forward (one kernel)"] == {
+        "devices": sorted(st.FUSED_FF_DEVICES),
+        "max_width": 96,
+    }
+    lines = info_module.format_info(info).splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("model paths"))
+    assert lines[start + 1].split() == [
+        *"GEGLU projection + gate (one GEMM)".split(),
+        *"none (the unfused path everywhere)".split(),
+    ]
+    assert lines[start + 2].endswith("cuda (rows up to 96 wide)")
+    assert lines[start + 3].endswith("  cpu, cuda")
