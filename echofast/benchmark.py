@@ -438,14 +438,20 @@ def run_reference(
 
 
 def _unet_inputs(setup: Setup, batch: int, sets: int = 2) -> list[tuple]:
-    """Random LVDM inputs at the pipeline's shape (``sets`` of them, rotated between calls)."""
+    """Random LVDM inputs at the pipeline's shape: ``sets`` steps of one run (rotated between
+    calls), each with its own noisy latents and timestep, all with one conditioning latent
+    (repeated on every frame of a window, as the pipelines pass it) and one set of EFs."""
     _, _, shape = _lvdm_shapes(setup, batch)
     g = torch.Generator(device=setup.device).manual_seed(setup.seed + 1)
+    b, frames, channels, h, w = shape
+    c = channels // 2
+    cond = torch.randn((b, 1, channels - c, h, w), device=setup.device, generator=g)
+    ehs = torch.rand(b, 1, 1, device=setup.device, generator=g)
+    ids = torch.zeros(b, 1, device=setup.device)
     out = []
     for i in range(sets):
-        x = torch.randn(shape, device=setup.device, generator=g)
-        ehs = torch.rand(shape[0], 1, 1, device=setup.device, generator=g)
-        ids = torch.zeros(shape[0], 1, device=setup.device)
+        noisy = torch.randn((b, frames, c, h, w), device=setup.device, generator=g)
+        x = torch.cat([noisy, cond.expand(-1, frames, -1, -1, -1)], dim=2)
         t = torch.tensor(900 - 400 * i)  # a CPU int64 timestep, as the samplers pass them
         out.append((x, t, ehs, ids))
     return out
@@ -454,8 +460,11 @@ def _unet_inputs(setup: Setup, batch: int, sets: int = 2) -> list[tuple]:
 class PipelineStepCall:
     """echofast's LVDM called as its pipeline calls it at each step: the noisy half of the input
     only, with the conditioning half of ``conv_in`` and the run-constant features
-    (:meth:`~echofast.models.LVDM.time_features`, ``context_features``, ``frame_features``)
-    computed once per input set, outside the measured call; the call writes the step's latents
+    (``context_features``, ``frame_features``) computed once, from the first call, and each input
+    set's noisy half and :meth:`~echofast.models.LVDM.time_features` once per set, outside the
+    measured call. The sets are steps of one run: one that brings another conditioning latent
+    (frame 0's conditioning half), other EFs or other ``added_time_ids`` than the first is a
+    ``ValueError`` (the pipelines compute those once per run). The call writes the step's latents
     and time features into persistent inputs (two copies, as the pipeline's ``window_step`` and
     time-table row do; the latents in the pipeline's layout, channels-last frames of the call's
     dtype) and runs the UNet (its output left in that layout, as the pipeline reads it),
@@ -469,6 +478,7 @@ class PipelineStepCall:
         self.unet = CUDAGraphUNet(model, enabled=True, borrow_inputs=True) if graphs else model
         self._sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inputs: dict[str, torch.Tensor] | None = None
+        self._first: tuple[torch.Tensor, ...] = ()
 
     @property
     def last_reasons(self) -> list[str]:
@@ -478,7 +488,24 @@ class PipelineStepCall:
         c = self.model.config.in_channels // 2
         noisy = x[:, :, :c].contiguous()
         time = self.model.time_features(t, ids)
-        if self._inputs is None:
+        if self._inputs is not None:
+            first = self._first
+            differ = [
+                name
+                for name, now, then in (
+                    ("conditioning latent", x[:, 0, c:], first[0]),
+                    ("encoder_hidden_states", ehs, first[1]),
+                    ("added_time_ids", ids, first[2]),
+                )
+                if now.shape != then.shape or not torch.equal(now, then)
+            ]
+            if differ:
+                raise ValueError(
+                    "PipelineStepCall: input sets are steps of one run and share what the "
+                    f"pipelines compute once per run; this set has another {', '.join(differ)}"
+                )
+        else:
+            self._first = (x[:, 0, c:].clone(), ehs.clone(), ids.clone())
             with torch.autocast(x.device.type, enabled=False):
                 cond = self.model.conditioning_features(x[:, 0, c:].to(self.model.dtype))
             # the pipeline's persistent input: channels-last frames in the call's dtype

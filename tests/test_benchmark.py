@@ -440,3 +440,120 @@ def test_git_revision_from_the_environment_wins(monkeypatch):
     monkeypatch.setenv("ECHOFAST_GIT_SHA", "abc1234-dirty")
     env = measure.environment(torch.device("cpu"))
     assert env["git_sha"] == "abc1234-dirty" and env["device"] == "cpu"
+
+
+def test_short_kernel_names_keep_the_functors_of_the_part_cut():
+    exact = "k" * 110
+    assert measure.short_kernel_name(exact) == exact
+    head = "void at::native::vectorized_elementwise_kernel<4, " + "x" * 20
+    name = head + ", at::native::AddFunctor<float>, at::native::direct_copy_kernel_cuda, y>"
+    assert measure.short_kernel_name(name, width=len(name)) == name
+    cut = measure.short_kernel_name(name, width=60)
+    assert cut == name[:20] + " .. AddFunctor, direct_copy_kernel_cuda"
+    plain = "z" * 200
+    assert measure.short_kernel_name(plain) == "z" * 70
+    many = "q" * 80 + "".join(f" F{i}Functor" for i in range(9))
+    assert (
+        measure.short_kernel_name(many, width=80)
+        == "q" * 40 + " .. " + (", ".join(f"F{i}Functor" for i in range(9))[:38])
+    )
+
+
+def test_cpu_name_is_the_model_name_line_of_cpuinfo(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Xeon: Gold\n")
+    real = measure.Path
+    monkeypatch.setattr(measure, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert measure.cpu_name() == "Xeon: Gold"
+    info.unlink()  # no /proc (macOS, Windows): what the platform module says
+    import platform
+
+    assert measure.cpu_name() == (platform.processor() or platform.machine() or "cpu")
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    run = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return run.stdout.strip()
+
+
+def test_git_revision_of_the_working_directory_marks_a_dirty_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("ECHOFAST_GIT_SHA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "f").write_text("a")
+    _git(tmp_path, "add", "f")
+    _git(tmp_path, "commit", "-q", "-m", "x")
+    head = _git(tmp_path, "rev-parse", "--short", "HEAD")
+    assert measure.git_sha() == head
+    (tmp_path / "f").write_text("b")
+    assert measure.git_sha() == f"{head}-dirty"
+
+
+def test_kernel_time_shares_are_percentages_even_of_nothing():
+    table = measure.kernel_time_table([("_gn_fwd_fused_kernel", 30.0), ("cat_kernel", 10.0)])
+    lines = measure.format_kernel_times(table)
+    assert lines[0] == "GPU time of one call by kind (0.04 ms in kernels):"
+    assert lines[1].split() == ["triton", "GroupNorm", "0.030", "ms", "75.0", "%", "1", "kernels"]
+    table = measure.kernel_time_table([("_gn_fwd_fused_kernel", 0.0), ("cat_kernel", 0.0)])
+    lines = measure.format_kernel_times(table)
+    assert lines[0] == "GPU time of one call by kind (0.00 ms in kernels):"
+    assert lines[1].split()[-6:] == ["0.000", "ms", "0.0", "%", "1", "kernels"]
+
+
+def test_environment_columns_are_the_installed_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return ""
+
+    env = measure.environment(torch.device("cpu"))
+    assert env["triton"] == installed("triton") and env["diffusers"] == installed("diffusers")
+    assert env["torch"] == torch.__version__ and env["cuda"] == (torch.version.cuda or "")
+    assert env["card"] == measure.card_name(torch.device("cpu"))
+    assert measure.environment(torch.device("cpu", 0))["device"] == "cpu:0"
+
+
+def test_autocast_context_is_nothing_for_float32_and_autocast_otherwise():
+    import warnings
+
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    for dtype in (None, torch.float32):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # CPU autocast warns for a dtype it does not support
+            with reference.autocast_context(torch.device("cpu"), dtype):
+                assert (a @ b).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    with reference.autocast_context(torch.device("cpu"), torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+
+
+def test_models_are_seeded_and_diffusers_twins_share_their_weights():
+    m = _models()  # seed 3
+    for ours, theirs in ((m.vae, m.d_vae), (m.lidm, m.d_lidm), (m.lvdm, m.d_lvdm)):
+        mine, other = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == other.keys()
+        assert all(torch.equal(mine[k], other[k]) for k in mine)
+    cpu = torch.device("cpu")
+    again = reference.build_models(bench.SMOKE_CONFIGS, cpu, seed=3, with_diffusers=False)
+    other = reference.build_models(bench.SMOKE_CONFIGS, cpu, seed=4, with_diffusers=False)
+    assert again.d_lvdm is None and again.diffusers_missing == "baselines not requested"
+    w = "conv_in.weight"
+    assert torch.equal(again.lvdm.state_dict()[w], m.lvdm.state_dict()[w])
+    assert not torch.equal(other.lvdm.state_dict()[w], m.lvdm.state_dict()[w])
+    with pytest.raises(ValueError, match="needs configs or weights"):
+        reference.build_models(None, cpu)
+
+
+def test_flops_per_window_are_the_diffusers_count_of_one_window():
+    """Counted on one window of the pipeline's UNet input although a batch has several."""
+    from types import SimpleNamespace
+
+    setup = SimpleNamespace(models=_models(), plan=SimpleNamespace(frames=12), seed=0)
+    setup.device = torch.device("cpu")
+    assert bench._lvdm_shapes(setup, 1)[0] == 2
+    assert bench._flop_per_window(setup) == measure.count_flops(_diffusers_lvdm_call)

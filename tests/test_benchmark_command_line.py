@@ -118,3 +118,59 @@ def test_without_diffusers_the_baselines_are_skipped_with_a_note(monkeypatch, ca
     status, setup = _run(monkeypatch, ["--no-csv"], diffusers_missing="diffusers not installed")
     assert status == 0 and not setup.reference
     assert "note: baselines skipped: diffusers not installed" in capsys.readouterr().out
+
+
+def test_weights_runs_are_their_own_configuration():
+    """--weights rows are never compared with the random-weight rows of the same mode."""
+    assert _plan(["--device", "cpu", "--weights", "/w"]).config == "weights"
+    assert _plan(["--device", "cpu", "--full", "--weights", "/w"]).config == "weights"
+
+
+def test_report_prints_the_table_measures_nothing_and_succeeds(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.csv"
+    row = {"run": "r1", "card": "c", "config": "smoke", "batch": 1, "phase": "call"}
+    rows_mod.append_csv(out, [{**row, "path": "unet/echofast", "median_s": 0.002}])
+    monkeypatch.setattr(bench, "build_models", lambda *a, **k: pytest.fail("measured"))
+    assert bench.main_bench(["--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("run r1 | c |") and "2.000" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "compile_note", "graphs_note"),
+    [([], True, False), (["--compile"], False, False), (["--no-compile", "--graphs"], False, True)],
+)
+def test_notes_say_what_a_cpu_run_skips(monkeypatch, capsys, flags, compile_note, graphs_note):
+    status, setup = _run(monkeypatch, ["--no-csv", *flags])
+    text = capsys.readouterr().out
+    assert status == 0 and setup.compile == ("--compile" in flags)
+    assert ("note: torch.compile baseline skipped on CPU/smoke" in text) == compile_note
+    assert ("note: --graphs: CUDA graphs need CUDA; on cpu" in text) == graphs_note
+
+
+def test_the_run_says_where_its_rows_went(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.csv"
+
+    def measure(setup):
+        setup.record(
+            [bench._row(setup, b, "unet/echofast", "call", bench.Timing([0.5])) for b in (1, 2)]
+        )
+
+    assert _run(monkeypatch, ["--out", str(out)], measure)[0] == 0
+    assert f"2 rows appended to {out}" in capsys.readouterr().out
+    assert _run(monkeypatch, ["--no-csv"], measure)[0] == 0
+    assert "rows appended" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("mode", "compiled"), [("--smoke", False), ("--full", True)])
+def test_on_cuda_the_compiled_baseline_is_timed_by_default_except_in_smoke(
+    monkeypatch, mode, compiled
+):
+    """The plan a GPU gets (nothing runs on the GPU: CUDA is only said to be there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = dict.fromkeys(("card", "torch", "cuda", "triton", "diffusers", "git_sha"), "x")
+    monkeypatch.setattr(bench, "environment", lambda device: dict(env))
+    status, setup = _run(monkeypatch, ["--device", "cuda", mode, "--no-csv"])
+    assert status == 0 and setup.device.type == "cuda"
+    assert setup.compile is compiled and setup.dtype == torch.float16
+    assert setup.plan.config == mode[2:]

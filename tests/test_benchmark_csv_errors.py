@@ -181,5 +181,6 @@ def test_a_run_that_measured_nothing_writes_no_results_file(tmp_path):
     out = tmp_path / "bench.csv"
     journal = rows_mod.RowJournal(out, "run")
     journal.add([])
+    assert not journal.path.exists()
     journal.finish([])
     assert not out.exists() and not journal.path.exists()

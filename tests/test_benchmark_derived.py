@@ -234,6 +234,13 @@ def test_the_call_table_prints_milliseconds_percent_of_gemm_and_dashes():
     assert lines[0] == "" and lines[1].split()[:3] == ["batch", "path", "(1"]
     assert lines[2].split() == ["2", "unet/echofast", "12.500", "3.5", "43.2%", "612", "2.50", "-"]
     assert lines[3].split() == ["-", "gemm/fp32-512-cpu", "2.000", "0.1", "-", "-", "-", "-"]
+    # text cells left-aligned, numbers right-aligned under their headers
+    assert lines[1] == "batch " + "path (1 LVDM call)".ljust(34) + (
+        "  ms/call  TFLOP/s  of GEMM  kernels  vs ref vs comp"
+    )
+    assert lines[2] == "2     " + "unet/echofast".ljust(34) + (
+        "   12.500      3.5    43.2%      612    2.50       -"
+    )
 
 
 class _Stop(BaseException):
@@ -305,7 +312,7 @@ def test_echofast_path_passes_its_options_to_the_pipelines(monkeypatch, tmp_path
             self.name = name
 
         def __call__(self, *args, **kw):
-            seen[self.name] = kw
+            seen[self.name], seen[self.name + " args"] = kw, args
             return SimpleNamespace(latents=torch.zeros(1))
 
         def decode(self, latents, chunk, dtype):
@@ -322,7 +329,10 @@ def test_echofast_path_passes_its_options_to_the_pipelines(monkeypatch, tmp_path
     setup.plan = bench.Plan("smoke", 12, 2, (3,), repeats=1, warmup=0, unet_repeats=1)
     setup.models, setup.decode_chunk, setup.avi = _models(), 5, avi
     setup.graphs, setup.progress = True, False  # --graphs on a CPU: eager UNet calls
+    setup.seed = 4
     rows = bench.run_echofast(setup, 3, None, decode_dtype=torch.bfloat16)
+    assert seen["lidm"]["seed"] == seen["lvdm"]["seed"] == 4
+    assert seen["lidm args"] == (3,) and torch.equal(seen["lvdm args"][1], bench._efs(3, 4))
     assert seen["lidm"]["cuda_graphs"] is False and seen["lvdm"]["cuda_graphs"] is False
     assert seen["lvdm"]["num_frames"] == 12 and seen["lvdm"]["num_inference_steps"] == 2
     assert seen["decode"] == (5, torch.bfloat16) and "decode bfloat16 chunk 5" in rows[0]["note"]
@@ -385,3 +395,139 @@ def test_a_failing_pipeline_path_is_reported_and_the_unet_calls_still_run(monkey
     bench._measure(setup)
     assert setup.failures == ["pipeline/echofast b=3: ZeroDivisionError: division by zero"]
     assert [r["path"] for r in setup.rows] == ["gemm/x-1", "unet/echofast"]
+
+
+def test_reference_path_samples_from_the_seed_and_decodes_what_it_sampled(monkeypatch):
+    seen = {}
+    images, videos = torch.randn(2, 4, 6, 6), torch.randn(2, 12, 4, 6, 6)
+
+    def lidm(unet, scheduler, n, steps, *, generator, autocast_dtype):
+        seen["lidm"] = (unet, n, steps, generator.initial_seed(), autocast_dtype)
+        return images
+
+    def lvdm(unet, scheduler, cond, ef, frames, steps, *, generator, autocast_dtype):
+        seen["lvdm"] = (unet, cond, ef, frames, steps, generator.initial_seed(), autocast_dtype)
+        return videos
+
+    monkeypatch.setattr(bench, "reference_lidm", lidm)
+    monkeypatch.setattr(bench, "reference_lvdm", lvdm)
+    monkeypatch.setattr(bench, "reference_decode", lambda vae, x: seen.setdefault("decode", x))
+    setup = _setup()
+    setup.plan = bench.Plan("smoke", 12, 2, (2,), repeats=1, warmup=0, unet_repeats=1)
+    setup.models, setup.env["diffusers"], setup.seed, setup.progress = _models(), "0.0", 7, False
+    unets = (object(), object())
+    rows = bench.run_reference(setup, 2, None, unets, "pipeline/reference")
+    assert seen["lidm"] == (unets[0], 2, 2, 7, None)  # CPU: no autocast
+    unet, cond, ef, frames, steps, seed, autocast = seen["lvdm"]
+    assert unet is unets[1] and cond is images and torch.equal(ef, bench._efs(2, 7))
+    assert (frames, steps, seed, autocast) == (12, 2, 7, None)
+    assert seen["decode"] is videos
+    assert [r["phase"] for r in rows] == ["total", "lidm", "lvdm", "decode"]
+
+
+def test_a_unet_that_ran_eagerly_says_why_in_its_row(monkeypatch):
+    monkeypatch.setattr(bench, "_unet_inputs", lambda setup, batch: [(None, 1, None, None)])
+    monkeypatch.setattr(bench, "time_call", lambda fn, device, warmup, repeats: Timing([0.5]))
+
+    class Fallback:
+        last_reasons = ["capture failed", "dynamic shape"]
+
+        def __call__(self, x, t, **kw):
+            return None
+
+    setup = _setup()
+    setup.profile = True
+    quiet = Fallback()
+    quiet.last_reasons = []
+    rows = list(bench.run_unet_calls(setup, 1, None, {"unet/a": Fallback(), "unet/b": quiet}))
+    assert rows[0]["note"] == "ran eagerly: capture failed; dynamic shape"
+    assert rows[1]["note"].startswith("kernels = ATen ops")
+
+
+@pytest.mark.parametrize(("reference", "pipelines"), [(True, True), (False, True), (True, False)])
+def test_paths_run_cheapest_first_with_their_models_and_flops(monkeypatch, reference, pipelines):
+    """echofast, its extra decode precisions, the reference, the compiled reference, compiled
+    echofast; the FLOPs of a run are a window's times the windows of a call times the steps."""
+    models = SimpleNamespace(lidm="lidm", lvdm="lvdm", d_lidm="d_lidm", d_lvdm="d_lvdm")
+    plan = bench.Plan("smoke", 12, 3, (1, 2), repeats=1, warmup=0, unet_repeats=1)
+    setup = bench.Setup(torch.device("cpu"), plan, torch.float32, {"card": "c"}, models,
+                        decode_dtypes=(torch.bfloat16,), reference=reference, compile=True,
+                        compile_echofast=True, compile_backend="eager", progress=False,
+                        pipelines=pipelines)  # fmt: skip
+    monkeypatch.setattr(bench.torch, "compile", lambda m, dynamic, backend: (m, backend))
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda device: (Timing([1.0]), 1e12, "gemm/x-1"))
+    monkeypatch.setattr(bench, "_flop_per_window", lambda setup: 5e9)
+    monkeypatch.setattr(bench, "_lvdm_shapes", lambda setup, batch: (2, 8, (2 * batch, 8)))
+    ran, calls = [], []
+    speed = {"s_per_video": 1.0, "frames_per_s": 1.0, "videos_per_s": 1.0}
+
+    def run_echofast(setup, batch, flop, unets, path, decode_dtype):
+        ran.append((batch, path, flop, unets, decode_dtype))
+        return [speed]
+
+    def run_reference(setup, batch, flop, unets, path):
+        ran.append((batch, path, flop, unets, None))
+        return [speed]
+
+    def run_unet_calls(setup, batch, flop, unets):
+        calls.append((batch, flop, unets))
+        return iter(())
+
+    monkeypatch.setattr(bench, "run_echofast", run_echofast)
+    monkeypatch.setattr(bench, "run_reference", run_reference)
+    monkeypatch.setattr(bench, "run_unet_calls", run_unet_calls)
+    bench._measure(setup)
+    eager = ("d_lidm", "eager"), ("d_lvdm", "eager")  # what torch.compile gave
+    ours = [
+        ("pipeline/echofast", None, torch.float32),
+        ("pipeline/echofast+decode-bfloat16", None, torch.bfloat16),
+    ]
+    theirs = [
+        ("pipeline/reference", ("d_lidm", "d_lvdm"), None),
+        ("pipeline/reference+compile", eager, None),
+    ]
+    compiled = [
+        ("pipeline/echofast+compile", (("lidm", "eager"), ("lvdm", "eager")), torch.float32)
+    ]
+    expected = [*ours, *(theirs if reference else []), *compiled] if pipelines else []
+    assert ran == [
+        (b, path, 5e9 * 2 * b * 3, unets, dtype) for b in (1, 2) for path, unets, dtype in expected
+    ]
+    assert [(b, flop) for b, flop, _ in calls] == [(1, 5e9 * 2), (2, 5e9 * 4)]
+    unets = calls[0][2]
+    names = ["unet/echofast", "unet/echofast+step"]
+    names += ["unet/diffusers", "unet/diffusers+compile"] if reference else []
+    assert list(unets) == [*names, "unet/echofast+compile"]
+    assert unets["unet/echofast"] == "lvdm" and unets["unet/echofast+compile"] == ("lvdm", "eager")
+    if reference:
+        assert unets["unet/diffusers"] == "d_lvdm"
+        assert unets["unet/diffusers+compile"] == ("d_lvdm", "eager")
+
+
+@pytest.mark.parametrize(
+    "other", [{"frames": 96}, {"steps": 32}, {"batch": 8}, {"config": "weights"}, {"phase": "lvdm"}]
+)
+def test_compare_matches_only_the_same_shape_and_configuration(other):
+    key = dict(card="A", config="full", dtype="float16", frames=192, steps=64, batch=1,
+               path="pipeline/echofast", phase="total")  # fmt: skip
+    old = [{**key, **other, "median_s": "0.5"}]
+    assert bench_rows.compare([{**key, "median_s": 1.0}], old, 10) == ([], [])
+    old.append({**key, "median_s": "0.5"})
+    assert len(bench_rows.compare([{**key, "median_s": 1.0}], old, 10)[1]) == 1
+
+
+def test_compare_takes_no_ratio_to_a_nonpositive_old_median():
+    key = dict(card="A", config="k", dtype="float32", frames=1, steps=1, batch=1,
+               path="unet/echofast", phase="call")  # fmt: skip
+    lines, regressions = bench_rows.compare(
+        [{**key, "median_s": 2.0}], [{**key, "median_s": "-1"}], 0
+    )
+    assert regressions == [] and lines[0].startswith("ok") and "(+0.0%" in lines[0]
+
+
+def test_rows_are_stamped_in_utc_iso_format():
+    from datetime import datetime, timezone
+
+    row = bench._row(_setup(), 1, "unet/echofast", "call", Timing([1.0]))
+    stamp = datetime.strptime(row["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 120

@@ -4,6 +4,7 @@ fails the run before it measures, ``--report`` rebuilds the table (ratios includ
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,25 @@ def test_report_computes_the_ratios_a_journal_lacks(tmp_path):
     lines = rows_mod.report(journal).splitlines()
     (ours,) = [line.split() for line in lines if "pipeline/echofast" in line]
     assert ours[-2:] == ["2.50", "-"]  # vs the reference; no compiled reference in this run
+
+
+def test_the_columns_are_those_of_the_committed_results_which_stay_appendable():
+    """A new run appends to the results files kept in the repository (same columns, same order)."""
+    results = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob(
+        "echofast_bench_*.csv"))  # fmt: skip
+    assert results
+    for path in results:
+        with path.open(newline="") as fh:
+            assert next(csv.reader(fh)) == rows_mod.CSV_FIELDS, path
+        assert rows_mod.check_csv(path) is True
+        assert rows_mod.read_csv(path)
+
+
+def test_a_run_in_several_precisions_names_them_all():
+    rows = [
+        {"path": "gemm/bf16-8192", "dtype": "bf16"},
+        {"path": "pipeline/reference", "dtype": "float32"},
+        {"path": "pipeline/echofast", "dtype": "float16"},
+        {"path": "unet/echofast", "dtype": "float16"},
+    ]
+    assert rows_mod.run_dtype(rows) == "float16/float32"
