@@ -33,3 +33,12 @@ def test_along_frames_is_for_plain_self_attention():
     attn = Attention(32, heads=2, dim_head=16, norm_num_groups=8)
     with pytest.raises(ValueError, match="plain self-attention"):
         attn.along_frames(torch.randn(1, 2, 3, 32))
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(residual_connection=True), dict(rescale_output_factor=2.0)], ids=str
+)
+def test_along_frames_refuses_a_residual_or_a_rescale(kw):
+    attn = Attention(32, heads=2, dim_head=16, **kw)
+    with pytest.raises(ValueError, match="plain self-attention"):
+        attn.along_frames(torch.randn(1, 2, 3, 32))

@@ -112,3 +112,8 @@ def test_eps_is_the_modules(eps):
 def test_input_without_channels_is_refused_with_its_shape():
     with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, \*spatial\), got shape \(6,\)"):
         GroupNorm(3, 6)(torch.randn(6))
+
+
+def test_repr_names_the_activation():
+    plain = repr(torch.nn.GroupNorm(4, 8, eps=1e-6))
+    assert repr(GroupNorm(4, 8, eps=1e-6, activation="silu")) == plain[:-1] + ", activation=silu)"

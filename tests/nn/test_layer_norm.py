@@ -127,3 +127,32 @@ def test_without_fast_backends_it_is_the_reference(monkeypatch):
     assert fallback.dtype == torch.bfloat16
     assert torch.equal(fallback, autocast_path.to(torch.bfloat16))
     assert (fallback.float() - mixed.float()).abs().max() <= 2.0**-7 * mixed.abs().max()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_add_forward_is_the_sum_then_the_norm_and_shifts_only_the_sum(grad):
+    """``(h, norm(h))`` for h = x + residual + add (one row per group), and with ``shift`` the h
+    returned is h + shift while the norm reads h: in inference and under autograd alike."""
+    torch.manual_seed(1)
+    ln = _norm(12)
+    x, residual, shift = torch.randn(4, 3, 12), torch.randn(4, 3, 12), torch.randn(12)
+    add = torch.randn(2, 12)
+    h = x + residual + add.repeat_interleave(6, 0).view(4, 3, 12)
+    with torch.set_grad_enabled(grad):
+        got_h, got_y = ln.add_forward(x, residual.clone(), add=add, shift=shift)
+    torch.testing.assert_close(got_y, torch.nn.LayerNorm.forward(ln, h))
+    torch.testing.assert_close(got_h, h + shift)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_add_forward_of_mixed_dtypes_is_pytorchs_add_then_the_norm(grad):
+    """Outside autocast a bf16 input with an fp32 residual is not the fused op's case: PyTorch
+    adds, then nn.LayerNorm; the shift goes to the sum returned (rounded to its dtype) only."""
+    torch.manual_seed(2)
+    ln = _norm(16)
+    x, residual, shift = torch.randn(5, 16).bfloat16(), torch.randn(5, 16), torch.randn(16)
+    with torch.set_grad_enabled(grad):
+        h, y = ln.add_forward(x, residual.clone(), shift=shift)
+    want_h = residual + x
+    assert torch.equal(y, torch.nn.LayerNorm.forward(ln, want_h))
+    assert h.dtype == want_h.dtype and torch.equal(h, want_h + shift)
