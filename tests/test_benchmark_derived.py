@@ -531,3 +531,28 @@ def test_rows_are_stamped_in_utc_iso_format():
     row = bench._row(_setup(), 1, "unet/echofast", "call", Timing([1.0]))
     stamp = datetime.strptime(row["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 120
+
+
+def test_host_paced_gpu_rows_are_labelled_not_flagged():
+    """On CUDA, the AVI writing and eager UNet calls are paced by the host (they varied by
+    20-100 % between H100 machines for the same code): slower is ``host``, not a regression;
+    the same rows on the CPU, and graph-replayed calls on CUDA, are flagged."""
+    key = dict(config="full", dtype="float16", frames=192, steps=64, batch=1, card="A")
+    cases = [
+        ("cuda", "pipeline/echofast", "avi", "host"),
+        ("cuda", "unet/echofast", "call", "host"),
+        ("cuda", "unet/echofast+step", "call", "host"),
+        ("cuda", "unet/echofast+compile", "call", "host"),
+        ("cuda", "unet/echofast+graphs+step", "call", "REGRESSION"),
+        ("cuda", "pipeline/echofast", "lvdm", "REGRESSION"),
+        ("cpu", "pipeline/echofast", "avi", "REGRESSION"),
+        ("cpu", "unet/echofast", "call", "REGRESSION"),
+    ]
+    for device, path, phase, label in cases:
+        old = [{**key, "device": device, "path": path, "phase": phase, "median_s": "1.0"}]
+        new = [{**key, "device": device, "path": path, "phase": phase, "median_s": 1.5}]
+        lines, regressions = bench_rows.compare(new, old, 10)
+        assert lines[0].split()[0] == label, (device, path, phase)
+        assert bool(regressions) == (label == "REGRESSION")
+        faster = bench_rows.compare([{**new[0], "median_s": 0.5}], old, 10)[0]
+        assert faster[0].split()[0] == "ok"
