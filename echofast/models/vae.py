@@ -177,6 +177,7 @@ class VAE(ModelBase):
         self.post_quant_conv = (
             nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         )
+        self._relayout()
 
     def encode(
         self, x: torch.Tensor, return_dict: bool = True

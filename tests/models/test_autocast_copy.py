@@ -102,3 +102,11 @@ def test_autocast_copy_rejects_integer_dtypes():
     model = LIDM.from_config(LIDM_SMALL_CONFIG)
     with pytest.raises(ValueError, match="floating-point"):
         model.autocast_copy(torch.int8)
+
+
+def test_autocast_copy_of_a_training_model_is_for_inference():
+    """The copy is in eval mode even when the model is training (which it stays in)."""
+    model = VAE.from_config(VAE_SMALL_CONFIG).train()
+    copy = model.autocast_copy(torch.bfloat16)
+    assert model.training and not copy.training
+    assert not any(m.training for m in copy.modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -11,7 +13,9 @@ from support.triton_interp import without_interpreter
 
 import echofast.nn.attention as attention_nn
 from echofast.models import LIDM
+from echofast.models.tiny import TINY_LIDM
 from echofast.nn import Attention
+from echofast.nn._packing import adjacent
 from echofast.ops import registered_ops, use_backend
 from echofast.pipelines import LIDMPipeline
 
@@ -246,3 +250,36 @@ def test_sampling_cache_keeps_autocast_and_plain_calls_apart(pair):
                 ours(x, 250)
             cached = ours(x, 250).sample
     assert torch.equal(cached, plain)
+
+
+def test_class_labels_and_wrong_channels_are_value_errors(pair):
+    """Like diffusers' UNet2DModel without a class embedding, class labels are refused; a
+    sample with the wrong channel count is named before any layer runs."""
+    ref, ours = pair
+    x = torch.randn(1, 4, 8, 8)
+    labels = torch.tensor([1])
+    with pytest.raises(ValueError, match="class_embedding needs to be initialized"):
+        ref(x, 3, class_labels=labels)
+    with pytest.raises(ValueError, match="class_labels given, but this LIDM has no class"):
+        ours(x, 3, class_labels=labels)
+    for bad in (x[:, :3], x[0]):
+        named = re.escape(f"must be (N, 4, H, W), got {tuple(bad.shape)}")
+        with pytest.raises(ValueError, match=named):
+            ours(bad, 3)
+
+
+def test_conversions_keep_the_time_projections_packed():
+    """After ``.double()``/``.half()`` (new storage for every parameter) the resblocks' time
+    projections are one adjacent block again, with the values of the separate projections."""
+    model = LIDM.from_config(TINY_LIDM)
+    emb = torch.randn(2, model.time_embedding.linear_2.out_features, dtype=torch.float64)
+    for convert, dtype in ((torch.nn.Module.double, torch.float64), (torch.nn.Module.half, None)):
+        convert(model)
+        tp = model._time_projections
+        assert adjacent(tp._params("weight")) and adjacent(tp._params("bias"))
+        assert adjacent(tp._fold_biases())
+        if dtype is not None:
+            with torch.no_grad():
+                silu = torch.nn.functional.silu(emb)
+                separate = torch.cat([lin(silu) + fold.bias for lin, fold in tp.folds.items()], -1)
+                torch.testing.assert_close(tp.all(emb), separate, rtol=1e-12, atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ from support.models import build_diffusers, save_diffusers
 from echofast import fsutil
 from echofast.errors import ConfigError, MissingFileError, WeightsError
 from echofast.models import LIDM, VAE
-from echofast.models.tiny import TINY_LIDM
+from echofast.models.tiny import TINY_LIDM, TINY_VAE
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -408,3 +409,167 @@ def test_saved_files_get_umask_mode(tmp_path, umask_022):
         tmp_path / "latents.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp)
     )
     assert _mode(path) == 0o644
+
+
+# ---- what save_pretrained writes --------------------------------------------------------------
+
+
+def test_save_pretrained_writes_what_diffusers_writes(tmp_path):
+    """A new nested folder is created; the config carries diffusers' metadata keys (and
+    echofast's version), the safetensors file diffusers' ``{"format": "pt"}`` header."""
+    from safetensors import safe_open
+
+    import echofast
+
+    ref = build_diffusers(AutoencoderKL, TINY_VAE)
+    ref.save_pretrained(tmp_path / "theirs")
+    ours = VAE.from_config(TINY_VAE)
+    ours.save_pretrained(tmp_path / "a" / "b" / "ours")
+    folders = {name: tmp_path / name for name in ("theirs", "a/b/ours")}
+    configs = {k: json.loads((f / "config.json").read_text()) for k, f in folders.items()}
+    meta = {}
+    for k, f in folders.items():
+        with safe_open(f / WEIGHTS, "pt") as weights:
+            meta[k] = weights.metadata()
+    assert meta["a/b/ours"] == meta["theirs"] == {"format": "pt"}
+    theirs_meta = {k for k in configs["theirs"] if k.startswith("_")}
+    assert theirs_meta == {"_class_name", "_diffusers_version"}
+    assert {k: configs["a/b/ours"][k] for k in theirs_meta} == {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.27.0",
+    }
+    assert configs["a/b/ours"]["_echofast_version"] == echofast.__version__
+    assert {k: v for k, v in configs["a/b/ours"].items() if not k.startswith("_")} == {
+        k: v for k, v in dict(ours.config).items()
+    }
+
+
+@pytest.mark.parametrize("name", ["LIDM", "UNet2DModel"])
+def test_config_names_this_class_or_its_diffusers_class(tmp_path, name):
+    LIDM.from_config(TINY_LIDM).save_pretrained(tmp_path)
+    _edit_config(tmp_path, _class_name=name)
+    assert dict(LIDM.from_pretrained(tmp_path).config) == {
+        **LIDM.config_defaults(),
+        **json.loads(json.dumps(TINY_LIDM)),
+    }
+
+
+def test_config_that_is_not_an_object_is_named(vae_dir):
+    (vae_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object, got list"):
+        VAE.from_pretrained(vae_dir)
+
+
+# ---- config values: each error names the file, the key and what it takes ---------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("time_embedding_dim", "x", "'time_embedding_dim': value 'x' \\(str\\) .* int or null"),
+        ("sample_size", "x", "'sample_size': .* int or list of int or null"),
+        ("center_input_sample", 1, "'center_input_sample': value 1 \\(int\\) .* valid bool"),
+        ("act_fn", 3, "'act_fn': value 3 \\(int\\) is not a valid str"),
+        ("act_fn", "gelu", "config key 'act_fn': value 'gelu' is not supported"),
+        ("norm_num_groups", 0, "do not build a LIDM \\(ZeroDivisionError"),
+        (
+            "block_out_channels",
+            [],
+            "do not build a LIDM \\(IndexError",
+        ),
+    ],
+)
+def test_config_value_errors_name_the_file_key_and_type(tmp_path, key, value, named):
+    LIDM.from_config(TINY_LIDM).save_pretrained(tmp_path)
+    changes = {key: value}
+    if key == "block_out_channels":  # lengths agree: the layers find nothing to build
+        changes.update(down_block_types=[], up_block_types=[])
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}/config\.json: .*{named}"):
+        LIDM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("build", ["from_config", "constructor"])
+def test_config_built_without_a_folder_is_in_the_activations_layout(build):
+    """``from_config`` and the constructor store conv kernels in ``memory_format``
+    (channels_last) for every model, not only after a load."""
+    for cls, cfg in ((VAE, TINY_VAE), (LIDM, TINY_LIDM)):
+        model = cls.from_config(cfg) if build == "from_config" else cls(**cfg)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(
+            c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs
+        ), cls
+
+
+# ---- weights errors name the file and the keys -----------------------------------------------
+
+
+def test_many_missing_keys_are_listed_sorted_and_counted(tiny_vae_dir):
+    vae_dir = tiny_vae_dir
+    gone = sorted(load_file(vae_dir / WEIGHTS))[:10]
+
+    extra = [f"z{i}" for i in range(8)]
+
+    def drop_ten_add_eight(state):
+        for key in gone:
+            del state[key]
+        state.update({key: torch.zeros(1) for key in reversed(extra)})
+
+    _edit_weights(vae_dir, drop_ten_add_eight)
+    with pytest.raises(WeightsError) as err:
+        VAE.from_pretrained(vae_dir)
+    missing = ", ".join(repr(k) for k in gone[:8])
+    unexpected = ", ".join(repr(k) for k in extra)
+    assert str(err.value) == (
+        f"{vae_dir / WEIGHTS}: weights do not match VAE: missing keys [{missing}, ...] (10 in all)"
+        f"; unexpected keys [{unexpected}] (8 in all)"
+    )
+
+
+@pytest.fixture()
+def tiny_vae_dir(tmp_path):
+    save_diffusers(AutoencoderKL, TINY_VAE, tmp_path / "tiny_vae")
+    return tmp_path / "tiny_vae"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
+def test_other_pickle_suffixes_need_the_opt_in_too(tiny_vae_dir, suffix):
+    vae_dir = tiny_vae_dir
+    state = load_file(vae_dir / WEIGHTS)
+    (vae_dir / WEIGHTS).unlink()
+    path = vae_dir / f"diffusion_pytorch_model{suffix}"
+    torch.save(state, path)
+    with pytest.raises(
+        WeightsError,
+        match=rf"^{re.escape(str(path))}: pickled weights .* convert them to {WEIGHTS} or",
+    ):
+        VAE.from_pretrained(vae_dir)
+    model = VAE.from_pretrained(vae_dir, allow_pickle=True)
+    assert torch.equal(model.decoder.conv_in.bias, state["decoder.conv_in.bias"])
+
+
+def test_a_bin_is_preferred_to_other_pickles(tiny_vae_dir):
+    """diffusers' own pickle name, ``.bin``, is read first when several pickles are there."""
+    vae_dir = tiny_vae_dir
+    state = load_file(vae_dir / WEIGHTS)
+    (vae_dir / WEIGHTS).unlink()
+    torch.save(state, vae_dir / "diffusion_pytorch_model.bin")
+    torch.save({k: v + 1 for k, v in state.items()}, vae_dir / "diffusion_pytorch_model.pt")
+    torch.save({k: v + 2 for k, v in state.items()}, vae_dir / "diffusion_pytorch_model.ckpt")
+    with pytest.raises(WeightsError, match=r"^\S+model\.bin: pickled weights"):
+        VAE.from_pretrained(vae_dir)
+    model = VAE.from_pretrained(vae_dir, allow_pickle=True)
+    assert torch.equal(model.decoder.conv_in.bias, state["decoder.conv_in.bias"])
+
+
+def test_an_empty_shard_index_is_refused_as_such(sharded_dir):
+    (sharded_dir / INDEX).write_text('{"weight_map": {}}')
+    with pytest.raises(WeightsError, match=f'{INDEX}: shard index needs a non-empty "weight_map"'):
+        LIDM.from_pretrained(sharded_dir)
+
+
+def test_a_weight_of_the_right_size_but_wrong_shape_is_named(tiny_vae_dir):
+    key = "decoder.conv_out.weight"  # (3, 32, 3, 3): its transpose has as many values
+    _edit_weights(tiny_vae_dir, lambda s: s.__setitem__(key, s[key].transpose(0, 1).contiguous()))
+    with pytest.raises(WeightsError, match=rf"'{key}' has shape \(32, 3, 3, 3\), VAE expects"):
+        VAE.from_pretrained(tiny_vae_dir)

@@ -698,3 +698,35 @@ def test_pipeline_gives_a_compiled_lvdm_the_precomputed_inputs(monkeypatch):
     assert calls and all(c["time_features"] is not None for c in calls)
     assert all(c["channels_last_output"] for c in calls)
     torch.testing.assert_close(latents, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"num_attention_heads": [2, 0, 2]}, r"\[2, 0, 2\] .*entry 1 = 0 is not a positive int"),
+        ({"layers_per_block": True}, r"'layers_per_block'.*True \(bool\).*int or list of int"),
+        # the mid block attends at the last level even when its stages do not
+        ({"num_attention_heads": [2, 2, 3]}, "entry 2 = 3 does not divide block_out_channels"),
+        (
+            {"block_out_channels": [], "down_block_types": [], "up_block_types": []},
+            r"'block_out_channels': value \[\] is not supported",
+        ),
+        (
+            {"up_block_types": TINY_LVDM["up_block_types"][:2]},
+            r"'len\(up_block_types\)': value 2 is not supported",
+        ),
+    ],
+)
+def test_config_errors_name_the_entry_at_fault(change, named):
+    with pytest.raises(ConfigError, match=named):
+        LVDM.from_config({**TINY_LVDM, **change})
+
+
+def test_added_time_ids_must_fill_the_projection_input():
+    """projection_class_embeddings_input_dim not a multiple of addition_time_embed_dim: no
+    count of ids fits, and the call says so instead of failing inside a layer."""
+    dims = {"addition_time_embed_dim": 2, "projection_class_embeddings_input_dim": 3}
+    model = LVDM.from_config({**TINY_LVDM, **dims})
+    x = torch.randn(1, 2, 8, 6, 6)
+    with pytest.raises(ValueError, match=r"added_time_ids must be \(1, 1\)"):
+        model(x, 10, torch.rand(1, 1, 1), torch.zeros(1, 1))

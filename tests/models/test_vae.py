@@ -11,6 +11,7 @@ from support.models import build_diffusers, rel_err, save_diffusers
 
 from echofast.models import VAE
 from echofast.models.outputs import DiagonalGaussian
+from echofast.models.tiny import TINY_VAE
 
 TOL = 1e-5
 
@@ -79,6 +80,21 @@ def test_posterior_statistics_match_diffusers():
     det_ref = DiagonalGaussianDistribution(moments[1], deterministic=True)
     assert torch.equal(det.std, det_ref.std) and torch.equal(det.var, det_ref.var)
     assert torch.equal(det.sample(torch.Generator().manual_seed(0)), det.mean)
+
+
+def test_float64_posterior_samples_and_deterministic_statistics_match_diffusers():
+    """A float64 posterior draws float64 noise (diffusers' draw); a deterministic one has no KL
+    and no NLL."""
+    moments = torch.randn(2, 6, 3, 5, generator=torch.Generator().manual_seed(12)).double()
+    ours, ref = DiagonalGaussian(moments), DiagonalGaussianDistribution(moments)
+    a = ours.sample(torch.Generator().manual_seed(13))
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, ref.sample(torch.Generator().manual_seed(13)), rtol=1e-12, atol=0)
+    det = DiagonalGaussian(moments, deterministic=True)
+    det_ref = DiagonalGaussianDistribution(moments, deterministic=True)
+    sample = torch.randn(2, 3, 3, 5, dtype=torch.float64)
+    for got, want in ((det.kl(), det_ref.kl()), (det.nll(sample), det_ref.nll(sample))):
+        assert got.shape == (2,) and torch.equal(got, want.to(got).expand(2))
 
 
 def test_autograd_path_matches_diffusers(pair):
@@ -157,3 +173,44 @@ def test_full_config_parameter_count_and_parity():
             ref.decode(za.contiguous(memory_format=torch.channels_last)).sample, expected
         )
         assert rel_err(ours.decode(za).sample, expected) <= max(TOL, 2 * floor)
+
+
+@pytest.mark.parametrize("act_fn", ["silu", "swish"])
+def test_float64_round_trip_matches_diffusers_to_rounding(act_fn):
+    """In float64 layout noise vanishes: encoder and decoder agree with diffusers to ~1e-12
+    (a wrong norm eps alone moves them by ~1e-6). diffusers takes "swish" for SiLU too."""
+    cfg = {**TINY_VAE, "act_fn": act_fn}
+    ref = build_diffusers(AutoencoderKL, cfg, seed=2).double()
+    ours = VAE.from_config(cfg).double().eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        a, b = ref.encode(x).latent_dist, ours.encode(x).latent_dist
+        torch.testing.assert_close(b.mean, a.mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.logvar, a.logvar, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours(x).sample, ref(x).sample, rtol=1e-10, atol=1e-12)
+
+
+def test_return_dict_false_gives_tuples_like_diffusers(pair):
+    ref, ours = pair
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    with torch.no_grad():
+        enc, ref_enc = ours.encode(x, return_dict=False), ref.encode(x, return_dict=False)
+        out, ref_out = ours(x, return_dict=False), ref(x, return_dict=False)
+    assert type(enc) is type(ref_enc) is tuple and len(enc) == len(ref_enc) == 1
+    assert isinstance(enc[0], DiagonalGaussian) and rel_err(enc[0].mean, ref_enc[0].mean) <= TOL
+    assert type(out) is type(ref_out) is tuple and len(out) == len(ref_out) == 1
+    assert rel_err(out[0], ref_out[0]) <= TOL
+
+
+def test_outputs_keep_the_callers_layout(pair):
+    """Activations run channels_last inside; what encode and decode return is contiguous NCHW,
+    as diffusers returns it."""
+    ref, ours = pair
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    with torch.no_grad():
+        dist = ours.encode(x).latent_dist
+        image = ours.decode(dist.mean).sample
+        assert ref.decode(dist.mean).sample.is_contiguous()
+    assert dist.mean.is_contiguous() and dist.std.is_contiguous()
+    assert image.is_contiguous()
