@@ -14,7 +14,8 @@ The GPU benchmark's profiler count (``echofast bench``, column ``kernels``) is t
 
 Usage::
 
-    python bench/kernels_cpu.py [--config full|small] [--lidm] [--csv bench/results/kernels_cpu.csv]
+    python bench/kernels_cpu.py [--config full|small] [--lidm] [--temporal-gemms]
+        [--csv bench/results/kernels_cpu.csv]
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def dispatched_as_on_cuda(scale: float, half: bool) -> Iterator[None]:
         (resnet_nn, "FUSED_EPILOGUE_DEVICES", as_on_cuda(resnet_nn.FUSED_EPILOGUE_DEVICES)),
         (st, "FUSED_GEGLU_DEVICES", as_on_cuda(st.FUSED_GEGLU_DEVICES)),
         (st, "FUSED_FF_DEVICES", as_on_cuda(st.FUSED_FF_DEVICES) if half else frozenset()),
+        (st, "TEMPORAL_GEMMS_DEVICES", as_on_cuda(st.TEMPORAL_GEMMS_DEVICES)),
         (st, "CPU_CHUNK_BYTES", 0),
         (gn, "target_programs", lambda x: H100_SMS * gn.PROGRAMS_PER_SM),
         (gn, "multiprocessors", lambda x: max(1, int(H100_SMS * scale))),
@@ -240,8 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also count the LIDM (rows 'lidm diffusers', 'lidm echofast step')",
     )
+    p.add_argument(
+        "--temporal-gemms",
+        action="store_true",
+        help="count echofast's temporal convolutions as three GEMMs, as if "
+        "TEMPORAL_GEMMS_DEVICES held cuda (rows 'echofast +temporal-gemms', ...)",
+    )
     p.add_argument("--csv", type=Path, help="append one row per implementation and precision")
     a = p.parse_args(argv)
+    suffix = ""
+    if a.temporal_gemms:
+        import echofast.nn.spatiotemporal as st
+
+        st.TEMPORAL_GEMMS_DEVICES = st.TEMPORAL_GEMMS_DEVICES | {"cuda"}
+        suffix = " +temporal-gemms"
     from echofast.ops._triton import triton_too_old
 
     if triton_too_old():  # the dispatcher would pick torch everywhere: no estimate of the GPU's
@@ -267,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             if impl.startswith("lidm")
             else (f"LVDM call ({a.config} config)")
         )
+        if not impl.endswith("diffusers"):
+            impl += suffix
         print(f"{impl}, {how}: ≈{total} kernels per {what}")
         for name, n in counts.most_common(a.top):
             print(f"  {n:5d} {name}")

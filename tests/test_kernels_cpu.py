@@ -89,3 +89,36 @@ def test_echofast_launches_far_fewer_kernels_than_diffusers(tmp_path):
         assert ours < 0.6 * theirs, (precision, ours, theirs)
     lidm = out.stdout.split("lidm echofast step, fp32:")[1].split("diffusers, autocast")[0]
     assert "triton._bias_residual_kernel" in lidm and "aten.sin" not in lidm
+
+
+def _step_kernels(*flags):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", "small", "--autocast", "none", "--top", "60"]
+        + list(flags),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    head, _, body = out.stdout.partition("echofast step")
+    total = int(body.split("≈")[1].split()[0])
+    counts = {line.split()[1]: int(line.split()[0]) for line in body.splitlines()[1:] if line}
+    return body.split(",")[0], total, counts
+
+
+def test_temporal_gemms_cost_two_kernels_more_per_temporal_convolution():
+    """``--temporal-gemms`` counts the temporal convolutions as ``temporal_conv_gemms`` (an addmm
+    or mm and two baddbmm) where the Conv2d form is one convolution (its bias folded away or
+    added by the block's epilogue): two launches more for each of them."""
+    from support.configs import LVDM_SMALL_CONFIG
+
+    from echofast.models import LVDM
+    from echofast.nn.spatiotemporal import TemporalResnetBlock
+
+    model = LVDM.from_config(LVDM_SMALL_CONFIG)
+    convs = 2 * sum(isinstance(m, TemporalResnetBlock) for m in model.modules())
+    plain_name, plain, plain_counts = _step_kernels()
+    name, gemms, counts = _step_kernels("--temporal-gemms")
+    assert (plain_name, name) == ("", " +temporal-gemms")
+    assert gemms - plain == 2 * convs
+    assert counts["aten.baddbmm_"] == 2 * convs and "aten.baddbmm_" not in plain_counts
