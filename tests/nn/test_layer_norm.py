@@ -156,3 +156,65 @@ def test_add_forward_of_mixed_dtypes_is_pytorchs_add_then_the_norm(grad):
     want_h = residual + x
     assert torch.equal(y, torch.nn.LayerNorm.forward(ln, want_h))
     assert h.dtype == want_h.dtype and torch.equal(h, want_h + shift)
+
+
+def _spy(monkeypatch, name):
+    """Records each call of ``echofast.ops.<name>`` (as echofast.nn's norms reach it)."""
+    import echofast.ops
+
+    calls, op = [], getattr(echofast.ops, name)
+    monkeypatch.setattr(echofast.ops, name, lambda *a, **k: calls.append(a[0].dtype) or op(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "x_dtype, autocast, taken",
+    [
+        (torch.bfloat16, torch.bfloat16, True),
+        (torch.float16, torch.float16, True),
+        (torch.float16, torch.bfloat16, False),  # autocast to another dtype than the input's
+        (torch.bfloat16, None, False),  # no autocast: fp32 affine with a bf16 input
+        (torch.float32, torch.bfloat16, False),
+    ],
+)
+def test_forward_takes_the_op_only_for_an_input_in_autocasts_dtype(
+    monkeypatch, x_dtype, autocast, taken
+):
+    """The documented dispatch, whose value differences show on CUDA only (CPU's mixed-dtype
+    kernel and nn.LayerNorm agree bit for bit here)."""
+    calls = _spy(monkeypatch, "layer_norm")
+    ln, x = _norm(24), torch.randn(3, 24).to(x_dtype)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        ln(x)
+    assert calls == ([x_dtype] if taken else [])
+
+
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "x_dtype, residual_dtype, affine_dtype, autocast, taken",
+    [
+        (BF16, BF16, BF16, False, True),
+        (torch.float32, torch.float32, torch.float32, False, True),
+        (BF16, BF16, torch.float32, False, False),  # the affine's dtype differs
+        (BF16, torch.float32, torch.float32, False, False),
+        (BF16, None, BF16, False, True),
+        (BF16, BF16, torch.float32, True, True),  # autocast: an input in its dtype
+        (BF16, torch.float32, torch.float32, True, False),  # the residual's dtype differs
+    ],
+)
+def test_add_forward_takes_the_fused_op_only_where_dtypes_agree(
+    monkeypatch, x_dtype, residual_dtype, affine_dtype, autocast, taken
+):
+    """x and the residual in one dtype, and either the affine in it too (no autocast) or autocast
+    to it, go to the fused op; any other mix is PyTorch's add, then :meth:`forward`."""
+    calls = _spy(monkeypatch, "add_layer_norm")
+    ln = _norm(20).to(affine_dtype)
+    x, add = torch.randn(4, 20).to(x_dtype), torch.randn(1, 20).to(x_dtype)
+    residual = None if residual_dtype is None else torch.randn(4, 20).to(residual_dtype)
+    want = x + add if residual is None else residual + x + add  # h is written over the residual
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        h, _ = ln.add_forward(x, residual, add=add)
+    torch.testing.assert_close(h, want)
+    assert calls == ([x_dtype] if taken else [])
