@@ -1,6 +1,6 @@
 """The temporal resnets' (3, 1, 1) convolution in other forms than the models' (3, 1) Conv2d over
-(T, H·W), on a CUDA GPU, at the LVDM's call sites: decides ``TEMPORAL_GEMMS_DEVICES``
-(echofast/nn/spatiotemporal.py).
+(T, H·W), on a CUDA GPU, at the LVDM's call sites: decides ``TEMPORAL_GEMMS_DEVICES`` and
+``TEMPORAL_GEMMS_MAX_DIM`` (echofast/nn/spatiotemporal.py).
 
     python bench/bench_temporal_conv.py [--dtype float16] [--windows 5 40] [--csv FILE]
 
@@ -26,7 +26,8 @@ Sites: the (B, C, T, H, W) input of every temporal convolution of one LVDM call 
 Every provider is checked against ``F.conv3d`` in fp32 on fresh inputs first (its error within
 2× that of ``conv2d`` plus 1e-4, relative to the reference's largest value), then timed as in the
 pipelines' CUDA graphs (:func:`benchutil.graph_timed`). TFLOP/s count 2·B·T·H·W·C·3C. The summary
-prints, per windows count and provider, the total per UNet call and its ratio to ``conv2d``.
+prints, per windows count and provider, the total per UNet call and its ratio to ``conv2d``, then
+per map width the GEMMs' ratio and the settings that follow (``TEMPORAL_GEMMS_MAX_DIM``).
 """
 
 from __future__ import annotations
@@ -155,10 +156,55 @@ def run(args) -> list[dict]:
     return rows
 
 
+def by_width(rows: list[dict], provider: str = "three_gemms", base: str = "conv2d") -> dict:
+    """{C: {windows: (base's time / provider's time, convolutions per call)}} over the sites of
+    width C where both were timed (ratios above 1: the provider is faster)."""
+    totals: dict[tuple[int, int, str], float] = {}
+    counts: dict[tuple[int, int], int] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["provider"] in (provider, base):
+            key = (r["c"], r["windows"], r["provider"])
+            totals[key] = totals.get(key, 0.0) + r["count"] * r["median_ms"]
+            if r["provider"] == base:
+                counts[r["c"], r["windows"]] = counts.get((r["c"], r["windows"]), 0) + r["count"]
+    out: dict[int, dict[int, tuple[float, int]]] = {}
+    for (c, windows, name), total in sorted(totals.items()):
+        if name == provider and (c, windows, base) in totals:
+            ratio = totals[c, windows, base] / total
+            out.setdefault(c, {})[windows] = (ratio, counts[c, windows])
+    return out
+
+
+def width_decision(rows: list[dict]) -> list[str]:
+    """The three GEMMs against the Conv2d form per map width, and the settings that follow: the
+    widest C up to which the GEMMs were timed and won at every width and windows count
+    (``TEMPORAL_GEMMS_MAX_DIM``), with the kernels it adds per UNet call (two per convolution)."""
+    widths = by_width(rows)
+    lines = []
+    for c, per_windows in widths.items():
+        ratios = ", ".join(f"{r:.2f}x at {w} windows" for w, (r, _) in per_windows.items())
+        lines.append(f"C = {c:<4} three_gemms {ratios} (conv2d's time / its time)")
+    timed = {r["windows"] for r in rows}
+    limit, convs = None, 0
+    for c, per_windows in widths.items():
+        if set(per_windows) != timed or not all(r > 1 for r, _ in per_windows.values()):
+            break
+        limit, convs = c, convs + max(n for _, n in per_windows.values())
+    if limit is not None:
+        lines.append(
+            f"-> TEMPORAL_GEMMS_DEVICES = {{'cuda'}}, TEMPORAL_GEMMS_MAX_DIM = {limit} "
+            f"({convs} convolutions per UNet call, {2 * convs} kernels more)"
+        )
+    elif widths:
+        lines.append("-> TEMPORAL_GEMMS_DEVICES stays empty (the GEMMs lost at the narrowest maps)")
+    return lines
+
+
 def summary(rows: list[dict]) -> list[str]:
     """Per windows count and provider: the total per UNet call and its ratio to ``conv2d``'s
-    (see :func:`benchutil.per_call_summary`)."""
-    return per_call_summary(rows, ("b", "c", "t", "h", "w"), "conv2d", width=13)
+    (see :func:`benchutil.per_call_summary`), then :func:`width_decision`."""
+    lines = per_call_summary(rows, ("b", "c", "t", "h", "w"), "conv2d", width=13)
+    return lines + width_decision(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--temporal-gemms",
         action="store_true",
-        help="count echofast's temporal convolutions as three GEMMs, as if "
-        "TEMPORAL_GEMMS_DEVICES held cuda (rows 'echofast +temporal-gemms', ...)",
+        help="count echofast's temporal convolutions of up to TEMPORAL_GEMMS_MAX_DIM channels "
+        "as three GEMMs, as if TEMPORAL_GEMMS_DEVICES held cuda (rows 'echofast "
+        "+temporal-gemms', ...)",
     )
     p.add_argument("--csv", type=Path, help="append one row per implementation and precision")
     a = p.parse_args(argv)

@@ -78,7 +78,10 @@ def model_paths() -> dict[str, dict[str, Any]]:
             "devices": sorted(st.FUSED_FF_DEVICES),
             "max_width": st.FUSED_FF_MAX_DIM,
         },
-        "temporal convolution (three GEMMs)": {"devices": sorted(st.TEMPORAL_GEMMS_DEVICES)},
+        "temporal convolution (three GEMMs)": {
+            "devices": sorted(st.TEMPORAL_GEMMS_DEVICES),
+            "max_width": st.TEMPORAL_GEMMS_MAX_DIM,
+        },
     }
 
 
@@ -130,7 +133,7 @@ def format_info(info: dict[str, Any]) -> str:
     for name, entry in info["model_paths"].items():
         where = ", ".join(entry["devices"]) or "none (the unfused path everywhere)"
         if entry.get("max_width") is not None and entry["devices"]:
-            where += f" (rows up to {entry['max_width']} wide)"
+            where += f" (C up to {entry['max_width']})"
         lines.append(f"  {name:<36} {where}")
     return "\n".join(lines)
 

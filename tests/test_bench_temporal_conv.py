@@ -85,7 +85,47 @@ def test_summary_totals_per_call_and_ratio():
     lines = bench.summary(rows)
     assert lines[0] == "windows 5   conv2d           0.960 ms per UNet call"
     assert lines[1] == "windows 5   three_gemms      0.930 ms per UNet call  1.03x conv2d"
-    assert lines[2].startswith("windows 40  conv2d           5.000 ms") and len(lines) == 3
+    assert lines[2].startswith("windows 40  conv2d           5.000 ms")
+    # per width: the GEMMs were not timed at 40 windows, so no width is decided
+    assert lines[3].startswith("C = 128  three_gemms 2.00x at 5 windows (")
+    assert lines[4].startswith("C = 256  three_gemms 0.50x at 5 windows (")
+    assert lines[5].startswith("-> TEMPORAL_GEMMS_DEVICES stays empty") and len(lines) == 6
+
+
+def _timed_widths(ratios):
+    """conv2d and three_gemms rows at 5 and 40 windows, per {C: (ratio at 5, ratio at 40)},
+    with 10 convolutions per call at each width but 256 (12, two sites of 6)."""
+    rows = []
+    for c, per_windows in ratios.items():
+        for windows, ratio in zip((5, 40), per_windows):
+            for h in (16, 8) if c == 256 else (16,):
+                count = 6 if c == 256 else 10
+                rows += [row(windows, "conv2d", 0.1, count=count, c=c) | {"h": h, "w": h}]
+                rows += [row(windows, "three_gemms", 0.1 / ratio, count=count, c=c) | {"h": h}]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "ratios, decision",
+    [
+        ({128: (1.6, 1.2), 256: (0.9, 1.1)}, "TEMPORAL_GEMMS_MAX_DIM = 128 (10 convolutions"),
+        ({128: (1.6, 1.2), 256: (1.1, 1.3), 512: (0.8, 0.9)}, "= 256 (22 convolutions per"),
+        ({128: (1.6, 1.2), 256: (1.1, 1.3)}, "= 256 (22 convolutions per UNet call, 44 kernels"),
+        ({128: (1.6, 0.9), 256: (1.5, 1.3)}, "TEMPORAL_GEMMS_DEVICES stays empty"),
+        ({64: (0.5, 0.5), 128: (1.6, 1.2)}, "TEMPORAL_GEMMS_DEVICES stays empty"),
+    ],
+)
+def test_the_width_limit_is_the_widest_map_won_at_every_windows_count(ratios, decision):
+    lines = bench.width_decision(_timed_widths(ratios))
+    assert len(lines) == len(ratios) + 1 and decision in lines[-1]
+    c, (at5, at40) = next(iter(ratios.items()))
+    assert lines[0].startswith(f"C = {c:<4} three_gemms {at5:.2f}x at 5 windows, {at40:.2f}x at 40")
+
+
+def test_no_width_line_without_both_forms_timed():
+    assert bench.width_decision([row(5, "conv2d", 0.1), row(5, "conv3d", 0.05)]) == []
+    wrong = row(5, "three_gemms", 0.05, status="wrong")
+    assert bench.width_decision([row(5, "conv2d", 0.1), wrong]) == []
 
 
 def test_needs_a_gpu(monkeypatch, capsys):

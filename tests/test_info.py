@@ -188,7 +188,10 @@ def test_model_paths_are_the_models_settings(monkeypatch):
     monkeypatch.setattr(st, "FUSED_GEGLU_DEVICES", frozenset())
     info = info_module.collect()
     paths = info["model_paths"]
-    assert paths["temporal convolution (three GEMMs)"] == {"devices": ["cpu", "cuda"]}
+    assert paths["temporal convolution (three GEMMs)"] == {
+        "devices": ["cpu", "cuda"],
+        "max_width": st.TEMPORAL_GEMMS_MAX_DIM,
+    }
     assert paths["feed-forward (one kernel)"] == {
         "devices": sorted(st.FUSED_FF_DEVICES),
         "max_width": 96,
@@ -199,5 +202,5 @@ def test_model_paths_are_the_models_settings(monkeypatch):
         *"GEGLU projection + gate (one GEMM)".split(),
         *"none (the unfused path everywhere)".split(),
     ]
-    assert lines[start + 2].endswith("cuda (rows up to 96 wide)")
-    assert lines[start + 3].endswith("  cpu, cuda")
+    assert lines[start + 2].endswith("cuda (C up to 96)")
+    assert lines[start + 3].endswith(f"  cpu, cuda (C up to {st.TEMPORAL_GEMMS_MAX_DIM})")

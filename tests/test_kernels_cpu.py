@@ -109,14 +109,17 @@ def _step_kernels(*flags):
 def test_temporal_gemms_cost_two_kernels_more_per_temporal_convolution():
     """``--temporal-gemms`` counts the temporal convolutions as ``temporal_conv_gemms`` (an addmm
     or mm and two baddbmm) where the Conv2d form is one convolution (its bias folded away or
-    added by the block's epilogue): two launches more for each of them."""
+    added by the block's epilogue): two launches more for each of them up to
+    ``TEMPORAL_GEMMS_MAX_DIM`` channels (every map of the small config)."""
     from support.configs import LVDM_SMALL_CONFIG
 
     from echofast.models import LVDM
-    from echofast.nn.spatiotemporal import TemporalResnetBlock
+    from echofast.nn import spatiotemporal as st
 
     model = LVDM.from_config(LVDM_SMALL_CONFIG)
-    convs = 2 * sum(isinstance(m, TemporalResnetBlock) for m in model.modules())
+    blocks = [m for m in model.modules() if isinstance(m, st.TemporalResnetBlock)]
+    assert all(m.conv1.in_channels <= st.TEMPORAL_GEMMS_MAX_DIM for m in blocks)
+    convs = 2 * len(blocks)
     plain_name, plain, plain_counts = _step_kernels()
     name, gemms, counts = _step_kernels("--temporal-gemms")
     assert (plain_name, name) == ("", " +temporal-gemms")

@@ -18,9 +18,10 @@ Layout and CPU speed (same values): the UNet keeps activations channels-last, so
 (B·T, C, H, W) is physically (B·T, H·W, C) tokens and its (B, C, T, H, W) view, used by the
 temporal resnet, is channels-last-3d: no permute copies at the transformers or temporal resnets.
 The temporal (3,1,1) Conv3d runs as a (3,1) Conv2d over (T, H·W) (as three GEMMs on shifted token
-rows in inference on :data:`TEMPORAL_GEMMS_DEVICES`, none yet). Without autograd, residual sums
-reuse the storage of fresh temporaries, and on CPU per-token branches (feed-forwards, self-
-attention) run in chunks of rows (:data:`CPU_CHUNK_BYTES`).
+rows in inference on :data:`TEMPORAL_GEMMS_DEVICES`, none yet, for maps of up to
+:data:`TEMPORAL_GEMMS_MAX_DIM` channels). Without autograd, residual sums reuse the storage of
+fresh temporaries, and on CPU per-token branches (feed-forwards, self-attention) run in chunks of
+rows (:data:`CPU_CHUNK_BYTES`).
 """
 
 from __future__ import annotations
@@ -109,9 +110,13 @@ FUSED_FF_MAX_DIM = 128
 #: UNet call in 10 convolutions) while cuBLAS ran a (81920, 128) x (128, 128) product in about
 #: 12 us; on the CPU the GEMMs were about 2x slower than the Conv2d. The form is 3 kernels where
 #: the Conv2d is 1: at all 44 temporal convolutions of an LVDM call that is 88 kernels more (646
-#: -> 734 per call, over issue 9's 700), at the 10 of C = 128 only 20; a width limit beside this
-#: set, as FUSED_FF_MAX_DIM is for the feed-forward, is the likely shape of the decision.
+#: -> 734 per call, over issue 9's 700), at the 10 of C = 128 only 20: hence the width limit
+#: below. The benchmark's summary names the widest C at which the GEMMs won at every windows count.
 TEMPORAL_GEMMS_DEVICES: frozenset[str] = frozenset()
+#: the widest map (C) whose temporal convolutions take the three GEMMs on
+#: :data:`TEMPORAL_GEMMS_DEVICES` (above); 128 is the prediction (the level-0 maps, where cuDNN
+#: fell back to its sm80 kernel), to be confirmed with the device set
+TEMPORAL_GEMMS_MAX_DIM = 128
 
 
 def temporal_conv2d(
@@ -477,6 +482,7 @@ class TemporalResnetBlock(nn.Module):
         b = conv.bias if bias else None
         if (
             x.device.type in TEMPORAL_GEMMS_DEVICES
+            and x.shape[1] <= TEMPORAL_GEMMS_MAX_DIM
             and not torch.is_grad_enabled()
             and x.permute(0, 2, 3, 4, 1).is_contiguous()
         ):

@@ -1,6 +1,6 @@
 """The temporal resnets' (3,1,1) convolution in its two forms (a (3,1) Conv2d over (T, H·W), and
 three GEMMs on shifted token rows) against ``F.conv3d``, and the models' choice between them
-(``TEMPORAL_GEMMS_DEVICES``)."""
+(``TEMPORAL_GEMMS_DEVICES``, ``TEMPORAL_GEMMS_MAX_DIM``)."""
 
 from __future__ import annotations
 
@@ -91,8 +91,21 @@ def test_the_block_takes_the_gemms_on_their_devices_in_inference(monkeypatch):
     assert len(calls) == 2 and got.requires_grad
 
 
+@pytest.mark.parametrize("limit, taken", [(64, 2), (63, 0)])
+def test_maps_wider_than_the_limit_keep_the_conv2d_form(monkeypatch, limit, taken):
+    block, x, temb = _block()  # 64 channels
+    calls, gemms = [], st.temporal_conv_gemms
+    monkeypatch.setattr(st, "temporal_conv_gemms", lambda *a: calls.append(1) or gemms(*a))
+    monkeypatch.setattr(st, "TEMPORAL_GEMMS_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(st, "TEMPORAL_GEMMS_MAX_DIM", limit)
+    with torch.no_grad():
+        block.branch(x, temb)
+    assert len(calls) == taken
+
+
 def test_no_device_takes_the_gemms_by_default():
     assert st.TEMPORAL_GEMMS_DEVICES == frozenset()
+    assert st.TEMPORAL_GEMMS_MAX_DIM == 128
 
 
 @pytest.mark.gpu
