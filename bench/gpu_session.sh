@@ -48,9 +48,11 @@
 #                 the LVDM's call sites (5 and 40 windows) -> geglu_tune_<card>.csv; the winners
 #                 (>= 3 % faster than the default) into kernels/geglu_linear_tuned.json, which
 #                 comes back in the archive (commit it), then pip install . again
-#   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16:
-#                 s/video (fp32 and fp16 VAE decode), vs the reference's way, kernels per UNet
-#                 call, TFLOP/s vs a bf16 GEMM -> echofast_bench_<card>.csv
+#   bench_b1      echofast bench --batch-size 1 --graphs --no-compile --decode-dtype float16
+#                 --temporal-gemms: s/video (fp32 and fp16 VAE decode), vs the reference's way,
+#                 kernels per UNet call, TFLOP/s vs a bf16 GEMM, and the pipeline and step call
+#                 with the three-GEMM temporal convolutions (TEMPORAL_GEMMS_MAX_DIM) beside them
+#                 -> echofast_bench_<card>.csv
 #   tests_gpu     pytest -m gpu: every GPU test (compiled Triton kernels and models vs their
 #                 references, CUDA graphs, video path), then tests/test_extension.py
 #   unet_compile  echofast bench --batch-size 1 --graphs --compile --no-pipeline: single UNet
@@ -68,7 +70,8 @@
 #                 FUSED_FF_DEVICES
 #   temporal_conv bench/bench_temporal_conv.py: the temporal resnets' (3,1,1) convolution as the
 #                 models' Conv2d vs Conv3d (two layouts) vs three cuBLAS GEMMs at the LVDM's sites
-#                 -> temporal_conv_<card>.csv; would decide TemporalResnetBlock._conv's form
+#                 -> temporal_conv_<card>.csv; its last lines name the settings that follow
+#                 (TEMPORAL_GEMMS_DEVICES, TEMPORAL_GEMMS_MAX_DIM; bench_b1 timed them end to end)
 #   layer_norm    bench/bench_layer_norm.py (vs the autocast round trip) -> layer_norm_<card>.csv
 #   attention     bench/bench_attention.py --sweep (the kernel's other tiles and grid sizes too,
 #                 graph-timed: TILE and PROGRAMS_PER_SM)  -> attention_<card>.csv
@@ -207,7 +210,7 @@ step_bench() {
         --out "$REPO/bench/results/echofast_bench_${SLUG}.csv")
 }
 
-step_bench_b1() { step_bench --batch-size 1 --no-compile --decode-dtype float16; }
+step_bench_b1() { step_bench --batch-size 1 --no-compile --decode-dtype float16 --temporal-gemms; }
 step_bench_b8() {
     step_bench --batch-size 8 --no-compile --no-reference --decode-dtype float16 --repeats 1 \
         --warmup 1

@@ -20,6 +20,11 @@ Measured in one process, on one device, with the same weights and the same shape
   seconds per
   call, achieved TFLOP/s, its fraction of a large bf16 GEMM timed in the same run
   (``gemm/*`` row), and the kernels launched per call (profiler);
+* ``pipeline/echofast+temporal-gemms`` and ``unet/echofast[+graphs]+step+temporal-gemms``
+  (``--temporal-gemms``): echofast with the temporal resnets' convolutions as three GEMMs, as
+  ``TEMPORAL_GEMMS_DEVICES`` holding the device would run them (for maps of up to
+  ``TEMPORAL_GEMMS_MAX_DIM`` channels), so that a lease times that path end to end beside the
+  default one before it is chosen;
 * per pipeline: seconds per video, generated frames/s, videos/s, phase times, peak memory.
 
 FLOPs are counted once per window by ``torch.utils.flop_counter.FlopCounterMode`` on the diffusers
@@ -137,6 +142,7 @@ class Setup:
     compile_echofast: bool = False
     compile_backend: str = "inductor"
     graphs: bool = False
+    temporal_gemms: bool = False
     pipelines: bool = True
     avi: bool = True
     profile: bool = True
@@ -538,6 +544,36 @@ class PipelineStepCall:
         return self.unet(inp["x"], inp["t"], channels_last_output=True, **kwargs)
 
 
+@contextlib.contextmanager
+def temporal_gemms(device: torch.device) -> Iterator[None]:
+    """The temporal resnets' convolutions as three GEMMs on ``device``'s type while inside (as
+    :data:`~echofast.nn.spatiotemporal.TEMPORAL_GEMMS_DEVICES` holding it would run them; CUDA
+    graphs captured inside keep that path)."""
+    from .nn import spatiotemporal as st
+
+    saved = st.TEMPORAL_GEMMS_DEVICES
+    st.TEMPORAL_GEMMS_DEVICES = saved | {device.type}
+    try:
+        yield
+    finally:
+        st.TEMPORAL_GEMMS_DEVICES = saved
+
+
+class WithTemporalGemms:
+    """A UNet path (e.g. :class:`PipelineStepCall`) called inside :func:`temporal_gemms`."""
+
+    def __init__(self, unet: Any, device: torch.device):
+        self.unet, self.device = unet, device
+
+    @property
+    def last_reasons(self) -> list[str]:
+        return getattr(self.unet, "last_reasons", [])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with temporal_gemms(self.device):
+            return self.unet(*args, **kwargs)
+
+
 def run_unet_calls(
     setup: Setup, batch: int, flop: float | None, unets: dict[str, Any]
 ) -> Iterator[dict]:
@@ -662,6 +698,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CUDA-graph UNet calls (echofast.pipelines.graphs): a unet row, and the "
         "pipelines' cuda_graphs=True (CUDA only)",
+    )
+    p.add_argument(
+        "--temporal-gemms",
+        action="store_true",
+        help="also time echofast with the temporal convolutions (maps of up to "
+        "TEMPORAL_GEMMS_MAX_DIM channels) as three GEMMs, as TEMPORAL_GEMMS_DEVICES holding the "
+        "device would: paths pipeline/echofast+temporal-gemms and "
+        "unet/echofast[+graphs]+step+temporal-gemms",
     )
     p.add_argument(
         "--no-pipeline",
@@ -796,6 +840,7 @@ def main_bench(argv: list[str]) -> int:
         compile_echofast=a.compile_echofast,
         compile_backend=a.compile_backend,
         graphs=a.graphs,
+        temporal_gemms=a.temporal_gemms,
         pipelines=not a.no_pipeline,
         avi=not a.no_avi,
         profile=not a.no_profile,
@@ -893,6 +938,9 @@ def _measure(setup: Setup) -> None:
         paths: list[tuple[str, Any]] = [("pipeline/echofast", None)]
         decode = {f"pipeline/echofast+decode-{_dtype_name(d)}": d for d in setup.decode_dtypes}
         paths += [(name, None) for name in decode]
+        variant = "pipeline/echofast+temporal-gemms"
+        if setup.temporal_gemms:
+            paths.append((variant, None))
         if setup.reference:
             paths.append(("pipeline/reference", (m.d_lidm, m.d_lvdm)))
         if "lvdm" in compiled:
@@ -903,9 +951,11 @@ def _measure(setup: Setup) -> None:
         for name, unets in paths if setup.pipelines else ():
             try:
                 if name.startswith("pipeline/echofast"):
-                    rows = run_echofast(
-                        setup, batch, run_flop, unets, name, decode.get(name, torch.float32)
-                    )
+                    switch = temporal_gemms(device) if name == variant else contextlib.nullcontext()
+                    with switch:
+                        rows = run_echofast(
+                            setup, batch, run_flop, unets, name, decode.get(name, torch.float32)
+                        )
                 else:
                     rows = run_reference(setup, batch, run_flop, unets, name)
             except Exception as err:  # noqa: BLE001 - report the path, measure the others
@@ -928,8 +978,14 @@ def _measure(setup: Setup) -> None:
         # as the pipeline calls it at each step (run-constant work precomputed): the kernels
         # per step that the ≤ 700 goal counts
         unets["unet/echofast+step"] = PipelineStepCall(ours, graphs=False)
-        if setup.graphs and device.type == "cuda":
+        step_graphs = setup.graphs and device.type == "cuda"
+        if step_graphs:
             unets["unet/echofast+graphs+step"] = PipelineStepCall(ours, graphs=True)
+        if setup.temporal_gemms:  # beside the step call as the pipelines make it
+            name = "unet/echofast+graphs+step" if step_graphs else "unet/echofast+step"
+            unets[f"{name}+temporal-gemms"] = WithTemporalGemms(
+                PipelineStepCall(ours, graphs=step_graphs), device
+            )
         if setup.reference:
             unets["unet/diffusers"] = m.d_lvdm
         if "lvdm" in compiled:

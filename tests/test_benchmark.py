@@ -557,3 +557,39 @@ def test_flops_per_window_are_the_diffusers_count_of_one_window():
     setup.device = torch.device("cpu")
     assert bench._lvdm_shapes(setup, 1)[0] == 2
     assert bench._flop_per_window(setup) == measure.count_flops(_diffusers_lvdm_call)
+
+
+def test_temporal_gemms_paths_take_the_gemms_and_only_they(tmp_path, capsys, monkeypatch):
+    """``--temporal-gemms``: a pipeline path and a step-call path beside the defaults, in which
+    (and only in which) the temporal convolutions run as three GEMMs; the device set is restored
+    afterwards."""
+    import echofast.nn.spatiotemporal as st
+
+    gemm_calls, gemms = [], st.temporal_conv_gemms
+    monkeypatch.setattr(st, "temporal_conv_gemms", lambda *a: gemm_calls.append(1) or gemms(*a))
+    per_path: list[tuple[str, int]] = []
+
+    def counting(fn, name_of):
+        def wrapped(*args, **kwargs):
+            before = len(gemm_calls)
+            out = fn(*args, **kwargs)
+            per_path.append((name_of(*args), len(gemm_calls) - before))
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(bench, "run_echofast", counting(bench.run_echofast, lambda *a: a[4]))
+    monkeypatch.setattr(bench, "time_call", counting(bench.time_call, lambda *a: "unet call"))
+    out = tmp_path / "bench.csv"
+    argv = ["--smoke", "--device", "cpu", "--batch-size", "1", "--no-progress", "--no-reference"]
+    argv += ["--no-avi", "--no-profile", "--steps", "1", "--unet-repeats", "1", "--warmup", "0"]
+    argv += ["--temporal-gemms", "--out", str(out)]
+    assert bench.main_bench(argv) == 0, capsys.readouterr().out
+    assert st.TEMPORAL_GEMMS_DEVICES == frozenset()
+    paths = [r["path"] for r in _read(out) if r["phase"] in ("total", "call")]
+    unet_paths = ["unet/echofast", "unet/echofast+step", "unet/echofast+step+temporal-gemms"]
+    assert paths[1:] == ["pipeline/echofast", "pipeline/echofast+temporal-gemms", *unet_paths]
+    pipelines, calls = per_path[:2], per_path[2:]
+    assert [p for p, _ in pipelines] == paths[1:3]
+    assert pipelines[0][1] == 0 and pipelines[1][1] > 0
+    assert [n == 0 for _, n in calls] == [True, True, False]
