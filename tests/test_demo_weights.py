@@ -12,6 +12,7 @@ import torch
 
 from echofast.cli import main as cli
 from echofast.data.phantom import make_phantom
+from echofast.errors import MissingFileError
 from echofast.io import read_video
 from echofast.pipelines import EchoSyntheticPipeline
 from echofast.weights import DEMO_ROOT, demo_defaults, demo_root
@@ -73,3 +74,47 @@ def test_demo_weights_cover_one_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["generate", "--out", str(tmp_path / "x"), "--dataset", "ped_a4c"])
     assert "demo weights cover --dataset dynamic" in capsys.readouterr().err
+
+
+def _fake_demo(monkeypatch, tmp_path, folders=("vae", "lidm_dynamic", "lvdm")):
+    import echofast.weights
+
+    for name in ("vae", "lidm_dynamic", "lvdm"):
+        (tmp_path / name).mkdir(parents=True)
+        if name in folders:
+            (tmp_path / name / "config.json").write_text("{}")
+    monkeypatch.setattr(echofast.weights, "DEMO_ROOT", tmp_path)
+    return tmp_path
+
+
+def test_demo_root_names_each_model_folder_without_a_config(monkeypatch, tmp_path):
+    for present in (("vae", "lidm_dynamic"), ("vae", "lvdm"), ()):
+        root = _fake_demo(monkeypatch, tmp_path / "_".join(present or ("none",)), present)
+        with pytest.raises(MissingFileError, match="demo weights are not installed") as excinfo:
+            demo_root()
+        absent = [name for name in ("vae", "lidm_dynamic", "lvdm") if name not in present]
+        assert str([str(root / name) for name in absent]) in str(excinfo.value)
+
+
+@pytest.mark.parametrize("text", [None, "{not json", '{"defaults": {"frames": 8}}', "\xff"])
+def test_unreadable_demo_defaults_are_a_missing_file_error(monkeypatch, tmp_path, text):
+    root = _fake_demo(monkeypatch, tmp_path)
+    assert demo_root() == root
+    if text is not None:
+        (root / "demo.json").write_text(text, encoding="latin-1")
+    with pytest.raises(MissingFileError, match="demo.json: unreadable demo defaults"):
+        demo_defaults()
+    (root / "demo.json").write_text('{"generate": {"frames": 8, "fps": 16.0}}')
+    assert demo_defaults() == {"frames": 8, "fps": 16.0}
+
+
+@pytest.mark.parametrize("text", ['["generate"]', '{"generate": null}', '{"generate": 8}'])
+def test_demo_defaults_that_are_not_a_mapping_are_a_missing_file_error(
+    monkeypatch, tmp_path, capsys, text
+):
+    root = _fake_demo(monkeypatch, tmp_path / "demo")
+    (root / "demo.json").write_text(text)
+    with pytest.raises(MissingFileError, match="demo.json: unreadable demo defaults"):
+        demo_defaults()
+    assert cli(["generate", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "unreadable demo defaults" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,89 @@ def test_video_cuda_entry_points_fail_cleanly_without_a_gpu(ext, info):
         ext.planes_to_frames(_planes(1), _frames(1), 0, 1, 0, 0)
     with pytest.raises(ext.CudaError, match=message):
         ext.frames_to_planes(_frames(1), _planes(1), 1, 0, 0)
+
+
+# ---- the lazy loader in echofast._ext (with the import faked: no dependence on the build) ------
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """echofast._ext as before its first load(), importing through a recording fake; the real
+    loader's state comes back at teardown."""
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.delenv(_ext.SKIP_ENV, raising=False)
+    calls = []
+    outcome = {"result": types.SimpleNamespace(build_info=lambda: {"cuda": False})}
+
+    def import_module(name):
+        calls.append(name)
+        if isinstance(outcome["result"], BaseException):
+            raise outcome["result"]
+        return outcome["result"]
+
+    monkeypatch.setattr(_ext, "importlib", types.SimpleNamespace(import_module=import_module))
+    return calls, outcome
+
+
+def _unavailable() -> _ext.ExtensionUnavailable:
+    with pytest.raises(_ext.ExtensionUnavailable) as excinfo:
+        _ext.load()
+    return excinfo.value
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "Yes", "on", " 1 ", "on\n"])
+def test_skip_flag_makes_the_extension_unavailable(fresh_loader, monkeypatch, value):
+    calls, _ = fresh_loader
+    monkeypatch.setenv(_ext.SKIP_ENV, value)
+    exc = _unavailable()
+    assert exc.reason.startswith("ECHOFAST_SKIP_EXT=1 is set: the extension is not loaded")
+    assert str(exc) == f"echofast._C is unavailable: {exc.reason}"
+    assert exc.name == "echofast._C" and isinstance(exc.__cause__, ImportError)
+    assert _ext.available() is False
+    assert _ext.build_info() == {"built": False, "reason": exc.reason}
+    assert calls == []
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off", "2"])
+def test_other_skip_flag_values_load_the_extension(fresh_loader, monkeypatch, value):
+    calls, outcome = fresh_loader
+    monkeypatch.setenv(_ext.SKIP_ENV, value)
+    assert _ext.load() is outcome["result"]
+    assert _ext.build_info() == {"built": True, "cuda": False}
+    assert calls == ["echofast._C"]
+
+
+def test_the_first_outcome_is_kept(fresh_loader, monkeypatch):
+    calls, outcome = fresh_loader
+    monkeypatch.setenv(_ext.SKIP_ENV, "1")
+    first = _unavailable()
+    monkeypatch.delenv(_ext.SKIP_ENV)
+    assert _unavailable().reason == first.reason and not _ext.available()
+    monkeypatch.setattr(_ext, "_failure", None)
+    module = _ext.load()
+    monkeypatch.setenv(_ext.SKIP_ENV, "1")
+    outcome["result"] = ImportError("not called again")
+    assert _ext.load() is module and _ext.available()
+    assert calls == ["echofast._C"]
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (ModuleNotFoundError("No module named 'echofast._C'", name="echofast._C"),
+         "echofast is installed without its compiled extension (built with ECHOFAST_SKIP_EXT=1?)"),
+        (ModuleNotFoundError("No module named 'pybind11_dep'", name="pybind11_dep"),
+         "ModuleNotFoundError: No module named 'pybind11_dep'"),
+        (ImportError("libfoo.so: undefined symbol: bar"),
+         "ImportError: libfoo.so: undefined symbol: bar"),
+    ],
+)  # fmt: skip
+def test_an_import_failure_is_reported_with_its_cause(fresh_loader, error, reason):
+    calls, outcome = fresh_loader
+    outcome["result"] = error
+    exc = _unavailable()
+    assert exc.reason.startswith(reason) and exc.__cause__ is error
+    assert _unavailable().__cause__ is error
+    assert _ext.build_info() == {"built": False, "reason": exc.reason}
+    assert calls == ["echofast._C"]

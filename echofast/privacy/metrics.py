@@ -120,7 +120,8 @@ def bootstrap_auc(
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``k / n``."""
+    """Wilson score interval of a binomial proportion ``k / n`` (its bounds are exactly 0 at
+    ``k = 0`` and 1 at ``k = n``, where rounding would leave them a hair inside)."""
     if n <= 0:
         return float("nan"), float("nan")
     z = _normal_quantile(0.5 + level / 2)
@@ -128,7 +129,9 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k <= 0 else max(0.0, centre - half)
+    hi = 1.0 if k >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def _normal_quantile(p: float) -> float:

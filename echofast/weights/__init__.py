@@ -38,5 +38,5 @@ def demo_defaults() -> dict[str, Any]:
     path = demo_root() / "demo.json"
     try:
         return dict(json.loads(path.read_text())["generate"])
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: JSON of another shape
         raise MissingFileError(f"{path}: unreadable demo defaults ({err})") from err
