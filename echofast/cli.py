@@ -182,7 +182,8 @@ def _generate(argv: list[str]) -> int:
     priv.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="load a pickled reidentification_*_best_network.pth (weights_only=True)",
+        help="load pickled weights (weights_only=True): a reidentification_*_best_network.pth, "
+        "and model folders holding a .bin instead of safetensors",
     )
     a = p.parse_args(argv)
     if (a.privacy is None) != (a.reference_latents is None):

@@ -78,13 +78,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def read_sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` from the shards that a diffusers index file names.
-
-    ``index`` (e.g. ``diffusion_pytorch_model.safetensors.index.json``) maps every tensor name to
-    its shard (``"weight_map"``). Each shard must be a file of the index's format inside the
-    index's folder, and hold exactly the tensors the index places there.
-    """
+def shard_map(index: Path) -> dict[str, list[str]]:
+    """``{shard file name: [tensor names]}`` of a diffusers shard index, checked: a non-empty
+    ``"weight_map"`` whose shards are existing files of the index's format inside its folder."""
     try:
         data = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -112,8 +108,18 @@ def read_sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
             raise MissingFileError(
                 f"{index.parent / rel}: shard file listed in {index.name} is missing"
             )
+    return shards
+
+
+def read_sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` from the shards that a diffusers index file names.
+
+    ``index`` (e.g. ``diffusion_pytorch_model.safetensors.index.json``) maps every tensor name to
+    its shard (``"weight_map"``). Each shard must be a file of the index's format inside the
+    index's folder (:func:`shard_map`), and hold exactly the tensors the index places there.
+    """
     state: dict[str, torch.Tensor] = {}
-    for shard, keys in shards.items():
+    for shard, keys in shard_map(index).items():
         path = index.parent / shard
         tensors = read_state_dict(path)
         absent = sorted(set(keys) - set(tensors))

@@ -32,6 +32,7 @@ from ..weights_io import (
     read_folder_config,
     read_sharded_state_dict,
     read_state_dict,
+    shard_map,
 )
 
 CONFIG_NAME = "config.json"
@@ -302,6 +303,18 @@ class ModelBase(nn.Module):
         if leftover:
             raise WeightsError(f"{weights_path}: no values for {clip_keys(leftover)}")
         return model.eval()
+
+    @classmethod
+    def weights_files(
+        cls, folder: str | os.PathLike, *, variant: str | None = None, allow_pickle: bool = False
+    ) -> list[Path]:
+        """The files :meth:`from_pretrained` reads the weights from (the same arguments): the
+        single weights file, or a shard index followed by its shards in the index's order.
+        Raises as :meth:`from_pretrained` does for missing, refused or malformed ones."""
+        found = cls._find_weights(Path(folder), variant, allow_pickle)
+        if not found.name.endswith(".json"):
+            return [found]
+        return [found, *(found.parent / shard for shard in shard_map(found))]
 
     @staticmethod
     def _find_weights(folder: Path, variant: str | None, allow_pickle: bool) -> Path:

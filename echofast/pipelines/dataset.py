@@ -293,17 +293,24 @@ class GenerateConfig:
         return ident
 
 
-def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
-    """SHA-256 of each model folder's weights and config file, and of the noise schedule it
-    records (``scheduler_config.json``, written by ``echofast train export``), if any."""
+def _weights_sha(root: str, dataset: str, allow_pickle: bool = False) -> dict[str, dict]:
+    """SHA-256 of the files each model folder's weights load from (the weights file; of a
+    sharded folder the index, and each shard under ``"shards"``), of its config file, and of the
+    noise schedule it records (``scheduler_config.json``, written by ``echofast train export``),
+    if any. Missing or refused files raise as loading them would."""
+    from ..models.base import CONFIG_NAME as MODEL_CONFIG
+    from ..models.base import ModelBase
     from ..schedulers import CONFIG_NAME
+    from ..weights_io import read_folder_config
 
-    digests = {}
+    digests: dict[str, dict] = {}
     for name, folder in EchoSyntheticPipeline.folders(root, dataset).items():
-        digests[name] = {
-            "weights": sha256_file(folder / "diffusion_pytorch_model.safetensors"),
-            "config": sha256_file(folder / "config.json"),
-        }
+        read_folder_config(folder, MODEL_CONFIG)
+        first, *shards = ModelBase.weights_files(folder, allow_pickle=allow_pickle)
+        config = sha256_file(folder / MODEL_CONFIG)
+        digests[name] = {"weights": sha256_file(first), "config": config}
+        if shards:
+            digests[name]["shards"] = {p.name: sha256_file(p) for p in shards}
         if (folder / CONFIG_NAME).is_file():
             digests[name]["scheduler"] = sha256_file(folder / CONFIG_NAME)
     return digests
@@ -311,7 +318,7 @@ def _weights_sha(root: str, dataset: str) -> dict[str, dict[str, str]]:
 
 def ef_bounds(ef_range: Sequence[float]) -> tuple[int, int]:
     """The integers ``(ceil(LO), floor(HI))`` that ``requested_ef`` draws between; a range that is
-    not two finite numbers with LO <= HI holding an integer is refused."""
+    not two finite numbers with 0 <= LO <= HI <= 100 holding an integer is refused."""
     if isinstance(ef_range, (str, bytes)) or not isinstance(ef_range, Sequence):
         raise GenerationArgumentError(f"--ef-range needs LO and HI, got {ef_range!r}")
     if len(ef_range) != 2:
@@ -323,6 +330,10 @@ def ef_bounds(ef_range: Sequence[float]) -> tuple[int, int]:
         raise GenerationArgumentError(f"--ef-range must be finite numbers, got {lo!r} {hi!r}")
     if lo > hi:
         raise GenerationArgumentError(f"--ef-range needs LO <= HI, got {lo:g} {hi:g}")
+    if lo < 0 or hi > 100:
+        raise GenerationArgumentError(
+            f"--ef-range must lie within 0 100 (EF is a percentage), got {lo:g} {hi:g}"
+        )
     first, last = math.ceil(lo), math.floor(hi)
     if first > last:
         raise GenerationArgumentError(
@@ -342,7 +353,8 @@ def requested_ef(cfg: GenerateConfig, index: int, pool: Sequence[float] | None) 
 
 
 def _ef_pool(path: str | None) -> list[float] | None:
-    """The finite EF values of ``path`` (a FileList.csv); refused naming the file and the row."""
+    """The EF values of ``path`` (a FileList.csv), each a number in 0..100; refused naming the
+    file and the row."""
     if path is None:
         return None
     try:
@@ -367,6 +379,8 @@ def _ef_pool(path: str | None) -> list[float] | None:
             raise GenerationArgumentError(f"{where}: EF {text!r} is not a number") from None
         if not math.isfinite(value):
             raise GenerationArgumentError(f"{where}: EF {text!r} is not finite")
+        if not 0 <= value <= 100:
+            raise GenerationArgumentError(f"{where}: EF {text!r} is outside 0..100 (a percentage)")
         pool.append(value)
     if not pool:
         raise GenerationArgumentError(f"{path}: no EF values")
@@ -862,7 +876,7 @@ def _journal_video(journal: Path, index: int, row: dict, bar: tqdm | None, path:
 
 def _load(cfg: GenerateConfig) -> EchoSyntheticPipeline:
     return EchoSyntheticPipeline.from_pretrained(
-        cfg.weights, dataset=cfg.dataset, device=cfg.device
+        cfg.weights, dataset=cfg.dataset, device=cfg.device, allow_pickle=cfg.allow_pickle
     )
 
 
@@ -896,7 +910,7 @@ def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = N
     manifest = {
         "echofast_version": __version__,
         "arguments": cfg.identity(
-            _weights_sha(cfg.weights, cfg.dataset),
+            _weights_sha(cfg.weights, cfg.dataset, cfg.allow_pickle),
             sha256_file(cfg.ef_from) if cfg.ef_from else None,
         ),
         "weights_root": str(Path(cfg.weights).resolve()),
@@ -1177,7 +1191,7 @@ def _generate_private(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None) -
     manifest = {
         "echofast_version": __version__,
         "arguments": cfg.identity(
-            _weights_sha(cfg.weights, cfg.dataset),
+            _weights_sha(cfg.weights, cfg.dataset, cfg.allow_pickle),
             sha256_file(cfg.ef_from) if cfg.ef_from else None,
             privacy_ident,
         ),

@@ -99,12 +99,14 @@ class EchoSyntheticPipeline:
         dataset: str = "dynamic",
         device: torch.device | str | None = None,
         scheduler: SchedulerBase | None = None,
+        allow_pickle: bool = False,
     ) -> EchoSyntheticPipeline:
         """The pipeline of the models in ``root`` (see :meth:`folders`). The LIDM and the LVDM
         each sample with the scheduler their folder records (:func:`~.common.model_scheduler`:
         the noise schedule the model was trained with, which ``echofast train export``
         records; the reference DDPM where none is recorded, as in the published folders);
-        ``scheduler`` replaces both."""
+        ``scheduler`` replaces both. ``allow_pickle``: a folder may hold pickled weights
+        (see :meth:`~echofast.models.base.ModelBase.from_pretrained`)."""
         f = cls.folders(root, dataset)
         if scheduler is None:
             schedulers = {
@@ -114,9 +116,9 @@ class EchoSyntheticPipeline:
         else:
             schedulers = {"scheduler": scheduler}
         return cls(
-            LIDM.from_pretrained(f["lidm"], device=device),
-            LVDM.from_pretrained(f["lvdm"], device=device),
-            VAE.from_pretrained(f["vae"], device=device),
+            LIDM.from_pretrained(f["lidm"], device=device, allow_pickle=allow_pickle),
+            LVDM.from_pretrained(f["lvdm"], device=device, allow_pickle=allow_pickle),
+            VAE.from_pretrained(f["vae"], device=device, allow_pickle=allow_pickle),
             **schedulers,
         )
 

@@ -117,7 +117,8 @@ class LVDMPipeline(SamplingPipeline):
 
         Args:
             cond_latents: (B, C, h, w) heart-image latents, × scaling_factor (LIDM output).
-            ef: (B,) requested ejection fractions in percent (passed to the model as EF/100).
+            ef: (B,) requested ejection fractions in percent (passed to the model as EF/100),
+                finite; values outside 0-100 extrapolate past any training data.
             num_frames: frames per video; any length (see :func:`window_plan`).
             generator / seed / sample_indices: per-sample randomness (stream ``"lvdm"``), as
                 :class:`~echofast.pipelines.LIDMPipeline`.
@@ -148,6 +149,9 @@ class LVDMPipeline(SamplingPipeline):
         ef = torch.as_tensor(ef, dtype=torch.float32).reshape(-1)
         if ef.numel() != b:
             raise ValueError(f"got {ef.numel()} EF values for {b} conditioning latents")
+        bad = (~torch.isfinite(ef)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"ef must be finite: EF {ef[bad[0]].item()} at position {bad[0]}")
         if batch_size < 1 or decode_chunk_size < 1:
             raise ValueError("batch_size and decode_chunk_size must be >= 1")
         decode_dtype = check_decode_dtype(decode_dtype)

@@ -76,3 +76,42 @@ def test_an_ef_source_is_part_of_the_dataset_by_its_content_not_its_path(weights
     assert summary["complete"] and summary["generated"] == 0 and pipe.batches == []
     with pytest.raises(GenerationConflict, match="ef_from: folder has '[0-9a-f]{64}'"):
         generate_dataset(_cfg(weights_root, out, ef_from=str(edited)), pipe=pipe)
+
+
+@pytest.mark.parametrize("ef_range", [(150, 200), (-50, -40), (-1, 50), (50, 100.5)])
+def test_an_ef_range_outside_0_100_is_refused(ef_range):
+    with pytest.raises(GenerationArgumentError, match="--ef-range must lie within 0 100"):
+        ef_bounds(ef_range)
+
+
+def test_the_whole_percentage_scale_is_a_range():
+    assert ef_bounds((0, 100)) == (0, 100)
+    assert ef_bounds((-0.0, 0.5)) == (0, 0)
+
+
+@pytest.mark.parametrize("bad", ["150", "-20", "100.01"])
+def test_an_ef_source_with_an_ef_outside_0_100_is_refused_naming_the_row(
+    weights_root, tmp_path, bad
+):
+    src = tmp_path / "FileList.csv"
+    src.write_text(f"FileName,EF,Split\na,55,TRAIN\nb,{bad},TEST\n")
+    out = tmp_path / "ds"
+    with pytest.raises(
+        GenerationArgumentError, match=rf"row 2 \(FileName 'b'\): EF '{bad}' is outside"
+    ):
+        generate_dataset(_cfg(weights_root, out, ef_from=str(src)))
+    assert not out.exists()
+
+
+def test_the_video_pipeline_refuses_a_non_finite_ef_naming_it():
+    """Before sampling (a NaN EF used to surface as a non-finite latent, blaming the model)."""
+    import torch
+
+    from echofast.models import LVDM
+    from echofast.models.tiny import TINY_CONFIGS
+    from echofast.pipelines import LVDMPipeline
+
+    pipe = LVDMPipeline(LVDM.from_config(TINY_CONFIGS["lvdm"]))
+    cond = torch.zeros(2, TINY_CONFIGS["lvdm"]["in_channels"] // 2, 6, 6)
+    with pytest.raises(ValueError, match=r"ef must be finite: EF nan at position 1"):
+        pipe(cond, [50.0, float("nan")], num_frames=8, num_inference_steps=1, output_type="latent")
