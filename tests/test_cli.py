@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from echofast import cli
+from echofast.errors import ConfigError, NonFiniteError
 
 
 def _command_raising(exc: BaseException):
@@ -34,3 +35,69 @@ def test_unknown_command_and_usage(capsys):
     assert cli.main(["nope"]) == 2
     assert "unknown command 'nope'" in capsys.readouterr().err
     assert cli.main([]) == 2 and cli.main(["--help"]) == 0
+
+
+# every subcommand runs its module's entry point with the arguments after the command name
+ENTRY_POINTS = {
+    "info": "echofast.info.main",
+    "privacy-filter": "echofast.privacy.cli.main_privacy_filter",
+    "privacy-audit": "echofast.privacy.cli.main_privacy_audit",
+    "phantom": "echofast.data.phantom.main_phantom",
+    "encode": "echofast.data.encode.main_encode",
+    "train": "echofast.train.main_train",
+    "metrics": "echofast.eval.fidelity.main_metrics",
+    "evaluate": "echofast.eval.downstream.main_evaluate",
+    "report": "echofast.eval.report.main_report",
+    "bench": "echofast.benchmark.main_bench",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_each_command_runs_its_entry_point_with_the_remaining_arguments(monkeypatch, name):
+    calls = []
+
+    def entry(argv):
+        calls.append(list(argv))
+        return 7
+
+    monkeypatch.setattr(ENTRY_POINTS[name], entry)
+    assert cli.main([name, "--x", name, "-h"]) == 7
+    assert calls == [["--x", name, "-h"]]
+
+
+def test_usage_lists_every_command_with_its_summary(capsys):
+    expected = set(ENTRY_POINTS) | {"generate", "merge"}
+    assert set(cli.COMMANDS) == expected
+    for argv in (["-h"], ["--help"]):
+        assert cli.main(argv) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out.startswith("usage: echofast <command> [options]")
+        listed = {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines()[3:-1]}
+        assert listed == {name: summary for name, (_, summary) in cli.COMMANDS.items()}
+
+
+def test_without_arguments_the_command_line_is_read(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["echofast", "nope", "--x"])
+    assert cli.main() == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["echofast"])
+    assert cli.main() == 2
+    assert capsys.readouterr().out.startswith("usage: echofast")
+
+
+@pytest.mark.parametrize(
+    "exc,line",
+    [
+        (OSError(28, "No space left on device"), "OSError: [Errno 28] No space left on device"),
+        (FileNotFoundError(2, "No such file", "w/vae"), "FileNotFoundError: [Errno 2] No such"),
+        (NonFiniteError("sample 3 is not finite at step 2"), "NonFiniteError: sample 3 is not"),
+        (ConfigError("config key 'x': value 1"), "ConfigError: config key 'x': value 1"),
+    ],
+)
+def test_file_system_and_echofast_errors_end_with_one_line_and_status_1(
+    monkeypatch, capsys, exc, line
+):
+    monkeypatch.setitem(cli.COMMANDS, "encode", (_command_raising(exc), "x"))
+    assert cli.main(["encode"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"echofast encode: error: {line}") and err.count("\n") == 1

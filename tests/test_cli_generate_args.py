@@ -95,6 +95,8 @@ def test_generate_defaults_with_user_weights(captured, tmp_path):
     (cfg,) = captured
     assert (cfg.frames, cfg.fps, cfg.batch_size, cfg.steps) == (192, 32.0, 8, 64)
     assert (cfg.seed, cfg.ef_range, cfg.name_prefix) == (0, (10, 90), "synthetic_")
+    assert (cfg.dataset, cfg.splits, cfg.ef_from, cfg.progress) == ("dynamic", None, None, False)
+    assert (cfg.shard.index, cfg.shard.count) == (0, 1)
     assert (cfg.dtype, cfg.decode_dtype) == ("float32", "float32")
     assert (cfg.privacy, cfg.oversample, cfg.auc_threshold, cfg.privacy_percentile) == (
         None,
@@ -114,6 +116,12 @@ def test_generate_defaults_with_user_weights(captured, tmp_path):
         (["--writer-threads", "-1"], "--writer-threads must be >= 0"),
         (["--frames", "0"], "must be >= 1"),
         (["--fps", "nan"], "--fps must be a finite number"),
+        (["--fps", "0"], "--fps must be a finite number > 0, got 0.0"),
+        (["--num-videos", "0"], "must be >= 1"),
+        (["--batch-size", "0"], "must be >= 1"),
+        (["--steps", "0"], "must be >= 1"),
+        (["--ef-range", "90", "10"], "--ef-range needs LO <= HI"),
+        (["--ef-range", "20", "30", "--ef-from", "f.csv"], "not allowed with argument"),
     ],
 )
 def test_generate_usage_errors_run_nothing(captured, tmp_path, capsys, extra, message):
@@ -141,3 +149,70 @@ def test_merge_fails_while_shards_are_missing(monkeypatch, tmp_path, capsys, com
     assert cli.main(["merge", "--out", "o", "a", "b"]) == status
     assert calls == [("o", ["a", "b"])]
     assert ("incomplete" in capsys.readouterr().out) == (not complete)
+
+
+def test_ef_from_reaches_the_config(captured, tmp_path):
+    assert cli.main(_args(tmp_path, "--ef-from", "real/FileList.csv")) == 0
+    (cfg,) = captured
+    assert cfg.ef_from == "real/FileList.csv"
+
+
+@pytest.mark.parametrize("value,expected", [("auto", None), ("on", True), ("off", False)])
+def test_cuda_graphs_choice_reaches_the_config(captured, tmp_path, value, expected):
+    assert cli.main(_args(tmp_path, "--cuda-graphs", value)) == 0
+    assert captured[0].cuda_graphs is expected
+
+
+def test_on_a_cuda_machine_the_defaults_are_cuda_and_float16(captured, tmp_path, monkeypatch):
+    """Without --device and --dtype: the GPU, sampled in float16 as the reference does."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dataset_mod, "check_device", lambda device: torch.device(device))
+    argv = ["generate", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+            "--num-videos", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (cfg,) = captured
+    assert (cfg.device, cfg.dtype, cfg.progress) == ("cuda", "float16", True)
+
+
+@pytest.mark.parametrize(
+    "drop,message",
+    [("--num-videos", "--num-videos is required with --weights"), ("--out", "--out")],
+)
+def test_generate_requires_out_and_with_weights_num_videos(
+    captured, tmp_path, capsys, drop, message
+):
+    argv = _args(tmp_path)
+    at = argv.index(drop)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv[:at] + argv[at + 2 :])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error:" in err and message in err.split("error:")[1]
+    assert captured == []
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_generate_prints_the_summary_and_privacy_lines(monkeypatch, tmp_path, capsys, complete):
+    summary = {"folder": "ds", "generated": 3, "seconds": 2.0, "already_done": 1,
+               "in_dataset": 4, "expected": 6, "complete": complete}  # fmt: skip
+    privacy = {"status": "filtered", "tau": 0.123456, "test_auc": 0.98765, "kept": 5,
+               "candidates": 8, "dropped_video_level": 1, "video_attempts": 6}  # fmt: skip
+    monkeypatch.setattr(dataset_mod, "generate_dataset", lambda cfg: dict(summary, privacy=privacy))
+    assert cli.main(_args(tmp_path, "--privacy", "m", "--reference-latents", "r")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pending = "" if complete else " (other shards pending)"
+    assert lines == [
+        "ds: generated 3 video(s) in 2.0 s (1.50 videos/s); 1 were already done; dataset holds "
+        f"4 of 6{pending}",
+        "privacy: filtered; tau 0.12346, re-id test AUC 0.9877; 5 of 8 candidates kept, 1 of 6 "
+        "videos dropped by the video check",
+    ]
+
+
+@pytest.mark.parametrize("argv", [["--out", "o"], ["a", "b"]])
+def test_merge_needs_out_and_at_least_one_shard(monkeypatch, capsys, argv):
+    monkeypatch.setattr(dataset_mod, "merge_datasets", lambda out, shards: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["merge", *argv])
+    assert exc.value.code == 2 and "required" in capsys.readouterr().err

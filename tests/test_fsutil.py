@@ -1,0 +1,90 @@
+"""echofast.fsutil: a result is replaced whole or not at all, by a hidden temporary file in the
+same folder that is fsynced before the rename and given the umask's permissions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from echofast import fsutil
+from echofast.fsutil import atomic_write, atomic_write_text, sha256_file
+
+
+def test_the_temporary_file_is_hidden_in_the_target_folder(tmp_path):
+    seen = []
+
+    def write(tmp):
+        seen.append(Path(tmp))
+        Path(tmp).write_bytes(b"new")
+
+    target = tmp_path / "a" / "b" / "video.avi"
+    assert atomic_write(target, write) == target
+    (tmp,) = seen
+    assert tmp.parent == target.parent
+    assert tmp.name.startswith(".video.avi.") and tmp.suffix == ".tmp"
+    assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["video.avi"]
+
+
+def test_fsync_runs_on_the_written_file_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write(tmp_path / "x.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1]
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_write_leaves_the_old_file_alone(tmp_path, exc):
+    target = tmp_path / "FileList.csv"
+    target.write_text("old")
+
+    def write(tmp):
+        Path(tmp).write_text("half")
+        raise exc
+
+    with pytest.raises(type(exc)):
+        atomic_write(target, write)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["FileList.csv"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o077, 0o600), (0o022, 0o644), (0o002, 0o664)])
+def test_files_get_the_umask_mode_and_the_umask_is_left_as_it_was(tmp_path, umask, mode):
+    saved = os.umask(umask)
+    fsutil._umask.cache_clear()
+    try:
+        path = atomic_write_text(tmp_path / "a.txt", "x")
+        assert os.stat(path).st_mode & 0o777 == mode
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(saved)
+        fsutil._umask.cache_clear()
+
+
+def test_atomic_write_text_replaces_the_whole_text(tmp_path):
+    path = tmp_path / "generation.json"
+    path.write_text("a much longer old text\n")
+    text = ' {\n  "seed": 0\n}\n'
+    assert atomic_write_text(path, text) == path
+    assert path.read_text() == text
+
+
+@pytest.mark.parametrize("size,chunk", [(0, 4), (1, 4), (4, 4), (4097, 1000), (3 << 20, 1 << 20)])
+def test_sha256_file_matches_hashlib(tmp_path, size, chunk):
+    data = os.urandom(size)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(data)
+    assert sha256_file(path, chunk=chunk) == hashlib.sha256(data).hexdigest()
