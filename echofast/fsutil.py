@@ -11,10 +11,11 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the result and rename it over ``path``.
+    """Call ``write(tmp_path)``, fsync the result, rename it over ``path`` and fsync the folder.
 
     Readers see the old file or the complete new one, never a partial one; on error the
-    temporary file is removed and ``path`` is untouched.
+    temporary file is removed and ``path`` is untouched. The folder's fsync makes the rename
+    itself survive a power loss (where the file system can sync a folder).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder: the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 @functools.cache

@@ -28,7 +28,9 @@ def test_the_temporary_file_is_hidden_in_the_target_folder(tmp_path):
     assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["video.avi"]
 
 
-def test_fsync_runs_on_the_written_file_before_the_rename(tmp_path, monkeypatch):
+def test_fsync_runs_on_the_written_file_before_the_rename_and_on_the_folder_after(
+    tmp_path, monkeypatch
+):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -43,8 +45,22 @@ def test_fsync_runs_on_the_written_file_before_the_rename(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     atomic_write(tmp_path / "x.json", lambda tmp: Path(tmp).write_text("{}"))
-    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
     assert events[0][1] == events[1][1]
+    assert events[2][1] == str(tmp_path)
+
+
+def test_a_folder_that_cannot_be_synced_still_gets_the_file(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(tmp_path / "x.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert (tmp_path / "x.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
