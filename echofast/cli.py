@@ -16,12 +16,13 @@ def _info(argv: list[str]) -> int:
     return main(argv)
 
 
-_WEIGHTS_DEFAULTS = {"frames": 192, "fps": 32.0, "batch_size": 8, "steps": 64}
-"""Generation defaults with user weights (the reference's); the demo weights bring their own."""
+_WEIGHTS_DEFAULTS = {"fps": 32.0, "batch_size": 8, "steps": 64}
+"""Generation defaults with user weights (the reference's; frames: the reference dataset's, see
+``echofast.data.REFERENCE_FRAMES``); the demo weights bring their own."""
 
 
 def _defaults_help(key: str) -> str:
-    ref = _WEIGHTS_DEFAULTS.get(key)
+    ref = "192, or 128 for ped_*" if key == "frames" else _WEIGHTS_DEFAULTS.get(key)
     return ("with --weights: " + str(ref) + "; " if ref is not None else "") + "demo: see demo.json"
 
 
@@ -195,7 +196,9 @@ def _generate(argv: list[str]) -> int:
             p.error(f"the demo weights cover --dataset {DEMO_DATASET} only; pass --weights")
         a.weights, defaults = str(demo_root()), demo_defaults()
     else:
-        defaults = dict(_WEIGHTS_DEFAULTS)
+        from .data import REFERENCE_FRAMES
+
+        defaults = dict(_WEIGHTS_DEFAULTS, frames=REFERENCE_FRAMES[a.dataset])
         if a.num_videos is None:
             p.error("--num-videos is required with --weights")
     if a.batch_size is None:

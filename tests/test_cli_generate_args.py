@@ -90,6 +90,23 @@ def test_every_generate_option_reaches_the_config(captured, tmp_path, capsys):
     assert "privacy:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dataset, frames", [("ped_a4c", 128), ("ped_psax", 128)])
+def test_pediatric_datasets_default_to_the_reference_length(captured, tmp_path, dataset, frames):
+    """The reference's pediatric sets have 128 frames a video, EchoNet-Dynamic's 192."""
+    assert cli.main([*_args(tmp_path), "--dataset", dataset]) == 0
+    assert captured[0].frames == frames
+    assert cli.main([*_args(tmp_path), "--dataset", dataset, "--frames", "40"]) == 0
+    assert captured[1].frames == 40
+
+
+def test_the_api_defaults_to_the_reference_length_of_its_dataset():
+    from echofast.pipelines.dataset import GenerateConfig
+
+    for dataset, frames in (("dynamic", 192), ("ped_a4c", 128), ("ped_psax", 128)):
+        assert GenerateConfig("w", "o", 1, dataset=dataset).frames == frames
+    assert GenerateConfig("w", "o", 1, dataset="ped_a4c", frames=64).frames == 64
+
+
 def test_generate_defaults_with_user_weights(captured, tmp_path):
     assert cli.main(_args(tmp_path)) == 0
     (cfg,) = captured

@@ -14,6 +14,7 @@ from .datasets import (
 )
 from .echonet import (
     FILELIST_COLUMNS,
+    REFERENCE_FRAMES,
     REFERENCE_SPLITS,
     SPLITS,
     TRACINGS_COLUMNS,
@@ -29,6 +30,7 @@ from .phantom import PhantomClip, PhantomDatasetConfig, make_phantom, write_phan
 
 __all__ = [
     "FILELIST_COLUMNS",
+    "REFERENCE_FRAMES",
     "REFERENCE_SPLITS",
     "SPLITS",
     "TRACINGS_COLUMNS",

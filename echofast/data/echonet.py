@@ -28,6 +28,8 @@ REFERENCE_SPLITS = {
     "ped_a4c": (2580, 336, 368),
     "ped_psax": (3559, 448, 519),
 }
+#: frames per video of the reference's synthetic datasets
+REFERENCE_FRAMES = {"dynamic": 192, "ped_a4c": 128, "ped_psax": 128}
 
 
 def split_counts(num_videos: int, splits: Iterable[int] | None, dataset: str) -> tuple[int, ...]:

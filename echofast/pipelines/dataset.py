@@ -88,6 +88,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.echonet import (
+    REFERENCE_FRAMES,
     number_text,
     read_filelist,
     split_counts,
@@ -189,7 +190,8 @@ class GenerateConfig:
     out: str
     num_videos: int
     dataset: str = "dynamic"
-    frames: int = 192
+    frames: int | None = None
+    """Frames per video; None: the reference dataset's (192 dynamic, 128 pediatric)."""
     fps: float = 32.0
     seed: int = 0
     splits: tuple[int, int, int] | None = None
@@ -252,6 +254,10 @@ class GenerateConfig:
         "privacy_normalization",
         "privacy_shift_tolerance",
     )
+
+    def __post_init__(self) -> None:
+        if self.frames is None:  # an unknown dataset is refused with the other arguments
+            self.frames = REFERENCE_FRAMES.get(self.dataset, REFERENCE_FRAMES["dynamic"])
 
     def video_kwargs(self) -> dict:
         """The sampling arguments of the job's video pipeline calls."""
@@ -948,7 +954,7 @@ def _generate_videos(
     with _writer(cfg) as writer:
         for chunk in todo:
             efs = [requested_ef(cfg, i, pool) for i in chunk]
-            out = pipe(efs, sample_indices=chunk, **cfg.video_kwargs())
+            out = pipe(efs, sample_indices=chunk, progress=cfg.progress, **cfg.video_kwargs())
             for i, ef, video in zip(chunk, efs, out.videos):
                 if i in done:
                     continue
@@ -1128,7 +1134,7 @@ def _candidates(cfg: GenerateConfig, pipe, state: Path, count: int, progress: bo
                     batch_size=cfg.batch_size,
                     dtype=cfg.dtype,
                     cuda_graphs=cfg.cuda_graphs,
-                    progress=False,
+                    progress=progress,
                 )
                 .latents.cpu()
                 .contiguous()
@@ -1290,7 +1296,7 @@ def _generate_private_videos(
             idx = [kept[r] for r in chunk]
             efs = [requested_ef(cfg, j, pool) for j in idx]
             videos = pipe.lvdm_pipe(
-                cands[idx], efs, sample_indices=idx, progress=False, **cfg.video_kwargs()
+                cands[idx], efs, sample_indices=idx, progress=cfg.progress, **cfg.video_kwargs()
             ).videos
             checks = _check_videos(flt, pipe.vae, videos, step)
             for r, j, ef, video, (v, near, near_f, vid_f) in zip(chunk, idx, efs, videos, checks):

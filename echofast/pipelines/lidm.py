@@ -124,8 +124,12 @@ class LIDMPipeline(SamplingPipeline):
         timesteps = self.scheduler.timesteps
         shape = (cfg.in_channels, h, w)
         out = []
-        bar = tqdm(
-            total=num_images * len(timesteps), disable=not progress, unit="step", desc="LIDM"
+        bar = tqdm(  # leave=None: kept when it is the only bar, cleared when nested
+            total=num_images * len(timesteps),
+            disable=not progress,
+            unit="step",
+            desc="LIDM",
+            leave=None,
         )
         with bar:
             for start in range(0, num_images, batch_size):

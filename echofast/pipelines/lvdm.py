@@ -169,7 +169,10 @@ class LVDMPipeline(SamplingPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         latents_out, videos_out = [], []
-        bar = tqdm(total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM")
+        # leave=None: kept when it is the only bar, cleared when nested under a job's bar
+        bar = tqdm(
+            total=b * len(timesteps), disable=not progress, unit="step", desc="LVDM", leave=None
+        )
         with bar:
             for s in range(0, b, batch_size):
                 sl = slice(s, s + batch_size)
