@@ -26,6 +26,17 @@ def _defaults_help(key: str) -> str:
     return ("with --weights: " + str(ref) + "; " if ref is not None else "") + "demo: see demo.json"
 
 
+def frame_rate(text: str) -> float:
+    """``--fps``: a number (29.97) or a ratio ``N/D`` (30000/1001)."""
+    import argparse
+    from fractions import Fraction
+
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or a ratio N/D: {text!r}") from None
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """``--dtype auto``: float16 on a CUDA device, float32 elsewhere; other values unchanged."""
     import torch
@@ -70,7 +81,12 @@ def _generate(argv: list[str]) -> int:
     p.add_argument(
         "--frames", type=int, help=f"frames per video (default {_defaults_help('frames')})"
     )
-    p.add_argument("--fps", type=float, help=f"frame rate in AVI and CSV ({_defaults_help('fps')})")
+    p.add_argument(
+        "--fps",
+        type=frame_rate,
+        help=f"frame rate in AVI and CSV, a number or a ratio such as 30000/1001 "
+        f"({_defaults_help('fps')})",
+    )
     p.add_argument(
         "--batch-size",
         type=int,

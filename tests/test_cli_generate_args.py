@@ -233,3 +233,19 @@ def test_merge_needs_out_and_at_least_one_shard(monkeypatch, capsys, argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(["merge", *argv])
     assert exc.value.code == 2 and "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, fps", [("30000/1001", 30000 / 1001), ("25", 25.0), ("29.97", 29.97), ("1/2", 0.5)]
+)
+def test_fps_is_a_number_or_a_ratio(captured, tmp_path, text, fps):
+    assert cli.main(_args(tmp_path, "--fps", text)) == 0
+    assert captured[0].fps == fps
+
+
+@pytest.mark.parametrize("text", ["30000/0", "1/2/3", "thirty", "30/x"])
+def test_fps_that_is_neither_is_refused_naming_the_text(capsys, tmp_path, text):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(_args(tmp_path, "--fps", text))
+    assert exit_.value.code == 2
+    assert f"argument --fps: not a number or a ratio N/D: '{text}'" in capsys.readouterr().err

@@ -77,7 +77,12 @@ def main_train(argv: list[str]) -> int:
     )
     for kind in MODEL_TYPES:
         s = sub.add_parser(kind, help=f"train the {kind.upper()}")
-        s.add_argument("--config", required=True, help="TOML, JSON or YAML config file")
+        s.add_argument(
+            "--config",
+            required=True,
+            help="TOML, JSON or YAML config file, or a packaged config by name (lidm, lvdm, "
+            "vae, reid, reid_phantom)",
+        )
         s.add_argument(
             "--resume",
             nargs="?",

@@ -703,16 +703,43 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+"""The reference recipes shipped with the package (``lidm.toml``, ``lvdm.toml``, ...)."""
+
+
+def config_path(path: str | os.PathLike) -> Path:
+    """``path`` if it names a file; else a packaged config of that name (``lidm`` or
+    ``lidm.toml``: see :data:`PACKAGED_CONFIGS`) when one exists; else ``path`` (which then
+    fails to read, naming it and the packaged names)."""
+    path = Path(path)
+    if path.is_file() or len(path.parts) != 1:
+        return path
+    for name in (path.name, f"{path.name}.toml"):
+        if (PACKAGED_CONFIGS / name).is_file():
+            return PACKAGED_CONFIGS / name
+    return path
+
+
 def load_config(
     path: str | os.PathLike,
     model_type: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> TrainConfig:
-    """Read a config file, apply ``key=value`` overrides (TOML values), resolve defaults."""
-    data = read_config_file(path)
+    """Read a config file (or a packaged one by name, see :func:`config_path`), apply
+    ``key=value`` overrides (TOML values), resolve defaults. Errors name the file, and the
+    overrides when there are some."""
+    path = config_path(path)
+    try:
+        data = read_config_file(path)
+    except ConfigError as err:
+        if path.is_file() or len(path.parts) != 1:
+            raise
+        names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml"))
+        raise ConfigError(f"{err} (nor is it a packaged config: {', '.join(names)})") from None
     for item in overrides:
         apply_override(data, item)
-    return config_from_dict(data, model_type, source=str(path))
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return config_from_dict(data, model_type, source=source)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

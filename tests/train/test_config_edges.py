@@ -134,9 +134,11 @@ def test_architecture_is_a_copy_of_the_overrides():
 def test_malformed_files_are_refused_naming_file_and_key(tmp_path, data, match):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(data))
+    overrides = ["data.root=r"] if isinstance(data, dict) else []
     with pytest.raises(ConfigError, match=match) as err:
-        load_config(path, overrides=["data.root=r"] if isinstance(data, dict) else ())
-    assert str(err.value).startswith(f"{path}: ")
+        load_config(path, overrides=overrides)
+    named = f"{path} with --set data.root=r: " if overrides else f"{path}: "
+    assert str(err.value).startswith(named)
 
 
 def test_settings_that_are_not_a_table_are_refused():

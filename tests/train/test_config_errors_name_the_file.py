@@ -30,3 +30,43 @@ def test_a_directory_given_as_the_config_file_is_a_config_error_naming_it(tmp_pa
     with pytest.raises(ConfigError, match="cannot read the config file") as err:
         load_config(path, "lidm")
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_an_unknown_key_from_set_names_the_file_and_the_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"model": {"type": "lidm"}, "data": {"root": "r"}}')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, "lidm", ["train.max_step=4", "train.max_steps=2"])
+    assert str(err.value) == (
+        f"{path} with --set train.max_step=4 train.max_steps=2: unknown config key(s) "
+        "['train.max_step']"
+    )
+
+
+@pytest.mark.parametrize("name", ["lidm", "lidm.toml"])
+def test_a_packaged_config_is_found_by_name_from_anywhere(tmp_path, monkeypatch, name):
+    from echofast.train.config import PACKAGED_CONFIGS, read_config_file
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(name, "lidm")
+    packaged = read_config_file(PACKAGED_CONFIGS / "lidm.toml")
+    assert cfg.output_dir == packaged["output_dir"] and cfg.data.root == packaged["data"]["root"]
+
+
+def test_a_file_of_that_name_wins_over_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lidm").write_text("")  # neither .toml nor .json: the file is read, and refused
+    with pytest.raises(ConfigError, match=r"^lidm: unknown config format"):
+        load_config("lidm", "lidm")
+
+
+def test_a_name_that_is_neither_lists_the_packaged_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config("lidn", "lidm")
+    assert str(err.value) == (
+        "lidn: config file does not exist (nor is it a packaged config: lidm, lvdm, reid, "
+        "reid_phantom, vae)"
+    )
+    with pytest.raises(ConfigError, match=r"^sub/lidm: config file does not exist$"):
+        load_config("sub/lidm", "lidm")
