@@ -821,6 +821,19 @@ def _unstarted(folder: Path, own: Shard | None) -> bool:
     return names <= {MANIFEST, STATE_DIR, "Videos"} and not _others_running(folder, own)
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every value that differs, sorted; nested dicts
+    (e.g. the weights' digests per model) are compared key by key (None: absent)."""
+    out: list[tuple[str, object, object]] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> int | None:
     """Create the folder, or check that an existing one holds this very job (one whose job never
     finished a video is taken over). ``own``: this run's shard (None: a merge, which must match
@@ -831,18 +844,14 @@ def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> int | No
     if existing.exists():
         data = read_manifest(existing)
         old, recorded = data["arguments"], data.get(BATCH_SIZE)
-        diff = {k: (old.get(k), v) for k, v in manifest["arguments"].items() if old.get(k) != v}
-        diff.update({k: (v, None) for k, v in old.items() if k not in manifest["arguments"]})
+        diff = _differences(old, manifest["arguments"])
         if not diff and (recorded == given or (recorded is None and own is not None)):
             return recorded
         if not _unstarted(folder, own):
             if not diff:
                 _other_batch_size(existing, recorded, given, own)
                 return recorded
-            lines = "\n".join(
-                f"  {k}: folder has {a!r}, this run asks {b!r}"
-                for k, (a, b) in sorted(diff.items())
-            )
+            lines = "\n".join(f"  {k}: folder has {a!r}, this run asks {b!r}" for k, a, b in diff)
             raise GenerationConflict(
                 f"{folder} holds a dataset generated with other arguments; refusing to mix or "
                 f"overwrite it (use another --out):\n{lines}"
