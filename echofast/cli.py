@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 from .errors import EchofastError
@@ -72,7 +73,13 @@ def _generate(argv: list[str]) -> int:
         "demo models shipped with echofast (trained on phantom echoes, see MODEL_CARD.md)",
     )
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--dataset", default="dynamic", choices=["dynamic", "ped_a4c", "ped_psax"])
+    p.add_argument(
+        "--dataset",
+        default="dynamic",
+        choices=["dynamic", "ped_a4c", "ped_psax"],
+        help="which LIDM (lidm_<dataset>/) draws the hearts; also the default --frames and the "
+        "reference split proportions (default dynamic)",
+    )
     p.add_argument(
         "--num-videos",
         type=int,
@@ -93,7 +100,12 @@ def _generate(argv: list[str]) -> int:
         help="videos per UNet batch (default: the one --out records, else "
         f"{_defaults_help('batch_size')}); every shard of a sharded job uses the same",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="job seed: each video's noise and EF derive from (seed, its index) alone (default 0)",
+    )
     p.add_argument(
         "--splits",
         type=lambda s: tuple(int(x) for x in s.split(",")),
@@ -110,7 +122,11 @@ def _generate(argv: list[str]) -> int:
     )
     group.add_argument("--ef-from", help="draw requested EFs from this FileList.csv's EF column")
     p.add_argument("--steps", type=int, help=f"denoising steps ({_defaults_help('steps')})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -124,7 +140,11 @@ def _generate(argv: list[str]) -> int:
         "(default: torchrun's RANK/WORLD_SIZE, else all); a value starting with '-' needs "
         "--shard=VALUE",
     )
-    p.add_argument("--name-prefix", default="synthetic_")
+    p.add_argument(
+        "--name-prefix",
+        default="synthetic_",
+        help="FileName of video i: <prefix><i, 6 digits> (default synthetic_)",
+    )
     p.add_argument(
         "--decode-dtype",
         default="float32",
@@ -388,7 +408,17 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 
 def _usage() -> str:
     rows = "\n".join(f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: echofast <command> [options]\n\ncommands:\n{rows}\n"
+    return f"usage: echofast <command> [options]   (echofast --version)\n\ncommands:\n{rows}\n"
+
+
+def _one_line_warnings(name: str):
+    """``warnings.showwarning`` for the command line: ``echofast NAME: warning: message`` on
+    stderr (not Python's file, line number and source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"echofast {name}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,12 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"echofast {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"echofast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[name][0](rest)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(name)
+            return COMMANDS[name][0](rest)
     except (EchofastError, ValueError, OSError) as err:
         print(f"echofast {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

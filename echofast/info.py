@@ -1,4 +1,4 @@
-"""``python -m echofast.info`` / ``echofast info``: versions, the extension, op backends, and the
+"""python -m echofast.info / echofast info: versions, the extension, op backends, and the
 models' fused paths per device type."""
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"video pixel path: PyAV fallback ({video['reason']})")
     lines.append("")
     lines.append("ops (backend chosen automatically; others and why they cannot run):")
+    if not info["cuda_available"]:
+        lines.append("  (no CUDA device here: the CPU's choices only)")
     for name, per_device in info["ops"].items():
         for device, entry in per_device.items():
             lines.append(f"  {name:<14} {device:<5} -> {entry['selected']}")

@@ -101,3 +101,29 @@ def test_file_system_and_echofast_errors_end_with_one_line_and_status_1(
     assert cli.main(["encode"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"echofast encode: error: {line}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag, capsys):
+    from echofast import __version__
+
+    assert cli.main([flag]) == 0
+    assert capsys.readouterr().out == f"echofast {__version__}\n"
+
+
+def test_warnings_are_one_line_naming_the_command(monkeypatch, capsys):
+    """A library warning during a command (e.g. a resumed job's other batch size) is one line,
+    not Python's file, line number and source line; the handler is restored afterwards."""
+    import warnings
+
+    def warns(argv):
+        warnings.warn("records batch size 8, this run uses 4", UserWarning, stacklevel=2)
+        return 0
+
+    before = warnings.showwarning
+    monkeypatch.setitem(cli.COMMANDS, "generate", (warns, "x"))
+    assert cli.main(["generate"]) == 0
+    assert capsys.readouterr().err == (
+        "echofast generate: warning: records batch size 8, this run uses 4\n"
+    )
+    assert warnings.showwarning is before

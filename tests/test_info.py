@@ -204,3 +204,12 @@ def test_model_paths_are_the_models_settings(monkeypatch):
     ]
     assert lines[start + 2].endswith("cuda (C up to 96)")
     assert lines[start + 3].endswith(f"  cpu, cuda (C up to {st.TEMPORAL_GEMMS_MAX_DIM})")
+
+
+def test_without_cuda_the_ops_section_says_it_lists_the_cpu_only():
+    from echofast import info as info_module
+
+    info = info_module.collect()
+    for available, shown in ((False, True), (True, False)):
+        text = info_module.format_info({**info, "cuda_available": available})
+        assert ("(no CUDA device here: the CPU's choices only)" in text) is shown

@@ -910,7 +910,18 @@ def _prepared(
             running.enter_context(_running(folder, cfg.shard))
             rule = _prepare(folder, manifest, cfg.shard)
             _remove_stale_temporaries(folder, cfg, rule)
+        _check_writable(folder / "Videos")
         yield pipe, rule
+
+
+def _check_writable(videos: Path) -> None:
+    """Refuse, before any sampling, a videos folder that cannot take new files."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=videos)
+    except OSError as err:
+        raise type(err)(f"{videos}: cannot write videos here ({err.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def generate_dataset(cfg: GenerateConfig, pipe: EchoSyntheticPipeline | None = None) -> dict:

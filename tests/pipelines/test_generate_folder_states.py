@@ -333,3 +333,24 @@ def test_the_summary_counts_the_videos_another_shard_finished_meanwhile(weights_
     assert summary["generated"] == 3 and summary["already_done"] == 0
     assert summary["in_dataset"] == 5 and summary["complete"]
     assert _rows(out) == [f"synthetic_{i:06d}" for i in range(5)]
+
+
+def test_a_videos_folder_that_cannot_take_files_is_refused_before_sampling(
+    weights_root, tmp_path, monkeypatch
+):
+    """(Tests run as root, whom a read-only folder does not stop: the refusal is simulated. The
+    private job prepares its folder with the same function.)"""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and Path(dir).name == "Videos":
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    pipe, out = _RecordingPipe(), tmp_path / "ds"
+    with pytest.raises(PermissionError, match=r"ds/Videos: cannot write videos here \(Perm"):
+        generate_dataset(_cfg(weights_root, out), pipe=pipe)
+    assert pipe.batches == []
