@@ -46,14 +46,18 @@ def test_from_pretrained_loads_every_model_on_the_device(weights_root, monkeypat
     for cls in (LIDM, LVDM, VAE):
         real = cls.from_pretrained
 
-        def spy(path, device=None, _real=real):
-            loaded.append((path.name, device))
-            return _real(path, device=device)
+        def spy(path, device=None, allow_pickle=False, _real=real):
+            loaded.append((path.name, device, allow_pickle))
+            return _real(path, device=device, allow_pickle=allow_pickle)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
     pipe = EchoSyntheticPipeline.from_pretrained(weights_root, device="cpu")
-    assert sorted(loaded) == [("lidm_dynamic", "cpu"), ("lvdm", "cpu"), ("vae", "cpu")]
+    names = ["lidm_dynamic", "lvdm", "vae"]
+    assert sorted(loaded) == [(name, "cpu", False) for name in names]
     assert pipe.vae is pipe.lvdm_pipe.vae is pipe.lidm_pipe.vae
+    loaded.clear()
+    EchoSyntheticPipeline.from_pretrained(weights_root, device="cpu", allow_pickle=True)
+    assert sorted(loaded) == [(name, "cpu", True) for name in names]
 
 
 class _Recorder:
