@@ -776,7 +776,14 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # the LVDM's cross-attention of one context token (the EF) is exactly to_out(to_v(ctx)):
+        # its queries, keys and their norm take no part in the loss (diffusers computes them
+        # and gets exact-zero gradients), so DDP must not wait for their gradients
+        net = DDP(
+            net,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.model.type == "lvdm",
+        )
 
     # data (checked against the model before any file is written)
     if dataset is None:

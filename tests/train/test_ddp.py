@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.weights import TINY_LIDM
+from support.weights import TINY_LIDM, TINY_LVDM
 
 import echofast
 from echofast.train import config_from_dict, train
@@ -21,10 +21,10 @@ from echofast.train.loop import load_checkpoint, read_log
 SCRIPT = "import sys\nfrom echofast.train import main_train\nsys.exit(main_train(sys.argv[1:]))\n"
 
 
-def make_config(out, *, steps, batch, accum=1):
+def make_config(out, *, steps, batch, accum=1, model="lidm"):
     return config_from_dict(
         {
-            "model": {"type": "lidm", "config": TINY_LIDM},
+            "model": {"type": model, "config": TINY_LIDM if model == "lidm" else TINY_LVDM},
             "output_dir": str(out),
             "data": {"source": "random", "num_workers": 0, "random_items": 12},
             "train": {
@@ -125,6 +125,26 @@ def test_ddp_matches_single_process(runs):
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
     for name, tensor in without_key_biases(a["ema"]["shadow"]).items():
         torch.testing.assert_close(b["ema"]["shadow"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_ddp_trains_the_lvdm_like_one_process(tmp_path):
+    """The LVDM's queries and keys of its one-token cross-attention take no part in the loss:
+    2 ranks still train it (DDP stopped at the second step waiting for their gradients), with
+    the single process's loss curve."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(make_config(tmp_path / "single", steps=2, batch=2, model="lvdm"))
+        config = tmp_path / "ddp.json"
+        cfg = make_config(tmp_path / "ddp", steps=2, batch=1, model="lvdm")
+        config.write_text(json.dumps(cfg.to_dict()))
+        _launch(tmp_path, ["lvdm", "--config", str(config), "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    steps_s, loss_s = read_log(tmp_path / "single" / "log.csv")
+    steps_d, loss_d = read_log(tmp_path / "ddp" / "log.csv")
+    assert steps_s == steps_d == [1, 2]
+    torch.testing.assert_close(torch.tensor(loss_d), torch.tensor(loss_s), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
