@@ -42,10 +42,13 @@ def distinct_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
 
     Embedding one shared timestep once (and broadcasting it) is cheaper, and keeps a sample's
     result independent of its batch: small-batch matrix products take batch-size-dependent
-    code paths whose rounding differs.
+    code paths whose rounding differs. Inside ``torch.compile`` only an expanded scalar is
+    recognised: comparing the values would read them on the host (a graph break).
     """
     if timesteps.shape[0] > 1 and timesteps.dim() == 1 and timesteps.stride(0) == 0:
         return timesteps[:1]  # an expanded scalar: shared by construction, no host sync
+    if torch.compiler.is_compiling():
+        return timesteps
     if timesteps.shape[0] > 1 and bool((timesteps == timesteps[0]).all()):
         return timesteps[:1]
     return timesteps

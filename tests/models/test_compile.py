@@ -57,6 +57,26 @@ def test_models_trace_into_one_graph():
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_per_sample_timesteps_trace_into_one_graph():
+    """As training calls the models: a timestep per sample (comparing them for a shared one
+    would read them on the host: a graph break), with the eager values."""
+    lvdm, lidm, _ = _models()
+    g = torch.Generator().manual_seed(2)
+    img, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([3, 500, 999])
+    x = torch.randn(3, 8, 8, 8, 8, generator=g)
+    ehs, ids = torch.rand(3, 1, 1, generator=g), torch.zeros(3, 1)
+    calls = [
+        (lidm, lambda m: m(img, t).sample),
+        (lvdm, lambda m: m(x, t, encoder_hidden_states=ehs, added_time_ids=ids).sample),
+        (lidm, lambda m: m(img, torch.tensor([7, 7, 7])).sample),  # equal, not expanded
+    ]
+    for model, call in calls:
+        ref = call(model)
+        out, breaks, graphs = _traced(call, model)
+        assert not breaks and graphs == 1, list(breaks)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_use_backend_is_not_read_while_tracing():
     """A ``use_backend`` block is a ContextVar, which dynamo cannot trace: inside a compiled
     region the ops choose automatically (documented), and the call still traces in one graph."""
