@@ -69,6 +69,8 @@ class PatchRecord:
 
     options: tuple
     report: PatchReport
+    structure: tuple = ()
+    """The patched trees as the patch left them (:func:`_structure`)."""
     modules: list[tuple[nn.Module, type, type]] = field(default_factory=list)
     processors: list[tuple[nn.Module, Any, sites.AttentionProcessor]] = field(default_factory=list)
     ids: set[int] = field(default_factory=set)
@@ -564,6 +566,25 @@ def _record_of(obj: Any) -> PatchRecord | None:
     return getattr(obj, "__dict__", {}).get(RECORD)
 
 
+def _structure(targets: list[tuple[str, nn.Module]]) -> tuple:
+    """Every module of the patched trees with its hook counts and attention processor: a
+    submodule replaced or added (LoRA layers, a wrapper), a hook or a processor set after
+    patching changes it. (Parameters are shared with the echofast models, so new values or
+    parameter objects need no new patch.)"""
+    return tuple(
+        (
+            prefix,
+            path,
+            id(m),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            id(getattr(m, "processor", None)),
+        )  # fmt: skip
+        for prefix, root in targets
+        for path, m in root.named_modules()
+    )
+
+
 def patch(
     obj: Any,
     *,
@@ -603,9 +624,15 @@ def patch(
             (weights stay as they are; outputs are cast back to the input's dtype).
         replace_models: False patches call sites only (no whole-model replacement).
 
+    Changes made to the module tree after patching (a replaced or added submodule, e.g. LoRA
+    layers; a forward hook; an attention processor) are not seen by the echofast models that
+    serve replaced forwards: call ``patch`` again, which then patches anew (with the changed
+    modules left alone where echofast does not cover them).
+
     Returns:
-        A :class:`PatchReport`. Patching an object again with the same options returns its
-        report and changes nothing; with other options it is unpatched and patched anew.
+        A :class:`PatchReport`. Patching an object again with the same options and an unchanged
+        module tree returns its report and changes nothing; otherwise the object is unpatched
+        and patched anew.
 
     Raises:
         PatchError: ``obj`` is neither a pipeline nor a module, or an option is invalid.
@@ -616,7 +643,7 @@ def patch(
     options = (tuple(sorted(backends.items())), dt, bool(replace_models))
     existing = _record_of(obj)
     if existing is not None:
-        if existing.options == options:
+        if existing.options == options and existing.structure == _structure(_targets(obj)[0]):
             return existing.report
         unpatch(obj)
     targets, skipped = _targets(obj)
@@ -628,6 +655,7 @@ def patch(
     except BaseException:
         _undo(record)
         raise
+    record.structure = _structure(targets)
     obj.__dict__[RECORD] = record
     return report
 

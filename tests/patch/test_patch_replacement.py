@@ -271,3 +271,53 @@ def test_replaced_vae_halves_return_diffusers_layouts_and_errors(kit):
     with pytest.raises(RuntimeError, match="must match the size"):
         vae.decoder(x["z"], x["z"])
     echofast.unpatch(vae)
+
+
+def _lora_like(linear: torch.nn.Linear) -> torch.nn.Module:
+    """A wrapper as PEFT's LoRA layers are: the base layer plus a low-rank update."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = linear
+            self.down = torch.nn.Linear(linear.in_features, 2, bias=False)
+            self.up = torch.nn.Linear(2, linear.out_features, bias=False)
+            torch.nn.init.normal_(self.up.weight, std=0.5)
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    return Wrapped()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("change", ["submodule", "hook", "processor"])
+def test_patching_again_after_a_change_serves_the_changed_model(kit, change):
+    """A change to the module tree after patching is not seen by the echofast model serving the
+    forward (documented); ``patch`` again sees it and patches anew, and then the outputs are the
+    changed diffusers model's. Patching again without a change changes nothing."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    model, x = kit.build("lidm"), kit.inputs("lidm")
+    report = echofast.patch(model)
+    assert report.replaced and echofast.patch(model) is report
+    path, attn = next((n, m) for n, m in model.named_modules() if isinstance(m, Attention))
+    if change == "submodule":
+        attn.to_q = _lora_like(attn.to_q)
+    elif change == "hook":
+        model.conv_out.register_forward_hook(lambda m, i, o: o * 0.5)
+    else:
+
+        class Doubling(AttnProcessor2_0):
+            def __call__(self, *args, **kwargs):
+                return 2 * super().__call__(*args, **kwargs)
+
+        attn.set_processor(Doubling())
+    again = echofast.patch(model)
+    assert again is not report
+    got = model(**x).sample
+    echofast.unpatch(model)
+    expected = model(**x).sample
+    assert rel_err(got, expected) <= TOL
+    plain = kit.build("lidm")  # the change matters: the outputs differ from the unchanged model
+    assert rel_err(expected, plain(**x).sample) > 1e-2
