@@ -48,6 +48,23 @@ LOAD_DTYPES = {
 }
 
 
+def check_input(name: str, x: Any, layout: str, **sizes: int) -> None:
+    """Refuse a model input that is not a non-empty floating-point tensor of ``layout`` (e.g.
+    ``"N, C, H, W"``) whose dims named in ``sizes`` have those sizes: a ValueError naming the
+    input, the layout wanted and what was given."""
+    dims = [d.strip() for d in layout.split(",")]
+    want = "(" + ", ".join(str(sizes.get(d, d)) for d in dims) + ")"
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a tensor {want}, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.dim() != len(dims) or any(shape[i] != sizes[d] for i, d in enumerate(dims) if d in sizes):
+        raise ValueError(f"{name} must be {want}, got {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} holds no sample: a batch of 0, shape {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]

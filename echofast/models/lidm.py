@@ -23,7 +23,7 @@ from ..nn import (
 from ..nn._mode import eager_inference
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
 from ..nn.embeddings import RunMemo, TimeEmbedding, time_projections, value_key
-from .base import ModelBase
+from .base import ModelBase, check_input
 from .outputs import SampleOutput
 
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -234,10 +234,7 @@ class LIDM(ModelBase):
         last convolution wrote it (channels-last memory, no copy)."""
         if class_labels is not None:
             raise ValueError("class_labels given, but this LIDM has no class embedding")
-        if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"sample must be (N, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
-            )
+        check_input("sample", sample, "N, C, H, W", C=self.config.in_channels)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device)

@@ -27,7 +27,7 @@ from ..nn.spatiotemporal import (
     SpatioTemporalUpStage,
     TransformerSpatioTemporalModel,
 )
-from .base import ModelBase, require
+from .base import ModelBase, check_input, require
 from .outputs import SampleOutput
 
 DOWN_TYPES = ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
@@ -473,11 +473,17 @@ class LVDM(ModelBase):
         cfg = self.config
         split = conditioning is not None
         want = self._split_channels() if split else cfg.in_channels
-        if sample.dim() != 5 or sample.shape[2] != want:
+        if torch.is_tensor(sample) and (sample.dim() != 5 or sample.shape[2] != want):
             raise ValueError(
                 f"sample must be (B, T, {want}, H, W)"
                 + (" with conditioning=" if split else "")
                 + f", got {tuple(sample.shape)}"
+            )
+        check_input("sample", sample, "B, T, C, H, W", C=want)
+        check_input("encoder_hidden_states", encoder_hidden_states, "B, L, D")
+        if not torch.is_tensor(added_time_ids):
+            raise ValueError(
+                f"added_time_ids must be a (B, n) tensor, got {type(added_time_ids).__name__}"
             )
         b, t = sample.shape[:2]
         if split and tuple(conditioning.shape) != (b, cfg.block_out_channels[0], *sample.shape[3:]):

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import require
 from ..nn import GroupNorm
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
-from .base import ModelBase
+from .base import ModelBase, check_input
 from .outputs import DiagonalGaussian, EncoderOutput, SampleOutput
 
 ACTIVATIONS = ("silu", "swish")
@@ -183,6 +183,7 @@ class VAE(ModelBase):
         self, x: torch.Tensor, return_dict: bool = True
     ) -> EncoderOutput | tuple[DiagonalGaussian]:
         """Images (N, in_channels, H, W) in [-1, 1] → posterior over (N, latent, H/f, W/f)."""
+        check_input("x", x, "N, C, H, W", C=self.config.in_channels)
         h = self.encoder(x.contiguous(memory_format=self.memory_format))
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -193,6 +194,7 @@ class VAE(ModelBase):
         self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
     ) -> SampleOutput | tuple[torch.Tensor]:
         """Latents (N, latent, h, w), unscaled → images (N, out_channels, H, W)."""
+        check_input("z", z, "N, C, h, w", C=self.config.latent_channels)
         z = z.contiguous(memory_format=self.memory_format)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
