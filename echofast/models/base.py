@@ -287,6 +287,7 @@ class ModelBase(nn.Module):
         dtype: torch.dtype | str | None = None,
         variant: str | None = None,
         allow_pickle: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> ModelBase:
         """Load a diffusers ``save_pretrained`` folder, single-file or sharded.
 
@@ -298,12 +299,21 @@ class ModelBase(nn.Module):
             variant: load ``diffusion_pytorch_model.<variant>.safetensors`` (or the sharded
                 variant's ``diffusion_pytorch_model.safetensors.index.<variant>.json``).
             allow_pickle: also accept a pickled ``.bin`` (read with ``weights_only=True``).
+            torch_dtype: diffusers' name for ``dtype`` (give one of them).
 
         Raises:
-            ValueError: ``dtype`` is not one of the above.
+            ValueError: ``dtype`` is not one of the above, or ``dtype`` and ``torch_dtype``
+                are both given.
             ConfigError: ``config.json`` is malformed or holds a value the model cannot take.
             WeightsError: the weights are missing, unreadable or do not fit the model.
         """
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError(
+                    f"give dtype or torch_dtype (its diffusers name), not both: got {dtype!r} "
+                    f"and {torch_dtype!r}"
+                )
+            dtype = torch_dtype
         load_dtype = _load_dtype(dtype)
         folder = Path(path) / subfolder if subfolder else Path(path)
         config = read_folder_config(folder, CONFIG_NAME)

@@ -259,6 +259,16 @@ def test_dtype_by_name_or_dtype(unet_dir, dtype, expected):
     assert model.dtype == expected
 
 
+def test_torch_dtype_is_diffusers_name_for_dtype(unet_dir):
+    from diffusers import UNet2DModel
+
+    model = LIDM.from_pretrained(unet_dir, torch_dtype=torch.float16)
+    ref = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float16)
+    assert model.dtype == ref.dtype == torch.float16
+    with pytest.raises(ValueError, match="give dtype or torch_dtype .* not both"):
+        LIDM.from_pretrained(unet_dir, dtype="float16", torch_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, "int64", "fp16", torch.float8_e4m3fn, 16])
 def test_bad_dtype_is_refused(unet_dir, dtype):
     with pytest.raises(ValueError, match=r"dtype must be one of float32, float16, bfloat16"):
