@@ -481,27 +481,33 @@ class SchedulerBase:
     def _forward_coeffs(
         self, timesteps: TimestepLike, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(√ᾱ_t, √(1−ᾱ_t)) per sample, shaped to broadcast against ``like``."""
+        """(√ᾱ_t, √(1−ᾱ_t)) per sample, shaped to broadcast against ``like``, in the dtype
+        :func:`_compute_dtype` gives for it."""
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps, dtype=torch.long)
         ac = self._cumprod_on(like.device)[timesteps.to(like.device).reshape(-1)]
+        ac = ac.to(_compute_dtype(like))
         shape = (ac.shape[0],) + (1,) * (like.dim() - 1)
         return ac.sqrt().reshape(shape), (1 - ac).sqrt().reshape(shape)
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: TimestepLike
     ) -> torch.Tensor:
-        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, with one timestep per sample (or one for all)."""
+        """x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, with one timestep per sample (or one for all); in fp32,
+        or fp64 for fp64 samples."""
         a, s = self._forward_coeffs(timesteps, original_samples)
-        out = a * original_samples.float() + s * noise.float()
+        dtype = a.dtype
+        out = a * original_samples.to(dtype) + s * noise.to(dtype)
         return out.to(original_samples.dtype)
 
     def get_velocity(
         self, sample: torch.Tensor, noise: torch.Tensor, timesteps: TimestepLike
     ) -> torch.Tensor:
-        """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0, the v-prediction training target."""
+        """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0, the v-prediction training target; in fp32, or fp64 for
+        fp64 samples."""
         a, s = self._forward_coeffs(timesteps, sample)
-        return (a * noise.float() - s * sample.float()).to(sample.dtype)
+        dtype = a.dtype
+        return (a * noise.to(dtype) - s * sample.to(dtype)).to(sample.dtype)
 
     # ---- prediction parametrisations -------------------------------------------------------
 
@@ -590,3 +596,8 @@ def check_step_inputs(model_output: torch.Tensor, sample: torch.Tensor) -> None:
             f"model_output shape {tuple(model_output.shape)} does not match sample shape "
             f"{tuple(sample.shape)}"
         )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision (and fp32) tensors, fp64 for fp64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)

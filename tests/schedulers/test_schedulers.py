@@ -316,6 +316,11 @@ def test_add_noise_and_velocity_match_diffusers(kind, config):
         assert torch.equal(
             half, getattr(ours, name)(x0.half().float(), noise.half().float(), t).half()
         )
+        # fp64 samples: fp64 math, as diffusers' (the fp32 coefficient table cast up)
+        x64, n64 = x0.double(), noise.double()
+        got64 = getattr(ours, name)(x64, n64, t)
+        assert got64.dtype == torch.float64
+        assert torch.equal(got64, getattr(theirs, name)(x64, n64, t))
 
 
 def test_alphas_match_diffusers():
