@@ -94,6 +94,11 @@ def group_norm_reference(
     xf = x.to(acc)
     if add is not None:
         xf = xf + broadcast_add(add.to(acc), x)
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        # the traced strides of xf may differ from those it has when the graph runs, which
+        # CPU's native_group_norm refuses (aot_eager); a clone fixes them (inductor plans
+        # its own layouts)
+        xf = xf.clone(memory_format=_memory_format(x))
     y = F.group_norm(
         xf,
         num_groups,

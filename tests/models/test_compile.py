@@ -77,6 +77,20 @@ def test_per_sample_timesteps_trace_into_one_graph():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_lvdm_runs_under_aot_eager():
+    """aot_eager (the backend that narrows a compile bug down to AOT autograd) runs the graph
+    with strides its tracing did not predict; CPU's native_group_norm refused them."""
+    lvdm, _, _ = _models()
+    g = torch.Generator().manual_seed(3)
+    x, ehs, ids = torch.randn(1, 4, 8, 8, 8, generator=g), torch.rand(1, 1, 1), torch.zeros(1, 1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = lvdm(x, 5, encoder_hidden_states=ehs, added_time_ids=ids).sample
+        compiled = torch.compile(lvdm, backend="aot_eager", dynamic=False)
+        out = compiled(x, 5, encoder_hidden_states=ehs, added_time_ids=ids).sample
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_use_backend_is_not_read_while_tracing():
     """A ``use_backend`` block is a ContextVar, which dynamo cannot trace: inside a compiled
     region the ops choose automatically (documented), and the call still traces in one graph."""
