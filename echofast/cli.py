@@ -53,6 +53,7 @@ def _generate(argv: list[str]) -> int:
 
     import torch
 
+    from .data.echonet import splits_argument
     from .pipelines.dataset import (
         GenerateConfig,
         Shard,
@@ -108,7 +109,8 @@ def _generate(argv: list[str]) -> int:
     )
     p.add_argument(
         "--splits",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
+        type=splits_argument,
+        metavar="TRAIN,VAL,TEST",
         help="TRAIN,VAL,TEST counts (default: the reference's proportions)",
     )
     group = p.add_mutually_exclusive_group()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,53 @@ def check_state_dict(
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")
+
+
+#: ``max_shard_size`` units: decimal ones as huggingface_hub reads them, and binary ones.
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """Bytes of a ``max_shard_size``: a positive int (bytes) or a number with a unit of
+    :data:`SIZE_UNITS` (``"10GB"``, ``"500MB"``, ``"2GiB"``, case-insensitive)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be at least 1 byte, got {size}")
+        return size
+    match = (
+        re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]+)\s*", size)
+        if isinstance(size, str)
+        else None
+    )
+    unit = SIZE_UNITS.get(match.group(2).upper()) if match else None
+    if match is None or unit is None or int(float(match.group(1)) * unit) < 1:
+        raise ValueError(
+            f"max_shard_size must be a number of bytes or a size such as '10GB' or '2GiB' (units "
+            f"{', '.join(k.replace('I', 'i') for k in SIZE_UNITS)}), got {size!r}"
+        )
+    return int(float(match.group(1)) * unit)
+
+
+def plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """The tensor names of ``state`` in groups (shards) of at most ``max_bytes`` each, in
+    ``state``'s order; a tensor larger than ``max_bytes`` is a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards

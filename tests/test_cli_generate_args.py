@@ -139,6 +139,9 @@ def test_generate_defaults_with_user_weights(captured, tmp_path):
         (["--steps", "0"], "must be >= 1"),
         (["--ef-range", "90", "10"], "--ef-range needs LO <= HI"),
         (["--ef-range", "20", "30", "--ef-from", "f.csv"], "not allowed with argument"),
+        (["--splits", "5,a,4"], "TRAIN,VAL,TEST: three non-negative integers such as 7,1,2"),
+        (["--splits", "5,4"], "three non-negative integers such as 7,1,2, got '5,4'"),
+        (["--splits=-1,5,4"], "three non-negative integers such as 7,1,2, got '-1,5,4'"),
     ],
 )
 def test_generate_usage_errors_run_nothing(captured, tmp_path, capsys, extra, message):

@@ -32,6 +32,21 @@ REFERENCE_SPLITS = {
 REFERENCE_FRAMES = {"dynamic": 192, "ped_a4c": 128, "ped_psax": 128}
 
 
+def splits_argument(text: str) -> tuple[int, int, int]:
+    """argparse type of ``--splits``: ``TRAIN,VAL,TEST`` as three non-negative integers."""
+    import argparse
+
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected TRAIN,VAL,TEST: three non-negative integers such as 7,1,2, got {text!r}"
+        )
+    return counts
+
+
 def split_counts(num_videos: int, splits: Iterable[int] | None, dataset: str) -> tuple[int, ...]:
     """TRAIN/VAL/TEST counts: given ones (must sum to ``num_videos``) or the reference dataset's
     proportions scaled to ``num_videos`` (TEST takes the rounding remainder)."""

@@ -94,9 +94,12 @@ def vae_folder(path: str | os.PathLike) -> Path:
 
 
 def _vae_digest(folder: Path) -> str:
-    weights = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(
-        folder.glob("*.bin")
-    )
+    """Digests of the weights files ``VAE.from_pretrained(folder)`` loads (a sharded folder's
+    shards, in name order; not its index) and of its config: other variants and stray files
+    beside them do not count."""
+    from ..models.vae import VAE
+
+    weights = sorted(p for p in VAE.weights_files(folder, allow_pickle=True) if p.suffix != ".json")
     parts = [sha256_file(p)[:16] for p in weights] + [sha256_file(folder / "config.json")[:16]]
     return "+".join(parts)
 

@@ -48,7 +48,14 @@ import numpy as np
 from ..errors import EchofastError
 from ..fsutil import atomic_write_text
 from ..rng import sample_seed
-from .echonet import SPLITS, TRACINGS_COLUMNS, split_counts, split_of, write_filelist
+from .echonet import (
+    SPLITS,
+    TRACINGS_COLUMNS,
+    split_counts,
+    split_of,
+    splits_argument,
+    write_filelist,
+)
 from .measure import blur_axis
 
 PIXEL_CM = 0.18
@@ -660,7 +667,8 @@ def main_phantom(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--splits",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
+        type=splits_argument,
+        metavar="TRAIN,VAL,TEST",
         help="TRAIN,VAL,TEST counts (default: EchoNet-Dynamic's proportions)",
     )
     p.add_argument("--ef-range", type=float, nargs=2, default=(10.0, 90.0), metavar=("LO", "HI"))

@@ -12,13 +12,16 @@ import copy
 import inspect
 import json
 import os
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import __version__
@@ -29,10 +32,12 @@ from ..weights_io import (
     allowed_pickle,
     check_state_dict,
     clip_keys,
+    plan_shards,
     read_folder_config,
     read_sharded_state_dict,
     read_state_dict,
     shard_map,
+    shard_size_bytes,
 )
 
 CONFIG_NAME = "config.json"
@@ -63,6 +68,21 @@ def check_input(name: str, x: Any, layout: str, **sizes: int) -> None:
         raise ValueError(f"{name} holds no sample: a batch of 0, shape {shape}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def checkpoint_stage(stage: Callable[..., Any], *args: Any) -> Any:
+    """``stage(*args)`` with its activations recomputed in the backward pass instead of stored
+    (``torch.utils.checkpoint``, non-reentrant: tensors reached through non-tensor arguments get
+    their gradients too; the RNG state is replayed, so dropout masks agree)."""
+    return torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)
+
+
+def run_stage(owner: nn.Module, stage: Callable[..., Any], *args: Any) -> Any:
+    """``stage(*args)``, checkpointed when ``owner`` has gradient checkpointing on
+    (:meth:`ModelBase.enable_gradient_checkpointing`) and autograd records the call."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(stage, *args)
+    return stage(*args)
 
 
 def _jsonable(value: Any) -> Any:
@@ -240,8 +260,53 @@ class ModelBase(nn.Module):
         self.relayout_convs()
         return self
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters (as diffusers counts them): all, or only those that require
+        grad, and without ``nn.Embedding`` weights with ``exclude_embeddings``."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
+    # ---- gradient checkpointing (diffusers' API) ---------------------------------------------
+
+    #: diffusers' flag: :meth:`enable_gradient_checkpointing` is available.
+    _supports_gradient_checkpointing: ClassVar[bool] = True
+    #: On in every module that runs stages (the UNets, the VAE's encoder and decoder).
+    gradient_checkpointing: bool = False
+
+    def enable_gradient_checkpointing(
+        self, gradient_checkpointing_func: Callable[..., Any] | None = None
+    ) -> None:
+        """Store only each stage's inputs (a UNet's down, mid and up blocks; the VAE encoder's
+        and decoder's) and recompute the stage in the backward pass: less memory for about one
+        more forward pass of time; gradients as without it. Only calls under autograd change.
+
+        ``gradient_checkpointing_func(stage, *args)`` replaces :func:`checkpoint_stage`
+        (``torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)``), as in
+        diffusers' method of this name.
+        """
+        self._set_gradient_checkpointing(True, gradient_checkpointing_func or checkpoint_stage)
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store every activation again (the default)."""
+        self._set_gradient_checkpointing(False, checkpoint_stage)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def _set_gradient_checkpointing(self, enabled: bool, func: Callable[..., Any]) -> None:
+        if not callable(func):
+            raise TypeError(f"gradient_checkpointing_func must be callable, got {func!r}")
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
+                module._gradient_checkpointing_func = func
 
     def autocast_copy(self, dtype: torch.dtype) -> ModelBase:
         """This model for inference under ``torch.autocast(dtype=dtype)``, with autocast's weight
@@ -349,14 +414,13 @@ class ModelBase(nn.Module):
         diffusers' order: safetensors index (a folder that has one is sharded, whatever else it
         holds), safetensors file, then pickles if allowed."""
         stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
-        index_suffix = f".index.{variant}.json" if variant else ".index.json"
         safe = folder / f"{stem}.safetensors"
-        safe_index = folder / f"{WEIGHTS_STEM}.safetensors{index_suffix}"
+        safe_index = folder / _index_name(".safetensors", variant)
         for candidate in (safe_index, safe):
             if candidate.is_file():
                 return candidate
         pickled = [folder / f"{stem}{s}" for s in PICKLE_SUFFIXES]
-        pickled.append(folder / f"{WEIGHTS_STEM}.bin{index_suffix}")
+        pickled.append(folder / _index_name(".bin", variant))
         found = allowed_pickle(safe, pickled, allow_pickle)
         if found is None:
             raise MissingFileError(
@@ -373,10 +437,37 @@ class ModelBase(nn.Module):
                 state[key] = tensor.to(dtype)
         self.load_state_dict(state, strict=True, assign=True)
 
-    def save_pretrained(self, path: str | os.PathLike, *, variant: str | None = None) -> None:
-        """Write ``config.json`` and the safetensors weights into ``path``, each atomically."""
-        from safetensors.torch import save_file
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        is_main_process: bool = True,
+        *,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+    ) -> None:
+        """Write ``config.json`` and the weights into ``path`` (made if missing) as diffusers'
+        ``save_pretrained`` does, each file atomically.
 
+        Args:
+            is_main_process: False writes nothing (each rank of a distributed run may call
+                this; the main one writes).
+            safe_serialization: safetensors (the default); False writes a pickled
+                ``diffusion_pytorch_model.bin``, which loads only with ``allow_pickle=True``.
+            variant: ``diffusion_pytorch_model.<variant>.safetensors``.
+            max_shard_size: bytes, or a size such as ``"10GB"`` or ``"500MB"``. Larger weights
+                are written as diffusers writes them: numbered shards
+                (``diffusion_pytorch_model-00001-of-00003.safetensors``, a tensor larger than
+                the limit alone in its shard) and their index
+                (``diffusion_pytorch_model.safetensors.index.json``).
+
+        Then every other file :meth:`from_pretrained` could read this variant's weights from (the
+        single file, a shard index or shards of an earlier save, in either format) is removed:
+        diffusers leaves them, and an earlier save's index then shadows the new single file.
+        """
+        max_bytes = shard_size_bytes(max_shard_size)
+        if not is_main_process:
+            return
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -386,9 +477,63 @@ class ModelBase(nn.Module):
             **{k: _jsonable(v) for k, v in self.config.items()},
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        kind = ".safetensors" if safe_serialization else ".bin"
         stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
-        atomic_write(
-            folder / f"{stem}.safetensors",
-            lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-        )
+        shards = plan_shards(state, max_bytes)
+        if len(shards) == 1:
+            names = {f"{stem}{kind}": shards[0]}
+        else:
+            n = len(shards)
+            names = {f"{stem}-{i:05d}-of-{n:05d}{kind}": keys for i, keys in enumerate(shards, 1)}
+        for name, keys in names.items():
+            atomic_write(folder / name, partial(_write_weights, {k: state[k] for k in keys}, kind))
+        written = set(names)
+        if len(shards) > 1:
+            index = _index_name(kind, variant)
+            weight_map = {k: name for name, keys in names.items() for k in keys}
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            text = json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+                indent=2,
+                sort_keys=True,
+            )
+            atomic_write_text(folder / index, text + "\n")
+            written.add(index)
         atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for stale in _weights_candidates(folder, variant):
+            if stale.name not in written:
+                stale.unlink()
+
+
+def _index_name(kind: str, variant: str | None) -> str:
+    """diffusers' shard index name: ``diffusion_pytorch_model<kind>.index[.<variant>].json``."""
+    return (
+        f"{WEIGHTS_STEM}{kind}.index.{variant}.json"
+        if variant
+        else f"{WEIGHTS_STEM}{kind}.index.json"
+    )
+
+
+def _weights_candidates(folder: Path, variant: str | None) -> list[Path]:
+    """The files of ``folder`` that :meth:`ModelBase.from_pretrained` could read ``variant``'s
+    weights from: single files of every format, shard indexes and numbered shards."""
+    stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+    singles = {f"{stem}{suffix}" for suffix in (".safetensors", *PICKLE_SUFFIXES)}
+    indexes = {_index_name(kind, variant) for kind in (".safetensors", ".bin")}
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.(safetensors|bin)")
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.name in singles or p.name in indexes or shard.fullmatch(p.name))
+    ]
+
+
+def _write_weights(state: dict[str, torch.Tensor], kind: str, path: str) -> None:
+    """Write ``state`` to ``path`` as ``kind``: ``.safetensors`` with diffusers' header, or a
+    pickle (``.bin``)."""
+    if kind == ".bin":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, path, metadata={"format": "pt"})

@@ -23,7 +23,7 @@ from ..nn import (
 from ..nn._mode import eager_inference
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
 from ..nn.embeddings import RunMemo, TimeEmbedding, time_projections, value_key
-from .base import ModelBase, check_input
+from .base import ModelBase, check_input, run_stage
 from .outputs import SampleOutput
 
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -262,13 +262,13 @@ class LIDM(ModelBase):
         x = self.conv_in(sample.contiguous(memory_format=self.memory_format))
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb)
+            x, res = run_stage(self, block, x, emb)
             skips += res
         if self.mid_block is not None:
-            x = self.mid_block(x, emb)
+            x = run_stage(self, self.mid_block, x, emb)
         for block in self.up_blocks:
             k = len(block.resnets)
-            x = block(x, skips[-k:], emb)
+            x = run_stage(self, block, x, skips[-k:], emb)
             skips = skips[:-k]
         x = self.conv_out(self.conv_norm_out(x))
         if not channels_last_output:

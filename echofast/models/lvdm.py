@@ -27,7 +27,7 @@ from ..nn.spatiotemporal import (
     SpatioTemporalUpStage,
     TransformerSpatioTemporalModel,
 )
-from .base import ModelBase, check_input, require
+from .base import ModelBase, check_input, require, run_stage
 from .outputs import SampleOutput
 
 DOWN_TYPES = ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
@@ -529,16 +529,16 @@ class LVDM(ModelBase):
         x = self._conv_in(sample, conditioning)
         skips: tuple[torch.Tensor, ...] = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb, ctx, t)
+            x, res = run_stage(self, block, x, emb, ctx, t)
             skips += res
-        x = self.mid_block(x, emb, ctx, t)
+        x = run_stage(self, self.mid_block, x, emb, ctx, t)
         upsample_size = None
         for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
             res, skips = skips[-k:], skips[:-k]
             if i < len(self.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = tuple(skips[-1].shape[2:])
-            x = block(x, res, emb, ctx, t, upsample_size)
+            x = run_stage(self, block, x, res, emb, ctx, t, upsample_size)
         x = self.conv_out(self.conv_norm_out(x))
         x = x.unflatten(0, (b, t))
         if not channels_last_output:

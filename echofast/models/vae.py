@@ -14,7 +14,7 @@ from torch import nn
 from ..config import require
 from ..nn import GroupNorm
 from ..nn.blocks2d import DownStage2D, MidStage2D, UpStage2D
-from .base import ModelBase, check_input
+from .base import ModelBase, check_input, run_stage
 from .outputs import DiagonalGaussian, EncoderOutput, SampleOutput
 
 ACTIVATIONS = ("silu", "swish")
@@ -22,6 +22,8 @@ ACTIVATIONS = ("silu", "swish")
 
 class Encoder(nn.Module):
     """conv_in → down stages → mid (resnet, attention, resnet) → GN+SiLU → conv_out (2·latent)."""
+
+    gradient_checkpointing = False  # ModelBase.enable_gradient_checkpointing turns it on
 
     def __init__(
         self,
@@ -63,13 +65,15 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x, _ = block(x)
-        x = self.mid_block(x)
+            x, _ = run_stage(self, block, x)
+        x = run_stage(self, self.mid_block, x)
         return self.conv_out(self.conv_norm_out(x))
 
 
 class Decoder(nn.Module):
     """conv_in → mid → up stages (layers+1 resnets, nearest+conv) → GN+SiLU → conv_out."""
+
+    gradient_checkpointing = False  # ModelBase.enable_gradient_checkpointing turns it on
 
     def __init__(
         self,
@@ -109,9 +113,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        x = run_stage(self, self.mid_block, self.conv_in(z))
         for block in self.up_blocks:
-            x = block(x)
+            x = run_stage(self, block, x)
         return self.conv_out(self.conv_norm_out(x))
 
 

@@ -45,6 +45,7 @@ Schema (defaults: LIDM / LVDM / VAE where they differ)::
     mixed_precision = "auto"       # auto | no | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU;
                                    #  VAE default "no", as LDM); fp16/bf16 need CUDA
     compile = false                # torch.compile the model
+    gradient_checkpointing = false # recompute each block in backward (less memory, ~1/3 slower)
     allow_tf32 = true
     device = "auto"                # auto | cpu | cuda
     checkpoint_every = 10000 / 10000 / 5000
@@ -201,6 +202,7 @@ class TrainSection:
     grad_accum: int = 1
     mixed_precision: str = "auto"
     compile: bool = False
+    gradient_checkpointing: bool = False
     allow_tf32: bool = True
     device: str = "auto"
     checkpoint_every: int = 10_000
@@ -407,6 +409,7 @@ RESUMABLE_CHANGES = frozenset(
         "data.num_workers",
         "train.max_steps",
         "train.compile",
+        "train.gradient_checkpointing",
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.log_every",

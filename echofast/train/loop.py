@@ -727,6 +727,8 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
     model = build_model(cfg)
     arch = dict(model.config)
     model.to(device).train()
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     objective = build_objective(cfg, model)
     aux = objective.aux_modules()
     for m in aux.values():

@@ -273,6 +273,33 @@ def test_manifest_mismatch_and_damage_are_refused(tiny_vae, videos, tmp_path):
         _encode(vae_dir, videos, out)
 
 
+def test_vae_digest_covers_the_files_the_vae_loads(tiny_vae, tmp_path):
+    """The manifest's VAE digest changes with the weights the VAE loads (single file or shards)
+    and its config, not with another variant's file or a stray file beside them."""
+    import shutil
+
+    from echofast.data.encode import _vae_digest
+    from echofast.models import VAE
+
+    folder = tmp_path / "vae"
+    shutil.copytree(tiny_vae[0], folder)
+    base = _vae_digest(folder)
+    model = VAE.from_pretrained(folder)
+    model.half().save_pretrained(tmp_path / "half", variant="fp16")  # (its config differs)
+    shutil.copy(tmp_path / "half" / "diffusion_pytorch_model.fp16.safetensors", folder)
+    (folder / "diffusion_pytorch_model-old.safetensors").write_bytes(b"stray")
+    assert _vae_digest(folder) == base
+    with torch.no_grad():
+        model.float().decoder.conv_out.bias.add_(1)
+    model.save_pretrained(folder)
+    changed = _vae_digest(folder)
+    assert changed != base
+    model.save_pretrained(folder, max_shard_size=20_000)
+    shards = sorted(folder.glob("diffusion_pytorch_model-0*.safetensors"))
+    assert len(shards) > 1 and _vae_digest(folder) not in (base, changed)
+    assert _vae_digest(folder).count("+") == len(shards)
+
+
 def test_bad_arguments(tiny_vae, videos, tmp_path, capsys):
     from echofast.data.encode import EncodeConfig, encode_dataset
 

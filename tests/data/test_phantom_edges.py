@@ -152,6 +152,17 @@ def test_cli_rejects_a_three_part_range(tmp_path, capsys):
     assert "argument --frames" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("splits", ["3,x,1", "3,1", "--splits=3,-1,1"])
+def test_cli_names_the_splits_form(tmp_path, capsys, splits):
+    out = tmp_path / "p"
+    args = [splits] if splits.startswith("--") else ["--splits", splits]
+    with pytest.raises(SystemExit):
+        main_phantom(["--out", str(out), *TINY, *args])
+    err = capsys.readouterr().err
+    assert "argument --splits: expected TRAIN,VAL,TEST: three non-negative integers" in err
+    assert not out.exists()
+
+
 def test_cli_writes_the_pixel_size_and_ranges_it_was_given(tmp_path):
     out = tmp_path / "p"
     main_phantom(["--out", str(out), *TINY, "--ef-range", "30", "31", "--seed", "3"])

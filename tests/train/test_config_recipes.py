@@ -43,6 +43,7 @@ _SHARED = {
     "data.random_items": 64,
     "optim.eps": 1e-8,
     "train.compile": False,
+    "train.gradient_checkpointing": False,
     "train.allow_tf32": True,
     "train.device": "auto",
     "train.keep_checkpoints": 3,

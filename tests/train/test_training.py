@@ -177,6 +177,43 @@ def test_resume_is_exact(tmp_path, kind, k, batch, accum, extra):
     assert times == sorted(times)  # the clock goes on from the checkpoint's
 
 
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [("lidm", {"model": {"config": {**TINY_LIDM, "dropout": 0.3}}}), ("vae", {}), ("lvdm", {})],
+    ids=["lidm-dropout", "vae", "lvdm"],
+)
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, monkeypatch, kind, extra):
+    """train.gradient_checkpointing recomputes the blocks in backward (the stages run through
+    the checkpoint function) and trains the weights the plain run trains."""
+    import echofast.models.base as base
+
+    calls = []
+
+    def counted(stage, *args):
+        calls.append(stage)
+        return base.torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)
+
+    monkeypatch.setattr(base, "checkpoint_stage", counted)
+    states = {}
+    for on in (False, True):
+        cfg = make_config(
+            tmp_path / str(on),
+            kind,
+            steps=2,
+            train={"export_at_end": False, "gradient_checkpointing": on},
+            **extra,
+        )
+        train(cfg)
+        assert bool(calls) == on
+        states[on] = load_checkpoint(tmp_path / str(on) / "checkpoints" / "step-00000002.pt")
+    _assert_states_close(
+        without_key_biases(states[True]["model"]),
+        without_key_biases(states[False]["model"]),
+        atol=1e-6,
+    )
+    assert read_log(tmp_path / "True" / "log.csv") == read_log(tmp_path / "False" / "log.csv")
+
+
 def test_grad_accumulation_matches_big_batch(tmp_path):
     class Latents(torch.utils.data.Dataset):  # any dataset with the item structure works
         def __init__(self):
