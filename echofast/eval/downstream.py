@@ -3,7 +3,9 @@
 The EchoNet-Dynamic protocol (``echonet video``, as the EchoNet-Synthetic authors ran it from
 their fork ``HReynaud/echonet``):
 
-- **data**: every FileList row of the split with an EF; grey frames repeated on 3 channels,
+- **data**: every FileList row of the split with an EF (rows with an empty EF are left out; a
+  filled-in EF that is not a number in 0–100, or a listed video that is missing, is refused with
+  an error naming the rows, as echonet refuses missing videos); grey frames repeated on 3 channels,
   normalised per channel by ``(x − mean)/std`` (EchoNet-Dynamic's constants
   ``mean = (32.66, 32.79, 33.08)``, ``std = (49.80, 49.89, 50.18)`` by default, or the training
   set's own); clips of ``frames`` = 32 frames every ``period`` = 2 frames at the file's frame
@@ -172,7 +174,28 @@ class EFVideos(Dataset):
         from ..data.datasets import DatasetError, read_records
 
         self.root = Path(root)
-        self.records = [r for r in read_records(self.root, split) if r.ef is not None]
+        filelist = self.root / "FileList.csv"
+        labelled = [
+            r
+            for r in read_records(self.root, split, require_files=False)
+            if (r.row.get("EF") or "").strip()
+        ]
+        bad = [_ef_label_problem(r) for r in labelled if r.ef is None or not 0 <= r.ef <= 100]
+        if bad:
+            shown = "; ".join(bad[:10]) + (f"; (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+            raise DatasetError(
+                f"{filelist}: {len(bad)} {split} row(s) have an EF that is not a percentage "
+                f"(a number in 0-100): {shown}"
+            )
+        missing = [r for r in labelled if not r.path.is_file()]
+        if missing:
+            shown = ", ".join(str(r.path) for r in missing[:10])
+            more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+            raise DatasetError(
+                f"{filelist}: {len(missing)} {split} video(s) listed with an EF are missing "
+                f"(echonet refuses such a dataset too): {shown}{more}"
+            )
+        self.records = labelled
         if not self.records:
             raise DatasetError(f"{self.root}: no {split} videos with an EF in FileList.csv")
         if mode not in ("random", "all"):
@@ -228,6 +251,19 @@ class EFVideos(Dataset):
             i, j = (int(v) for v in rng.integers(0, 2 * p, 2))
             clip = padded[:, :, i : i + h, j : j + w].contiguous()
         return {"video": clip, "ef": ef, "name": rec.name}
+
+
+def _ef_label_problem(record) -> str:
+    """Why the filled-in EF of a FileList row is unusable: not a finite number, or outside
+    0-100 (EF is a percentage)."""
+    from ..data.datasets import _ef_problem
+
+    if record.ef is None:
+        return _ef_problem(record)
+    return (
+        f"row {record.row_number} (FileName {record.row.get('FileName')!r}): EF "
+        f"{record.row['EF'].strip()!r} is outside 0-100"
+    )
 
 
 def training_mean_std(
@@ -432,6 +468,8 @@ def run_ef_evaluation(cfg: EFConfig) -> dict[str, Any]:
             )
         if results_path.is_file():
             return json.loads(results_path.read_text())
+    elif out.exists() and not out.is_dir():
+        raise EvaluationConflict(f"{out} exists and is not a folder; choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise EvaluationConflict(f"{out} exists, is not empty and holds no EF evaluation")
 
@@ -762,7 +800,10 @@ def main_evaluate(argv: list[str]) -> int:
     e.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     e.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    layers = tuple(int(v) for v in a.layers.split(","))
+    try:
+        layers = tuple(int(v) for v in a.layers.split(","))
+    except ValueError:
+        layers = ()
     if len(layers) != 4:
         raise ValueError(f"--layers needs 4 comma-separated counts, got {a.layers!r}")
     cfg = EFConfig(

@@ -132,17 +132,38 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | EchofastError:
+        from ..io.video import VideoDecodeError
+
         rec = self.records[i]
-        return load_frames(rec.path, rec.fps, self.fps, self.size)
+        try:
+            return load_frames(rec.path, rec.fps, self.fps, self.size)
+        except (VideoDecodeError, MetricsError) as err:
+            return err  # raised by _decoded: the error alone, not a worker's traceback
 
 
 def _decoded(records: list, fps: float, size: int | None, workers: int) -> Iterator[torch.Tensor]:
-    """The records' frames, in order, decoded by ``workers`` processes (0: here)."""
+    """The records' frames, in order, decoded by ``workers`` processes (0: here). A video that
+    cannot be read raises its own error (naming the file) in this process."""
     loader = torch.utils.data.DataLoader(
         _Decoded(records, fps, size), batch_size=None, num_workers=workers
     )
-    return iter(loader)
+    for item in loader:
+        if isinstance(item, EchofastError):
+            raise item
+        yield item
+
+
+def _require_files(records: list, root: Path) -> None:
+    """Raise :class:`MetricsError` naming the FileList and the videos it lists that are missing
+    (checked before any video is decoded)."""
+    missing = [r for r in records if not r.path.is_file()]
+    if missing:
+        shown = ", ".join(str(r.path) for r in missing[:10])
+        more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise MetricsError(
+            f"{root / 'FileList.csv'}: {len(missing)} listed video(s) are missing: {shown}{more}"
+        )
 
 
 # ---- feature sinks ----------------------------------------------------------------------------
@@ -334,6 +355,7 @@ def select_reference_videos(
         chosen.append(rec)
         if len(chosen) >= target:
             break
+    _require_files(chosen, root)
     if not chosen:
         raise MetricsError(
             f"{root}: no {wanted} video lasts {frames / fps:g} s ({frames} frames at {fps:g} fps "
@@ -453,7 +475,8 @@ def compute_metrics(
                 f"the {name} weights differ from those of the reference statistics "
                 f"(fingerprint {fp} vs {proto.get(name)}): features are not comparable"
             )
-    records = sorted(read_records(root, split), key=lambda r: r.name)
+    records = sorted(read_records(root, split, require_files=False), key=lambda r: r.name)
+    _require_files(records, root)
     if not records:
         raise MetricsError(f"{root}: no videos in split {split!r}")
     device = _device_of(extractors)

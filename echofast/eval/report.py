@@ -180,20 +180,20 @@ def _privacy_section(src: Input) -> Section:
     return sec
 
 
-def _metrics_section(src: Input) -> Section:
+def _metrics_section(src: Input, root: Path) -> Section:
     sec = Section("Fidelity metrics")
     data = _read_input(src, METRICS_FORMAT, METRICS_WHAT, "--metrics")
     if data is None:
         sec.text(f"No {src.path.name} (run `echofast metrics compute`).")
         return sec
     try:
-        _metrics_blocks(sec, data)
+        _metrics_blocks(sec, data, root)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise _malformed(src.path, METRICS_WHAT, err) from None
     return sec
 
 
-def _metrics_blocks(sec: Section, data: dict[str, Any]) -> None:
+def _metrics_blocks(sec: Section, data: dict[str, Any], root: Path) -> None:
     metrics = data.get("metrics", {})
     names = {
         "fid": "FID",
@@ -206,8 +206,12 @@ def _metrics_blocks(sec: Section, data: dict[str, Any]) -> None:
     sec.table(["metric", "value"], rows)
     ref = data.get("reference", {})
     counts = data.get("counts", {})
+    dataset = data.get("dataset")
+    where = f"Computed on {dataset or '?'} ({data.get('split', '?')} rows)"
+    if dataset and Path(dataset) != root.resolve():
+        where += f", not on this report's dataset {root.resolve()}"
     sec.text(
-        f"Reference: {ref.get('dataset', '?')} ({ref.get('split', '?')}, "
+        f"{where}. Reference: {ref.get('dataset', '?')} ({ref.get('split', '?')}, "
         f"{ref.get('frames', '?')} frames at {ref.get('fps', '?')} fps, "
         f"{ref.get('videos', '?')} videos). Generated frames for FID/IS: "
         f"{counts.get('fid_images', '-')}; FVD clips: "
@@ -262,7 +266,7 @@ def build_sections(root: Path, metrics: Input, downstream: Input, privacy: Input
         _dataset_section(root),
         _generation_section(root),
         _privacy_section(privacy),
-        _metrics_section(metrics),
+        _metrics_section(metrics, root),
         _downstream_section(downstream, root),
     ]
 

@@ -409,8 +409,11 @@ def test_cli_ef(small_phantoms, tmp_path, capsys):
     assert saved["config"]["weight_decay"] == 0.002
     assert saved["results"]["val"]["dataset"] == str(val.resolve())
     assert saved["results"]["test"]["dataset"] == str(small_phantoms.resolve())
-    with pytest.raises(ValueError, match="4 comma-separated"):
-        downstream.main_evaluate([*argv[:-1], "--layers", "1,1"])
+    for layers in ("1,1", "1,1,1,x", "1,,1,1"):
+        with pytest.raises(
+            ValueError, match=f"--layers needs 4 comma-separated counts, got '{layers}'"
+        ):
+            downstream.main_evaluate([*argv[:-1], "--layers", layers])
 
 
 SCRIPT = """
@@ -575,6 +578,9 @@ def test_non_empty_folder_and_foreign_checkpoints_are_refused(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(EvaluationConflict, match="not empty"):
         run_ef_evaluation(EFConfig(train="t", test="t", out=str(out)))
+    with pytest.raises(EvaluationConflict, match=f"{out / 'notes.txt'} exists and is not a folder"):
+        run_ef_evaluation(EFConfig(train="t", test="t", out=str(out / "notes.txt")))
+    assert (out / "notes.txt").read_text() == "mine"
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(EvaluationConflict, match="not an echofast EF-evaluation checkpoint"):
         downstream._load_ckpt(tmp_path / "other.pt")
@@ -816,6 +822,45 @@ def test_a_split_without_ef_labels_is_refused_naming_the_dataset(tmp_path):
     assert [r.name for r in EFVideos(root, "TRAIN", frames=2, period=1).records] == ["c0"]
     with pytest.raises(DatasetError, match=f"{tmp_path}: no VAL videos with an EF"):
         EFVideos(root, "VAL", frames=2, period=1)
+
+
+@pytest.mark.parametrize(
+    "ef, problem",
+    [("6O.2", "'6O.2' is not a number"), ("inf", "'inf' is not finite"), ("0.62e3", "outside")],
+)
+def test_a_filled_in_ef_that_is_not_a_percentage_is_refused_naming_the_row(tmp_path, ef, problem):
+    """Only an empty EF marks an unlabelled row; a typo must not shrink the dataset silently."""
+    from echofast.data.datasets import DatasetError
+
+    root = _flat_video_dataset(tmp_path, [6, 6, 6])
+    rows = read_filelist(root / "FileList.csv")
+    rows[1].update(EF=ef)
+    write_filelist(root, rows)
+    named = r"FileList\.csv: 1 TRAIN row.*row 2 \(FileName 'c1'\)"
+    with pytest.raises(DatasetError, match=named):
+        EFVideos(root, "TRAIN", frames=2, period=1)
+    with pytest.raises(DatasetError, match=problem):
+        EFVideos(root, "TRAIN", frames=2, period=1)
+    for edge in ("0", "100"):
+        rows[1].update(EF=edge)
+        write_filelist(root, rows)
+        assert len(EFVideos(root, "TRAIN", frames=2, period=1)) == 3
+
+
+@pytest.mark.parametrize("split", ["TRAIN", "VAL", "TEST"])
+def test_a_missing_video_is_refused_before_the_run_is_recorded(small_phantoms, tmp_path, split):
+    """As echonet's ``Echo``: a listed video that is missing stops the run (it used to be left
+    out, so the TEST numbers silently covered fewer videos)."""
+    from echofast.data.datasets import DatasetError
+
+    root = tmp_path / "data"
+    shutil.copytree(small_phantoms, root)
+    gone = next(r["FileName"] for r in _rows(root) if r["Split"] == split)
+    (root / "Videos" / f"{gone}.avi").unlink()
+    out = tmp_path / "ev"
+    with pytest.raises(DatasetError, match=rf"1 {split} video\(s\) .* missing.*{gone}\.avi"):
+        run_ef_evaluation(_small_cfg(root, out))
+    assert not out.exists()
 
 
 def test_checkpoints_are_found_by_epoch_number(tmp_path):

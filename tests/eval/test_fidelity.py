@@ -603,3 +603,51 @@ def test_cli_passes_the_protocol_options(tmp_path, monkeypatch):
 def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path):
     with pytest.raises(MetricsError, match="must be a .safetensors file"):
         main_metrics(["convert", "i3d", "--input", "x.ckpt", "--out", str(tmp_path / "i3d.pt")])
+
+
+class CountingImages(TinyImages):
+    """TinyImages that counts the frames it is given."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def extract(self, images: torch.Tensor):
+        self.seen += len(images)
+        return super().extract(images)
+
+
+def test_a_listed_video_that_is_missing_is_refused_before_any_feature(tmp_path, monkeypatch):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 3)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    gen = make_dataset(tmp_path / "gen", [(16, 32, "TRAIN")] * 3)
+    (gen / "Videos" / "v002.avi").unlink()  # the generated side used to leave it out silently
+    counting = CountingImages()
+    ex = Extractors(counting, None, "inc-fp", None, batch_size=5)
+    with pytest.raises(MetricsError, match=r"gen/FileList\.csv: 1 listed video\(s\).*v002\.avi"):
+        compute_metrics(gen, ref, ex, is_splits=2, progress=False)
+    assert counting.seen == 0
+    monkeypatch.setattr(fidelity, "load_extractors", lambda *a, **kw: ex)
+    out = tmp_path / "metrics.json"
+    cli = ["compute", "--dataset", str(gen), "--reference", "x", "--inception-weights", "x"]
+    monkeypatch.setattr(ReferenceStats, "load", classmethod(lambda cls, path: ref))
+    with pytest.raises(MetricsError, match="v002"):
+        main_metrics([*cli, "--out", str(out), "--no-progress", "--workers", "0"])
+    assert not out.exists() and counting.seen == 0
+    (real / "Videos" / "v001.avi").unlink()  # and the reference side before decoding any video
+    with pytest.raises(MetricsError, match=r"real/FileList\.csv: 1 listed video\(s\).*v001\.avi"):
+        build_reference(real, 16, ex, size=SIZE, progress=False)
+    assert counting.seen == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_video_is_named_without_a_worker_traceback(tmp_path, workers):
+    from echofast.io.video import VideoDecodeError
+
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 3)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    (real / "Videos" / "v001.avi").write_bytes(b"not a video")
+    with pytest.raises(VideoDecodeError) as caught:
+        compute_metrics(real, ref, extractors(), is_splits=2, workers=workers, progress=False)
+    message = str(caught.value)
+    assert message.startswith(str(real / "Videos" / "v001.avi") + ": not a readable avi file")
+    assert "Traceback" not in message and "worker" not in message

@@ -284,6 +284,21 @@ def test_metrics_name_fvd128_and_list_only_generated_clip_counts(tmp_path):
     assert "Reference: ? (?, ? frames at ? fps, ? videos). Generated frames for FID/IS: -; " in md
 
 
+def test_metrics_name_the_dataset_they_were_computed_on(tmp_path):
+    """Metrics of another folder (``--metrics``, or a copied metrics.json) are said to be so."""
+    root = _dataset(tmp_path / "d")
+    other = _dataset(tmp_path / "other")
+    _metrics(root / "metrics.json", dataset=str(root.resolve()), split="ALL")
+    md = _md(root)
+    assert f"Computed on {root.resolve()} (ALL rows). Reference:" in md
+    _metrics(tmp_path / "m.json", dataset=str(other.resolve()), split="TRAIN")
+    md = _md(root, "--metrics", str(tmp_path / "m.json"))
+    assert (
+        f"Computed on {other.resolve()} (TRAIN rows), not on this report's dataset "
+        f"{root.resolve()}. Reference:"
+    ) in md
+
+
 def _results(path, results, **extra):
     path.write_text(json.dumps({"format": DOWNSTREAM_FORMAT, "results": results, **extra}))
     return path
