@@ -154,9 +154,14 @@ def _decoded(records: list, fps: float, size: int | None, workers: int) -> Itera
         yield item
 
 
-def _require_files(records: list, root: Path) -> None:
-    """Raise :class:`MetricsError` naming the FileList and the videos it lists that are missing
-    (checked before any video is decoded)."""
+def _check_rows(records: list, root: Path) -> None:
+    """Raise :class:`MetricsError` naming the FileList and its rows with a negative FPS (an empty
+    or zero FPS means the file's own rate) or whose video is missing (checked before any video is
+    decoded)."""
+    negative = [r for r in records if r.fps is not None and r.fps < 0]
+    if negative:
+        shown = "; ".join(f"row {r.row_number} ({r.name}): FPS {r.fps:g}" for r in negative[:10])
+        raise MetricsError(f"{root / 'FileList.csv'}: a frame rate must be positive: {shown}")
     missing = [r for r in records if not r.path.is_file()]
     if missing:
         shown = ", ".join(str(r.path) for r in missing[:10])
@@ -339,6 +344,7 @@ def select_reference_videos(
     records = read_records(root, None, require_files=False)
     target = max_videos if max_videos is not None else REFERENCE_VIDEOS.get(frames, FVD_VIDEOS)
     wanted = normalize_split(split)
+    _check_rows([r for r in records if wanted == "ALL" or r.split == wanted], root)
     order = np.random.RandomState(SHUFFLE_SEED).permutation(len(records))
     chosen = []
     for i in order:
@@ -355,7 +361,6 @@ def select_reference_videos(
         chosen.append(rec)
         if len(chosen) >= target:
             break
-    _require_files(chosen, root)
     if not chosen:
         raise MetricsError(
             f"{root}: no {wanted} video lasts {frames / fps:g} s ({frames} frames at {fps:g} fps "
@@ -476,7 +481,7 @@ def compute_metrics(
                 f"(fingerprint {fp} vs {proto.get(name)}): features are not comparable"
             )
     records = sorted(read_records(root, split, require_files=False), key=lambda r: r.name)
-    _require_files(records, root)
+    _check_rows(records, root)
     if not records:
         raise MetricsError(f"{root}: no videos in split {split!r}")
     device = _device_of(extractors)

@@ -651,3 +651,16 @@ def test_an_unreadable_video_is_named_without_a_worker_traceback(tmp_path, worke
     message = str(caught.value)
     assert message.startswith(str(real / "Videos" / "v001.avi") + ": not a readable avi file")
     assert "Traceback" not in message and "worker" not in message
+
+
+def test_a_negative_filelist_fps_is_refused_naming_the_row(tmp_path):
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 3)
+    ref = build_reference(real, 16, extractors(), size=SIZE, progress=False)
+    edit_filelist(real, v001={"FPS": -32})
+    named = r"real/FileList\.csv: a frame rate must be positive: row 2 \(v001\): FPS -32"
+    with pytest.raises(MetricsError, match=named):
+        select_reference_videos(real, 16)
+    with pytest.raises(MetricsError, match=named):
+        compute_metrics(real, ref, extractors(), is_splits=2, progress=False)
+    edit_filelist(real, v001={"FPS": 0})  # zero or empty: the file's own rate
+    assert len(select_reference_videos(real, 16)) == 3
