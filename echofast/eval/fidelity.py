@@ -703,6 +703,13 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_folder(out: Path) -> None:
+    """An output file named by a folder is refused before any statistic is computed (writing
+    would fail only at the end of the run, losing it)."""
+    if out.is_dir():
+        raise MetricsError(f"{out} is a folder; --out names the file to write")
+
+
 def _cmd_reference(args) -> int:
     if not (args.inception_weights or args.i3d_weights):
         raise MetricsError("give --inception-weights (FID/IS) and/or --i3d-weights (FVD)")
@@ -724,6 +731,7 @@ def _cmd_reference(args) -> int:
     )
     identity = reference_identity(args.dataset, args.frames, ex, **kw)
     out = Path(args.out) if args.out else reference_cache_path(identity)
+    _refuse_folder(out)
     if out.is_file():
         old = ReferenceStats.load(out)
         if old.identity() == identity:
@@ -746,6 +754,7 @@ def _cmd_reference(args) -> int:
 def _cmd_compute(args) -> int:
     ref = ReferenceStats.load(args.reference)
     out = Path(args.out) if args.out else Path(args.dataset) / "metrics.json"
+    _refuse_folder(out)
     if out.exists() and not args.overwrite:
         raise MetricsError(f"{out} exists; use --overwrite to replace it or another --out")
     ex = load_extractors(

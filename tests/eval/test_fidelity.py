@@ -664,3 +664,23 @@ def test_a_negative_filelist_fps_is_refused_naming_the_row(tmp_path):
         compute_metrics(real, ref, extractors(), is_splits=2, progress=False)
     edit_filelist(real, v001={"FPS": 0})  # zero or empty: the file's own rate
     assert len(select_reference_videos(real, 16)) == 3
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_feature(tmp_path, monkeypatch):
+    counting = CountingImages()
+    ex = Extractors(counting, None, "inc-fp", None, batch_size=5)
+    monkeypatch.setattr(fidelity, "load_extractors", lambda *a, **kw: ex)
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 2)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    common = ["--inception-weights", "x", "--no-progress", "--workers", "0", "--out", str(folder)]
+    with pytest.raises(MetricsError, match=f"{folder} is a folder; --out names the file"):
+        main_metrics(["reference", "--dataset", str(real), "--frames", "16", *common])
+    ref = tmp_path / "ref.safetensors"
+    build_reference(real, 16, ex, size=SIZE, progress=False).save(ref)
+    counting.seen = 0
+    with pytest.raises(MetricsError, match=f"{folder} is a folder; --out names the file"):
+        main_metrics(
+            ["compute", "--dataset", str(real), "--reference", str(ref), *common, "--overwrite"]
+        )
+    assert counting.seen == 0 and list(folder.iterdir()) == []
