@@ -133,8 +133,9 @@ def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False) ->
     if not allow_pickle:
         raise WeightsError(
             f"{path}: not a .safetensors file; pickled weights are read only with --allow-pickle "
-            "(torch files with weights_only=True, numpy pickles with a numpy-only unpickler), "
-            "or convert them once with `echofast metrics convert`"
+            "(torch files with weights_only=True, numpy pickles with a numpy-only unpickler); "
+            "the FID/FVD networks' weights can also be converted once with `echofast metrics "
+            "convert inception|i3d`"
         )
     if zipfile.is_zipfile(path):
         return _torch_load(path)

@@ -95,6 +95,12 @@ def test_pickles_need_opt_in(tmp_path):
     torch.save({"a": torch.zeros(2)}, path)
     with pytest.raises(WeightsError, match="--allow-pickle"):
         read_weights_file(path)
+    # evaluate ef's --init-weights (torchvision's R(2+1)D .pth) cannot go through `metrics
+    # convert`, which knows only the FID/FVD networks: the hint says so
+    with pytest.raises(
+        WeightsError, match=r"FID/FVD networks.*`echofast metrics convert inception\|i3d`"
+    ):
+        load_backbone(R2Plus1D(1, width=2, layers=(1, 1, 1, 1)), path)
     assert torch.equal(read_weights_file(path, allow_pickle=True)["a"], torch.zeros(2))
     legacy = tmp_path / "legacy.pt"
     torch.save({"b": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
