@@ -88,6 +88,14 @@ class Extractors:
     """Frames per I3D batch (clips per batch = max(1, this // clip length))."""
 
 
+def _require_positive(**counts: int | None) -> None:
+    """Raise :class:`MetricsError` naming each count (as its command-line option) that is given
+    and below 1, before anything is read."""
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in counts.items() if v is not None and v < 1]
+    if bad:
+        raise MetricsError(f"{', '.join(bad)}: must be at least 1")
+
+
 def fvd_lengths(frames: int) -> tuple[int, ...]:
     """Clip lengths whose FVD a ``frames``-frame reference set supports: 16 and ``frames``."""
     if frames < 16:
@@ -340,6 +348,7 @@ def select_reference_videos(
     from ..data.datasets import normalize_split, read_records, resample_indices
     from ..io import read_video
 
+    _require_positive(max_videos=max_videos)
     root = Path(root)
     records = read_records(root, None, require_files=False)
     target = max_videos if max_videos is not None else REFERENCE_VIDEOS.get(frames, FVD_VIDEOS)
@@ -387,6 +396,7 @@ def build_reference(
     ``workers`` processes decode videos ahead of the networks."""
     if extractors.inception is None and extractors.i3d is None:
         raise MetricsError("give Inception weights (FID/IS) and/or I3D weights (FVD)")
+    _require_positive(max_videos=max_videos, fvd_videos=fvd_videos)
     root = Path(root)
     chosen = select_reference_videos(root, frames, split=split, fps=fps, max_videos=max_videos)
     ordered = sorted(chosen, key=lambda r: r.name)
@@ -462,6 +472,7 @@ def compute_metrics(
     ``is_splits`` frames. ``workers`` processes decode videos ahead of the networks."""
     from ..data.datasets import read_records
 
+    _require_positive(fid_images=fid_images, fvd_videos=fvd_videos, is_splits=is_splits)
     root = Path(root)
     proto = reference.protocol
     fps, size = float(proto["fps"]), int(proto["size"])

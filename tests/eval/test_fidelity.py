@@ -684,3 +684,31 @@ def test_an_output_that_is_a_folder_is_refused_before_any_feature(tmp_path, monk
             ["compute", "--dataset", str(real), "--reference", str(ref), *common, "--overwrite"]
         )
     assert counting.seen == 0 and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "side, option, value",
+    [
+        ("compute", "fid_images", 0),
+        ("compute", "fvd_videos", 0),
+        ("compute", "is_splits", 0),
+        ("compute", "fid_images", -5),
+        ("reference", "fvd_videos", 0),
+        ("reference", "max_videos", 0),
+    ],
+)
+def test_counts_below_one_are_refused_naming_the_option(tmp_path, side, option, value):
+    """They failed only after the whole run (AttributeError, or a misleading 'no video has 16
+    frames'), or were ignored (--max-videos 0 took one video)."""
+    real = make_dataset(tmp_path / "real", [(16, 32, "TRAIN")] * 3)
+    counting = CountingImages()
+    ex = Extractors(counting, TinyClips(), "inc-fp", "i3d-fp", batch_size=5)
+    ref = build_reference(real, 16, ex, size=SIZE, progress=False)
+    counting.seen = 0
+    named = f"--{option.replace('_', '-')} {value}: must be at least 1"
+    with pytest.raises(MetricsError, match=named):
+        if side == "compute":
+            compute_metrics(real, ref, ex, progress=False, **{"is_splits": 2, option: value})
+        else:
+            build_reference(real, 16, ex, size=SIZE, progress=False, **{option: value})
+    assert counting.seen == 0
