@@ -117,6 +117,13 @@ def _number(row: dict, key: str, kind: type) -> float | int | None:
     return kind(number) if math.isfinite(number) else None
 
 
+def listed_splits(root: str | os.PathLike) -> str:
+    """The splits ``root/FileList.csv`` lists, for messages about a split it has no rows of:
+    ``"TEST, TRAIN"`` (a blank Split cell is ``(blank)``), or ``"none"``."""
+    names = {r.split or "(blank)" for r in read_records(root, None, require_files=False)}
+    return ", ".join(sorted(names)) or "none"
+
+
 def read_records(
     root: str | os.PathLike,
     split: str | Iterable[str] | None = None,

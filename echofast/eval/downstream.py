@@ -171,7 +171,7 @@ class EFVideos(Dataset):
         seed: int = 0,
         stream: int = 0,
     ):
-        from ..data.datasets import DatasetError, read_records
+        from ..data.datasets import DatasetError, listed_splits, read_records
 
         self.root = Path(root)
         filelist = self.root / "FileList.csv"
@@ -197,7 +197,10 @@ class EFVideos(Dataset):
             )
         self.records = labelled
         if not self.records:
-            raise DatasetError(f"{self.root}: no {split} videos with an EF in FileList.csv")
+            raise DatasetError(
+                f"{filelist}: no {split} videos with an EF (it lists splits "
+                f"{listed_splits(self.root)})"
+            )
         if mode not in ("random", "all"):
             raise ValueError(f"mode must be 'random' or 'all', got {mode!r}")
         self.frames, self.period, self.mode, self.pad = frames, period, mode, pad or None

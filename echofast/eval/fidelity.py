@@ -345,7 +345,7 @@ def select_reference_videos(
     ``split`` that resample to at least ``frames`` frames at ``fps``, by the reference loader's
     own formula (``floor(fps / video_fps · n)`` in floating point, which a video lasting exactly
     ``frames / fps`` seconds can miss by one: such a video is passed over, not refused later)."""
-    from ..data.datasets import normalize_split, read_records, resample_indices
+    from ..data.datasets import listed_splits, normalize_split, read_records, resample_indices
     from ..io import read_video
 
     _require_positive(max_videos=max_videos)
@@ -370,6 +370,10 @@ def select_reference_videos(
         chosen.append(rec)
         if len(chosen) >= target:
             break
+    if wanted != "ALL" and not any(r.split == wanted for r in records):
+        raise MetricsError(
+            f"{root / 'FileList.csv'}: no {wanted} rows (--split; it lists {listed_splits(root)})"
+        )
     if not chosen:
         raise MetricsError(
             f"{root}: no {wanted} video lasts {frames / fps:g} s ({frames} frames at {fps:g} fps "
@@ -470,7 +474,7 @@ def compute_metrics(
     """FID, IS and FVD of the dataset at ``root`` against ``reference`` (module docstring).
     Returns the JSON-able result (``metrics``, ``counts``, ``protocol``...). IS needs at least
     ``is_splits`` frames. ``workers`` processes decode videos ahead of the networks."""
-    from ..data.datasets import read_records
+    from ..data.datasets import listed_splits, read_records
 
     _require_positive(fid_images=fid_images, fvd_videos=fvd_videos, is_splits=is_splits)
     root = Path(root)
@@ -494,7 +498,10 @@ def compute_metrics(
     records = sorted(read_records(root, split, require_files=False), key=lambda r: r.name)
     _check_rows(records, root)
     if not records:
-        raise MetricsError(f"{root}: no videos in split {split!r}")
+        raise MetricsError(
+            f"{root / 'FileList.csv'}: no videos in split {split!r} (--split; it lists "
+            f"{listed_splits(root)})"
+        )
     device = _device_of(extractors)
     lengths = [int(n[3:]) for n in sorted(reference.stats) if n.startswith("fvd")]
     images = clips = None
@@ -535,6 +542,7 @@ def compute_metrics(
                     taken_clips[n] += 1
             bar.update(1)
         metrics: dict[str, float] = {}
+        not_computed: dict[str, str] = {}
         counts: dict[str, int] = {"videos_read": used_videos}
         if images is not None:
             images.close()
@@ -543,6 +551,11 @@ def compute_metrics(
             probs = torch.cat(images.probs)
             if len(probs) >= is_splits:
                 metrics["is_mean"], metrics["is_std"] = inception_score(probs, is_splits)
+            else:
+                not_computed["is"] = (
+                    f"{len(probs)} generated frame(s), fewer than the {is_splits} IS splits "
+                    "(--is-splits)"
+                )
             counts["fid_images"] = taken_images
             counts["fid_images_reference"] = proto.get("counts", {}).get("fid")
         if clips is not None:
@@ -561,6 +574,7 @@ def compute_metrics(
         "dataset": str(root.resolve()),
         "split": split.upper(),
         "metrics": metrics,
+        "not_computed": not_computed,
         "counts": counts,
         "protocol": {
             "fid_images": fid_images,
@@ -790,6 +804,8 @@ def _cmd_compute(args) -> int:
     result["reference_file"] = str(Path(args.reference).resolve())
     _write_json(out, result)
     print(json.dumps({"out": str(out), **result["metrics"]}, indent=2))
+    for name, why in result["not_computed"].items():
+        print(f"warning: {name.upper()} not computed: {why}", file=sys.stderr)
     return 0
 
 

@@ -203,6 +203,7 @@ def _metrics_blocks(sec: Section, data: dict[str, Any], root: Path) -> None:
         "fvd128": "FVD128",
     }
     rows = [[names.get(k, k), _fmt(v)] for k, v in metrics.items()]
+    rows += [[k.upper(), f"not computed: {why}"] for k, why in data.get("not_computed", {}).items()]
     sec.table(["metric", "value"], rows)
     ref = data.get("reference", {})
     counts = data.get("counts", {})

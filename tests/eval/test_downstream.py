@@ -820,7 +820,9 @@ def test_a_split_without_ef_labels_is_refused_naming_the_dataset(tmp_path):
     rows[2].update(EF="", Split="VAL")
     write_filelist(root, rows)
     assert [r.name for r in EFVideos(root, "TRAIN", frames=2, period=1).records] == ["c0"]
-    with pytest.raises(DatasetError, match=f"{tmp_path}: no VAL videos with an EF"):
+    with pytest.raises(
+        DatasetError, match=r"FileList.csv: no VAL videos with an EF \(it lists splits TRAIN, VAL\)"
+    ):
         EFVideos(root, "VAL", frames=2, period=1)
 
 

@@ -379,6 +379,19 @@ def test_reference_selection_across_splits_and_durations_from_the_files(tmp_path
     assert sorted(r.name for r in select_reference_videos(root, 16)) == ["v000", "v002"]
 
 
+def test_a_split_with_no_rows_is_named_with_the_splits_listed(tmp_path):
+    """A typo in --split says which splits there are (a split whose videos are all too short
+    keeps its own message)."""
+    root = make_dataset(tmp_path / "r", [(30, 50, "TRAIN"), (30, 50, "VAL"), (8, 50, "TEST")])
+    edit_filelist(root, v001={"Split": ""})
+    with pytest.raises(
+        MetricsError, match=r"FileList.csv: no TRIAN rows .*lists \(blank\), TEST, TRAIN"
+    ):
+        select_reference_videos(root, 16, split="TRIAN")
+    with pytest.raises(MetricsError, match="no TEST video lasts"):
+        select_reference_videos(root, 16, split="TEST")
+
+
 def test_a_filelist_that_overstates_a_video_is_refused(tmp_path):
     root = make_dataset(tmp_path / "real", [(10, 32, "TRAIN")])
     edit_filelist(root, v000={"NumberOfFrames": 40})
@@ -435,7 +448,12 @@ def test_generated_side_reads_in_file_name_order_and_stops_when_done(tmp_path):
     assert out["metrics"]["fvd16"] == pytest.approx(expected, rel=1e-9)
     # IS needs as many frames as splits, no more
     out = compute_metrics(gen, ref, extractors(), fid_images=32, is_splits=32, progress=False)
-    assert "is_mean" in out["metrics"]
+    assert "is_mean" in out["metrics"] and out["not_computed"] == {}
+    out = compute_metrics(gen, ref, extractors(), fid_images=32, is_splits=33, progress=False)
+    assert "is_mean" not in out["metrics"] and "fid" in out["metrics"]
+    assert out["not_computed"] == {
+        "is": "32 generated frame(s), fewer than the 33 IS splits (--is-splits)"
+    }
 
 
 def test_only_the_networks_given_are_used(tmp_path):
@@ -445,7 +463,7 @@ def test_only_the_networks_given_are_used(tmp_path):
     out = compute_metrics(real, ref, images_only, split="train", is_splits=4, progress=False)
     assert set(out["metrics"]) == {"fid", "is_mean", "is_std"}
     assert out["split"] == "TRAIN" and out["weights"] == {"inception": "inc-fp", "i3d": None}
-    with pytest.raises(MetricsError, match="no videos in split"):
+    with pytest.raises(MetricsError, match=r"no videos in split 'VAL' \(--split; it lists TRAIN\)"):
         compute_metrics(real, ref, extractors(), split="VAL", progress=False)
 
 

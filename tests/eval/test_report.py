@@ -282,6 +282,9 @@ def test_metrics_name_fvd128_and_list_only_generated_clip_counts(tmp_path):
     assert "Generated frames for FID/IS: 10; FVD clips: fvd16_videos=4." in md
     md = _md(root, "--metrics", str(_metrics(tmp_path / "m.json")))
     assert "Reference: ? (?, ? frames at ? fps, ? videos). Generated frames for FID/IS: -; " in md
+    skipped = {"is": "3 generated frame(s), fewer than the 10 IS splits (--is-splits)"}
+    md = _md(root, "--metrics", str(_metrics(tmp_path / "m.json", not_computed=skipped)))
+    assert "| IS | not computed: 3 generated frame(s), fewer than the 10 IS splits" in md
 
 
 def test_metrics_name_the_dataset_they_were_computed_on(tmp_path):
