@@ -35,7 +35,8 @@ is reproducible and draws the same clips whatever the number of processes and da
 ``DataParallel``). The evaluation is sharded over processes and gives the same predictions as one
 process.
 
-Files in ``--out``: ``ef_config.json``, ``log.csv`` (per epoch: train and VAL loss, VAL R², lr),
+Files in ``--out``: ``ef_config.json``, ``ef_inputs.json`` (digests of the FileLists and initial
+weights read), ``log.csv`` (per epoch: train and VAL loss, VAL R², lr),
 ``checkpoints/epoch-NNN.pt`` (newest only; atomic), ``best.pt``, ``{val,test}_predictions.csv``,
 ``test_scatter.png``, ``test_bland_altman.png`` and ``results.json`` (written last). Re-running the
 same command resumes after an interruption (a different configuration is refused) and, once
@@ -452,6 +453,38 @@ def _gather(dist, part: dict) -> dict:
     return merged
 
 
+#: SHA-256 of the files an evaluation read (its datasets' FileList.csv, the initial weights),
+#: beside ef_config.json: a dataset regenerated at the same path is another evaluation.
+INPUTS_NAME = "ef_inputs.json"
+
+
+def _input_digests(cfg: EFConfig) -> dict[str, str | None]:
+    from ..fsutil import sha256_file
+
+    files = {
+        "train FileList.csv": Path(cfg.train) / "FileList.csv",
+        "val FileList.csv": Path(cfg.val or cfg.test) / "FileList.csv",
+        "test FileList.csv": Path(cfg.test) / "FileList.csv",
+    }
+    if cfg.init_weights:
+        files["init weights"] = Path(cfg.init_weights)
+    return {k: sha256_file(p) if p.is_file() else None for k, p in files.items()}
+
+
+def _check_inputs(path: Path, cfg: EFConfig) -> None:
+    """Refuse to resume or return the results of ``path``'s evaluation when the files it read
+    changed since (folders written before echofast recorded them have no such file)."""
+    if not path.is_file():
+        return
+    old, now = json.loads(path.read_text()), _input_digests(cfg)
+    changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    if changed:
+        raise EvaluationConflict(
+            f"{path.parent} holds an EF evaluation of other data: {', '.join(changed)} changed "
+            f"since it ran ({path.name}); choose another --out"
+        )
+
+
 def run_ef_evaluation(cfg: EFConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict (also ``out/results.json``)."""
     from ..train.loop import Dist
@@ -469,6 +502,7 @@ def run_ef_evaluation(cfg: EFConfig) -> dict[str, Any]:
                 f"{out} holds an EF evaluation with another configuration (differs in {diff}); "
                 "choose another --out"
             )
+        _check_inputs(out / INPUTS_NAME, cfg)
         if results_path.is_file():
             return json.loads(results_path.read_text())
     elif out.exists() and not out.is_dir():
@@ -525,6 +559,8 @@ def _run(cfg: EFConfig, ident: dict[str, Any], dist, out: Path) -> dict[str, Any
         atomic_write_text(
             out / "ef_config.json", json.dumps(ident, indent=2, sort_keys=True) + "\n"
         )
+        inputs = json.dumps(_input_digests(cfg), indent=2, sort_keys=True)
+        atomic_write_text(out / INPUTS_NAME, inputs + "\n")
     dist.barrier()
     if cfg.optimizer == "sgd":
         optim = torch.optim.SGD(

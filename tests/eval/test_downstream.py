@@ -359,6 +359,28 @@ def test_resume_after_interruption_matches(small_phantoms, tmp_path, monkeypatch
         run_ef_evaluation(_small_cfg(small_phantoms, tmp_path / "b", epochs=4))
 
 
+def test_finished_evaluation_of_data_changed_since_is_refused(small_phantoms, tmp_path):
+    """A dataset regenerated at the same path is other data: its stored results are not
+    returned (nor resumed); a folder from before the digests were recorded still returns."""
+    root = tmp_path / "data"
+    shutil.copytree(small_phantoms, root)
+    cfg = _small_cfg(root, tmp_path / "out", epochs=1)
+    first = run_ef_evaluation(cfg)
+    inputs = json.loads((tmp_path / "out" / "ef_inputs.json").read_text())
+    assert set(inputs) == {"train FileList.csv", "val FileList.csv", "test FileList.csv"}
+    filelist = root / "FileList.csv"
+    rows = read_filelist(filelist)
+    rows[0].update(EF=str(float(rows[0]["EF"]) + 1))
+    write_filelist(root, rows)
+    with pytest.raises(
+        EvaluationConflict,
+        match=r"other data: test FileList.csv, train FileList.csv, val FileList.csv changed",
+    ):
+        run_ef_evaluation(cfg)
+    (tmp_path / "out" / "ef_inputs.json").unlink()
+    assert run_ef_evaluation(cfg) == first
+
+
 @pytest.mark.parametrize("wrong", ["train", "test", "val"])
 def test_inputs_are_checked_before_the_run_is_recorded(small_phantoms, tmp_path, wrong):
     from echofast.data.datasets import DatasetError
