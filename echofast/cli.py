@@ -423,6 +423,20 @@ def _one_line_warnings(name: str):
     return show
 
 
+def error_text(err: BaseException) -> str:
+    """``err``'s message; for an error raised in a DataLoader worker process, which torch
+    re-raises here with the worker's whole traceback as its message, the original message."""
+    text = str(err)
+    cls = type(err)
+    if not text.startswith(f"Caught {cls.__name__} in DataLoader worker process"):
+        return text
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    at = text.rfind(f"\n{name}: ")
+    return text[at + len(name) + 3 :].rstrip("\n") if at >= 0 else text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -442,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warnings(name)
             return COMMANDS[name][0](rest)
     except (EchofastError, ValueError, OSError) as err:
-        print(f"echofast {name}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"echofast {name}: error: {type(err).__name__}: {error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"echofast {name}: interrupted", file=sys.stderr)

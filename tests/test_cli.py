@@ -127,3 +127,37 @@ def test_warnings_are_one_line_naming_the_command(monkeypatch, capsys):
         "echofast generate: warning: records batch size 8, this run uses 4\n"
     )
     assert warnings.showwarning is before
+
+
+class _Unreadable:
+    """A dataset whose items raise as a bad video does (module level: workers may spawn)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ConfigError("/d/Videos/v1.avi: cannot decode\nsecond line"), ValueError("bad value: 3")],
+)
+def test_an_error_in_a_data_loader_worker_is_its_own_message(monkeypatch, capsys, exc):
+    """torch re-raises a worker's error with the worker's traceback as its message: the
+    command prints the original message only."""
+    import torch
+
+    def run(argv: list[str]) -> int:
+        loader = torch.utils.data.DataLoader(_Unreadable(exc), num_workers=1)
+        next(iter(loader))
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "encode", (run, "x"))
+    assert cli.main(["encode"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"echofast encode: error: {type(exc).__name__}: {exc}\n"
+    assert cli.error_text(exc) == str(exc)
