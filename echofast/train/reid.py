@@ -84,7 +84,14 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, NonFiniteError
 from ..fsutil import atomic_write, atomic_write_text
-from .config import _fill, apply_override, config_changes, read_config_file
+from .config import (
+    PACKAGED_CONFIGS,
+    _fill,
+    apply_override,
+    config_changes,
+    config_path,
+    read_config_file,
+)
 from .loop import TrainingConflict, write_loss_plot
 
 CHECKPOINT_FORMAT = "echofast-reid-checkpoint"
@@ -291,10 +298,21 @@ def _validate(cfg: ReidConfig, source: str) -> None:
 def load_reid_config(
     path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
 ) -> ReidConfig:
-    data = read_config_file(path)
+    """Read a config file, or a packaged one by name (``reid``, ``reid_phantom``: see
+    :func:`~echofast.train.config.config_path`), and apply ``key=value`` overrides. Errors name
+    the file, and the overrides when there are some."""
+    path = config_path(path)
+    try:
+        data = read_config_file(path)
+    except ConfigError as err:
+        if path.is_file() or len(path.parts) != 1:
+            raise
+        names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml"))
+        raise ConfigError(f"{err} (nor is it a packaged config: {', '.join(names)})") from None
     for item in overrides:
         apply_override(data, item)
-    return reid_config_from_dict(data, source=str(path))
+    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return reid_config_from_dict(data, source=source)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -608,7 +626,11 @@ def main_train_reid(argv: list[str]) -> int:
         "(echofast encode) with the reference recipe; saves the best weights with their "
         "test ROC AUC and bootstrap CI. Resumable.",
     )
-    p.add_argument("--config", required=True, help="TOML, JSON or YAML config file")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="TOML, JSON or YAML config file, or a packaged config by name (reid, reid_phantom)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",

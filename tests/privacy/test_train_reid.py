@@ -13,7 +13,13 @@ from support.threads import one_torch_thread
 from echofast.errors import ConfigError
 from echofast.privacy import ReIdentificationModel
 from echofast.train.loop import TrainingConflict
-from echofast.train.reid import EarlyStopping, _batches, reid_config_from_dict, train_reid
+from echofast.train.reid import (
+    EarlyStopping,
+    _batches,
+    load_reid_config,
+    reid_config_from_dict,
+    train_reid,
+)
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -131,6 +137,36 @@ def test_cli(phantom_latents, tmp_path):
     assert [int(y) for y, _ in rows] == labels.astype(int).tolist()
     np.testing.assert_allclose([float(s) for _, s in rows], scores, rtol=1e-5)
     assert main(["train", "reid", "--config", str(cfg), "--set", "optim.lr=-1"]) == 1
+
+
+@pytest.mark.parametrize("name", ["reid", "reid_phantom.toml"])
+def test_a_packaged_config_is_found_by_name_from_anywhere(tmp_path, monkeypatch, name):
+    """README: ``echofast train reid --config reid`` (and the name ``reid_phantom.toml`` that
+    the packaged file's own comment gives) finds the packaged recipe from any folder."""
+    from echofast.cli import main
+    from echofast.train.config import PACKAGED_CONFIGS, read_config_file
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_reid_config(name, ["train.max_epochs=3"])
+    packaged = read_config_file(PACKAGED_CONFIGS / f"{name.removesuffix('.toml')}.toml")
+    assert cfg.output_dir == packaged["output_dir"] and cfg.name == packaged["name"]
+    assert cfg.model.architecture == packaged["model"]["architecture"]
+    assert cfg.train.max_epochs == 3
+    # the CLI gets as far as the data, which the packaged recipe names relative to the folder
+    assert main(["train", "reid", "--config", name, "--set", "data.root='nowhere'"]) == 1
+    assert not (tmp_path / packaged["output_dir"]).exists()
+
+
+def test_a_config_name_that_is_neither_lists_the_packaged_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_reid_config("reld")
+    assert str(err.value).startswith("reld: config file does not exist (nor is it a packaged")
+    assert "reid, reid_phantom" in str(err.value)
+    with pytest.raises(
+        ConfigError, match=r"configs/reid\.toml with --set optim\.lr=-1: config key"
+    ):
+        load_reid_config("reid.toml", ["optim.lr=-1"])
 
 
 def _pair_batches(pairs, size):
