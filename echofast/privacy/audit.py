@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..data.datasets import load_latents, read_latent_records
+from ..data.datasets import load_latents, normalize_split, read_latent_records
 from ..rng import sample_seed
 from .data import frames_from_clips, select_frames, translate
 from .filter import PrivacyError
@@ -141,6 +141,23 @@ def _load_lidm(path: str | os.PathLike, dataset: str):
     return LIDM.from_pretrained(folder), folder
 
 
+def heldout_records(reference: str | os.PathLike, split: str) -> list:
+    """The clips of the negative control's held-out ``split`` of ``reference``. Refused with a
+    :class:`PrivacyError` naming the split: TRAIN (the gallery: its frames match themselves),
+    TEST (it calibrates τ) and ALL (both) are not held out, and a split without clips leaves
+    nothing to score."""
+    name = normalize_split(split)
+    if name in ("TRAIN", "TEST", "ALL"):
+        raise PrivacyError(
+            f"held-out split {split!r} is not held out: the filter's gallery is TRAIN and its "
+            "threshold is calibrated on TEST; name a split the filter has not seen (VAL)"
+        )
+    held = read_latent_records(reference, split)
+    if not held:
+        raise PrivacyError(f"{reference}: no clips in the held-out split {split!r}")
+    return held
+
+
 def run_audit(
     setup: FilterSetup,
     reference: str | os.PathLike,
@@ -156,12 +173,10 @@ def run_audit(
     flt = setup.filter
     tau = flt.tau
     step = flt.frame_step
+    held = heldout_records(reference, heldout_split)
     records = read_latent_records(reference, "TRAIN")
     raw = [load_latents(r.path)[0] for r in records]
     flt.check_clips(raw, [r.path for r in records])
-    held = read_latent_records(reference, heldout_split)
-    if not held:
-        raise PrivacyError(f"{reference}: no clips in the held-out split {heldout_split!r}")
     held_clips = [load_latents(r.path)[0] for r in held]
     flt.check_clips(held_clips, [r.path for r in held])
     sources = [(c, f) for c, x in enumerate(raw) for f in select_frames(len(x), step)]

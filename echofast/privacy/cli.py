@@ -82,6 +82,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _check_common(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse (exit 2) the values of :func:`_common`'s options that the filter set-up would
+    refuse only after the reference is embedded."""
+    if not 0 < a.percentile < 100:
+        p.error(f"--percentile must be in (0, 100), got {a.percentile:g}")
+    if not 0 <= a.auc_threshold <= 1:
+        p.error(f"--auc-threshold must be in [0, 1], got {a.auc_threshold:g}")
+    if a.frame_step < 0:
+        p.error(f"--frame-step must be >= 0, got {a.frame_step}")
+
+
+def _strengths(text: str) -> tuple[float, ...]:
+    """``--strengths``: comma-separated numbers."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.1,0.25,0.5, got {text!r}"
+        ) from None
+
+
 def _refuse_conflict(out: Path) -> None:
     """Refuse an ``--out`` that exists and is not an empty folder (checked before the work and
     again when the results are staged)."""
@@ -156,8 +177,9 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
         help="frames checked per candidate clip: every k-th (8); a single image is its frame 0",
     )
     a = p.parse_args(list(argv) if argv is not None else None)
-    if a.frame_step < 0 or a.candidate_frame_step < 1:
-        p.error("--frame-step must be >= 0 and --candidate-frame-step >= 1")
+    _check_common(p, a)
+    if a.candidate_frame_step < 1:
+        p.error(f"--candidate-frame-step must be >= 1, got {a.candidate_frame_step}")
     out = Path(a.out)
     _refuse_conflict(out)
     _check_shift_tolerance(a)
@@ -234,7 +256,7 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
 def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     """Positive (planted copies) and negative (held-out real frames) controls of the filter."""
     from ..figures import BLUE, GREEN, ORANGE, RED, histogram_png, save_png
-    from .audit import DEFAULT_STRENGTHS, run_audit
+    from .audit import DEFAULT_STRENGTHS, heldout_records, run_audit
     from .report import histogram_edges
 
     p = argparse.ArgumentParser(
@@ -247,7 +269,7 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-planted", type=int, default=200, help="source frames per kind (200)")
     p.add_argument(
         "--strengths",
-        type=lambda s: tuple(float(x) for x in s.split(",")),
+        type=_strengths,
         default=DEFAULT_STRENGTHS,
         help="re-noise strengths as fractions of the 1000 training timesteps (0.1,0.25,0.5)",
     )
@@ -258,11 +280,13 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(list(argv) if argv is not None else None)
+    _check_common(p, a)
     if a.num_planted < 1 or any(not 0 < s <= 1 for s in a.strengths):
         p.error("--num-planted must be >= 1 and strengths in (0, 1]")
     out = Path(a.out)
     _refuse_conflict(out)
     _check_shift_tolerance(a)
+    heldout_records(a.reference, a.heldout_split)
     setup = _setup(a)
     audit, scores = run_audit(
         setup,

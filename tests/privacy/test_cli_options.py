@@ -114,11 +114,11 @@ def test_audit_defaults_and_options_reach_the_set_up_and_the_audit(
     assert seen["audit"] == dict(num_planted=200, strengths=(0.1, 0.25, 0.5), heldout_split="VAL",
                                  lidm=None, dataset="dynamic", seed=0)  # fmt: skip
     given = ["--num-planted", "7", "--strengths", "0.2,1", "--lidm", "weights",
-             "--dataset", "ped_a4c", "--heldout-split", "TEST", "--seed", "9"]  # fmt: skip
+             "--dataset", "ped_a4c", "--heldout-split", "val", "--seed", "9"]  # fmt: skip
     with pytest.raises(Stop):
         main([*args, *SETUP_GIVEN, *given])
     assert {k: seen["setup"][k] for k in SETUP_FROM_GIVEN} == SETUP_FROM_GIVEN
-    assert seen["audit"] == dict(num_planted=7, strengths=(0.2, 1.0), heldout_split="TEST",
+    assert seen["audit"] == dict(num_planted=7, strengths=(0.2, 1.0), heldout_split="val",
                                  lidm="weights", dataset="ped_a4c", seed=9)  # fmt: skip
     assert not (tmp_path / "o").exists()
 
@@ -127,10 +127,16 @@ def test_audit_defaults_and_options_reach_the_set_up_and_the_audit(
     ("command", "bad", "message"),
     [
         ("privacy-filter", ["--frame-step", "-1"], "--frame-step must be >= 0"),
-        ("privacy-filter", ["--candidate-frame-step", "-1"], "--candidate-frame-step >= 1"),
+        ("privacy-filter", ["--candidate-frame-step", "-1"], "--candidate-frame-step must be >= 1"),
         ("privacy-audit", ["--num-planted", "0"], "--num-planted must be >= 1"),
         ("privacy-audit", ["--strengths", "0.5,0"], r"strengths in \(0, 1\]"),
         ("privacy-audit", ["--strengths", "1.01"], r"strengths in \(0, 1\]"),
+        ("privacy-audit", ["--strengths", "0.1,x"], r"--strengths: expected comma-separated"),
+        ("privacy-filter", ["--percentile", "100"], r"--percentile must be in \(0, 100\), got 100"),
+        ("privacy-audit", ["--percentile", "0"], r"--percentile must be in \(0, 100\), got 0"),
+        ("privacy-audit", ["--percentile", "nan"], r"--percentile must be in \(0, 100\)"),
+        ("privacy-filter", ["--auc-threshold", "1.5"], r"--auc-threshold must be in \[0, 1\]"),
+        ("privacy-audit", ["--frame-step", "-2"], "--frame-step must be >= 0, got -2"),
     ],
 )
 def test_bad_values_are_refused_before_any_work(
@@ -142,6 +148,27 @@ def test_bad_values_are_refused_before_any_work(
         main([command, *_required(model_dir, reference, tmp_path / "o"), *extra, *bad])
     assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+    assert seen == {} and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ("TRAIN", "held-out split 'TRAIN' is not held out"),
+        ("test", "held-out split 'test' is not held out"),
+        ("ALL", "held-out split 'ALL' is not held out"),
+        ("EXTRA", "no clips in the held-out split 'EXTRA'"),
+    ],
+)
+def test_a_heldout_split_the_filter_has_seen_or_without_clips_is_refused_before_any_work(
+    model_dir, reference, tmp_path, monkeypatch, capsys, split, message
+):
+    """The negative control scores frames the filter has not seen: TRAIN is its gallery (every
+    frame matches itself) and TEST calibrates tau, so neither is a held-out split."""
+    seen = _record(monkeypatch)
+    args = ["privacy-audit", *_required(model_dir, reference, tmp_path / "o")]
+    assert main([*args, "--heldout-split", split]) == 1
+    assert message in capsys.readouterr().err
     assert seen == {} and list(tmp_path.iterdir()) == []
 
 
