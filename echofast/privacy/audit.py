@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..data.datasets import load_latents, normalize_split, read_latent_records
+from ..data.datasets import normalize_split, read_latent_records
 from ..rng import sample_seed
-from .data import frames_from_clips, select_frames, translate
+from .data import frames_from_clips, read_clip, select_frames, translate
 from .filter import PrivacyError
 from .metrics import wilson_interval
 from .report import FilterSetup
@@ -175,9 +175,9 @@ def run_audit(
     step = flt.frame_step
     held = heldout_records(reference, heldout_split)
     records = read_latent_records(reference, "TRAIN")
-    raw = [load_latents(r.path)[0] for r in records]
+    raw = [read_clip(r.path) for r in records]
     flt.check_clips(raw, [r.path for r in records])
-    held_clips = [load_latents(r.path)[0] for r in held]
+    held_clips = [read_clip(r.path) for r in held]
     flt.check_clips(held_clips, [r.path for r in held])
     sources = [(c, f) for c, x in enumerate(raw) for f in select_frames(len(x), step)]
     if not sources:

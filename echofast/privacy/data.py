@@ -249,6 +249,17 @@ def check_reference_shift_tolerance(
     return tolerance
 
 
+def read_clip(path: str | os.PathLike) -> torch.Tensor:
+    """The latents of one file (:func:`~echofast.data.datasets.load_latents`); a file that cannot
+    be read, or holds no ``latents`` tensor, is a :class:`DatasetError` naming it."""
+    try:
+        return load_latents(path)[0]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is named
+        raise DatasetError(
+            f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
+        ) from None
+
+
 def select_frames(length: int, frame_step: int) -> list[int]:
     """Frame indices checked in a clip of ``length`` frames (see the module docstring)."""
     if frame_step < 0:
@@ -335,7 +346,7 @@ def load_split_frames(
     if not records:
         raise DatasetError(f"{root}: no encoded videos in split {split!r}")
     clips = [
-        load_latents(r.path)[0]
+        read_clip(r.path)
         for r in tqdm(records, desc=f"read {split}", unit="clip", disable=not progress)
     ]
     check_frame_shapes(clips, [r.path for r in records], frame_shape, expected_from)
@@ -367,12 +378,7 @@ def load_candidates(
         raise DatasetError(f"{folder}: no candidate latent files (*{LATENT_SUFFIX})")
     names, paths, clips = [], [], []
     for name, path in items:
-        try:
-            clips.append(load_latents(path)[0])
-        except Exception as err:  # noqa: BLE001 - any unreadable file is named
-            raise DatasetError(
-                f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
-            ) from None
+        clips.append(read_clip(path))
         names.append(name)
         paths.append(path)
     check_frame_shapes(clips, paths)
@@ -394,7 +400,7 @@ class LatentClips:
         self.frame_shape: tuple[int, ...] | None = None
         first = ""
         for r in records:
-            x = load_latents(r.path)[0]
+            x = read_clip(r.path)
             if x.dim() != 4 or x.shape[0] < min_frames:
                 self.skipped.append(r.name)
                 continue

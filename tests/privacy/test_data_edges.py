@@ -190,6 +190,33 @@ def test_unreadable_first_files_are_named(tmp_path, content, error, message):
         load_candidates(root / "Latents")
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"other": torch.zeros(2, 4, 6, 6)}, "cannot read latents under key 'latents'"),
+        (b"not safetensors", "cannot read latents under key 'latents'"),
+    ],
+    ids=["no-key", "garbage"],
+)
+def test_an_unreadable_reference_or_training_file_is_named(tmp_path, content, message):
+    """Any file of a split, not only the first: the filter's gallery and calibration frames
+    (load_split_frames) and the re-identification trainer's clips (LatentClips) name it in a
+    DatasetError (they raised safetensors' own error, which names no file)."""
+    from safetensors.torch import save_file
+
+    clips = {k: ("TRAIN", _rand(2, 4, 6, 6, seed=i)) for i, k in enumerate("abc")}
+    root = _latents(tmp_path / "d", clips)
+    file = root / "Latents" / "b.safetensors"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    else:
+        save_file(content, str(file))
+    with pytest.raises(DatasetError, match=f"^{file}: {message}"):
+        load_split_frames(root, "TRAIN", frame_step=0, normalization="frame")
+    with pytest.raises(DatasetError, match=f"^{file}: {message}"):
+        LatentClips(root, "TRAIN", normalization="frame")
+
+
 # ---- frames --------------------------------------------------------------------------------
 
 
