@@ -155,7 +155,7 @@ def _setup(a: argparse.Namespace) -> FilterSetup:
 
 def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     """Filter candidate latents against a real latent dataset."""
-    from .data import load_candidates
+    from .data import check_same_encoding, load_candidates
 
     p = argparse.ArgumentParser(
         prog="echofast privacy-filter",
@@ -183,6 +183,7 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     _refuse_conflict(out)
     _check_shift_tolerance(a)
+    check_same_encoding(a.candidates, a.reference)
     names, paths, clips = load_candidates(a.candidates)
     setup = _setup(a)
     setup.filter.check_clips(clips, paths)

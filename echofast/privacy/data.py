@@ -31,6 +31,7 @@ normalises a candidate.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -258,6 +259,44 @@ def read_clip(path: str | os.PathLike) -> torch.Tensor:
         raise DatasetError(
             f"{path}: cannot read latents under key {LATENT_KEY!r} ({err})"
         ) from None
+
+
+ENCODE_MANIFEST = "encode.json"
+"""What ``echofast encode`` writes beside the latents: the VAE's digest and scaling factor."""
+
+
+class EncodingMismatchError(DatasetError):
+    """Candidate latents encoded with another VAE (or scaling factor) than the reference's."""
+
+
+def _encoding(folder: Path) -> dict | None:
+    path = folder / ENCODE_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: unreadable manifest (not a JSON object)")
+    return data
+
+
+def check_same_encoding(candidates: str | os.PathLike, reference: str | os.PathLike) -> None:
+    """Refuse candidates whose ``encode.json`` records another VAE or scaling factor than the
+    reference's (latents of different VAEs cannot be compared); checked when both folders have
+    one (an LIDM's candidates are sampled, not encoded, and have none)."""
+    ours, theirs = _encoding(Path(candidates)), _encoding(Path(reference))
+    if ours is None or theirs is None:
+        return
+    diff = [k for k in ("vae_sha256", "scaling_factor") if ours.get(k) != theirs.get(k)]
+    if diff:
+        values = "; ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in diff)
+        raise EncodingMismatchError(
+            f"{Path(candidates) / ENCODE_MANIFEST} and {Path(reference) / ENCODE_MANIFEST}: the "
+            f"candidates were encoded with another VAE than the reference ({values}); latents "
+            "of different VAEs cannot be compared"
+        )
 
 
 def select_frames(length: int, frame_step: int) -> list[int]:

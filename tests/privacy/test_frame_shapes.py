@@ -95,6 +95,34 @@ def test_candidates_of_mixed_shapes_name_the_file(model_dir, reference, tmp_path
     assert str(odd) in err and "(4, 7, 7)" in err and f"{SHAPE}" in err, err
 
 
+def test_filter_cli_refuses_candidates_encoded_with_another_vae(model_dir, tmp_path, capsys):
+    """Phantom videos encoded by ``echofast encode`` with two VAEs (same architecture, other
+    weights): the latents have the same shape, so nothing else would notice."""
+    from diffusers import AutoencoderKL
+    from support.models import save_diffusers
+    from support.weights import TINY_VAE
+
+    videos = tmp_path / "videos"
+    make = ["phantom", "--out", str(videos), "--num-videos", "6", "--frames", "4", "--fps", "2",
+            "--size", "16", "--splits", "3,1,2", "--no-progress"]  # fmt: skip
+    assert main(make) == 0
+    for seed in (0, 1):
+        save_diffusers(AutoencoderKL, TINY_VAE, tmp_path / f"vae{seed}", seed)
+        encode = ["encode", "--vae", str(tmp_path / f"vae{seed}"), "--input", str(videos),
+                  "--out", str(tmp_path / f"latents{seed}"), "--no-progress"]  # fmt: skip
+        assert main(encode) == 0
+    out = tmp_path / "out"
+    args = ["privacy-filter", *_common(model_dir, tmp_path / "latents0", out), "--candidates"]
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "latents1")]) == 1
+    err = capsys.readouterr().err
+    assert "EncodingMismatchError" in err and "vae_sha256" in err, err
+    assert str(tmp_path / "latents1" / "encode.json") in err, err
+    assert not out.exists()
+    assert main([*args, str(tmp_path / "latents0")]) == 0  # the reference's own VAE: filtered
+    assert (out / "privacy_report.json").is_file()
+
+
 def test_scoring_refuses_frames_of_another_shape(flt):
     assert flt.frame_shape == SHAPE
     with pytest.raises(FrameShapeError, match=r"cand: .*\(4, 7, 7\).*\(4, 6, 6\)"):
