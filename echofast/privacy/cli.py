@@ -307,7 +307,12 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
             "version": 1,
             "reidentification_model": setup.model_info,
             "reference": setup.reference_info,
-            "threshold": {"tau": tau, "percentile": setup.filter.calibration.percentile},
+            "threshold": {
+                "tau": tau,
+                "percentile": setup.filter.calibration.percentile,
+                "normalization": setup.filter.model.normalization,
+                "shift_tolerance": setup.filter.shift_tolerance,
+            },
             **audit,
         }
         atomic_write_text(

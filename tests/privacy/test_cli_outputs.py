@@ -219,24 +219,28 @@ def test_audit_cli_passes_its_options_and_fails_below_the_goal(
 ):
     out = tmp_path / "a"
     args = ["privacy-audit", *_common(model_dir, reference, out), "--num-planted", "5",
-            "--strengths", "0.5", "--heldout-split", "TEST", "--seed", "11",
-            "--percentile", "90", "--frame-step", "2"]  # fmt: skip
+            "--strengths", "0.5", "--heldout-split", "val", "--seed", "11",
+            "--percentile", "90", "--frame-step", "2", "--shift-tolerance", "1",
+            "--normalization", "channel"]  # fmt: skip
     rc = main(args)
     text = (out / "privacy_audit.json").read_text()
     audit = json.loads(text)
     assert text == json.dumps(audit, indent=2, sort_keys=True) + "\n"  # keys sorted
     assert rc == (0 if audit["light_copies_meet_goal"] else 1)
     neg = audit["negative_control"]
-    assert neg["split"] == "TEST" and neg["frames"] == SPLITS["TEST"] * 2
+    assert neg["split"] == "val" and neg["frames"] == SPLITS["VAL"] * 2
     assert neg["expected_fraction"] == pytest.approx(0.1)
     assert audit["seed"] == 11 and audit["num_planted"] == 5
     assert audit["threshold"]["percentile"] == 90 and audit["renoise_strengths"] == [0.5]
+    # what decides the scores is recorded, as in privacy_report.json
+    assert audit["threshold"]["shift_tolerance"] == 1
+    assert audit["threshold"]["normalization"] == "channel"
     csv_rows = _read_csv(out / "privacy_audit_scores.csv")
     assert sum(r["kind"] == "heldout" for r in csv_rows) == neg["frames"]
     # a goal nobody meets: the audit fails (exit 1) but writes its results
     monkeypatch.setattr(audit_mod, "GOAL", 1.01)
     out2 = tmp_path / "b"
-    assert main([*args[:-2], "--out", str(out2)]) == 1
+    assert main([*args[:-6], "--out", str(out2)]) == 1
     audit = json.loads((out2 / "privacy_audit.json").read_text())
     assert audit["light_copies_meet_goal"] is False
     assert "BELOW goal" in capsys.readouterr().out
