@@ -257,7 +257,7 @@ def main_privacy_filter(argv: Sequence[str] | None = None) -> int:
 def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
     """Positive (planted copies) and negative (held-out real frames) controls of the filter."""
     from ..figures import BLUE, GREEN, ORANGE, RED, histogram_png, save_png
-    from .audit import DEFAULT_STRENGTHS, heldout_records, run_audit
+    from .audit import DEFAULT_STRENGTHS, GOAL, heldout_records, run_audit
     from .report import histogram_edges
 
     p = argparse.ArgumentParser(
@@ -329,11 +329,16 @@ def main_privacy_audit(argv: Sequence[str] | None = None) -> int:
         ]
         edges = histogram_edges(setup.filter.calibration.values, *[s for _, s, _ in series])
         pos, neg = audit["positive_control"], audit["negative_control"]
+        m = neg["matched_gallery"]
         title = [
             "PRIVACY AUDIT: "
             + ", ".join(f"{k} {v['fraction_caught'] * 100:.1f}%" for k, v in pos.items())[:130],
-            f"HELD-OUT FLAGGED {neg['fraction_flagged'] * 100:.1f}% "
-            f"(EXPECTED {neg['expected_fraction'] * 100:.1f}%)",
+            "LIGHT COPIES "
+            + ("MEET" if audit["light_copies_meet_goal"] else "DO NOT MEET")
+            + f" THE {GOAL * 100:g}% GOAL",
+            f"HELD-OUT FLAGGED {neg['fraction_flagged'] * 100:.1f}% BY THE "
+            f"{neg['gallery_frames']}-FRAME GALLERY, {m['fraction_flagged'] * 100:.1f}% BY "
+            f"{m['gallery_frames']} FRAMES (EXPECTED {neg['expected_fraction'] * 100:.1f}%)",
         ]
         save_png(tmp / "privacy_audit.png", histogram_png(series, edges, tau=tau, title=title))
         _publish(tmp, out)

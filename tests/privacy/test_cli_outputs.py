@@ -217,6 +217,16 @@ def test_other_frames_are_not_reference_frames(model_dir, reference):
 def test_audit_cli_passes_its_options_and_fails_below_the_goal(
     model_dir, reference, tmp_path, monkeypatch, capsys
 ):
+    import echofast.figures
+
+    titles = []
+    real_png = echofast.figures.histogram_png
+
+    def histogram_png(series, edges, *, tau, title):
+        titles.append(list(title))
+        return real_png(series, edges, tau=tau, title=title)
+
+    monkeypatch.setattr(echofast.figures, "histogram_png", histogram_png)
     out = tmp_path / "a"
     args = ["privacy-audit", *_common(model_dir, reference, out), "--num-planted", "5",
             "--strengths", "0.5", "--heldout-split", "val", "--seed", "11",
@@ -237,6 +247,15 @@ def test_audit_cli_passes_its_options_and_fails_below_the_goal(
     assert audit["threshold"]["normalization"] == "channel"
     csv_rows = _read_csv(out / "privacy_audit_scores.csv")
     assert sum(r["kind"] == "heldout" for r in csv_rows) == neg["frames"]
+    # the figure states the verdict and the calibrated (matched-gallery) rate beside the full one
+    m = neg["matched_gallery"]
+    verdict = "MEET" if audit["light_copies_meet_goal"] else "DO NOT MEET"
+    assert titles[-1][1] == f"LIGHT COPIES {verdict} THE 99% GOAL"
+    assert titles[-1][2] == (
+        f"HELD-OUT FLAGGED {neg['fraction_flagged'] * 100:.1f}% BY THE "
+        f"{SPLITS['TRAIN'] * 2}-FRAME GALLERY, {m['fraction_flagged'] * 100:.1f}% BY "
+        f"{SPLITS['TEST'] * 2} FRAMES (EXPECTED 10.0%)"
+    )
     # a goal nobody meets: the audit fails (exit 1) but writes its results
     monkeypatch.setattr(audit_mod, "GOAL", 1.01)
     out2 = tmp_path / "b"
@@ -244,6 +263,7 @@ def test_audit_cli_passes_its_options_and_fails_below_the_goal(
     audit = json.loads((out2 / "privacy_audit.json").read_text())
     assert audit["light_copies_meet_goal"] is False
     assert "BELOW goal" in capsys.readouterr().out
+    assert titles[-1][1] == "LIGHT COPIES DO NOT MEET THE 101% GOAL"
 
 
 def test_untrained_filter_counts_match_a_direct_score(model_dir, reference):
