@@ -47,6 +47,7 @@ from ..data.datasets import (
     latent_folder,
     load_latents,
     read_latent_records,
+    read_records,
 )
 from ..errors import EchofastError
 from .model import normalize_clip
@@ -366,6 +367,22 @@ def frames_from_clips(
     )
 
 
+def check_all_encoded(root: str | os.PathLike, split: str) -> None:
+    """Refuse (:class:`DatasetError`) a latent dataset whose FileList.csv lists videos of
+    ``split`` without their latent file: the filter's gallery (TRAIN) or calibration (TEST)
+    would leave those patients out without a word (readers skip such rows)."""
+    root = Path(root)
+    folder = os.path.relpath(latent_folder(root), root)
+    listed = read_records(root, split, folder=folder, suffix=LATENT_SUFFIX, require_files=False)
+    missing = [r.path for r in listed if not r.path.is_file()]
+    if missing:
+        raise DatasetError(
+            f"{root / 'FileList.csv'}: {len(missing)} of the {len(listed)} {split} videos it "
+            f"lists have no latent file (first: {missing[0]}); the filter would not compare "
+            "with them: encode them (echofast encode resumes) or remove their rows"
+        )
+
+
 def load_split_frames(
     root: str | os.PathLike,
     split: str,
@@ -384,6 +401,7 @@ def load_split_frames(
     records = read_latent_records(root, split)
     if not records:
         raise DatasetError(f"{root}: no encoded videos in split {split!r}")
+    check_all_encoded(root, split)
     clips = [
         read_clip(r.path)
         for r in tqdm(records, desc=f"read {split}", unit="clip", disable=not progress)

@@ -304,6 +304,21 @@ def test_split_frames_come_in_filelist_order_and_name_files(tmp_path):
         load_split_frames(root, "TRAIN", frame_step=0, normalization="frame")
 
 
+def test_split_frames_refuse_listed_videos_without_latents(tmp_path):
+    """A TRAIN video listed in FileList.csv without its latent file would silently leave that
+    patient out of the gallery (the dataset readers skip such rows): refused, naming the file;
+    a row of another split does not matter."""
+    clips = {"a": ("TRAIN", _rand(2, 4, 6, 6)), "b": ("TRAIN", _rand(2, 4, 6, 6, seed=1)),
+             "t": ("TEST", _rand(2, 4, 6, 6, seed=2))}  # fmt: skip
+    root = _latents(tmp_path / "d", clips)
+    rows = [{"FileName": n, "EF": 50, "FPS": 2, "Split": s} for n, (s, _) in clips.items()]
+    write_filelist(root, [*rows, {"FileName": "gone", "EF": 50, "FPS": 2, "Split": "TRAIN"}])
+    gone = root / "Latents" / "gone.safetensors"
+    with pytest.raises(DatasetError, match=rf"1 of the 3 TRAIN videos it lists .*{gone}"):
+        load_split_frames(root, "TRAIN", frame_step=0, normalization="frame")
+    assert len(load_split_frames(root, "TEST", frame_step=0, normalization="frame")) == 1
+
+
 # ---- candidates ----------------------------------------------------------------------------
 
 
