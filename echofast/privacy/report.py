@@ -332,6 +332,18 @@ def report_png(report: dict[str, Any]) -> bytes:
         f"THRESHOLD {m['auc_threshold']}",
         f"TAU {report['threshold']['tau']:.5f} = P{report['threshold']['percentile']:g} "
         "OF TRAIN-TEST MAX CORRELATION",
-        " ".join(f"{k.upper()} {v}" for k, v in c.items() if isinstance(v, int))[:140],
+        *_wrap([f"{k.upper()} {v}" for k, v in c.items() if isinstance(v, int)]),
     ]
     return histogram_png(series, edges, tau=report["threshold"]["tau"], title=title)
+
+
+def _wrap(items: list[str], width: int = 130) -> list[str]:
+    """``items`` joined by spaces into lines of at most ``width`` characters (an item longer
+    than that has a line of its own), never cutting one."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 1 + len(item) <= width:
+            lines[-1] += " " + item
+        else:
+            lines.append(item)
+    return lines

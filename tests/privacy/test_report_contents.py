@@ -98,6 +98,26 @@ def test_weak_report_and_its_histograms(model_dir, reference):
     assert sum(h["train_test"]) == len(weak.filter.calibration.values)
 
 
+def test_the_figure_lists_every_count_whole(model_dir, reference, monkeypatch):
+    """A generate report's nine counts do not fit one title line: they are wrapped, not cut
+    (the last ones were lost mid-word, e.g. 'VIDEOS_REQU')."""
+    import echofast.privacy.report as report_mod
+
+    titles = []
+    monkeypatch.setattr(
+        report_mod, "histogram_png", lambda series, edges, *, tau, title: titles.append(title)
+    )
+    setup = setup_filter(model_dir, reference)
+    keys = ["real_train_clips", "real_test_clips", "candidates", "kept", "dropped_image_level",
+            "video_attempts", "dropped_video_level", "videos", "videos_requested"]  # fmt: skip
+    counts = {k: 1000 + i for i, k in enumerate(keys)}
+    report = build_report(setup, candidate_scores=_scores([0.5]), counts=counts, seeds={})
+    report_mod.report_png(report)
+    lines = titles[0][3:]
+    assert len(lines) > 1 and all(len(line) <= 130 for line in lines)
+    assert " ".join(lines).split() == [w for k, v in counts.items() for w in (k.upper(), str(v))]
+
+
 def test_reference_info_names_the_frames_and_no_absolute_path(model_dir, reference, tmp_path):
     every = setup_filter(model_dir, reference, frame_step=0, normalization="clip")
     assert every.reference_info["frames_rule"] == "frame 0 of every clip"
