@@ -267,6 +267,11 @@ class ReIdentificationModel(nn.Module):
         must be supported."""
         if not isinstance(config, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        if "_class_name" in config:
+            raise ConfigError(
+                f"{source}: a diffusers {config['_class_name']} folder, not a re-identification "
+                "model (a reidentification_* folder, or `echofast train reid`'s export)"
+            )
         arch = config.get("siamese_architecture", "ResNet-50")
         if arch not in ("ResNet-50", "ResNet"):
             raise ConfigError(

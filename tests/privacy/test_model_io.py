@@ -60,6 +60,19 @@ def test_unsupported_configs_are_refused_naming_the_source(config, message):
     assert "reid/config.json" in str(err.value)
 
 
+def test_a_diffusers_model_folder_is_named_as_such(tmp_path):
+    """A UNet or VAE folder given as the re-identification model (any JSON config would
+    otherwise read as the ResNet-50 defaults, then fail on its weights)."""
+    from echofast.models import LIDM
+    from echofast.models.tiny import TINY_LIDM
+
+    LIDM.from_config(TINY_LIDM).save_pretrained(tmp_path / "lidm")
+    with pytest.raises(
+        ConfigError, match="a diffusers UNet2DModel folder, not a re-identification"
+    ):
+        ReIdentificationModel.from_pretrained(tmp_path / "lidm")
+
+
 def test_convolutions_are_he_normal_over_the_fan_out():
     """torchvision's ResNet init: std = sqrt(2 / fan_out). conv1 (64 × 4 × 7 × 7) has a fan-out
     of 64·49 and a fan-in of 4·49, so the two modes differ by a factor of 4."""
