@@ -85,6 +85,17 @@ def run_stage(owner: nn.Module, stage: Callable[..., Any], *args: Any) -> Any:
     return stage(*args)
 
 
+def set_gradient_checkpointing(model: nn.Module, enabled: bool, func: Callable[..., Any]) -> None:
+    """Turn gradient checkpointing on or off in every module of ``model`` that runs stages
+    (those with a ``gradient_checkpointing`` attribute), checkpointing with ``func``."""
+    if not callable(func):
+        raise TypeError(f"gradient_checkpointing_func must be callable, got {func!r}")
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = enabled
+            module._gradient_checkpointing_func = func
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -290,23 +301,15 @@ class ModelBase(nn.Module):
         (``torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)``), as in
         diffusers' method of this name.
         """
-        self._set_gradient_checkpointing(True, gradient_checkpointing_func or checkpoint_stage)
+        set_gradient_checkpointing(self, True, gradient_checkpointing_func or checkpoint_stage)
 
     def disable_gradient_checkpointing(self) -> None:
         """Store every activation again (the default)."""
-        self._set_gradient_checkpointing(False, checkpoint_stage)
+        set_gradient_checkpointing(self, False, checkpoint_stage)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
-
-    def _set_gradient_checkpointing(self, enabled: bool, func: Callable[..., Any]) -> None:
-        if not callable(func):
-            raise TypeError(f"gradient_checkpointing_func must be callable, got {func!r}")
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = enabled
-                module._gradient_checkpointing_func = func
 
     def autocast_copy(self, dtype: torch.dtype) -> ModelBase:
         """This model for inference under ``torch.autocast(dtype=dtype)``, with autocast's weight

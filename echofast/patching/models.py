@@ -92,6 +92,29 @@ def _sync_mode(echo: nn.Module, diff: nn.Module) -> None:
         echo.train(diff.training)
 
 
+def _sync_checkpointing(echo: nn.Module, diff: nn.Module, enabled: bool) -> None:
+    """Give ``echo`` the gradient checkpointing of ``diff`` (on or off, and diffusers'
+    checkpointing function, whose ``func(block, *args)`` is echofast's convention too)."""
+    from ..models.base import checkpoint_stage, set_gradient_checkpointing
+
+    func = checkpoint_stage
+    if enabled:
+        func = next(
+            (
+                m._gradient_checkpointing_func
+                for m in diff.modules()
+                if getattr(m, "gradient_checkpointing", False)
+                and callable(getattr(m, "_gradient_checkpointing_func", None))
+            ),
+            checkpoint_stage,
+        )
+    if (
+        echo.gradient_checkpointing != enabled
+        or getattr(echo, "_gradient_checkpointing_func", None) is not func
+    ):
+        set_gradient_checkpointing(echo, enabled, func)
+
+
 def lvdm_forward(
     self: Any,
     st: SiteState,
@@ -103,10 +126,8 @@ def lvdm_forward(
     return_dict: bool = True,
 ) -> Any:
     """``UNetSpatioTemporalConditionModel.forward`` run by :class:`echofast.models.LVDM`."""
-    if torch.is_grad_enabled() and self.is_gradient_checkpointing:
-        return base.forward(
-            self, sample, timestep, encoder_hidden_states, added_time_ids, return_dict
-        )
+    if torch.is_grad_enabled():
+        _sync_checkpointing(st.echo, self, self.is_gradient_checkpointing)
     from diffusers.models.unets.unet_spatio_temporal_condition import (
         UNetSpatioTemporalConditionOutput,
     )
@@ -127,8 +148,10 @@ def lidm_forward(
     return_dict: bool = True,
 ) -> Any:
     """``UNet2DModel.forward`` run by :class:`echofast.models.LIDM`."""
-    if class_labels is not None or (torch.is_grad_enabled() and self.is_gradient_checkpointing):
+    if class_labels is not None:
         return base.forward(self, sample, timestep, class_labels, return_dict)
+    if torch.is_grad_enabled():
+        _sync_checkpointing(st.echo, self, self.is_gradient_checkpointing)
     from diffusers.models.unets.unet_2d import UNet2DOutput
 
     _sync_mode(st.echo, self)
@@ -139,8 +162,10 @@ def lidm_forward(
 
 def vae_encoder_forward(self: Any, st: SiteState, base: type, sample: torch.Tensor) -> Any:
     """diffusers ``Encoder.forward`` (of an ``AutoencoderKL``) run by echofast's VAE encoder."""
-    if sample.dim() != 4 or (torch.is_grad_enabled() and self.gradient_checkpointing):
+    if sample.dim() != 4:
         return base.forward(self, sample)
+    if torch.is_grad_enabled():
+        _sync_checkpointing(st.echo, self, self.gradient_checkpointing)
     _sync_mode(st.echo, self)
     with st.backend_context():
         h = st.echo(sample.contiguous(memory_format=torch.channels_last))
@@ -155,12 +180,10 @@ def vae_decoder_forward(
     latent_embeds: torch.Tensor | None = None,
 ) -> Any:
     """diffusers ``Decoder.forward`` (of an ``AutoencoderKL``) run by echofast's VAE decoder."""
-    if (
-        latent_embeds is not None
-        or sample.dim() != 4
-        or (torch.is_grad_enabled() and self.gradient_checkpointing)
-    ):
+    if latent_embeds is not None or sample.dim() != 4:
         return base.forward(self, sample, latent_embeds)
+    if torch.is_grad_enabled():
+        _sync_checkpointing(st.echo, self, self.gradient_checkpointing)
     _sync_mode(st.echo, self)
     with st.backend_context():
         x = st.echo(sample.contiguous(memory_format=torch.channels_last))
