@@ -567,8 +567,9 @@ def _record_of(obj: Any) -> PatchRecord | None:
 
 
 def _structure(targets: list[tuple[str, nn.Module]]) -> tuple:
-    """Every module of the patched trees with its hook counts and attention processor: a
-    submodule replaced or added (LoRA layers, a wrapper), a hook or a processor set after
+    """Every module of the patched trees with its hook counts, whether its forward is wrapped at
+    instance level, and its attention processor: a submodule replaced or added (LoRA layers, a
+    wrapper), a hook (diffusers' HookRegistry wraps the forward) or a processor set after
     patching changes it. (Parameters are shared with the echofast models, so new values or
     parameter objects need no new patch.)"""
     return tuple(
@@ -578,6 +579,7 @@ def _structure(targets: list[tuple[str, nn.Module]]) -> tuple:
             id(m),
             len(m._forward_hooks),
             len(m._forward_pre_hooks),
+            "forward" in m.__dict__,
             id(getattr(m, "processor", None)),
         )  # fmt: skip
         for prefix, root in targets
@@ -625,9 +627,9 @@ def patch(
         replace_models: False patches call sites only (no whole-model replacement).
 
     Changes made to the module tree after patching (a replaced or added submodule, e.g. LoRA
-    layers; a forward hook; an attention processor) are not seen by the echofast models that
-    serve replaced forwards: call ``patch`` again, which then patches anew (with the changed
-    modules left alone where echofast does not cover them).
+    layers; a forward hook, also one of diffusers' ``HookRegistry``; an attention processor) are
+    not seen by the echofast models that serve replaced forwards: call ``patch`` again, which
+    then patches anew (with the changed modules left alone where echofast does not cover them).
 
     Returns:
         A :class:`PatchReport`. Patching an object again with the same options and an unchanged

@@ -274,11 +274,18 @@ def _lora_like(linear: torch.nn.Linear) -> torch.nn.Module:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("change", ["submodule", "hook", "processor"])
+@pytest.mark.parametrize(
+    "change",
+    ["submodule", "same_class", "hook", "pre_hook", "diffusers_hook", "processor"],
+)
 def test_patching_again_after_a_change_serves_the_changed_model(kit, change):
     """A change to the module tree after patching is not seen by the echofast model serving the
     forward (documented); ``patch`` again sees it and patches anew, and then the outputs are the
-    changed diffusers model's. Patching again without a change changes nothing."""
+    changed diffusers model's. Patching again without a change changes nothing. The changes: a
+    LoRA-like wrapper, a new layer of the same class in place of one, forward (pre-)hooks, a hook
+    of diffusers' own HookRegistry (it wraps the forward at instance level, as its offloading
+    and layerwise casting do), another attention processor."""
+    from diffusers.hooks import HookRegistry, ModelHook
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     model, x = kit.build("lidm"), kit.inputs("lidm")
@@ -287,8 +294,20 @@ def test_patching_again_after_a_change_serves_the_changed_model(kit, change):
     path, attn = next((n, m) for n, m in model.named_modules() if isinstance(m, Attention))
     if change == "submodule":
         attn.to_q = _lora_like(attn.to_q)
+    elif change == "same_class":
+        old = model.conv_out
+        model.conv_out = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1)
     elif change == "hook":
         model.conv_out.register_forward_hook(lambda m, i, o: o * 0.5)
+    elif change == "pre_hook":
+        model.conv_out.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+    elif change == "diffusers_hook":
+
+        class Halving(ModelHook):
+            def post_forward(self, module, output):
+                return output * 0.5
+
+        HookRegistry.check_if_exists_or_initialize(model.conv_out).register_hook(Halving(), "h")
     else:
 
         class Doubling(AttnProcessor2_0):
