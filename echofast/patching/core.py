@@ -88,7 +88,17 @@ class PatchRecord:
     def __deepcopy__(self, memo: dict[int, Any]) -> PatchRecord:
         clone = copy_as_is(self, memo)
         clone.ids = {id(module) for module, _, _ in clone.modules}
+        # the copied tree's modules and processors: patching the copy again changes nothing
+        clone.structure = tuple(
+            (*entry[:2], _copied_id(entry[2], memo), *entry[3:-1], _copied_id(entry[-1], memo))
+            for entry in clone.structure
+        )
         return clone
+
+
+def _copied_id(object_id: int, memo: dict[int, Any]) -> int:
+    """The id of the deep copy of the object whose id is ``object_id`` (itself if not copied)."""
+    return id(memo[object_id]) if object_id in memo else object_id
 
 
 # ---- switched classes -------------------------------------------------------------------------

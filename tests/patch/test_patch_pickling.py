@@ -151,6 +151,12 @@ def test_copies_stay_patched_with_their_own_record(kit):
     assert switched and all(record.owns(m) for m in switched)
     assert not any(record.owns(m) for m in model.modules())
     assert rel_err(kit.run("lidm", clone, x)["sample"], reference) <= TOL
+    # the copy's tree is unchanged: patching it again changes nothing, as for the original
+    assert echofast.patch(clone) is record.report and clone.__dict__[RECORD] is record
+    assert _layout(clone) == patched_layout
+    handle = clone.conv_out.register_forward_hook(lambda module, args, out: out)
+    assert echofast.patch(clone) is not record.report  # a change to the copy is seen
+    handle.remove()
 
     resnet = model.down_blocks[0].resnets[0]
     shallow = copy.copy(resnet)
