@@ -22,6 +22,7 @@ def models():
     "x, message",
     [
         (torch.randn(3, 24, 24), r"x must be \(N, 3, H, W\), got \(3, 24, 24\)"),
+        (torch.randn(2, 3, 24, 24, 1), r"x must be \(N, 3, H, W\), got \(2, 3, 24, 24, 1\)"),
         (torch.randn(2, 1, 24, 24), r"x must be \(N, 3, H, W\), got \(2, 1, 24, 24\)"),
         (torch.zeros(0, 3, 24, 24), r"x holds no sample: a batch of 0, shape \(0, 3, 24, 24\)"),
         (torch.zeros(1, 3, 24, 24, dtype=torch.uint8), "x must be a floating-point tensor, got "),

@@ -56,8 +56,9 @@ def test_a_packaged_config_is_found_by_name_from_anywhere(tmp_path, monkeypatch,
 def test_a_file_of_that_name_wins_over_the_packaged_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lidm").write_text("")  # neither .toml nor .json: the file is read, and refused
-    with pytest.raises(ConfigError, match=r"^lidm: unknown config format"):
+    with pytest.raises(ConfigError, match=r"^lidm: unknown config format") as err:
         load_config("lidm", "lidm")
+    assert "packaged" not in str(err.value)  # the file exists: its own error, nothing more
 
 
 def test_a_name_that_is_neither_lists_the_packaged_configs(tmp_path, monkeypatch):
