@@ -66,6 +66,17 @@ def test_dtype_names_and_torch_dtypes(kit):
         assert RECORD not in block.__dict__
 
 
+def test_changing_only_the_dtype_patches_anew(kit):
+    block = kit.resnet()
+    first = echofast.patch(block)
+    second = echofast.patch(block, dtype="bfloat16")
+    assert second is not first and second.dtype == torch.bfloat16
+    assert block.__dict__[STATE].dtype == torch.bfloat16
+    assert echofast.patch(block, dtype=torch.bfloat16) is second  # the same dtype, not by name
+    assert echofast.patch(block).dtype is None
+    echofast.unpatch(block)
+
+
 @torch.no_grad()
 def test_dtype_on_a_lone_block_runs_it_under_autocast(kit):
     """A module with no diffusers model inside is its own entry: its forward runs in bf16 (as
@@ -123,20 +134,25 @@ def test_changing_only_replace_models_patches_anew(kit):
     echofast.unpatch(model)
 
 
-def test_a_patch_that_fails_half_way_changes_nothing(kit, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("patched_before", [False, True], ids=["new", "again"])
+def test_a_patch_that_fails_half_way_changes_nothing(kit, monkeypatch, error, patched_before):
     """Call sites are patched before whole models are built: an error while building undoes
-    them."""
+    them, also an interrupt (Ctrl-C), and also when patching again with other options (the
+    earlier patch is undone first: the model is left unpatched)."""
     from diffusers.models.attention_processor import Attention
 
     model = kit.build("lidm")
     classes = [type(m) for m in model.modules()]
     processors = [m.processor for m in model.modules() if isinstance(m, Attention)]
+    if patched_before:
+        assert echofast.patch(model, replace_models=False).patched
 
     def failing_build(diff):
-        raise RuntimeError("out of memory while building")
+        raise error("out of memory while building")
 
     monkeypatch.setattr(patch_models, "build_echofast", failing_build)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(error, match="out of memory"):
         echofast.patch(model)
     assert [type(m) for m in model.modules()] == classes
     assert [m.processor for m in model.modules() if isinstance(m, Attention)] == processors
