@@ -167,6 +167,16 @@ def test_strings_that_are_not_decimal_numbers_are_refused(text):
         _cfg(optim={"eps": text})
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_numbers_that_are_not_finite_are_refused(tmp_path, text):
+    """TOML has nan and inf (JSON files read by Python too): a float key refuses them."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[data]\nroot = "r"\n[optim]\nlr = {text}\n')
+    with pytest.raises(ConfigError, match="config key 'optim.lr': expected a finite") as err:
+        load_config(path, "lidm")
+    assert str(err.value).startswith(f"{path}: ")
+
+
 _POSITIVE = [
     "data.size",
     "data.frames",

@@ -24,6 +24,24 @@ def test_an_unknown_model_type_in_a_file_names_the_file(tmp_path):
     assert str(err.value).startswith(f"{path}: ")
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ('"optim": {"lr": -1}', "config key 'optim.lr': value -1.0 must be positive"),
+        (
+            '"diffusion": {"scheduler": {"thresholding": true}}',
+            "config key 'diffusion.scheduler.thresholding': value True is not supported",
+        ),
+    ],
+)
+def test_a_value_out_of_range_in_a_file_names_the_file(tmp_path, settings, message):
+    path = tmp_path / "c.json"
+    path.write_text(f'{{"data": {{"root": "r"}}, {settings}}}')
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, "lidm")
+    assert str(err.value).startswith(f"{path}: ")
+
+
 def test_a_directory_given_as_the_config_file_is_a_config_error_naming_it(tmp_path):
     path = tmp_path / "c.toml"
     path.mkdir()
