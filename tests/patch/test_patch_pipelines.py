@@ -223,3 +223,22 @@ def test_save_pretrained_of_a_patched_pipeline_loads_in_diffusers(tmp_path):
     assert type(loaded.unet) is UNet2DModel
     state = loaded.unet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_patching_a_pipeline_again_sees_a_change_in_any_of_its_models(kit):
+    from diffusers import DiffusionPipeline
+
+    class Latent(DiffusionPipeline):
+        def __init__(self, vae, unet):
+            super().__init__()
+            self.register_modules(vae=vae, unet=unet)
+
+    pipe, x = Latent(kit.build("vae"), kit.build("lidm")), kit.inputs("lidm")
+    report = echofast.patch(pipe)
+    assert [r.path for r in report.replaced] == ["vae", "unet"] and echofast.patch(pipe) is report
+    pipe.unet.conv_out.register_forward_hook(lambda module, args, out: out * 0.5)  # the 2nd model
+    assert echofast.patch(pipe) is not report
+    got = pipe.unet(**x).sample
+    echofast.unpatch(pipe)
+    assert rel_err(got, pipe.unet(**x).sample) <= 1e-5
