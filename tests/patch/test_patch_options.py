@@ -222,3 +222,18 @@ def test_dtype_on_a_replaced_model_is_its_call_under_autocast(kit):
     got = model(**x).sample
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     echofast.unpatch(model)
+
+
+def test_a_sibling_named_like_a_module_patched_elsewhere_is_patched(kit):
+    """Only the subtree of a module patched through another call is left alone, not siblings
+    whose names start with its name."""
+    outer = torch.nn.Module()
+    outer.block, outer.block_b = kit.resnet(), kit.resnet()
+    inner = echofast.patch(outer.block)
+    report = echofast.patch(outer)
+    assert [(i.path, i.reason) for i in report.left_alone] == [
+        ("block", "already patched by another echofast.patch call")
+    ]
+    assert [(p.path, p.kind) for p in report.patched] == [("block_b", "resnet")]
+    assert echofast.unpatch(outer) is True and echofast.patch(outer.block) is inner
+    echofast.unpatch(outer.block)
