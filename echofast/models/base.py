@@ -139,8 +139,9 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _load_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """The weights dtype ``from_pretrained`` was asked for (float32 by default)."""
+def _load_dtype(dtype: torch.dtype | str | None, name: str = "dtype") -> torch.dtype:
+    """The weights dtype ``from_pretrained`` was asked for (float32 by default), given as the
+    argument ``name``."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str) and dtype in LOAD_DTYPES:
@@ -148,7 +149,7 @@ def _load_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in LOAD_DTYPES.values():
         return dtype
     raise ValueError(
-        f"dtype must be one of {', '.join(LOAD_DTYPES)} (a torch.dtype or its name), got {dtype!r}"
+        f"{name} must be one of {', '.join(LOAD_DTYPES)} (a torch.dtype or its name), got {dtype!r}"
     )
 
 
@@ -381,8 +382,11 @@ class ModelBase(nn.Module):
                     f"give dtype or torch_dtype (its diffusers name), not both: got {dtype!r} "
                     f"and {torch_dtype!r}"
                 )
-            dtype = torch_dtype
-        load_dtype = _load_dtype(dtype)
+        load_dtype = (
+            _load_dtype(torch_dtype, "torch_dtype")
+            if torch_dtype is not None
+            else _load_dtype(dtype)
+        )
         folder = Path(path) / subfolder if subfolder else Path(path)
         config = read_folder_config(folder, CONFIG_NAME)
         with torch.device("meta"):

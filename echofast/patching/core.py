@@ -610,9 +610,10 @@ def patch(
       decoder) whose config echofast's ``LVDM``/``LIDM``/``VAE`` supports has its forward run by
       that echofast model, built around the diffusers module's own parameters (shared, not
       copied). Inputs, outputs (diffusers' output classes, ``return_dict=False`` tuples), config,
-      state dict and ``save_pretrained`` stay diffusers'. Calls echofast does not cover
-      (gradient checkpointing while training, class labels, a VAE's spatial-norm decoder input)
-      run diffusers' code, on the patched call sites below.
+      state dict and ``save_pretrained`` stay diffusers'. Under gradient checkpointing the
+      echofast model checkpoints its blocks with the diffusers model's checkpointing function.
+      Calls echofast does not cover (class labels, a VAE's spatial-norm decoder input) run
+      diffusers' code, on the patched call sites below.
     * Everywhere else (any config, any diffusers module tree, also inside replaced models):
       ``ResnetBlock2D`` and ``TemporalResnetBlock`` run both GroupNorm+SiLU pairs as one fused
       op; ``Attention`` modules with diffusers' default processor get echofast's processor

@@ -267,6 +267,8 @@ def test_torch_dtype_is_diffusers_name_for_dtype(unet_dir):
     assert model.dtype == ref.dtype == torch.float16
     with pytest.raises(ValueError, match="give dtype or torch_dtype .* not both"):
         LIDM.from_pretrained(unet_dir, dtype="float16", torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^torch_dtype must be one of float32, .* got 'fp16'"):
+        LIDM.from_pretrained(unet_dir, torch_dtype="fp16")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, "int64", "fp16", torch.float8_e4m3fn, 16])
