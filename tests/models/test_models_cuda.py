@@ -382,11 +382,12 @@ def check_forced_torch(target: str, pairs: ModelPairs) -> dict:
     return {"err": err, "bound": FP32_TOL, "backends": describe(auto_seen)}
 
 
-def check_gradients(pairs: ModelPairs) -> dict:
+def check_gradients(pairs: ModelPairs, checkpointing: bool = False) -> dict:
     """Small LVDM, fp32, autograd (as training runs it: full 8-channel input, per-sample
     timesteps): loss = (out * w).sum() with a fixed random w; every parameter's gradient (and the
     input's) vs diffusers': max |g - g_ref| <= 1e-3 * max(max |g_ref|, 1e-3 * G), G the largest
-    |g_ref| over all parameters.
+    |g_ref| over all parameters. ``checkpointing``: both models with gradient checkpointing on
+    (the echofast blocks, Triton kernels included, recomputed in the backward pass).
 
     Why 1e-3 and not the forward's 1e-4: weight gradients are sums over B·T·H·W products that
     cancel, reduced in other orders by the Triton GroupNorm backward, cuDNN's weight-gradient
@@ -408,9 +409,14 @@ def check_gradients(pairs: ModelPairs) -> dict:
     grads, records = {}, {}
     for name, model in (("diffusers", ref), ("echofast", ours)):
         model.zero_grad(set_to_none=True)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
         xi = x.clone().requires_grad_(True)
-        with record_backends() as records[name]:
-            (model(xi, t, ehs, ids).sample * w).sum().backward()
+        try:
+            with record_backends() as records[name]:
+                (model(xi, t, ehs, ids).sample * w).sum().backward()
+        finally:
+            model.disable_gradient_checkpointing()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
         grads[name]["<input>"] = xi.grad
         model.zero_grad(set_to_none=True)
@@ -468,5 +474,6 @@ def test_forced_torch_backends_equal_auto_dispatch(pairs, target):
     check_forced_torch(target, pairs)
 
 
-def test_lvdm_gradients_match_diffusers(pairs):
-    check_gradients(pairs)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_lvdm_gradients_match_diffusers(pairs, checkpointing):
+    check_gradients(pairs, checkpointing)
