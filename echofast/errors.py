@@ -47,3 +47,8 @@ def add_note(err: BaseException, note: str) -> None:
         notes = []
         err.__notes__ = notes
     notes.append(note)
+
+
+def first_of(items: list[str], sep: str = ", ", n: int = 10) -> str:
+    """``items`` for an error message: the first ``n`` joined by ``sep``, then how many more."""
+    return sep.join(items[:n]) + (f"{sep}(+{len(items) - n} more)" if len(items) > n else "")

@@ -1,10 +1,11 @@
-"""Crash-safe file writing: temp file in the same folder, fsync, atomic rename."""
+"""Crash-safe file writing: temp file (or folder) in the same folder, fsync, atomic rename."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Call ``fill(tmp)`` on a new folder beside ``path``, then rename it into place, replacing
+    a folder already there.
+
+    Readers see the old folder or the complete new one, never a mix (between the two renames,
+    for an instant, neither). On error (an interrupt too) the temporary folder is removed and
+    ``path`` is as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     _fsync_folder(path.parent)
     return path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from echofast import fsutil
-from echofast.fsutil import atomic_write, atomic_write_text, sha256_file
+from echofast.fsutil import atomic_folder, atomic_write, atomic_write_text, sha256_file
 
 
 def test_the_temporary_file_is_hidden_in_the_target_folder(tmp_path):
@@ -75,6 +75,33 @@ def test_a_failed_or_interrupted_write_leaves_the_old_file_alone(tmp_path, exc):
     with pytest.raises(type(exc)):
         atomic_write(target, write)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["FileList.csv"]
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, exc):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    (target / "stale").write_text("old")
+
+    def half(folder):
+        (folder / "weights").write_text("half")
+        raise exc
+
+    with pytest.raises(type(exc)):
+        atomic_folder(target, half)
+    assert os.listdir(tmp_path) == ["model"]
+    assert sorted(os.listdir(target)) == ["stale", "weights"]
+    assert (target / "weights").read_text() == "old"
+
+    def whole(folder):
+        (folder / "weights").write_text("new")
+
+    assert atomic_folder(target, whole) == target
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["weights"]
+    assert (target / "weights").read_text() == "new"
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~fsutil._umask()
+    assert atomic_folder(tmp_path / "new" / "m", whole).is_dir()
 
 
 @pytest.mark.parametrize("umask,mode", [(0o077, 0o600), (0o022, 0o644), (0o002, 0o664)])

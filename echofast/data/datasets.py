@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EchofastError
+from ..errors import EchofastError, first_of
 
 LATENTS_DIR = "Latents"
 LATENT_SUFFIX = ".safetensors"
@@ -207,9 +207,7 @@ def _check_ef(records: Sequence[VideoRecord], filelist: Path, split, needed_by: 
     bad = [r for r in records if r.ef is None]
     if not bad:
         return
-    shown = "; ".join(_ef_problem(r) for r in bad[:10])
-    if len(bad) > 10:
-        shown += f"; (+{len(bad) - 10} more)"
+    shown = first_of([_ef_problem(r) for r in bad], "; ")
     raise DatasetError(
         f"{filelist}: {len(bad)} of {len(records)} row(s) of split {split!r} have no usable EF "
         f"in column 'EF', which {needed_by}: {shown}; fill in their EF or drop them, or pass "

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
-from ..errors import EchofastError
+from ..errors import EchofastError, first_of
 from ..fsutil import atomic_write, atomic_write_text
 
 ECHONET_MEAN = (32.660564, 32.79394, 33.07615)
@@ -183,18 +183,16 @@ class EFVideos(Dataset):
         ]
         bad = [_ef_label_problem(r) for r in labelled if r.ef is None or not 0 <= r.ef <= 100]
         if bad:
-            shown = "; ".join(bad[:10]) + (f"; (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+            shown = first_of(bad, "; ")
             raise DatasetError(
                 f"{filelist}: {len(bad)} {split} row(s) have an EF that is not a percentage "
                 f"(a number in 0-100): {shown}"
             )
         missing = [r for r in labelled if not r.path.is_file()]
         if missing:
-            shown = ", ".join(str(r.path) for r in missing[:10])
-            more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
             raise DatasetError(
                 f"{filelist}: {len(missing)} {split} video(s) listed with an EF are missing "
-                f"(echonet refuses such a dataset too): {shown}{more}"
+                f"(echonet refuses such a dataset too): {first_of([str(r.path) for r in missing])}"
             )
         self.records = labelled
         if not self.records:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import EchofastError
+from ..errors import EchofastError, first_of
 from .stats import FeatureStats, frechet_distance, inception_score
 
 TARGET_FPS = 32.0
@@ -172,10 +172,9 @@ def _check_rows(records: list, root: Path) -> None:
         raise MetricsError(f"{root / 'FileList.csv'}: a frame rate must be positive: {shown}")
     missing = [r for r in records if not r.path.is_file()]
     if missing:
-        shown = ", ".join(str(r.path) for r in missing[:10])
-        more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        shown = first_of([str(r.path) for r in missing])
         raise MetricsError(
-            f"{root / 'FileList.csv'}: {len(missing)} listed video(s) are missing: {shown}{more}"
+            f"{root / 'FileList.csv'}: {len(missing)} listed video(s) are missing: {shown}"
         )
 
 

@@ -354,15 +354,20 @@ class ReIdentificationModel(nn.Module):
         self.load_state_dict(state, strict=True)
 
     def save_pretrained(
-        self, path: str | os.PathLike, *, extra_config: dict[str, Any] | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        extra_config: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> Path:
-        """Write ``config.json`` and ``<folder name>_best_network.safetensors``, atomically."""
+        """Write ``config.json`` and ``<name>_best_network.safetensors``, each atomically;
+        ``name`` defaults to the folder's name (the published folders' layout)."""
         from safetensors.torch import save_file
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        weights = folder / f"{folder.name}{WEIGHTS_SUFFIX}.safetensors"
+        weights = folder / f"{name or folder.name}{WEIGHTS_SUFFIX}.safetensors"
         atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         cfg = {**(extra_config or {}), **self.config()}
         atomic_write_text(folder / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -731,6 +731,16 @@ def load_config(
     """Read a config file (or a packaged one by name, see :func:`config_path`), apply
     ``key=value`` overrides (TOML values), resolve defaults. Errors name the file, and the
     overrides when there are some."""
+    data, source = read_config_with_overrides(path, overrides)
+    return config_from_dict(data, model_type, source=source)
+
+
+def read_config_with_overrides(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[dict[str, Any], str]:
+    """The raw dict of a config file (or a packaged one by name, see :func:`config_path`) with
+    ``key=value`` overrides applied, and its source for messages (the file, and the overrides
+    when there are some)."""
     path = config_path(path)
     try:
         data = read_config_file(path)
@@ -741,8 +751,7 @@ def load_config(
         raise ConfigError(f"{err} (nor is it a packaged config: {', '.join(names)})") from None
     for item in overrides:
         apply_override(data, item)
-    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
-    return config_from_dict(data, model_type, source=source)
+    return data, str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -43,9 +43,7 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -60,7 +58,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from .. import __version__
 from ..errors import ConfigError, EchofastError, NonFiniteError
 from ..figures import write_loss_plot
-from ..fsutil import _umask, atomic_write
+from ..fsutil import atomic_folder, atomic_write
 from ..rng import sample_seed
 from ..schedulers import CONFIG_NAME as SCHEDULER_CONFIG_NAME
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
@@ -539,34 +537,23 @@ def export_checkpoint(
         shadow = state["ema"]["shadow"]
         model.load_state_dict({**state["model"], **shadow})
     out = Path(out)
-    replace = _export_target(out, cls.diffusers_class, dict(model.config), overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
-    old = tmp.with_suffix(".old")
-    try:
-        model.save_pretrained(tmp)
+    _export_target(out, cls.diffusers_class, dict(model.config), overwrite)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
         if noise_scheduler is not None:
-            noise_scheduler.save_config(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
-        if replace:
-            os.replace(out, old)
-        os.replace(tmp, out)  # also replaces an empty folder
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+            noise_scheduler.save_config(folder)
+
+    return atomic_folder(out, fill)
 
 
-def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: bool) -> bool:
-    """Whether ``out`` holds a folder to be replaced (False: missing or empty); raises
-    :class:`TrainingConflict` for a folder that must not be replaced."""
+def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: bool) -> None:
+    """Raise :class:`TrainingConflict` unless ``out`` is missing, empty, or a folder the export
+    may replace."""
     if out.exists() and not out.is_dir():
         raise TrainingConflict(f"{out} exists and is not a folder; choose another --out")
     if not out.exists() or not any(out.iterdir()):
-        return False
+        return
     config_path = out / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -578,7 +565,7 @@ def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: 
             "with a _class_name); refusing to write into it: choose another --out"
         )
     if overwrite:
-        return True
+        return
     from ..models.base import WEIGHTS_STEM
 
     theirs = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -599,7 +586,6 @@ def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: 
             f"{out} holds this model's export and other files {extra[:5]}; use --overwrite "
             "to replace the whole folder, or choose another --out"
         )
-    return True
 
 
 # ---- logging ---------------------------------------------------------------------------------

@@ -83,15 +83,8 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError, NonFiniteError
-from ..fsutil import atomic_write, atomic_write_text
-from .config import (
-    PACKAGED_CONFIGS,
-    _fill,
-    apply_override,
-    config_changes,
-    config_path,
-    read_config_file,
-)
+from ..fsutil import atomic_folder, atomic_write, atomic_write_text
+from .config import _fill, config_changes, read_config_with_overrides
 from .loop import TrainingConflict, write_loss_plot
 
 CHECKPOINT_FORMAT = "echofast-reid-checkpoint"
@@ -301,17 +294,7 @@ def load_reid_config(
     """Read a config file, or a packaged one by name (``reid``, ``reid_phantom``: see
     :func:`~echofast.train.config.config_path`), and apply ``key=value`` overrides. Errors name
     the file, and the overrides when there are some."""
-    path = config_path(path)
-    try:
-        data = read_config_file(path)
-    except ConfigError as err:
-        if path.is_file() or len(path.parts) != 1:
-            raise
-        names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml"))
-        raise ConfigError(f"{err} (nor is it a packaged config: {', '.join(names)})") from None
-    for item in overrides:
-        apply_override(data, item)
-    source = str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
+    data, source = read_config_with_overrides(path, overrides)
     return reid_config_from_dict(data, source=source)
 
 
@@ -544,8 +527,6 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
         ci=cfg.eval.ci,
         device=device,
     )
-    folder = out / cfg.name
-    best.save_pretrained(folder, extra_config={"echofast_training": cfg.to_dict()})
     evaluation = {
         "test_auc": result.to_dict(),
         "test_split": "TEST",
@@ -560,14 +541,19 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
         "data_root": str(Path(cfg.data.root).resolve()),
         "echofast_version": __version__,
     }
-    atomic_write_text(
-        folder / EVALUATION_NAME, json.dumps(evaluation, indent=2, sort_keys=True) + "\n"
-    )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["label", "score"])
     w.writerows([[int(y), repr(float(s))] for y, s in zip(labels, scores)])
-    atomic_write_text(folder / "test_scores.csv", buf.getvalue())
+
+    def fill(tmp: Path) -> None:
+        extra = {"echofast_training": cfg.to_dict()}
+        best.save_pretrained(tmp, extra_config=extra, name=cfg.name)
+        text = json.dumps(evaluation, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(tmp / EVALUATION_NAME, text)
+        atomic_write_text(tmp / "test_scores.csv", buf.getvalue())
+
+    folder = atomic_folder(out / cfg.name, fill)
     return {
         "epochs": epoch,
         "best_epoch": best_epoch,

@@ -139,6 +139,43 @@ def test_cli(phantom_latents, tmp_path):
     assert main(["train", "reid", "--config", str(cfg), "--set", "optim.lr=-1"]) == 1
 
 
+def test_an_interrupted_final_write_leaves_the_earlier_model_folder(
+    phantom_latents, tmp_path, monkeypatch
+):
+    """The model folder (weights, evaluation.json, test_scores.csv) is written beside the run's
+    files and renamed into place: a run that fails while writing it leaves the earlier one
+    whole (it mixed new weights with the old evaluation)."""
+    import echofast.train.reid as reid
+
+    def config(epochs):
+        return reid_config_from_dict(
+            {
+                "output_dir": str(tmp_path / "run"),
+                "model": {"architecture": "ResNet", "layers": [1, 1, 1, 1], "width": 4},
+                "data": {"root": str(phantom_latents)},
+                "train": {"max_epochs": epochs, "progress": False},
+                "eval": {"bootstrap": 50},
+            }
+        )
+
+    train_reid(config(1))
+    folder = tmp_path / "run" / "reidentification"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(before) >= {"config.json", "evaluation.json", "test_scores.csv"}
+    original = reid.atomic_write_text
+
+    def fail_on_scores(path, text):
+        if str(path).endswith("test_scores.csv"):
+            raise OSError(28, "No space left on device")
+        return original(path, text)
+
+    monkeypatch.setattr(reid, "atomic_write_text", fail_on_scores)
+    with pytest.raises(OSError, match="No space left"):
+        train_reid(config(2), resume="latest")  # one more epoch, then the final write
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("name", ["reid", "reid_phantom.toml"])
 def test_a_packaged_config_is_found_by_name_from_anywhere(tmp_path, monkeypatch, name):
     """README: ``echofast train reid --config reid`` (and the name ``reid_phantom.toml`` that

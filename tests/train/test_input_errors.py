@@ -297,7 +297,7 @@ def test_export_interrupted_while_renaming_keeps_the_old_folder(lidm_run, tmp_pa
     real = os.replace
 
     def fail_into_place(src, dst):
-        if Path(dst) == out and str(src).endswith(".export"):
+        if Path(dst) == out and str(src).endswith(".tmp"):
             raise OSError("simulated failure")
         real(src, dst)
 
