@@ -470,7 +470,8 @@ class ModelBase(nn.Module):
 
         Then every other file :meth:`from_pretrained` could read this variant's weights from (the
         single file, a shard index or shards of an earlier save, in either format) is removed:
-        diffusers leaves them, and an earlier save's index then shadows the new single file.
+        an earlier save's index would shadow the new single file (diffusers removes old shards
+        but leaves the index, and its loader then fails on the missing shards).
         """
         max_bytes = shard_size_bytes(max_shard_size)
         if not is_main_process:
