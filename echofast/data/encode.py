@@ -16,9 +16,10 @@ project's brief asks.
 
 Resumable: every file appears atomically (temp file + fsync + rename), so an existing readable
 file is a finished video and is skipped; FileList.csv is rewritten at the end from every
-finished file. A folder encoded with another VAE or dtype is refused. A video that cannot be
-decoded (``VideoDecodeError``) is recorded, the others are still encoded, and the run ends with
-the list of failures (``main_encode`` exits 1).
+finished file. A folder encoded with another VAE or dtype is refused, and so, before anything
+is written, is an input none of whose listed videos exists (a latent dataset, say). A video that
+cannot be decoded (``VideoDecodeError``) is recorded, the others are still encoded, and the run
+ends with the list of failures (``main_encode`` exits 1).
 """
 
 from __future__ import annotations
@@ -206,6 +207,16 @@ def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> Enc
     if not records:
         raise DatasetError(f"{src}/FileList.csv lists no videos")
     _check_names(src / "FileList.csv", records)
+    if not any(rec.path.is_file() for rec in records):
+        what = (
+            f"{src} is a latent dataset ({MANIFEST}), not a video dataset"
+            if (src / MANIFEST).is_file()
+            else f"none of the {len(records)} video(s) FileList.csv lists is there "
+            f"(first: {records[0].path})"
+        )
+        raise DatasetError(
+            f"{src}: {what}; --input takes a folder with FileList.csv and Videos/<FileName>.avi"
+        )
     with (src / "FileList.csv").open(newline="", encoding="utf-8-sig") as fh:
         columns = list(csv.DictReader(fh).fieldnames or [])
     columns += [c for c in ("FPS", "NumberOfFrames") if c not in columns]

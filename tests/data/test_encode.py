@@ -163,6 +163,21 @@ def test_refusals(tiny_vae, videos, tmp_path):
         _encode(vae_dir, videos, videos)
 
 
+def test_input_without_its_videos_is_refused_before_writing(tiny_vae, videos, tmp_path):
+    vae_dir, _ = tiny_vae
+    latents = tmp_path / "lat"
+    assert _encode(vae_dir, videos, latents) == 0
+    out = tmp_path / "again"
+    with pytest.raises(DatasetError, match=r"lat is a latent dataset \(encode.json\)"):
+        _encode(vae_dir, latents, out)
+    assert not out.exists()
+    for video in (videos / "Videos").iterdir():
+        video.unlink()
+    with pytest.raises(DatasetError, match=r"none of the 3 video\(s\) .*\(first: .*v0\.avi\)"):
+        _encode(vae_dir, videos, out)
+    assert not out.exists()
+
+
 def test_weights_root_and_real_size(tmp_path):
     """A weights root (holding vae/) is accepted, and 112×112 frames give 4×14×14 latents with
     the reference's 4-block layout (here with few channels)."""
