@@ -236,6 +236,8 @@ def build_dataset(cfg: TrainConfig, arch: dict) -> Dataset:
     except ImportError as err:
         raise ConfigError(f"data.source = 'files' needs echofast.data.datasets ({err})") from None
     roots = [d.root] if isinstance(d.root, str) else list(d.root)
+    if cfg.model.type != "vae":
+        _check_one_vae(roots)
     parts: list[Dataset] = []
     for k, root in enumerate(roots):
         # item randomness from (seed_k, epoch, index); the loader sets the epoch per position
@@ -264,6 +266,35 @@ def build_dataset(cfg: TrainConfig, arch: dict) -> Dataset:
                 )
             )
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def _check_one_vae(roots: Sequence[str]) -> None:
+    """Refuse latent datasets encoded with different VAEs (or scaling factors) in one run: the
+    roots' ``echofast encode`` manifests must agree (a root without one is not compared)."""
+    from ..data.encode import MANIFEST
+
+    first: tuple[str, tuple[Any, Any]] | None = None
+    for root in roots:
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+            vae = (manifest["vae_sha256"], manifest["scaling_factor"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(
+                f"config key 'data.root': {path}: unreadable latent dataset manifest "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        if first is None:
+            first = (root, vae)
+        elif vae != first[1]:
+            raise ConfigError(
+                f"config key 'data.root': {first[0]} and {root} hold latents of different VAEs "
+                f"({MANIFEST}: vae_sha256 {first[1][0]} vs {vae[0]}, scaling_factor "
+                f"{first[1][1]} vs {vae[1]}); encode every dataset with the VAE that will "
+                "decode the samples"
+            )
 
 
 # ---- distributed -----------------------------------------------------------------------------

@@ -153,6 +153,37 @@ def test_channel_mismatch_is_found_before_any_file(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_latents_of_two_vaes_are_not_mixed(tmp_path):
+    from diffusers import AutoencoderKL
+    from support.models import save_diffusers
+    from support.weights import TINY_VAE
+
+    from echofast.data.encode import main_encode
+    from echofast.io import write_video
+    from echofast.train.loop import build_dataset
+
+    videos = tmp_path / "videos"
+    frames = torch.arange(4 * 12 * 12, dtype=torch.uint8).reshape(4, 12, 12).numpy()
+    write_video(videos / "Videos" / "v0.avi", frames, 8.0)
+    write_filelist(videos, [{"FileName": "v0", "EF": 50, "FPS": 8, "Split": "TRAIN"}])
+    roots = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        vae = tmp_path / f"vae{seed}"
+        if not vae.exists():
+            save_diffusers(AutoencoderKL, TINY_VAE, vae, seed=seed)
+        roots.append(str(tmp_path / name))
+        argv = ["--vae", str(vae), "--input", str(videos), "--out", roots[-1], "--no-progress"]
+        assert main_encode([*argv, "--device", "cpu"]) == 0
+    data = {"source": "files", "root": roots[:2], "frames": 4, "target_fps": 8.0}
+    same = make_config(tmp_path / "run", "lvdm", data=data)
+    assert len(build_dataset(same, same.architecture())) == 2
+    for kind in ("lidm", "lvdm"):
+        mixed = make_config(tmp_path / "run", kind, data={**data, "root": roots})
+        with pytest.raises(ConfigError, match="'data.root'.* hold latents of different VAEs"):
+            train(mixed)
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [
