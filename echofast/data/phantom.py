@@ -466,6 +466,12 @@ class PhantomDatasetConfig:
         reject for some clip (checked before the output folder is touched)."""
         if self.num_videos < 1:
             raise PhantomArgumentError(f"--num-videos must be >= 1, got {self.num_videos}")
+        bad = sorted({c for c in self.name_prefix if c in "/\\" or not c.isprintable()})
+        if bad:
+            raise PhantomArgumentError(
+                f"--name-prefix {self.name_prefix!r} holds {bad}: file names of videos take no "
+                "path separators or control characters"
+            )
         for name, (lo, hi) in (("--frames", self.frames), ("--fps", self.fps)):
             if lo > hi:
                 raise PhantomArgumentError(f"{name} range {lo}:{hi} has LO > HI")

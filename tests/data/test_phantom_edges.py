@@ -137,6 +137,9 @@ def test_dataset_clip_follows_the_documented_seed_rule():
         (["--size", "17"], "even size"),
         (["--frames", "3"], "frames >= 4"),
         (["--fps", "10:60", "--frames", "20"], "cannot hold a whole cardiac cycle"),
+        (["--name-prefix", "../up_"], r"--name-prefix '\.\./up_' holds \['/'\]"),
+        (["--name-prefix", "a\\b"], "no path separators"),
+        (["--name-prefix", "a\nb"], "control characters"),
     ],
 )
 def test_cli_refuses_arguments_before_touching_the_folder(tmp_path, bad, message):
