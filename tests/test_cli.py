@@ -161,3 +161,30 @@ def test_an_error_in_a_data_loader_worker_is_its_own_message(monkeypatch, capsys
     err = capsys.readouterr().err
     assert err == f"echofast encode: error: {type(exc).__name__}: {exc}\n"
     assert cli.error_text(exc) == str(exc)
+
+
+class _Chained:
+    """A dataset whose items raise while handling an earlier error of the same type."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        try:
+            raise ValueError("first: fps is 0")
+        except ValueError as err:
+            raise ValueError("/d/Videos/v1.avi: cannot decode") from err
+
+
+def test_a_worker_error_raised_while_handling_another_is_the_last_message(monkeypatch, capsys):
+    import torch
+
+    def run(argv: list[str]) -> int:
+        next(iter(torch.utils.data.DataLoader(_Chained(), num_workers=1)))
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "encode", (run, "x"))
+    assert cli.main(["encode"]) == 1
+    assert capsys.readouterr().err == (
+        "echofast encode: error: ValueError: /d/Videos/v1.avi: cannot decode\n"
+    )

@@ -131,3 +131,23 @@ def test_sha256_file_matches_hashlib(tmp_path, size, chunk):
     path = tmp_path / "w.safetensors"
     path.write_bytes(data)
     assert sha256_file(path, chunk=chunk) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_folder_whose_rename_fails_is_left_as_it_was(tmp_path, monkeypatch):
+    """The new folder's rename into place fails (after the old one was moved aside): the old
+    folder is put back whole and nothing else is left."""
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_folder(target, lambda folder: (folder / "weights").write_text("new"))
+    assert os.listdir(tmp_path) == ["model"] and os.listdir(target) == ["weights"]
+    assert (target / "weights").read_text() == "old"

@@ -174,7 +174,7 @@ def test_sharded_save_is_named_as_diffusers_writes_it(tmp_path, variant):
     assert len(index) == 1 and len([n for n in names if SHARD.search(n)]) > 2
     theirs, mine = (json.loads((tmp_path / d / index[0]).read_text()) for d in ("theirs", "ours"))
     assert mine["metadata"] == theirs["metadata"]
-    assert mine["weight_map"].keys() == theirs["weight_map"].keys()
+    assert list(mine["weight_map"]) == list(theirs["weight_map"])  # in the text's order too
     assert set(mine["weight_map"].values()) == names - {"config.json", index[0]}
     for name in names - {"config.json", index[0]}:
         shard = load_file(tmp_path / "ours" / name)
@@ -228,6 +228,25 @@ def test_a_new_save_removes_the_weights_an_old_one_left(tmp_path):
     assert "diffusion_pytorch_model.safetensors" not in {f.name for f in tmp_path.iterdir()}
     loaded = VAE.from_pretrained(tmp_path)
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # a variant's save leaves the plain weights alone
+    second.save_pretrained(tmp_path, variant="fp16")
+    loaded = VAE.from_pretrained(tmp_path)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_new_save_removes_pickled_weights_of_every_kind(tmp_path):
+    """Pickles of every suffix and a pickled sharded save go; files only named alike stay."""
+    _, ours = _pair("vae")
+    ours.save_pretrained(tmp_path, safe_serialization=False, max_shard_size=4096)
+    for suffix in (".bin", ".pt"):
+        torch.save(ours.state_dict(), tmp_path / f"diffusion_pytorch_model{suffix}")
+    keep = ["diffusion_pytorch_model-00001-of-00002.safetensors.orig", "notes.txt"]
+    for name in keep:
+        (tmp_path / name).write_text("mine")
+    assert len([f for f in tmp_path.iterdir() if SHARD.search(f.name)]) > 2
+    ours.save_pretrained(tmp_path)
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == sorted(["config.json", "diffusion_pytorch_model.safetensors", *keep])
 
 
 def test_pickled_save_loads_with_allow_pickle_only(tmp_path):
@@ -253,9 +272,11 @@ def test_other_processes_write_nothing_and_bad_sizes_write_nothing(tmp_path):
     _, ours = _pair("vae")
     ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
-    for bad in ("ten GB", "10XB", "0GB", 0, -5, True, 1.5, ""):
+    for bad in ("ten GB", "10XB", "0GB", 0, -5, True, 1.5, "", "10GB!", "5 GB 3"):
         with pytest.raises(ValueError, match="max_shard_size must be"):
             ours.save_pretrained(tmp_path / "bad", max_shard_size=bad)
+        with pytest.raises(ValueError, match="max_shard_size must be"):  # on every rank alike
+            ours.save_pretrained(tmp_path / "bad", is_main_process=False, max_shard_size=bad)
     assert not (tmp_path / "bad").exists()
 
 
@@ -267,3 +288,60 @@ def test_shard_size_units(size, bytes_):
     from echofast.weights_io import shard_size_bytes
 
     assert shard_size_bytes(size) == bytes_
+
+
+@pytest.mark.parametrize("size", ["1KB", "2.5MB", " 7 gb ", "3TB"])
+def test_decimal_shard_sizes_are_read_as_huggingface_hub_reads_them(size):
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from echofast.weights_io import shard_size_bytes
+
+    assert shard_size_bytes(size) == parse_size_to_int(size)
+
+
+@pytest.mark.parametrize(
+    ("size", "bytes_"), [("3KiB", 3 * 2**10), ("1MiB", 2**20), ("1TiB", 2**40)]
+)
+def test_binary_shard_sizes(size, bytes_):
+    from echofast.weights_io import shard_size_bytes
+
+    assert shard_size_bytes(size) == bytes_
+
+
+@pytest.mark.parametrize("limit", [8, 12, 16, 40])
+def test_shards_group_tensors_as_huggingface_hub_does(limit):
+    """Tensors no larger than the limit are grouped as huggingface_hub groups them (a shard that
+    the next tensor would take over the limit is closed; one that it fills exactly is not)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from echofast.weights_io import plan_shards
+
+    state = {
+        name: torch.zeros(n, dtype=torch.float16)
+        for name, n in zip("abcdefg", (4, 2, 2, 3, 1, 4, 2), strict=True)
+    }
+    theirs = split_torch_state_dict_into_shards(state, max_shard_size=limit)
+    assert plan_shards(state, limit) == list(theirs.filename_to_tensors.values())
+
+
+def test_a_first_tensor_over_the_limit_is_a_shard_of_its_own():
+    from echofast.weights_io import plan_shards
+
+    state = {"big": torch.zeros(9), "a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(9)}
+    assert plan_shards(state, 8) == [["big"], ["a", "b"], ["c"]]
+
+
+def test_two_shards_are_a_sharded_save(tmp_path):
+    """Weights just over the limit are two shards and their index, as diffusers writes them."""
+    ref, ours = _pair("lidm")
+    limit = sum(t.numel() * t.element_size() for t in ours.state_dict().values()) - 1
+    ref.save_pretrained(tmp_path / "theirs", max_shard_size=limit)
+    ours.save_pretrained(tmp_path / "ours", max_shard_size=limit)
+    names = sorted(f.name for f in (tmp_path / "ours").iterdir())
+    assert names == sorted(f.name for f in (tmp_path / "theirs").iterdir())
+    assert len([n for n in names if SHARD.search(n)]) == 2
+    for loaded in (
+        UNet2DModel.from_pretrained(tmp_path / "ours"),
+        LIDM.from_pretrained(tmp_path / "ours"),
+    ):
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in loaded.state_dict().items())
