@@ -465,6 +465,9 @@ def test_only_the_networks_given_are_used(tmp_path):
     assert out["split"] == "TRAIN" and out["weights"] == {"inception": "inc-fp", "i3d": None}
     with pytest.raises(MetricsError, match=r"no videos in split 'VAL' \(--split; it lists TRAIN\)"):
         compute_metrics(real, ref, extractors(), split="VAL", progress=False)
+    edit_filelist(real, v000={"Split": "TEST"})
+    with pytest.raises(MetricsError, match=r"'VAL' \(--split; it lists TEST, TRAIN\)"):
+        compute_metrics(real, ref, extractors(), split="VAL", progress=False)
 
 
 def test_cache_dir_precedence(tmp_path, monkeypatch):
