@@ -1040,3 +1040,7 @@ def test_training_starts_from_the_initial_weights(small_phantoms, tmp_path):
     best = torch.load(tmp_path / "ev" / "best.pt", weights_only=True)["model"]
     for key in ("stem.0.weight", "layer3.0.conv1.0.3.weight", "layer4.0.conv2.1.weight"):
         assert torch.equal(best[key], kinetics.state_dict()[key]), key
+    # other initial weights in the same file: another evaluation, refused (ef_inputs.json)
+    torch.save(R2Plus1D(400, width=2, layers=(1, 1, 1, 1)).state_dict(), path)
+    with pytest.raises(EvaluationConflict, match="other data: init weights changed"):
+        run_ef_evaluation(cfg)
