@@ -18,7 +18,7 @@ is compiled in as a constant; other integers are i32 (i64 when large).
 
 Usage::
 
-    python bench/triton_aot.py [--target cuda:90 cuda:80] [--quick] [--csv FILE]
+    python bench/triton_aot.py [--target cuda:90 cuda:80] [--quick] [--csv FILE] [--jobs N]
     PYTHONPATH=/path/to/triton-3.6 python bench/triton_aot.py   # the device's Triton version
 
 Exit status 1 when a variant fails to compile (every failure is printed with its error).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import re
 import subprocess
@@ -543,6 +544,48 @@ def compile_variant(v: Variant, target: GPUTarget) -> dict:
     return row
 
 
+def _compile_share(
+    quick: bool, names: list[str] | None, keys: list[tuple], targets: list[str]
+) -> list[dict]:
+    """In a worker process: record the cases again and compile the variants of ``keys`` for
+    each of ``targets`` (``cuda:<cc>``), in that order. Recording is deterministic; a key the
+    worker does not record is an error, not a silently skipped variant."""
+    recorder, _ = record(quick, names)
+    missing = [k for k in keys if k not in recorder.variants]
+    if missing:
+        raise RuntimeError(f"a worker process did not record {len(missing)} variants: {missing[0]}")
+    return _compile_keys(recorder, keys, targets)
+
+
+def _compile_keys(recorder: Recorder, keys: list[tuple], targets: list[str]) -> list[dict]:
+    return [compile_variant(recorder.variants[k], _target(t)) for t in targets for k in keys]
+
+
+def compile_all(
+    recorder: Recorder, targets: list[str], jobs: int, quick: bool, names: list[str] | None
+) -> list[dict]:
+    """One row per (target, variant), targets outer, in the recorder's order. ``jobs`` > 1:
+    that many spawned processes (Triton compiles one kernel at a time per process), each taking
+    every ``jobs``-th variant."""
+    keys = list(recorder.variants)
+    jobs = min(jobs, len(keys))
+    if jobs <= 1:
+        return _compile_keys(recorder, keys, targets)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [keys[i::jobs] for i in range(jobs)]
+    work = functools.partial(_compile_share, quick, names, targets=targets)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(work, shares))
+    by_key = {
+        (t, k): row
+        for share, rows in zip(shares, parts)
+        for (t, k), row in zip([(t, k) for t in targets for k in share], rows)
+    }
+    return [by_key[t, k] for t in targets for k in keys]
+
+
 def _target(text: str) -> GPUTarget:
     backend, _, arch = text.partition(":")
     if backend != "cuda" or not arch.isdigit():
@@ -550,11 +593,23 @@ def _target(text: str) -> GPUTarget:
     return GPUTarget("cuda", int(arch), 32)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=_target, nargs="+", default=[_target("cuda:90")])
     p.add_argument("--quick", action="store_true", help="fewer dtypes/shapes (CI)")
     p.add_argument("--csv", type=Path, help="write one row per compiled variant")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="compile in this many processes (default: one per usable CPU)",
+    )
     p.add_argument(
         "--cases",
         nargs="+",
@@ -576,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             errors.append(f"{module_name}: kernels never launched by the cases: {missing}")
 
-    rows = [compile_variant(v, t) for t in a.target for v in variants]
+    targets = [f"{t.backend}:{t.arch}" for t in a.target]
+    rows = compile_all(recorder, targets, a.jobs, a.quick, a.cases)
     width = max(len(r["kernel"]) for r in rows) if rows else 10
     print(f"{'kernel':<{width}} target   regs local  smem(B)  s     variant")
     for r in rows:

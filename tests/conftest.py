@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.markers import unmarked_gpu_tests
+from support.shard import parse_shard
 from support.triton_interp import without_interpreter
 
 from echofast.ops import _triton
@@ -48,10 +49,21 @@ def _no_faked_triton_lookup_left_cached():
 
 def pytest_collection_modifyitems(config, items):
     """Every test skipped for want of a GPU must carry the ``gpu`` marker: the GPU session
-    (bench/gpu_session.sh) runs ``pytest -m gpu`` and would silently miss an unmarked one."""
+    (bench/gpu_session.sh) runs ``pytest -m gpu`` and would silently miss an unmarked one.
+
+    ``ECHOFAST_TEST_SHARD=i/n`` keeps every n-th test from the i-th (0-based) and deselects the
+    rest: n processes with i = 0..n-1 run each test once (tests/test_triton_suite.py runs the
+    interpreter's tests so, one process per CPU)."""
     unmarked = unmarked_gpu_tests(items)
     if unmarked:
         raise pytest.UsageError(
             "tests skipped without a GPU but not marked @pytest.mark.gpu (the GPU session selects "
             "-m gpu): " + ", ".join(unmarked[:10]) + (" ..." if len(unmarked) > 10 else "")
         )
+    shard = os.environ.get("ECHOFAST_TEST_SHARD")
+    if shard:
+        index, count = parse_shard(shard)
+        config.hook.pytest_deselected(
+            items=[item for i, item in enumerate(items) if i % count != index]
+        )
+        items[:] = items[index::count]

@@ -76,6 +76,43 @@ def test_the_named_tuning_case_compiles_the_tuners_candidates(tmp_path):
     assert len({r["shared_bytes"] for r in rows}) == 4  # the stages reach the compiler
 
 
+def test_compiling_in_several_processes_gives_the_same_rows_in_the_same_order(tmp_path):
+    """``--jobs``: the variants shared out to spawned processes (each records the cases again)
+    come back as one process's rows, targets outer, variants in launch order."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    rows = {}
+    for jobs in (1, 2):
+        csv_path = tmp_path / f"aot{jobs}.csv"
+        args = ["--quick", "--cases", "bias_residual", "--target", "cuda:90", "cuda:80"]
+        args += ["--jobs", str(jobs), "--csv", str(csv_path)]
+        out = subprocess.run(
+            [sys.executable, str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+        rows[jobs] = [
+            {k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(csv_path.open())
+        ]
+    assert len(rows[1]) >= 4 and rows[2] == rows[1]
+    half = len(rows[1]) // 2
+    assert {r["target"] for r in rows[1][:half]} == {"cuda:90"}
+    assert [r["variant"] for r in rows[1][:half]] == [r["variant"] for r in rows[1][half:]]
+
+
+def test_a_bad_jobs_count_is_refused():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--jobs", "0"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    assert out.returncode == 2 and "--jobs: must be a whole number >= 1, got '0'" in out.stderr
+
+
 def test_a_kernel_that_only_the_interpreter_accepts_fails(tmp_path):
     """The check can fail: a module-level Python float read inside a kernel."""
     probe = tmp_path / "probe.py"
