@@ -32,6 +32,7 @@ from .loop import (
     export_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_export_info,
     train,
     write_loss_plot,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "main_train",
+    "read_export_info",
     "train",
     "write_loss_plot",
 ]
@@ -117,7 +119,10 @@ def main_train(argv: list[str]) -> int:
 
     if a.command == "export":
         folder = export_checkpoint(a.checkpoint, a.out, weights=a.weights, overwrite=a.overwrite)
-        print(f"{folder}: wrote {a.weights} weights of {a.checkpoint}")
+        info = read_export_info(folder)
+        written = info["weights"] if info else a.weights
+        note = " (the run had no EMA)" if written != a.weights else ""
+        print(f"{folder}: wrote {written} weights of {a.checkpoint}{note}")
         return 0
 
     overrides = list(a.set) + (["train.progress=false"] if a.no_progress else [])

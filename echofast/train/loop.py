@@ -71,6 +71,8 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "log.csv"
 PLOT_NAME = "loss.png"
 EXPORT_DIR = "export"
+#: written into an export folder: the checkpoint, its step and which weights were written
+EXPORT_INFO_NAME = "echofast_export.json"
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -546,7 +548,8 @@ def export_checkpoint(
     model loading ignores the file.
 
     ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
-    had no EMA) or ``"model"`` (the raw trained weights).
+    had no EMA) or ``"model"`` (the raw trained weights). Which were written, the checkpoint and
+    its step are recorded in the folder's ``echofast_export.json`` (:func:`read_export_info`).
 
     ``out`` must be missing, empty, or hold an export of the same model (same class and
     architecture: e.g. an earlier export of this run), which is replaced. Another model folder is
@@ -564,18 +567,43 @@ def export_checkpoint(
         source = f"{checkpoint} (config)"
         noise_scheduler = config_from_dict(state["config"], source=source).noise_scheduler(source)
     model.load_state_dict(state["model"])
+    written = "model"
     if weights == "ema" and state.get("ema") is not None:
         shadow = state["ema"]["shadow"]
         model.load_state_dict({**state["model"], **shadow})
+        written = "ema"
     out = Path(out)
     _export_target(out, cls.diffusers_class, dict(model.config), overwrite)
+    info = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "step": int(state["step"]),
+        "weights_requested": weights,
+        "weights": written,
+    }
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)
         if noise_scheduler is not None:
             noise_scheduler.save_config(folder)
+        (folder / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
     return atomic_folder(out, fill)
+
+
+def read_export_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`export_checkpoint` recorded in ``folder``: ``checkpoint`` (resolved path),
+    ``step``, ``weights_requested`` and ``weights`` (``"ema"`` or ``"model"``: what was
+    written). None for a folder without the record (another model folder, an older export)."""
+    path = Path(folder) / EXPORT_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise TrainingConflict(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("weights") not in ("ema", "model"):
+        raise TrainingConflict(f"{path}: not an export record (no 'weights': 'ema' or 'model')")
+    return info
 
 
 def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: bool) -> None:
@@ -609,7 +637,7 @@ def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: 
     extra = sorted(
         p.name
         for p in out.iterdir()
-        if p.name not in ("config.json", SCHEDULER_CONFIG_NAME)
+        if p.name not in ("config.json", SCHEDULER_CONFIG_NAME, EXPORT_INFO_NAME)
         and not p.name.startswith(WEIGHTS_STEM)
     )
     if extra:

@@ -10,11 +10,19 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from support.weights import TINY_LIDM
 
 from echofast.pipelines import LIDMPipeline
 from echofast.schedulers import CONFIG_NAME, DDIMScheduler
-from echofast.train import config_from_dict, train
+from echofast.train import (
+    TrainingConflict,
+    config_from_dict,
+    load_checkpoint,
+    main_train,
+    read_export_info,
+    train,
+)
 from echofast.train.loop import export_checkpoint, list_checkpoints
 
 SCHEDULE = {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_end": 0.012}
@@ -66,6 +74,47 @@ def test_export_records_the_training_schedule(run, tmp_path):
     assert json.loads((export / CONFIG_NAME).read_text()) == recorded
     raw = export_checkpoint(ckpt, tmp_path / "raw", weights="model")
     assert json.loads((raw / CONFIG_NAME).read_text()) == recorded
+
+
+def test_the_export_records_its_checkpoint_step_and_weights(run, tmp_path, capsys):
+    """``echofast_export.json``; ``train export`` says which weights it wrote: a run without
+    EMA gets the model's weights for ``--weights ema``, and the command says so."""
+    cfg, out, _ = run
+    step, ckpt = list_checkpoints(out)[-1]
+    assert read_export_info(out / "export") == {
+        "checkpoint": str(ckpt.resolve()),
+        "step": step,
+        "weights_requested": "ema",
+        "weights": "ema",
+    }
+    assert read_export_info(tmp_path) is None  # no record: another folder, an older export
+    state = load_checkpoint(ckpt)
+    assert state["ema"] is not None
+    argv = ["export", "--checkpoint", str(ckpt)]
+    assert main_train([*argv, "--out", str(tmp_path / "a"), "--weights", "model"]) == 0
+    assert read_export_info(tmp_path / "a")["weights"] == "model"
+    assert capsys.readouterr().out == f"{tmp_path / 'a'}: wrote model weights of {ckpt}\n"
+
+    without_ema = tmp_path / "no-ema.pt"
+    torch.save({**state, "ema": None}, without_ema)
+    assert (
+        main_train([*argv[:1], "--checkpoint", str(without_ema), "--out", str(tmp_path / "b")]) == 0
+    )
+    assert read_export_info(tmp_path / "b") == {
+        "checkpoint": str(without_ema.resolve()),
+        "step": step,
+        "weights_requested": "ema",
+        "weights": "model",
+    }
+    assert capsys.readouterr().out == (
+        f"{tmp_path / 'b'}: wrote model weights of {without_ema} (the run had no EMA)\n"
+    )
+    a, b = (load_file(tmp_path / name / "diffusion_pytorch_model.safetensors") for name in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (tmp_path / "b" / "echofast_export.json").write_text("[1]")
+    with pytest.raises(TrainingConflict, match="echofast_export.json: not an export record"):
+        read_export_info(tmp_path / "b")
 
 
 def test_pipeline_from_the_export_samples_with_the_training_schedule(run):
