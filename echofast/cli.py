@@ -73,6 +73,14 @@ def _generate(argv: list[str]) -> int:
         help="weights root with vae/, lidm_<dataset>/ and lvdm/ (diffusers folders); default: the "
         "demo models shipped with echofast (trained on phantom echoes, see MODEL_CARD.md)",
     )
+    p.add_argument(
+        "--no-vae-check",
+        dest="check_vae",
+        action="store_false",
+        help="load UNets whose exports (echofast_export.json) record training latents of another "
+        "VAE than the root's vae/ (e.g. the same weights saved in another format); refused by "
+        "default",
+    )
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument(
         "--dataset",
@@ -283,6 +291,7 @@ def _generate(argv: list[str]) -> int:
         privacy_normalization=a.privacy_normalization,
         privacy_shift_tolerance=a.privacy_shift_tolerance,
         allow_pickle=a.allow_pickle,
+        check_vae=a.check_vae,
         decode_dtype=a.decode_dtype,
         cuda_graphs={"auto": None, "on": True, "off": False}[a.cuda_graphs],
         writer_threads=a.writer_threads,

@@ -49,7 +49,7 @@ def test_every_generate_option_reaches_the_config(captured, tmp_path, capsys):
         "--privacy", "m", "--reference-latents", "r", "--oversample", "3.5",
         "--auc-threshold", "0.75", "--allow-weak-privacy", "--privacy-percentile", "90",
         "--privacy-frame-step", "4", "--privacy-normalization", "channel",
-        "--privacy-shift-tolerance", "2", "--allow-pickle",
+        "--privacy-shift-tolerance", "2", "--allow-pickle", "--no-vae-check",
     ]  # fmt: skip
     assert cli.main(_args(tmp_path, *extra)) == 0
     (cfg,) = captured
@@ -81,6 +81,7 @@ def test_every_generate_option_reaches_the_config(captured, tmp_path, capsys):
         privacy_normalization="channel",
         privacy_shift_tolerance=2,
         allow_pickle=True,
+        check_vae=False,
         writer_threads=0,
         decode_dtype="float16",
         cuda_graphs=False,
@@ -123,6 +124,7 @@ def test_generate_defaults_with_user_weights(captured, tmp_path):
     )
     assert (cfg.privacy_frame_step, cfg.privacy_shift_tolerance, cfg.writer_threads) == (8, 0, 1)
     assert cfg.cuda_graphs is None and not cfg.allow_weak_privacy and not cfg.allow_pickle
+    assert cfg.check_vae
 
 
 @pytest.mark.parametrize(

@@ -221,6 +221,8 @@ class GenerateConfig:
     privacy_shift_tolerance: int = 0
     """Also match frames moved by up to this many latent pixels (0: exact, the reference)."""
     allow_pickle: bool = False
+    check_vae: bool = True
+    """Refuse UNets whose exports record training latents of another VAE than the root's."""
     writer_threads: int = 1
     """Threads that encode and write videos while the next batch is generated (0: write inline
     in the generating thread; the files are the same)."""
@@ -240,6 +242,7 @@ class GenerateConfig:
         "progress",
         "weights",
         "allow_pickle",
+        "check_vae",
         "writer_threads",
         "cuda_graphs",
     )
@@ -891,7 +894,11 @@ def _journal_video(journal: Path, index: int, row: dict, bar: tqdm | None, path:
 
 def _load(cfg: GenerateConfig) -> EchoSyntheticPipeline:
     return EchoSyntheticPipeline.from_pretrained(
-        cfg.weights, dataset=cfg.dataset, device=cfg.device, allow_pickle=cfg.allow_pickle
+        cfg.weights,
+        dataset=cfg.dataset,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        check_vae=cfg.check_vae,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import MissingFileError
 from ..models import LIDM, LVDM, VAE
+from ..models.provenance import check_latents_vae
 from ..outputs import ModelOutput
 from ..schedulers import SchedulerBase
 from .common import check_precision, model_scheduler
@@ -100,14 +101,19 @@ class EchoSyntheticPipeline:
         device: torch.device | str | None = None,
         scheduler: SchedulerBase | None = None,
         allow_pickle: bool = False,
+        check_vae: bool = True,
     ) -> EchoSyntheticPipeline:
         """The pipeline of the models in ``root`` (see :meth:`folders`). The LIDM and the LVDM
         each sample with the scheduler their folder records (:func:`~.common.model_scheduler`:
         the noise schedule the model was trained with, which ``echofast train export``
         records; the reference DDPM where none is recorded, as in the published folders);
         ``scheduler`` replaces both. ``allow_pickle``: a folder may hold pickled weights
-        (see :meth:`~echofast.models.base.ModelBase.from_pretrained`)."""
+        (see :meth:`~echofast.models.base.ModelBase.from_pretrained`). ``check_vae``: refuse
+        (:class:`~echofast.models.provenance.VAEMismatchError`) a LIDM or LVDM whose export
+        records training latents of another VAE than ``root``'s ``vae/``."""
         f = cls.folders(root, dataset)
+        if check_vae:
+            check_latents_vae({"lidm": f["lidm"], "lvdm": f["lvdm"]}, f["vae"])
         if scheduler is None:
             schedulers = {
                 "lidm_scheduler": model_scheduler(f["lidm"]),

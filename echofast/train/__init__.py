@@ -17,6 +17,7 @@ in ``echofast/train/configs/``. The loop (data order, checkpoints, DDP) is descr
 
 from __future__ import annotations
 
+from ..models.provenance import read_export_info
 from .config import (
     MODEL_TYPES,
     REFERENCE_ARCHITECTURES,
@@ -32,7 +33,6 @@ from .loop import (
     export_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    read_export_info,
     train,
     write_loss_plot,
 )

@@ -59,6 +59,7 @@ from .. import __version__
 from ..errors import ConfigError, EchofastError, NonFiniteError
 from ..figures import write_loss_plot
 from ..fsutil import atomic_folder, atomic_write
+from ..models.provenance import EXPORT_INFO_NAME
 from ..rng import sample_seed
 from ..schedulers import CONFIG_NAME as SCHEDULER_CONFIG_NAME
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
@@ -71,8 +72,6 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "log.csv"
 PLOT_NAME = "loss.png"
 EXPORT_DIR = "export"
-#: written into an export folder: the checkpoint, its step and which weights were written
-EXPORT_INFO_NAME = "echofast_export.json"
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -228,6 +227,15 @@ class RandomItems(Dataset):
         }
 
 
+def latents_vae(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The VAE that encoded the config's latent datasets, as their manifests record it (None
+    for the VAE itself, random data, or latents without a manifest)."""
+    if cfg.model.type == "vae" or cfg.data.source == "random":
+        return None
+    roots = [cfg.data.root] if isinstance(cfg.data.root, str) else list(cfg.data.root)
+    return _check_one_vae(roots)
+
+
 def build_dataset(cfg: TrainConfig, arch: dict) -> Dataset:
     """The training set of the config's ``data`` section (``echofast.data.datasets``)."""
     d = cfg.data
@@ -270,9 +278,11 @@ def build_dataset(cfg: TrainConfig, arch: dict) -> Dataset:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-def _check_one_vae(roots: Sequence[str]) -> None:
+def _check_one_vae(roots: Sequence[str]) -> dict[str, Any] | None:
     """Refuse latent datasets encoded with different VAEs (or scaling factors) in one run: the
-    roots' ``echofast encode`` manifests must agree (a root without one is not compared)."""
+    roots' ``echofast encode`` manifests must agree (a root without one is not compared).
+    Returns the VAE they record (``vae_sha256``, ``scaling_factor``; None: no manifest), which
+    checkpoints and exports keep (:mod:`echofast.models.provenance`)."""
     from ..data.encode import MANIFEST
 
     first: tuple[str, tuple[Any, Any]] | None = None
@@ -297,6 +307,7 @@ def _check_one_vae(roots: Sequence[str]) -> None:
                 f"{first[1][1]} vs {vae[1]}); encode every dataset with the VAE that will "
                 "decode the samples"
             )
+    return None if first is None else {"vae_sha256": first[1][0], "scaling_factor": first[1][1]}
 
 
 # ---- distributed -----------------------------------------------------------------------------
@@ -549,7 +560,9 @@ def export_checkpoint(
 
     ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
     had no EMA) or ``"model"`` (the raw trained weights). Which were written, the checkpoint and
-    its step are recorded in the folder's ``echofast_export.json`` (:func:`read_export_info`).
+    its step are recorded in the folder's ``echofast_export.json``
+    (:mod:`echofast.models.provenance`), with the VAE of the training latents (checked when a
+    pipeline loads the folder beside a VAE).
 
     ``out`` must be missing, empty, or hold an export of the same model (same class and
     architecture: e.g. an earlier export of this run), which is replaced. Another model folder is
@@ -579,6 +592,7 @@ def export_checkpoint(
         "step": int(state["step"]),
         "weights_requested": weights,
         "weights": written,
+        "latents_vae": state.get("latents_vae"),
     }
 
     def fill(folder: Path) -> None:
@@ -588,22 +602,6 @@ def export_checkpoint(
         (folder / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
     return atomic_folder(out, fill)
-
-
-def read_export_info(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """What :func:`export_checkpoint` recorded in ``folder``: ``checkpoint`` (resolved path),
-    ``step``, ``weights_requested`` and ``weights`` (``"ema"`` or ``"model"``: what was
-    written). None for a folder without the record (another model folder, an older export)."""
-    path = Path(folder) / EXPORT_INFO_NAME
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise TrainingConflict(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("weights") not in ("ema", "model"):
-        raise TrainingConflict(f"{path}: not an export record (no 'weights': 'ema' or 'model')")
-    return info
 
 
 def _export_target(out: Path, class_name: str, arch: dict[str, Any], overwrite: bool) -> None:
@@ -833,6 +831,7 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
         )
 
     # data (checked against the model before any file is written)
+    trained_on = latents_vae(cfg) if dataset is None else None
     if dataset is None:
         dataset = build_dataset(cfg, arch)
         source = (
@@ -906,6 +905,7 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
                 "model_config": _plain(arch),
                 "model": _cpu(model.state_dict()),
                 "ema": ema.state_dict() if ema is not None else None,
+                "latents_vae": trained_on,
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(),
                 "aux": {k: _cpu(m.state_dict()) for k, m in aux.items()},

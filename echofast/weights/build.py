@@ -44,7 +44,9 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 def export_fp16(src: Path, dst: Path) -> int:
     """Copy a diffusers folder with floating tensors stored as float16, with the noise schedule
-    it records (``scheduler_config.json``) if any; returns the weights file's size."""
+    it records (``scheduler_config.json``) if any; returns the weights file's size. The export
+    record (``echofast_export.json``) is not copied: the VAE digest it may hold names the
+    float32 VAE, which the demo root does not ship."""
     from safetensors.torch import load_file, save_file
 
     from ..schedulers import CONFIG_NAME

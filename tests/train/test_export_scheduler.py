@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from support.weights import TINY_LIDM
 
+from echofast.errors import WeightsError
 from echofast.pipelines import LIDMPipeline
 from echofast.schedulers import CONFIG_NAME, DDIMScheduler
 from echofast.train import (
-    TrainingConflict,
     config_from_dict,
     load_checkpoint,
     main_train,
@@ -86,6 +86,7 @@ def test_the_export_records_its_checkpoint_step_and_weights(run, tmp_path, capsy
         "step": step,
         "weights_requested": "ema",
         "weights": "ema",
+        "latents_vae": None,  # trained on random data
     }
     assert read_export_info(tmp_path) is None  # no record: another folder, an older export
     state = load_checkpoint(ckpt)
@@ -105,6 +106,7 @@ def test_the_export_records_its_checkpoint_step_and_weights(run, tmp_path, capsy
         "step": step,
         "weights_requested": "ema",
         "weights": "model",
+        "latents_vae": None,
     }
     assert capsys.readouterr().out == (
         f"{tmp_path / 'b'}: wrote model weights of {without_ema} (the run had no EMA)\n"
@@ -113,7 +115,7 @@ def test_the_export_records_its_checkpoint_step_and_weights(run, tmp_path, capsy
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     (tmp_path / "b" / "echofast_export.json").write_text("[1]")
-    with pytest.raises(TrainingConflict, match="echofast_export.json: not an export record"):
+    with pytest.raises(WeightsError, match="echofast_export.json: not an export record"):
         read_export_info(tmp_path / "b")
 
 
