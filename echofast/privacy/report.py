@@ -82,13 +82,23 @@ def model_strength(
     *,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """The test AUC (+ CI) saved with the weights, or computed on ``reference``'s TEST split."""
+    """The test AUC (+ CI) saved with the weights, or computed on ``reference``'s TEST split:
+    when the folder has no ``evaluation.json``, or when that records a training dataset
+    (``reference_digest``, :func:`reference_digest`) other than ``reference`` (the saved AUC
+    says how well the model tells apart the patients of another dataset)."""
     saved = read_evaluation(model_dir)
+    why = "the model folder has no evaluation.json"
     if saved is not None:
-        return {
-            "test_auc": saved["test_auc"],
-            "auc_source": "evaluation.json saved with the weights",
-        }
+        trained_on = saved.get("reference_digest")
+        if trained_on is None or trained_on == reference_digest(reference):
+            return {
+                "test_auc": saved["test_auc"],
+                "auc_source": "evaluation.json saved with the weights",
+            }
+        why = (
+            "the model's evaluation.json was measured on another dataset (reference_digest "
+            f"{trained_on[:16]}…, this reference {reference_digest(reference)[:16]}…)"
+        )
     from .data import LatentClips
 
     clips = LatentClips(reference, "TEST", normalization=model.normalization)
@@ -107,8 +117,7 @@ def model_strength(
     return {
         "test_auc": result.to_dict(),
         "auc_source": f"computed on the reference latents' TEST split ({len(clips)} clips, "
-        f"{AUC_EVAL_PAIRS_PER_VIDEO} seeded pairs per clip): the model folder has no "
-        "evaluation.json",
+        f"{AUC_EVAL_PAIRS_PER_VIDEO} seeded pairs per clip): {why}",
     }
 
 

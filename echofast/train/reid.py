@@ -516,6 +516,7 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
             bar.close()
     _write_log(out, history)
 
+    from ..privacy.filter import reference_digest
     from ..privacy.model import EVALUATION_NAME
 
     result, labels, scores = evaluate_reid(
@@ -531,6 +532,7 @@ def train_reid(cfg: ReidConfig, *, resume: str | os.PathLike | None = None) -> d
         "test_auc": result.to_dict(),
         "test_split": "TEST",
         "test_clips": len(test_clips),
+        "reference_digest": reference_digest(cfg.data.root),
         "pairs_per_video": cfg.data.eval_pairs_per_video,
         "protocol": "reference pairs (same video, other frame = 1; other video = 0), fixed "
         f"seed {cfg.seed + 2}; score = sigmoid(logit); bootstrap resamples pairs",

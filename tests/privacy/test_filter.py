@@ -187,6 +187,40 @@ def test_fail_closed(trained_reid, phantom_latents, tmp_path):
     assert saved == summary["test_auc"]
 
 
+def test_an_evaluation_of_another_dataset_is_not_trusted(trained_reid, phantom_latents, tmp_path):
+    """evaluation.json records the digest of the dataset the model was trained and tested on;
+    given another reference, the AUC gate uses the AUC measured on that reference's TEST split."""
+    import csv
+    import json
+    import shutil
+
+    from echofast.privacy.filter import reference_digest
+
+    _, folder = trained_reid
+    saved = json.loads((folder / "evaluation.json").read_text())
+    assert saved["reference_digest"] == reference_digest(phantom_latents)
+    same = setup_filter(folder, phantom_latents, auc_threshold=0.5)
+    assert same.model_info["auc_source"] == "evaluation.json saved with the weights"
+
+    other = tmp_path / "other"
+    shutil.copytree(phantom_latents, other)
+    with open(other / "FileList.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kept = [r for r in rows if r["Split"] != "TRAIN"] + [r for r in rows if r["Split"] == "TRAIN"][
+        1:
+    ]
+    with open(other / "FileList.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    computed = setup_filter(folder, other, auc_threshold=0.5)
+    source = computed.model_info["auc_source"]
+    assert source.startswith("computed on the reference latents' TEST split"), source
+    assert "evaluation.json was measured on another dataset (reference_digest " in source
+    assert saved["reference_digest"][:16] in source and reference_digest(other)[:16] in source
+    assert computed.model_info["test_auc"] != saved["test_auc"]
+
+
 def _candidates(root, phantom_latents, n=12):
     """Candidate folder: 8 fresh phantom clips (as images) + exact copies of 4 TRAIN frame 0s."""
     from safetensors.torch import save_file
