@@ -456,26 +456,45 @@ def _gather(dist, part: dict) -> dict:
 INPUTS_NAME = "ef_inputs.json"
 
 
+def _videos_digest(root: Path) -> str:
+    """sha256 over the name and size of each video ``root``'s FileList lists (-1: missing): a
+    dataset regenerated with the same FileList is other data. Sizes, not contents: hashing
+    every video would read the whole dataset at each resume."""
+    import hashlib
+
+    from ..data.datasets import read_records
+
+    h = hashlib.sha256()
+    for r in read_records(root, require_files=False):
+        size = r.path.stat().st_size if r.path.is_file() else -1
+        h.update(f"{r.name}\0{size}\0".encode())
+    return h.hexdigest()
+
+
+#: ef_inputs.json keys added after the first release of the file: compared only when recorded
+_LATER_KEYS = ("train videos", "val videos", "test videos")
+
+
 def _input_digests(cfg: EFConfig) -> dict[str, str | None]:
     from ..fsutil import sha256_file
 
-    files = {
-        "train FileList.csv": Path(cfg.train) / "FileList.csv",
-        "val FileList.csv": Path(cfg.val or cfg.test) / "FileList.csv",
-        "test FileList.csv": Path(cfg.test) / "FileList.csv",
-    }
+    roots = {"train": Path(cfg.train), "val": Path(cfg.val or cfg.test), "test": Path(cfg.test)}
+    files = {f"{k} FileList.csv": root / "FileList.csv" for k, root in roots.items()}
     if cfg.init_weights:
         files["init weights"] = Path(cfg.init_weights)
-    return {k: sha256_file(p) if p.is_file() else None for k, p in files.items()}
+    digests = {k: sha256_file(p) if p.is_file() else None for k, p in files.items()}
+    return digests | {f"{k} videos": _videos_digest(root) for k, root in roots.items()}
 
 
 def _check_inputs(path: Path, cfg: EFConfig) -> None:
     """Refuse to resume or return the results of ``path``'s evaluation when the files it read
-    changed since (folders written before echofast recorded them have no such file)."""
+    changed since (folders written before echofast recorded them have no such file; those
+    written before the videos were recorded are checked for the rest)."""
     if not path.is_file():
         return
     old, now = json.loads(path.read_text()), _input_digests(cfg)
-    changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    keys = set(old) | set(now).difference(_LATER_KEYS)
+    changed = sorted(k for k in keys if old.get(k) != now.get(k))
     if changed:
         raise EvaluationConflict(
             f"{path.parent} holds an EF evaluation of other data: {', '.join(changed)} changed "

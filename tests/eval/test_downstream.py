@@ -366,8 +366,26 @@ def test_finished_evaluation_of_data_changed_since_is_refused(small_phantoms, tm
     shutil.copytree(small_phantoms, root)
     cfg = _small_cfg(root, tmp_path / "out", epochs=1)
     first = run_ef_evaluation(cfg)
-    inputs = json.loads((tmp_path / "out" / "ef_inputs.json").read_text())
-    assert set(inputs) == {"train FileList.csv", "val FileList.csv", "test FileList.csv"}
+    recorded = tmp_path / "out" / "ef_inputs.json"
+    inputs = json.loads(recorded.read_text())
+    assert set(inputs) == {
+        f"{k} {what}" for k in ("train", "val", "test") for what in ("FileList.csv", "videos")
+    }
+    # a video regenerated under its name, with the same FileList
+    video = next(p for p in sorted((root / "Videos").iterdir()) if p.suffix == ".avi")
+    saved = video.read_bytes()
+    video.write_bytes(saved + b"\0")
+    with pytest.raises(
+        EvaluationConflict, match=r"other data: test videos, train videos, val videos changed"
+    ):
+        run_ef_evaluation(cfg)
+    # a folder recorded before the videos were: checked for the rest, and it still returns
+    older = {k: v for k, v in inputs.items() if not k.endswith(" videos")}
+    recorded.write_text(json.dumps(older))
+    assert run_ef_evaluation(cfg) == first
+    video.write_bytes(saved)
+    recorded.write_text(json.dumps(inputs))
+    assert run_ef_evaluation(cfg) == first
     filelist = root / "FileList.csv"
     rows = read_filelist(filelist)
     rows[0].update(EF=str(float(rows[0]["EF"]) + 1))
@@ -377,7 +395,10 @@ def test_finished_evaluation_of_data_changed_since_is_refused(small_phantoms, tm
         match=r"other data: test FileList.csv, train FileList.csv, val FileList.csv changed",
     ):
         run_ef_evaluation(cfg)
-    (tmp_path / "out" / "ef_inputs.json").unlink()
+    recorded.write_text(json.dumps(older))
+    with pytest.raises(EvaluationConflict, match=r"other data: test FileList.csv, train"):
+        run_ef_evaluation(cfg)
+    recorded.unlink()
     assert run_ef_evaluation(cfg) == first
 
 
