@@ -55,6 +55,22 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` with the tracebacks of it and of its causes and contexts dropped. The cached
+    failure lives as long as the process: a traceback would keep the first caller's frames, and
+    every object their locals hold, alive with it (a torch.distributed process group among
+    them once kept its TCPStore thread running after ``destroy_process_group``)."""
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        pending += [e.__cause__, e.__context__]
+    return exc
+
+
 def load() -> ModuleType:
     """Return the extension module, importing it on first call.
 
@@ -74,7 +90,7 @@ def load() -> ModuleType:
                         )
                     _module = importlib.import_module(EXTENSION)
                 except ImportError as exc:
-                    _failure = exc
+                    _failure = _without_frames(exc)
     if _module is not None:
         return _module
     assert _failure is not None

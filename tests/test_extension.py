@@ -385,6 +385,33 @@ def test_the_first_outcome_is_kept(fresh_loader, monkeypatch):
     assert calls == ["echofast._C"]
 
 
+def test_the_cached_failure_keeps_no_caller_alive(fresh_loader):
+    """The failure is cached for the process; its traceback would keep the first caller's
+    frames and their locals alive (with torch 2.5 a DDP job's process group and its TCPStore
+    thread outlived destroy_process_group that way)."""
+    import gc
+    import weakref
+
+    calls, outcome = fresh_loader
+    cause = ImportError("libfoo.so: undefined symbol: bar")
+    cause.__context__ = KeyError("earlier")
+    outcome["result"] = cause
+
+    class Held:
+        pass
+
+    def first_caller() -> weakref.ref:
+        held = Held()
+        assert not _ext.available()
+        return weakref.ref(held)
+
+    ref = first_caller()
+    gc.collect()
+    assert ref() is None
+    assert cause.__traceback__ is None and cause.__context__.__traceback__ is None
+    assert _unavailable().__cause__ is cause and calls == ["echofast._C"]
+
+
 @pytest.mark.parametrize(
     "error, reason",
     [
