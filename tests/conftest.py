@@ -53,14 +53,14 @@ def pytest_collection_modifyitems(config, items):
 
     ``ECHOFAST_TEST_SHARD=i/n`` keeps every n-th test from the i-th (0-based) and deselects the
     rest: n processes with i = 0..n-1 run each test once (tests/test_triton_suite.py runs the
-    interpreter's tests so, one process per CPU)."""
+    interpreter's tests so, one process per CPU; .ci/run the oldest environment's tests)."""
     unmarked = unmarked_gpu_tests(items)
     if unmarked:
         raise pytest.UsageError(
             "tests skipped without a GPU but not marked @pytest.mark.gpu (the GPU session selects "
             "-m gpu): " + ", ".join(unmarked[:10]) + (" ..." if len(unmarked) > 10 else "")
         )
-    shard = os.environ.get("ECHOFAST_TEST_SHARD")
+    shard = os.environ.pop("ECHOFAST_TEST_SHARD", None)  # not for pytest runs the tests start
     if shard:
         index, count = parse_shard(shard)
         config.hook.pytest_deselected(
