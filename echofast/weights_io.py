@@ -146,7 +146,8 @@ def check_state_dict(
 ) -> None:
     """Raise :class:`WeightsError` naming ``source`` (and the key) unless ``state`` fits
     ``module`` strictly: no missing key (except those for which ``optional(key)`` holds), no
-    unexpected key, the module's shapes, finite floating-point values. Works on meta modules."""
+    unexpected key, the module's shapes, floating-point values (finite ones) where the module
+    holds floating-point ones. Works on meta modules."""
     expected = module.state_dict(keep_vars=True)
     name = type(module).__name__
     missing = sorted(k for k in set(expected) - set(state) if not optional(k))
@@ -166,6 +167,11 @@ def check_state_dict(
             raise WeightsError(
                 f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
                 f"{name} expects {tuple(ref.shape)}"
+            )
+        if ref.is_floating_point() and not tensor.is_floating_point():
+            raise WeightsError(
+                f"{source}: key {key!r} holds {str(tensor.dtype).removeprefix('torch.')} "
+                f"values, {name} expects floating-point ones"
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")

@@ -139,6 +139,20 @@ def test_non_finite(vae_dir, value):
         VAE.from_pretrained(vae_dir)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex64])
+def test_a_weight_that_is_not_floating_point_is_named(vae_dir, dtype):
+    """An integer (or bool, complex) tensor where the model holds floats is a WeightsError
+    naming the file, the key and its dtype (it was torch's RuntimeError from load_state_dict
+    with assign=True)."""
+    key = "decoder.conv_in.bias"
+    _edit_weights(vae_dir, lambda s: s.__setitem__(key, s[key].round().to(dtype)))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        WeightsError, match=rf"{WEIGHTS}: key '{key}' holds {name} values, VAE expects floating"
+    ):
+        VAE.from_pretrained(vae_dir)
+
+
 def test_corrupt_safetensors(vae_dir):
     (vae_dir / WEIGHTS).write_bytes(b"\x00" * 20)
     with pytest.raises(WeightsError, match=f"{WEIGHTS}: cannot read safetensors"):
