@@ -138,7 +138,9 @@ def read_records(
 
     With ``require_files`` rows whose file does not exist are skipped (as the reference does).
     The file is UTF-8, with or without a byte order mark (as spreadsheet programs save it).
-    Raises :class:`DatasetError` naming the file for a missing or malformed FileList.csv.
+    Raises :class:`DatasetError` naming the file for a missing or malformed FileList.csv, and
+    for two rows naming the same video (``a`` and ``a.avi`` too), whatever their splits: the
+    video would be counted twice, or be in two splits.
     """
     root = Path(root)
     path = Path(filelist) if filelist is not None else root / "FileList.csv"
@@ -155,10 +157,18 @@ def read_records(
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
     wanted = _split_set(split)
     records = []
+    seen: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
         name = strip_avi((row.get("FileName") or "").strip())
         if not name:
             continue
+        if name in seen:
+            first = rows[seen[name] - 1].get("FileName")
+            raise DatasetError(
+                f"{path}: FileName {row.get('FileName')!r} (row {number}) names the same video "
+                f"as {first!r} (row {seen[name]}); list each video once"
+            )
+        seen[name] = number
         split_name = normalize_split(row.get("Split") or "")
         if wanted is not None and split_name not in wanted:
             continue

@@ -176,17 +176,11 @@ def _write_filelist(out: Path, columns: list[str], rows: list[dict]) -> None:
 
 def _check_names(filelist: Path, records: Sequence[VideoRecord]) -> None:
     """Refuse FileNames that are not plain file names (they would read and write outside the
-    dataset folders) and FileNames naming the same video twice (``a`` and ``a.avi`` too)."""
-    seen: dict[str, str] = {}
+    dataset folders); :func:`read_records` refuses two naming the same video."""
     for rec in records:
         given = rec.row.get("FileName")
         if rec.name in (".", "..") or any(c in rec.name for c in "/\\\0"):
             raise DatasetError(f"{filelist}: FileName {given!r} is not a plain file name")
-        if rec.name in seen:
-            raise DatasetError(
-                f"{filelist}: FileName {given!r} names the same video as {seen[rec.name]!r}"
-            )
-        seen[rec.name] = given
 
 
 def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> EncodeSummary:

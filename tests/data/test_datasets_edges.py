@@ -3,6 +3,7 @@ with a phase offset, window starts, frame-rate precedence, short clips, FrameDat
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from echofast.data import (
     window_indices,
     write_filelist,
 )
-from echofast.data.datasets import normalize_split, strip_avi, to_model_pixels
+from echofast.data.datasets import DatasetError, normalize_split, strip_avi, to_model_pixels
 from echofast.io import read_video, write_video
 
 
@@ -38,6 +39,33 @@ def test_strip_avi_and_folds_any_spelling(tmp_path):
     (tmp_path / "FileList.csv").write_text("FileName,Split\nclip.AVI,7\n")
     recs = read_records(tmp_path, "TRAIN")
     assert [(r.name, r.split, r.path.name) for r in recs] == [("clip", "TRAIN", "clip.avi")]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ["a,TRAIN", "b,TEST", "a,TRAIN"],
+            "FileName 'a' (row 3) names the same video as 'a' (row 1)",
+        ),
+        (
+            ["a,TRAIN", "a.avi,TEST"],
+            "FileName 'a.avi' (row 2) names the same video as 'a' (row 1)",
+        ),
+    ],
+)
+@pytest.mark.parametrize("split", ["TEST", None])
+def test_a_video_listed_twice_is_refused_naming_both_rows(tmp_path, lines, message, split):
+    """Every reader (training, evaluate ef, metrics, privacy) counted such a video twice, or
+    had it in two splits; encode alone refused it."""
+    (tmp_path / "Videos").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "Videos" / f"{name}.avi").write_bytes(b"")
+    (tmp_path / "FileList.csv").write_text("FileName,Split\n" + "\n".join(lines) + "\n")
+    with pytest.raises(
+        DatasetError, match=re.escape(f"FileList.csv: {message}; list each video once")
+    ):
+        read_records(tmp_path, split, require_files=False)
 
 
 def test_resample_with_offset_drops_indices_past_the_end():
