@@ -62,6 +62,7 @@ from ..fsutil import atomic_folder, atomic_write
 from ..models.provenance import EXPORT_INFO_NAME
 from ..rng import sample_seed
 from ..schedulers import CONFIG_NAME as SCHEDULER_CONFIG_NAME
+from ..weights_io import check_state_dict
 from .config import RESUMABLE_CHANGES, TrainConfig, config_changes, config_from_dict, save_config
 from .ema import EMA
 from .objectives import build_objective
@@ -452,6 +453,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: checkpoint version {state.get('version')} (this echofast reads "
             f"{CHECKPOINT_VERSION})"
         )
+    bad = [
+        key for key in ("config", "model_config", "model") if not isinstance(state.get(key), dict)
+    ]
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        bad.append("step")
+    ema = state.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("shadow"), dict)):
+        bad.append("ema")
+    if bad:
+        raise TrainingConflict(
+            f"{path}: checkpoint entries {bad} are missing or malformed (not a checkpoint that "
+            "echofast wrote whole)"
+        )
     return state
 
 
@@ -559,10 +573,11 @@ def export_checkpoint(
     model loading ignores the file.
 
     ``weights``: ``"ema"`` (the released weights; falls back to the model's weights when the run
-    had no EMA) or ``"model"`` (the raw trained weights). Which were written, the checkpoint and
-    its step are recorded in the folder's ``echofast_export.json``
-    (:mod:`echofast.models.provenance`), with the VAE of the training latents (checked when a
-    pipeline loads the folder beside a VAE).
+    had no EMA) or ``"model"`` (the raw trained weights); weights that do not fit the model, or
+    hold NaN or inf, are refused (:class:`WeightsError` naming the checkpoint and the key) before
+    anything is written. Which were written, the checkpoint and its step are recorded in the
+    folder's ``echofast_export.json`` (:mod:`echofast.models.provenance`), with the VAE of the
+    training latents (checked when a pipeline loads the folder beside a VAE).
 
     ``out`` must be missing, empty, or hold an export of the same model (same class and
     architecture: e.g. an earlier export of this run), which is replaced. Another model folder is
@@ -579,12 +594,10 @@ def export_checkpoint(
     if state["config"]["model"]["type"] in ("lidm", "lvdm"):
         source = f"{checkpoint} (config)"
         noise_scheduler = config_from_dict(state["config"], source=source).noise_scheduler(source)
-    model.load_state_dict(state["model"])
-    written = "model"
-    if weights == "ema" and state.get("ema") is not None:
-        shadow = state["ema"]["shadow"]
-        model.load_state_dict({**state["model"], **shadow})
-        written = "ema"
+    written = "ema" if weights == "ema" and state.get("ema") is not None else "model"
+    chosen = {**state["model"], **state["ema"]["shadow"]} if written == "ema" else state["model"]
+    check_state_dict(model, chosen, f"{checkpoint} ({written} weights)")
+    model.load_state_dict(chosen)
     out = Path(out)
     _export_target(out, cls.diffusers_class, dict(model.config), overwrite)
     info = {

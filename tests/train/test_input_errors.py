@@ -14,7 +14,7 @@ from train.test_training import make_config
 
 from echofast.cli import main
 from echofast.data import write_filelist
-from echofast.errors import ConfigError, EchofastError, NonFiniteError
+from echofast.errors import ConfigError, EchofastError, NonFiniteError, WeightsError
 from echofast.train import export_checkpoint, train
 from echofast.train.config import load_config
 from echofast.train.loop import TrainingConflict
@@ -273,6 +273,47 @@ def test_checkpoints_that_are_not_ours_are_refused(lidm_run, tmp_path):
     with pytest.raises(TrainingConflict, match="torn.pt: cannot read checkpoint"):
         train(make_config(tmp_path / "run", "lidm", steps=3), resume=tmp_path / "torn.pt")
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "entry"),
+    [
+        (lambda s: s.pop("model"), "model"),
+        (lambda s: s.__setitem__("model", [1]), "model"),
+        (lambda s: s.__setitem__("step", "2"), "step"),
+        (lambda s: s["ema"].pop("shadow"), "ema"),
+    ],
+)
+def test_checkpoints_with_missing_entries_are_refused(lidm_run, tmp_path, edit, entry):
+    """They were KeyError or TypeError tracebacks."""
+    state = torch.load(lidm_run / "checkpoints" / "step-00000002.pt", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "torn.pt")
+    match = rf"torn.pt: checkpoint entries \['{entry}'\] are missing or malformed"
+    with pytest.raises(TrainingConflict, match=match):
+        export_checkpoint(tmp_path / "torn.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", ["ema", "model"])
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_export_refuses_weights_that_do_not_fit_and_keeps_the_earlier_export(
+    lidm_run, tmp_path, weights, bad
+):
+    """Non-finite EMA (or model) weights were exported, replacing the earlier export with a
+    folder that from_pretrained refuses; a wrong shape was torch's RuntimeError traceback."""
+    ckpt = lidm_run / "checkpoints" / "step-00000002.pt"
+    out = export_checkpoint(ckpt, tmp_path / "out", weights=weights)
+    before = _tree(out)
+    state = torch.load(ckpt, weights_only=True)
+    tensors = state["ema"]["shadow"] if weights == "ema" else state["model"]
+    key = "conv_in.weight"
+    tensors[key] = tensors[key].fill_(float("nan")) if bad == "nan" else torch.zeros(3)
+    torch.save(state, tmp_path / "bad.pt")
+    problem = "holds non-finite values" if bad == "nan" else r"has shape \(3,\), LIDM expects"
+    with pytest.raises(WeightsError, match=rf"bad.pt \({weights} weights\): key '{key}' {problem}"):
+        export_checkpoint(tmp_path / "bad.pt", out, weights=weights)
+    assert _tree(out) == before
 
 
 def test_export_refuses_bad_targets_and_weights(lidm_run, tmp_path):
