@@ -117,6 +117,12 @@ def _number(row: dict, key: str, kind: type) -> float | int | None:
     return kind(number) if math.isfinite(number) else None
 
 
+def _field_count(row: dict) -> int:
+    """The fields of a ``csv.DictReader`` row as the file has them: those of a short row are
+    None, those beyond the header are listed under the key None."""
+    return sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+
+
 def listed_splits(root: str | os.PathLike) -> str:
     """The splits ``root/FileList.csv`` lists, for messages about a split it has no rows of:
     ``"TEST, TRAIN"`` (a blank Split cell is ``(blank)``), or ``"none"``."""
@@ -146,19 +152,34 @@ def read_records(
     path = Path(filelist) if filelist is not None else root / "FileList.csv"
     if not path.is_file():
         raise DatasetError(f"{path}: no FileList.csv (is {root} an EchoNet-layout dataset?)")
+    columns: list[str] | None = None
+    rows: list[dict] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = {"FileName"} - set(reader.fieldnames or [])
+            columns = list(reader.fieldnames or [])
+            missing = {"FileName"} - set(columns)
             if missing:
                 raise DatasetError(f"{path}: FileList lacks column(s) {sorted(missing)}")
-            rows = list(reader)
+            for row in reader:
+                rows.append(row)
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
+    except csv.Error as err:
+        where = "the header" if columns is None else f"row {len(rows) + 1}"
+        raise DatasetError(
+            f"{path}: not a readable CSV file ({where}: {err}; an unmatched quote?)"
+        ) from None
     wanted = _split_set(split)
     records = []
     seen: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
+        fields = _field_count(row)
+        if fields != len(columns):
+            raise DatasetError(
+                f"{path}: row {number} (FileName {row.get('FileName')!r}) has {fields} fields, "
+                f"the header {len(columns)} (a truncated or hand-edited file?)"
+            )
         name = strip_avi((row.get("FileName") or "").strip())
         if not name:
             continue

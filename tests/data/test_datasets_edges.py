@@ -68,6 +68,35 @@ def test_a_video_listed_twice_is_refused_naming_both_rows(tmp_path, lines, messa
         read_records(tmp_path, split, require_files=False)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # cut short (an interrupted copy): the EF read 29.5 and the row had no split
+        (
+            "FileName,EF,Split\na,50,TRAIN\nb,29.5",
+            "row 2 (FileName 'b') has 2 fields, the header 3 (a truncated or hand-edited file?)",
+        ),
+        ("FileName,EF,Split\na,50,TRAIN,x\n", "row 1 (FileName 'a') has 4 fields, the header 3"),
+        # an unmatched quote swallows the rest of a long file into one field: csv.Error
+        (
+            'FileName,EF,Split\na,50,TRAIN\n"b,50,TRAIN\n' + "c,50,TRAIN\n" * 20000,
+            "not a readable CSV file (row 2: field larger than field limit (131072); an unmatched",
+        ),
+        ('"FileName' + "x" * 200000, "not a readable CSV file (the header: field larger than"),
+    ],
+)
+def test_a_malformed_csv_is_refused_naming_the_row(tmp_path, text, message):
+    (tmp_path / "FileList.csv").write_text(text)
+    with pytest.raises(DatasetError, match=re.escape(f"FileList.csv: {message}")):
+        read_records(tmp_path, None, require_files=False)
+
+
+def test_empty_cells_and_blank_lines_are_not_missing_fields(tmp_path):
+    (tmp_path / "FileList.csv").write_text("FileName,EF,Split\n\na,,\n\nb,50,TEST\n\n")
+    records = read_records(tmp_path, None, require_files=False)
+    assert [(r.name, r.ef, r.split) for r in records] == [("a", None, ""), ("b", 50.0, "TEST")]
+
+
 def test_resample_with_offset_drops_indices_past_the_end():
     rng = np.random.default_rng(0)
     for _ in range(200):
