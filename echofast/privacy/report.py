@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..figures import BLUE, GREEN, ORANGE, histogram_png, save_png, text_png
 from ..fsutil import atomic_write_text
-from .data import check_reference_shift_tolerance
+from .data import check_all_encoded, check_reference_shift_tolerance
 from .filter import (
     ClipScores,
     PrivacyError,
@@ -140,9 +140,13 @@ def setup_filter(
     calibration from ``cache``, a file :meth:`PrivacyFilter.save` wrote for the same reference and
     model: the caller's job identity guarantees those; a cache calibrated with another
     ``percentile``, ``frame_step`` or ``shift_tolerance`` is not used, calibration runs again).
-    ``shift_tolerance`` is checked against the reference's frame size first."""
+    ``shift_tolerance`` is checked against the reference's frame size first, and every TRAIN
+    and TEST video the reference lists must have its latent file (:func:`check_all_encoded`)
+    before the model's AUC may be measured on the TEST clips."""
     if not 0 <= auc_threshold <= 1:
         raise ValueError(f"the AUC threshold must be in [0, 1], got {auc_threshold}")
+    for split in ("TRAIN", "TEST"):
+        check_all_encoded(reference, split)
     shift_tolerance = check_reference_shift_tolerance(shift_tolerance, reference)
     model = load_model(
         model_dir, normalization=normalization, allow_pickle=allow_pickle, device=device

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from privacy.phantom_latents import write_random_latents
 
+from echofast.data.datasets import DatasetError
 from echofast.privacy import setup_filter
 from echofast.privacy.data import LatentClips
 from echofast.privacy.filter import ClipScores, evaluate_reid
@@ -153,6 +154,22 @@ def test_without_a_saved_evaluation_the_auc_is_the_test_splits(model_dir, refere
     want, _, _ = evaluate_reid(model, clips, seed=0, pairs_per_video=4)
     assert setup.model_info["test_auc"] == want.to_dict()
     assert "(6 clips, 4 seeded pairs per clip)" in setup.model_info["auc_source"]
+
+
+def test_test_videos_without_latents_are_named_before_the_auc_is_measured(
+    model_dir, reference, tmp_path
+):
+    """A reference listing TEST videos without their latent file is refused with that reason
+    (a video dataset passed as the reference, or an unfinished encode): the AUC measured on the
+    TEST clips came first and said 'split TEST has 1 clip(s) ...; pairs need at least 2'."""
+    bare = tmp_path / model_dir.name
+    shutil.copytree(model_dir, bare)
+    (bare / "evaluation.json").unlink()
+    partial = shutil.copytree(reference, tmp_path / "partial")
+    for k in range(1, 6):
+        (partial / "Latents" / f"test_{k}.safetensors").unlink()
+    with pytest.raises(DatasetError, match=r"5 of the 6 TEST videos it lists have no latent"):
+        setup_filter(bare, partial, auc_threshold=0.0)
 
 
 def test_a_report_holding_nan_is_refused_before_any_file(tmp_path):
