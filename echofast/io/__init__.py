@@ -3,6 +3,7 @@
 from .batch import VideoResult, read_videos
 from .pixels import PixelFormatError, frames_to_yuv, packed_to_frames, yuv_to_frames
 from .video import (
+    AVI_MAX_FPS,
     MJPEG_QSCALE,
     READ_CODECS,
     VideoDecodeError,
@@ -17,6 +18,7 @@ from .video import (
 from .writer import VideoWriter
 
 __all__ = [
+    "AVI_MAX_FPS",
     "MJPEG_QSCALE",
     "READ_CODECS",
     "PixelFormatError",

@@ -45,6 +45,15 @@ def test_stored_fps_edges():
     assert stored_fps(1 / 1001 * (1 + 2e-4)) == Fraction(1, 1001)  # within 0.1 %
 
 
+def test_the_avi_rate_limit_is_public_in_echofast_io():
+    """README, Video I/O: ``fps`` at most 1000 (``AVI_MAX_FPS``), a name of ``echofast.io``
+    (``from echofast.io import AVI_MAX_FPS`` raised ImportError)."""
+    import echofast.io
+
+    assert "AVI_MAX_FPS" in echofast.io.__all__
+    assert echofast.io.AVI_MAX_FPS == video_module.AVI_MAX_FPS == 1000
+
+
 def test_write_refuses_odd_width_and_takes_upper_case_suffix(tmp_path):
     frames = torch.zeros((2, 16, 16), dtype=torch.uint8)
     with pytest.raises(VideoEncodeError, match="even") as excinfo:
