@@ -125,8 +125,8 @@ def main_train(argv: list[str]) -> int:
         print(f"{folder}: wrote {written} weights of {a.checkpoint}{note}")
         return 0
 
-    overrides = list(a.set) + (["train.progress=false"] if a.no_progress else [])
-    cfg = load_config(a.config, a.command, overrides)
+    flags = ["train.progress=false"] if a.no_progress else []
+    cfg = load_config(a.config, a.command, a.set, flags=flags)
     summary = train(cfg, resume=a.resume)
     if int(os.environ.get("RANK", "0")) == 0 and summary["steps_trained"] == 0:
         print(

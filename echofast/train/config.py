@@ -727,20 +727,27 @@ def load_config(
     path: str | os.PathLike,
     model_type: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    flags: list[str] | tuple[str, ...] = (),
 ) -> TrainConfig:
     """Read a config file (or a packaged one by name, see :func:`config_path`), apply
     ``key=value`` overrides (TOML values), resolve defaults. Errors name the file, and the
-    overrides when there are some."""
-    data, source = read_config_with_overrides(path, overrides)
+    overrides when there are some. ``flags``: overrides that the command's own options stand
+    for (``--no-progress``: ``train.progress=false``), applied last and not named as ``--set``
+    values."""
+    data, source = read_config_with_overrides(path, overrides, flags=flags)
     return config_from_dict(data, model_type, source=source)
 
 
 def read_config_with_overrides(
-    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    flags: list[str] | tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], str]:
     """The raw dict of a config file (or a packaged one by name, see :func:`config_path`) with
-    ``key=value`` overrides applied, and its source for messages (the file, and the overrides
-    when there are some)."""
+    ``key=value`` overrides, then ``flags`` (see :func:`load_config`), applied, and its source for
+    messages (the file, and the overrides when there are some)."""
     path = config_path(path)
     try:
         data = read_config_file(path)
@@ -749,7 +756,7 @@ def read_config_with_overrides(
             raise
         names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml"))
         raise ConfigError(f"{err} (nor is it a packaged config: {', '.join(names)})") from None
-    for item in overrides:
+    for item in (*overrides, *flags):
         apply_override(data, item)
     return data, str(path) + (f" with --set {' '.join(overrides)}" if overrides else "")
 

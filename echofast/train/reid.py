@@ -289,12 +289,16 @@ def _validate(cfg: ReidConfig, source: str) -> None:
 
 
 def load_reid_config(
-    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    flags: list[str] | tuple[str, ...] = (),
 ) -> ReidConfig:
     """Read a config file, or a packaged one by name (``reid``, ``reid_phantom``: see
     :func:`~echofast.train.config.config_path`), and apply ``key=value`` overrides. Errors name
-    the file, and the overrides when there are some."""
-    data, source = read_config_with_overrides(path, overrides)
+    the file, and the overrides when there are some; ``flags`` as in
+    :func:`~echofast.train.config.load_config`."""
+    data, source = read_config_with_overrides(path, overrides, flags=flags)
     return reid_config_from_dict(data, source=source)
 
 
@@ -631,8 +635,8 @@ def main_train_reid(argv: list[str]) -> int:
     )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    overrides = list(a.set) + (["train.progress=false"] if a.no_progress else [])
-    cfg = load_reid_config(a.config, overrides)
+    flags = ["train.progress=false"] if a.no_progress else []
+    cfg = load_reid_config(a.config, a.set, flags=flags)
     s = train_reid(cfg, resume=a.resume)
     print(
         f"{cfg.output_dir}: {s['epochs']} epoch(s), best val loss {s['best_val_loss']:.5g} "

@@ -89,3 +89,26 @@ def test_a_name_that_is_neither_lists_the_packaged_configs(tmp_path, monkeypatch
     )
     with pytest.raises(ConfigError, match=r"^sub/lidm: config file does not exist$"):
         load_config("sub/lidm", "lidm")
+
+
+@pytest.mark.parametrize(
+    "command, settings, message",
+    [
+        ("lidm", '"model": {"type": "lidm"}, "optim": {"lr": -1}', "'optim.lr'"),
+        ("reid", '"optim": {"lr": -1}', "'optim.lr'"),
+    ],
+)
+@pytest.mark.parametrize("user_set", [[], ["seed=3"]])
+def test_no_progress_is_not_named_as_a_set_value(tmp_path, command, settings, message, user_set):
+    """``--no-progress`` is the command's own option: a config error names the file and the
+    user's ``--set`` values only (it said 'c.json with --set train.progress=false' to a user who
+    had typed no --set)."""
+    from echofast.train import main_train
+
+    path = tmp_path / "c.json"
+    path.write_text(f'{{"data": {{"root": "r"}}, {settings}}}')
+    sets = [arg for value in user_set for arg in ("--set", value)]
+    with pytest.raises(ConfigError, match=message) as err:
+        main_train([command, "--config", str(path), *sets, "--no-progress"])
+    named = f"{path} with --set {' '.join(user_set)}: " if user_set else f"{path}: "
+    assert str(err.value).startswith(named)
