@@ -181,6 +181,11 @@ class Shard:
         return [owned[s : s + batch_size] for s in range(0, len(owned), batch_size)]
 
 
+UNRECORDED_DEFAULTS = {"decode_dtype": "float32", "privacy_shift_tolerance": 0}
+"""Arguments that ``generation.json`` leaves out at these values (folders written before the
+options existed resume unchanged); a conflict message shows the value, not "absent"."""
+
+
 @dataclass
 class GenerateConfig:
     """Arguments of a generation job. All but ``NON_IDENTITY`` define the dataset: resuming with a
@@ -295,10 +300,9 @@ class GenerateConfig:
         ident["weights_sha256"] = weights_sha
         ident["device_type"] = torch.device(self.device).type
         # datasets from before these options existed resume unchanged
-        if self.decode_dtype == "float32":
-            ident.pop("decode_dtype")
-        if ident.get("privacy_shift_tolerance") == 0:
-            ident.pop("privacy_shift_tolerance")
+        for key, default in UNRECORDED_DEFAULTS.items():
+            if key in ident and ident[key] == default:
+                ident.pop(key)
         return ident
 
 
@@ -824,6 +828,11 @@ def _unstarted(folder: Path, own: Shard | None) -> bool:
     return names <= {MANIFEST, STATE_DIR, "Videos"} and not _others_running(folder, own)
 
 
+def _shown(key: str, value: object) -> object:
+    """An argument's value in a conflict message: an unrecorded default as that default."""
+    return UNRECORDED_DEFAULTS.get(key) if value is None else value
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """``(dotted key, old value, new value)`` of every value that differs, sorted; nested dicts
     (e.g. the weights' digests per model) are compared key by key (None: absent)."""
@@ -854,7 +863,10 @@ def _prepare(folder: Path, manifest: dict, own: Shard | None = None) -> int | No
             if not diff:
                 _other_batch_size(existing, recorded, given, own)
                 return recorded
-            lines = "\n".join(f"  {k}: folder has {a!r}, this run asks {b!r}" for k, a, b in diff)
+            lines = "\n".join(
+                f"  {k}: folder has {_shown(k, a)!r}, this run asks {_shown(k, b)!r}"
+                for k, a, b in diff
+            )
             raise GenerationConflict(
                 f"{folder} holds a dataset generated with other arguments; refusing to mix or "
                 f"overwrite it (use another --out):\n{lines}"

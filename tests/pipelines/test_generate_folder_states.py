@@ -107,10 +107,23 @@ def test_a_started_job_is_not_taken_over_by_other_arguments(weights_root, tmp_pa
 
 
 def test_a_dataset_of_reduced_decode_precision_is_not_resumed_in_float32(weights_root, tmp_path):
+    """The message names the run's float32 (the default, which generation.json leaves out: it
+    said 'this run asks None')."""
     out = tmp_path / "ds"
     _generate(weights_root, out, decode_dtype="bfloat16", num_videos=2)
-    with pytest.raises(GenerationConflict, match="decode_dtype: folder has 'bfloat16'.* None"):
+    with pytest.raises(
+        GenerationConflict, match="decode_dtype: folder has 'bfloat16', this run asks 'float32'$"
+    ):
         _generate(weights_root, out, num_videos=2)
+    manifest = json.loads((out / "generation.json").read_text())
+    assert manifest["arguments"]["decode_dtype"] == "bfloat16"
+    other = tmp_path / "other"
+    _generate(weights_root, other, num_videos=2)
+    assert "decode_dtype" not in json.loads((other / "generation.json").read_text())["arguments"]
+    with pytest.raises(
+        GenerationConflict, match="decode_dtype: folder has 'float32', this run asks 'float16'$"
+    ):
+        _generate(weights_root, other, decode_dtype="float16", num_videos=2)
 
 
 def test_resuming_a_half_done_batch_journals_each_video_once(weights_root, tmp_path):
