@@ -4,7 +4,8 @@ Output (read by :class:`echofast.data.LatentVideoDataset` / :class:`LatentFrameD
 
     <out>/Latents/<FileName>.safetensors   key "latents": float32 (T, 4, h, w) = posterior mean
                                            × scaling_factor (112×112 frames → 4×14×14); metadata
-                                           fps, frames, source, scaling_factor, vae_sha256
+                                           fps, frames, source, scaling_factor, vae_sha256,
+                                           source_sha256 (of the video file)
     <out>/FileList.csv                     the input rows of the encoded videos (all columns),
                                            FPS and NumberOfFrames set to the decoded video's
     <out>/encode.json                      VAE digest, scaling_factor, dtype, conventions
@@ -15,11 +16,13 @@ stores ``latent_dist.sample()`` (a random draw); echofast stores the posterior *
 project's brief asks.
 
 Resumable: every file appears atomically (temp file + fsync + rename), so an existing readable
-file is a finished video and is skipped; FileList.csv is rewritten at the end from every
-finished file. A folder encoded with another VAE or dtype is refused, and so, before anything
-is written, is an input none of whose listed videos exists (a latent dataset, say). A video that
-cannot be decoded (``VideoDecodeError``) is recorded, the others are still encoded, and the run
-ends with the list of failures (``main_encode`` exits 1).
+file is a finished video and is skipped, unless it records (``source_sha256``) another video than
+the one the input holds now (a dataset regenerated or replaced under the same names: encoded
+again); FileList.csv is rewritten at the end from every finished file. A folder encoded with
+another VAE or dtype is refused, and so, before anything is written, is an input none of whose
+listed videos exists (a latent dataset, say). A video that cannot be decoded
+(``VideoDecodeError``) is recorded, the others are still encoded, and the run ends with the list
+of failures (``main_encode`` exits 1).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from .datasets import (
 from .echonet import number_text
 
 MANIFEST = "encode.json"
+SOURCE_SHA_KEY = "source_sha256"
+"""Latent file metadata: SHA-256 of the video it was encoded from."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -125,8 +130,9 @@ def encode_frames(
     return torch.cat(out, 0).contiguous()
 
 
-def _finished(path: Path) -> tuple[float, int] | None:
-    """(fps, frames) of a complete latent file, None if absent or unreadable."""
+def _finished(path: Path, source_sha256: str | None = None) -> tuple[float, int] | None:
+    """(fps, frames) of a complete latent file, None if absent or unreadable, or if it records
+    the digest of a source video other than ``source_sha256`` (the input's video changed)."""
     if not path.is_file():
         return None
     try:
@@ -134,8 +140,12 @@ def _finished(path: Path) -> tuple[float, int] | None:
 
         with safe_open(str(path), framework="pt") as fh:
             shape = fh.get_slice(LATENT_KEY).get_shape()
-            fps = float((fh.metadata() or {}).get("fps", "nan"))
+            meta = fh.metadata() or {}
+            fps = float(meta.get("fps", "nan"))
     except Exception:  # noqa: BLE001 - a torn or foreign file is simply redone
+        return None
+    recorded = meta.get(SOURCE_SHA_KEY)
+    if recorded is not None and source_sha256 is not None and recorded != source_sha256:
         return None
     return (fps, int(shape[0])) if len(shape) == 4 else None
 
@@ -241,7 +251,8 @@ def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> Enc
     bar = tqdm(records, unit="video", desc="encode", disable=not cfg.progress)
     for rec in bar:
         target = out / LATENTS_DIR / f"{rec.name}{LATENT_SUFFIX}"
-        done = _finished(target)
+        source_sha = sha256_file(rec.path) if rec.path.is_file() else None
+        done = _finished(target, source_sha)
         if done is None:
             try:
                 frames, fps = read_video(rec.path)
@@ -266,6 +277,7 @@ def encode_dataset(cfg: EncodeConfig, vae: torch.nn.Module | None = None) -> Enc
                 "source": rec.name,
                 "scaling_factor": repr(scale),
                 "vae_sha256": digest,
+                SOURCE_SHA_KEY: source_sha,
             }
             atomic_write(
                 target, lambda tmp, t=latents, m=meta: save_file({LATENT_KEY: t}, tmp, metadata=m)

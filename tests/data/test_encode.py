@@ -16,6 +16,7 @@ from echofast.data import LatentFrameDataset, LatentVideoDataset, write_filelist
 from echofast.data.datasets import DatasetError
 from echofast.data.echonet import read_filelist
 from echofast.data.encode import EncodeConflict, main_encode
+from echofast.fsutil import sha256_file
 from echofast.io import read_video, write_video
 
 SPEC = [("v0", 7, 50.0, "TRAIN"), ("v1.avi", 5, 32.0, "TRAIN"), ("v2", 6, 30.0, "VAL")]
@@ -100,6 +101,30 @@ def test_resume_skips_finished_videos(tiny_vae, videos, tmp_path, capsys):
     assert (out / "Latents" / "v0.safetensors").stat().st_mtime_ns == stamps["v0.safetensors"]
     assert _latents(out / "Latents" / "v2.safetensors")[0].shape == (6, 4, 8, 8)
     assert not list((out / "Latents").glob(".*.tmp"))
+
+
+def test_resume_encodes_again_a_video_replaced_under_its_name(tiny_vae, videos, tmp_path, capsys):
+    """A dataset regenerated (or replaced) under the same FileNames and encoded again into the
+    same --out: the changed video is encoded again, the others kept (its old latents were kept
+    as 'already done', beside the new FileList row's EF)."""
+    vae_dir, ref = tiny_vae
+    out = tmp_path / "lat"
+    assert _encode(vae_dir, videos, out) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "Latents").iterdir()}
+    frames = np.full((7, 16, 16), 200, dtype=np.uint8)
+    write_video(videos / "Videos" / "v0.avi", frames, 50.0)
+    capsys.readouterr()
+    assert _encode(vae_dir, videos, out) == 0
+    assert "encoded 1 video(s) in" in capsys.readouterr().out
+    got, meta = _latents(out / "Latents" / "v0.safetensors")
+    decoded, _ = read_video(videos / "Videos" / "v0.avi")
+    x = (decoded.float() / 128 - 1)[:, None].repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mean * ref.config.scaling_factor
+    assert rel_err(got, want) <= 1e-5
+    assert meta["source_sha256"] == sha256_file(videos / "Videos" / "v0.avi")
+    for name in ("v1.safetensors", "v2.safetensors"):
+        assert (out / "Latents" / name).stat().st_mtime_ns == stamps[name]
 
 
 def test_corrupt_video_is_reported_and_others_encoded(tiny_vae, videos, tmp_path, capsys):
