@@ -153,3 +153,24 @@ def test_input_add_is_added_before_normalising(rows):
     assert torch.autograd.gradcheck(
         lambda xx, aa: group_norm(xx, 4, w, None, activation="silu", add=aa), (x, add)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rounds_once(dtype):
+    """A float16/bfloat16 input with an ``add``, affine and modulation is computed in fp32 and
+    rounded once: within one unit in the last place of the fp64 result, where adding ``add``, or
+    modulating, in the input's dtype is off by tens of them."""
+    g = torch.Generator().manual_seed(11)
+    n, c, frames = 6, 12, 3
+    x = (torch.randn(n, c, 5, 7, generator=g) * 2 + 0.5).to(dtype)
+    add = (torch.randn(n // frames, c, generator=g) * 4).to(dtype)
+    w, b = (torch.randn(c, generator=g).to(dtype) for _ in range(2))
+    scale, shift = (torch.randn(n, c, generator=g).to(dtype) for _ in range(2))
+    out = group_norm(
+        x, 4, w, b, activation="silu", scale=scale, shift=shift, add=add, backend="torch"
+    )
+    full = x.double() + add.double().repeat_interleave(frames, dim=0)[:, :, None, None]
+    ref = _oracle(full, 4, w, b, 1e-5, "silu", scale, shift)
+    assert out.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.abs() + 1e-5
+    assert ((out.double() - ref).abs() <= ulp).all()
