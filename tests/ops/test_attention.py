@@ -65,6 +65,19 @@ def test_fp16_reference_error_bounded():
     assert (out.double() - ref).abs().max().item() <= 4 * torch.finfo(torch.float16).eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_reference_rounds_once(dtype):
+    """The reference's scores, softmax and product are fp32 and the output rounded once: within
+    one unit in the last place of the fp64 result, where scores in the input's dtype are off by
+    hundreds of them (large scores: q and k of standard deviation 3)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = ((torch.randn(2, 3, 29, 24, generator=g) * s).to(dtype) for s in (3, 3, 1))
+    out = attention(q, k, v, backend="torch")
+    ref = _oracle(q, k, v)
+    assert out.dtype == dtype
+    assert ((out.double() - ref).abs() <= torch.finfo(dtype).eps * ref.abs() + 1e-5).all()
+
+
 def test_context_forcing_reaches_models():
     q = torch.randn(1, 1, 5, 8)
     with use_backend(attention="torch"):
