@@ -437,6 +437,22 @@ def test_finite_watch_reports_the_earliest_step(deferred_on_cpu, steps):
     clean.check()
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred"])
+def test_the_first_of_several_non_finite_samples_is_named(monkeypatch, deferred):
+    """Two samples going non-finite at the same step: the error names the first of them in the
+    batch, whether checked at once or recorded and checked after the loop."""
+    if deferred:
+        monkeypatch.setattr(common, "DEFERRED_CHECK_DEVICES", frozenset({"cpu", "cuda"}))
+    watch = common.FiniteWatch("x", [10, 11, 12, 13], torch.device("cpu"))
+    assert watch.deferred == deferred
+    x = torch.zeros(4, 3)
+    watch.update(x, 0)
+    x[1, 0], x[3, 2] = float("nan"), float("inf")
+    with pytest.raises(NonFiniteError, match="x of sample 11 is not finite at step 1$"):
+        watch.update(x, 1)
+        watch.check()
+
+
 def test_staged_noise_draws_the_seed_contract_numbers():
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     same = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
