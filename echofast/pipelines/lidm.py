@@ -93,9 +93,10 @@ class LIDMPipeline(SamplingPipeline):
 
         ``generator``: one per image; or ``seed`` (+ optional global ``sample_indices``) from
         which per-sample generators are derived by :func:`echofast.rng.sample_seed` (stream
-        ``"lidm"``). ``output_type``: "latent", or also decoded previews as "pt" (N, 1, H, W)
-        float in [0, 1], "np" (N, H, W, 1) float, "pil" (grayscale images, uint8 reference
-        rounding). ``dtype``: UNet autocast precision (reduced precision on CUDA only).
+        ``"lidm"``); with neither, ``seed=0`` (a call is reproducible by default).
+        ``output_type``: "latent", or also decoded previews as "pt" (N, 1, H, W) float in [0, 1],
+        "np" (N, H, W, 1) float, "pil" (grayscale images, uint8 reference rounding).
+        ``dtype``: UNet autocast precision (reduced precision on CUDA only).
         ``cuda_graphs``: None (default): CUDA graphs where they can be captured, else eager
         calls; True: graphs or :class:`~echofast.errors.BackendUnavailable` with every reason;
         False: eager.

@@ -89,6 +89,10 @@ def test_pipelines_seed_each_sample_from_its_own_stream(pipes):
     assert torch.equal(got, want)
     other = lvdm(cond, ef, generator=sample_generators(seed, indices[:2], "lidm"), **kw).latents
     assert not torch.allclose(got, other)
+    assert torch.equal(
+        lvdm(cond, ef, **kw).latents,
+        lvdm(cond, ef, generator=sample_generators(0, [0, 1], "lvdm"), **kw).latents,
+    )
 
 
 def _after_draws(seed: int, *shapes: tuple[int, ...]) -> torch.Tensor:
