@@ -727,9 +727,28 @@ def _lock_file(name: str) -> bool:
     return name == "lock" or _RUNNING_TAG.fullmatch(name) is not None
 
 
-def _fresh(folder: Path) -> bool:
-    """Empty, or holding only what another shard's start has just created (locks, empty Videos)."""
+_ROOT_TEMPORARY = re.compile(
+    rf"\.(?:{re.escape(MANIFEST)}|FileList\.csv|VolumeTracings\.csv|privacy_report\.(?:json|png))"
+    r"\.[a-z0-9_]{8}\.tmp"
+)
+"""The temporary file (:func:`~echofast.fsutil.atomic_write`'s ``.<name>.<8 characters>.tmp``)
+that a job killed while writing one of its files in the folder's root leaves. Those files are
+written under the folder lock only, so one found under the lock is stale."""
+
+
+def _remove_stale_writes(folder: Path) -> None:
+    """Remove what killed writes of the root's files left (call under the folder lock)."""
     for item in folder.iterdir():
+        if _ROOT_TEMPORARY.fullmatch(item.name) and item.is_file():
+            item.unlink(missing_ok=True)
+
+
+def _fresh(folder: Path) -> bool:
+    """Empty, or holding only what another shard's start has just created (locks, empty Videos)
+    or a start killed while writing the manifest left (its temporary file)."""
+    for item in folder.iterdir():
+        if _ROOT_TEMPORARY.fullmatch(item.name) and item.is_file():
+            continue
         if (
             item.name == STATE_DIR
             and item.is_dir()
@@ -927,6 +946,7 @@ def _prepared(
     with contextlib.ExitStack() as running:
         with _locked(folder):
             running.enter_context(_running(folder, cfg.shard))
+            _remove_stale_writes(folder)
             rule = _prepare(folder, manifest, cfg.shard)
             _remove_stale_temporaries(folder, cfg, rule)
         _check_writable(folder / "Videos")
@@ -1069,6 +1089,7 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
             plan.append((shard, journal, entries))
     _refuse_foreign(out)
     with _locked(out):
+        _remove_stale_writes(out)
         _prepare(out, manifests[0])
         for shard, journal, entries in plan:
             target = out / STATE_DIR / journal.name
@@ -1289,6 +1310,8 @@ def _generate_private_videos(
     state = folder / STATE_DIR / PRIVACY_DIR
     cache = state / "reference.safetensors"
     state.mkdir(parents=True, exist_ok=True)
+    for tmp in state.glob(".*.tmp"):  # a killed run's atomic writes (the job is never sharded)
+        tmp.unlink(missing_ok=True)
     if not cache.is_file():
         setup.filter.save(cache)
     flt = setup.filter

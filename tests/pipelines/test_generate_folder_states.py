@@ -367,3 +367,52 @@ def test_a_videos_folder_that_cannot_take_files_is_refused_before_sampling(
     with pytest.raises(PermissionError, match=r"ds/Videos: cannot write videos here \(Perm"):
         generate_dataset(_cfg(weights_root, out), pipe=pipe)
     assert pipe.batches == []
+
+
+ROOT_FILES = (
+    "generation.json",
+    "FileList.csv",
+    "VolumeTracings.csv",
+    "privacy_report.json",
+    "privacy_report.png",
+)
+
+
+def test_a_start_killed_while_writing_its_manifest_is_taken_over(weights_root, tmp_path):
+    """A kill (SIGKILL, SIGTERM) during the first generation.json write leaves the locks, an
+    empty Videos/ and the write's temporary file: the rerun takes the folder over (it said the
+    folder 'is not an echofast generation folder') and leaves no temporary file behind."""
+    out = tmp_path / "ds"
+    (out / "Videos").mkdir(parents=True)
+    (out / ".echofast").mkdir()
+    for name in ("lock", "running-0of1.lock"):
+        (out / ".echofast" / name).touch()
+    (out / ".generation.json.k1l2m3n4.tmp").write_text('{"echofast_ver')
+    assert _generate(weights_root, out)["complete"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_temporaries_of_writes_killed_in_the_root_are_removed_by_the_rerun(
+    weights_root, tmp_path
+):
+    """A job killed while it wrote a file in the dataset's root (FileList.csv and the rest at the
+    end of a run, generation.json at its start) left the write's hidden temporary file there,
+    which every later run kept: it would be shipped with the dataset. The rerun (and a merge into
+    the folder) removes them; files of other names are the user's and stay."""
+    out = tmp_path / "ds"
+    _generate(weights_root, out)
+    want = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    killed = [out / f".{name}.a1b2c3d4.tmp" for name in ROOT_FILES]
+    for tmp in killed:
+        tmp.write_bytes(b"cut")
+    mine = [out / ".notes.a1b2c3d4.tmp", out / ".FileList.csv.tmp"]
+    for path in mine:
+        path.write_text("mine")
+    assert _generate(weights_root, out)["complete"]
+    assert [p for p in killed if p.exists()] == []
+    assert all(p.read_text() == "mine" for p in mine)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p not in mine} == want
+    for tmp in killed:
+        tmp.write_bytes(b"cut")
+    merge_datasets(out, [_shard(weights_root, tmp_path)])
+    assert [p for p in killed if p.exists()] == []

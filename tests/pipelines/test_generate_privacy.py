@@ -405,3 +405,25 @@ def test_a_resume_reuses_saved_candidates_and_regenerates_a_torn_chunk(
     assert sampled == [[2, 3]] and torn.read_bytes() == whole
     for name in ("FileList.csv", "privacy_report.json"):
         assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+
+
+def test_a_rerun_removes_the_temporaries_of_writes_a_kill_cut_short(
+    private_run, weights_root, reid_dir, reference, tmp_path
+):
+    """A kill during an atomic write (a candidate chunk, the calibration cache, FileList.csv)
+    leaves its temporary file; the rerun removes them and changes nothing else."""
+    ref_out, _ = private_run
+    out = tmp_path / "ds"
+    shutil.copytree(ref_out, out)
+    state = out / ".echofast" / "privacy"
+    killed = [
+        state / ".candidates-0000002-2.safetensors.a1b2c3d4.tmp",
+        state / ".reference.safetensors.a1b2c3d4.tmp",
+        out / ".FileList.csv.a1b2c3d4.tmp",
+    ]
+    for tmp in killed:
+        tmp.write_bytes(b"cut")
+    assert generate_dataset(_cfg(weights_root, out, reid_dir, reference))["complete"]
+    assert [p for p in killed if p.exists()] == []
+    for name in ("FileList.csv", "privacy_report.json"):
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
