@@ -97,7 +97,7 @@ from ..data.echonet import (
     write_filelist,
 )
 from ..errors import BackendUnavailable, EchofastError
-from ..fsutil import atomic_write_text, sha256_file
+from ..fsutil import atomic_write, atomic_write_text, sha256_file
 from ..io import VideoEncodeError, VideoWriter, stored_fps, write_video
 from ..rng import sample_seed
 from .echo_synthetic import DATASETS, EchoSyntheticPipeline
@@ -1091,16 +1091,16 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
     with _locked(out):
         _remove_stale_writes(out)
         _prepare(out, manifests[0])
+        if not _others_running(out, None):  # what a killed merge's copies left
+            for tmp in (out / "Videos").glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         for shard, journal, entries in plan:
             target = out / STATE_DIR / journal.name
             for e in entries:
                 src = shard / "Videos" / f"{e['FileName']}.avi"
                 dst = out / "Videos" / src.name
-                if not dst.exists():
-                    try:
-                        os.link(src, dst)
-                    except OSError:
-                        shutil.copy2(src, dst)
+                if not _intact(out, e):
+                    _bring_video(src, dst)
             existing = {e["index"] for e in read_journal(target)}
             for e in entries:
                 if e["index"] not in existing:
@@ -1114,6 +1114,16 @@ def merge_datasets(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) 
         "expected": expected,
         "complete": written == expected,
     }
+
+
+def _bring_video(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst``, or copy it where linking fails, replacing what ``dst`` holds
+    (a cut copy); a copy is written beside ``dst`` and renamed, so a kill leaves no cut video."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 # ---- privacy -------------------------------------------------------------------------------
@@ -1175,8 +1185,6 @@ def _load_chunk(path: Path) -> torch.Tensor | None:
 def _candidates(cfg: GenerateConfig, pipe, state: Path, count: int, progress: bool) -> torch.Tensor:
     """LIDM candidates 0..count-1 in chunks of ``batch_size`` (each chunk saved atomically)."""
     from safetensors.torch import save_file
-
-    from ..fsutil import atomic_write
 
     out = []
     bar = tqdm(total=count, unit="image", desc="LIDM candidates", disable=not progress)

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,47 @@ def test_merge_copies_videos_where_hard_links_fail(weights_root, tmp_path, monke
     assert merge_datasets(out, [a, b])["complete"]
     assert _videos(out) == {**_videos(a), **_videos(b)}
     assert all(p.stat().st_nlink == 1 for p in (out / "Videos").iterdir())
+
+
+def test_a_merge_killed_while_copying_a_video_is_completed_by_the_next_merge(
+    weights_root, tmp_path, monkeypatch
+):
+    """A merge that copies (hard links fail) and is killed in the middle of a video left the cut
+    copy under the video's name: the next merge took it for done, journaled it, and left it out
+    of FileList.csv for good ('incomplete' at every merge). Copies are written beside the video
+    and renamed into place, and a video whose size is not the journaled one is brought again."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    _generate(weights_root, a, shard=Shard(0, 2))
+    _generate(weights_root, b, shard=Shard(1, 2))
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    copy = shutil.copy2
+
+    def killed_in_the_second_copy(src: str, dst: str) -> None:
+        if len(list((out / "Videos").iterdir())) == 1:
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
+            raise KeyboardInterrupt
+        copy(src, dst)
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(shutil, "copy2", killed_in_the_second_copy)
+    with pytest.raises(KeyboardInterrupt):
+        merge_datasets(out, [a, b])
+    monkeypatch.setattr(shutil, "copy2", copy)
+    assert merge_datasets(out, [a, b])["complete"]
+    assert _videos(out) == {**_videos(a), **_videos(b)}
+    assert _rows(out) == [f"synthetic_{i:06d}" for i in range(5)]
+    assert not list((out / "Videos").glob(".*"))
+    # a cut copy that an earlier echofast left under the video's name is brought again, and
+    # the temporary copy that a kill -9 leaves is removed
+    cut = out / "Videos" / "synthetic_000003.avi"
+    cut.write_bytes(cut.read_bytes()[:100])
+    (out / "Videos" / ".synthetic_000003.avi.a1b2c3d4.tmp").write_bytes(b"RIFF")
+    assert merge_datasets(out, [a, b])["complete"]
+    assert _videos(out) == {**_videos(a), **_videos(b)}
+    assert not list((out / "Videos").glob(".*"))
 
 
 def test_restart_in_a_folder_of_an_earlier_version_keeps_the_running_shards_temporaries(
