@@ -31,8 +31,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        _name_file(err, path)
         raise
     _fsync_folder(path.parent)
     return path
@@ -56,14 +57,21 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if old.exists() and not path.exists():
             os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_file(err, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
     _fsync_folder(path.parent)
     return path
+
+
+def _name_file(err: BaseException, path: Path) -> None:
+    """Make an ``OSError`` that names no file (a write's ENOSPC, EIO, ...) name ``path``."""
+    if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+        err.filename = str(path)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -72,9 +72,11 @@ def test_a_failed_or_interrupted_write_leaves_the_old_file_alone(tmp_path, exc):
         Path(tmp).write_text("half")
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as raised:
         atomic_write(target, write)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["FileList.csv"]
+    if isinstance(exc, OSError):  # a full disk's error names the file (it named none)
+        assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
 
 
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -88,8 +90,10 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, exc):
         (folder / "weights").write_text("half")
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as raised:
         atomic_folder(target, half)
+    if isinstance(exc, OSError):
+        assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
     assert os.listdir(tmp_path) == ["model"]
     assert sorted(os.listdir(target)) == ["stale", "weights"]
     assert (target / "weights").read_text() == "old"
