@@ -43,6 +43,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -434,6 +435,25 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+_CKPT_TEMPORARY_RE = re.compile(r"\.step-\d+\.pt\.[a-z0-9_]{8}\.tmp")
+"""The temporary file of a checkpoint write (:func:`~echofast.fsutil.atomic_write`) cut short."""
+_EXPORT_TEMPORARY_RE = re.compile(rf"\.{EXPORT_DIR}\.[a-z0-9_]{{8}}\.tmp")
+"""The temporary folder of an export (:func:`~echofast.fsutil.atomic_folder`) cut short."""
+
+
+def _remove_stale_writes(output_dir: Path) -> None:
+    """Remove what checkpoint writes and the export of a killed run left: partial checkpoints,
+    each about as large as a whole one, and a partial export folder (call on the main rank
+    before the run writes either)."""
+    folder = output_dir / CHECKPOINT_DIR
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if _CKPT_TEMPORARY_RE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+    for path in output_dir.iterdir():
+        if _EXPORT_TEMPORARY_RE.fullmatch(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -897,6 +917,7 @@ def _train(cfg: TrainConfig, dist: Dist, dataset: Dataset | None, resume) -> dic
     log = None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_writes(out)
         save_config(cfg, out / "train_config.json")
         log = CSVLog(
             out / LOG_NAME,

@@ -389,3 +389,23 @@ def test_resumed_log_keeps_only_its_own_rows_up_to_the_checkpoint(tmp_path):
     path.write_text("step,loss\n1,0.5\n")  # another layout (an older run): not carried over
     CSVLog(path, columns, resume_step=2).close()
     assert path.read_text().splitlines() == ["step,loss,lr,time"]
+
+
+def test_a_resume_removes_the_partial_checkpoint_and_export_a_kill_left(tmp_path):
+    """A run killed (SIGKILL, SIGTERM) while it wrote a checkpoint (or its export) leaves the
+    write's temporary file, a partial checkpoint about as large as a whole one (or folder), which
+    every resume kept; the resumed run removes them (and leaves other files alone)."""
+    out = tmp_path / "run"
+    cfg = make_config(out, "lidm", steps=2, train={"export_at_end": False})
+    train(cfg)
+    cut = out / "checkpoints" / ".step-00000004.pt.a1b2c3d4.tmp"
+    cut.write_bytes(b"PK\x03\x04 cut short")
+    notes = out / "checkpoints" / "notes.txt"
+    notes.write_text("mine")
+    partial_export = out / ".export.k1l2m3n4.tmp"
+    partial_export.mkdir()
+    (partial_export / "config.json").write_text("{")
+    longer = make_config(out, "lidm", steps=4, train={"export_at_end": False})
+    assert train(longer, resume="latest")["step"] == 4
+    assert not cut.exists() and not partial_export.exists() and notes.read_text() == "mine"
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
