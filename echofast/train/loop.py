@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib
+import io
 import json
 import math
 import os
@@ -691,11 +692,13 @@ class CSVLog:
                 header = next(reader, None)
                 if header == self.columns:
                     rows = [r for r in reader if r and int(r[0]) <= resume_step]
-        self.fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        kept = io.StringIO()
+        csv.writer(kept).writerows([self.columns, *rows])
+        # replaced whole: a run killed here keeps the earlier run's log (truncating it first lost
+        # every row when the kill came before they were written back)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(kept.getvalue().encode()))
+        self.fh = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.writer = csv.writer(self.fh)
-        self.writer.writerow(self.columns)
-        self.writer.writerows(rows)
-        self.fh.flush()
 
     def write(self, values: dict[str, float]) -> None:
         self.writer.writerow([_fmt(values.get(c, "")) for c in self.columns])

@@ -409,3 +409,36 @@ def test_a_resume_removes_the_partial_checkpoint_and_export_a_kill_left(tmp_path
     assert train(longer, resume="latest")["step"] == 4
     assert not cut.exists() and not partial_export.exists() and notes.read_text() == "mine"
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+
+
+def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_rows(tmp_path, monkeypatch):
+    """A resumed run rewrites log.csv with the rows up to its checkpoint: it truncated the file
+    first, so a kill before the rows were written back lost the whole loss history (and the
+    loss plot drawn from it). The log is now replaced whole."""
+    import echofast.train.loop as loop
+
+    columns = ["step", "loss", "lr", "time"]
+    path = tmp_path / "log.csv"
+    text = "step,loss,lr,time\r\n1,0.5,0.0,1.0\r\n2,0.4,0.1,2.0\r\n3,0.3,0.1,3.0\r\n"
+    path.write_bytes(text.encode())
+    writer = csv.writer
+
+    class KilledWhileWritingRows:
+        def __init__(self, fh, **kw):
+            self.inner = writer(fh, **kw)
+
+        def writerow(self, row):
+            self.inner.writerow(row)
+
+        def writerows(self, rows):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.csv, "writer", KilledWhileWritingRows)
+    with pytest.raises(KeyboardInterrupt):
+        loop.CSVLog(path, columns, resume_step=2)
+    monkeypatch.setattr(loop.csv, "writer", writer)
+    assert path.read_bytes() == text.encode()
+    log = loop.CSVLog(path, columns, resume_step=2)
+    log.write({"step": 3, "loss": 0.25, "lr": 0.1, "time": 3.5})
+    log.close()
+    assert path.read_bytes() == text.replace("3,0.3,", "3,0.25,").replace(",3.0", ",3.5").encode()
