@@ -150,6 +150,23 @@ def test_round_trip_float_and_rgb_within_ffmpeg_only_error(tmp_path, make_rgb):
     assert errors["auto"] <= errors["pyav"] + 0.05, errors
 
 
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_rgb_write_keeps_the_channel_order(tmp_path, backend):
+    """Red, green and blue stripes come back red, green and blue from FFmpeg's own decoder (a
+    BGR/RGB swap on either writing path would trade the red and blue stripes)."""
+    import av
+
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+    frames = np.repeat(colours, 16, axis=0)[None, None].repeat(32, axis=1).repeat(2, axis=0)
+    path = write_video(tmp_path / "stripes.avi", frames, 25, backend=backend)
+    with av.open(str(path)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert decoded.shape == frames.shape
+    centres = decoded[:, 8:24, [4, 12, 20, 28, 36, 44]].astype(np.int16)
+    expected = np.repeat(colours, 2, axis=0).astype(np.int16)
+    assert np.abs(centres - expected).max() <= 8
+
+
 def test_native_write_is_byte_identical_to_ffmpeg_conversion(tmp_path):
     frames = gray_clip(6)
     floats = frames.float() / 128 - 1
