@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from privacy.phantom_latents import write_phantom_latents
+from safetensors.torch import load_file
 
 from echofast.pipelines.dataset import GenerateConfig, generate_dataset, read_journal, requested_ef
 from echofast.privacy import PrivacyError, ReIdentificationModel
@@ -112,6 +113,44 @@ def test_private_dataset_is_consistent(private_run, weights_root, reid_dir, refe
     assert args["privacy"]["model"]["weights_sha256"] and args["oversample"] == 3.0
     assert "reference_latents" not in args  # by digest, not by path
     assert (out / "privacy_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attempts_animate_only_the_candidates_the_image_filter_kept(
+    weights_root, reid_dir, reference, tmp_path, monkeypatch
+):
+    """Attempt r animates the r-th candidate the image filter kept, with that candidate's EF
+    (PRIVACY_RULE). The filter here drops candidates 0 and 2 besides those it drops itself, so
+    attempt r is not candidate r; the candidates are scored again with the saved filter."""
+    from echofast.privacy.filter import PrivacyFilter
+
+    real = PrivacyFilter.score_clips
+
+    def drop_0_and_2(self, clips, names, *, frame_step=None):
+        scores = real(self, clips, names, frame_step=frame_step)
+        if names[0] == "candidate_000000":
+            scores.kept[[0, 2]] = False
+        return scores
+
+    monkeypatch.setattr(PrivacyFilter, "score_clips", drop_0_and_2)
+    out = tmp_path / "ds"
+    cfg = _cfg(weights_root, out, reid_dir, reference)
+    assert generate_dataset(cfg)["complete"]
+    state = out / ".echofast" / "privacy"
+    flt = PrivacyFilter.load(
+        state / "reference.safetensors", ReIdentificationModel.from_pretrained(reid_dir)
+    )
+    chunks = sorted(state.glob("candidates-*.safetensors"))
+    cands = torch.cat([load_file(str(p))["latents"] for p in chunks])
+    names = [f"candidate_{j:06d}" for j in range(len(cands))]
+    kept = [j for j, k in enumerate(real(flt, list(cands), names, frame_step=0).kept) if k]
+    kept = [j for j in kept if j not in (0, 2)]
+    attempts = read_journal(state / "attempts.jsonl")
+    assert [e["candidate"] for e in attempts] == kept[: len(attempts)]
+    assert [float(e["EF"]) for e in attempts] == [
+        requested_ef(cfg, j, None) for j in kept[: len(attempts)]
+    ]
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["counts"]["kept"] == len(kept)
 
 
 def test_a_video_scoring_exactly_tau_is_dropped(
@@ -258,11 +297,8 @@ def test_fail_closed_refusals(weights_root, reid_dir, reference, tmp_path):
     assert bad.returncode == 2 and "--privacy and --reference-latents go together" in bad.stderr
 
 
-def test_candidate_count_is_the_ceiling_of_the_exact_product(
-    weights_root, reid_dir, reference, tmp_path, monkeypatch
-):
-    """M = ceil(oversample · num_videos): 25/11 · 11 is 25 (its float product 25.000000000000004
-    must not add a 26th candidate)."""
+def _candidate_count(cfg, monkeypatch) -> int:
+    """The number of LIDM candidates a private job asks for (stopped before drawing them)."""
     import echofast.pipelines.dataset as dataset_module
 
     counts = []
@@ -272,13 +308,39 @@ def test_candidate_count_is_the_ceiling_of_the_exact_product(
         raise RuntimeError("stopped before the candidates")
 
     monkeypatch.setattr(dataset_module, "_candidates", stop)
+    with pytest.raises(RuntimeError, match="stopped before the candidates"):
+        generate_dataset(cfg, pipe=SimpleNamespace())
+    assert len(counts) == 1
+    return counts[0]
+
+
+def test_candidate_count_is_the_ceiling_of_the_exact_product(
+    weights_root, reid_dir, reference, tmp_path, monkeypatch
+):
+    """M = ceil(oversample · num_videos): 25/11 · 11 is 25 (its float product 25.000000000000004
+    must not add a 26th candidate)."""
     cfg = _cfg(
         weights_root, tmp_path / "ds", reid_dir, reference, num_videos=11, oversample=25 / 11
     )
     assert cfg.oversample * cfg.num_videos > 25
-    with pytest.raises(RuntimeError, match="stopped before the candidates"):
-        generate_dataset(cfg, pipe=SimpleNamespace())
-    assert counts == [25]
+    assert _candidate_count(cfg, monkeypatch) == 25
+
+
+@pytest.mark.parametrize(("num_videos", "oversample", "candidates"), [(3, 1.5, 5), (7, 1.1, 8)])
+def test_a_fractional_candidate_count_rounds_up(
+    weights_root, reid_dir, reference, tmp_path, monkeypatch, num_videos, oversample, candidates
+):
+    """M = ceil(oversample · num_videos): 1.5 · 3 = 4.5 asks for 5 candidates, 1.1 · 7 = 7.7 for
+    8 (not the 4 and 7 of rounding down: fewer candidates than --oversample promises)."""
+    cfg = _cfg(
+        weights_root,
+        tmp_path / "ds",
+        reid_dir,
+        reference,
+        num_videos=num_videos,
+        oversample=oversample,
+    )
+    assert _candidate_count(cfg, monkeypatch) == candidates
 
 
 def test_private_attempts_record_the_checked_video_frame_and_the_calibration_is_cached(
