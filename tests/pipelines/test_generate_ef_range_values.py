@@ -62,6 +62,19 @@ def test_filelist_records_the_ef_that_was_requested_from_an_ef_source(weights_ro
     assert written == [requested_ef(cfg, i, pool) for i in range(cfg.num_videos)]
 
 
+def test_rows_of_an_ef_source_without_an_ef_are_left_out_of_the_pool(weights_root, tmp_path):
+    """A row with an empty EF cell gives no EF to draw (not 0 or any other value): every
+    requested EF is one of the filled-in ones."""
+    src = tmp_path / "FileList.csv"
+    src.write_text("FileName,EF,Split\na,,TRAIN\nb,42.5,TRAIN\nc,,TEST\nd,57,TEST\n")
+    out = tmp_path / "ds"
+    cfg = _cfg(weights_root, out, ef_from=str(src), num_videos=12)
+    generate_dataset(cfg, pipe=_RecordingPipe())
+    with open(out / "FileList.csv", newline="") as fh:
+        written = [row["EF"] for row in csv.DictReader(fh)]
+    assert len(written) == 12 and set(written) == {"42.5", "57"}
+
+
 def test_an_ef_source_is_part_of_the_dataset_by_its_content_not_its_path(weights_root, tmp_path):
     """The EF source is recorded by digest: the same FileList under another path resumes the job,
     one with other EF values is refused naming ef_from."""

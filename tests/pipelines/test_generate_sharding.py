@@ -268,3 +268,17 @@ def test_a_start_that_finished_no_video_takes_the_new_batch_size(weights_root, t
         warnings.simplefilter("error")
         generate_dataset(_cfg(weights_root, out, shard=Shard(0, 2), batch_size=3), pipe=pipe)
     assert pipe.batches == [[0, 1, 2]] and _manifest(out)["batch_size"] == 3
+
+
+def test_merge_refuses_a_sample_in_two_shards_before_writing(weights_root, tmp_path):
+    """Two folders holding the same samples (a shard's folder copied, or the same shard run
+    twice into two folders) are refused naming the sample and both folders; ``out`` is not
+    created."""
+    a, copy, b = tmp_path / "a", tmp_path / "copy", tmp_path / "b"
+    generate_dataset(_cfg(weights_root, a, shard=Shard(0, 2)), pipe=_RecordingPipe())
+    generate_dataset(_cfg(weights_root, copy, shard=Shard(0, 2)), pipe=_RecordingPipe())
+    generate_dataset(_cfg(weights_root, b, shard=Shard(1, 2)), pipe=_RecordingPipe())
+    out = tmp_path / "merged"
+    with pytest.raises(GenerationConflict, match=r"sample 0 is in both .*/a and .*/copy"):
+        merge_datasets(out, [a, b, copy])
+    assert not out.exists()
