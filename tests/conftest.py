@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
     ``ECHOFAST_TEST_SHARD=i/n`` keeps every n-th test from the i-th (0-based) and deselects the
     rest: n processes with i = 0..n-1 run each test once (tests/test_triton_suite.py runs the
-    interpreter's tests so, one process per CPU; .ci/run every test, in both environments)."""
+    interpreter's tests so, one process per CPU)."""
     unmarked = unmarked_gpu_tests(items)
     if unmarked:
         raise pytest.UsageError(
