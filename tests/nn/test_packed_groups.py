@@ -164,13 +164,17 @@ def test_frame_features_are_computed_once_per_width_and_call():
 
 
 def test_pack_rows_packs_like_parameters_and_leaves_mixed_ones_alone():
-    """Same trailing shape, dtype and device: one storage, values unchanged. Otherwise (e.g. one
-    layer converted on its own) every parameter keeps its dtype, shape and storage."""
+    """Same trailing shape, dtype and device: one storage, values unchanged, and a packed list
+    stays where it is. Otherwise (e.g. one layer converted on its own) every parameter keeps its
+    dtype, shape and storage."""
     g = torch.Generator().manual_seed(3)
     ps = [torch.nn.Parameter(torch.randn(rows, 5, generator=g)) for rows in (2, 3, 1)]
     values = [p.detach().clone() for p in ps]
     pack_rows(ps)
     assert adjacent(ps) and all(torch.equal(p, v) for p, v in zip(ps, values))
+    packed = [p.data_ptr() for p in ps]
+    pack_rows(ps)  # already packed: left in place, so views of the packed storage stay live
+    assert [p.data_ptr() for p in ps] == packed
     for other in (
         torch.randn(2, 5, generator=g, dtype=torch.float64),
         torch.randn(2, 4, generator=g),
