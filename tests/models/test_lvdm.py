@@ -605,6 +605,8 @@ def test_precomputed_features_are_checked(pair, general_pair):
             ours(x, 500, ctx, ids, context_features=feats["context_features"][:, 1:])
         with pytest.raises(ValueError, match="added_time_ids must be"):
             ours.time_features(500, ids[:, None])
+        with pytest.raises(ValueError, match=r"added_time_ids must be \(B, 1\), got \(2, 2\)"):
+            ours.time_features(500, torch.cat([ids, ids], dim=1))  # one id more than configured
         with pytest.raises(ValueError, match="num_frames must be a positive int"):
             ours.frame_features(0)
         _, general = general_pair
