@@ -210,6 +210,9 @@ def test_time_features_give_the_calls_values_and_are_checked(pair):
             ours(x, 321, time_features=table[:, 1:])
         with pytest.raises(ValueError, match="float64"):
             ours(x, 321, time_features=table.double())
+        # two rows for four samples: neither one shared row nor one per sample
+        with pytest.raises(ValueError, match=r"time_features must be \(1, \d+\) or \(4, \d+\)"):
+            ours(torch.cat([x, x]), 0, time_features=per_sample)
 
 
 def test_time_features_under_autocast_are_in_autocasts_dtype(pair):
