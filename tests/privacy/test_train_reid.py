@@ -215,7 +215,9 @@ def _pair_batches(pairs, size):
 
 def test_training_is_adam_on_bce_and_keeps_the_best_validation_weights(phantom_latents, tmp_path):
     """Two epochs replayed with torch's Adam and BCE-with-logits on the documented pairs: TRAIN
-    pairs re-drawn per epoch (seed), VAL pairs fixed (seed + 1) and scored in eval mode."""
+    pairs re-drawn per epoch (seed), VAL pairs fixed (seed + 1) and scored in eval mode. At this
+    learning rate the validation loss rises in epoch 2, so the exported model and the test
+    scores (TEST pairs fixed, seed + 2) must come from the epoch-1 weights, not the last ones."""
     import torch.nn.functional as F
 
     from echofast.privacy.data import LatentClips, PairDataset
@@ -224,10 +226,12 @@ def test_training_is_adam_on_bce_and_keeps_the_best_validation_weights(phantom_l
     config = reid_config(phantom_latents, tmp_path / "run", max_epochs=2, keep_checkpoints=0)
     config["data"] = {**config["data"], "pairs_per_video": 2, "eval_pairs_per_video": 1}
     config["eval"]["bootstrap"] = 20
+    config["optim"]["lr"] = 0.05
     cfg = reid_config_from_dict(config)
     summary = train_reid(cfg)
 
-    clips = {s: LatentClips(phantom_latents, s, normalization="frame") for s in ("TRAIN", "VAL")}
+    splits = ("TRAIN", "VAL", "TEST")
+    clips = {s: LatentClips(phantom_latents, s, normalization="frame") for s in splits}
     train_pairs = PairDataset(clips["TRAIN"], seed=42, pairs_per_video=2)
     val_pairs = PairDataset(clips["VAL"], seed=43, pairs_per_video=1, shuffle=False)
     model = build_reid_model(cfg)
@@ -259,11 +263,30 @@ def test_training_is_adam_on_bce_and_keeps_the_best_validation_weights(phantom_l
     assert rows[0] == ["epoch", "train_loss", "val_loss", "time"]
     np.testing.assert_allclose([float(r[2]) for r in rows[1:]], val_losses, rtol=1e-4)
     best = int(np.argmin(val_losses))
+    assert best == 0, val_losses  # the kept weights are not the final ones
     assert summary["best_epoch"] == best + 1
     assert summary["best_val_loss"] == pytest.approx(val_losses[best], rel=1e-4)
     exported = ReIdentificationModel.from_pretrained(tmp_path / "run" / cfg.name).state_dict()
     for k, v in weights[best].items():
         torch.testing.assert_close(exported[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+    model.load_state_dict(weights[best])
+    model.eval()
+    test_pairs = PairDataset(clips["TEST"], seed=44, pairs_per_video=1, shuffle=False)
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                torch.sigmoid(model(x1, x2).reshape(-1))
+                for x1, x2, _ in _pair_batches(test_pairs, 32)
+            ]
+        )
+    rows = [
+        line.split(",")
+        for line in (tmp_path / "run" / cfg.name / "test_scores.csv").read_text().split()
+    ]
+    np.testing.assert_allclose(
+        [float(r[1]) for r in rows[1:]], scores.numpy(), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("max_epochs, early", [(1, False), (3, True)])
