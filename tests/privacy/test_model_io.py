@@ -160,6 +160,17 @@ def test_extra_config_keys_never_override_the_architecture(tmp_path):
     assert (again.n_features, again.normalization) == (8, "channel")
 
 
+def test_a_saved_model_on_other_latent_channels_loads_as_saved(tmp_path):
+    """A model for 8-channel latents (another VAE) keeps its conv1 through a save and load."""
+    model = _small(n_channels=8).eval()
+    model.save_pretrained(tmp_path / "reid")
+    again = ReIdentificationModel.from_pretrained(tmp_path / "reid")
+    assert again.n_channels == 8
+    x = torch.rand(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(again.embed(x), model.embed(x))
+
+
 def _init_file(tmp_path, state: dict) -> str:
     path = tmp_path / "init.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, path)
